@@ -1,0 +1,177 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Definitions shared by every sockbypass BPF program: the sockhash key, the
+ * per-socket state, the per-cgroup counters and the maps that hold them.
+ *
+ * Every program declares the same maps; the Go loader creates them once and
+ * hands the same map to each program (MapReplacements), so a change here must
+ * be mirrored in internal/dataplane/types.go (a test round-trips each struct
+ * through a real map).
+ */
+#ifndef __SOCKBYPASS_H
+#define __SOCKBYPASS_H
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/*
+ * struct sock_key identifies one TCP socket on the host.
+ *
+ * Byte order: addresses in network byte order, ports in host byte order.
+ * IPv4 addresses (and the IPv4-mapped addresses of dual-stack IPv6 sockets)
+ * are stored as IPv4-mapped IPv6 (::ffff:a.b.c.d) with family AF_INET, so a
+ * dual-stack client and an IPv4 server pair up. The network namespace
+ * cookie makes identical 4-tuples in two namespaces distinct keys: without it
+ * two pods that both use 127.0.0.1:8080 would receive each other's bytes.
+ */
+struct sock_key {
+	__u64 netns_cookie;
+	__u32 local_ip[4];
+	__u32 remote_ip[4];
+	__u16 local_port;
+	__u16 remote_port;
+	__u16 family;
+	__u16 pad;
+};
+
+/* How a socket's outgoing messages travel; decided once, at its first send. */
+enum sock_mode {
+	SOCK_MODE_UNDECIDED = 0,
+	/* Its first message found the peer: every message is redirected. */
+	SOCK_MODE_REDIRECT = 1,
+	/*
+	 * Its first message found no peer and went through the TCP stack. It
+	 * stays there: redirecting later could let the peer read the
+	 * redirected bytes before the older ones still in its receive queue.
+	 */
+	SOCK_MODE_STACK = 2,
+};
+
+/* Per-socket state, in socket local storage. */
+struct sock_state {
+	/* cgroup id of the enabled cgroup whose program inserted the socket. */
+	__u64 cgroup_id;
+	/* enum sock_mode */
+	__u32 mode;
+	__u32 flags;
+};
+
+/* sock_state.flags */
+#define SOCK_FLAG_INSERTED (1U << 0)
+
+/*
+ * Counters per enabled cgroup (key: cgroup id), per CPU. Key 0 collects what
+ * cannot be attributed to an enabled cgroup.
+ */
+struct cgroup_counters {
+	/* Sockets added to the sockhash at ESTABLISHED. */
+	__u64 sockets_inserted;
+	/* Sockets that could not be added (sockhash full or update refused). */
+	__u64 insert_failures;
+	/* Sockets left out because data had moved before ESTABLISHED (TFO). */
+	__u64 sockets_skipped;
+	/* Messages (sendmsg chunks) redirected to the local peer, and bytes. */
+	__u64 redirected_msgs;
+	__u64 redirected_bytes;
+	/* Messages passed to the TCP stack (no local peer), and bytes. */
+	__u64 passed_msgs;
+	__u64 passed_bytes;
+	/* Messages of a redirecting socket whose peer was gone: passed on. */
+	__u64 redirect_failures;
+	/* TCP packets and bytes seen leaving by the TC egress program. */
+	__u64 stack_egress_packets;
+	__u64 stack_egress_bytes;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+} sockhash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct cgroup_counters);
+} cgroup_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_state);
+} sock_state SEC(".maps");
+
+/* counters_for returns the counters of cgroup_id, creating them if needed. */
+static __always_inline struct cgroup_counters *counters_for(__u64 cgroup_id)
+{
+	struct cgroup_counters *c;
+
+	c = bpf_map_lookup_elem(&cgroup_counters, &cgroup_id);
+	if (c)
+		return c;
+
+	struct cgroup_counters zero = {};
+	bpf_map_update_elem(&cgroup_counters, &cgroup_id, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&cgroup_counters, &cgroup_id);
+}
+
+/* set_v4mapped stores an IPv4 address (network order) as ::ffff:a.b.c.d. */
+static __always_inline void set_v4mapped(__u32 *dst, __u32 ip4)
+{
+	dst[0] = 0;
+	dst[1] = 0;
+	dst[2] = bpf_htonl(0x0000ffff);
+	dst[3] = ip4;
+}
+
+static __always_inline int is_v4mapped(const __u32 *ip6)
+{
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0x0000ffff);
+}
+
+/*
+ * fill_key builds a key from the address fields that sock_ops and sk_msg
+ * contexts both have, and ports in host byte order (a context's remote_port
+ * holds the port in network order in its upper 16 bits on little endian:
+ * bpf_ntohl turns it into host order). Returns 0, or -1 for a family we do
+ * not handle. The caller sets netns_cookie.
+ */
+static __always_inline int fill_key(struct sock_key *key, __u32 family,
+				    __u32 local_ip4, __u32 remote_ip4,
+				    const __u32 *local_ip6, const __u32 *remote_ip6,
+				    __u32 local_port, __u32 remote_port)
+{
+	key->pad = 0;
+	key->local_port = (__u16)local_port;
+	key->remote_port = (__u16)remote_port;
+
+	if (family == AF_INET) {
+		key->family = AF_INET;
+		set_v4mapped(key->local_ip, local_ip4);
+		set_v4mapped(key->remote_ip, remote_ip4);
+		return 0;
+	}
+	if (family != AF_INET6)
+		return -1;
+
+	key->local_ip[0] = local_ip6[0];
+	key->local_ip[1] = local_ip6[1];
+	key->local_ip[2] = local_ip6[2];
+	key->local_ip[3] = local_ip6[3];
+	key->remote_ip[0] = remote_ip6[0];
+	key->remote_ip[1] = remote_ip6[1];
+	key->remote_ip[2] = remote_ip6[2];
+	key->remote_ip[3] = remote_ip6[3];
+	key->family = is_v4mapped(key->local_ip) ? AF_INET : AF_INET6;
+	return 0;
+}
+
+#endif /* __SOCKBYPASS_H */

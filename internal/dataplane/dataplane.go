@@ -1,0 +1,413 @@
+// Package dataplane owns every BPF object of sockbypass: the sockhash, the
+// per-socket state and per-cgroup counters, the sk_msg program on the
+// sockhash and one sock_ops program per enabled cgroup, with their links.
+//
+// All of it is pinned under one pin directory (default
+// /sys/fs/bpf/sockbypass), so acceleration outlives the process that set it
+// up and can be inspected with bpftool:
+//
+//	<pin dir>/sockhash          BPF_MAP_TYPE_SOCKHASH  struct sock_key -> socket
+//	<pin dir>/cgroup_counters   BPF_MAP_TYPE_PERCPU_HASH cgroup id -> struct cgroup_counters
+//	<pin dir>/sock_state        BPF_MAP_TYPE_SK_STORAGE  socket -> struct sock_state
+//	<pin dir>/sk_msg            the sk_msg program
+//	<pin dir>/sk_msg_link       its sockmap link (absent on kernels without one)
+//	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
+//
+// Changes take an exclusive flock on the pin directory, reads a shared one,
+// so the CLI and a daemon can work side by side. Creation is atomic: the
+// state is built and pinned in a temporary directory that is then renamed.
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"go.uber.org/zap"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/bpffs"
+	"github.com/sockbypass/sockbypass/internal/lock"
+	"github.com/sockbypass/sockbypass/skmsg"
+	"github.com/sockbypass/sockbypass/sockops"
+)
+
+// Names below the pin directory.
+const (
+	PinSockhash  = "sockhash"
+	PinCounters  = "cgroup_counters"
+	PinSockState = "sock_state"
+	PinSkMsg     = "sk_msg"
+	PinSkMsgLink = "sk_msg_link"
+	DirCgroups   = "cgroups"
+)
+
+// mapNames are the maps every program shares, by their name in the C code.
+var mapNames = []string{PinSockhash, PinCounters, PinSockState}
+
+// ErrNotInstalled is returned by Open when nothing is pinned in the pin
+// directory.
+var ErrNotInstalled = errors.New("sockbypass is not installed (nothing pinned); run: sockbypass enable --cgroup PATH")
+
+// Options configure Open and OpenOrCreate.
+type Options struct {
+	// PinDir is the pin directory; "" means bpffs.DefaultPinDir.
+	PinDir string
+	// Logger receives structured logs; nil means no logs.
+	Logger *zap.Logger
+	// SockhashMaxEntries sizes the sockhash when it is created; 0 keeps
+	// the default (65536). Sockets beyond it stay on the TCP stack.
+	SockhashMaxEntries uint32
+}
+
+// Dataplane is an open handle on the pinned state. Close releases the handle
+// and leaves the state in place.
+type Dataplane struct {
+	pinDir string
+	log    *zap.Logger
+	// maps shared by every program, by name.
+	maps map[string]*ebpf.Map
+}
+
+func (o Options) normalize() Options {
+	if o.PinDir == "" {
+		o.PinDir = bpffs.DefaultPinDir
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	return o
+}
+
+// Open opens the state pinned in opts.PinDir. It returns ErrNotInstalled
+// when nothing is pinned there, and an error naming the pin when the pinned
+// maps do not match what this binary expects.
+func Open(opts Options) (*Dataplane, error) {
+	opts = opts.normalize()
+	if _, err := os.Stat(filepath.Join(opts.PinDir, PinSockhash)); errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", opts.PinDir, ErrNotInstalled)
+	}
+	spec, err := skmsg.LoadSpec()
+	if err != nil {
+		return nil, err
+	}
+	d := &Dataplane{pinDir: opts.PinDir, log: opts.Logger, maps: map[string]*ebpf.Map{}}
+	for _, name := range mapNames {
+		path := filepath.Join(opts.PinDir, name)
+		m, err := ebpf.LoadPinnedMap(path, nil)
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("open pinned map %s: %w", path, err)
+		}
+		d.maps[name] = m
+		if err := compatible(spec.Maps[name], m); err != nil {
+			d.Close()
+			return nil, fmt.Errorf("pinned map %s was made by an incompatible sockbypass: %w; remove it with: sockbypass uninstall --bpffs-dir %s", path, err, opts.PinDir)
+		}
+	}
+	return d, nil
+}
+
+// compatible checks that a pinned map has the shape of spec.
+func compatible(spec *ebpf.MapSpec, m *ebpf.Map) error {
+	if m.Type() != spec.Type || m.KeySize() != spec.KeySize || m.ValueSize() != spec.ValueSize {
+		return fmt.Errorf("it is %s key %d value %d, this binary needs %s key %d value %d",
+			m.Type(), m.KeySize(), m.ValueSize(), spec.Type, spec.KeySize, spec.ValueSize)
+	}
+	return nil
+}
+
+// OpenOrCreate opens the pinned state, creating and pinning it first when
+// there is none. Creation is atomic: of two concurrent creators one wins and
+// the other opens what the winner pinned.
+func OpenOrCreate(opts Options) (*Dataplane, error) {
+	opts = opts.normalize()
+	d, err := Open(opts)
+	if !errors.Is(err, ErrNotInstalled) {
+		return d, err
+	}
+	if err := create(opts); err != nil {
+		return nil, err
+	}
+	return Open(opts)
+}
+
+// create builds the shared maps and the sk_msg program in a temporary
+// directory next to opts.PinDir and renames it into place.
+func create(opts Options) (err error) {
+	if err := bpffs.Ensure(opts.PinDir); err != nil {
+		return err
+	}
+	parent := filepath.Dir(opts.PinDir)
+	if err := os.MkdirAll(parent, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", parent, err)
+	}
+	tmp := fmt.Sprintf("%s.tmp-%d-%x", opts.PinDir, os.Getpid(), rand.Uint32())
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", tmp, err)
+	}
+	// Whatever happens, the temporary directory goes; closing our handles
+	// then frees the objects unless they were renamed into place.
+	defer os.RemoveAll(tmp)
+
+	spec, err := skmsg.LoadSpec()
+	if err != nil {
+		return err
+	}
+	if opts.SockhashMaxEntries != 0 {
+		spec.Maps[PinSockhash].MaxEntries = opts.SockhashMaxEntries
+	}
+	maps := map[string]*ebpf.Map{}
+	defer func() {
+		for _, m := range maps {
+			m.Close()
+		}
+	}()
+	for _, name := range mapNames {
+		m, err := ebpf.NewMap(spec.Maps[name])
+		if err != nil {
+			return fmt.Errorf("create map %s: %w", name, err)
+		}
+		maps[name] = m
+		if err := m.Pin(filepath.Join(tmp, name)); err != nil {
+			return fmt.Errorf("pin map %s: %w", name, err)
+		}
+	}
+
+	prog, err := skmsg.Load(maps)
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	if err := prog.Pin(filepath.Join(tmp, PinSkMsg)); err != nil {
+		return fmt.Errorf("pin sk_msg program: %w", err)
+	}
+	if err := os.Mkdir(filepath.Join(tmp, DirCgroups), 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", DirCgroups, err)
+	}
+
+	attach, err := attachSkMsg(maps[PinSockhash], prog, filepath.Join(tmp, PinSkMsgLink))
+	if err != nil {
+		return err
+	}
+
+	if err := os.Rename(tmp, opts.PinDir); err != nil {
+		// Another creator won the race: ours is freed on return.
+		if errors.Is(err, os.ErrExist) || errors.Is(err, errNotEmpty) {
+			opts.Logger.Info("pinned state was created concurrently; using it", zap.String("pin_dir", opts.PinDir))
+			if attach == attachLegacy {
+				detachSkMsgLegacy(maps[PinSockhash], prog)
+			}
+			return nil
+		}
+		if attach == attachLegacy {
+			detachSkMsgLegacy(maps[PinSockhash], prog)
+		}
+		return fmt.Errorf("move pinned state into %s: %w", opts.PinDir, err)
+	}
+	opts.Logger.Info("created pinned state", zap.String("pin_dir", opts.PinDir), zap.String("sk_msg_attach", attach))
+	return nil
+}
+
+const (
+	attachLink   = "link"
+	attachLegacy = "legacy"
+)
+
+// attachSkMsg attaches prog to sockhash with a sockmap link pinned at
+// linkPin, or with the legacy BPF_PROG_ATTACH on kernels without sockmap
+// links (before 6.10).
+func attachSkMsg(sockhash *ebpf.Map, prog *ebpf.Program, linkPin string) (string, error) {
+	l, err := link.AttachRawLink(link.RawLinkOptions{
+		Target:  sockhash.FD(),
+		Program: prog,
+		Attach:  ebpf.AttachSkMsgVerdict,
+	})
+	if err == nil {
+		defer l.Close()
+		if err := l.Pin(linkPin); err != nil {
+			return "", fmt.Errorf("pin sk_msg link: %w", err)
+		}
+		return attachLink, nil
+	}
+	if !errors.Is(err, ebpf.ErrNotSupported) && !errors.Is(err, errInvalid) {
+		return "", fmt.Errorf("attach sk_msg program to sockhash: %w", err)
+	}
+	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target:  sockhash.FD(),
+		Program: prog,
+		Attach:  ebpf.AttachSkMsgVerdict,
+	}); err != nil {
+		return "", fmt.Errorf("attach sk_msg program to sockhash (legacy): %w", err)
+	}
+	return attachLegacy, nil
+}
+
+func detachSkMsgLegacy(sockhash *ebpf.Map, prog *ebpf.Program) error {
+	return link.RawDetachProgram(link.RawDetachProgramOptions{
+		Target:  sockhash.FD(),
+		Program: prog,
+		Attach:  ebpf.AttachSkMsgVerdict,
+	})
+}
+
+// PinDir returns the pin directory of d.
+func (d *Dataplane) PinDir() string { return d.pinDir }
+
+// Close releases d's handles. The pinned state stays.
+func (d *Dataplane) Close() error {
+	for _, m := range d.maps {
+		m.Close()
+	}
+	d.maps = nil
+	return nil
+}
+
+func (d *Dataplane) cgroupLinkPin(id uint64) string {
+	return filepath.Join(d.pinDir, DirCgroups, strconv.FormatUint(id, 10))
+}
+
+// Enable attaches a sock_ops program to cg, so every TCP socket of cg (and
+// of the cgroups below it) that reaches ESTABLISHED from now on is inserted
+// into the sockhash and accelerated. It is idempotent: it reports false when
+// cg was already enabled. On error nothing of cg's is left attached.
+func (d *Dataplane) Enable(cg cgroup.Cgroup) (bool, error) {
+	l, err := lock.Exclusive(d.pinDir)
+	if err != nil {
+		return false, err
+	}
+	defer l.Unlock()
+
+	pin := d.cgroupLinkPin(cg.ID)
+	if existing, err := link.LoadPinnedLink(pin, nil); err == nil {
+		existing.Close()
+		d.log.Info("cgroup already enabled", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
+		return false, nil
+	}
+
+	prog, err := sockops.Load(cg.ID, d.maps)
+	if err != nil {
+		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+	}
+	defer prog.Close()
+	cgLink, err := link.AttachCgroup(link.CgroupOptions{
+		Path:    cg.Path,
+		Attach:  ebpf.AttachCGroupSockOps,
+		Program: prog,
+	})
+	if err != nil {
+		return false, fmt.Errorf("enable %s: attach sock_ops: %w", cg.Path, err)
+	}
+	defer cgLink.Close()
+	if err := cgLink.Pin(pin); err != nil {
+		return false, fmt.Errorf("enable %s: pin cgroup link (this kernel needs bpf_link support for cgroups, Linux 5.7+): %w", cg.Path, err)
+	}
+	d.log.Info("enabled cgroup", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
+	return true, nil
+}
+
+// Disable detaches cg's sock_ops program: new sockets of cg are no longer
+// accelerated. Sockets already in the sockhash stay there and keep being
+// redirected until they close, so no byte in flight is lost. It reports
+// false when cg was not enabled.
+func (d *Dataplane) Disable(cgroupID uint64) (bool, error) {
+	l, err := lock.Exclusive(d.pinDir)
+	if err != nil {
+		return false, err
+	}
+	defer l.Unlock()
+	return d.disableLocked(cgroupID)
+}
+
+func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
+	pin := d.cgroupLinkPin(cgroupID)
+	cgLink, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("disable cgroup id %d: open link %s: %w", cgroupID, pin, err)
+	}
+	defer cgLink.Close()
+	if err := cgLink.Unpin(); err != nil {
+		return false, fmt.Errorf("disable cgroup id %d: unpin %s: %w", cgroupID, pin, err)
+	}
+	d.log.Info("disabled cgroup", zap.Uint64("cgroup_id", cgroupID))
+	return true, nil
+}
+
+// EnabledCgroupIDs returns the ids of the enabled cgroups.
+func (d *Dataplane) EnabledCgroupIDs() ([]uint64, error) {
+	entries, err := os.ReadDir(filepath.Join(d.pinDir, DirCgroups))
+	if err != nil {
+		return nil, fmt.Errorf("list enabled cgroups: %w", err)
+	}
+	var ids []uint64
+	for _, e := range entries {
+		id, err := strconv.ParseUint(e.Name(), 10, 64)
+		if err != nil {
+			continue
+		}
+		ids = append(ids, id)
+	}
+	return ids, nil
+}
+
+// Uninstall detaches every program and removes every pin. Sockets already
+// in the sockhash are not removed from it (that would discard the bytes
+// their readers have not read yet): they keep their redirection until they
+// close, and the kernel frees the sockhash after the last one. On return d
+// is closed.
+func (d *Dataplane) Uninstall() error {
+	l, err := lock.Exclusive(d.pinDir)
+	if err != nil {
+		return err
+	}
+	defer l.Unlock()
+	defer d.Close()
+
+	ids, err := d.EnabledCgroupIDs()
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	for _, id := range ids {
+		if _, err := d.disableLocked(id); err != nil {
+			return fmt.Errorf("uninstall: %w", err)
+		}
+	}
+
+	linkPin := filepath.Join(d.pinDir, PinSkMsgLink)
+	progPin := filepath.Join(d.pinDir, PinSkMsg)
+	if l, err := link.LoadPinnedLink(linkPin, nil); err == nil {
+		err = l.Unpin()
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("uninstall: unpin %s: %w", linkPin, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("uninstall: open %s: %w", linkPin, err)
+	} else if prog, err := ebpf.LoadPinnedProgram(progPin, nil); err == nil {
+		err = detachSkMsgLegacy(d.maps[PinSockhash], prog)
+		prog.Close()
+		if err != nil {
+			return fmt.Errorf("uninstall: detach sk_msg program: %w", err)
+		}
+	}
+
+	for _, name := range []string{PinSkMsg, PinSockhash, PinCounters, PinSockState, DirCgroups} {
+		path := filepath.Join(d.pinDir, name)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("uninstall: remove %s: %w", path, err)
+		}
+	}
+	if err := os.Remove(d.pinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("uninstall: remove %s: %w", d.pinDir, err)
+	}
+	d.log.Info("uninstalled", zap.String("pin_dir", d.pinDir))
+	return nil
+}

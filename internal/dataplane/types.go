@@ -1,0 +1,73 @@
+package dataplane
+
+import (
+	"net/netip"
+)
+
+// SockKey mirrors struct sock_key in bpf/sockbypass.h: the sockhash key of a
+// TCP socket. Addresses are in network byte order, IPv4 stored as
+// IPv4-mapped IPv6 with Family AF_INET; ports in host byte order.
+type SockKey struct {
+	NetnsCookie uint64
+	LocalIP     [16]byte
+	RemoteIP    [16]byte
+	LocalPort   uint16
+	RemotePort  uint16
+	Family      uint16
+	Pad         uint16
+}
+
+// Local returns the socket's local address and port.
+func (k SockKey) Local() netip.AddrPort {
+	return netip.AddrPortFrom(netip.AddrFrom16(k.LocalIP).Unmap(), k.LocalPort)
+}
+
+// Remote returns the socket's remote address and port.
+func (k SockKey) Remote() netip.AddrPort {
+	return netip.AddrPortFrom(netip.AddrFrom16(k.RemoteIP).Unmap(), k.RemotePort)
+}
+
+// CgroupCounters mirrors struct cgroup_counters in bpf/sockbypass.h: what
+// the datapath counted for one enabled cgroup, summed over CPUs.
+type CgroupCounters struct {
+	SocketsInserted    uint64 `json:"sockets_inserted"`
+	InsertFailures     uint64 `json:"insert_failures"`
+	SocketsSkipped     uint64 `json:"sockets_skipped"`
+	RedirectedMsgs     uint64 `json:"redirected_msgs"`
+	RedirectedBytes    uint64 `json:"redirected_bytes"`
+	PassedMsgs         uint64 `json:"passed_msgs"`
+	PassedBytes        uint64 `json:"passed_bytes"`
+	RedirectFailures   uint64 `json:"redirect_failures"`
+	StackEgressPackets uint64 `json:"stack_egress_packets"`
+	StackEgressBytes   uint64 `json:"stack_egress_bytes"`
+}
+
+// Add adds o to c field by field.
+func (c *CgroupCounters) Add(o CgroupCounters) {
+	c.SocketsInserted += o.SocketsInserted
+	c.InsertFailures += o.InsertFailures
+	c.SocketsSkipped += o.SocketsSkipped
+	c.RedirectedMsgs += o.RedirectedMsgs
+	c.RedirectedBytes += o.RedirectedBytes
+	c.PassedMsgs += o.PassedMsgs
+	c.PassedBytes += o.PassedBytes
+	c.RedirectFailures += o.RedirectFailures
+	c.StackEgressPackets += o.StackEgressPackets
+	c.StackEgressBytes += o.StackEgressBytes
+}
+
+// Sub returns c minus o field by field (for deltas between two reads).
+func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
+	return CgroupCounters{
+		SocketsInserted:    c.SocketsInserted - o.SocketsInserted,
+		InsertFailures:     c.InsertFailures - o.InsertFailures,
+		SocketsSkipped:     c.SocketsSkipped - o.SocketsSkipped,
+		RedirectedMsgs:     c.RedirectedMsgs - o.RedirectedMsgs,
+		RedirectedBytes:    c.RedirectedBytes - o.RedirectedBytes,
+		PassedMsgs:         c.PassedMsgs - o.PassedMsgs,
+		PassedBytes:        c.PassedBytes - o.PassedBytes,
+		RedirectFailures:   c.RedirectFailures - o.RedirectFailures,
+		StackEgressPackets: c.StackEgressPackets - o.StackEgressPackets,
+		StackEgressBytes:   c.StackEgressBytes - o.StackEgressBytes,
+	}
+}

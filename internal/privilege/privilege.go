@@ -1,0 +1,98 @@
+// Package privilege checks, before anything is loaded, that this process may
+// load and attach BPF programs and that the kernel has what sockbypass needs.
+package privilege
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/features"
+)
+
+// Capability numbers from linux/capability.h.
+const (
+	CapNetAdmin = 12
+	CapSysAdmin = 21
+	CapBPF      = 39
+)
+
+// ErrNotPrivileged is wrapped by Check when capabilities are missing.
+var ErrNotPrivileged = errors.New("not privileged")
+
+// ErrKernelUnsupported is wrapped by CheckKernel when the kernel lacks a
+// feature sockbypass needs.
+var ErrKernelUnsupported = errors.New("kernel unsupported")
+
+// EffectiveCaps returns this process's effective capability set.
+func EffectiveCaps() (uint64, error) {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "CapEff:"); ok {
+			return strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+		}
+	}
+	return 0, errors.New("no CapEff line in /proc/self/status")
+}
+
+// Check returns an error naming the missing capabilities when this process
+// cannot load and attach sockbypass's programs: it needs CAP_NET_ADMIN and
+// CAP_BPF (or CAP_SYS_ADMIN in its place).
+func Check() error {
+	caps, err := EffectiveCaps()
+	if err != nil {
+		return fmt.Errorf("read capabilities: %w", err)
+	}
+	return checkCaps(caps)
+}
+
+func checkCaps(caps uint64) error {
+	has := func(c uint) bool { return caps&(1<<c) != 0 }
+	var missing []string
+	if !has(CapBPF) && !has(CapSysAdmin) {
+		missing = append(missing, "CAP_BPF")
+	}
+	if !has(CapNetAdmin) {
+		missing = append(missing, "CAP_NET_ADMIN")
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: running as uid %d without %s: run sockbypass as root (sudo sockbypass ...) or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN",
+		ErrNotPrivileged, os.Geteuid(), strings.Join(missing, " and "))
+}
+
+// CheckKernel returns an error naming the missing feature when the kernel
+// cannot run sockbypass: sockhash maps, sock_ops and sk_msg programs.
+func CheckKernel() error {
+	probes := []struct {
+		name, config string
+		probe        func() error
+	}{
+		{"sockhash maps", "CONFIG_BPF_STREAM_PARSER", func() error { return features.HaveMapType(ebpf.SockHash) }},
+		{"sock_ops programs", "CONFIG_CGROUP_BPF", func() error { return features.HaveProgramType(ebpf.SockOps) }},
+		{"sk_msg programs", "CONFIG_NET_SOCK_MSG", func() error { return features.HaveProgramType(ebpf.SkMsg) }},
+	}
+	for _, p := range probes {
+		if err := p.probe(); err != nil {
+			return kernelError(p.name, p.config, err)
+		}
+	}
+	return nil
+}
+
+func kernelError(feature, config string, err error) error {
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("%w: this kernel has no %s (%s): sockbypass needs Linux 5.10 or later built with %s=y", ErrKernelUnsupported, feature, err, config)
+	}
+	return fmt.Errorf("probe kernel for %s: %w", feature, err)
+}

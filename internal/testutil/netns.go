@@ -1,0 +1,53 @@
+package testutil
+
+import (
+	"runtime"
+	"testing"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vishvananda/netlink"
+)
+
+// NewNetNS creates a network namespace with its loopback up, and deletes it
+// when tb ends.
+func NewNetNS(tb testing.TB) ns.NetNS {
+	tb.Helper()
+	RequirePrivileged(tb)
+	netns, err := testutils.NewNS()
+	if err != nil {
+		tb.Fatalf("create network namespace: %v", err)
+	}
+	tb.Cleanup(func() {
+		netns.Close()
+		if err := testutils.UnmountNS(netns); err != nil {
+			tb.Errorf("remove network namespace %s: %v", netns.Path(), err)
+		}
+	})
+	err = netns.Do(func(ns.NetNS) error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(lo)
+	})
+	if err != nil {
+		tb.Fatalf("bring up lo in %s: %v", netns.Path(), err)
+	}
+	return netns
+}
+
+// InNetNS runs fn on a locked OS thread inside netns. Sockets that fn
+// creates belong to netns; the goroutines fn starts do not run in it.
+func InNetNS(tb testing.TB, netns ns.NetNS, fn func()) {
+	tb.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	err := netns.Do(func(ns.NetNS) error {
+		fn()
+		return nil
+	})
+	if err != nil {
+		tb.Fatalf("enter %s: %v", netns.Path(), err)
+	}
+}

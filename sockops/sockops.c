@@ -1,0 +1,87 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/*
+ * sock_ops program, one instance per enabled cgroup: inserts every TCP socket
+ * of the cgroup into the shared sockhash when it reaches ESTABLISHED, and
+ * records in its socket storage which enabled cgroup it belongs to.
+ */
+#include "sockbypass.h"
+
+/* Set by the loader: the id of the cgroup this instance is attached to. */
+volatile const __u64 enabled_cgroup_id = 0;
+
+static __always_inline void insert_socket(struct bpf_sock_ops *skops)
+{
+	struct sock_state *state;
+	struct cgroup_counters *c;
+	struct sock_key key = {};
+	__u32 local_ip6[4], remote_ip6[4];
+
+	if (!skops->sk)
+		return;
+
+	state = bpf_sk_storage_get(&sock_state, skops->sk, 0,
+				   BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return; /* fail open: the socket stays on the stack path */
+
+	/* Nested enabled cgroups: the innermost program runs first and wins. */
+	if (state->flags & SOCK_FLAG_INSERTED)
+		return;
+	if (state->cgroup_id == 0)
+		state->cgroup_id = enabled_cgroup_id;
+
+	c = counters_for(state->cgroup_id);
+
+	/*
+	 * Data that moved before ESTABLISHED (TCP Fast Open) sits in the
+	 * stack's queues: redirected bytes could overtake it. Leave the
+	 * socket out.
+	 */
+	if (skops->data_segs_in != 0 || skops->data_segs_out != 0) {
+		state->mode = SOCK_MODE_STACK;
+		if (c)
+			__sync_fetch_and_add(&c->sockets_skipped, 1);
+		return;
+	}
+
+	local_ip6[0] = skops->local_ip6[0];
+	local_ip6[1] = skops->local_ip6[1];
+	local_ip6[2] = skops->local_ip6[2];
+	local_ip6[3] = skops->local_ip6[3];
+	remote_ip6[0] = skops->remote_ip6[0];
+	remote_ip6[1] = skops->remote_ip6[1];
+	remote_ip6[2] = skops->remote_ip6[2];
+	remote_ip6[3] = skops->remote_ip6[3];
+
+	if (fill_key(&key, skops->family, skops->local_ip4, skops->remote_ip4,
+		     local_ip6, remote_ip6, skops->local_port,
+		     bpf_ntohl(skops->remote_port)) < 0)
+		return;
+	key.netns_cookie = bpf_get_netns_cookie(skops);
+
+	if (bpf_sock_hash_update(skops, &sockhash, &key, BPF_NOEXIST) != 0) {
+		state->mode = SOCK_MODE_STACK;
+		if (c)
+			__sync_fetch_and_add(&c->insert_failures, 1);
+		return;
+	}
+	state->flags |= SOCK_FLAG_INSERTED;
+	if (c)
+		__sync_fetch_and_add(&c->sockets_inserted, 1);
+}
+
+SEC("sockops")
+int sockbypass_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		insert_socket(skops);
+		break;
+	}
+	return 1;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
