@@ -147,7 +147,7 @@ func create(opts Options) (err error) {
 	if err := os.MkdirAll(parent, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", parent, err)
 	}
-	tmp := fmt.Sprintf("%s.tmp-%d-%x", opts.PinDir, os.Getpid(), rand.Uint32())
+	tmp := fmt.Sprintf("%s-tmp-%d-%x", opts.PinDir, os.Getpid(), rand.Uint32())
 	if err := os.Mkdir(tmp, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", tmp, err)
 	}

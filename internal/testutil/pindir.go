@@ -23,8 +23,8 @@ func NewPinDir(tb testing.TB) string {
 		if err := os.RemoveAll(dir); err != nil {
 			tb.Errorf("remove pins in %s: %v", dir, err)
 		}
-		// Temporary directories of an interrupted creation.
-		matches, _ := filepath.Glob(dir + ".tmp-*")
+		// Temporary directories of an interrupted creation (bpffs refuses dots in names).
+		matches, _ := filepath.Glob(dir + "-tmp-*")
 		for _, m := range matches {
 			os.RemoveAll(m)
 		}

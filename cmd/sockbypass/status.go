@@ -1,0 +1,100 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+)
+
+var statusCommand = command{
+	summary: "show enabled cgroups, program ids, live sockets and counters",
+	usage:   "status [--json]",
+	run:     runStatus,
+}
+
+// statusJSON is the --json document of status. Its fields are stable: new
+// fields may be added, none renamed or removed.
+type statusJSON struct {
+	Installed bool `json:"installed"`
+	*dataplane.Status
+	PinDir string `json:"pin_dir"`
+}
+
+func runStatus(e *env, args []string) error {
+	var pinDir, logLevel string
+	var asJSON bool
+	fs := newFlagSet("status", e, &pinDir, &logLevel)
+	fs.BoolVar(&asJSON, "json", false, "print JSON for machines instead of text")
+	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
+		return err
+	}
+	dp, err := openDataplane(e, false, 0)
+	if errors.Is(err, dataplane.ErrNotInstalled) {
+		if asJSON {
+			return writeJSON(e.stdout, statusJSON{Installed: false, PinDir: e.pinDir})
+		}
+		fmt.Fprintf(e.stdout, "sockbypass is not installed at %s (enable a cgroup with: sockbypass enable --cgroup PATH)\n", e.pinDir)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	st, err := dp.Status()
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return writeJSON(e.stdout, statusJSON{Installed: true, Status: st, PinDir: st.PinDir})
+	}
+	printStatus(e.stdout, st)
+	return nil
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func printStatus(w io.Writer, st *dataplane.Status) {
+	fmt.Fprintf(w, "sockbypass installed at %s\n", st.PinDir)
+	fmt.Fprintf(w, "  sk_msg program %d (attached by %s) on sockhash map %d: %d live socket(s), capacity %d\n",
+		st.SkMsgProgramID, st.SkMsgAttach, st.SockhashMapID, st.LiveSockets, st.SockhashCapacity)
+	if len(st.Cgroups) == 0 {
+		fmt.Fprintln(w, "enabled cgroups: none")
+	} else {
+		fmt.Fprintf(w, "enabled cgroups (%d):\n", len(st.Cgroups))
+	}
+	for _, cg := range st.Cgroups {
+		path := cg.Path
+		if path == "" {
+			path = "(removed)"
+		}
+		fmt.Fprintf(w, "  %s  cgroup id %d, sock_ops program %d, link %d\n", path, cg.ID, cg.SockOpsProgramID, cg.LinkID)
+		fmt.Fprintf(w, "    %s\n", formatCounters(cg.Counters))
+	}
+	fmt.Fprintf(w, "totals (all cgroups, including disabled ones):\n    %s\n", formatCounters(st.Totals))
+}
+
+func formatCounters(c dataplane.CgroupCounters) string {
+	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d); redirected %d msgs / %s; passed to stack %d msgs / %s; redirect failures %d",
+		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped,
+		c.RedirectedMsgs, humanBytes(c.RedirectedBytes), c.PassedMsgs, humanBytes(c.PassedBytes), c.RedirectFailures)
+}
+
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

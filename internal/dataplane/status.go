@@ -1,0 +1,162 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sort"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/lock"
+)
+
+// Status is a snapshot of the pinned state.
+type Status struct {
+	// PinDir is the pin directory.
+	PinDir string `json:"pin_dir"`
+	// SkMsgProgramID is the kernel id of the sk_msg program.
+	SkMsgProgramID uint32 `json:"sk_msg_program_id"`
+	// SkMsgAttach is "link" (sockmap bpf_link) or "legacy" (BPF_PROG_ATTACH).
+	SkMsgAttach string `json:"sk_msg_attach"`
+	// SockhashMapID is the kernel id of the sockhash.
+	SockhashMapID uint32 `json:"sockhash_map_id"`
+	// SockhashCapacity is the sockhash's max_entries.
+	SockhashCapacity uint32 `json:"sockhash_capacity"`
+	// LiveSockets is the number of sockets in the sockhash now.
+	LiveSockets int `json:"live_sockets"`
+	// Cgroups lists the enabled cgroups.
+	Cgroups []CgroupStatus `json:"cgroups"`
+	// Totals sums the counters of every cgroup, including cgroups that are
+	// no longer enabled and what could not be attributed to one.
+	Totals CgroupCounters `json:"totals"`
+}
+
+// CgroupStatus describes one enabled cgroup.
+type CgroupStatus struct {
+	// ID is the cgroup id.
+	ID uint64 `json:"id"`
+	// Path is the cgroup's directory, "" when the cgroup was removed.
+	Path string `json:"path"`
+	// SockOpsProgramID is the kernel id of its sock_ops program.
+	SockOpsProgramID uint32 `json:"sock_ops_program_id"`
+	// LinkID is the kernel id of its cgroup link.
+	LinkID uint32 `json:"link_id"`
+	// Counters are its counters, summed over CPUs.
+	Counters CgroupCounters `json:"counters"`
+}
+
+// Counters returns the counters of every cgroup id that has any, summed over
+// CPUs. Id 0 holds what could not be attributed to an enabled cgroup.
+func (d *Dataplane) Counters() (map[uint64]CgroupCounters, error) {
+	out := map[uint64]CgroupCounters{}
+	var (
+		id     uint64
+		perCPU []CgroupCounters
+	)
+	it := d.maps[PinCounters].Iterate()
+	for it.Next(&id, &perCPU) {
+		var sum CgroupCounters
+		for _, c := range perCPU {
+			sum.Add(c)
+		}
+		out[id] = sum
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read counters: %w", err)
+	}
+	return out, nil
+}
+
+// Sockets returns the keys of the sockets in the sockhash, with their
+// socket cookies.
+func (d *Dataplane) Sockets() (map[SockKey]uint64, error) {
+	out := map[SockKey]uint64{}
+	var (
+		key    SockKey
+		cookie uint64
+	)
+	it := d.maps[PinSockhash].Iterate()
+	for it.Next(&key, &cookie) {
+		out[key] = cookie
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read sockhash: %w", err)
+	}
+	return out, nil
+}
+
+// Status returns a snapshot of the pinned state.
+func (d *Dataplane) Status() (*Status, error) {
+	l, err := lock.Shared(d.pinDir)
+	if err != nil {
+		return nil, err
+	}
+	defer l.Unlock()
+
+	st := &Status{PinDir: d.pinDir, Cgroups: []CgroupStatus{}}
+	sockhash := d.maps[PinSockhash]
+	st.SockhashCapacity = sockhash.MaxEntries()
+	if info, err := sockhash.Info(); err == nil {
+		if id, ok := info.ID(); ok {
+			st.SockhashMapID = uint32(id)
+		}
+	}
+	if prog, err := ebpf.LoadPinnedProgram(filepath.Join(d.pinDir, PinSkMsg), nil); err == nil {
+		if info, err := prog.Info(); err == nil {
+			if id, ok := info.ID(); ok {
+				st.SkMsgProgramID = uint32(id)
+			}
+		}
+		prog.Close()
+	}
+	st.SkMsgAttach = attachLegacy
+	if l, err := link.LoadPinnedLink(filepath.Join(d.pinDir, PinSkMsgLink), nil); err == nil {
+		st.SkMsgAttach = attachLink
+		l.Close()
+	}
+
+	socks, err := d.Sockets()
+	if err != nil {
+		return nil, err
+	}
+	st.LiveSockets = len(socks)
+
+	counters, err := d.Counters()
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range counters {
+		st.Totals.Add(c)
+	}
+
+	ids, err := d.EnabledCgroupIDs()
+	if err != nil {
+		return nil, err
+	}
+	mounts, err := cgroup.ReadMounts()
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range ids {
+		cs := CgroupStatus{ID: id, Counters: counters[id]}
+		if l, err := link.LoadPinnedLink(d.cgroupLinkPin(id), nil); err == nil {
+			if info, err := l.Info(); err == nil {
+				cs.LinkID = uint32(info.ID)
+				cs.SockOpsProgramID = uint32(info.Program)
+			}
+			l.Close()
+		} else if !errors.Is(err, ebpf.ErrNotSupported) {
+			return nil, fmt.Errorf("open link of cgroup id %d: %w", id, err)
+		}
+		cs.Path, err = mounts.PathByID(id)
+		if err != nil {
+			return nil, err
+		}
+		st.Cgroups = append(st.Cgroups, cs)
+	}
+	sort.Slice(st.Cgroups, func(i, j int) bool { return st.Cgroups[i].Path < st.Cgroups[j].Path })
+	return st, nil
+}
