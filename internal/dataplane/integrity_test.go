@@ -1,0 +1,223 @@
+package dataplane
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"testing"
+	"time"
+)
+
+// echoServer accepts connections on l and echoes every byte back with a
+// plain read/write loop (not io.Copy between two TCPConns, which splices),
+// half-closing its side when the client half-closes.
+func echoServer(t *testing.T, l net.Listener) {
+	t.Helper()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := c.Read(buf)
+					if n > 0 {
+						if _, werr := c.Write(buf[:n]); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						if errors.Is(err, io.EOF) {
+							c.(*net.TCPConn).CloseWrite()
+						}
+						return
+					}
+				}
+			}()
+		}
+	}()
+}
+
+// pattern returns n pseudo-random bytes derived from seed.
+func pattern(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	b := make([]byte, n)
+	for i := 0; i+8 <= n; i += 8 {
+		v := r.Uint64()
+		for j := 0; j < 8; j++ {
+			b[i+j] = byte(v >> (8 * j))
+		}
+	}
+	for i := n &^ 7; i < n; i++ {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+// echoRoundTrip writes payload in chunks of writeSize while reading the
+// echo concurrently, and returns an error unless every byte came back in
+// order.
+func echoRoundTrip(c net.Conn, payload []byte, writeSize int) error {
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	werr := make(chan error, 1)
+	go func() {
+		for off := 0; off < len(payload); off += writeSize {
+			end := min(off+writeSize, len(payload))
+			if _, err := c.Write(payload[off:end]); err != nil {
+				werr <- err
+				return
+			}
+		}
+		werr <- c.(*net.TCPConn).CloseWrite()
+	}()
+	h := sha256.New()
+	n, err := io.Copy(h, c)
+	if err != nil {
+		return fmt.Errorf("read echo after %d bytes: %w", n, err)
+	}
+	if err := <-werr; err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	want := sha256.Sum256(payload)
+	if n != int64(len(payload)) || !bytes.Equal(h.Sum(nil), want[:]) {
+		return fmt.Errorf("echo of %d bytes came back as %d bytes with a different sha256", len(payload), n)
+	}
+	return nil
+}
+
+var integritySizes = []int{1, 2, 3, 7, 64, 1000, 1023, 1024, 1025, 4095, 4096, 4097, 16383, 16384,
+	65535, 65536, 65537, 100_003, 1<<20 - 1, 1 << 20, 1<<20 + 13, 3<<20 + 5, 8<<20 - 3, 8 << 20}
+
+func TestIntegrityBothDirections64Connections(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
+	echoServer(t, l)
+
+	const conns = 64
+	var total uint64
+	clients := make([]net.Conn, conns)
+	payloads := make([][]byte, conns)
+	writeSizes := []int{1, 1000, 4096, 16384, 65536, 128 << 10}
+	for i := range clients {
+		clients[i] = dialIn(t, cg, "tcp4", l.Addr().String())
+		payloads[i] = pattern(uint64(i), integritySizes[i%len(integritySizes)])
+		total += uint64(len(payloads[i]))
+	}
+	before := counterOf(t, dp, cg.ID)
+
+	var wg sync.WaitGroup
+	errs := make([]error, conns)
+	for i := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ws := writeSizes[i%len(writeSizes)]
+			if len(payloads[i]) < 1024 {
+				ws = len(payloads[i])
+			}
+			errs[i] = echoRoundTrip(clients[i], payloads[i], ws)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("connection %d (%d bytes): %v", i, len(payloads[i]), err)
+		}
+	}
+	delta := counterOf(t, dp, cg.ID).Sub(before)
+	// Both directions carry the payloads: client -> server and the echo.
+	if delta.RedirectedBytes != 2*total {
+		t.Errorf("redirected %d bytes, want %d (both directions); %+v", delta.RedirectedBytes, 2*total, delta)
+	}
+}
+
+func TestHalfCloseReplyArrives(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
+
+	payload := pattern(42, 3<<20+1)
+	serverErr := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			serverErr <- err
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		got, err := io.ReadAll(c) // returns at the client's FIN
+		if err != nil {
+			serverErr <- fmt.Errorf("server read: %w", err)
+			return
+		}
+		if !bytes.Equal(got, payload) {
+			serverErr <- fmt.Errorf("server read %d bytes, not the %d sent", len(got), len(payload))
+			return
+		}
+		_, err = c.Write([]byte("reply after EOF"))
+		serverErr <- err
+	}()
+
+	before := counterOf(t, dp, cg.ID)
+	c := dialIn(t, cg, "tcp4", l.Addr().String())
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := c.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-serverErr; err != nil {
+		t.Fatal(err)
+	}
+	if string(reply) != "reply after EOF" {
+		t.Fatalf("reply = %q", reply)
+	}
+	delta := counterOf(t, dp, cg.ID).Sub(before)
+	if want := uint64(len(payload) + len("reply after EOF")); delta.RedirectedBytes != want {
+		t.Errorf("redirected %d bytes, want %d", delta.RedirectedBytes, want)
+	}
+}
+
+func TestPeerOutsideEnabledCgroupPasses(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	// The server lives in the test's own cgroup, which is not enabled.
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	echoServer(t, l)
+
+	before := counterOf(t, dp, cg.ID)
+	payload := pattern(7, 1<<20+3)
+	c := dialIn(t, cg, "tcp4", l.Addr().String())
+	if err := echoRoundTrip(c, payload, 16384); err != nil {
+		t.Fatal(err)
+	}
+	delta := counterOf(t, dp, cg.ID).Sub(before)
+	if delta.RedirectedBytes != 0 || delta.RedirectedMsgs != 0 {
+		t.Errorf("redirected to a peer outside any enabled cgroup: %+v", delta)
+	}
+	if delta.PassedBytes != uint64(len(payload)) || delta.PassedMsgs == 0 {
+		t.Errorf("passed %d bytes in %d msgs, want %d bytes", delta.PassedBytes, delta.PassedMsgs, len(payload))
+	}
+	if delta.SocketsInserted != 1 {
+		t.Errorf("sockets inserted = %d, want 1 (the client only)", delta.SocketsInserted)
+	}
+}

@@ -1,0 +1,91 @@
+package dataplane
+
+import (
+	"net"
+	"os"
+	"strconv"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockbypass/sockbypass/internal/testutil"
+)
+
+func TestIPv6Loopback(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	l := listenIn(t, cg, "tcp6", "[::1]:0")
+	echoServer(t, l)
+	before := counterOf(t, dp, cg.ID)
+	payload := pattern(6, 2<<20+1)
+	if err := echoRoundTrip(dialIn(t, cg, "tcp6", l.Addr().String()), payload, 16384); err != nil {
+		t.Fatal(err)
+	}
+	if got := counterOf(t, dp, cg.ID).Sub(before).RedirectedBytes; got != 2*uint64(len(payload)) {
+		t.Errorf("redirected %d bytes over ::1, want %d", got, 2*len(payload))
+	}
+}
+
+// TestIPv4MappedPairsWithIPv4 pairs a dual-stack IPv6 server socket (which
+// sees ::ffff:127.0.0.1) with an IPv4 client, and an IPv6 client socket
+// connecting to ::ffff:127.0.0.1 with an IPv4 server.
+func TestIPv4MappedPairsWithIPv4(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	payload := pattern(4, 1<<20+5)
+
+	t.Run("dual-stack server, IPv4 client", func(t *testing.T) {
+		l := listenIn(t, cg, "tcp", "[::]:0") // dual stack: accepts IPv4 as ::ffff:x
+		echoServer(t, l)
+		port := l.Addr().(*net.TCPAddr).Port
+		before := counterOf(t, dp, cg.ID)
+		if err := echoRoundTrip(dialIn(t, cg, "tcp4", net.JoinHostPort("127.0.0.1", itoa(port))), payload, 16384); err != nil {
+			t.Fatal(err)
+		}
+		if got := counterOf(t, dp, cg.ID).Sub(before).RedirectedBytes; got != 2*uint64(len(payload)) {
+			t.Errorf("redirected %d bytes, want %d", got, 2*len(payload))
+		}
+	})
+
+	t.Run("IPv6 client to ::ffff:127.0.0.1, IPv4 server", func(t *testing.T) {
+		l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
+		echoServer(t, l)
+		port := l.Addr().(*net.TCPAddr).Port
+		before := counterOf(t, dp, cg.ID)
+		var c net.Conn
+		testutil.InCgroup(t, cg, func() { c = dialMapped(t, port) })
+		defer c.Close()
+		if err := echoRoundTrip(c, payload, 16384); err != nil {
+			t.Fatal(err)
+		}
+		if got := counterOf(t, dp, cg.ID).Sub(before).RedirectedBytes; got != 2*uint64(len(payload)) {
+			t.Errorf("redirected %d bytes, want %d", got, 2*len(payload))
+		}
+	})
+}
+
+// dialMapped connects an AF_INET6 socket to ::ffff:127.0.0.1:port.
+func dialMapped(t *testing.T, port int) net.Conn {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa := &unix.SockaddrInet6{Port: port, Addr: [16]byte{10: 0xff, 11: 0xff, 12: 127, 15: 1}}
+	if err := unix.Connect(fd, sa); err != nil {
+		unix.Close(fd)
+		t.Fatalf("connect to [::ffff:127.0.0.1]:%d: %v", port, err)
+	}
+	f := os.NewFile(uintptr(fd), "mapped")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }
