@@ -221,3 +221,48 @@ func (m Mounts) PathByID(id uint64) (string, error) {
 	}
 	return found, nil
 }
+
+// RunIn runs fn with this process moved into c, then moves it back to the
+// cgroup v2 group it was in. Sockets that fn creates belong to c for their
+// whole life, and so do the sockets that listeners created in fn accept.
+// The move applies to the whole process: do not create sockets elsewhere in
+// the process while fn runs.
+func (c Cgroup) RunIn(fn func()) (err error) {
+	mounts, err := ReadMounts()
+	if err != nil {
+		return err
+	}
+	orig, err := mounts.selfPath()
+	if err != nil {
+		return err
+	}
+	if err := moveProcess(c.Path); err != nil {
+		return fmt.Errorf("move this process into %s: %w", c.Path, err)
+	}
+	// Deferred so that the process moves back even when fn panics or
+	// calls runtime.Goexit (t.Fatal).
+	defer func() {
+		if backErr := moveProcess(orig); backErr != nil && err == nil {
+			err = fmt.Errorf("move this process back to %s: %w", orig, backErr)
+		}
+	}()
+	fn()
+	return nil
+}
+
+func (m Mounts) selfPath() (string, error) {
+	data, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rel, ok := strings.CutPrefix(line, "0::"); ok {
+			return filepath.Join(m.V2, rel), nil
+		}
+	}
+	return "", fmt.Errorf("this process has no cgroup v2 membership in /proc/self/cgroup")
+}
+
+func moveProcess(dir string) error {
+	return os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
+}

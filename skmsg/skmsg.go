@@ -8,7 +8,7 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-//go:generate go tool bpf2go -cc clang-16 -cflags "-O2 -g -Wall -Werror" -target bpfel skmsg skmsg.c -- -I../bpf -I../bpf/include
+//go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel skmsg skmsg.c -- -I../bpf -I../bpf/include
 
 // ProgramName is the name of the sk_msg program in its collection.
 const ProgramName = "sockbypass_skmsg"

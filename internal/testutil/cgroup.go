@@ -1,12 +1,7 @@
 package testutil
 
 import (
-	"bufio"
-	"fmt"
 	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -56,49 +51,13 @@ func removeCgroup(tb testing.TB, dir string) {
 	}
 }
 
-// currentCgroup returns the absolute cgroup v2 directory of this process.
-func currentCgroup() (string, error) {
-	mounts, err := cgroup.ReadMounts()
-	if err != nil {
-		return "", err
-	}
-	f, err := os.Open("/proc/self/cgroup")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rel, ok := strings.CutPrefix(sc.Text(), "0::"); ok {
-			return filepath.Join(mounts.V2, rel), nil
-		}
-	}
-	return "", fmt.Errorf("this process has no cgroup v2 membership")
-}
-
-func moveSelf(dir string) error {
-	return os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
-}
-
-// InCgroup runs fn with this process moved into cg, then moves it back.
-// Sockets created by fn belong to cg for their whole life (and so do the
-// sockets that listeners created in fn accept), which lets one test process
-// own sockets in several cgroups.
+// InCgroup runs fn with this process moved into cg, then moves it back
+// (see cgroup.Cgroup.RunIn). Calls are serialised.
 func InCgroup(tb testing.TB, cg cgroup.Cgroup, fn func()) {
 	tb.Helper()
 	cgroupMoveMu.Lock()
 	defer cgroupMoveMu.Unlock()
-	orig, err := currentCgroup()
-	if err != nil {
+	if err := cg.RunIn(fn); err != nil {
 		tb.Fatal(err)
 	}
-	if err := moveSelf(cg.Path); err != nil {
-		tb.Fatalf("move test process into %s: %v", cg.Path, err)
-	}
-	defer func() {
-		if err := moveSelf(orig); err != nil {
-			tb.Errorf("move test process back to %s: %v", orig, err)
-		}
-	}()
-	fn()
 }

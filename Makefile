@@ -1,0 +1,51 @@
+# sockbypass: see README.md.
+GO ?= go
+export PATH := $(PATH):/usr/local/go/bin
+BIN := bin/sockbypass
+BPF_PKGS := ./sockops ./skmsg
+GENERATED := $(wildcard sockops/*_bpfel.* skmsg/*_bpfel.*)
+
+.PHONY: all deps build generate check-generated vet test demo bench bench-quick clean
+
+all: build
+
+deps:
+	./scripts/install-deps.sh
+
+build:
+	$(GO) build -o $(BIN) ./cmd/sockbypass
+
+# Regenerate the BPF objects and their Go bindings with the pinned clang-16.
+generate:
+	$(GO) generate $(BPF_PKGS)
+
+# Fails when the committed BPF objects do not match the C sources.
+check-generated: generate
+	@git diff --exit-code --stat -- '*_bpfel.go' '*_bpfel.o' || \
+		{ echo "committed BPF objects differ from the C sources: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- '*_bpfel.go' '*_bpfel.o')" || \
+		{ echo "untracked generated files: commit them"; git status --porcelain -- '*_bpfel.*'; exit 1; }
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+
+# The test command of README.md: privileged tests load real programs; under
+# CI=true they fail instead of skipping when they cannot run.
+test: deps check-generated vet build
+	$(GO) test -count=1 -timeout 15m ./...
+
+# The demo of README.md: enables acceleration for a demo cgroup and shows
+# plain vs accelerated side by side, then cleans up.
+demo: deps build
+	./e2e/demo.sh
+
+# Benchmarks: plain vs accelerated side by side, median of alternating runs.
+bench: deps build
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/ -args -runs 7 -duration 2s
+
+bench-quick: deps build
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 10m ./e2e/ -args -runs 3 -duration 500ms
+
+clean:
+	rm -rf bin

@@ -1,0 +1,72 @@
+package e2e
+
+import (
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/sockbypass/sockbypass/e2e/workload"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/testutil"
+)
+
+var (
+	benchRuns     = flag.Int("runs", 5, "alternating runs per case and mode (median reported)")
+	benchDuration = flag.Duration("duration", time.Second, "length of one run")
+	benchOut      = flag.String("out", "results", "directory for results.json and results.md")
+)
+
+// BenchmarkLoopbackPlainVsAccelerated measures request/response latency and
+// stream throughput over 127.0.0.1, plain and accelerated side by side in
+// one run, and prints a table (medians of alternating runs, with spread).
+// Run it with make bench; timings are reported, never asserted.
+func BenchmarkLoopbackPlainVsAccelerated(b *testing.B) {
+	dp := installForBench(b)
+	plain := testutil.NewCgroup(b)
+	accel := testutil.NewCgroup(b)
+	if _, err := dp.Enable(accel); err != nil {
+		b.Fatal(err)
+	}
+	for i := 0; i < b.N; i++ {
+		results, err := workload.Compare(plain, accel, workload.DefaultCases, *benchRuns, *benchDuration, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		workload.PrintTable(os.Stdout, results, *benchRuns)
+		writeResults(b, results)
+	}
+}
+
+func installForBench(tb testing.TB) *dataplane.Dataplane {
+	tb.Helper()
+	pinDir := testutil.NewPinDir(tb)
+	dp, err := dataplane.OpenOrCreate(dataplane.Options{PinDir: pinDir})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if err := dp.Uninstall(); err != nil {
+			tb.Errorf("uninstall: %v", err)
+		}
+	})
+	return dp
+}
+
+func writeResults(tb testing.TB, results []workload.Result) {
+	if err := os.MkdirAll(*benchOut, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	data, _ := json.MarshalIndent(results, "", "  ")
+	if err := os.WriteFile(filepath.Join(*benchOut, "results.json"), data, 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	f, err := os.Create(filepath.Join(*benchOut, "results.md"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	workload.PrintTable(f, results, *benchRuns)
+}

@@ -1,0 +1,47 @@
+package e2e
+
+import (
+	"testing"
+	"time"
+
+	"github.com/sockbypass/sockbypass/e2e/workload"
+	"github.com/sockbypass/sockbypass/internal/testutil"
+)
+
+// TestWorkloadsQuick is the CI subset of the benchmark: every workload runs
+// briefly, plain and accelerated, verifies its bytes, and the accelerated
+// one must take the fast path (redirect counters move) while the plain one
+// must not. Timings are printed, never asserted.
+func TestWorkloadsQuick(t *testing.T) {
+	dp := installForBench(t)
+	plain := testutil.NewCgroup(t)
+	accel := testutil.NewCgroup(t)
+	if _, err := dp.Enable(accel); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range workload.DefaultCases {
+		t.Run(c.Name, func(t *testing.T) {
+			before, err := dp.Counters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			results, err := workload.Compare(plain, accel, []workload.Case{c}, 1, 150*time.Millisecond, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			after, err := dp.Counters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := after[accel.ID].Sub(before[accel.ID]); d.RedirectedBytes == 0 || d.PassedBytes != 0 {
+				t.Errorf("accelerated run did not take the fast path: %+v", d)
+			}
+			if d := after[plain.ID].Sub(before[plain.ID]); d.RedirectedBytes != 0 {
+				t.Errorf("plain run was redirected: %+v", d)
+			}
+			for _, r := range results {
+				t.Logf("%s %s: plain %.2f %s, accelerated %.2f %s (%.2fx)", r.Case, r.Metric, r.PlainMedian, r.Unit, r.AccelMedian, r.Unit, r.Ratio)
+			}
+		})
+	}
+}

@@ -1,0 +1,167 @@
+package workload
+
+import (
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+)
+
+// Kind is the kind of a workload.
+type Kind string
+
+// Workload kinds.
+const (
+	KindRR     Kind = "rr"
+	KindStream Kind = "stream"
+)
+
+// Case is one workload to compare.
+type Case struct {
+	Name string
+	Kind Kind
+	// Size is the message size (rr) or the write size (stream).
+	Size int
+	CPUs CPUs
+}
+
+// DefaultCases are the cases of the loopback benchmark: request/response
+// at 64 B and 4 KiB (unpinned, and both ends on CPU 0), stream at 16 KiB
+// and 128 KiB writes.
+var DefaultCases = []Case{
+	{Name: "rr 64B", Kind: KindRR, Size: 64, CPUs: Unpinned},
+	{Name: "rr 4KiB", Kind: KindRR, Size: 4096, CPUs: Unpinned},
+	{Name: "rr 64B 1cpu", Kind: KindRR, Size: 64, CPUs: CPUs{0, 0}},
+	{Name: "rr 4KiB 1cpu", Kind: KindRR, Size: 4096, CPUs: CPUs{0, 0}},
+	{Name: "stream 16KiB", Kind: KindStream, Size: 16 << 10, CPUs: Unpinned},
+	{Name: "stream 128KiB", Kind: KindStream, Size: 128 << 10, CPUs: Unpinned},
+}
+
+// Result compares one metric, plain vs accelerated.
+type Result struct {
+	Case   string `json:"case"`
+	Metric string `json:"metric"`
+	Unit   string `json:"unit"`
+	// LowerIsBetter is true for latencies.
+	LowerIsBetter bool      `json:"lower_is_better"`
+	Plain         []float64 `json:"plain"`
+	Accelerated   []float64 `json:"accelerated"`
+	PlainMedian   float64   `json:"plain_median"`
+	AccelMedian   float64   `json:"accelerated_median"`
+	// Ratio is accelerated / plain.
+	Ratio float64 `json:"ratio"`
+	// Spreads are (max-min)/median of the runs, in percent.
+	PlainSpread float64 `json:"plain_spread_pct"`
+	AccelSpread float64 `json:"accelerated_spread_pct"`
+}
+
+// Progress, when set, receives a line per measurement.
+type Progress func(format string, args ...any)
+
+// Compare runs every case runs times in each mode, alternating plain and
+// accelerated, over connections made in plainCg and accelCg (which must be
+// enabled), each run lasting dur, and returns the medians.
+func Compare(plainCg, accelCg cgroup.Cgroup, cases []Case, runs int, dur time.Duration, progress Progress) ([]Result, error) {
+	var out []Result
+	for _, c := range cases {
+		// metric name -> mode -> values
+		vals := map[string]map[bool][]float64{}
+		var metrics []string
+		add := func(metric string, accel bool, v float64) {
+			if vals[metric] == nil {
+				vals[metric] = map[bool][]float64{}
+				metrics = append(metrics, metric)
+			}
+			vals[metric][accel] = append(vals[metric][accel], v)
+		}
+		for r := 0; r < runs; r++ {
+			for _, accel := range []bool{r%2 == 1, r%2 == 0} { // alternate who goes first
+				cg := plainCg
+				if accel {
+					cg = accelCg
+				}
+				p, err := Connect(cg)
+				if err != nil {
+					return nil, fmt.Errorf("%s: connect: %w", c.Name, err)
+				}
+				switch c.Kind {
+				case KindRR:
+					lat, err := RR(p, c.Size, dur, c.CPUs)
+					p.Close()
+					if err != nil {
+						return nil, fmt.Errorf("%s: %w", c.Name, err)
+					}
+					add("p50 RTT", accel, us(Percentile(lat, 50)))
+					add("p99 RTT", accel, us(Percentile(lat, 99)))
+				case KindStream:
+					bps, err := Stream(p, c.Size, dur, c.CPUs)
+					p.Close()
+					if err != nil {
+						return nil, fmt.Errorf("%s: %w", c.Name, err)
+					}
+					add("throughput", accel, bps*8/1e9)
+				}
+				if progress != nil {
+					progress("%s run %d/%d accelerated=%v done", c.Name, r+1, runs, accel)
+				}
+			}
+		}
+		for _, m := range metrics {
+			res := Result{Case: c.Name, Metric: m, Plain: vals[m][false], Accelerated: vals[m][true]}
+			if c.Kind == KindRR {
+				res.Unit, res.LowerIsBetter = "us", true
+			} else {
+				res.Unit = "Gbit/s"
+			}
+			res.PlainMedian, res.PlainSpread = medianSpread(res.Plain)
+			res.AccelMedian, res.AccelSpread = medianSpread(res.Accelerated)
+			if res.PlainMedian > 0 {
+				res.Ratio = res.AccelMedian / res.PlainMedian
+			}
+			out = append(out, res)
+		}
+	}
+	return out, nil
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+func medianSpread(v []float64) (median, spreadPct float64) {
+	if len(v) == 0 {
+		return 0, 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	n := len(s)
+	if n%2 == 1 {
+		median = s[n/2]
+	} else {
+		median = (s[n/2-1] + s[n/2]) / 2
+	}
+	if median > 0 {
+		spreadPct = (s[n-1] - s[0]) / median * 100
+	}
+	return median, spreadPct
+}
+
+// PrintTable writes results as a markdown table.
+func PrintTable(w io.Writer, results []Result, runs int) {
+	fmt.Fprintf(w, "| case | metric | plain | accelerated | accelerated/plain | spread plain / accel (max-min, %d runs) |\n", runs)
+	fmt.Fprintln(w, "|---|---|---:|---:|---:|---|")
+	for _, r := range results {
+		verdict := "faster"
+		if (r.LowerIsBetter && r.Ratio > 1) || (!r.LowerIsBetter && r.Ratio < 1) {
+			verdict = "slower"
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %.2fx (%s) | ±%.0f%% / ±%.0f%% |\n",
+			r.Case, r.Metric, fmtVal(r.PlainMedian, r.Unit), fmtVal(r.AccelMedian, r.Unit),
+			r.Ratio, verdict, r.PlainSpread/2, r.AccelSpread/2)
+	}
+}
+
+func fmtVal(v float64, unit string) string {
+	return strings.TrimSpace(fmt.Sprintf("%.2f %s", v, unit))
+}

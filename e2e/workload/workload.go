@@ -1,0 +1,274 @@
+// Package workload drives TCP traffic over a connected socket pair with
+// blocking system calls on dedicated OS threads (no Go netpoller in the
+// measured path), for the benchmarks and the demo: request/response
+// latency and stream throughput. Every workload checks the bytes it
+// receives, so a fast wrong answer is an error, not a result.
+package workload
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"runtime"
+	"sort"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+)
+
+// Pair is a connected TCP socket pair made of blocking file descriptors.
+type Pair struct {
+	Client, Server int
+}
+
+// Close closes both sockets.
+func (p Pair) Close() {
+	unix.Close(p.Client)
+	unix.Close(p.Server)
+}
+
+// Connect makes a TCP connection over 127.0.0.1 whose two sockets belong to
+// cg (the listener is created in cg, so the accepted socket is in cg too).
+func Connect(cg cgroup.Cgroup) (Pair, error) {
+	var p Pair
+	var err error
+	if rerr := cg.RunIn(func() { p, err = connectLoopback() }); rerr != nil {
+		return Pair{}, rerr
+	}
+	return p, err
+}
+
+func connectLoopback() (Pair, error) {
+	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return Pair{}, err
+	}
+	defer unix.Close(lfd)
+	if err := unix.Bind(lfd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		return Pair{}, err
+	}
+	if err := unix.Listen(lfd, 1); err != nil {
+		return Pair{}, err
+	}
+	sa, err := unix.Getsockname(lfd)
+	if err != nil {
+		return Pair{}, err
+	}
+	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return Pair{}, err
+	}
+	if err := unix.Connect(cfd, sa); err != nil {
+		unix.Close(cfd)
+		return Pair{}, err
+	}
+	sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+	if err != nil {
+		unix.Close(cfd)
+		return Pair{}, err
+	}
+	for _, fd := range []int{cfd, sfd} {
+		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	}
+	return Pair{Client: cfd, Server: sfd}, nil
+}
+
+// onThread runs fn on a locked OS thread, pinned to cpu when cpu >= 0.
+func onThread(cpu int, fn func() error) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if cpu >= 0 {
+			var set unix.CPUSet
+			set.Set(cpu)
+			if err := unix.SchedSetaffinity(0, &set); err != nil {
+				done <- fmt.Errorf("pin to CPU %d: %w", cpu, err)
+				return
+			}
+		}
+		done <- fn()
+	}()
+	return done
+}
+
+func readFull(fd int, buf []byte) error {
+	for off := 0; off < len(buf); {
+		n, err := unix.Read(fd, buf[off:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return errors.New("unexpected EOF")
+		}
+		off += n
+	}
+	return nil
+}
+
+func writeFull(fd int, buf []byte) error {
+	for off := 0; off < len(buf); {
+		n, err := unix.Write(fd, buf[off:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+// CPUs says where the two ends of a workload run.
+type CPUs struct {
+	// Client and Server are CPU numbers, or -1 to leave the thread
+	// unpinned.
+	Client, Server int
+}
+
+// Unpinned leaves both ends to the scheduler.
+var Unpinned = CPUs{-1, -1}
+
+// RR runs request/response over p for dur: the client sends msgSize bytes,
+// the server echoes them, the client checks them. It returns the round-trip
+// times. It half-closes and drains p when done.
+func RR(p Pair, msgSize int, dur time.Duration, cpus CPUs) ([]time.Duration, error) {
+	server := onThread(cpus.Server, func() error {
+		buf := make([]byte, msgSize)
+		for {
+			if err := readFull(p.Server, buf); err != nil {
+				if err.Error() == "unexpected EOF" {
+					return nil // client finished
+				}
+				return fmt.Errorf("server read: %w", err)
+			}
+			if err := writeFull(p.Server, buf); err != nil {
+				return fmt.Errorf("server write: %w", err)
+			}
+		}
+	})
+	var lat []time.Duration
+	client := onThread(cpus.Client, func() error {
+		msg := bytes.Repeat([]byte("sockbypass-rr-0123456789abcdef"), msgSize/30+1)[:msgSize]
+		reply := make([]byte, msgSize)
+		lat = make([]time.Duration, 0, 1<<16)
+		deadline := time.Now().Add(dur)
+		for i := 0; ; i++ {
+			msg[0] = byte(i)
+			t0 := time.Now()
+			if err := writeFull(p.Client, msg); err != nil {
+				return fmt.Errorf("client write: %w", err)
+			}
+			if err := readFull(p.Client, reply); err != nil {
+				return fmt.Errorf("client read: %w", err)
+			}
+			t1 := time.Now()
+			lat = append(lat, t1.Sub(t0))
+			if !bytes.Equal(reply, msg) {
+				return fmt.Errorf("reply %d differs from request", i)
+			}
+			if t1.After(deadline) {
+				break
+			}
+		}
+		return unix.Shutdown(p.Client, unix.SHUT_WR)
+	})
+	if err := <-client; err != nil {
+		unix.Shutdown(p.Client, unix.SHUT_RDWR)
+		<-server
+		return nil, err
+	}
+	if err := <-server; err != nil {
+		return nil, err
+	}
+	return lat, nil
+}
+
+// Stream writes writeSize-byte chunks from client to server for dur and
+// returns the throughput in bytes per second, measured at the reader. The
+// reader checks that it got exactly what was written, in order.
+func Stream(p Pair, writeSize int, dur time.Duration, cpus CPUs) (float64, error) {
+	type result struct {
+		n       int64
+		elapsed time.Duration
+	}
+	var got result
+	var sent int64
+	start := time.Now()
+	reader := onThread(cpus.Server, func() error {
+		buf := make([]byte, 256<<10)
+		for {
+			n, err := unix.Read(p.Server, buf)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("reader: %w", err)
+			}
+			if n == 0 {
+				got.elapsed = time.Since(start)
+				return nil
+			}
+			// Every chunk is filled with one byte value, the chunk
+			// number; spot-check the first and last byte of the read.
+			if err := checkStream(buf[:n], got.n, writeSize); err != nil {
+				return err
+			}
+			got.n += int64(n)
+		}
+	})
+	writer := onThread(cpus.Client, func() error {
+		chunk := make([]byte, writeSize)
+		deadline := time.Now().Add(dur)
+		for i := 0; time.Now().Before(deadline); i++ {
+			for j := range chunk {
+				chunk[j] = byte(i)
+			}
+			if err := writeFull(p.Client, chunk); err != nil {
+				return fmt.Errorf("writer: %w", err)
+			}
+			sent += int64(writeSize)
+		}
+		return unix.Shutdown(p.Client, unix.SHUT_WR)
+	})
+	if err := <-writer; err != nil {
+		unix.Shutdown(p.Client, unix.SHUT_RDWR)
+		<-reader
+		return 0, err
+	}
+	if err := <-reader; err != nil {
+		return 0, err
+	}
+	if got.n != sent {
+		return 0, fmt.Errorf("stream: wrote %d bytes, reader got %d", sent, got.n)
+	}
+	return float64(got.n) / got.elapsed.Seconds(), nil
+}
+
+// checkStream checks that b, found at stream offset off, holds the chunk
+// numbers a writer of writeSize-byte chunks put there.
+func checkStream(b []byte, off int64, writeSize int) error {
+	for _, i := range []int{0, len(b) - 1} {
+		pos := off + int64(i)
+		if want := byte(pos / int64(writeSize)); b[i] != want {
+			return fmt.Errorf("stream byte %d is %d, want %d: bytes lost or reordered", pos, b[i], want)
+		}
+	}
+	return nil
+}
+
+// Percentile returns the p-th percentile (0..100) of d, sorting d.
+func Percentile(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	idx := int(float64(len(d)-1) * p / 100)
+	return d[idx]
+}
