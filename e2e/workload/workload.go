@@ -94,10 +94,16 @@ func onThread(cpu int, fn func() error) <-chan error {
 	return done
 }
 
+// retryable reports whether a blocking read or write should simply be
+// retried. Besides EINTR this includes EAGAIN: on this kernel a blocking
+// recvmsg on a socket in a sockhash returns EAGAIN instead of restarting
+// when a signal (Go's preemption signal, for one) interrupts its wait.
+func retryable(err error) bool { return err == unix.EINTR || err == unix.EAGAIN }
+
 func readFull(fd int, buf []byte) error {
 	for off := 0; off < len(buf); {
 		n, err := unix.Read(fd, buf[off:])
-		if err == unix.EINTR {
+		if retryable(err) {
 			continue
 		}
 		if err != nil {
@@ -114,7 +120,7 @@ func readFull(fd int, buf []byte) error {
 func writeFull(fd int, buf []byte) error {
 	for off := 0; off < len(buf); {
 		n, err := unix.Write(fd, buf[off:])
-		if err == unix.EINTR {
+		if retryable(err) {
 			continue
 		}
 		if err != nil {
@@ -179,13 +185,27 @@ func RR(p Pair, msgSize int, dur time.Duration, cpus CPUs) ([]time.Duration, err
 		}
 		return unix.Shutdown(p.Client, unix.SHUT_WR)
 	})
-	if err := <-client; err != nil {
-		unix.Shutdown(p.Client, unix.SHUT_RDWR)
-		<-server
-		return nil, err
-	}
-	if err := <-server; err != nil {
-		return nil, err
+	select {
+	case err := <-client:
+		if err != nil {
+			unix.Shutdown(p.Client, unix.SHUT_RDWR)
+			<-server
+			return nil, err
+		}
+		if err := <-server; err != nil {
+			return nil, err
+		}
+	case err := <-server:
+		if err != nil {
+			// The server failed: unblock the client and report.
+			unix.Shutdown(p.Client, unix.SHUT_RDWR)
+			<-client
+			return nil, err
+		}
+		// The server saw the client's half-close: the client is done.
+		if err := <-client; err != nil {
+			return nil, err
+		}
 	}
 	return lat, nil
 }
@@ -205,7 +225,7 @@ func Stream(p Pair, writeSize int, dur time.Duration, cpus CPUs) (float64, error
 		buf := make([]byte, 256<<10)
 		for {
 			n, err := unix.Read(p.Server, buf)
-			if err == unix.EINTR {
+			if retryable(err) {
 				continue
 			}
 			if err != nil {
@@ -237,13 +257,26 @@ func Stream(p Pair, writeSize int, dur time.Duration, cpus CPUs) (float64, error
 		}
 		return unix.Shutdown(p.Client, unix.SHUT_WR)
 	})
-	if err := <-writer; err != nil {
-		unix.Shutdown(p.Client, unix.SHUT_RDWR)
-		<-reader
-		return 0, err
-	}
-	if err := <-reader; err != nil {
-		return 0, err
+	select {
+	case err := <-writer:
+		if err != nil {
+			unix.Shutdown(p.Server, unix.SHUT_RDWR)
+			<-reader
+			return 0, err
+		}
+		if err := <-reader; err != nil {
+			return 0, err
+		}
+	case err := <-reader:
+		if err != nil {
+			// The reader failed: unblock the writer and report.
+			unix.Shutdown(p.Client, unix.SHUT_RDWR)
+			<-writer
+			return 0, err
+		}
+		if err := <-writer; err != nil {
+			return 0, err
+		}
 	}
 	if got.n != sent {
 		return 0, fmt.Errorf("stream: wrote %d bytes, reader got %d", sent, got.n)
