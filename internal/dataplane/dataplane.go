@@ -63,6 +63,10 @@ type Options struct {
 	// SockhashMaxEntries sizes the sockhash when it is created; 0 keeps
 	// the default (65536). Sockets beyond it stay on the TCP stack.
 	SockhashMaxEntries uint32
+	// LegacySkMsgAttach attaches the sk_msg program with BPF_PROG_ATTACH
+	// even where sockmap links exist (the path kernels before 6.10 take);
+	// tests use it to cover that path.
+	LegacySkMsgAttach bool
 }
 
 // Dataplane is an open handle on the pinned state. Close releases the handle
@@ -191,7 +195,7 @@ func create(opts Options) (err error) {
 		return fmt.Errorf("create %s: %w", DirCgroups, err)
 	}
 
-	attach, err := attachSkMsg(maps[PinSockhash], prog, filepath.Join(tmp, PinSkMsgLink))
+	attach, err := attachSkMsg(maps[PinSockhash], prog, filepath.Join(tmp, PinSkMsgLink), opts.LegacySkMsgAttach)
 	if err != nil {
 		return err
 	}
@@ -222,12 +226,16 @@ const (
 // attachSkMsg attaches prog to sockhash with a sockmap link pinned at
 // linkPin, or with the legacy BPF_PROG_ATTACH on kernels without sockmap
 // links (before 6.10).
-func attachSkMsg(sockhash *ebpf.Map, prog *ebpf.Program, linkPin string) (string, error) {
-	l, err := link.AttachRawLink(link.RawLinkOptions{
-		Target:  sockhash.FD(),
-		Program: prog,
-		Attach:  ebpf.AttachSkMsgVerdict,
-	})
+func attachSkMsg(sockhash *ebpf.Map, prog *ebpf.Program, linkPin string, forceLegacy bool) (string, error) {
+	var l link.Link
+	err := ebpf.ErrNotSupported
+	if !forceLegacy {
+		l, err = link.AttachRawLink(link.RawLinkOptions{
+			Target:  sockhash.FD(),
+			Program: prog,
+			Attach:  ebpf.AttachSkMsgVerdict,
+		})
+	}
 	if err == nil {
 		defer l.Close()
 		if err := l.Pin(linkPin); err != nil {

@@ -3,6 +3,9 @@ package dataplane
 import (
 	"bytes"
 	"crypto/sha256"
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/sockbypass/sockbypass/internal/testutil"
 	"math/rand/v2"
 	"testing"
 )
@@ -35,5 +38,55 @@ func TestRedirectCountsExactlyTheBytesSent(t *testing.T) {
 	}
 	if delta.PassedBytes != 0 || delta.RedirectFailures != 0 {
 		t.Errorf("bytes took the stack: %+v", delta)
+	}
+}
+
+// TestLegacySkMsgAttach covers kernels without sockmap links: the sk_msg
+// program attached with BPF_PROG_ATTACH redirects, and uninstall detaches
+// it.
+func TestLegacySkMsgAttach(t *testing.T) {
+	pinDir := testutil.NewPinDir(t)
+	dp, err := OpenOrCreate(Options{PinDir: pinDir, LegacySkMsgAttach: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	cg := enabledCgroup(t, dp)
+	st, err := dp.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.SkMsgAttach != "legacy" {
+		t.Fatalf("sk_msg attach = %q, want legacy", st.SkMsgAttach)
+	}
+	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
+	echoServer(t, l)
+	payload := pattern(3, 1<<20)
+	if err := echoRoundTrip(dialIn(t, cg, "tcp4", l.Addr().String()), payload, 16384); err != nil {
+		t.Fatal(err)
+	}
+	if got := counterOf(t, dp, cg.ID).RedirectedBytes; got != 2*uint64(len(payload)) {
+		t.Errorf("redirected %d bytes with the legacy attach, want %d", got, 2*len(payload))
+	}
+	sockhash := dp.maps[PinSockhash]
+	res, err := link.QueryPrograms(link.QueryOptions{Target: sockhash.FD(), Attach: ebpf.AttachSkMsgVerdict})
+	if err != nil || len(res.Programs) != 1 {
+		t.Fatalf("query sk_msg on sockhash: %v, %v", res, err)
+	}
+	sockhash, err = sockhash.Clone()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sockhash.Close()
+	d2, err := Open(Options{PinDir: pinDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Uninstall(); err != nil {
+		t.Fatal(err)
+	}
+	res, err = link.QueryPrograms(link.QueryOptions{Target: sockhash.FD(), Attach: ebpf.AttachSkMsgVerdict})
+	if err != nil || len(res.Programs) != 0 {
+		t.Errorf("sk_msg still attached after uninstall: %v, %v", res, err)
 	}
 }
