@@ -2,8 +2,8 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 BIN := bin/sockbypass
-BPF_PKGS := ./sockops ./skmsg
-GENERATED := $(wildcard sockops/*_bpfel.* skmsg/*_bpfel.*)
+BPF_PKGS := ./sockops ./skmsg ./tc
+GENERATED := $(wildcard */*_bpfel.*)
 
 .PHONY: all deps build generate check-generated vet test demo bench bench-quick clean
 

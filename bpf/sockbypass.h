@@ -62,7 +62,8 @@ struct sock_state {
 };
 
 /* sock_state.flags */
-#define SOCK_FLAG_INSERTED (1U << 0)
+/* A sock_ops program has decided about the socket (inserted or not). */
+#define SOCK_FLAG_HANDLED (1U << 0)
 
 /*
  * Counters per enabled cgroup (key: cgroup id), per CPU. Key 0 collects what
@@ -108,6 +109,83 @@ struct {
 	__type(key, int);
 	__type(value, struct sock_state);
 } sock_state SEC(".maps");
+
+/* Per enabled cgroup settings, written by user space (cgroup id -> config).
+ * A cgroup without an entry is accelerated. */
+#define CGROUP_ACCOUNT_ONLY (1U << 0)
+
+struct cgroup_config {
+	/* CGROUP_* flags. CGROUP_ACCOUNT_ONLY: count the cgroup's traffic but
+	 * keep its sockets out of the sockhash (a dry run). */
+	__u32 flags;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct cgroup_config);
+} cgroup_config SEC(".maps");
+
+/*
+ * Socket cookie -> id of the enabled cgroup the socket belongs to, for the
+ * sockets in the sockhash: user space joins it with the sockhash to count
+ * live accelerated sockets per cgroup. sock_ops deletes an entry when its
+ * socket closes; LRU eviction bounds what a detached program leaves behind.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, __u64);
+	__type(value, __u64);
+} socket_cgroups SEC(".maps");
+
+/*
+ * Registry of TC attachments, written by user space only (the programs never
+ * read it): what sockbypass attached to which interface, so that disable and
+ * uninstall remove exactly that, and bpftool shows it with named fields.
+ */
+struct tc_device_key {
+	/* Inode number of the network namespace (stat -L /proc/PID/ns/net). */
+	__u64 netns_ino;
+	__u32 ifindex;
+	__u32 pad;
+};
+
+#define TC_ATTACH_TCX 1
+#define TC_ATTACH_CLSACT 2
+
+struct tc_device {
+	/* TC_ATTACH_TCX (tcx link) or TC_ATTACH_CLSACT (clsact + cls_bpf). */
+	__u32 mode;
+	/* 1 when sockbypass added the clsact qdisc (and removes it again). */
+	__u32 created_qdisc;
+	/* Path of the network namespace, "" for the namespace of the CLI. */
+	char netns_path[112];
+	char ifname[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct tc_device_key);
+	__type(value, struct tc_device);
+} tc_devices SEC(".maps");
+
+/* Which enabled cgroup asked for which TC device: a device stays attached
+ * while any enabled cgroup uses it. */
+struct tc_user_key {
+	__u64 cgroup_id;
+	struct tc_device_key dev;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tc_user_key);
+	__type(value, __u32);
+} tc_users SEC(".maps");
 
 /* counters_for returns the counters of cgroup_id, creating them if needed. */
 static __always_inline struct cgroup_counters *counters_for(__u64 cgroup_id)

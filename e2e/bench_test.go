@@ -27,7 +27,7 @@ func BenchmarkLoopbackPlainVsAccelerated(b *testing.B) {
 	dp := installForBench(b)
 	plain := testutil.NewCgroup(b)
 	accel := testutil.NewCgroup(b)
-	if _, err := dp.Enable(accel); err != nil {
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
 		b.Fatal(err)
 	}
 	for i := 0; i < b.N; i++ {

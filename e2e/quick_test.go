@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/sockbypass/sockbypass/e2e/workload"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
@@ -16,7 +17,7 @@ func TestWorkloadsQuick(t *testing.T) {
 	dp := installForBench(t)
 	plain := testutil.NewCgroup(t)
 	accel := testutil.NewCgroup(t)
-	if _, err := dp.Enable(accel); err != nil {
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range workload.DefaultCases {

@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type skmsgCgroupConfig struct {
+	_     structs.HostLayout
+	Flags uint32
+	Pad   uint32
+}
+
 type skmsgCgroupCounters struct {
 	_                  structs.HostLayout
 	SocketsInserted    uint64
@@ -45,13 +51,38 @@ type skmsgSockState struct {
 	Flags    uint32
 }
 
+type skmsgTcDevice struct {
+	_            structs.HostLayout
+	Mode         uint32
+	CreatedQdisc uint32
+	NetnsPath    [112]int8
+	Ifname       [16]int8
+}
+
+type skmsgTcDeviceKey struct {
+	_        structs.HostLayout
+	NetnsIno uint64
+	Ifindex  uint32
+	Pad      uint32
+}
+
+type skmsgTcUserKey struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Dev      skmsgTcDeviceKey
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	skmsgMapCgroupConfig     = "cgroup_config"
 	skmsgMapCgroupCounters   = "cgroup_counters"
 	skmsgMapSockState        = "sock_state"
+	skmsgMapSocketCgroups    = "socket_cgroups"
 	skmsgMapSockhash         = "sockhash"
+	skmsgMapTcDevices        = "tc_devices"
+	skmsgMapTcUsers          = "tc_users"
 	skmsgProgSockbypassSkmsg = "sockbypass_skmsg"
 )
 
@@ -104,9 +135,13 @@ type skmsgProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type skmsgMapSpecs struct {
+	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
+	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
+	TcDevices      *ebpf.MapSpec `ebpf:"tc_devices"`
+	TcUsers        *ebpf.MapSpec `ebpf:"tc_users"`
 }
 
 // skmsgVariableSpecs contains global variables before they are loaded into the kernel.
@@ -135,16 +170,24 @@ func (o *skmsgObjects) Close() error {
 //
 // It can be passed to loadSkmsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skmsgMaps struct {
+	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
+	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
+	TcDevices      *ebpf.Map `ebpf:"tc_devices"`
+	TcUsers        *ebpf.Map `ebpf:"tc_users"`
 }
 
 func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
+		m.CgroupConfig,
 		m.CgroupCounters,
 		m.SockState,
+		m.SocketCgroups,
 		m.Sockhash,
+		m.TcDevices,
+		m.TcUsers,
 	)
 }
 

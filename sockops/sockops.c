@@ -27,12 +27,20 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops)
 		return; /* fail open: the socket stays on the stack path */
 
 	/* Nested enabled cgroups: the innermost program runs first and wins. */
-	if (state->flags & SOCK_FLAG_INSERTED)
+	if (state->flags & SOCK_FLAG_HANDLED)
 		return;
+	state->flags |= SOCK_FLAG_HANDLED;
 	if (state->cgroup_id == 0)
 		state->cgroup_id = enabled_cgroup_id;
 
 	c = counters_for(state->cgroup_id);
+
+	struct cgroup_config *cfg = bpf_map_lookup_elem(&cgroup_config, &state->cgroup_id);
+	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY)) {
+		/* Counted (TC finds the cgroup in sock_state), not accelerated. */
+		state->mode = SOCK_MODE_STACK;
+		return;
+	}
 
 	/*
 	 * Data that moved before ESTABLISHED (TCP Fast Open) sits in the
@@ -67,9 +75,14 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops)
 			__sync_fetch_and_add(&c->insert_failures, 1);
 		return;
 	}
-	state->flags |= SOCK_FLAG_INSERTED;
 	if (c)
 		__sync_fetch_and_add(&c->sockets_inserted, 1);
+
+	/* Remember the socket's cgroup for per-cgroup live counts, and ask
+	 * for a callback when it closes to forget it again. */
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	bpf_map_update_elem(&socket_cgroups, &cookie, &state->cgroup_id, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 SEC("sockops")
@@ -79,6 +92,12 @@ int sockbypass_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		insert_socket(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			__u64 cookie = bpf_get_socket_cookie(skops);
+			bpf_map_delete_elem(&socket_cgroups, &cookie);
+		}
 		break;
 	}
 	return 1;

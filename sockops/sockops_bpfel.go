@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockopsCgroupConfig struct {
+	_     structs.HostLayout
+	Flags uint32
+	Pad   uint32
+}
+
 type sockopsCgroupCounters struct {
 	_                  structs.HostLayout
 	SocketsInserted    uint64
@@ -45,13 +51,38 @@ type sockopsSockState struct {
 	Flags    uint32
 }
 
+type sockopsTcDevice struct {
+	_            structs.HostLayout
+	Mode         uint32
+	CreatedQdisc uint32
+	NetnsPath    [112]int8
+	Ifname       [16]int8
+}
+
+type sockopsTcDeviceKey struct {
+	_        structs.HostLayout
+	NetnsIno uint64
+	Ifindex  uint32
+	Pad      uint32
+}
+
+type sockopsTcUserKey struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Dev      sockopsTcDeviceKey
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockopsMapCgroupConfig       = "cgroup_config"
 	sockopsMapCgroupCounters     = "cgroup_counters"
 	sockopsMapSockState          = "sock_state"
+	sockopsMapSocketCgroups      = "socket_cgroups"
 	sockopsMapSockhash           = "sockhash"
+	sockopsMapTcDevices          = "tc_devices"
+	sockopsMapTcUsers            = "tc_users"
 	sockopsProgSockbypassSockops = "sockbypass_sockops"
 	sockopsVarEnabledCgroupId    = "enabled_cgroup_id"
 )
@@ -105,9 +136,13 @@ type sockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
+	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
+	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
+	TcDevices      *ebpf.MapSpec `ebpf:"tc_devices"`
+	TcUsers        *ebpf.MapSpec `ebpf:"tc_users"`
 }
 
 // sockopsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -137,16 +172,24 @@ func (o *sockopsObjects) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
+	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
+	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
+	TcDevices      *ebpf.Map `ebpf:"tc_devices"`
+	TcUsers        *ebpf.Map `ebpf:"tc_users"`
 }
 
 func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
+		m.CgroupConfig,
 		m.CgroupCounters,
 		m.SockState,
+		m.SocketCgroups,
 		m.Sockhash,
+		m.TcDevices,
+		m.TcUsers,
 	)
 }
 

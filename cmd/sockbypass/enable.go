@@ -47,7 +47,7 @@ func runEnable(e *env, args []string) error {
 	}
 	defer dp.Close()
 	for _, cg := range resolved {
-		changed, err := dp.Enable(cg)
+		changed, err := dp.Enable(cg, dataplane.EnableOptions{})
 		if err != nil {
 			return err
 		}

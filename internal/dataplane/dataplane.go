@@ -11,7 +11,11 @@
 //	<pin dir>/sock_state        BPF_MAP_TYPE_SK_STORAGE  socket -> struct sock_state
 //	<pin dir>/sk_msg            the sk_msg program
 //	<pin dir>/sk_msg_link       its sockmap link (absent on kernels without one)
+//	<pin dir>/socket_cgroups    BPF_MAP_TYPE_LRU_HASH socket cookie -> cgroup id
+//	<pin dir>/tc_devices        BPF_MAP_TYPE_HASH registry of TC attachments
+//	<pin dir>/tc_users          BPF_MAP_TYPE_HASH which cgroup uses which TC device
 //	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
+//	<pin dir>/tc/<netns>-<ifindex>  tcx link (or, with clsact, the TC program)
 //
 // Changes take an exclusive flock on the pin directory, reads a shared one,
 // so the CLI and a daemon can work side by side. Creation is atomic: the
@@ -39,16 +43,18 @@ import (
 
 // Names below the pin directory.
 const (
-	PinSockhash  = "sockhash"
-	PinCounters  = "cgroup_counters"
-	PinSockState = "sock_state"
-	PinSkMsg     = "sk_msg"
-	PinSkMsgLink = "sk_msg_link"
-	DirCgroups   = "cgroups"
+	PinSockhash     = "sockhash"
+	PinCounters     = "cgroup_counters"
+	PinSockState    = "sock_state"
+	PinSkMsg        = "sk_msg"
+	PinSkMsgLink    = "sk_msg_link"
+	PinSocketCgs    = "socket_cgroups"
+	PinCgroupConfig = "cgroup_config"
+	DirCgroups      = "cgroups"
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinTCDevices, PinTCUsers}
 
 // ErrNotInstalled is returned by Open when nothing is pinned in the pin
 // directory.
@@ -67,13 +73,17 @@ type Options struct {
 	// even where sockmap links exist (the path kernels before 6.10 take);
 	// tests use it to cover that path.
 	LegacySkMsgAttach bool
+	// LegacyTC attaches TC programs with clsact + cls_bpf even where tcx
+	// links exist (the path kernels before 6.6 take).
+	LegacyTC bool
 }
 
 // Dataplane is an open handle on the pinned state. Close releases the handle
 // and leaves the state in place.
 type Dataplane struct {
-	pinDir string
-	log    *zap.Logger
+	pinDir   string
+	log      *zap.Logger
+	legacyTC bool
 	// maps shared by every program, by name.
 	maps map[string]*ebpf.Map
 }
@@ -100,7 +110,7 @@ func Open(opts Options) (*Dataplane, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Dataplane{pinDir: opts.PinDir, log: opts.Logger, maps: map[string]*ebpf.Map{}}
+	d := &Dataplane{pinDir: opts.PinDir, log: opts.Logger, legacyTC: opts.LegacyTC, maps: map[string]*ebpf.Map{}}
 	for _, name := range mapNames {
 		path := filepath.Join(opts.PinDir, name)
 		m, err := ebpf.LoadPinnedMap(path, nil)
@@ -191,8 +201,10 @@ func create(opts Options) (err error) {
 	if err := prog.Pin(filepath.Join(tmp, PinSkMsg)); err != nil {
 		return fmt.Errorf("pin sk_msg program: %w", err)
 	}
-	if err := os.Mkdir(filepath.Join(tmp, DirCgroups), 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", DirCgroups, err)
+	for _, dir := range []string{DirCgroups, DirTC} {
+		if err := os.Mkdir(filepath.Join(tmp, dir), 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
 	}
 
 	attach, err := attachSkMsg(maps[PinSockhash], prog, filepath.Join(tmp, PinSkMsgLink), opts.LegacySkMsgAttach)
@@ -280,40 +292,124 @@ func (d *Dataplane) cgroupLinkPin(id uint64) string {
 	return filepath.Join(d.pinDir, DirCgroups, strconv.FormatUint(id, 10))
 }
 
+// EnableOptions are the settings of an enabled cgroup.
+type EnableOptions struct {
+	// TCDevices are the interfaces whose egress is accounted for the
+	// cgroup (none when empty).
+	TCDevices []TCDevice
+	// AccountOnly counts the cgroup's traffic without accelerating it: a
+	// dry run that shows what acceleration would take off the stack.
+	AccountOnly bool
+}
+
+// cgroupConfig mirrors struct cgroup_config.
+type cgroupConfig struct {
+	Flags uint32
+	Pad   uint32
+}
+
+const cgroupAccountOnly = 1 << 0
+
 // Enable attaches a sock_ops program to cg, so every TCP socket of cg (and
 // of the cgroups below it) that reaches ESTABLISHED from now on is inserted
-// into the sockhash and accelerated. It is idempotent: it reports false when
-// cg was already enabled. On error nothing of cg's is left attached.
-func (d *Dataplane) Enable(cg cgroup.Cgroup) (bool, error) {
+// into the sockhash and accelerated (or only counted, with AccountOnly),
+// and accounts the egress of opts.TCDevices for it. It is idempotent: it
+// reports false when cg was already enabled, and then applies opts (new
+// devices are added, the mode is updated for new connections). On error
+// nothing that this call attached is left attached.
+func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, err error) {
+	devs := make([]resolvedDevice, 0, len(opts.TCDevices))
+	for _, td := range opts.TCDevices {
+		r, err := resolveTCDevice(td)
+		if err != nil {
+			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+		}
+		devs = append(devs, r)
+	}
+
 	l, err := lock.Exclusive(d.pinDir)
 	if err != nil {
 		return false, err
 	}
 	defer l.Unlock()
 
+	// Undo, on error, whatever this call attached.
+	var undo []func()
+	defer func() {
+		if err != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				undo[i]()
+			}
+		}
+	}()
+
+	cfg := cgroupConfig{}
+	if opts.AccountOnly {
+		cfg.Flags |= cgroupAccountOnly
+	}
+	var oldCfg cgroupConfig
+	hadCfg := d.maps[PinCgroupConfig].Lookup(cg.ID, &oldCfg) == nil
+	if err := d.maps[PinCgroupConfig].Put(cg.ID, cfg); err != nil {
+		return false, fmt.Errorf("enable %s: write cgroup config: %w", cg.Path, err)
+	}
+	undo = append(undo, func() {
+		if hadCfg {
+			d.maps[PinCgroupConfig].Put(cg.ID, oldCfg)
+		} else {
+			d.maps[PinCgroupConfig].Delete(cg.ID)
+		}
+	})
+
 	pin := d.cgroupLinkPin(cg.ID)
-	if existing, err := link.LoadPinnedLink(pin, nil); err == nil {
+	existing, lerr := link.LoadPinnedLink(pin, nil)
+	already := lerr == nil
+	if already {
 		existing.Close()
-		d.log.Info("cgroup already enabled", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
-		return false, nil
+	} else {
+		prog, err := sockops.Load(cg.ID, d.maps)
+		if err != nil {
+			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+		}
+		defer prog.Close()
+		cgLink, err := link.AttachCgroup(link.CgroupOptions{
+			Path:    cg.Path,
+			Attach:  ebpf.AttachCGroupSockOps,
+			Program: prog,
+		})
+		if err != nil {
+			return false, fmt.Errorf("enable %s: attach sock_ops: %w", cg.Path, err)
+		}
+		defer cgLink.Close() // detaches unless pinned below
+		if err := cgLink.Pin(pin); err != nil {
+			return false, fmt.Errorf("enable %s: pin cgroup link (this kernel needs bpf_link support for cgroups, Linux 5.7+): %w", cg.Path, err)
+		}
+		undo = append(undo, func() { cgLink.Unpin() })
 	}
 
-	prog, err := sockops.Load(cg.ID, d.maps)
-	if err != nil {
-		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+	for _, dev := range devs {
+		attached, err := d.attachTC(dev)
+		if err != nil {
+			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+		}
+		if attached {
+			key := dev.key
+			undo = append(undo, func() {
+				var v tcDeviceValue
+				if d.maps[PinTCDevices].Lookup(key, &v) == nil {
+					d.detachTC(key, v)
+				}
+			})
+		}
+		if err := d.addTCUser(cg.ID, dev.key); err != nil {
+			return false, fmt.Errorf("enable %s: record tc device: %w", cg.Path, err)
+		}
+		key := tcUserKey{CgroupID: cg.ID, Dev: dev.key}
+		undo = append(undo, func() { d.maps[PinTCUsers].Delete(key) })
 	}
-	defer prog.Close()
-	cgLink, err := link.AttachCgroup(link.CgroupOptions{
-		Path:    cg.Path,
-		Attach:  ebpf.AttachCGroupSockOps,
-		Program: prog,
-	})
-	if err != nil {
-		return false, fmt.Errorf("enable %s: attach sock_ops: %w", cg.Path, err)
-	}
-	defer cgLink.Close()
-	if err := cgLink.Pin(pin); err != nil {
-		return false, fmt.Errorf("enable %s: pin cgroup link (this kernel needs bpf_link support for cgroups, Linux 5.7+): %w", cg.Path, err)
+
+	if already {
+		d.log.Info("cgroup already enabled", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
+		return false, nil
 	}
 	d.log.Info("enabled cgroup", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
 	return true, nil
@@ -344,6 +440,12 @@ func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
 	defer cgLink.Close()
 	if err := cgLink.Unpin(); err != nil {
 		return false, fmt.Errorf("disable cgroup id %d: unpin %s: %w", cgroupID, pin, err)
+	}
+	if err := d.releaseTCUsers(cgroupID, false); err != nil {
+		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
+	}
+	if err := d.maps[PinCgroupConfig].Delete(cgroupID); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 	}
 	d.log.Info("disabled cgroup", zap.Uint64("cgroup_id", cgroupID))
 	return true, nil
@@ -388,6 +490,9 @@ func (d *Dataplane) Uninstall() error {
 			return fmt.Errorf("uninstall: %w", err)
 		}
 	}
+	if err := d.releaseTCUsers(0, true); err != nil {
+		return fmt.Errorf("uninstall: %w", err)
+	}
 
 	linkPin := filepath.Join(d.pinDir, PinSkMsgLink)
 	progPin := filepath.Join(d.pinDir, PinSkMsg)
@@ -407,7 +512,7 @@ func (d *Dataplane) Uninstall() error {
 		}
 	}
 
-	for _, name := range []string{PinSkMsg, PinSockhash, PinCounters, PinSockState, DirCgroups} {
+	for _, name := range append([]string{PinSkMsg, DirCgroups, DirTC}, mapNames...) {
 		path := filepath.Join(d.pinDir, name)
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("uninstall: remove %s: %w", path, err)

@@ -29,6 +29,11 @@ type Status struct {
 	LiveSockets int `json:"live_sockets"`
 	// Cgroups lists the enabled cgroups.
 	Cgroups []CgroupStatus `json:"cgroups"`
+	// TCDevices lists the interfaces with TC egress accounting.
+	TCDevices []TCDeviceStatus `json:"tc_devices"`
+	// Unattributed counts what belongs to no enabled cgroup: stack
+	// egress of sockets outside enabled cgroups, mostly.
+	Unattributed CgroupCounters `json:"unattributed"`
 	// Totals sums the counters of every cgroup, including cgroups that are
 	// no longer enabled and what could not be attributed to one.
 	Totals CgroupCounters `json:"totals"`
@@ -44,6 +49,10 @@ type CgroupStatus struct {
 	SockOpsProgramID uint32 `json:"sock_ops_program_id"`
 	// LinkID is the kernel id of its cgroup link.
 	LinkID uint32 `json:"link_id"`
+	// LiveSockets is the number of its sockets in the sockhash now.
+	LiveSockets int `json:"live_sockets"`
+	// Mode is "accelerate" or "account-only".
+	Mode string `json:"mode"`
 	// Counters are its counters, summed over CPUs.
 	Counters CgroupCounters `json:"counters"`
 }
@@ -123,6 +132,13 @@ func (d *Dataplane) Status() (*Status, error) {
 		return nil, err
 	}
 	st.LiveSockets = len(socks)
+	live, err := d.liveSocketsByCgroup(socks)
+	if err != nil {
+		return nil, err
+	}
+	if st.TCDevices, err = d.tcDeviceStatus(); err != nil {
+		return nil, err
+	}
 
 	counters, err := d.Counters()
 	if err != nil {
@@ -131,6 +147,7 @@ func (d *Dataplane) Status() (*Status, error) {
 	for _, c := range counters {
 		st.Totals.Add(c)
 	}
+	st.Unattributed = counters[0]
 
 	ids, err := d.EnabledCgroupIDs()
 	if err != nil {
@@ -141,7 +158,11 @@ func (d *Dataplane) Status() (*Status, error) {
 		return nil, err
 	}
 	for _, id := range ids {
-		cs := CgroupStatus{ID: id, Counters: counters[id]}
+		cs := CgroupStatus{ID: id, Counters: counters[id], LiveSockets: live[id], Mode: "accelerate"}
+		var cfg cgroupConfig
+		if d.maps[PinCgroupConfig].Lookup(id, &cfg) == nil && cfg.Flags&cgroupAccountOnly != 0 {
+			cs.Mode = "account-only"
+		}
 		if l, err := link.LoadPinnedLink(d.cgroupLinkPin(id), nil); err == nil {
 			if info, err := l.Info(); err == nil {
 				cs.LinkID = uint32(info.ID)
@@ -159,4 +180,25 @@ func (d *Dataplane) Status() (*Status, error) {
 	}
 	sort.Slice(st.Cgroups, func(i, j int) bool { return st.Cgroups[i].Path < st.Cgroups[j].Path })
 	return st, nil
+}
+
+// liveSocketsByCgroup counts the sockets of socks (the sockhash) per
+// enabled cgroup, through the socket_cgroups map.
+func (d *Dataplane) liveSocketsByCgroup(socks map[SockKey]uint64) (map[uint64]int, error) {
+	inSockhash := make(map[uint64]bool, len(socks))
+	for _, cookie := range socks {
+		inSockhash[cookie] = true
+	}
+	out := map[uint64]int{}
+	var cookie, cgroupID uint64
+	it := d.maps[PinSocketCgs].Iterate()
+	for it.Next(&cookie, &cgroupID) {
+		if inSockhash[cookie] {
+			out[cgroupID]++
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read socket cgroups: %w", err)
+	}
+	return out, nil
 }
