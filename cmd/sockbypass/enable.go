@@ -11,7 +11,7 @@ import (
 
 var enableCommand = command{
 	summary: "accelerate the TCP sockets of a cgroup (idempotent)",
-	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--sockhash-size N]",
+	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--sockhash-size N]",
 	run:     runEnable,
 }
 
@@ -25,7 +25,12 @@ func runEnable(e *env, args []string) error {
 	var pinDir, logLevel string
 	var cgroups stringList
 	var sockhashSize uint
+	var tcDevs stringList
+	var noTC, accountOnly bool
 	fs := newFlagSet("enable", e, &pinDir, &logLevel)
+	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is accounted, optionally in another network namespace as /run/netns/NAME:DEV (repeatable; default lo)")
+	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (stack egress is then not counted)")
+	fs.BoolVar(&accountOnly, "account-only", false, "count the cgroup's traffic but do not accelerate it (a dry run; run enable again without it to accelerate)")
 	fs.Var(&cgroups, "cgroup", "cgroup v2 directory, absolute or relative to the cgroup2 mount (repeatable)")
 	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created (default 65536); sockets beyond it use the normal TCP path")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
@@ -37,6 +42,22 @@ func runEnable(e *env, args []string) error {
 	if sockhashSize > 1<<20 {
 		return usagef("--sockhash-size %d is too large: use at most %d", sockhashSize, 1<<20)
 	}
+	if noTC && len(tcDevs) > 0 {
+		return usagef("--no-tc and --tc-dev contradict each other: give one of them")
+	}
+	opts := dataplane.EnableOptions{AccountOnly: accountOnly}
+	if !noTC {
+		if len(tcDevs) == 0 {
+			tcDevs = stringList{dataplane.DefaultTCDevice.String()}
+		}
+		for _, s := range tcDevs {
+			d, err := dataplane.ParseTCDevice(s)
+			if err != nil {
+				return usageError{err.Error()}
+			}
+			opts.TCDevices = append(opts.TCDevices, d)
+		}
+	}
 	resolved, err := resolveAll(cgroups)
 	if err != nil {
 		return err
@@ -47,14 +68,18 @@ func runEnable(e *env, args []string) error {
 	}
 	defer dp.Close()
 	for _, cg := range resolved {
-		changed, err := dp.Enable(cg, dataplane.EnableOptions{})
+		changed, err := dp.Enable(cg, opts)
 		if err != nil {
 			return err
 		}
+		what := "its new TCP connections are accelerated"
+		if accountOnly {
+			what = "its new TCP connections are counted, not accelerated (account-only)"
+		}
 		if changed {
-			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): its new TCP connections are accelerated\n", cg.Path, cg.ID)
+			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s\n", cg.Path, cg.ID, what)
 		} else {
-			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled\n", cg.Path, cg.ID)
+			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s\n", cg.Path, cg.ID, what)
 		}
 	}
 	return nil
@@ -87,12 +112,12 @@ func openDataplane(e *env, create bool, sockhashSize uint32) (*dataplane.Datapla
 	if err := bpffs.Ensure(e.pinDir); err != nil {
 		return nil, err
 	}
-	opts := dataplane.Options{PinDir: e.pinDir, Logger: e.log, SockhashMaxEntries: sockhashSize}
+	dpOpts := dataplane.Options{PinDir: e.pinDir, Logger: e.log, SockhashMaxEntries: sockhashSize}
 	if !create {
-		return dataplane.Open(opts)
+		return dataplane.Open(dpOpts)
 	}
 	if err := privilege.CheckKernel(); err != nil {
 		return nil, err
 	}
-	return dataplane.OpenOrCreate(opts)
+	return dataplane.OpenOrCreate(dpOpts)
 }

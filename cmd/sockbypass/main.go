@@ -37,6 +37,8 @@ var commands = map[string]command{
 	"enable":    enableCommand,
 	"disable":   disableCommand,
 	"status":    statusCommand,
+	"stats":     statsCommand,
+	"daemon":    daemonCommand,
 	"uninstall": uninstallCommand,
 }
 
@@ -145,7 +147,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	cmd, ok := commands[args[0]]
 	if !ok {
-		fmt.Fprintf(stderr, "sockbypass: unknown command %q (commands: enable, disable, status, uninstall; see sockbypass help)\n", args[0])
+		fmt.Fprintf(stderr, "sockbypass: unknown command %q (see sockbypass help)\n", args[0])
 		return exitUsage
 	}
 	e.cmd = cmd

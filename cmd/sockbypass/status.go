@@ -74,16 +74,25 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 		if path == "" {
 			path = "(removed)"
 		}
-		fmt.Fprintf(w, "  %s  cgroup id %d, sock_ops program %d, link %d\n", path, cg.ID, cg.SockOpsProgramID, cg.LinkID)
+		fmt.Fprintf(w, "  %s  cgroup id %d, %s, sock_ops program %d, link %d, %d live socket(s)\n", path, cg.ID, cg.Mode, cg.SockOpsProgramID, cg.LinkID, cg.LiveSockets)
 		fmt.Fprintf(w, "    %s\n", formatCounters(cg.Counters))
+	}
+	if len(st.TCDevices) == 0 {
+		fmt.Fprintln(w, "tc egress accounting: none")
+	} else {
+		fmt.Fprintf(w, "tc egress accounting (%d):\n", len(st.TCDevices))
+	}
+	for _, d := range st.TCDevices {
+		fmt.Fprintf(w, "  %s  ifindex %d, %s, program %d\n", d.TCDevice, d.Ifindex, d.Mode, d.ProgramID)
 	}
 	fmt.Fprintf(w, "totals (all cgroups, including disabled ones):\n    %s\n", formatCounters(st.Totals))
 }
 
 func formatCounters(c dataplane.CgroupCounters) string {
-	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d); redirected %d msgs / %s; passed to stack %d msgs / %s; redirect failures %d",
+	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d); redirected %d msgs / %s; passed to stack %d msgs / %s; stack egress %d pkts / %s; redirect failures %d",
 		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped,
-		c.RedirectedMsgs, humanBytes(c.RedirectedBytes), c.PassedMsgs, humanBytes(c.PassedBytes), c.RedirectFailures)
+		c.RedirectedMsgs, humanBytes(c.RedirectedBytes), c.PassedMsgs, humanBytes(c.PassedBytes),
+		c.StackEgressPackets, humanBytes(c.StackEgressBytes), c.RedirectFailures)
 }
 
 func humanBytes(n uint64) string {

@@ -1,0 +1,112 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/stats"
+)
+
+var statsCommand = command{
+	summary: "per cgroup: live sockets, bytes redirected vs through the stack, bypass ratio",
+	usage:   "stats [--json] [--watch INTERVAL [--count N]]",
+	run:     runStats,
+}
+
+func runStats(e *env, args []string) error {
+	var pinDir, logLevel string
+	var asJSON bool
+	var watch time.Duration
+	var count int
+	fs := newFlagSet("stats", e, &pinDir, &logLevel)
+	fs.BoolVar(&asJSON, "json", false, "print JSON (one document per line with --watch)")
+	fs.DurationVar(&watch, "watch", 0, "print again every INTERVAL (e.g. 2s) until interrupted")
+	fs.IntVar(&count, "count", 0, "with --watch: stop after N reports (default: until interrupted)")
+	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
+		return err
+	}
+	if watch < 0 || (watch > 0 && watch < 100*time.Millisecond) {
+		return usagef("--watch %v: use an interval of at least 100ms", watch)
+	}
+	if count < 0 || (count > 0 && watch == 0) {
+		return usagef("--count %d: needs --watch and a positive number", count)
+	}
+	dp, err := openDataplane(e, false, 0)
+	if errors.Is(err, dataplane.ErrNotInstalled) {
+		return fmt.Errorf("%w (pin directory %s)", err, e.pinDir)
+	}
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	mounts, err := cgroup.ReadMounts()
+	if err != nil {
+		return err
+	}
+
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(stop)
+	for n := 1; ; n++ {
+		st, err := dp.Status()
+		if err != nil {
+			return err
+		}
+		r := stats.FromStatus(st, mounts.V2, time.Now())
+		if asJSON {
+			enc := json.NewEncoder(e.stdout)
+			if watch == 0 {
+				enc.SetIndent("", "  ")
+			}
+			if err := enc.Encode(r); err != nil {
+				return err
+			}
+		} else {
+			if watch > 0 {
+				fmt.Fprintf(e.stdout, "%s\n", r.Time.Format(time.RFC3339))
+			}
+			printStats(e.stdout, r)
+		}
+		if watch == 0 || (count > 0 && n >= count) {
+			return nil
+		}
+		select {
+		case <-stop:
+			return nil
+		case <-time.After(watch):
+		}
+	}
+}
+
+func printStats(w io.Writer, r *stats.Report) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "CGROUP\tMODE\tLIVE\tREDIRECTED\tSTACK EGRESS\tBYPASS\tREDIRECT FAILURES\t")
+	for _, c := range r.Cgroups {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", c.Cgroup, c.Mode, c.LiveSockets,
+			humanBytes(c.RedirectedBytes), c.RedirectedMsgs, humanBytes(c.StackEgressBytes), c.StackEgressPackets,
+			ratio(c.BypassRatio), c.RedirectFailures)
+	}
+	u := r.Unattributed
+	fmt.Fprintf(tw, "%s\t%s\t%s\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", "(no enabled cgroup)", "-", "-",
+		humanBytes(u.RedirectedBytes), u.RedirectedMsgs, humanBytes(u.StackEgressBytes), u.StackEgressPackets, "-", u.RedirectFailures)
+	tw.Flush()
+	if len(r.TCDevices) == 0 {
+		fmt.Fprintln(w, "stack egress is not accounted: no TC device (enable --tc-dev DEV)")
+	}
+}
+
+func ratio(r *float64) string {
+	if r == nil {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f%%", *r*100)
+}

@@ -1,0 +1,102 @@
+// Package metrics exposes sockbypass's per-cgroup figures as Prometheus
+// metrics, read from the datapath at every scrape.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sockbypass/sockbypass/internal/stats"
+)
+
+// UnattributedLabel is the cgroup label of what belongs to no enabled
+// cgroup.
+const UnattributedLabel = "(none)"
+
+// Source returns the current report; it is called at every scrape.
+type Source func() (*stats.Report, error)
+
+// Collector is a prometheus.Collector over a Source.
+type Collector struct {
+	source Source
+	descs  []counterDesc
+
+	liveSockets      *prometheus.Desc
+	bypassRatio      *prometheus.Desc
+	sockhashSockets  *prometheus.Desc
+	sockhashCapacity *prometheus.Desc
+	enabledCgroups   *prometheus.Desc
+	tcDevices        *prometheus.Desc
+	up               *prometheus.Desc
+}
+
+type counterDesc struct {
+	desc  *prometheus.Desc
+	value func(stats.Figures) uint64
+}
+
+// NewCollector returns a collector that reads source at every scrape.
+func NewCollector(source Source) *Collector {
+	cg := []string{"cgroup"}
+	counter := func(name, help string, value func(stats.Figures) uint64) counterDesc {
+		return counterDesc{prometheus.NewDesc("sockbypass_"+name, help, cg, nil), value}
+	}
+	return &Collector{
+		source: source,
+		descs: []counterDesc{
+			counter("redirected_bytes_total", "Bytes redirected socket to socket, skipping the TCP/IP stack.", func(f stats.Figures) uint64 { return f.RedirectedBytes }),
+			counter("redirected_messages_total", "Messages (sendmsg chunks) redirected socket to socket.", func(f stats.Figures) uint64 { return f.RedirectedMsgs }),
+			counter("stack_egress_bytes_total", "TCP payload bytes that left through the stack on accounted interfaces.", func(f stats.Figures) uint64 { return f.StackEgressBytes }),
+			counter("stack_egress_packets_total", "TCP packets that left through the stack on accounted interfaces.", func(f stats.Figures) uint64 { return f.StackEgressPackets }),
+			counter("passed_bytes_total", "Bytes of accelerated sockets passed to the stack (no local peer).", func(f stats.Figures) uint64 { return f.PassedBytes }),
+			counter("passed_messages_total", "Messages of accelerated sockets passed to the stack (no local peer).", func(f stats.Figures) uint64 { return f.PassedMsgs }),
+			counter("redirect_failures_total", "Messages of redirecting sockets whose peer was gone, passed to the stack.", func(f stats.Figures) uint64 { return f.RedirectFailures }),
+			counter("sockets_inserted_total", "Sockets added to the sockhash.", func(f stats.Figures) uint64 { return f.SocketsInserted }),
+			counter("socket_insert_failures_total", "Sockets that could not be added to the sockhash (full).", func(f stats.Figures) uint64 { return f.InsertFailures }),
+			counter("sockets_skipped_total", "Sockets left out because data moved before ESTABLISHED.", func(f stats.Figures) uint64 { return f.SocketsSkipped }),
+		},
+		liveSockets:      prometheus.NewDesc("sockbypass_live_sockets", "Sockets of the cgroup in the sockhash now.", cg, nil),
+		bypassRatio:      prometheus.NewDesc("sockbypass_bypass_ratio", "Redirected bytes / (redirected + stack egress bytes), 0 to 1; absent before any traffic.", cg, nil),
+		sockhashSockets:  prometheus.NewDesc("sockbypass_sockhash_sockets", "Sockets in the sockhash.", nil, nil),
+		sockhashCapacity: prometheus.NewDesc("sockbypass_sockhash_capacity", "Capacity (max_entries) of the sockhash.", nil, nil),
+		enabledCgroups:   prometheus.NewDesc("sockbypass_enabled_cgroups", "Number of enabled cgroups.", nil, nil),
+		tcDevices:        prometheus.NewDesc("sockbypass_tc_devices", "Interfaces with TC egress accounting.", nil, nil),
+		up:               prometheus.NewDesc("sockbypass_up", "1 when the pinned datapath could be read at this scrape.", nil, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.descs {
+		ch <- d.desc
+	}
+	for _, d := range []*prometheus.Desc{c.liveSockets, c.bypassRatio, c.sockhashSockets, c.sockhashCapacity, c.enabledCgroups, c.tcDevices, c.up} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	r, err := c.source()
+	if err != nil {
+		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, 0)
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, 1)
+	emit := func(label string, f stats.Figures) {
+		for _, d := range c.descs {
+			ch <- prometheus.MustNewConstMetric(d.desc, prometheus.CounterValue, float64(d.value(f)), label)
+		}
+		if f.BypassRatio != nil {
+			ch <- prometheus.MustNewConstMetric(c.bypassRatio, prometheus.GaugeValue, *f.BypassRatio, label)
+		}
+	}
+	for _, cg := range r.Cgroups {
+		emit(cg.Cgroup, cg.Figures)
+		ch <- prometheus.MustNewConstMetric(c.liveSockets, prometheus.GaugeValue, float64(cg.LiveSockets), cg.Cgroup)
+	}
+	emit(UnattributedLabel, r.Unattributed)
+	ch <- prometheus.MustNewConstMetric(c.sockhashSockets, prometheus.GaugeValue, float64(r.LiveSockets))
+	ch <- prometheus.MustNewConstMetric(c.sockhashCapacity, prometheus.GaugeValue, float64(r.SockhashCapacity))
+	ch <- prometheus.MustNewConstMetric(c.enabledCgroups, prometheus.GaugeValue, float64(len(r.Cgroups)))
+	ch <- prometheus.MustNewConstMetric(c.tcDevices, prometheus.GaugeValue, float64(len(r.TCDevices)))
+}

@@ -1,0 +1,120 @@
+// Package stats turns the datapath's counters into the per-cgroup figures
+// users read: what was redirected, what still crossed the stack, and the
+// bypass ratio. `sockbypass stats` and the metrics endpoint both use it.
+package stats
+
+import (
+	"strings"
+	"time"
+
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+)
+
+// Report is one reading of every enabled cgroup's figures. Its JSON form is
+// the documented output of `sockbypass stats --json`: fields may be added,
+// none renamed or removed.
+type Report struct {
+	Time    time.Time `json:"time"`
+	PinDir  string    `json:"pin_dir"`
+	Cgroups []Cgroup  `json:"cgroups"`
+	// Unattributed holds what belongs to no enabled cgroup (for example
+	// stack egress of sockets outside enabled cgroups).
+	Unattributed Figures `json:"unattributed"`
+	// LiveSockets is the number of sockets in the sockhash.
+	LiveSockets int `json:"live_sockets"`
+	// SockhashCapacity is the sockhash's max_entries.
+	SockhashCapacity uint32                     `json:"sockhash_capacity"`
+	TCDevices        []dataplane.TCDeviceStatus `json:"tc_devices"`
+}
+
+// Cgroup is the figures of one enabled cgroup.
+type Cgroup struct {
+	// Cgroup is the path relative to the cgroup2 mount ("/kubepods/pod1"),
+	// the same on hybrid and unified hosts; "(removed)" once it is gone.
+	Cgroup string `json:"cgroup"`
+	// Path is the absolute path of the cgroup directory.
+	Path string `json:"path"`
+	// ID is the cgroup id.
+	ID uint64 `json:"id"`
+	// Mode is "accelerate" or "account-only".
+	Mode string `json:"mode"`
+	// LiveSockets is the number of its sockets in the sockhash now.
+	LiveSockets int `json:"live_sockets"`
+	Figures
+}
+
+// Figures are the counters of one cgroup, and the bypass ratio.
+type Figures struct {
+	RedirectedBytes    uint64 `json:"redirected_bytes"`
+	RedirectedMsgs     uint64 `json:"redirected_msgs"`
+	StackEgressBytes   uint64 `json:"stack_egress_bytes"`
+	StackEgressPackets uint64 `json:"stack_egress_packets"`
+	PassedBytes        uint64 `json:"passed_bytes"`
+	PassedMsgs         uint64 `json:"passed_msgs"`
+	RedirectFailures   uint64 `json:"redirect_failures"`
+	SocketsInserted    uint64 `json:"sockets_inserted"`
+	InsertFailures     uint64 `json:"insert_failures"`
+	SocketsSkipped     uint64 `json:"sockets_skipped"`
+	// BypassRatio is redirected bytes / (redirected + stack egress
+	// bytes), between 0 and 1; null while there has been no traffic.
+	BypassRatio *float64 `json:"bypass_ratio"`
+}
+
+// FiguresOf computes the figures of c.
+func FiguresOf(c dataplane.CgroupCounters) Figures {
+	f := Figures{
+		RedirectedBytes:    c.RedirectedBytes,
+		RedirectedMsgs:     c.RedirectedMsgs,
+		StackEgressBytes:   c.StackEgressBytes,
+		StackEgressPackets: c.StackEgressPackets,
+		PassedBytes:        c.PassedBytes,
+		PassedMsgs:         c.PassedMsgs,
+		RedirectFailures:   c.RedirectFailures,
+		SocketsInserted:    c.SocketsInserted,
+		InsertFailures:     c.InsertFailures,
+		SocketsSkipped:     c.SocketsSkipped,
+	}
+	if total := c.RedirectedBytes + c.StackEgressBytes; total > 0 {
+		r := float64(c.RedirectedBytes) / float64(total)
+		f.BypassRatio = &r
+	}
+	return f
+}
+
+// FromStatus builds a report from a dataplane status; cgroup2Mount is used
+// to show cgroup paths relative to it.
+func FromStatus(st *dataplane.Status, cgroup2Mount string, now time.Time) *Report {
+	r := &Report{
+		Time:             now,
+		PinDir:           st.PinDir,
+		Cgroups:          []Cgroup{},
+		Unattributed:     FiguresOf(st.Unattributed),
+		LiveSockets:      st.LiveSockets,
+		SockhashCapacity: st.SockhashCapacity,
+		TCDevices:        st.TCDevices,
+	}
+	for _, cg := range st.Cgroups {
+		r.Cgroups = append(r.Cgroups, Cgroup{
+			Cgroup:      relative(cg.Path, cgroup2Mount),
+			Path:        cg.Path,
+			ID:          cg.ID,
+			Mode:        cg.Mode,
+			LiveSockets: cg.LiveSockets,
+			Figures:     FiguresOf(cg.Counters),
+		})
+	}
+	return r
+}
+
+func relative(path, mount string) string {
+	if path == "" {
+		return "(removed)"
+	}
+	if path == mount {
+		return "/"
+	}
+	if rel, ok := strings.CutPrefix(path, strings.TrimSuffix(mount, "/")+"/"); ok {
+		return "/" + rel
+	}
+	return path
+}
