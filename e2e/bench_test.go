@@ -3,6 +3,8 @@ package e2e
 import (
 	"encoding/json"
 	"flag"
+	"fmt"
+	"github.com/sockbypass/sockbypass/cgroup"
 	"os"
 	"path/filepath"
 	"testing"
@@ -69,4 +71,45 @@ func writeResults(tb testing.TB, results []workload.Result) {
 	}
 	defer f.Close()
 	workload.PrintTable(f, results, *benchRuns)
+}
+
+// tcCostCases are the stream cases whose cost TC accounting must not raise
+// by more than 3%.
+var tcCostCases = []workload.Case{
+	{Name: "stream 16KiB, TC on lo vs none", Kind: workload.KindStream, Size: 16 << 10, CPUs: workload.Unpinned},
+	{Name: "stream 128KiB, TC on lo vs none", Kind: workload.KindStream, Size: 128 << 10, CPUs: workload.Unpinned},
+}
+
+// compareTCCost measures plain loopback streams (no sockhash, no sk_msg)
+// with TC accounting attached to lo ("accelerated" column) and with no
+// program at all ("plain" column), alternating attach and detach.
+func compareTCCost(tb testing.TB, dp *dataplane.Dataplane, runs int, dur time.Duration) []workload.Result {
+	tb.Helper()
+	plain := testutil.NewCgroup(tb)
+	owner := testutil.NewCgroup(tb) // enabled only to own the TC attachment
+	tb.Cleanup(func() { dp.Disable(owner.ID) })
+	results, err := workload.CompareModes(tcCostCases, runs, dur, nil, func(withTC bool) (cgroup.Cgroup, error) {
+		if withTC {
+			_, err := dp.Enable(owner, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}})
+			return plain, err
+		}
+		_, err := dp.Disable(owner.ID)
+		return plain, err
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return results
+}
+
+// BenchmarkTCAccountingCost prints plain loopback throughput with only the
+// TC accounting attached against no programs at all ("accelerated" is the
+// run with TC). Target: at most 3% slower.
+func BenchmarkTCAccountingCost(b *testing.B) {
+	dp := installForBench(b)
+	for i := 0; i < b.N; i++ {
+		results := compareTCCost(b, dp, *benchRuns, *benchDuration)
+		fmt.Println("TC accounting cost (plain = no programs, accelerated = TC egress program on lo):")
+		workload.PrintTable(os.Stdout, results, *benchRuns)
+	}
 }

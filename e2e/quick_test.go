@@ -46,3 +46,12 @@ func TestWorkloadsQuick(t *testing.T) {
 		})
 	}
 }
+
+// TestTCCostQuick runs the TC cost comparison once, briefly: it must attach
+// and detach cleanly and verify its bytes. Timings are printed only.
+func TestTCCostQuick(t *testing.T) {
+	dp := installForBench(t)
+	for _, r := range compareTCCost(t, dp, 1, 150*time.Millisecond) {
+		t.Logf("%s: no programs %.2f %s, TC on lo %.2f %s (%.2fx)", r.Case, r.PlainMedian, r.Unit, r.AccelMedian, r.Unit, r.Ratio)
+	}
+}

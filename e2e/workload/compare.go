@@ -65,6 +65,19 @@ type Progress func(format string, args ...any)
 // accelerated, over connections made in plainCg and accelCg (which must be
 // enabled), each run lasting dur, and returns the medians.
 func Compare(plainCg, accelCg cgroup.Cgroup, cases []Case, runs int, dur time.Duration, progress Progress) ([]Result, error) {
+	return CompareModes(cases, runs, dur, progress, func(accel bool) (cgroup.Cgroup, error) {
+		if accel {
+			return accelCg, nil
+		}
+		return plainCg, nil
+	})
+}
+
+// CompareModes is Compare with the two modes set up by setMode, which is
+// called before every run with the mode to measure ("accelerated" true or
+// false) and returns the cgroup to make the connection in. It lets a
+// benchmark compare other pairs, such as no programs vs TC accounting.
+func CompareModes(cases []Case, runs int, dur time.Duration, progress Progress, setMode func(accel bool) (cgroup.Cgroup, error)) ([]Result, error) {
 	var out []Result
 	for _, c := range cases {
 		// metric name -> mode -> values
@@ -79,9 +92,9 @@ func Compare(plainCg, accelCg cgroup.Cgroup, cases []Case, runs int, dur time.Du
 		}
 		for r := 0; r < runs; r++ {
 			for _, accel := range []bool{r%2 == 1, r%2 == 0} { // alternate who goes first
-				cg := plainCg
-				if accel {
-					cg = accelCg
+				cg, err := setMode(accel)
+				if err != nil {
+					return nil, fmt.Errorf("%s: %w", c.Name, err)
 				}
 				p, err := Connect(cg)
 				if err != nil {
