@@ -39,31 +39,69 @@ struct sock_key {
 	__u16 pad;
 };
 
-/* How a socket's outgoing messages travel; decided once, at its first send. */
-enum sock_mode {
-	SOCK_MODE_UNDECIDED = 0,
-	/* Its first message found the peer: every message is redirected. */
-	SOCK_MODE_REDIRECT = 1,
-	/*
-	 * Its first message found no peer and went through the TCP stack. It
-	 * stays there: redirecting later could let the peer read the
-	 * redirected bytes before the older ones still in its receive queue.
-	 */
-	SOCK_MODE_STACK = 2,
-};
+/*
+ * How bytes may travel between two sockets without a reader ever seeing them
+ * out of order or with other semantics than plain TCP:
+ *
+ * - A socket becomes a redirect *target* only once it has been seen reading
+ *   with recvmsg (tp_btf/sock_recv_length), without MSG_WAITALL or MSG_OOB,
+ *   and without SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE set (cgroup/setsockopt).
+ *   A splice reader never calls recvmsg, so it never receives redirected
+ *   bytes (splice cannot read them).
+ * - A sender redirects a message only when every byte it sent through the
+ *   stack has been read by the peer: the peer's copied_seq, recorded at its
+ *   last read, equals the sender's write_seq. The peer reads its redirected
+ *   queue before its stack receive queue, so moving from the stack to
+ *   redirect is safe only then; moving back is always safe.
+ */
 
-/* Per-socket state, in socket local storage. */
+/* Per-socket state, in socket local storage (cloned to accepted sockets,
+ * so options set on a listener carry over). */
 struct sock_state {
-	/* cgroup id of the enabled cgroup whose program inserted the socket. */
+	/* cgroup id of the enabled cgroup whose program handled the socket. */
 	__u64 cgroup_id;
-	/* enum sock_mode */
-	__u32 mode;
+	/* The socket's own sockhash key, once inserted. */
+	struct sock_key key;
+	/* copied_seq last published to the receivers map. */
+	__u32 published_seq;
+	/* SOCK_FLAG_* */
 	__u32 flags;
 };
 
 /* sock_state.flags */
 /* A sock_ops program has decided about the socket (inserted or not). */
 #define SOCK_FLAG_HANDLED (1U << 0)
+/* The socket is in the sockhash (key is valid). */
+#define SOCK_FLAG_INSERTED (1U << 1)
+/* The socket's last message was redirected (for redirect_failures). */
+#define SOCK_FLAG_REDIRECTING (1U << 2)
+/* The socket's reader needs plain-TCP semantics the redirected queue does
+ * not keep: it never becomes a redirect target. */
+#define SOCK_FLAG_STACK_READER (1U << 3)
+/* The socket has published itself as a redirect target. */
+#define SOCK_FLAG_PUBLISHED (1U << 4)
+
+/*
+ * Redirect targets: sock_key of a socket that may receive redirected bytes
+ * -> RECEIVER_ELIGIBLE | the socket's copied_seq at its last read. One u64,
+ * written and read with single aligned 64-bit accesses. Entries are removed
+ * when the socket closes or falls back; LRU bounds leftovers.
+ */
+#define RECEIVER_ELIGIBLE (1ULL << 32)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+} receivers SEC(".maps");
+
+/* Minimal view of the kernel's struct tcp_sock; field offsets are
+ * relocated against the running kernel's BTF (CO-RE). */
+struct tcp_sock {
+	__u32 copied_seq;
+	__u32 write_seq;
+} __attribute__((preserve_access_index));
 
 /*
  * Counters per enabled cgroup (key: cgroup id), per CPU. Key 0 collects what
@@ -79,7 +117,7 @@ struct cgroup_counters {
 	/* Messages (sendmsg chunks) redirected to the local peer, and bytes. */
 	__u64 redirected_msgs;
 	__u64 redirected_bytes;
-	/* Messages passed to the TCP stack (no local peer), and bytes. */
+	/* Messages passed to the TCP stack, and bytes (all reasons). */
 	__u64 passed_msgs;
 	__u64 passed_bytes;
 	/* Messages of a redirecting socket whose peer was gone: passed on. */
@@ -87,6 +125,14 @@ struct cgroup_counters {
 	/* TCP packets and bytes seen leaving by the TC egress program. */
 	__u64 stack_egress_packets;
 	__u64 stack_egress_bytes;
+	/* Of passed_msgs: the peer had earlier stack bytes of ours unread. */
+	__u64 passed_unread_msgs;
+	/* Sockets whose reader fell back to the stack, by reason. */
+	__u64 fallback_rcvlowat;
+	__u64 fallback_tcp_inq;
+	__u64 fallback_oobinline;
+	__u64 fallback_waitall;
+	__u64 fallback_oob_read;
 };
 
 struct {
@@ -105,7 +151,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 	__type(key, int);
 	__type(value, struct sock_state);
 } sock_state SEC(".maps");

@@ -34,7 +34,9 @@ func TestWorkloadsQuick(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if d := after[accel.ID].Sub(before[accel.ID]); d.RedirectedBytes == 0 || d.PassedBytes != 0 {
+			// The first bytes cross the stack until the blocking reader
+			// has been seen reading; the bulk must be redirected.
+			if d := after[accel.ID].Sub(before[accel.ID]); d.RedirectedBytes == 0 || d.PassedBytes > d.RedirectedBytes {
 				t.Errorf("accelerated run did not take the fast path: %+v", d)
 			}
 			if d := after[plain.ID].Sub(before[plain.ID]); d.RedirectedBytes != 0 {

@@ -4,8 +4,9 @@
 /*
  * sk_msg program on the sockhash: redirects each message of a socket into the
  * receive queue of its local peer (the socket with the mirrored key in the
- * same network namespace) when the peer is known, and lets everything else
- * pass. It never drops: when in doubt, the message takes the TCP stack.
+ * same network namespace) when the peer is a redirect target and has read
+ * every byte this socket sent through the stack; lets everything else pass.
+ * It never drops: when in doubt, the message takes the TCP stack.
  */
 #include "sockbypass.h"
 
@@ -14,11 +15,13 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 {
 	struct sock_state *state;
 	struct cgroup_counters *c;
+	struct tcp_sock *tp;
 	struct sock_key peer = {};
 	__u32 local_ip6[4], remote_ip6[4];
 	__u64 size = msg->size;
 	__u64 cgroup_id = 0;
-	long verdict;
+	__u64 *target;
+	__u64 published;
 
 	if (!msg->sk)
 		return SK_PASS;
@@ -27,9 +30,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	if (state)
 		cgroup_id = state->cgroup_id;
 	c = counters_for(cgroup_id);
-
-	/* Without state we cannot keep a flow on one path: stay on the stack. */
-	if (!state || state->mode == SOCK_MODE_STACK)
+	if (!state)
 		goto pass;
 
 	local_ip6[0] = msg->local_ip6[0];
@@ -48,24 +49,38 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		goto pass;
 	peer.netns_cookie = bpf_get_netns_cookie(msg);
 
-	verdict = bpf_msg_redirect_hash(msg, &sockhash, &peer, BPF_F_INGRESS);
-	if (verdict == SK_PASS) {
-		state->mode = SOCK_MODE_REDIRECT;
+	/* Is the peer a redirect target? */
+	target = bpf_map_lookup_elem(&receivers, &peer);
+	if (!target)
+		goto pass;
+	published = *(volatile __u64 *)target;
+	if (!(published & RECEIVER_ELIGIBLE))
+		goto pass;
+
+	/* Has it read every byte we sent through the stack? */
+	tp = bpf_skc_to_tcp_sock(msg->sk);
+	if (!tp)
+		goto pass;
+	if (tp->write_seq != (__u32)published) {
+		if (c)
+			__sync_fetch_and_add(&c->passed_unread_msgs, 1);
+		goto pass;
+	}
+
+	if (bpf_msg_redirect_hash(msg, &sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
+		state->flags |= SOCK_FLAG_REDIRECTING;
 		if (c) {
 			__sync_fetch_and_add(&c->redirected_msgs, 1);
 			__sync_fetch_and_add(&c->redirected_bytes, size);
 		}
 		return SK_PASS;
 	}
-
-	/* No peer: a redirecting socket lost it, a new one never had one. */
-	if (state->mode == SOCK_MODE_REDIRECT) {
-		if (c)
-			__sync_fetch_and_add(&c->redirect_failures, 1);
-	} else {
-		state->mode = SOCK_MODE_STACK;
-	}
+	/* Published but not in the sockhash any more: it is closing. */
+	if ((state->flags & SOCK_FLAG_REDIRECTING) && c)
+		__sync_fetch_and_add(&c->redirect_failures, 1);
 pass:
+	if (state)
+		state->flags &= ~SOCK_FLAG_REDIRECTING;
 	if (c) {
 		__sync_fetch_and_add(&c->passed_msgs, 1);
 		__sync_fetch_and_add(&c->passed_bytes, size);

@@ -31,6 +31,12 @@ type skmsgCgroupCounters struct {
 	RedirectFailures   uint64
 	StackEgressPackets uint64
 	StackEgressBytes   uint64
+	PassedUnreadMsgs   uint64
+	FallbackRcvlowat   uint64
+	FallbackTcpInq     uint64
+	FallbackOobinline  uint64
+	FallbackWaitall    uint64
+	FallbackOobRead    uint64
 }
 
 type skmsgSockKey struct {
@@ -45,10 +51,11 @@ type skmsgSockKey struct {
 }
 
 type skmsgSockState struct {
-	_        structs.HostLayout
-	CgroupId uint64
-	Mode     uint32
-	Flags    uint32
+	_            structs.HostLayout
+	CgroupId     uint64
+	Key          skmsgSockKey
+	PublishedSeq uint32
+	Flags        uint32
 }
 
 type skmsgTcDevice struct {
@@ -78,6 +85,7 @@ type skmsgTcUserKey struct {
 const (
 	skmsgMapCgroupConfig     = "cgroup_config"
 	skmsgMapCgroupCounters   = "cgroup_counters"
+	skmsgMapReceivers        = "receivers"
 	skmsgMapSockState        = "sock_state"
 	skmsgMapSocketCgroups    = "socket_cgroups"
 	skmsgMapSockhash         = "sockhash"
@@ -137,6 +145,7 @@ type skmsgProgramSpecs struct {
 type skmsgMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
@@ -172,6 +181,7 @@ func (o *skmsgObjects) Close() error {
 type skmsgMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
@@ -183,6 +193,7 @@ func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,

@@ -4,7 +4,9 @@
 /*
  * sock_ops program, one instance per enabled cgroup: inserts every TCP socket
  * of the cgroup into the shared sockhash when it reaches ESTABLISHED, and
- * records in its socket storage which enabled cgroup it belongs to.
+ * records in its socket storage which enabled cgroup it belongs to and its
+ * key. Inserting makes the socket's sends go through the sk_msg program; it
+ * does not yet make it a redirect target (see sockbypass.h).
  */
 #include "sockbypass.h"
 
@@ -30,25 +32,22 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops)
 	if (state->flags & SOCK_FLAG_HANDLED)
 		return;
 	state->flags |= SOCK_FLAG_HANDLED;
-	if (state->cgroup_id == 0)
-		state->cgroup_id = enabled_cgroup_id;
+	/* Storage cloned from a listener carries the listener's flags (for
+	 * options such as SO_RCVLOWAT) but not its identity. */
+	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED);
+	state->cgroup_id = enabled_cgroup_id;
 
 	c = counters_for(state->cgroup_id);
 
 	struct cgroup_config *cfg = bpf_map_lookup_elem(&cgroup_config, &state->cgroup_id);
-	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY)) {
-		/* Counted (TC finds the cgroup in sock_state), not accelerated. */
-		state->mode = SOCK_MODE_STACK;
-		return;
-	}
+	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY))
+		return; /* counted (TC finds the cgroup in sock_state), not accelerated */
 
 	/*
 	 * Data that moved before ESTABLISHED (TCP Fast Open) sits in the
-	 * stack's queues: redirected bytes could overtake it. Leave the
-	 * socket out.
+	 * stack's queues: leave the socket out.
 	 */
 	if (skops->data_segs_in != 0 || skops->data_segs_out != 0) {
-		state->mode = SOCK_MODE_STACK;
 		if (c)
 			__sync_fetch_and_add(&c->sockets_skipped, 1);
 		return;
@@ -70,11 +69,12 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops)
 	key.netns_cookie = bpf_get_netns_cookie(skops);
 
 	if (bpf_sock_hash_update(skops, &sockhash, &key, BPF_NOEXIST) != 0) {
-		state->mode = SOCK_MODE_STACK;
 		if (c)
 			__sync_fetch_and_add(&c->insert_failures, 1);
 		return;
 	}
+	state->key = key;
+	state->flags |= SOCK_FLAG_INSERTED;
 	if (c)
 		__sync_fetch_and_add(&c->sockets_inserted, 1);
 
@@ -83,6 +83,21 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops)
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&socket_cgroups, &cookie, &state->cgroup_id, BPF_ANY);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void forget_socket(struct bpf_sock_ops *skops)
+{
+	struct sock_state *state;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
+	bpf_map_delete_elem(&socket_cgroups, &cookie);
+	if (!skops->sk)
+		return;
+	state = bpf_sk_storage_get(&sock_state, skops->sk, 0, 0);
+	if (state && (state->flags & SOCK_FLAG_PUBLISHED)) {
+		bpf_map_delete_elem(&receivers, &state->key);
+		state->flags &= ~SOCK_FLAG_PUBLISHED;
+	}
 }
 
 SEC("sockops")
@@ -94,10 +109,8 @@ int sockbypass_sockops(struct bpf_sock_ops *skops)
 		insert_socket(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE) {
-			__u64 cookie = bpf_get_socket_cookie(skops);
-			bpf_map_delete_elem(&socket_cgroups, &cookie);
-		}
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			forget_socket(skops);
 		break;
 	}
 	return 1;

@@ -31,6 +31,12 @@ type tcCgroupCounters struct {
 	RedirectFailures   uint64
 	StackEgressPackets uint64
 	StackEgressBytes   uint64
+	PassedUnreadMsgs   uint64
+	FallbackRcvlowat   uint64
+	FallbackTcpInq     uint64
+	FallbackOobinline  uint64
+	FallbackWaitall    uint64
+	FallbackOobRead    uint64
 }
 
 type tcSockKey struct {
@@ -45,10 +51,11 @@ type tcSockKey struct {
 }
 
 type tcSockState struct {
-	_        structs.HostLayout
-	CgroupId uint64
-	Mode     uint32
-	Flags    uint32
+	_            structs.HostLayout
+	CgroupId     uint64
+	Key          tcSockKey
+	PublishedSeq uint32
+	Flags        uint32
 }
 
 type tcTcDevice struct {
@@ -78,6 +85,7 @@ type tcTcUserKey struct {
 const (
 	tcMapCgroupConfig        = "cgroup_config"
 	tcMapCgroupCounters      = "cgroup_counters"
+	tcMapReceivers           = "receivers"
 	tcMapSockState           = "sock_state"
 	tcMapSocketCgroups       = "socket_cgroups"
 	tcMapSockhash            = "sockhash"
@@ -138,6 +146,7 @@ type tcProgramSpecs struct {
 type tcMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
@@ -174,6 +183,7 @@ func (o *tcObjects) Close() error {
 type tcMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
@@ -185,6 +195,7 @@ func (m *tcMaps) Close() error {
 	return _TcClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,

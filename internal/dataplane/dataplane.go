@@ -14,7 +14,10 @@
 //	<pin dir>/socket_cgroups    BPF_MAP_TYPE_LRU_HASH socket cookie -> cgroup id
 //	<pin dir>/tc_devices        BPF_MAP_TYPE_HASH registry of TC attachments
 //	<pin dir>/tc_users          BPF_MAP_TYPE_HASH which cgroup uses which TC device
+//	<pin dir>/receivers         BPF_MAP_TYPE_LRU_HASH redirect targets: key -> eligible|copied_seq
+//	<pin dir>/recv_trace_link   tp_btf/sock_recv_length link (publishes redirect targets)
 //	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
+//	<pin dir>/cgroups/<id>-setsockopt  cgroup link of its cgroup/setsockopt program
 //	<pin dir>/tc/<netns>-<ifindex>  tcx link (or, with clsact, the TC program)
 //
 // Changes take an exclusive flock on the pin directory, reads a shared one,
@@ -36,6 +39,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/bpffs"
+	"github.com/sockbypass/sockbypass/internal/fallback"
 	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/skmsg"
 	"github.com/sockbypass/sockbypass/sockops"
@@ -49,12 +53,14 @@ const (
 	PinSkMsg        = "sk_msg"
 	PinSkMsgLink    = "sk_msg_link"
 	PinSocketCgs    = "socket_cgroups"
+	PinReceivers    = "receivers"
+	PinRecvLink     = "recv_trace_link"
 	PinCgroupConfig = "cgroup_config"
 	DirCgroups      = "cgroups"
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinTCDevices, PinTCUsers}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinTCDevices, PinTCUsers}
 
 // ErrNotInstalled is returned by Open when nothing is pinned in the pin
 // directory.
@@ -207,6 +213,20 @@ func create(opts Options) (err error) {
 		}
 	}
 
+	recvProg, err := fallback.LoadRecv(maps)
+	if err != nil {
+		return err
+	}
+	defer recvProg.Close()
+	recvLink, err := link.AttachTracing(link.TracingOptions{Program: recvProg})
+	if err != nil {
+		return fmt.Errorf("attach tp_btf/sock_recv_length: %w", err)
+	}
+	defer recvLink.Close()
+	if err := recvLink.Pin(filepath.Join(tmp, PinRecvLink)); err != nil {
+		return fmt.Errorf("pin tp_btf link: %w", err)
+	}
+
 	attach, err := attachSkMsg(maps[PinSockhash], prog, filepath.Join(tmp, PinSkMsgLink), opts.LegacySkMsgAttach)
 	if err != nil {
 		return err
@@ -290,6 +310,10 @@ func (d *Dataplane) Close() error {
 
 func (d *Dataplane) cgroupLinkPin(id uint64) string {
 	return filepath.Join(d.pinDir, DirCgroups, strconv.FormatUint(id, 10))
+}
+
+func (d *Dataplane) setsockoptLinkPin(id uint64) string {
+	return d.cgroupLinkPin(id) + "-setsockopt"
 }
 
 // EnableOptions are the settings of an enabled cgroup.
@@ -384,6 +408,25 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 			return false, fmt.Errorf("enable %s: pin cgroup link (this kernel needs bpf_link support for cgroups, Linux 5.7+): %w", cg.Path, err)
 		}
 		undo = append(undo, func() { cgLink.Unpin() })
+
+		ssProg, err := fallback.LoadSetsockopt(cg.ID, d.maps)
+		if err != nil {
+			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+		}
+		defer ssProg.Close()
+		ssLink, err := link.AttachCgroup(link.CgroupOptions{
+			Path:    cg.Path,
+			Attach:  ebpf.AttachCGroupSetsockopt,
+			Program: ssProg,
+		})
+		if err != nil {
+			return false, fmt.Errorf("enable %s: attach cgroup/setsockopt: %w", cg.Path, err)
+		}
+		defer ssLink.Close()
+		if err := ssLink.Pin(d.setsockoptLinkPin(cg.ID)); err != nil {
+			return false, fmt.Errorf("enable %s: pin setsockopt link: %w", cg.Path, err)
+		}
+		undo = append(undo, func() { ssLink.Unpin() })
 	}
 
 	for _, dev := range devs {
@@ -441,6 +484,13 @@ func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
 	if err := cgLink.Unpin(); err != nil {
 		return false, fmt.Errorf("disable cgroup id %d: unpin %s: %w", cgroupID, pin, err)
 	}
+	if ssLink, err := link.LoadPinnedLink(d.setsockoptLinkPin(cgroupID), nil); err == nil {
+		err = ssLink.Unpin()
+		ssLink.Close()
+		if err != nil {
+			return false, fmt.Errorf("disable cgroup id %d: unpin setsockopt link: %w", cgroupID, err)
+		}
+	}
 	if err := d.releaseTCUsers(cgroupID, false); err != nil {
 		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 	}
@@ -492,6 +542,14 @@ func (d *Dataplane) Uninstall() error {
 	}
 	if err := d.releaseTCUsers(0, true); err != nil {
 		return fmt.Errorf("uninstall: %w", err)
+	}
+
+	if l, err := link.LoadPinnedLink(filepath.Join(d.pinDir, PinRecvLink), nil); err == nil {
+		err = l.Unpin()
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("uninstall: unpin %s: %w", PinRecvLink, err)
+		}
 	}
 
 	linkPin := filepath.Join(d.pinDir, PinSkMsgLink)

@@ -2,8 +2,10 @@ package dataplane
 
 import (
 	"crypto/sha256"
+	"golang.org/x/sys/unix"
 	"io"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -117,4 +119,84 @@ func dialIn(t *testing.T, cg cgroup.Cgroup, network, addr string) net.Conn {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// prime makes c's socket read once without blocking (recv with
+// MSG_DONTWAIT returns EAGAIN), the way an event-loop reader does right
+// after connect or accept: it is then seen reading with recvmsg and
+// publishes itself as a redirect target.
+func prime(t *testing.T, c net.Conn) {
+	t.Helper()
+	raw, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw.Control(func(fd uintptr) {
+		buf := make([]byte, 1)
+		unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT|unix.MSG_PEEK)
+	})
+}
+
+// waitPublished waits until every conn's socket is a redirect target.
+func waitPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
+	t.Helper()
+	waitFor(t, 5*time.Second, func() bool {
+		for _, c := range conns {
+			var v uint64
+			if dp.maps[PinReceivers].Lookup(keyOf(c), &v) != nil || v&(1<<32) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// keyOf returns the sockhash key of c's socket.
+func keyOf(c net.Conn) SockKey {
+	local := netip.MustParseAddrPort(c.LocalAddr().String())
+	remote := netip.MustParseAddrPort(c.RemoteAddr().String())
+	family := uint16(unix.AF_INET6)
+	if local.Addr().Unmap().Is4() {
+		family = unix.AF_INET
+	}
+	raw, _ := c.(*net.TCPConn).SyscallConn()
+	var cookie uint64
+	raw.Control(func(fd uintptr) { cookie, _ = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_NETNS_COOKIE) })
+	return SockKey{NetnsCookie: cookie, LocalIP: local.Addr().As16(), RemoteIP: remote.Addr().As16(),
+		LocalPort: local.Port(), RemotePort: remote.Port(), Family: family}
+}
+
+// acceptedPair returns a connected pair in cg: the client and the
+// accepted server side.
+func acceptedPair(t *testing.T, cg cgroup.Cgroup, network, addr string) (client, server net.Conn) {
+	t.Helper()
+	l := listenIn(t, cg, network, addr)
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			accepted <- nil
+			return
+		}
+		accepted <- c
+	}()
+	client = dialIn(t, cg, network, l.Addr().String())
+	server = <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { server.Close() })
+	return client, server
+}
+
+// checkAccounted checks that every byte sent is counted once, as
+// redirected or passed, and that at least minRedirected took the fast path.
+func checkAccounted(t *testing.T, d CgroupCounters, sent, minRedirected uint64) {
+	t.Helper()
+	if d.RedirectedBytes+d.PassedBytes != sent {
+		t.Errorf("redirected %d + passed %d bytes, want %d in all", d.RedirectedBytes, d.PassedBytes, sent)
+	}
+	if d.RedirectedBytes < minRedirected {
+		t.Errorf("redirected %d bytes, want at least %d", d.RedirectedBytes, minRedirected)
+	}
 }

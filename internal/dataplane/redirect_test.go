@@ -1,43 +1,77 @@
 package dataplane
 
 import (
+	"io"
 	"bytes"
 	"crypto/sha256"
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/sockbypass/sockbypass/internal/testutil"
-	"math/rand/v2"
 	"testing"
 )
 
 func TestRedirectCountsExactlyTheBytesSent(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	sumServer(t, l)
+	c, srv := acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
+	// Both ends have been seen reading (as an event loop does at once):
+	// from the first byte on, everything is redirected.
+	prime(t, c)
+	prime(t, srv)
+	waitPublished(t, dp, c, srv)
 
 	before := counterOf(t, dp, cg.ID)
-	payload := make([]byte, 1<<20+7)
-	for i := range payload {
-		payload[i] = byte(rand.Uint32())
-	}
-	c := dialIn(t, cg, "tcp4", l.Addr().String())
+	payload := pattern(1, 1<<20+7)
+	go func() {
+		h := sha256.New()
+		io.Copy(h, srv)
+		srv.Write(h.Sum(nil))
+		srv.Close()
+	}()
 	got := sendAndSum(t, c, payload)
 	want := sha256.Sum256(payload)
 	if !bytes.Equal(got, want[:]) {
 		t.Fatalf("digest mismatch: got %x want %x", got, want)
 	}
-	c.Close()
-
 	delta := counterOf(t, dp, cg.ID).Sub(before)
-	if delta.SocketsInserted != 2 {
-		t.Errorf("sockets inserted = %d, want 2", delta.SocketsInserted)
-	}
 	if want := uint64(len(payload) + sha256.Size); delta.RedirectedBytes != want {
 		t.Errorf("redirected bytes = %d, want exactly %d (payload + digest); counters %+v", delta.RedirectedBytes, want, delta)
 	}
 	if delta.PassedBytes != 0 || delta.RedirectFailures != 0 {
 		t.Errorf("bytes took the stack: %+v", delta)
+	}
+}
+
+// TestFirstBytesBeforeTheReaderReadsTakeTheStack: a blocking reader that
+// has not read yet is no redirect target, so the first request crosses the
+// stack; once it has been read, the rest is redirected, in order.
+func TestFirstBytesBeforeTheReaderReadsTakeTheStack(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	c, srv := acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
+	before := counterOf(t, dp, cg.ID)
+	first := pattern(10, 1000)
+	if _, err := c.Write(first); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(first))
+	if _, err := io.ReadFull(srv, buf); err != nil || !bytes.Equal(buf, first) {
+		t.Fatalf("first request: %v", err)
+	}
+	if d := counterOf(t, dp, cg.ID).Sub(before); d.PassedBytes != uint64(len(first)) || d.RedirectedBytes != 0 {
+		t.Fatalf("first request before any read: %+v", d)
+	}
+	waitPublished(t, dp, srv)
+	second := pattern(11, 5000)
+	if _, err := c.Write(second); err != nil {
+		t.Fatal(err)
+	}
+	buf = make([]byte, len(second))
+	if _, err := io.ReadFull(srv, buf); err != nil || !bytes.Equal(buf, second) {
+		t.Fatalf("second request: %v", err)
+	}
+	if d := counterOf(t, dp, cg.ID).Sub(before); d.RedirectedBytes != uint64(len(second)) {
+		t.Errorf("second request after the reader read: %+v", d)
 	}
 }
 
@@ -65,9 +99,7 @@ func TestLegacySkMsgAttach(t *testing.T) {
 	if err := echoRoundTrip(dialIn(t, cg, "tcp4", l.Addr().String()), payload, 16384); err != nil {
 		t.Fatal(err)
 	}
-	if got := counterOf(t, dp, cg.ID).RedirectedBytes; got != 2*uint64(len(payload)) {
-		t.Errorf("redirected %d bytes with the legacy attach, want %d", got, 2*len(payload))
-	}
+	checkAccounted(t, counterOf(t, dp, cg.ID), 2*uint64(len(payload)), uint64(len(payload)))
 	sockhash := dp.maps[PinSockhash]
 	res, err := link.QueryPrograms(link.QueryOptions{Target: sockhash.FD(), Attach: ebpf.AttachSkMsgVerdict})
 	if err != nil || len(res.Programs) != 1 {

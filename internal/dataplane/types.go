@@ -40,6 +40,12 @@ type CgroupCounters struct {
 	RedirectFailures   uint64 `json:"redirect_failures"`
 	StackEgressPackets uint64 `json:"stack_egress_packets"`
 	StackEgressBytes   uint64 `json:"stack_egress_bytes"`
+	PassedUnreadMsgs   uint64 `json:"passed_unread_msgs"`
+	FallbackRcvlowat   uint64 `json:"fallback_rcvlowat"`
+	FallbackTCPInq     uint64 `json:"fallback_tcp_inq"`
+	FallbackOOBInline  uint64 `json:"fallback_oobinline"`
+	FallbackWaitall    uint64 `json:"fallback_waitall"`
+	FallbackOOBRead    uint64 `json:"fallback_oob_read"`
 }
 
 // Add adds o to c field by field.
@@ -54,6 +60,12 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.RedirectFailures += o.RedirectFailures
 	c.StackEgressPackets += o.StackEgressPackets
 	c.StackEgressBytes += o.StackEgressBytes
+	c.PassedUnreadMsgs += o.PassedUnreadMsgs
+	c.FallbackRcvlowat += o.FallbackRcvlowat
+	c.FallbackTCPInq += o.FallbackTCPInq
+	c.FallbackOOBInline += o.FallbackOOBInline
+	c.FallbackWaitall += o.FallbackWaitall
+	c.FallbackOOBRead += o.FallbackOOBRead
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -69,5 +81,11 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		RedirectFailures:   c.RedirectFailures - o.RedirectFailures,
 		StackEgressPackets: c.StackEgressPackets - o.StackEgressPackets,
 		StackEgressBytes:   c.StackEgressBytes - o.StackEgressBytes,
+		PassedUnreadMsgs:   c.PassedUnreadMsgs - o.PassedUnreadMsgs,
+		FallbackRcvlowat:   c.FallbackRcvlowat - o.FallbackRcvlowat,
+		FallbackTCPInq:     c.FallbackTCPInq - o.FallbackTCPInq,
+		FallbackOOBInline:  c.FallbackOOBInline - o.FallbackOOBInline,
+		FallbackWaitall:    c.FallbackWaitall - o.FallbackWaitall,
+		FallbackOOBRead:    c.FallbackOOBRead - o.FallbackOOBRead,
 	}
 }

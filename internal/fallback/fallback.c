@@ -1,0 +1,148 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/*
+ * Automatic fallback, decided before a byte could be delivered differently:
+ * these programs decide which sockets may become redirect targets (see
+ * sockbypass.h). A socket publishes itself in the receivers map once it has
+ * been seen reading with plain recvmsg; a reader that needs semantics the
+ * redirected queue does not keep (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE,
+ * MSG_WAITALL, MSG_OOB) is marked a stack reader and never receives
+ * redirected bytes again. Each reason is counted per enabled cgroup.
+ */
+#include "sockbypass.h"
+
+#define SOL_SOCKET 1
+#define SOL_TCP 6
+#define SO_OOBINLINE 10
+#define SO_RCVLOWAT 18
+#define TCP_INQ 36
+#define MSG_OOB 0x01
+#define MSG_WAITALL 0x100
+#define IPPROTO_TCP 6
+
+enum fallback_reason {
+	REASON_RCVLOWAT,
+	REASON_TCP_INQ,
+	REASON_OOBINLINE,
+	REASON_WAITALL,
+	REASON_OOB_READ,
+};
+
+/* Set by the loader for the cgroup/setsockopt instance of an enabled
+ * cgroup (unused by the tracing program). */
+volatile const __u64 enabled_cgroup_id = 0;
+
+static __always_inline void count_reason(__u64 cgroup_id, int reason)
+{
+	struct cgroup_counters *c = counters_for(cgroup_id);
+
+	if (!c)
+		return;
+	switch (reason) {
+	case REASON_RCVLOWAT:
+		__sync_fetch_and_add(&c->fallback_rcvlowat, 1);
+		break;
+	case REASON_TCP_INQ:
+		__sync_fetch_and_add(&c->fallback_tcp_inq, 1);
+		break;
+	case REASON_OOBINLINE:
+		__sync_fetch_and_add(&c->fallback_oobinline, 1);
+		break;
+	case REASON_WAITALL:
+		__sync_fetch_and_add(&c->fallback_waitall, 1);
+		break;
+	case REASON_OOB_READ:
+		__sync_fetch_and_add(&c->fallback_oob_read, 1);
+		break;
+	}
+}
+
+/* mark_stack_reader makes the socket a stack reader for good and withdraws
+ * it as a redirect target. */
+static __always_inline void mark_stack_reader(struct sock_state *state, __u64 cgroup_id, int reason)
+{
+	if (state->flags & SOCK_FLAG_STACK_READER)
+		return;
+	state->flags |= SOCK_FLAG_STACK_READER;
+	if (state->flags & SOCK_FLAG_PUBLISHED) {
+		bpf_map_delete_elem(&receivers, &state->key);
+		state->flags &= ~SOCK_FLAG_PUBLISHED;
+	}
+	count_reason(cgroup_id, reason);
+}
+
+SEC("cgroup/setsockopt")
+int sockbypass_setsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct sock_state *state;
+	int reason;
+
+	if (!sk)
+		return 1;
+	if (ctx->level == SOL_SOCKET && ctx->optname == SO_RCVLOWAT)
+		reason = REASON_RCVLOWAT;
+	else if (ctx->level == SOL_SOCKET && ctx->optname == SO_OOBINLINE)
+		reason = REASON_OOBINLINE;
+	else if (ctx->level == SOL_TCP && ctx->optname == TCP_INQ)
+		reason = REASON_TCP_INQ;
+	else
+		return 1;
+	if (sk->protocol != IPPROTO_TCP)
+		return 1;
+
+	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return 1;
+	mark_stack_reader(state, state->cgroup_id ? state->cgroup_id : enabled_cgroup_id, reason);
+	return 1; /* never refuse or change the option */
+}
+
+struct sock;
+
+SEC("tp_btf/sock_recv_length")
+int sockbypass_recv_length(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	int flags = (int)ctx[2];
+	struct sock_state *state;
+	struct tcp_sock *tp;
+	__u64 *target, value;
+	__u32 seq;
+
+	if (!sk)
+		return 0;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (!state || !(state->flags & SOCK_FLAG_INSERTED) ||
+	    (state->flags & SOCK_FLAG_STACK_READER))
+		return 0;
+
+	if (flags & MSG_WAITALL) {
+		mark_stack_reader(state, state->cgroup_id, REASON_WAITALL);
+		return 0;
+	}
+	if (flags & MSG_OOB) {
+		mark_stack_reader(state, state->cgroup_id, REASON_OOB_READ);
+		return 0;
+	}
+
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	seq = tp->copied_seq;
+	if ((state->flags & SOCK_FLAG_PUBLISHED) && state->published_seq == seq)
+		return 0;
+
+	value = RECEIVER_ELIGIBLE | seq;
+	target = bpf_map_lookup_elem(&receivers, &state->key);
+	if (target)
+		*(volatile __u64 *)target = value;
+	else if (bpf_map_update_elem(&receivers, &state->key, &value, BPF_ANY) != 0)
+		return 0;
+	state->published_seq = seq;
+	state->flags |= SOCK_FLAG_PUBLISHED;
+	return 0;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
