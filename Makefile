@@ -2,8 +2,8 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 BIN := bin/sockbypass
-BPF_PKGS := ./sockops ./skmsg ./tc
-GENERATED := $(wildcard */*_bpfel.*)
+BPF_PKGS := ./sockops ./skmsg ./tc ./internal/fallback
+GENERATED := $(wildcard */*_bpfel.* internal/*/*_bpfel.*)
 
 .PHONY: all deps build generate check-generated vet test demo bench bench-quick clean
 

@@ -20,6 +20,7 @@ type Collector struct {
 	source Source
 	descs  []counterDesc
 
+	fallbacks        *prometheus.Desc
 	liveSockets      *prometheus.Desc
 	bypassRatio      *prometheus.Desc
 	sockhashSockets  *prometheus.Desc
@@ -49,11 +50,13 @@ func NewCollector(source Source) *Collector {
 			counter("stack_egress_packets_total", "TCP packets that left through the stack on accounted interfaces.", func(f stats.Figures) uint64 { return f.StackEgressPackets }),
 			counter("passed_bytes_total", "Bytes of accelerated sockets passed to the stack (no local peer).", func(f stats.Figures) uint64 { return f.PassedBytes }),
 			counter("passed_messages_total", "Messages of accelerated sockets passed to the stack (no local peer).", func(f stats.Figures) uint64 { return f.PassedMsgs }),
+			counter("passed_unread_messages_total", "Messages passed to the stack because the peer had earlier stack bytes unread.", func(f stats.Figures) uint64 { return f.PassedUnreadMsgs }),
 			counter("redirect_failures_total", "Messages of redirecting sockets whose peer was gone, passed to the stack.", func(f stats.Figures) uint64 { return f.RedirectFailures }),
 			counter("sockets_inserted_total", "Sockets added to the sockhash.", func(f stats.Figures) uint64 { return f.SocketsInserted }),
 			counter("socket_insert_failures_total", "Sockets that could not be added to the sockhash (full).", func(f stats.Figures) uint64 { return f.InsertFailures }),
 			counter("sockets_skipped_total", "Sockets left out because data moved before ESTABLISHED.", func(f stats.Figures) uint64 { return f.SocketsSkipped }),
 		},
+		fallbacks:        prometheus.NewDesc("sockbypass_fallbacks_total", "Sockets whose reader was kept on the normal TCP path, by reason (rcvlowat, tcp_inq, oobinline, waitall, oob_read).", []string{"cgroup", "reason"}, nil),
 		liveSockets:      prometheus.NewDesc("sockbypass_live_sockets", "Sockets of the cgroup in the sockhash now.", cg, nil),
 		bypassRatio:      prometheus.NewDesc("sockbypass_bypass_ratio", "Redirected bytes / (redirected + stack egress bytes), 0 to 1; absent before any traffic.", cg, nil),
 		sockhashSockets:  prometheus.NewDesc("sockbypass_sockhash_sockets", "Sockets in the sockhash.", nil, nil),
@@ -69,7 +72,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range c.descs {
 		ch <- d.desc
 	}
-	for _, d := range []*prometheus.Desc{c.liveSockets, c.bypassRatio, c.sockhashSockets, c.sockhashCapacity, c.enabledCgroups, c.tcDevices, c.up} {
+	for _, d := range []*prometheus.Desc{c.fallbacks, c.liveSockets, c.bypassRatio, c.sockhashSockets, c.sockhashCapacity, c.enabledCgroups, c.tcDevices, c.up} {
 		ch <- d
 	}
 }
@@ -85,6 +88,9 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	emit := func(label string, f stats.Figures) {
 		for _, d := range c.descs {
 			ch <- prometheus.MustNewConstMetric(d.desc, prometheus.CounterValue, float64(d.value(f)), label)
+		}
+		for reason, n := range f.Fallbacks {
+			ch <- prometheus.MustNewConstMetric(c.fallbacks, prometheus.CounterValue, float64(n), label, reason)
 		}
 		if f.BypassRatio != nil {
 			ch <- prometheus.MustNewConstMetric(c.bypassRatio, prometheus.GaugeValue, *f.BypassRatio, label)

@@ -55,6 +55,12 @@ type Figures struct {
 	SocketsInserted    uint64 `json:"sockets_inserted"`
 	InsertFailures     uint64 `json:"insert_failures"`
 	SocketsSkipped     uint64 `json:"sockets_skipped"`
+	// PassedUnreadMsgs: of PassedMsgs, those sent while the peer still
+	// had earlier stack bytes of ours to read.
+	PassedUnreadMsgs uint64 `json:"passed_unread_msgs"`
+	// Fallbacks counts the sockets whose reader was kept on the stack, by
+	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
+	Fallbacks map[string]uint64 `json:"fallbacks"`
 	// BypassRatio is redirected bytes / (redirected + stack egress
 	// bytes), between 0 and 1; null while there has been no traffic.
 	BypassRatio *float64 `json:"bypass_ratio"`
@@ -73,6 +79,14 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SocketsInserted:    c.SocketsInserted,
 		InsertFailures:     c.InsertFailures,
 		SocketsSkipped:     c.SocketsSkipped,
+		PassedUnreadMsgs:   c.PassedUnreadMsgs,
+		Fallbacks: map[string]uint64{
+			"rcvlowat":  c.FallbackRcvlowat,
+			"tcp_inq":   c.FallbackTCPInq,
+			"oobinline": c.FallbackOOBInline,
+			"waitall":   c.FallbackWaitall,
+			"oob_read":  c.FallbackOOBRead,
+		},
 	}
 	if total := c.RedirectedBytes + c.StackEgressBytes; total > 0 {
 		r := float64(c.RedirectedBytes) / float64(total)
