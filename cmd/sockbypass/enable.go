@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/bpffs"
@@ -67,6 +68,9 @@ func runEnable(e *env, args []string) error {
 		return err
 	}
 	defer dp.Close()
+	if !accountOnly {
+		fmt.Fprintf(e.stderr, "warning: on accelerated sockets this kernel cannot keep: %s (see sockbypass doctor)\n", strings.Join(knownLimitations(), "; "))
+	}
 	for _, cg := range resolved {
 		changed, err := dp.Enable(cg, opts)
 		if err != nil {

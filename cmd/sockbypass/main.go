@@ -39,6 +39,7 @@ var commands = map[string]command{
 	"status":    statusCommand,
 	"stats":     statsCommand,
 	"daemon":    daemonCommand,
+	"doctor":    doctorCommand,
 	"uninstall": uninstallCommand,
 }
 

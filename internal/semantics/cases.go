@@ -682,9 +682,15 @@ func caseRecvThenSplice(env *Env) (string, error) {
 	})
 }
 
-// fileConn wraps fd (duplicated) as a *net.TCPConn.
+// fileConn wraps a duplicate of fd as a *net.TCPConn; fd itself stays
+// owned by the caller (an os.File on it would close it when collected).
 func fileConn(fd int) (*net.TCPConn, error) {
-	f := os.NewFile(uintptr(fd), "tcp")
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(dup), "tcp")
+	defer f.Close() // net.FileConn made its own duplicate
 	c, err := net.FileConn(f)
 	if err != nil {
 		return nil, err
