@@ -133,6 +133,10 @@ struct cgroup_counters {
 	__u64 fallback_oobinline;
 	__u64 fallback_waitall;
 	__u64 fallback_oob_read;
+	/* Sockets left out because their peer cannot be local (the remote
+	 * address is neither loopback nor the socket's own address): they
+	 * would only pay sk_msg's cost on every send. */
+	__u64 sockets_remote;
 };
 
 struct {
@@ -296,6 +300,24 @@ static __always_inline int fill_key(struct sock_key *key, __u32 family,
 	key->remote_ip[3] = remote_ip6[3];
 	key->family = is_v4mapped(key->local_ip) ? AF_INET : AF_INET6;
 	return 0;
+}
+
+/*
+ * peer_may_be_local reports whether the peer of a socket with this key can
+ * be a socket of the same network namespace: the remote address is a
+ * loopback address (127.0.0.0/8, ::1) or the socket's own address.
+ */
+static __always_inline int peer_may_be_local(const struct sock_key *key)
+{
+	const __u32 *r = key->remote_ip;
+	const __u32 *l = key->local_ip;
+
+	if (key->family == AF_INET && (bpf_ntohl(r[3]) >> 24) == 127)
+		return 1;
+	if (key->family == AF_INET6 && r[0] == 0 && r[1] == 0 && r[2] == 0 &&
+	    r[3] == bpf_htonl(1))
+		return 1;
+	return r[0] == l[0] && r[1] == l[1] && r[2] == l[2] && r[3] == l[3];
 }
 
 #endif /* __SOCKBYPASS_H */

@@ -68,6 +68,12 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops)
 		return;
 	key.netns_cookie = bpf_get_netns_cookie(skops);
 
+	if (!peer_may_be_local(&key)) {
+		if (c)
+			__sync_fetch_and_add(&c->sockets_remote, 1);
+		return;
+	}
+
 	if (bpf_sock_hash_update(skops, &sockhash, &key, BPF_NOEXIST) != 0) {
 		if (c)
 			__sync_fetch_and_add(&c->insert_failures, 1);

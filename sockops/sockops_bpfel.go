@@ -37,6 +37,7 @@ type sockopsCgroupCounters struct {
 	FallbackOobinline  uint64
 	FallbackWaitall    uint64
 	FallbackOobRead    uint64
+	SocketsRemote      uint64
 }
 
 type sockopsSockKey struct {

@@ -89,9 +89,9 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 }
 
 func formatCounters(c dataplane.CgroupCounters) string {
-	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d); redirected %d msgs / %s; passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
+	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d, remote peer %d); redirected %d msgs / %s; passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
 		"    readers kept on the stack: rcvlowat %d, tcp_inq %d, oobinline %d, waitall %d, oob_read %d",
-		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped,
+		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped, c.SocketsRemote,
 		c.RedirectedMsgs, humanBytes(c.RedirectedBytes), c.PassedMsgs, humanBytes(c.PassedBytes), c.PassedUnreadMsgs,
 		c.StackEgressPackets, humanBytes(c.StackEgressBytes), c.RedirectFailures,
 		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline, c.FallbackWaitall, c.FallbackOOBRead)

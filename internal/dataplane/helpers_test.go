@@ -2,12 +2,13 @@ package dataplane
 
 import (
 	"crypto/sha256"
-	"golang.org/x/sys/unix"
 	"io"
 	"net"
 	"net/netip"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"

@@ -1,13 +1,15 @@
 package dataplane
 
 import (
-	"io"
 	"bytes"
 	"crypto/sha256"
+	"io"
+	"testing"
+
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+
 	"github.com/sockbypass/sockbypass/internal/testutil"
-	"testing"
 )
 
 func TestRedirectCountsExactlyTheBytesSent(t *testing.T) {

@@ -46,6 +46,7 @@ type CgroupCounters struct {
 	FallbackOOBInline  uint64 `json:"fallback_oobinline"`
 	FallbackWaitall    uint64 `json:"fallback_waitall"`
 	FallbackOOBRead    uint64 `json:"fallback_oob_read"`
+	SocketsRemote      uint64 `json:"sockets_remote"`
 }
 
 // Add adds o to c field by field.
@@ -66,6 +67,7 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.FallbackOOBInline += o.FallbackOOBInline
 	c.FallbackWaitall += o.FallbackWaitall
 	c.FallbackOOBRead += o.FallbackOOBRead
+	c.SocketsRemote += o.SocketsRemote
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -87,5 +89,6 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		FallbackOOBInline:  c.FallbackOOBInline - o.FallbackOOBInline,
 		FallbackWaitall:    c.FallbackWaitall - o.FallbackWaitall,
 		FallbackOOBRead:    c.FallbackOOBRead - o.FallbackOOBRead,
+		SocketsRemote:      c.SocketsRemote - o.SocketsRemote,
 	}
 }

@@ -54,6 +54,7 @@ func NewCollector(source Source) *Collector {
 			counter("redirect_failures_total", "Messages of redirecting sockets whose peer was gone, passed to the stack.", func(f stats.Figures) uint64 { return f.RedirectFailures }),
 			counter("sockets_inserted_total", "Sockets added to the sockhash.", func(f stats.Figures) uint64 { return f.SocketsInserted }),
 			counter("socket_insert_failures_total", "Sockets that could not be added to the sockhash (full).", func(f stats.Figures) uint64 { return f.InsertFailures }),
+			counter("sockets_remote_total", "Sockets left out because their peer cannot be local.", func(f stats.Figures) uint64 { return f.SocketsRemote }),
 			counter("sockets_skipped_total", "Sockets left out because data moved before ESTABLISHED.", func(f stats.Figures) uint64 { return f.SocketsSkipped }),
 		},
 		fallbacks:        prometheus.NewDesc("sockbypass_fallbacks_total", "Sockets whose reader was kept on the normal TCP path, by reason (rcvlowat, tcp_inq, oobinline, waitall, oob_read).", []string{"cgroup", "reason"}, nil),

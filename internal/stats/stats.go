@@ -55,6 +55,9 @@ type Figures struct {
 	SocketsInserted    uint64 `json:"sockets_inserted"`
 	InsertFailures     uint64 `json:"insert_failures"`
 	SocketsSkipped     uint64 `json:"sockets_skipped"`
+	// SocketsRemote counts sockets left out because their peer cannot be
+	// local (neither loopback nor the socket's own address).
+	SocketsRemote uint64 `json:"sockets_remote"`
 	// PassedUnreadMsgs: of PassedMsgs, those sent while the peer still
 	// had earlier stack bytes of ours to read.
 	PassedUnreadMsgs uint64 `json:"passed_unread_msgs"`
@@ -80,6 +83,7 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		InsertFailures:     c.InsertFailures,
 		SocketsSkipped:     c.SocketsSkipped,
 		PassedUnreadMsgs:   c.PassedUnreadMsgs,
+		SocketsRemote:      c.SocketsRemote,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
