@@ -4,12 +4,12 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"github.com/sockbypass/sockbypass/cgroup"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/e2e/workload"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
