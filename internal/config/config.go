@@ -1,0 +1,250 @@
+// Package config reads the daemon's YAML configuration. Every error names
+// the line of the offending value, and a file that cannot be applied is
+// refused as a whole.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+	"gopkg.in/yaml.v3"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+)
+
+// Field is a configuration value with the line it was read from (0 when
+// it was not in the file).
+type Field[T any] struct {
+	Value T
+	Line  int
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (f *Field[T]) UnmarshalYAML(n *yaml.Node) error {
+	f.Line = n.Line
+	if err := n.Decode(&f.Value); err != nil {
+		return fmt.Errorf("line %d: %w", n.Line, unwrapYAML(err))
+	}
+	return nil
+}
+
+// Duration is a time.Duration written as "2s", "500ms".
+type Duration time.Duration
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return err
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a duration (write it as 2s or 500ms)", s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// Config is the daemon's configuration.
+//
+//	cgroups:            # cgroup v2 paths or globs, absolute or relative to the cgroup2 mount
+//	  - kubepods.slice/kubepods-*.slice/*
+//	  - system.slice/redis.service
+//	tcDevices: [lo]     # interfaces whose egress is accounted ([] for none); [NETNS:]DEV
+//	accountOnly: false  # count, do not accelerate
+//	metricsAddr: 127.0.0.1:9464   # "" disables the metrics endpoint
+//	logLevel: info      # debug, info, warn, error
+//	rescanInterval: 2s  # how often globs are expanded again
+//	sockhashSize: 65536 # sockhash capacity when it is first created
+type Config struct {
+	Cgroups        []Field[string]  `yaml:"cgroups"`
+	TCDevices      *[]Field[string] `yaml:"tcDevices"`
+	AccountOnly    Field[bool]      `yaml:"accountOnly"`
+	MetricsAddr    *Field[string]   `yaml:"metricsAddr"`
+	LogLevel       Field[string]    `yaml:"logLevel"`
+	RescanInterval Field[Duration]  `yaml:"rescanInterval"`
+	SockhashSize   Field[uint32]    `yaml:"sockhashSize"`
+
+	// Derived by Parse.
+	devices []dataplane.TCDevice
+	level   zapcore.Level
+}
+
+// Defaults.
+const (
+	DefaultMetricsAddr    = "127.0.0.1:9464"
+	DefaultRescanInterval = 2 * time.Second
+)
+
+// Load reads and parses the file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse parses and validates a configuration. Unknown keys, values of the
+// wrong type, bad globs, cgroups that do not exist (for paths without glob
+// characters), bad devices and addresses are refused with the line.
+func Parse(data []byte) (*Config, error) {
+	var cfg Config
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+		return nil, unwrapYAML(err)
+	}
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+// unwrapYAML turns yaml.v3's multi-line errors into one line.
+func unwrapYAML(err error) error {
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	msg = strings.TrimPrefix(msg, "unmarshal errors:\n")
+	msg = strings.Join(strings.Fields(strings.ReplaceAll(msg, "\n", "; ")), " ")
+	return errors.New(msg)
+}
+
+func (c *Config) validate() error {
+	mounts, err := cgroup.ReadMounts()
+	if err != nil {
+		return err
+	}
+	for _, p := range c.Cgroups {
+		if err := validatePattern(mounts, p); err != nil {
+			return err
+		}
+	}
+	if c.TCDevices == nil {
+		c.devices = []dataplane.TCDevice{dataplane.DefaultTCDevice}
+	} else {
+		for _, d := range *c.TCDevices {
+			dev, err := dataplane.ParseTCDevice(d.Value)
+			if err != nil {
+				return fmt.Errorf("line %d: tcDevices: %w", d.Line, err)
+			}
+			c.devices = append(c.devices, dev)
+		}
+	}
+	if c.MetricsAddr != nil && c.MetricsAddr.Value != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsAddr.Value); err != nil {
+			return fmt.Errorf("line %d: metricsAddr %q: %v (write HOST:PORT, e.g. 127.0.0.1:9464)", c.MetricsAddr.Line, c.MetricsAddr.Value, err)
+		}
+	}
+	c.level = zapcore.InfoLevel
+	if c.LogLevel.Value != "" {
+		if c.level, err = zapcore.ParseLevel(c.LogLevel.Value); err != nil {
+			return fmt.Errorf("line %d: logLevel %q: use debug, info, warn or error", c.LogLevel.Line, c.LogLevel.Value)
+		}
+	}
+	if v := time.Duration(c.RescanInterval.Value); c.RescanInterval.Line != 0 && (v < 100*time.Millisecond || v > time.Hour) {
+		return fmt.Errorf("line %d: rescanInterval %v: use a value between 100ms and 1h", c.RescanInterval.Line, v)
+	}
+	if v := c.SockhashSize.Value; c.SockhashSize.Line != 0 && (v == 0 || v > 1<<20) {
+		return fmt.Errorf("line %d: sockhashSize %d: use a value between 1 and %d", c.SockhashSize.Line, v, 1<<20)
+	}
+	return nil
+}
+
+func hasGlob(p string) bool { return strings.ContainsAny(p, `*?[\`) }
+
+func absPattern(mounts cgroup.Mounts, p string) string {
+	if filepath.IsAbs(p) {
+		return filepath.Clean(p)
+	}
+	return filepath.Join(mounts.V2, p)
+}
+
+func validatePattern(mounts cgroup.Mounts, p Field[string]) error {
+	if strings.TrimSpace(p.Value) == "" {
+		return fmt.Errorf("line %d: cgroups: empty entry", p.Line)
+	}
+	if !hasGlob(p.Value) {
+		if _, err := mounts.Resolve(p.Value); err != nil {
+			return fmt.Errorf("line %d: cgroups: %w", p.Line, err)
+		}
+		return nil
+	}
+	abs := absPattern(mounts, p.Value)
+	if _, err := filepath.Match(abs, ""); err != nil {
+		return fmt.Errorf("line %d: cgroups: bad glob %q: %v", p.Line, p.Value, err)
+	}
+	if rel, err := filepath.Rel(mounts.V2, abs); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("line %d: cgroups: glob %q is not inside the cgroup v2 hierarchy at %s", p.Line, p.Value, mounts.V2)
+	}
+	return nil
+}
+
+
+// Expand expands the configured paths and globs into the cgroups that exist
+// now, deduplicated by id. Globs that match nothing are fine.
+func (c *Config) Expand(mounts cgroup.Mounts) ([]cgroup.Cgroup, error) {
+	seen := map[uint64]bool{}
+	var out []cgroup.Cgroup
+	for _, p := range c.Cgroups {
+		var paths []string
+		if hasGlob(p.Value) {
+			m, err := filepath.Glob(absPattern(mounts, p.Value))
+			if err != nil {
+				return nil, fmt.Errorf("line %d: cgroups: %w", p.Line, err)
+			}
+			paths = m
+		} else {
+			paths = []string{p.Value}
+		}
+		for _, path := range paths {
+			cg, err := mounts.Resolve(path)
+			if err != nil {
+				if hasGlob(p.Value) {
+					continue // a file or a directory that just went away
+				}
+				return nil, fmt.Errorf("line %d: cgroups: %w", p.Line, err)
+			}
+			if !seen[cg.ID] {
+				seen[cg.ID] = true
+				out = append(out, cg)
+			}
+		}
+	}
+	return out, nil
+}
+
+// TCDevicesOrDefault returns the devices to account (lo unless the file says
+// otherwise).
+func (c *Config) TCDevicesOrDefault() []dataplane.TCDevice { return c.devices }
+
+// Metrics returns the metrics address ("" when disabled).
+func (c *Config) Metrics() string {
+	if c.MetricsAddr == nil {
+		return DefaultMetricsAddr
+	}
+	return c.MetricsAddr.Value
+}
+
+// Level returns the log level.
+func (c *Config) Level() zapcore.Level { return c.level }
+
+// Rescan returns how often globs are expanded again.
+func (c *Config) Rescan() time.Duration {
+	if c.RescanInterval.Line == 0 {
+		return DefaultRescanInterval
+	}
+	return time.Duration(c.RescanInterval.Value)
+}
