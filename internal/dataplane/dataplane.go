@@ -16,6 +16,7 @@
 //	<pin dir>/tc_users          BPF_MAP_TYPE_HASH which cgroup uses which TC device
 //	<pin dir>/receivers         BPF_MAP_TYPE_LRU_HASH redirect targets: key -> eligible|copied_seq
 //	<pin dir>/recv_trace_link   tp_btf/sock_recv_length link (publishes redirect targets)
+//	<pin dir>/layout_version    BPF_MAP_TYPE_ARRAY the pin layout version (LayoutVersion)
 //	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
 //	<pin dir>/cgroups/<id>-setsockopt  cgroup link of its cgroup/setsockopt program
 //	<pin dir>/tc/<netns>-<ifindex>  tcx link (or, with clsact, the TC program)
@@ -112,6 +113,9 @@ func Open(opts Options) (*Dataplane, error) {
 	if _, err := os.Stat(filepath.Join(opts.PinDir, PinSockhash)); errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", opts.PinDir, ErrNotInstalled)
 	}
+	if err := checkLayout(opts.PinDir); err != nil {
+		return nil, err
+	}
 	spec, err := skmsg.LoadSpec()
 	if err != nil {
 		return nil, err
@@ -197,6 +201,15 @@ func create(opts Options) (err error) {
 		if err := m.Pin(filepath.Join(tmp, name)); err != nil {
 			return fmt.Errorf("pin map %s: %w", name, err)
 		}
+	}
+
+	layout, err := createLayoutMap()
+	if err != nil {
+		return err
+	}
+	defer layout.Close()
+	if err := layout.Pin(filepath.Join(tmp, PinLayout)); err != nil {
+		return fmt.Errorf("pin layout version: %w", err)
 	}
 
 	prog, err := skmsg.Load(maps)
@@ -570,7 +583,7 @@ func (d *Dataplane) Uninstall() error {
 		}
 	}
 
-	for _, name := range append([]string{PinSkMsg, DirCgroups, DirTC}, mapNames...) {
+	for _, name := range append([]string{PinSkMsg, DirCgroups, DirTC, PinLayout}, mapNames...) {
 		path := filepath.Join(d.pinDir, name)
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("uninstall: remove %s: %w", path, err)

@@ -1,0 +1,234 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+
+	"github.com/sockbypass/sockbypass/internal/fallback"
+	"github.com/sockbypass/sockbypass/internal/lock"
+	"github.com/sockbypass/sockbypass/skmsg"
+	"github.com/sockbypass/sockbypass/sockops"
+	"github.com/sockbypass/sockbypass/tc"
+)
+
+// LayoutVersion is the version of the pin layout and map formats this
+// binary writes and reads. Open refuses any other version with an error
+// that says what to do; it never rewrites or removes foreign state.
+const LayoutVersion = 1
+
+// PinLayout is the pin of the one-entry array map that holds the layout
+// version.
+const PinLayout = "layout_version"
+
+var layoutSpec = &ebpf.MapSpec{
+	Name:       "layout_version",
+	Type:       ebpf.Array,
+	KeySize:    4,
+	ValueSize:  4,
+	MaxEntries: 1,
+	Key:        &btf.Int{Name: "__u32", Size: 4},
+	Value:      &btf.Int{Name: "__u32", Size: 4},
+}
+
+// createLayoutMap creates the layout version map, set to LayoutVersion.
+func createLayoutMap() (*ebpf.Map, error) {
+	m, err := ebpf.NewMap(layoutSpec)
+	if err != nil {
+		return nil, fmt.Errorf("create layout version map: %w", err)
+	}
+	if err := m.Put(uint32(0), uint32(LayoutVersion)); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("write layout version: %w", err)
+	}
+	return m, nil
+}
+
+// checkLayout returns an error unless the state in pinDir has this
+// binary's layout version.
+func checkLayout(pinDir string) error {
+	path := filepath.Join(pinDir, PinLayout)
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return fmt.Errorf("pinned state in %s has no layout version (%v): it was made by another sockbypass; this binary cannot adopt it. Run that version's uninstall, or `sockbypass uninstall --bpffs-dir %s` (live connections stay accelerated until they close)", pinDir, err, pinDir)
+	}
+	defer m.Close()
+	var v uint32
+	if err := m.Lookup(uint32(0), &v); err != nil {
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	if v != LayoutVersion {
+		return fmt.Errorf("pinned state in %s has layout version %d; this binary reads version %d and cannot migrate it: run the sockbypass that made it, or `sockbypass uninstall --bpffs-dir %s` first (live connections stay accelerated until they close)", pinDir, v, LayoutVersion, pinDir)
+	}
+	return nil
+}
+
+// UpgradeReport says what Upgrade replaced.
+type UpgradeReport struct {
+	Cgroups   int `json:"cgroups"`
+	TCDevices int `json:"tc_devices"`
+}
+
+// Upgrade replaces every program of the pinned state with this binary's,
+// keeping the maps, so counters continue and live connections keep
+// flowing: cgroup, tcx and sockmap links are updated in place
+// (BPF_LINK_UPDATE), clsact filters replaced, and the tracing link is
+// replaced by a new one pinned over it. Sockets already in the sockhash
+// keep the sk_msg program they were inserted with until they close (the
+// kernel gives each its own reference).
+func (d *Dataplane) Upgrade() (UpgradeReport, error) {
+	var rep UpgradeReport
+	l, err := lock.Exclusive(d.pinDir)
+	if err != nil {
+		return rep, err
+	}
+	defer l.Unlock()
+
+	ids, err := d.EnabledCgroupIDs()
+	if err != nil {
+		return rep, err
+	}
+	for _, id := range ids {
+		if err := updateLink(d.cgroupLinkPin(id), func() (*ebpf.Program, error) { return sockops.Load(id, d.maps) }); err != nil {
+			return rep, fmt.Errorf("upgrade cgroup id %d: sock_ops: %w", id, err)
+		}
+		if err := updateLink(d.setsockoptLinkPin(id), func() (*ebpf.Program, error) { return fallback.LoadSetsockopt(id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return rep, fmt.Errorf("upgrade cgroup id %d: setsockopt: %w", id, err)
+		}
+		rep.Cgroups++
+	}
+
+	// sk_msg: the sockmap link, or the legacy attachment.
+	newSkMsg, err := skmsg.Load(d.maps)
+	if err != nil {
+		return rep, err
+	}
+	defer newSkMsg.Close()
+	linkPin := filepath.Join(d.pinDir, PinSkMsgLink)
+	if sl, err := link.LoadPinnedLink(linkPin, nil); err == nil {
+		err = sl.Update(newSkMsg)
+		sl.Close()
+		if err != nil {
+			return rep, fmt.Errorf("upgrade sk_msg link: %w", err)
+		}
+	} else if err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target: d.maps[PinSockhash].FD(), Program: newSkMsg, Attach: ebpf.AttachSkMsgVerdict,
+	}); err != nil {
+		return rep, fmt.Errorf("upgrade sk_msg (legacy attach): %w", err)
+	}
+	if err := repin(newSkMsg, filepath.Join(d.pinDir, PinSkMsg)); err != nil {
+		return rep, err
+	}
+
+	// The tracing link cannot be updated: pin a new one over the old.
+	recv, err := fallback.LoadRecv(d.maps)
+	if err != nil {
+		return rep, err
+	}
+	defer recv.Close()
+	recvLink, err := link.AttachTracing(link.TracingOptions{Program: recv})
+	if err != nil {
+		return rep, fmt.Errorf("attach new tp_btf link: %w", err)
+	}
+	defer recvLink.Close()
+	if err := repinLink(recvLink, filepath.Join(d.pinDir, PinRecvLink)); err != nil {
+		return rep, err
+	}
+
+	devices, err := d.tcDevices()
+	if err != nil {
+		return rep, err
+	}
+	for key, v := range devices {
+		netnsPath := cString(v.NetnsPath[:])
+		var l2Len uint32
+		err := inNetns(netnsPath, func() error {
+			lnk, err := netlink.LinkByIndex(int(key.Ifindex))
+			if err != nil {
+				return err
+			}
+			if lnk.Attrs().EncapType != "none" {
+				l2Len = 14
+			}
+			return nil
+		})
+		if err != nil {
+			d.log.Warn("tc device gone; not upgraded", zap.String("device", cString(v.Ifname[:])), zap.Error(err))
+			continue
+		}
+		prog, err := tc.Load(l2Len, d.maps)
+		if err != nil {
+			return rep, err
+		}
+		pin := filepath.Join(d.pinDir, DirTC, key.pinName())
+		switch v.Mode {
+		case tcAttachTCX:
+			err = updateLink(pin, func() (*ebpf.Program, error) { return prog, nil })
+		case tcAttachClsact:
+			err = inNetns(netnsPath, func() error {
+				_, err := tc.AttachClsact(prog, int(key.Ifindex)) // replaces our filter in place
+				return err
+			})
+			if err == nil {
+				err = repin(prog, pin)
+			}
+		}
+		prog.Close()
+		if err != nil {
+			return rep, fmt.Errorf("upgrade tc on %s: %w", cString(v.Ifname[:]), err)
+		}
+		rep.TCDevices++
+	}
+	d.log.Info("upgraded programs", zap.Int("cgroups", rep.Cgroups), zap.Int("tc_devices", rep.TCDevices))
+	return rep, nil
+}
+
+// updateLink swaps the program of the link pinned at pin for the one load
+// returns.
+func updateLink(pin string, load func() (*ebpf.Program, error)) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	prog, err := load()
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	return l.Update(prog)
+}
+
+// repin pins prog at path in place of whatever is pinned there.
+func repin(prog *ebpf.Program, path string) error {
+	tmp := path + "-new"
+	os.Remove(tmp)
+	if err := prog.Pin(tmp); err != nil {
+		return fmt.Errorf("pin %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("replace pin %s: %w", path, err)
+	}
+	return nil
+}
+
+func repinLink(l link.Link, path string) error {
+	tmp := path + "-new"
+	os.Remove(tmp)
+	if err := l.Pin(tmp); err != nil {
+		return fmt.Errorf("pin %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		l.Unpin()
+		return fmt.Errorf("replace pin %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,118 @@
+package dataplane
+
+import (
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/sockbypass/sockbypass/internal/testutil"
+)
+
+func linkProgramID(t *testing.T, pin string) ebpf.ProgramID {
+	t.Helper()
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Program
+}
+
+// TestUpgradeDuringTransfers replaces every program while connections
+// stream: no byte is lost, no connection is reset, counters continue, and
+// the new programs accelerate new connections.
+func TestUpgradeDuringTransfers(t *testing.T) {
+	dp := install(t)
+	netns := testutil.NewNetNS(t)
+	cg := testutil.NewCgroup(t)
+	if _, err := dp.Enable(cg, EnableOptions{TCDevices: []TCDevice{{NetnsPath: netns.Path(), Name: "lo"}}}); err != nil {
+		t.Fatal(err)
+	}
+	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
+	echoServer(t, l)
+
+	pins := []string{dp.cgroupLinkPin(cg.ID), dp.setsockoptLinkPin(cg.ID), filepath.Join(dp.pinDir, PinSkMsgLink), filepath.Join(dp.pinDir, PinRecvLink)}
+	before := map[string]ebpf.ProgramID{}
+	for _, p := range pins {
+		before[p] = linkProgramID(t, p)
+	}
+
+	const streams = 8
+	stop := make(chan struct{})
+	errs := make([]error, streams)
+	var wg sync.WaitGroup
+	for i := range streams {
+		c := dialIn(t, cg, "tcp4", l.Addr().String())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = streamUntil(c, stop, pattern(uint64(200+i), 1<<20), 16384)
+		}()
+	}
+	time.Sleep(150 * time.Millisecond)
+	countersBefore := counterOf(t, dp, cg.ID)
+	rep, err := dp.Upgrade()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Cgroups != 1 || rep.TCDevices != 1 {
+		t.Errorf("upgrade report %+v", rep)
+	}
+	time.Sleep(150 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("stream %d across the upgrade: %v", i, err)
+		}
+	}
+	for _, p := range pins {
+		if after := linkProgramID(t, p); after == before[p] {
+			t.Errorf("%s still runs program %d after the upgrade", p, after)
+		}
+	}
+	if c := counterOf(t, dp, cg.ID); c.RedirectedBytes <= countersBefore.RedirectedBytes {
+		t.Errorf("counters did not continue across the upgrade: %d then %d", countersBefore.RedirectedBytes, c.RedirectedBytes)
+	}
+	// A new connection with the new programs.
+	mid := counterOf(t, dp, cg.ID)
+	if err := echoRoundTrip(dialIn(t, cg, "tcp4", l.Addr().String()), pattern(9, 1<<20), 16384); err != nil {
+		t.Fatal(err)
+	}
+	if d := counterOf(t, dp, cg.ID).Sub(mid); d.SocketsInserted != 2 || d.RedirectedBytes == 0 {
+		t.Errorf("after the upgrade a new connection was not accelerated: %+v", d)
+	}
+}
+
+func TestForeignLayoutIsRefusedNotWiped(t *testing.T) {
+	dp := install(t)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dp.pinDir, PinLayout), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Put(uint32(0), uint32(99)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Open(Options{PinDir: dp.pinDir})
+	if err == nil || !strings.Contains(err.Error(), "layout version 99") || !strings.Contains(err.Error(), "uninstall") {
+		t.Fatalf("Open over a foreign layout: %v", err)
+	}
+	if _, err := OpenOrCreate(Options{PinDir: dp.pinDir}); err == nil {
+		t.Fatal("OpenOrCreate adopted a foreign layout")
+	}
+	// Nothing was removed.
+	if _, err := ebpf.LoadPinnedMap(filepath.Join(dp.pinDir, PinSockhash), nil); err != nil {
+		t.Errorf("the foreign state lost its sockhash: %v", err)
+	}
+	m.Put(uint32(0), uint32(LayoutVersion)) // let cleanup uninstall it
+}
