@@ -6,6 +6,8 @@ import (
 	"fmt"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/sockbypass/sockbypass/internal/bpfload"
 )
 
 //go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel skmsg skmsg.c -- -I../bpf -I../bpf/include
@@ -31,7 +33,7 @@ func Load(maps map[string]*ebpf.Map) (*ebpf.Program, error) {
 		return nil, err
 	}
 	var objs skmsgPrograms
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: bpfload.FitReplacements(spec, maps)}); err != nil {
 		return nil, fmt.Errorf("load sk_msg program: %w", err)
 	}
 	return objs.SockbypassSkmsg, nil

@@ -10,6 +10,8 @@ import (
 	"fmt"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/sockbypass/sockbypass/internal/bpfload"
 )
 
 //go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel sockops sockops.c -- -I../bpf -I../bpf/include
@@ -43,7 +45,7 @@ func Load(cgroupID uint64, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
 		return nil, fmt.Errorf("set %s: %w", CgroupIDConstant, err)
 	}
 	var objs sockopsPrograms
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: bpfload.FitReplacements(spec, maps)}); err != nil {
 		return nil, fmt.Errorf("load sock_ops program: %w", err)
 	}
 	return objs.SockbypassSockops, nil

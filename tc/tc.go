@@ -8,6 +8,8 @@ import (
 	"fmt"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/sockbypass/sockbypass/internal/bpfload"
 )
 
 //go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel tc tc.c -- -I../bpf -I../bpf/include
@@ -41,7 +43,7 @@ func Load(l2Len uint32, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
 		return nil, fmt.Errorf("set %s: %w", L2LenConstant, err)
 	}
 	var objs tcPrograms
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: bpfload.FitReplacements(spec, maps)}); err != nil {
 		return nil, fmt.Errorf("load tc program: %w", err)
 	}
 	return objs.SockbypassTcEgress, nil

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"os/signal"
 	"syscall"
 	"time"
@@ -13,41 +14,82 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
+	"gopkg.in/yaml.v3"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/config"
+	"github.com/sockbypass/sockbypass/internal/daemon"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/metrics"
+	"github.com/sockbypass/sockbypass/internal/privilege"
 	"github.com/sockbypass/sockbypass/internal/stats"
 )
 
 var daemonCommand = command{
-	summary: "run in the foreground: serve Prometheus metrics of the pinned state",
-	usage:   "daemon [--metrics-addr HOST:PORT] [--cgroup PATH ...]",
+	summary: "run in the foreground: keep the configured cgroups enabled, serve metrics",
+	usage:   "daemon --config FILE [--cleanup-on-exit] | daemon [--cgroup PATH ...] [--tc-dev DEV ...] [--metrics-addr HOST:PORT]",
 	run:     runDaemon,
 }
 
 func runDaemon(e *env, args []string) error {
-	var pinDir, logLevel, metricsAddr string
-	var cgroups stringList
+	var pinDir, logLevel, configPath, metricsAddr string
+	var cgroups, tcDevs stringList
+	var cleanupOnExit bool
 	fs := newFlagSet("daemon", e, &pinDir, &logLevel)
-	fs.StringVar(&metricsAddr, "metrics-addr", "127.0.0.1:9464", "address to serve /metrics and /healthz on; empty disables it")
-	fs.Var(&cgroups, "cgroup", "cgroup to enable at start (repeatable), with TC accounting on lo")
+	fs.StringVar(&configPath, "config", "", "YAML configuration (see README); SIGHUP reloads it")
+	fs.BoolVar(&cleanupOnExit, "cleanup-on-exit", false, "uninstall everything on SIGTERM/SIGINT (default: leave acceleration in place)")
+	fs.Var(&cgroups, "cgroup", "without --config: cgroup path or glob to keep enabled (repeatable)")
+	fs.Var(&tcDevs, "tc-dev", "without --config: interface to account (repeatable; default lo)")
+	fs.StringVar(&metricsAddr, "metrics-addr", config.DefaultMetricsAddr, "without --config: address of /metrics and /healthz; empty disables")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}
-	resolved, err := resolveAll(cgroups)
+	load := func() (*config.Config, error) { return config.Load(configPath) }
+	if configPath == "" {
+		if len(tcDevs) > 0 || len(cgroups) > 0 || metricsAddr != config.DefaultMetricsAddr {
+			data, err := flagsConfig(cgroups, tcDevs, metricsAddr)
+			if err != nil {
+				return err
+			}
+			load = func() (*config.Config, error) { return config.Parse(data) }
+		} else {
+			load = func() (*config.Config, error) { return config.Parse([]byte("cgroups: []\n")) }
+		}
+	} else if len(cgroups) > 0 || len(tcDevs) > 0 {
+		return usagef("--config and --cgroup/--tc-dev contradict each other: put the cgroups in the file")
+	}
+	cfg, err := load()
 	if err != nil {
 		return err
 	}
-	dp, err := openDataplane(e, true, 0)
+	if logLevel == "warn" { // the flag's default: the file decides
+		e.log = newLogger(e.stderr, cfg.Level())
+	}
+
+	if err := privilege.Check(); err != nil {
+		return err
+	}
+	if err := privilege.CheckKernel(); err != nil {
+		return err
+	}
+	opts := dataplane.Options{PinDir: e.pinDir, Logger: e.log, SockhashMaxEntries: cfg.SockhashSize.Value}
+	dp, err := dataplane.Open(opts)
+	adopted := err == nil
+	if errors.Is(err, dataplane.ErrNotInstalled) {
+		dp, err = dataplane.OpenOrCreate(opts)
+	}
 	if err != nil {
 		return err
 	}
 	defer dp.Close()
-	for _, cg := range resolved {
-		if _, err := dp.Enable(cg, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}}); err != nil {
-			return err
+	if adopted {
+		// A restart, or a newer binary over running state: take over the
+		// pins and run this binary's programs, replaced in place.
+		rep, err := dp.Upgrade()
+		if err != nil {
+			return fmt.Errorf("adopt pinned state in %s: %w", e.pinDir, err)
 		}
+		e.log.Info("adopted pinned state", zap.String("pin_dir", e.pinDir), zap.Int("cgroups", rep.Cgroups), zap.Int("tc_devices", rep.TCDevices))
 	}
 	mounts, err := cgroup.ReadMounts()
 	if err != nil {
@@ -56,11 +98,29 @@ func runDaemon(e *env, args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	reload := make(chan struct{}, 1)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				select {
+				case reload <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+
 	var srv *http.Server
-	if metricsAddr != "" {
-		ln, err := net.Listen("tcp", metricsAddr)
+	if addr := cfg.Metrics(); addr != "" {
+		ln, err := net.Listen("tcp", addr)
 		if err != nil {
-			return fmt.Errorf("--metrics-addr %s: %w", metricsAddr, err)
+			return fmt.Errorf("metrics address %s: %w", addr, err)
 		}
 		srv = newMetricsServer(dp, mounts.V2)
 		go func() {
@@ -69,17 +129,39 @@ func runDaemon(e *env, args []string) error {
 				stop()
 			}
 		}()
-		e.log.Info("serving metrics", zap.String("addr", ln.Addr().String()))
 		fmt.Fprintf(e.stdout, "sockbypass daemon: serving metrics on http://%s/metrics (pin directory %s)\n", ln.Addr(), e.pinDir)
 	}
-	<-ctx.Done()
+
+	if configPath == "" && len(cgroups) == 0 {
+		// Metrics only: leave the cgroups enabled by hand alone.
+		<-ctx.Done()
+	} else {
+		daemon.New(dp, cfg, e.log).Run(ctx, reload, load)
+	}
+
 	if srv != nil {
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		srv.Shutdown(shutdownCtx)
 	}
+	if cleanupOnExit {
+		e.log.Info("--cleanup-on-exit: uninstalling; live connections keep their acceleration until they close")
+		return dp.Uninstall()
+	}
 	e.log.Info("daemon exiting; acceleration stays in place", zap.String("pin_dir", e.pinDir))
 	return nil
+}
+
+// flagsConfig writes the daemon flags as a configuration file.
+func flagsConfig(cgroups, tcDevs []string, metricsAddr string) ([]byte, error) {
+	doc := map[string]any{"cgroups": cgroups, "metricsAddr": metricsAddr}
+	if cgroups == nil {
+		doc["cgroups"] = []string{}
+	}
+	if len(tcDevs) > 0 {
+		doc["tcDevices"] = tcDevs
+	}
+	return yaml.Marshal(doc)
 }
 
 // newMetricsServer serves /metrics (read from dp at each scrape) and

@@ -40,6 +40,7 @@ var commands = map[string]command{
 	"stats":     statsCommand,
 	"daemon":    daemonCommand,
 	"doctor":    doctorCommand,
+	"upgrade":   upgradeCommand,
 	"uninstall": uninstallCommand,
 }
 

@@ -192,7 +192,6 @@ func validatePattern(mounts cgroup.Mounts, p Field[string]) error {
 	return nil
 }
 
-
 // Expand expands the configured paths and globs into the cgroups that exist
 // now, deduplicated by id. Globs that match nothing are fine.
 func (c *Config) Expand(mounts cgroup.Mounts) ([]cgroup.Cgroup, error) {

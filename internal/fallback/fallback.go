@@ -11,6 +11,8 @@ import (
 	"fmt"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/sockbypass/sockbypass/internal/bpfload"
 )
 
 //go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel fallback fallback.c -- -I../../bpf -I../../bpf/include
@@ -45,7 +47,7 @@ func LoadSetsockopt(cgroupID uint64, maps map[string]*ebpf.Map) (*ebpf.Program, 
 		return nil, fmt.Errorf("set %s: %w", CgroupIDConstant, err)
 	}
 	delete(spec.Programs, RecvProgram)
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: usedMaps(spec, maps)})
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: bpfload.FitReplacements(spec, maps)})
 	if err != nil {
 		return nil, fmt.Errorf("load cgroup/setsockopt program: %w", err)
 	}
@@ -61,21 +63,10 @@ func LoadRecv(maps map[string]*ebpf.Map) (*ebpf.Program, error) {
 		return nil, err
 	}
 	delete(spec.Programs, SetsockoptProgram)
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: usedMaps(spec, maps)})
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: bpfload.FitReplacements(spec, maps)})
 	if err != nil {
 		return nil, fmt.Errorf("load tp_btf/sock_recv_length program: %w", err)
 	}
 	defer coll.Close()
 	return coll.DetachProgram(RecvProgram), nil
-}
-
-// usedMaps returns the maps of m that spec declares.
-func usedMaps(spec *ebpf.CollectionSpec, m map[string]*ebpf.Map) map[string]*ebpf.Map {
-	out := map[string]*ebpf.Map{}
-	for name, mp := range m {
-		if _, ok := spec.Maps[name]; ok {
-			out[name] = mp
-		}
-	}
-	return out
 }

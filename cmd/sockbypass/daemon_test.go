@@ -1,0 +1,505 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/testutil"
+)
+
+// syncBuffer is a bytes.Buffer safe for a child's output and the test.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// daemonProc is a sockbypass daemon running as a child process.
+type daemonProc struct {
+	cmd    *exec.Cmd
+	logs   *syncBuffer
+	exited chan error
+}
+
+// startDaemon runs `sockbypass daemon --config configPath` as a child and
+// stops it (SIGTERM, then SIGKILL) when the test ends.
+func startDaemon(t *testing.T, pinDir, configPath string, extra ...string) *daemonProc {
+	t.Helper()
+	args := append([]string{"daemon", "--config", configPath, "--bpffs-dir", pinDir}, extra...)
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "SOCKBYPASS_TEST_MAIN=1")
+	logs := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemonProc{cmd: cmd, logs: logs, exited: make(chan error, 1)}
+	go func() { d.exited <- cmd.Wait() }()
+	t.Cleanup(func() { d.stop(t) })
+	return d
+}
+
+func (d *daemonProc) stop(t *testing.T) {
+	if d.cmd.ProcessState != nil {
+		return
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(10 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.exited
+	}
+}
+
+func writeConfig(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitEnabled waits until exactly the cgroups want are enabled.
+func waitEnabled(t *testing.T, pinDir string, d *daemonProc, want ...cgroup.Cgroup) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		code, out, _ := sockbypass(t, "status", "--json", "--bpffs-dir", pinDir)
+		if code == 0 {
+			got := map[uint64]bool{}
+			st := statusJSON{}
+			if jsonUnmarshal(out, &st) == nil && st.Status != nil {
+				for _, cg := range st.Cgroups {
+					got[cg.ID] = true
+				}
+				ok := len(got) == len(want)
+				for _, cg := range want {
+					ok = ok && got[cg.ID]
+				}
+				if ok {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon did not converge on %d enabled cgroups; logs:\n%s", len(want), d.logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// echoListener serves echo connections (read/write loop) in cg.
+func echoListener(t *testing.T, cg cgroup.Cgroup) net.Listener {
+	t.Helper()
+	var l net.Listener
+	var err error
+	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 32<<10)
+				for {
+					n, err := c.Read(buf)
+					if n > 0 {
+						if _, err := c.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						c.(*net.TCPConn).CloseWrite()
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return l
+}
+
+// echoTransfer sends size bytes through conn in 16 KiB writes, reading the
+// echo concurrently, and fails unless the echo is identical.
+func echoTransfer(c net.Conn, seed, size int) error {
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	payload := make([]byte, size)
+	for i := range payload {
+		payload[i] = byte(i*seed + i>>9)
+	}
+	werr := make(chan error, 1)
+	go func() {
+		for off := 0; off < size; off += 16 << 10 {
+			if _, err := c.Write(payload[off:min(off+16<<10, size)]); err != nil {
+				werr <- err
+				return
+			}
+			if off%(1<<20) == 0 {
+				time.Sleep(2 * time.Millisecond) // long enough to span a daemon kill
+			}
+		}
+		werr <- c.(*net.TCPConn).CloseWrite()
+	}()
+	h := sha256.New()
+	n, err := io.Copy(h, c)
+	if err != nil {
+		return fmt.Errorf("after %d bytes: %w", n, err)
+	}
+	if err := <-werr; err != nil {
+		return err
+	}
+	want := sha256.Sum256(payload)
+	if n != int64(size) || !bytes.Equal(h.Sum(nil), want[:]) {
+		return fmt.Errorf("echo of %d bytes came back as %d bytes with another sha256", size, n)
+	}
+	return nil
+}
+
+func redirectedOf(t *testing.T, pinDir string, id uint64) uint64 {
+	t.Helper()
+	for _, c := range statsJSON(t, pinDir).Cgroups {
+		if c.ID == id {
+			return c.RedirectedBytes
+		}
+	}
+	return 0
+}
+
+func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) }
+
+func TestDaemonKill9DuringTransfersLosesNothingAndRestartAdopts(t *testing.T) {
+	pinDir := testutil.NewPinDir(t)
+	cg := testutil.NewCgroup(t)
+	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", cg.Path))
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	d := startDaemon(t, pinDir, cfgPath)
+	waitEnabled(t, pinDir, d, cg)
+
+	l := echoListener(t, cg)
+	const conns = 32
+	clients := make([]net.Conn, conns)
+	for i := range clients {
+		var err error
+		testutil.InCgroup(t, cg, func() { clients[i], err = net.Dial("tcp4", l.Addr().String()) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer clients[i].Close()
+	}
+	errs := make([]error, conns)
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = echoTransfer(c, i+1, 8<<20) }()
+	}
+	time.Sleep(30 * time.Millisecond)
+	d.cmd.Process.Kill() // kill -9
+	<-d.exited
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("transfer %d across kill -9: %v", i, err)
+		}
+	}
+	before := redirectedOf(t, pinDir, cg.ID)
+	if before == 0 {
+		t.Fatal("nothing was redirected: the test did not exercise the fast path")
+	}
+
+	d2 := startDaemon(t, pinDir, cfgPath)
+	waitEnabled(t, pinDir, d2, cg)
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(d2.logs.String(), "adopted pinned state") && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(d2.logs.String(), "adopted pinned state") {
+		t.Errorf("restarted daemon did not say it adopted the pins:\n%s", d2.logs.String())
+	}
+	var c net.Conn
+	var err error
+	testutil.InCgroup(t, cg, func() { c, err = net.Dial("tcp4", l.Addr().String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := echoTransfer(c, 99, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if after := redirectedOf(t, pinDir, cg.ID); after <= before {
+		t.Errorf("counters did not continue after the restart: %d then %d", before, after)
+	}
+}
+
+func TestDaemonNoticesRemovedCgroupAndKeepsServing(t *testing.T) {
+	pinDir := testutil.NewPinDir(t)
+	parent := testutil.NewCgroup(t)
+	mounts, _ := cgroup.ReadMounts()
+	var pods []cgroup.Cgroup
+	for _, name := range []string{"pod-a", "pod-b"} {
+		dir := filepath.Join(parent.Path, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Remove(dir) })
+		cg, err := mounts.Resolve(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pods = append(pods, cg)
+	}
+	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: ['%s/pod-*']\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", parent.Path))
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	d := startDaemon(t, pinDir, cfgPath)
+	waitEnabled(t, pinDir, d, pods...)
+
+	if err := os.Remove(pods[1].Path); err != nil {
+		t.Fatal(err)
+	}
+	waitEnabled(t, pinDir, d, pods[0])
+	if !strings.Contains(d.logs.String(), "cgroup removed") {
+		t.Errorf("daemon did not log the removal:\n%s", d.logs.String())
+	}
+	if _, err := os.Stat(filepath.Join(pinDir, "cgroups", fmt.Sprint(pods[1].ID))); !os.IsNotExist(err) {
+		t.Errorf("the removed cgroup's link pin is still there")
+	}
+	// The rest keeps working, and a new pod matching the glob is picked up.
+	l := echoListener(t, pods[0])
+	var c net.Conn
+	var err error
+	testutil.InCgroup(t, pods[0], func() { c, err = net.Dial("tcp4", l.Addr().String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := echoTransfer(c, 3, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if redirectedOf(t, pinDir, pods[0].ID) == 0 {
+		t.Error("the remaining cgroup is not accelerated")
+	}
+	dir := filepath.Join(parent.Path, "pod-c")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(dir) })
+	podC, _ := mounts.Resolve(dir)
+	waitEnabled(t, pinDir, d, pods[0], podC)
+}
+
+func TestDaemonSockhashFullFallsBackAndSaysSo(t *testing.T) {
+	pinDir := testutil.NewPinDir(t)
+	cg := testutil.NewCgroup(t)
+	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\nsockhashSize: 4\n", cg.Path))
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	d := startDaemon(t, pinDir, cfgPath)
+	waitEnabled(t, pinDir, d, cg)
+
+	l := echoListener(t, cg)
+	var conns []net.Conn
+	for i := 0; i < 6; i++ { // 12 sockets for 4 places
+		var c net.Conn
+		var err error
+		testutil.InCgroup(t, cg, func() { c, err = net.Dial("tcp4", l.Addr().String()) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	for i, c := range conns {
+		if err := echoTransfer(c, i+7, 256<<10); err != nil {
+			t.Errorf("connection %d with a full sockhash: %v", i, err)
+		}
+	}
+	r := statsJSON(t, pinDir)
+	if len(r.Cgroups) != 1 || r.Cgroups[0].InsertFailures < 8 || r.SockhashCapacity != 4 {
+		t.Fatalf("stats with a full sockhash: %+v capacity %d", r.Cgroups, r.SockhashCapacity)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(d.logs.String(), "sockhash full") && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(d.logs.String(), "sockhash full") {
+		t.Errorf("no log line about the full sockhash:\n%s", d.logs.String())
+	}
+}
+
+func TestTenThousandShortConnectionsLeakNothing(t *testing.T) {
+	pinDir := testutil.NewPinDir(t)
+	cg := testutil.NewCgroup(t)
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir); code != 0 {
+		t.Fatal(errOut)
+	}
+	var l net.Listener
+	var err error
+	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
+	const n = 10000
+	failures := 0
+	start := time.Now()
+	msg := []byte("short connection payload 0123456789abcdef0123456789abcdef0123456789")
+	testutil.InCgroup(t, cg, func() {
+		for i := 0; i < n && time.Since(start) < 90*time.Second; i++ {
+			c, err := net.DialTimeout("tcp4", l.Addr().String(), 5*time.Second)
+			if err != nil {
+				failures++
+				continue
+			}
+			if _, err := c.Write(msg); err != nil {
+				failures++
+			}
+			c.Close()
+		}
+	})
+	t.Logf("%d connections in %v, %d failures", n, time.Since(start), failures)
+	if failures != 0 {
+		t.Errorf("%d of %d short connections failed", failures, n)
+	}
+	r := statsJSON(t, pinDir)
+	if r.Cgroups[0].SocketsInserted < n {
+		t.Errorf("only %d sockets inserted for %d connections", r.Cgroups[0].SocketsInserted, n)
+	}
+	// Every socket leaves the sockhash, and our bookkeeping, when it closes.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		left := map[string]int{}
+		for _, name := range []string{"sockhash", "socket_cgroups", "receivers"} {
+			m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var k, v []byte
+			k = make([]byte, m.KeySize())
+			v = make([]byte, m.ValueSize())
+			it := m.Iterate()
+			for it.Next(&k, &v) {
+				left[name]++
+			}
+			m.Close()
+		}
+		if left["sockhash"] == 0 && left["socket_cgroups"] == 0 && left["receivers"] == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("entries left after every connection closed: %v", left)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func TestDaemonRefusesBadConfigsAndKeepsThePreviousOnReload(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	pinDir := testutil.NewPinDir(t)
+	dir := t.TempDir()
+	for name, content := range map[string]string{
+		"unknown-key": "cgroups: []\ncgroupz: [x]\n",
+		"bad-glob":    "cgroups:\n  - 'x/[a-'\n",
+		"missing":     "cgroups:\n  - no-such-cgroup-sockbypass\n",
+		"wrong-type":  "cgroups: []\nrescanInterval: [1]\n",
+	} {
+		path := filepath.Join(dir, name+".yaml")
+		writeConfig(t, path, content)
+		code, _, errOut := sockbypass(t, "daemon", "--config", path, "--bpffs-dir", pinDir)
+		if code == 0 || !strings.Contains(errOut, "line ") || !strings.Contains(errOut, path) {
+			t.Errorf("%s: exit %d, stderr %q; want a refusal naming the file and line", name, code, errOut)
+		}
+	}
+	if _, err := os.Stat(pinDir); !os.IsNotExist(err) {
+		t.Errorf("a refused config left pins in %s", pinDir)
+	}
+
+	a := testutil.NewCgroup(t)
+	b := testutil.NewCgroup(t)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", a.Path))
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	d := startDaemon(t, pinDir, cfgPath)
+	waitEnabled(t, pinDir, d, a)
+
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\nbogus: true\n", b.Path))
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(d.logs.String(), "reload refused") && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if logs := d.logs.String(); !strings.Contains(logs, "reload refused") || !strings.Contains(logs, "line 2") {
+		t.Fatalf("bad reload not refused with its line:\n%s", logs)
+	}
+	time.Sleep(500 * time.Millisecond)
+	waitEnabled(t, pinDir, d, a) // the previous configuration stays
+
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s, %s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", a.Path, b.Path))
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	waitEnabled(t, pinDir, d, a, b)
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", b.Path))
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	waitEnabled(t, pinDir, d, b) // detaches what the config no longer names
+}
+
+func TestUpgradeCommand(t *testing.T) {
+	pinDir := testutil.NewPinDir(t)
+	cg := testutil.NewCgroup(t)
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
+		t.Fatal(errOut)
+	}
+	before := statusOf(t, pinDir)
+	code, out, errOut := sockbypass(t, "upgrade", "--bpffs-dir", pinDir)
+	if code != 0 || !strings.Contains(out, "upgraded: programs of 1 cgroup(s), 1 TC device(s)") {
+		t.Fatalf("upgrade: exit %d\n%s%s", code, out, errOut)
+	}
+	after := statusOf(t, pinDir)
+	if after.SkMsgProgramID == before.SkMsgProgramID || after.Cgroups[0].SockOpsProgramID == before.Cgroups[0].SockOpsProgramID {
+		t.Errorf("programs not replaced: sk_msg %d -> %d, sock_ops %d -> %d", before.SkMsgProgramID, after.SkMsgProgramID,
+			before.Cgroups[0].SockOpsProgramID, after.Cgroups[0].SockOpsProgramID)
+	}
+	trafficIn(t, cg, 1<<20)
+}

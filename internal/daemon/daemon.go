@@ -1,0 +1,180 @@
+// Package daemon keeps the pinned state in line with the configuration:
+// it adopts what is pinned, enables the cgroups the configuration names
+// (globs are expanded again every rescan interval, so new pods are picked
+// up), disables the ones it no longer names or that were removed, reloads
+// the configuration on request, and reports a full sockhash.
+//
+// New cgroups are found by a periodic rescan rather than inotify: cgroupfs
+// needs one inotify watch per directory level, a glob such as
+// kubepods.slice/*/* spans levels that appear and vanish with pods, and a
+// missed event would leave a pod unaccelerated for good, while expanding a
+// few hundred directories every couple of seconds costs next to nothing.
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/config"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+)
+
+// Daemon reconciles the pinned state with a configuration.
+type Daemon struct {
+	log *zap.Logger
+	dp  *dataplane.Dataplane
+
+	mu  sync.Mutex
+	cfg *config.Config
+
+	// lastInsertFailures is the total of insert failures at the last
+	// check, to report a full sockhash once per increase.
+	lastInsertFailures uint64
+}
+
+// New returns a daemon over dp with the configuration cfg.
+func New(dp *dataplane.Dataplane, cfg *config.Config, log *zap.Logger) *Daemon {
+	return &Daemon{log: log, dp: dp, cfg: cfg}
+}
+
+// Config returns the configuration in force.
+func (d *Daemon) Config() *config.Config {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cfg
+}
+
+// SetConfig replaces the configuration; the next Reconcile applies it.
+func (d *Daemon) SetConfig(cfg *config.Config) {
+	d.mu.Lock()
+	d.cfg = cfg
+	d.mu.Unlock()
+}
+
+// Result says what one Reconcile changed.
+type Result struct {
+	Enabled, Disabled []uint64
+}
+
+// Reconcile makes the enabled cgroups those the configuration names now:
+// it enables the missing ones (with the configured TC devices and mode,
+// which Enable also re-applies to those already enabled) and disables the
+// enabled ones it no longer names, including cgroups that were removed. It
+// goes on after a failure with one cgroup and returns the first error.
+func (d *Daemon) Reconcile() (Result, error) {
+	var res Result
+	cfg := d.Config()
+	mounts, err := cgroup.ReadMounts()
+	if err != nil {
+		return res, err
+	}
+	desired, err := cfg.Expand(mounts)
+	if err != nil {
+		return res, err
+	}
+	enabled, err := d.dp.EnabledCgroupIDs()
+	if err != nil {
+		return res, err
+	}
+	isEnabled := map[uint64]bool{}
+	for _, id := range enabled {
+		isEnabled[id] = true
+	}
+	want := map[uint64]bool{}
+	opts := dataplane.EnableOptions{TCDevices: cfg.TCDevicesOrDefault(), AccountOnly: cfg.AccountOnly.Value}
+	var firstErr error
+	for _, cg := range desired {
+		want[cg.ID] = true
+		changed, err := d.dp.Enable(cg, opts)
+		if err != nil {
+			// The cgroup may have gone between the glob and the attach.
+			d.log.Warn("enable failed", zap.String("cgroup", cg.Path), zap.Error(err))
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		if changed {
+			res.Enabled = append(res.Enabled, cg.ID)
+			d.log.Info("enabled cgroup", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
+		}
+	}
+	for _, id := range enabled {
+		if want[id] {
+			continue
+		}
+		path, _ := mounts.PathByID(id)
+		if _, err := d.dp.Disable(id); err != nil {
+			d.log.Warn("disable failed", zap.Uint64("cgroup_id", id), zap.Error(err))
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		res.Disabled = append(res.Disabled, id)
+		if path == "" {
+			d.log.Info("cgroup removed: detached its programs", zap.Uint64("cgroup_id", id))
+		} else {
+			d.log.Info("cgroup no longer configured: disabled", zap.String("cgroup", path), zap.Uint64("cgroup_id", id))
+		}
+	}
+	d.checkSockhash()
+	return res, firstErr
+}
+
+// checkSockhash logs once per increase when sockets could not be inserted.
+func (d *Daemon) checkSockhash() {
+	counters, err := d.dp.Counters()
+	if err != nil {
+		return
+	}
+	var total uint64
+	for _, c := range counters {
+		total += c.InsertFailures
+	}
+	if total > d.lastInsertFailures {
+		d.log.Warn("sockhash full: new connections take the normal TCP path; raise sockhashSize",
+			zap.Uint64("sockets_not_inserted", total-d.lastInsertFailures),
+			zap.Uint64("sockets_not_inserted_total", total))
+	}
+	d.lastInsertFailures = total
+}
+
+// Run reconciles now and then every rescan interval, and reloads the
+// configuration with load whenever reload receives; a configuration that
+// fails to load is logged with its line and the previous one stays in
+// force. Run returns when ctx is done.
+func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}, load func() (*config.Config, error)) {
+	if _, err := d.Reconcile(); err != nil {
+		d.log.Warn("reconcile", zap.Error(err))
+	}
+	for {
+		timer := time.NewTimer(d.Config().Rescan())
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return
+		case <-reload:
+			timer.Stop()
+			cfg, err := load()
+			if err != nil {
+				d.log.Error("config reload refused; keeping the previous configuration", zap.Error(err))
+				continue
+			}
+			d.SetConfig(cfg)
+			d.log.Info("config reloaded")
+		case <-timer.C:
+		}
+		if _, err := d.Reconcile(); err != nil {
+			d.log.Warn("reconcile", zap.Error(err))
+		}
+	}
+}
+
+// String describes the daemon for logs.
+func (d *Daemon) String() string { return fmt.Sprintf("daemon(%s)", d.dp.PinDir()) }
