@@ -1,0 +1,67 @@
+package suite
+
+import (
+	"context"
+	"time"
+)
+
+// Config bounds a suite run.
+type Config struct {
+	// Runs is the number of runs per mode (median reported); at least 1.
+	Runs int
+	// Duration is the length of one timed run (whole seconds for the tools
+	// that only take seconds, at least 1 s).
+	Duration time.Duration
+	// Smoke makes every run as short as the tools allow (a CI check, not a
+	// measurement): byte-bounded streams, small request counts.
+	Smoke bool
+	// Progress, when set, receives one line per run.
+	Progress func(format string, args ...any)
+}
+
+// seconds is Duration in whole seconds, at least 1.
+func (c Config) seconds() int {
+	s := int(c.Duration.Round(time.Second) / time.Second)
+	if s < 1 {
+		return 1
+	}
+	return s
+}
+
+// Case is one workload with its parameters on one topology.
+type Case struct {
+	// Name identifies the case: "<topology>/<workload>-<params>".
+	Name string
+	// Topology is TopoLoopback or TopoVeth.
+	Topology string
+	// Workload is the program family: sockperf, iperf3, connrate, redis, nginx.
+	Workload string
+	// Size is the message, write or body size in bytes, when it has one.
+	Size int
+	// Metrics are the metrics every run reports, headline first.
+	Metrics []MetricSpec
+	// start starts the servers of one mode and returns the instance that
+	// runs the clients.
+	start func(ctx context.Context, rc *runContext) (instance, error)
+}
+
+// runContext is what a case needs to start one mode.
+type runContext struct {
+	env  *Env
+	topo *Topology
+	mode *Mode
+	cfg  Config
+	// dir is a temporary directory of this case and mode.
+	dir string
+}
+
+// instance is a case started in one mode: servers up, ready for runs.
+type instance interface {
+	// run runs the client once, verifies what it can, and returns the
+	// measurements.
+	run(ctx context.Context) (Sample, error)
+	// verify runs the final integrity checks of the mode, after the runs.
+	verify(ctx context.Context) ([]string, error)
+	// stop stops the servers.
+	stop() error
+}

@@ -1,0 +1,103 @@
+package suite
+
+import (
+	"fmt"
+	"regexp"
+)
+
+// FullCases is the whole suite, on both topologies: sockperf ping-pong at
+// 64 B, 1 KiB and 16 KiB on one CPU and on two; iperf3 with 1 KiB, 16 KiB
+// and 128 KiB writes; short connections per second; redis-benchmark with
+// and without pipelining; wrk against nginx with 1 KiB and 100 KiB bodies,
+// sendfile on and off.
+func FullCases() []Case {
+	var cases []Case
+	for _, topo := range []string{TopoLoopback, TopoVeth} {
+		for _, cpus := range []cpuPlacement{OneCPU, TwoCPU} {
+			for _, size := range []int{64, 1 << 10, 16 << 10} {
+				cases = append(cases, sockperfCase(topo, size, cpus))
+			}
+		}
+		for _, size := range []int{1 << 10, 16 << 10, 128 << 10} {
+			cases = append(cases, iperfCase(topo, size))
+		}
+		cases = append(cases, connRateCase(topo))
+		for _, p := range []int{1, 16} {
+			cases = append(cases, redisCase(topo, p))
+		}
+		for _, size := range []int{1 << 10, 100 << 10} {
+			for _, sf := range []bool{true, false} {
+				cases = append(cases, nginxCase(topo, size, sf))
+			}
+		}
+	}
+	return cases
+}
+
+// QuickCases is a subset of FullCases for make bench-quick: every workload
+// over loopback, a few sizes, and two cases of the veth topology.
+func QuickCases() []Case {
+	return []Case{
+		sockperfCase(TopoLoopback, 64, OneCPU),
+		sockperfCase(TopoLoopback, 64, TwoCPU),
+		sockperfCase(TopoLoopback, 16<<10, TwoCPU),
+		iperfCase(TopoLoopback, 16<<10),
+		iperfCase(TopoLoopback, 128<<10),
+		connRateCase(TopoLoopback),
+		redisCase(TopoLoopback, 1),
+		redisCase(TopoLoopback, 16),
+		nginxCase(TopoLoopback, 1<<10, true),
+		nginxCase(TopoLoopback, 100<<10, false),
+		sockperfCase(TopoVeth, 64, TwoCPU),
+		iperfCase(TopoVeth, 128<<10),
+	}
+}
+
+// SmokeCases is the CI subset: one case of every workload over loopback
+// (where redirects must happen) and one over veth (built, talks; not
+// paired yet).
+func SmokeCases() []Case {
+	return []Case{
+		sockperfCase(TopoLoopback, 1<<10, TwoCPU),
+		iperfCase(TopoLoopback, 16<<10),
+		connRateCase(TopoLoopback),
+		redisCase(TopoLoopback, 16),
+		nginxCase(TopoLoopback, 100<<10, true),
+		iperfCase(TopoVeth, 16<<10),
+	}
+}
+
+// AllCases is every case the suite knows, full and smoke, without
+// duplicates, for selection by name.
+func AllCases() []Case {
+	seen := map[string]bool{}
+	var all []Case
+	for _, list := range [][]Case{FullCases(), QuickCases(), SmokeCases()} {
+		for _, c := range list {
+			if !seen[c.Name] {
+				seen[c.Name] = true
+				all = append(all, c)
+			}
+		}
+	}
+	return all
+}
+
+// Select returns the cases whose name matches the regular expression
+// pattern.
+func Select(cases []Case, pattern string) ([]Case, error) {
+	re, err := regexp.Compile(pattern)
+	if err != nil {
+		return nil, fmt.Errorf("case pattern: %w", err)
+	}
+	var out []Case
+	for _, c := range cases {
+		if re.MatchString(c.Name) {
+			out = append(out, c)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no case matches %q", pattern)
+	}
+	return out, nil
+}

@@ -1,0 +1,12 @@
+// Package suite is the end-to-end benchmark and acceptance suite of
+// sockbypass: it builds its own topologies (one network namespace over
+// loopback, and two namespaces joined by a veth pair), drives real programs
+// (sockperf, iperf3, wrk against nginx, redis-benchmark against
+// redis-server) plain and accelerated side by side, verifies the content of
+// every application run, and writes results.json, results.md and PNG charts.
+//
+// Plain runs put both ends in a cgroup that is not enabled; accelerated runs
+// put both ends in an enabled cgroup. Runs alternate between the two modes
+// and every metric is the median of the runs, with its spread. Timings are
+// reported, never asserted.
+package suite

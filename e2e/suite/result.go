@@ -1,0 +1,134 @@
+package suite
+
+import (
+	"sort"
+	"time"
+)
+
+// MetricSpec declares one metric a case reports.
+type MetricSpec struct {
+	Name string
+	Unit string
+	// LowerIsBetter is true for latencies and costs.
+	LowerIsBetter bool
+}
+
+// Percentile is one point of a latency distribution.
+type Percentile struct {
+	// P is the percentile, 0 for the minimum and 100 for the maximum.
+	P float64 `json:"p"`
+	// Us is the latency at P, in microseconds.
+	Us float64 `json:"us"`
+}
+
+// Sample is what one run of a case measured.
+type Sample struct {
+	// Values holds one value per MetricSpec name.
+	Values map[string]float64
+	// Percentiles is the latency distribution of the run, when it has one.
+	Percentiles []Percentile
+	// Checks lists the integrity checks the run passed.
+	Checks []string
+}
+
+// MetricResult compares one metric, plain vs accelerated.
+type MetricResult struct {
+	Name          string    `json:"metric"`
+	Unit          string    `json:"unit"`
+	LowerIsBetter bool      `json:"lower_is_better"`
+	Plain         []float64 `json:"plain"`
+	Accelerated   []float64 `json:"accelerated"`
+	PlainMedian   float64   `json:"plain_median"`
+	AccelMedian   float64   `json:"accelerated_median"`
+	// Ratio is accelerated / plain (medians).
+	Ratio float64 `json:"ratio"`
+	// Spreads are (max-min)/median of the runs, in percent.
+	PlainSpread float64 `json:"plain_spread_pct"`
+	AccelSpread float64 `json:"accelerated_spread_pct"`
+}
+
+// Traffic is what the sockbypass counters saw during the runs of one mode.
+type Traffic struct {
+	RedirectedBytes uint64 `json:"redirected_bytes"`
+	RedirectedMsgs  uint64 `json:"redirected_msgs"`
+	PassedBytes     uint64 `json:"passed_bytes"`
+	SocketsInserted uint64 `json:"sockets_inserted"`
+}
+
+// CaseResult is the outcome of one case.
+type CaseResult struct {
+	Name     string `json:"name"`
+	Topology string `json:"topology"`
+	Workload string `json:"workload"`
+	// Size is the message, write or body size in bytes (0 when none).
+	Size    int            `json:"size_bytes,omitempty"`
+	Metrics []MetricResult `json:"metrics"`
+	// Plain and Accelerated are the counter deltas over all runs of each
+	// mode (Plain sums every cgroup: it must stay zero).
+	PlainTraffic Traffic `json:"plain_traffic"`
+	AccelTraffic Traffic `json:"accelerated_traffic"`
+	// Paired is true when the accelerated runs took the fast path.
+	Paired bool `json:"paired"`
+	// Checks lists the integrity checks passed, per mode.
+	Checks []string `json:"checks"`
+	// Note explains the result (for example cross-netns: not paired yet).
+	Note string `json:"note,omitempty"`
+	// Error is set when the case failed; a failed integrity check fails
+	// the suite.
+	Error string `json:"error,omitempty"`
+	// Latency distributions of the median run of each mode.
+	PlainPercentiles []Percentile `json:"plain_percentiles,omitempty"`
+	AccelPercentiles []Percentile `json:"accelerated_percentiles,omitempty"`
+	// Elapsed is the wall time of the case.
+	Elapsed time.Duration `json:"elapsed_ns"`
+}
+
+// medianSpread returns the median of v and its spread (max-min)/median in
+// percent.
+func medianSpread(v []float64) (median, spreadPct float64) {
+	if len(v) == 0 {
+		return 0, 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	n := len(s)
+	if n%2 == 1 {
+		median = s[n/2]
+	} else {
+		median = (s[n/2-1] + s[n/2]) / 2
+	}
+	if median > 0 {
+		spreadPct = (s[n-1] - s[0]) / median * 100
+	}
+	return median, spreadPct
+}
+
+// newMetricResult summarises the runs of one metric.
+func newMetricResult(spec MetricSpec, plain, accel []float64) MetricResult {
+	r := MetricResult{Name: spec.Name, Unit: spec.Unit, LowerIsBetter: spec.LowerIsBetter, Plain: plain, Accelerated: accel}
+	r.PlainMedian, r.PlainSpread = medianSpread(plain)
+	r.AccelMedian, r.AccelSpread = medianSpread(accel)
+	if r.PlainMedian > 0 {
+		r.Ratio = r.AccelMedian / r.PlainMedian
+	}
+	return r
+}
+
+// medianRun returns the index of the run whose value of metric is the
+// median (the lower middle for an even count), or -1.
+func medianRun(samples []Sample, metric string) int {
+	if len(samples) == 0 {
+		return -1
+	}
+	idx := make([]int, len(samples))
+	for i := range idx {
+		idx[i] = i
+	}
+	sort.Slice(idx, func(a, b int) bool { return samples[idx[a]].Values[metric] < samples[idx[b]].Values[metric] })
+	return idx[(len(idx)-1)/2]
+}
+
+// sortPercentiles orders a distribution by percentile.
+func sortPercentiles(p []Percentile) {
+	sort.Slice(p, func(i, j int) bool { return p[i].P < p[j].P })
+}
