@@ -96,8 +96,7 @@ func latencyChart(c CaseResult, file string) error {
 			return err
 		}
 	}
-	p.Legend.Top = true
-	p.Legend.Left = true
+	placeLegend(p)
 	return p.Save(8*vg.Inch, 5*vg.Inch, file)
 }
 
@@ -133,8 +132,7 @@ func throughputChart(topo string, cases []CaseResult, file string) error {
 	if err := addLine(p, "accelerated", accel, accelColor); err != nil {
 		return err
 	}
-	p.Legend.Top = true
-	p.Legend.Left = true
+	placeLegend(p)
 	return p.Save(8*vg.Inch, 5*vg.Inch, file)
 }
 
@@ -157,4 +155,12 @@ func addLine(p *plot.Plot, label string, xys plotter.XYs, col color.Color) error
 // fileName turns a case name into a file name.
 func fileName(s string) string {
 	return strings.NewReplacer("/", "-", " ", "_").Replace(s)
+}
+
+// placeLegend puts the legend top left, below the title.
+func placeLegend(p *plot.Plot) {
+	p.Legend.Top = true
+	p.Legend.Left = true
+	p.Legend.XOffs = vg.Points(8)
+	p.Legend.YOffs = -vg.Points(8)
 }
