@@ -62,6 +62,11 @@ struct sock_state {
 	__u64 cgroup_id;
 	/* The socket's own sockhash key, once inserted. */
 	struct sock_key key;
+	/* Cookie of the socket's network namespace, and of the namespace its
+	 * peer must be in (the owner of the remote address at ESTABLISHED,
+	 * for node-scope keys; the socket's own namespace otherwise). */
+	__u64 netns_cookie;
+	__u64 peer_netns_cookie;
 	/* copied_seq last published to the receivers map. */
 	__u32 published_seq;
 	/* SOCK_FLAG_* */
@@ -83,18 +88,52 @@ struct sock_state {
 
 /*
  * Redirect targets: sock_key of a socket that may receive redirected bytes
- * -> RECEIVER_ELIGIBLE | the socket's copied_seq at its last read. One u64,
- * written and read with single aligned 64-bit accesses. Entries are removed
- * when the socket closes or falls back; LRU bounds leftovers.
+ * -> its network namespace and RECEIVER_ELIGIBLE | its copied_seq at its
+ * last read (one u64, written and read with single aligned 64-bit
+ * accesses). Entries are removed when the socket closes or falls back; LRU
+ * bounds leftovers.
  */
 #define RECEIVER_ELIGIBLE (1ULL << 32)
+
+struct receiver {
+	__u64 netns_cookie;
+	__u64 eligible_seq;
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 131072);
 	__type(key, struct sock_key);
-	__type(value, __u64);
+	__type(value, struct receiver);
 } receivers SEC(".maps");
+
+/*
+ * Node addresses, written by user space: every non-loopback, non-link-local
+ * address of the network namespaces of processes in enabled cgroups (and
+ * declared ones), with the namespace that owns it. A connection between
+ * two addresses that are each owned by exactly one namespace gets a
+ * node-scope key (netns_cookie 0), so its two sockets pair across
+ * namespaces (pod to pod on one node). An address seen in more than one
+ * namespace is NODE_ADDR_AMBIGUOUS: never paired across namespaces.
+ */
+#define NODE_ADDR_AMBIGUOUS (1U << 0)
+
+struct node_addr_key {
+	__u32 ip[4]; /* network byte order; IPv4 as ::ffff:a.b.c.d */
+};
+
+struct node_addr {
+	__u64 netns_cookie;
+	__u32 flags;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct node_addr_key);
+	__type(value, struct node_addr);
+} node_addrs SEC(".maps");
 
 /* Minimal view of the kernel's struct tcp_sock; field offsets are
  * relocated against the running kernel's BTF (CO-RE). */
@@ -134,9 +173,15 @@ struct cgroup_counters {
 	__u64 fallback_waitall;
 	__u64 fallback_oob_read;
 	/* Sockets left out because their peer cannot be local (the remote
-	 * address is neither loopback nor the socket's own address): they
-	 * would only pay sk_msg's cost on every send. */
+	 * address is neither loopback nor the socket's own address nor a
+	 * unique node address): they would only pay sk_msg's cost. */
 	__u64 sockets_remote;
+	/* Of redirected_*: to a peer in another network namespace. */
+	__u64 redirected_xns_msgs;
+	__u64 redirected_xns_bytes;
+	/* Sockets whose addresses are node addresses but ambiguous (seen in
+	 * several namespaces): kept namespace-local, never paired across. */
+	__u64 sockets_ambiguous;
 };
 
 struct {
@@ -302,22 +347,62 @@ static __always_inline int fill_key(struct sock_key *key, __u32 family,
 	return 0;
 }
 
-/*
- * peer_may_be_local reports whether the peer of a socket with this key can
- * be a socket of the same network namespace: the remote address is a
- * loopback address (127.0.0.0/8, ::1) or the socket's own address.
- */
-static __always_inline int peer_may_be_local(const struct sock_key *key)
+static __always_inline int is_loopback(const struct sock_key *key, const __u32 *ip)
 {
-	const __u32 *r = key->remote_ip;
-	const __u32 *l = key->local_ip;
+	if (key->family == AF_INET)
+		return (bpf_ntohl(ip[3]) >> 24) == 127;
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1);
+}
 
-	if (key->family == AF_INET && (bpf_ntohl(r[3]) >> 24) == 127)
-		return 1;
-	if (key->family == AF_INET6 && r[0] == 0 && r[1] == 0 && r[2] == 0 &&
-	    r[3] == bpf_htonl(1))
-		return 1;
-	return r[0] == l[0] && r[1] == l[1] && r[2] == l[2] && r[3] == l[3];
+static __always_inline int same_ip(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* Scopes a socket key can have. */
+enum key_scope {
+	/* The peer cannot be local: leave the socket out. */
+	SCOPE_REMOTE = 0,
+	/* Pair in the socket's own network namespace only. */
+	SCOPE_NETNS = 1,
+	/* Both addresses are unique node addresses: pair across namespaces. */
+	SCOPE_NODE = 2,
+	/* A node address seen in several namespaces: namespace-local only. */
+	SCOPE_AMBIGUOUS = 3,
+};
+
+/*
+ * key_scope decides how a socket with this key (netns_cookie not yet set)
+ * pairs, and the namespace its peer must be in. Both ends of a connection
+ * see the same address pair, so they decide the same scope.
+ */
+static __always_inline int key_scope(const struct sock_key *key, __u64 own_netns, __u64 *peer_netns)
+{
+	struct node_addr_key lk = {}, rk = {};
+	struct node_addr *la, *ra;
+
+	*peer_netns = own_netns;
+	if (is_loopback(key, key->remote_ip))
+		return SCOPE_NETNS;
+
+	__builtin_memcpy(lk.ip, key->local_ip, sizeof(lk.ip));
+	__builtin_memcpy(rk.ip, key->remote_ip, sizeof(rk.ip));
+	la = bpf_map_lookup_elem(&node_addrs, &lk);
+	ra = bpf_map_lookup_elem(&node_addrs, &rk);
+	if (la && ra) {
+		if ((la->flags | ra->flags) & NODE_ADDR_AMBIGUOUS)
+			return SCOPE_AMBIGUOUS;
+		/* Our own address must be ours, or the table is stale. */
+		if (la->netns_cookie == own_netns) {
+			*peer_netns = ra->netns_cookie;
+			return SCOPE_NODE;
+		}
+	}
+	if (same_ip(key->local_ip, key->remote_ip))
+		return SCOPE_NETNS;
+	if ((la && (la->flags & NODE_ADDR_AMBIGUOUS)) || (ra && (ra->flags & NODE_ADDR_AMBIGUOUS)))
+		return SCOPE_AMBIGUOUS;
+	return SCOPE_REMOTE;
 }
 
 #endif /* __SOCKBYPASS_H */

@@ -266,3 +266,71 @@ func (m Mounts) selfPath() (string, error) {
 func moveProcess(dir string) error {
 	return os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
 }
+
+// PathsByID finds the directories of the cgroups with the given ids in one
+// walk of the cgroup v2 hierarchy. Ids of removed cgroups are absent from
+// the result.
+func (m Mounts) PathsByID(ids []uint64) (map[uint64]string, error) {
+	out := map[uint64]string{}
+	if len(ids) == 0 {
+		return out, nil
+	}
+	if m.V2 == "" {
+		return nil, ErrNoCgroup2
+	}
+	want := map[uint64]bool{}
+	for _, id := range ids {
+		want[id] = true
+	}
+	errDone := errors.New("done")
+	err := filepath.WalkDir(m.V2, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if !d.IsDir() {
+			return nil
+		}
+		var st unix.Stat_t
+		if unix.Stat(path, &st) == nil && want[st.Ino] {
+			out[st.Ino] = path
+			if len(out) == len(want) {
+				return errDone
+			}
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, errDone) {
+		return nil, fmt.Errorf("look up cgroup ids: %w", err)
+	}
+	return out, nil
+}
+
+// Procs returns the pids of the processes in c and in the cgroups below it.
+func (c Cgroup) Procs() ([]int, error) {
+	var pids []int
+	err := filepath.WalkDir(c.Path, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if !d.IsDir() {
+			return nil
+		}
+		data, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
+		if err != nil {
+			return nil // removed meanwhile
+		}
+		for _, f := range strings.Fields(string(data)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				pids = append(pids, pid)
+			}
+		}
+		return nil
+	})
+	return pids, err
+}

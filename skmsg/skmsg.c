@@ -3,10 +3,12 @@
 
 /*
  * sk_msg program on the sockhash: redirects each message of a socket into the
- * receive queue of its local peer (the socket with the mirrored key in the
- * same network namespace) when the peer is a redirect target and has read
- * every byte this socket sent through the stack; lets everything else pass.
- * It never drops: when in doubt, the message takes the TCP stack.
+ * receive queue of its local peer (the socket with the mirrored key: in the
+ * same network namespace, or for node-scope keys in the namespace that owned
+ * the peer's address when the connection was established) when the peer is a
+ * redirect target and has read every byte this socket sent through the
+ * stack; lets everything else pass. It never drops: when in doubt, the
+ * message takes the TCP stack.
  */
 #include "sockbypass.h"
 
@@ -16,11 +18,10 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	struct sock_state *state;
 	struct cgroup_counters *c;
 	struct tcp_sock *tp;
-	struct sock_key peer = {};
-	__u32 local_ip6[4], remote_ip6[4];
+	struct receiver *target;
+	struct sock_key peer;
 	__u64 size = msg->size;
 	__u64 cgroup_id = 0;
-	__u64 *target;
 	__u64 published;
 
 	if (!msg->sk)
@@ -30,30 +31,22 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	if (state)
 		cgroup_id = state->cgroup_id;
 	c = counters_for(cgroup_id);
-	if (!state)
+	if (!state || !(state->flags & SOCK_FLAG_INSERTED))
 		goto pass;
 
-	local_ip6[0] = msg->local_ip6[0];
-	local_ip6[1] = msg->local_ip6[1];
-	local_ip6[2] = msg->local_ip6[2];
-	local_ip6[3] = msg->local_ip6[3];
-	remote_ip6[0] = msg->remote_ip6[0];
-	remote_ip6[1] = msg->remote_ip6[1];
-	remote_ip6[2] = msg->remote_ip6[2];
-	remote_ip6[3] = msg->remote_ip6[3];
+	/* The peer's key: our key with local and remote swapped. */
+	peer = state->key;
+	__builtin_memcpy(peer.local_ip, state->key.remote_ip, sizeof(peer.local_ip));
+	__builtin_memcpy(peer.remote_ip, state->key.local_ip, sizeof(peer.remote_ip));
+	peer.local_port = state->key.remote_port;
+	peer.remote_port = state->key.local_port;
 
-	/* The peer's key: our remote end is its local end. */
-	if (fill_key(&peer, msg->family, msg->remote_ip4, msg->local_ip4,
-		     remote_ip6, local_ip6, bpf_ntohl(msg->remote_port),
-		     msg->local_port) < 0)
-		goto pass;
-	peer.netns_cookie = bpf_get_netns_cookie(msg);
-
-	/* Is the peer a redirect target? */
+	/* Is the peer a redirect target, in the namespace it must be in? A
+	 * socket of an earlier owner of the address never is. */
 	target = bpf_map_lookup_elem(&receivers, &peer);
-	if (!target)
+	if (!target || target->netns_cookie != state->peer_netns_cookie)
 		goto pass;
-	published = *(volatile __u64 *)target;
+	published = *(volatile __u64 *)&target->eligible_seq;
 	if (!(published & RECEIVER_ELIGIBLE))
 		goto pass;
 
@@ -72,6 +65,10 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		if (c) {
 			__sync_fetch_and_add(&c->redirected_msgs, 1);
 			__sync_fetch_and_add(&c->redirected_bytes, size);
+			if (state->peer_netns_cookie != state->netns_cookie) {
+				__sync_fetch_and_add(&c->redirected_xns_msgs, 1);
+				__sync_fetch_and_add(&c->redirected_xns_bytes, size);
+			}
 		}
 		return SK_PASS;
 	}

@@ -38,6 +38,27 @@ type skmsgCgroupCounters struct {
 	FallbackWaitall    uint64
 	FallbackOobRead    uint64
 	SocketsRemote      uint64
+	RedirectedXnsMsgs  uint64
+	RedirectedXnsBytes uint64
+	SocketsAmbiguous   uint64
+}
+
+type skmsgNodeAddr struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Flags       uint32
+	Pad         uint32
+}
+
+type skmsgNodeAddrKey struct {
+	_  structs.HostLayout
+	Ip [4]uint32
+}
+
+type skmsgReceiver struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	EligibleSeq uint64
 }
 
 type skmsgSockKey struct {
@@ -52,11 +73,13 @@ type skmsgSockKey struct {
 }
 
 type skmsgSockState struct {
-	_            structs.HostLayout
-	CgroupId     uint64
-	Key          skmsgSockKey
-	PublishedSeq uint32
-	Flags        uint32
+	_               structs.HostLayout
+	CgroupId        uint64
+	Key             skmsgSockKey
+	NetnsCookie     uint64
+	PeerNetnsCookie uint64
+	PublishedSeq    uint32
+	Flags           uint32
 }
 
 type skmsgTcDevice struct {
@@ -86,6 +109,7 @@ type skmsgTcUserKey struct {
 const (
 	skmsgMapCgroupConfig     = "cgroup_config"
 	skmsgMapCgroupCounters   = "cgroup_counters"
+	skmsgMapNodeAddrs        = "node_addrs"
 	skmsgMapReceivers        = "receivers"
 	skmsgMapSockState        = "sock_state"
 	skmsgMapSocketCgroups    = "socket_cgroups"
@@ -146,6 +170,7 @@ type skmsgProgramSpecs struct {
 type skmsgMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -182,6 +207,7 @@ func (o *skmsgObjects) Close() error {
 type skmsgMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -194,6 +220,7 @@ func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.NodeAddrs,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

@@ -66,13 +66,20 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops)
 		     local_ip6, remote_ip6, skops->local_port,
 		     bpf_ntohl(skops->remote_port)) < 0)
 		return;
-	key.netns_cookie = bpf_get_netns_cookie(skops);
+	__u64 own_netns = bpf_get_netns_cookie(skops);
+	__u64 peer_netns;
+	int scope = key_scope(&key, own_netns, &peer_netns);
 
-	if (!peer_may_be_local(&key)) {
+	if (scope == SCOPE_REMOTE) {
 		if (c)
 			__sync_fetch_and_add(&c->sockets_remote, 1);
 		return;
 	}
+	if (scope == SCOPE_AMBIGUOUS && c)
+		__sync_fetch_and_add(&c->sockets_ambiguous, 1);
+	/* Node-scope keys carry no namespace: the two ends of a pod-to-pod
+	 * connection live in two namespaces and must find each other. */
+	key.netns_cookie = scope == SCOPE_NODE ? 0 : own_netns;
 
 	if (bpf_sock_hash_update(skops, &sockhash, &key, BPF_NOEXIST) != 0) {
 		if (c)
@@ -80,6 +87,8 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops)
 		return;
 	}
 	state->key = key;
+	state->netns_cookie = own_netns;
+	state->peer_netns_cookie = peer_netns;
 	state->flags |= SOCK_FLAG_INSERTED;
 	if (c)
 		__sync_fetch_and_add(&c->sockets_inserted, 1);

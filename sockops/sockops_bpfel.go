@@ -38,6 +38,27 @@ type sockopsCgroupCounters struct {
 	FallbackWaitall    uint64
 	FallbackOobRead    uint64
 	SocketsRemote      uint64
+	RedirectedXnsMsgs  uint64
+	RedirectedXnsBytes uint64
+	SocketsAmbiguous   uint64
+}
+
+type sockopsNodeAddr struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Flags       uint32
+	Pad         uint32
+}
+
+type sockopsNodeAddrKey struct {
+	_  structs.HostLayout
+	Ip [4]uint32
+}
+
+type sockopsReceiver struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	EligibleSeq uint64
 }
 
 type sockopsSockKey struct {
@@ -52,11 +73,13 @@ type sockopsSockKey struct {
 }
 
 type sockopsSockState struct {
-	_            structs.HostLayout
-	CgroupId     uint64
-	Key          sockopsSockKey
-	PublishedSeq uint32
-	Flags        uint32
+	_               structs.HostLayout
+	CgroupId        uint64
+	Key             sockopsSockKey
+	NetnsCookie     uint64
+	PeerNetnsCookie uint64
+	PublishedSeq    uint32
+	Flags           uint32
 }
 
 type sockopsTcDevice struct {
@@ -86,6 +109,7 @@ type sockopsTcUserKey struct {
 const (
 	sockopsMapCgroupConfig       = "cgroup_config"
 	sockopsMapCgroupCounters     = "cgroup_counters"
+	sockopsMapNodeAddrs          = "node_addrs"
 	sockopsMapReceivers          = "receivers"
 	sockopsMapSockState          = "sock_state"
 	sockopsMapSocketCgroups      = "socket_cgroups"
@@ -147,6 +171,7 @@ type sockopsProgramSpecs struct {
 type sockopsMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -184,6 +209,7 @@ func (o *sockopsObjects) Close() error {
 type sockopsMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -196,6 +222,7 @@ func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.NodeAddrs,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

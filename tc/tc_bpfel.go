@@ -38,6 +38,27 @@ type tcCgroupCounters struct {
 	FallbackWaitall    uint64
 	FallbackOobRead    uint64
 	SocketsRemote      uint64
+	RedirectedXnsMsgs  uint64
+	RedirectedXnsBytes uint64
+	SocketsAmbiguous   uint64
+}
+
+type tcNodeAddr struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Flags       uint32
+	Pad         uint32
+}
+
+type tcNodeAddrKey struct {
+	_  structs.HostLayout
+	Ip [4]uint32
+}
+
+type tcReceiver struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	EligibleSeq uint64
 }
 
 type tcSockKey struct {
@@ -52,11 +73,13 @@ type tcSockKey struct {
 }
 
 type tcSockState struct {
-	_            structs.HostLayout
-	CgroupId     uint64
-	Key          tcSockKey
-	PublishedSeq uint32
-	Flags        uint32
+	_               structs.HostLayout
+	CgroupId        uint64
+	Key             tcSockKey
+	NetnsCookie     uint64
+	PeerNetnsCookie uint64
+	PublishedSeq    uint32
+	Flags           uint32
 }
 
 type tcTcDevice struct {
@@ -86,6 +109,7 @@ type tcTcUserKey struct {
 const (
 	tcMapCgroupConfig        = "cgroup_config"
 	tcMapCgroupCounters      = "cgroup_counters"
+	tcMapNodeAddrs           = "node_addrs"
 	tcMapReceivers           = "receivers"
 	tcMapSockState           = "sock_state"
 	tcMapSocketCgroups       = "socket_cgroups"
@@ -147,6 +171,7 @@ type tcProgramSpecs struct {
 type tcMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -184,6 +209,7 @@ func (o *tcObjects) Close() error {
 type tcMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -196,6 +222,7 @@ func (m *tcMaps) Close() error {
 	return _TcClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.NodeAddrs,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

@@ -86,6 +86,14 @@ func runEnable(e *env, args []string) error {
 			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s\n", cg.Path, cg.ID, what)
 		}
 	}
+	addrs, err := dp.RefreshNodeAddrs()
+	if err != nil {
+		return fmt.Errorf("refresh node addresses: %w", err)
+	}
+	if len(addrs.Ambiguous) > 0 {
+		fmt.Fprintf(e.stdout, "node addresses: %d unique (paired across namespaces), %d ambiguous and kept namespace-local: %s\n",
+			addrs.Unique, len(addrs.Ambiguous), strings.Join(addrs.Ambiguous, ", "))
+	}
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 )
@@ -85,14 +86,19 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 	for _, d := range st.TCDevices {
 		fmt.Fprintf(w, "  %s  ifindex %d, %s, program %d\n", d.TCDevice, d.Ifindex, d.Mode, d.ProgramID)
 	}
+	fmt.Fprintf(w, "node addresses: %d unique (paired across namespaces), %d ambiguous (namespace-local only)", st.NodeAddrs.Unique, len(st.NodeAddrs.Ambiguous))
+	if len(st.NodeAddrs.Ambiguous) > 0 {
+		fmt.Fprintf(w, ": %s", strings.Join(st.NodeAddrs.Ambiguous, ", "))
+	}
+	fmt.Fprintln(w)
 	fmt.Fprintf(w, "totals (all cgroups, including disabled ones):\n    %s\n", formatCounters(st.Totals))
 }
 
 func formatCounters(c dataplane.CgroupCounters) string {
-	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d, remote peer %d); redirected %d msgs / %s; passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
+	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d, remote peer %d); redirected %d msgs / %s (%d msgs / %s across namespaces); passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
 		"    readers kept on the stack: rcvlowat %d, tcp_inq %d, oobinline %d, waitall %d, oob_read %d",
 		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped, c.SocketsRemote,
-		c.RedirectedMsgs, humanBytes(c.RedirectedBytes), c.PassedMsgs, humanBytes(c.PassedBytes), c.PassedUnreadMsgs,
+		c.RedirectedMsgs, humanBytes(c.RedirectedBytes), c.RedirectedXnsMsgs, humanBytes(c.RedirectedXnsBytes), c.PassedMsgs, humanBytes(c.PassedBytes), c.PassedUnreadMsgs,
 		c.StackEgressPackets, humanBytes(c.StackEgressBytes), c.RedirectFailures,
 		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline, c.FallbackWaitall, c.FallbackOOBRead)
 }

@@ -4,6 +4,12 @@
 // up), disables the ones it no longer names or that were removed, reloads
 // the configuration on request, and reports a full sockhash.
 //
+// Node addresses (which pod addresses are unique on the node, for pairing
+// across namespaces) are refreshed at the same rescan, for the same reason:
+// a netlink subscription per pod namespace would have to follow namespaces
+// as they come and go, while the rescan sees every change within one
+// interval.
+//
 // New cgroups are found by a periodic rescan rather than inotify: cgroupfs
 // needs one inotify watch per directory level, a glob such as
 // kubepods.slice/*/* spans levels that appear and vanish with pods, and a
@@ -121,6 +127,12 @@ func (d *Daemon) Reconcile() (Result, error) {
 			d.log.Info("cgroup removed: detached its programs", zap.Uint64("cgroup_id", id))
 		} else {
 			d.log.Info("cgroup no longer configured: disabled", zap.String("cgroup", path), zap.Uint64("cgroup_id", id))
+		}
+	}
+	if _, err := d.dp.RefreshNodeAddrs(); err != nil {
+		d.log.Warn("refresh node addresses", zap.Error(err))
+		if firstErr == nil {
+			firstErr = err
 		}
 	}
 	d.checkSockhash()

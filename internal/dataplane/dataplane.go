@@ -15,6 +15,7 @@
 //	<pin dir>/tc_devices        BPF_MAP_TYPE_HASH registry of TC attachments
 //	<pin dir>/tc_users          BPF_MAP_TYPE_HASH which cgroup uses which TC device
 //	<pin dir>/receivers         BPF_MAP_TYPE_LRU_HASH redirect targets: key -> eligible|copied_seq
+//	<pin dir>/node_addrs        BPF_MAP_TYPE_HASH unique node addresses -> owning netns (pod-to-pod pairing)
 //	<pin dir>/recv_trace_link   tp_btf/sock_recv_length link (publishes redirect targets)
 //	<pin dir>/layout_version    BPF_MAP_TYPE_ARRAY the pin layout version (LayoutVersion)
 //	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
@@ -55,13 +56,14 @@ const (
 	PinSkMsgLink    = "sk_msg_link"
 	PinSocketCgs    = "socket_cgroups"
 	PinReceivers    = "receivers"
+	PinNodeAddrs    = "node_addrs"
 	PinRecvLink     = "recv_trace_link"
 	PinCgroupConfig = "cgroup_config"
 	DirCgroups      = "cgroups"
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinTCDevices, PinTCUsers}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinTCDevices, PinTCUsers}
 
 // ErrNotInstalled is returned by Open when nothing is pinned in the pin
 // directory.

@@ -143,8 +143,26 @@ func waitPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 	t.Helper()
 	waitFor(t, 5*time.Second, func() bool {
 		for _, c := range conns {
-			var v uint64
-			if dp.maps[PinReceivers].Lookup(keyOf(c), &v) != nil || v&(1<<32) == 0 {
+			var v [2]uint64 // struct receiver: netns cookie, eligible|seq
+			if dp.maps[PinReceivers].Lookup(keyOf(c), &v) != nil || v[1]&(1<<32) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// waitPeerPublished waits until the peer of each conn (the accepted side,
+// possibly owned by another goroutine) is a redirect target.
+func waitPeerPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
+	t.Helper()
+	waitFor(t, 5*time.Second, func() bool {
+		for _, c := range conns {
+			k := keyOf(c)
+			k.LocalIP, k.RemoteIP = k.RemoteIP, k.LocalIP
+			k.LocalPort, k.RemotePort = k.RemotePort, k.LocalPort
+			var v [2]uint64
+			if dp.maps[PinReceivers].Lookup(k, &v) != nil || v[1]&(1<<32) == 0 {
 				return false
 			}
 		}

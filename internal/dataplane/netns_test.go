@@ -90,6 +90,12 @@ func TestIdenticalTuplesInTwoNamespacesNeverCross(t *testing.T) {
 		}
 		t.Cleanup(func() { p.c.Close() })
 	}
+	// The servers read at once (Go's reader tries a read right after
+	// accept): wait until they are redirect targets, so the whole stream
+	// takes the fast path.
+	for _, p := range pods {
+		waitPeerPublished(t, dp, p.c)
+	}
 
 	for _, p := range pods {
 		wg.Add(1)

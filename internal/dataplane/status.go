@@ -31,6 +31,8 @@ type Status struct {
 	Cgroups []CgroupStatus `json:"cgroups"`
 	// TCDevices lists the interfaces with TC egress accounting.
 	TCDevices []TCDeviceStatus `json:"tc_devices"`
+	// NodeAddrs says which addresses pair across namespaces.
+	NodeAddrs NodeAddrs `json:"node_addresses"`
 	// Unattributed counts what belongs to no enabled cgroup: stack
 	// egress of sockets outside enabled cgroups, mostly.
 	Unattributed CgroupCounters `json:"unattributed"`
@@ -137,6 +139,9 @@ func (d *Dataplane) Status() (*Status, error) {
 		return nil, err
 	}
 	if st.TCDevices, err = d.tcDeviceStatus(); err != nil {
+		return nil, err
+	}
+	if st.NodeAddrs, err = d.nodeAddrs(); err != nil {
 		return nil, err
 	}
 

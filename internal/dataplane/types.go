@@ -47,6 +47,9 @@ type CgroupCounters struct {
 	FallbackWaitall    uint64 `json:"fallback_waitall"`
 	FallbackOOBRead    uint64 `json:"fallback_oob_read"`
 	SocketsRemote      uint64 `json:"sockets_remote"`
+	RedirectedXnsMsgs  uint64 `json:"redirected_cross_netns_msgs"`
+	RedirectedXnsBytes uint64 `json:"redirected_cross_netns_bytes"`
+	SocketsAmbiguous   uint64 `json:"sockets_ambiguous"`
 }
 
 // Add adds o to c field by field.
@@ -68,6 +71,9 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.FallbackWaitall += o.FallbackWaitall
 	c.FallbackOOBRead += o.FallbackOOBRead
 	c.SocketsRemote += o.SocketsRemote
+	c.RedirectedXnsMsgs += o.RedirectedXnsMsgs
+	c.RedirectedXnsBytes += o.RedirectedXnsBytes
+	c.SocketsAmbiguous += o.SocketsAmbiguous
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -90,5 +96,8 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		FallbackWaitall:    c.FallbackWaitall - o.FallbackWaitall,
 		FallbackOOBRead:    c.FallbackOOBRead - o.FallbackOOBRead,
 		SocketsRemote:      c.SocketsRemote - o.SocketsRemote,
+		RedirectedXnsMsgs:  c.RedirectedXnsMsgs - o.RedirectedXnsMsgs,
+		RedirectedXnsBytes: c.RedirectedXnsBytes - o.RedirectedXnsBytes,
+		SocketsAmbiguous:   c.SocketsAmbiguous - o.SocketsAmbiguous,
 	}
 }

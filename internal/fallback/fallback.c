@@ -108,7 +108,7 @@ int sockbypass_recv_length(__u64 *ctx)
 	int flags = (int)ctx[2];
 	struct sock_state *state;
 	struct tcp_sock *tp;
-	__u64 *target, value;
+	struct receiver *target, value;
 	__u32 seq;
 
 	if (!sk)
@@ -134,10 +134,11 @@ int sockbypass_recv_length(__u64 *ctx)
 	if ((state->flags & SOCK_FLAG_PUBLISHED) && state->published_seq == seq)
 		return 0;
 
-	value = RECEIVER_ELIGIBLE | seq;
+	value.netns_cookie = state->netns_cookie;
+	value.eligible_seq = RECEIVER_ELIGIBLE | seq;
 	target = bpf_map_lookup_elem(&receivers, &state->key);
-	if (target)
-		*(volatile __u64 *)target = value;
+	if (target && target->netns_cookie == value.netns_cookie)
+		*(volatile __u64 *)&target->eligible_seq = value.eligible_seq;
 	else if (bpf_map_update_elem(&receivers, &state->key, &value, BPF_ANY) != 0)
 		return 0;
 	state->published_seq = seq;

@@ -38,6 +38,27 @@ type fallbackCgroupCounters struct {
 	FallbackWaitall    uint64
 	FallbackOobRead    uint64
 	SocketsRemote      uint64
+	RedirectedXnsMsgs  uint64
+	RedirectedXnsBytes uint64
+	SocketsAmbiguous   uint64
+}
+
+type fallbackNodeAddr struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Flags       uint32
+	Pad         uint32
+}
+
+type fallbackNodeAddrKey struct {
+	_  structs.HostLayout
+	Ip [4]uint32
+}
+
+type fallbackReceiver struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	EligibleSeq uint64
 }
 
 type fallbackSockKey struct {
@@ -52,11 +73,13 @@ type fallbackSockKey struct {
 }
 
 type fallbackSockState struct {
-	_            structs.HostLayout
-	CgroupId     uint64
-	Key          fallbackSockKey
-	PublishedSeq uint32
-	Flags        uint32
+	_               structs.HostLayout
+	CgroupId        uint64
+	Key             fallbackSockKey
+	NetnsCookie     uint64
+	PeerNetnsCookie uint64
+	PublishedSeq    uint32
+	Flags           uint32
 }
 
 type fallbackTcDevice struct {
@@ -86,6 +109,7 @@ type fallbackTcUserKey struct {
 const (
 	fallbackMapCgroupConfig          = "cgroup_config"
 	fallbackMapCgroupCounters        = "cgroup_counters"
+	fallbackMapNodeAddrs             = "node_addrs"
 	fallbackMapReceivers             = "receivers"
 	fallbackMapSockState             = "sock_state"
 	fallbackMapSocketCgroups         = "socket_cgroups"
@@ -149,6 +173,7 @@ type fallbackProgramSpecs struct {
 type fallbackMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -186,6 +211,7 @@ func (o *fallbackObjects) Close() error {
 type fallbackMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -198,6 +224,7 @@ func (m *fallbackMaps) Close() error {
 	return _FallbackClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.NodeAddrs,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

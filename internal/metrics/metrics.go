@@ -27,6 +27,7 @@ type Collector struct {
 	sockhashCapacity *prometheus.Desc
 	enabledCgroups   *prometheus.Desc
 	tcDevices        *prometheus.Desc
+	ambiguousAddrs   *prometheus.Desc
 	up               *prometheus.Desc
 }
 
@@ -46,6 +47,9 @@ func NewCollector(source Source) *Collector {
 		descs: []counterDesc{
 			counter("redirected_bytes_total", "Bytes redirected socket to socket, skipping the TCP/IP stack.", func(f stats.Figures) uint64 { return f.RedirectedBytes }),
 			counter("redirected_messages_total", "Messages (sendmsg chunks) redirected socket to socket.", func(f stats.Figures) uint64 { return f.RedirectedMsgs }),
+			counter("redirected_cross_netns_bytes_total", "Of the redirected bytes, those to a peer in another network namespace.", func(f stats.Figures) uint64 { return f.RedirectedCrossNetnsBytes }),
+			counter("redirected_cross_netns_messages_total", "Of the redirected messages, those to a peer in another network namespace.", func(f stats.Figures) uint64 { return f.RedirectedCrossNetnsMsgs }),
+			counter("sockets_ambiguous_total", "Sockets on ambiguous node addresses, kept namespace-local.", func(f stats.Figures) uint64 { return f.SocketsAmbiguous }),
 			counter("stack_egress_bytes_total", "TCP payload bytes that left through the stack on accounted interfaces.", func(f stats.Figures) uint64 { return f.StackEgressBytes }),
 			counter("stack_egress_packets_total", "TCP packets that left through the stack on accounted interfaces.", func(f stats.Figures) uint64 { return f.StackEgressPackets }),
 			counter("passed_bytes_total", "Bytes of accelerated sockets passed to the stack (no local peer).", func(f stats.Figures) uint64 { return f.PassedBytes }),
@@ -64,6 +68,7 @@ func NewCollector(source Source) *Collector {
 		sockhashCapacity: prometheus.NewDesc("sockbypass_sockhash_capacity", "Capacity (max_entries) of the sockhash.", nil, nil),
 		enabledCgroups:   prometheus.NewDesc("sockbypass_enabled_cgroups", "Number of enabled cgroups.", nil, nil),
 		tcDevices:        prometheus.NewDesc("sockbypass_tc_devices", "Interfaces with TC egress accounting.", nil, nil),
+		ambiguousAddrs:   prometheus.NewDesc("sockbypass_ambiguous_node_addresses", "Node addresses seen in several network namespaces, never paired across namespaces.", nil, nil),
 		up:               prometheus.NewDesc("sockbypass_up", "1 when the pinned datapath could be read at this scrape.", nil, nil),
 	}
 }
@@ -73,7 +78,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range c.descs {
 		ch <- d.desc
 	}
-	for _, d := range []*prometheus.Desc{c.fallbacks, c.liveSockets, c.bypassRatio, c.sockhashSockets, c.sockhashCapacity, c.enabledCgroups, c.tcDevices, c.up} {
+	for _, d := range []*prometheus.Desc{c.fallbacks, c.liveSockets, c.bypassRatio, c.sockhashSockets, c.sockhashCapacity, c.enabledCgroups, c.tcDevices, c.ambiguousAddrs, c.up} {
 		ch <- d
 	}
 }
@@ -106,4 +111,5 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.sockhashCapacity, prometheus.GaugeValue, float64(r.SockhashCapacity))
 	ch <- prometheus.MustNewConstMetric(c.enabledCgroups, prometheus.GaugeValue, float64(len(r.Cgroups)))
 	ch <- prometheus.MustNewConstMetric(c.tcDevices, prometheus.GaugeValue, float64(len(r.TCDevices)))
+	ch <- prometheus.MustNewConstMetric(c.ambiguousAddrs, prometheus.GaugeValue, float64(len(r.NodeAddresses.Ambiguous)))
 }

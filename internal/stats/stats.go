@@ -25,6 +25,8 @@ type Report struct {
 	// SockhashCapacity is the sockhash's max_entries.
 	SockhashCapacity uint32                     `json:"sockhash_capacity"`
 	TCDevices        []dataplane.TCDeviceStatus `json:"tc_devices"`
+	// NodeAddresses says which addresses pair across namespaces.
+	NodeAddresses dataplane.NodeAddrs `json:"node_addresses"`
 }
 
 // Cgroup is the figures of one enabled cgroup.
@@ -45,8 +47,15 @@ type Cgroup struct {
 
 // Figures are the counters of one cgroup, and the bypass ratio.
 type Figures struct {
-	RedirectedBytes    uint64 `json:"redirected_bytes"`
-	RedirectedMsgs     uint64 `json:"redirected_msgs"`
+	RedirectedBytes uint64 `json:"redirected_bytes"`
+	RedirectedMsgs  uint64 `json:"redirected_msgs"`
+	// RedirectedCrossNetns*: of the redirected, to a peer in another
+	// network namespace (pod to pod).
+	RedirectedCrossNetnsBytes uint64 `json:"redirected_cross_netns_bytes"`
+	RedirectedCrossNetnsMsgs  uint64 `json:"redirected_cross_netns_msgs"`
+	// SocketsAmbiguous counts sockets whose addresses are ambiguous node
+	// addresses, kept namespace-local.
+	SocketsAmbiguous   uint64 `json:"sockets_ambiguous"`
 	StackEgressBytes   uint64 `json:"stack_egress_bytes"`
 	StackEgressPackets uint64 `json:"stack_egress_packets"`
 	PassedBytes        uint64 `json:"passed_bytes"`
@@ -72,18 +81,21 @@ type Figures struct {
 // FiguresOf computes the figures of c.
 func FiguresOf(c dataplane.CgroupCounters) Figures {
 	f := Figures{
-		RedirectedBytes:    c.RedirectedBytes,
-		RedirectedMsgs:     c.RedirectedMsgs,
-		StackEgressBytes:   c.StackEgressBytes,
-		StackEgressPackets: c.StackEgressPackets,
-		PassedBytes:        c.PassedBytes,
-		PassedMsgs:         c.PassedMsgs,
-		RedirectFailures:   c.RedirectFailures,
-		SocketsInserted:    c.SocketsInserted,
-		InsertFailures:     c.InsertFailures,
-		SocketsSkipped:     c.SocketsSkipped,
-		PassedUnreadMsgs:   c.PassedUnreadMsgs,
-		SocketsRemote:      c.SocketsRemote,
+		RedirectedBytes:           c.RedirectedBytes,
+		RedirectedMsgs:            c.RedirectedMsgs,
+		RedirectedCrossNetnsBytes: c.RedirectedXnsBytes,
+		RedirectedCrossNetnsMsgs:  c.RedirectedXnsMsgs,
+		SocketsAmbiguous:          c.SocketsAmbiguous,
+		StackEgressBytes:          c.StackEgressBytes,
+		StackEgressPackets:        c.StackEgressPackets,
+		PassedBytes:               c.PassedBytes,
+		PassedMsgs:                c.PassedMsgs,
+		RedirectFailures:          c.RedirectFailures,
+		SocketsInserted:           c.SocketsInserted,
+		InsertFailures:            c.InsertFailures,
+		SocketsSkipped:            c.SocketsSkipped,
+		PassedUnreadMsgs:          c.PassedUnreadMsgs,
+		SocketsRemote:             c.SocketsRemote,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
@@ -110,6 +122,7 @@ func FromStatus(st *dataplane.Status, cgroup2Mount string, now time.Time) *Repor
 		LiveSockets:      st.LiveSockets,
 		SockhashCapacity: st.SockhashCapacity,
 		TCDevices:        st.TCDevices,
+		NodeAddresses:    st.NodeAddrs,
 	}
 	for _, cg := range st.Cgroups {
 		r.Cgroups = append(r.Cgroups, Cgroup{

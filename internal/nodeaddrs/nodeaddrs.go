@@ -1,0 +1,106 @@
+// Package nodeaddrs finds the addresses of the network namespaces that the
+// processes of enabled cgroups live in, and which namespace owns each. An
+// address owned by exactly one namespace on the node is unique: sockbypass
+// may pair its connections across namespaces (pod to pod). An address seen
+// in several namespaces (pods on separate networks that reuse addresses) is
+// ambiguous and never paired across namespaces. Loopback, link-local and
+// multicast addresses are always namespace-local and never collected.
+package nodeaddrs
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+)
+
+// Owners maps each address to the cookies of the network namespaces that
+// have it.
+type Owners map[netip.Addr]map[uint64]bool
+
+// Add records that the namespace with cookie has addr, unless addr is
+// namespace-local by nature.
+func (o Owners) Add(addr netip.Addr, cookie uint64) {
+	addr = addr.Unmap()
+	if !Collectable(addr) {
+		return
+	}
+	if o[addr] == nil {
+		o[addr] = map[uint64]bool{}
+	}
+	o[addr][cookie] = true
+}
+
+// Collectable reports whether addr can identify a namespace on the node:
+// not loopback, link-local, multicast or unspecified.
+func Collectable(addr netip.Addr) bool {
+	return addr.IsValid() && !addr.IsLoopback() && !addr.IsLinkLocalUnicast() &&
+		!addr.IsLinkLocalMulticast() && !addr.IsMulticast() && !addr.IsUnspecified()
+}
+
+// Collect gathers the addresses of the network namespaces of every process
+// in cgroups (and the cgroups below them). Processes and namespaces that
+// vanish meanwhile are skipped.
+func Collect(cgroups []cgroup.Cgroup) (Owners, error) {
+	owners := Owners{}
+	seen := map[uint64]bool{} // namespace inode
+	for _, cg := range cgroups {
+		pids, err := cg.Procs()
+		if err != nil {
+			return nil, fmt.Errorf("list processes of %s: %w", cg.Path, err)
+		}
+		for _, pid := range pids {
+			path := "/proc/" + strconv.Itoa(pid) + "/ns/net"
+			var st unix.Stat_t
+			if unix.Stat(path, &st) != nil || seen[st.Ino] {
+				continue
+			}
+			seen[st.Ino] = true
+			if err := collectNetns(path, owners); err != nil && !os.IsNotExist(err) {
+				continue // the process exited while we looked
+			}
+		}
+	}
+	return owners, nil
+}
+
+// collectNetns adds the addresses of the namespace at path.
+func collectNetns(path string, owners Owners) error {
+	netns, err := ns.GetNS(path)
+	if err != nil {
+		return err
+	}
+	defer netns.Close()
+	return netns.Do(func(ns.NetNS) error {
+		cookie, err := NetnsCookie()
+		if err != nil {
+			return err
+		}
+		addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok {
+				owners.Add(ip, cookie)
+			}
+		}
+		return nil
+	})
+}
+
+// NetnsCookie returns the cookie of the calling thread's network namespace.
+func NetnsCookie() (uint64, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+}
