@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
@@ -143,8 +144,7 @@ func waitPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 	t.Helper()
 	waitFor(t, 5*time.Second, func() bool {
 		for _, c := range conns {
-			var v [2]uint64 // struct receiver: netns cookie, eligible|seq
-			if dp.maps[PinReceivers].Lookup(keyOf(c), &v) != nil || v[1]&(1<<32) == 0 {
+			if !published(dp, keyOf(c)) {
 				return false
 			}
 		}
@@ -161,8 +161,7 @@ func waitPeerPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 			k := keyOf(c)
 			k.LocalIP, k.RemoteIP = k.RemoteIP, k.LocalIP
 			k.LocalPort, k.RemotePort = k.RemotePort, k.LocalPort
-			var v [2]uint64
-			if dp.maps[PinReceivers].Lookup(k, &v) != nil || v[1]&(1<<32) == 0 {
+			if !published(dp, k) {
 				return false
 			}
 		}
@@ -170,7 +169,20 @@ func waitPeerPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 	})
 }
 
-// keyOf returns the sockhash key of c's socket.
+// published reports whether the socket with key k (namespace-scope, or
+// node-scope with cookie 0) is a redirect target.
+func published(dp *Dataplane, k SockKey) bool {
+	for _, cookie := range []uint64{k.NetnsCookie, 0} {
+		k.NetnsCookie = cookie
+		var v [2]uint64 // struct receiver: netns cookie, eligible|seq
+		if dp.maps[PinReceivers].Lookup(k, &v) == nil && v[1]&(1<<32) != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// keyOf returns the namespace-scope sockhash key of c's socket.
 func keyOf(c net.Conn) SockKey {
 	local := netip.MustParseAddrPort(c.LocalAddr().String())
 	remote := netip.MustParseAddrPort(c.RemoteAddr().String())
@@ -218,4 +230,12 @@ func checkAccounted(t *testing.T, d CgroupCounters, sent, minRedirected uint64) 
 	if d.RedirectedBytes < minRedirected {
 		t.Errorf("redirected %d bytes, want at least %d", d.RedirectedBytes, minRedirected)
 	}
+}
+
+func netlinkDelete(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return err
+	}
+	return netlink.LinkDel(l)
 }
