@@ -78,6 +78,19 @@ func Compare(plainCg, accelCg cgroup.Cgroup, cases []Case, runs int, dur time.Du
 // false) and returns the cgroup to make the connection in. It lets a
 // benchmark compare other pairs, such as no programs vs TC accounting.
 func CompareModes(cases []Case, runs int, dur time.Duration, progress Progress, setMode func(accel bool) (cgroup.Cgroup, error)) ([]Result, error) {
+	return CompareConnect(cases, runs, dur, progress, func(accel bool) (Pair, error) {
+		cg, err := setMode(accel)
+		if err != nil {
+			return Pair{}, err
+		}
+		return Connect(cg)
+	})
+}
+
+// CompareConnect is Compare with connections made by connect, which gets
+// the mode to measure: for topologies other than one cgroup on loopback,
+// such as two pods joined by a veth.
+func CompareConnect(cases []Case, runs int, dur time.Duration, progress Progress, connect func(accel bool) (Pair, error)) ([]Result, error) {
 	var out []Result
 	for _, c := range cases {
 		// metric name -> mode -> values
@@ -92,11 +105,7 @@ func CompareModes(cases []Case, runs int, dur time.Duration, progress Progress, 
 		}
 		for r := 0; r < runs; r++ {
 			for _, accel := range []bool{r%2 == 1, r%2 == 0} { // alternate who goes first
-				cg, err := setMode(accel)
-				if err != nil {
-					return nil, fmt.Errorf("%s: %w", c.Name, err)
-				}
-				p, err := Connect(cg)
+				p, err := connect(accel)
 				if err != nil {
 					return nil, fmt.Errorf("%s: connect: %w", c.Name, err)
 				}

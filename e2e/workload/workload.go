@@ -41,27 +41,40 @@ func Connect(cg cgroup.Cgroup) (Pair, error) {
 }
 
 func connectLoopback() (Pair, error) {
-	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	return ConnectTo(nil, [4]byte{127, 0, 0, 1}, func(fn func()) { fn() })
+}
+
+// ConnectTo makes a TCP connection whose listening side is created by
+// listenIn (which runs its function where the server lives: a cgroup, a
+// namespace) on addr, and whose connecting side is created by the calling
+// context, or by dialIn when it is not nil.
+func ConnectTo(dialIn func(func()), addr [4]byte, listenIn func(func())) (Pair, error) {
+	var lfd, cfd int
+	var err error
+	listenIn(func() { lfd, err = listenOn(addr) })
 	if err != nil {
 		return Pair{}, err
 	}
 	defer unix.Close(lfd)
-	if err := unix.Bind(lfd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		return Pair{}, err
-	}
-	if err := unix.Listen(lfd, 1); err != nil {
-		return Pair{}, err
-	}
 	sa, err := unix.Getsockname(lfd)
 	if err != nil {
 		return Pair{}, err
 	}
-	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return Pair{}, err
+	dial := func() {
+		cfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return
+		}
+		if err = unix.Connect(cfd, sa); err != nil {
+			unix.Close(cfd)
+		}
 	}
-	if err := unix.Connect(cfd, sa); err != nil {
-		unix.Close(cfd)
+	if dialIn != nil {
+		dialIn(dial)
+	} else {
+		dial()
+	}
+	if err != nil {
 		return Pair{}, err
 	}
 	sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
@@ -73,6 +86,22 @@ func connectLoopback() (Pair, error) {
 		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	}
 	return Pair{Client: cfd, Server: sfd}, nil
+}
+
+func listenOn(addr [4]byte) (int, error) {
+	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	if err := unix.Bind(lfd, &unix.SockaddrInet4{Addr: addr}); err != nil {
+		unix.Close(lfd)
+		return -1, err
+	}
+	if err := unix.Listen(lfd, 1); err != nil {
+		unix.Close(lfd)
+		return -1, err
+	}
+	return lfd, nil
 }
 
 // onThread runs fn on a locked OS thread, pinned to cpu when cpu >= 0.
