@@ -582,3 +582,64 @@ func TestKustomization(t *testing.T) {
 		}
 	}
 }
+
+// TestPodToPodOverlay checks the opt-in overlay in ../kubernetes-pod-to-pod:
+// its patch targets this DaemonSet and container, adds hostPID, and keeps
+// every base capability (strategic merge replaces capabilities.add whole)
+// plus exactly SYS_PTRACE and SYS_ADMIN.
+func TestPodToPodOverlay(t *testing.T) {
+	m := load(t)
+	const dir = "../kubernetes-pod-to-pod"
+	var k struct {
+		APIVersion string   `json:"apiVersion"`
+		Kind       string   `json:"kind"`
+		Resources  []string `json:"resources"`
+		Patches    []struct {
+			Path string `json:"path"`
+		} `json:"patches"`
+	}
+	docs := documents(t, filepath.Join(dir, "kustomization.yaml"))
+	if len(docs) != 1 {
+		t.Fatalf("overlay kustomization: %d documents", len(docs))
+	}
+	if err := yaml.UnmarshalStrict(docs[0], &k); err != nil {
+		t.Fatalf("overlay kustomization: %v", err)
+	}
+	if !slices.Equal(k.Resources, []string{"../kubernetes"}) || len(k.Patches) != 1 {
+		t.Fatalf("overlay kustomization: resources %v, patches %v", k.Resources, k.Patches)
+	}
+	patchFile := filepath.Join(dir, k.Patches[0].Path)
+	docs = documents(t, patchFile)
+	if len(docs) != 1 {
+		t.Fatalf("%s: %d documents", patchFile, len(docs))
+	}
+	var patch appsv1.DaemonSet
+	decodeStrict(t, patchFile, docs[0], "apps/v1", "DaemonSet", &patch)
+	if patch.Name != m.ds.Name || patch.Namespace != m.ds.Namespace {
+		t.Errorf("patch targets %s/%s, want %s/%s", patch.Namespace, patch.Name, m.ds.Namespace, m.ds.Name)
+	}
+	spec := patch.Spec.Template.Spec
+	if !spec.HostPID {
+		t.Error("the overlay must set hostPID: pod processes must be visible in /proc")
+	}
+	if len(spec.Containers) != 1 || spec.Containers[0].Name != m.container.Name {
+		t.Fatalf("patch containers %v, want only %s", spec.Containers, m.container.Name)
+	}
+	sc := spec.Containers[0].SecurityContext
+	if sc == nil || sc.Capabilities == nil {
+		t.Fatal("patch has no capabilities")
+	}
+	var want, got []string
+	for _, c := range m.container.SecurityContext.Capabilities.Add {
+		want = append(want, string(c))
+	}
+	want = append(want, "SYS_ADMIN", "SYS_PTRACE")
+	for _, c := range sc.Capabilities.Add {
+		got = append(got, string(c))
+	}
+	slices.Sort(want)
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		t.Errorf("overlay capabilities.add = %v, want %v", got, want)
+	}
+}
