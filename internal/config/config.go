@@ -65,6 +65,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	logLevel: info      # debug, info, warn, error
 //	rescanInterval: 2s  # how often globs are expanded again
 //	sockhashSize: 65536 # sockhash capacity when it is first created
+//	extraNetns: [/run/netns/*]  # namespaces whose addresses also count as pod addresses
 type Config struct {
 	Cgroups        []Field[string]  `yaml:"cgroups"`
 	TCDevices      *[]Field[string] `yaml:"tcDevices"`
@@ -73,6 +74,7 @@ type Config struct {
 	LogLevel       Field[string]    `yaml:"logLevel"`
 	RescanInterval Field[Duration]  `yaml:"rescanInterval"`
 	SockhashSize   Field[uint32]    `yaml:"sockhashSize"`
+	ExtraNetns     []Field[string]  `yaml:"extraNetns"`
 
 	// Derived by Parse.
 	devices []dataplane.TCDevice
@@ -156,6 +158,14 @@ func (c *Config) validate() error {
 	}
 	if v := time.Duration(c.RescanInterval.Value); c.RescanInterval.Line != 0 && (v < 100*time.Millisecond || v > time.Hour) {
 		return fmt.Errorf("line %d: rescanInterval %v: use a value between 100ms and 1h", c.RescanInterval.Line, v)
+	}
+	for _, p := range c.ExtraNetns {
+		if !filepath.IsAbs(p.Value) {
+			return fmt.Errorf("line %d: extraNetns: %q must be an absolute path or glob, such as /run/netns/*", p.Line, p.Value)
+		}
+		if _, err := filepath.Match(p.Value, ""); err != nil {
+			return fmt.Errorf("line %d: extraNetns: bad glob %q: %v", p.Line, p.Value, err)
+		}
 	}
 	if v := c.SockhashSize.Value; c.SockhashSize.Line != 0 && (v == 0 || v > 1<<20) {
 		return fmt.Errorf("line %d: sockhashSize %d: use a value between 1 and %d", c.SockhashSize.Line, v, 1<<20)
@@ -246,4 +256,15 @@ func (c *Config) Rescan() time.Duration {
 		return DefaultRescanInterval
 	}
 	return time.Duration(c.RescanInterval.Value)
+}
+
+// ExtraNetnsPaths expands extraNetns into the namespace paths that exist
+// now.
+func (c *Config) ExtraNetnsPaths() []string {
+	var out []string
+	for _, p := range c.ExtraNetns {
+		m, _ := filepath.Glob(p.Value)
+		out = append(out, m...)
+	}
+	return out
 }

@@ -129,7 +129,7 @@ func (d *Daemon) Reconcile() (Result, error) {
 			d.log.Info("cgroup no longer configured: disabled", zap.String("cgroup", path), zap.Uint64("cgroup_id", id))
 		}
 	}
-	if _, err := d.dp.RefreshNodeAddrs(); err != nil {
+	if _, err := d.dp.RefreshNodeAddrs(cfg.ExtraNetnsPaths()...); err != nil {
 		d.log.Warn("refresh node addresses", zap.Error(err))
 		if firstErr == nil {
 			firstErr = err

@@ -103,9 +103,9 @@ func (d *Dataplane) nodeAddrs() (NodeAddrs, error) {
 }
 
 // RefreshNodeAddrs collects the addresses of the network namespaces of the
-// processes in the enabled cgroups and syncs the node address table with
-// them.
-func (d *Dataplane) RefreshNodeAddrs() (NodeAddrs, error) {
+// processes in the enabled cgroups, and of the namespaces at extraNetns,
+// and syncs the node address table with them.
+func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
 	ids, err := d.EnabledCgroupIDs()
 	if err != nil {
 		return NodeAddrs{}, err
@@ -128,5 +128,6 @@ func (d *Dataplane) RefreshNodeAddrs() (NodeAddrs, error) {
 	if err != nil {
 		return NodeAddrs{}, err
 	}
+	nodeaddrs.CollectNetns(owners, extraNetns)
 	return d.SyncNodeAddrs(owners)
 }

@@ -70,6 +70,15 @@ func Collect(cgroups []cgroup.Cgroup) (Owners, error) {
 	return owners, nil
 }
 
+// CollectNetns adds to owners the addresses of the network namespaces at
+// paths (bind mounts such as /run/netns/NAME, or /proc/PID/ns/net).
+// Namespaces that vanish meanwhile are skipped.
+func CollectNetns(owners Owners, paths []string) {
+	for _, p := range paths {
+		collectNetns(p, owners)
+	}
+}
+
 // collectNetns adds the addresses of the namespace at path.
 func collectNetns(path string, owners Owners) error {
 	netns, err := ns.GetNS(path)
