@@ -1,12 +1,14 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/bpffs"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/nodeaddrs"
 	"github.com/sockbypass/sockbypass/internal/privilege"
 )
 
@@ -87,7 +89,9 @@ func runEnable(e *env, args []string) error {
 		}
 	}
 	addrs, err := dp.RefreshNodeAddrs()
-	if err != nil {
+	if errors.Is(err, nodeaddrs.ErrPermission) {
+		fmt.Fprintf(e.stderr, "warning: %v; pod-to-pod connections take the normal TCP path\n", err)
+	} else if err != nil {
 		return fmt.Errorf("refresh node addresses: %w", err)
 	}
 	if len(addrs.Ambiguous) > 0 {

@@ -105,9 +105,8 @@ func (d *Daemon) Reconcile() (Result, error) {
 			}
 			continue
 		}
-		if changed {
+		if changed { // the dataplane logs it
 			res.Enabled = append(res.Enabled, cg.ID)
-			d.log.Info("enabled cgroup", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
 		}
 	}
 	for _, id := range enabled {

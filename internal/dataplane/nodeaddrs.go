@@ -124,10 +124,16 @@ func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
 			cgs = append(cgs, cg)
 		}
 	}
-	owners, err := nodeaddrs.Collect(cgs)
-	if err != nil {
-		return NodeAddrs{}, err
+	owners, collectErr := nodeaddrs.Collect(cgs)
+	if collectErr != nil && !errors.Is(collectErr, nodeaddrs.ErrPermission) {
+		return NodeAddrs{}, collectErr
 	}
 	nodeaddrs.CollectNetns(owners, extraNetns)
-	return d.SyncNodeAddrs(owners)
+	addrs, err := d.SyncNodeAddrs(owners)
+	if err == nil && collectErr != nil {
+		// Partial: what was found is in force, the rest stays unpaired.
+		d.log.Warn("pod-to-pod pairing is partial", zap.Error(collectErr))
+		err = collectErr
+	}
+	return addrs, err
 }

@@ -8,9 +8,9 @@
 package nodeaddrs
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"strconv"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -44,11 +44,19 @@ func Collectable(addr netip.Addr) bool {
 		!addr.IsLinkLocalMulticast() && !addr.IsMulticast() && !addr.IsUnspecified()
 }
 
+// ErrPermission is returned (joined with the owners found) when a
+// namespace could not be entered for lack of privileges (CAP_SYS_ADMIN for
+// setns, CAP_SYS_PTRACE and the host PID namespace for /proc/PID/ns/net):
+// its addresses are then not paired across namespaces.
+var ErrPermission = errors.New("cannot enter the network namespaces of pod processes: needs CAP_SYS_ADMIN, CAP_SYS_PTRACE and the host PID namespace")
+
 // Collect gathers the addresses of the network namespaces of every process
 // in cgroups (and the cgroups below them). Processes and namespaces that
-// vanish meanwhile are skipped.
+// vanish meanwhile are skipped; a namespace that cannot be entered for lack
+// of privileges makes Collect return ErrPermission with what it found.
 func Collect(cgroups []cgroup.Cgroup) (Owners, error) {
 	owners := Owners{}
+	var permErr error
 	seen := map[uint64]bool{} // namespace inode
 	for _, cg := range cgroups {
 		pids, err := cg.Procs()
@@ -58,16 +66,25 @@ func Collect(cgroups []cgroup.Cgroup) (Owners, error) {
 		for _, pid := range pids {
 			path := "/proc/" + strconv.Itoa(pid) + "/ns/net"
 			var st unix.Stat_t
-			if unix.Stat(path, &st) != nil || seen[st.Ino] {
+			if err := unix.Stat(path, &st); err != nil {
+				if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+					permErr = ErrPermission
+				}
+				continue
+			}
+			if seen[st.Ino] {
 				continue
 			}
 			seen[st.Ino] = true
-			if err := collectNetns(path, owners); err != nil && !os.IsNotExist(err) {
-				continue // the process exited while we looked
+			if err := collectNetns(path, owners); err != nil {
+				if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+					permErr = ErrPermission
+				}
+				continue // or the process exited while we looked
 			}
 		}
 	}
-	return owners, nil
+	return owners, permErr
 }
 
 // CollectNetns adds to owners the addresses of the network namespaces at

@@ -12,12 +12,14 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/rlimit"
 )
 
 // Capability numbers from linux/capability.h.
 const (
 	CapNetAdmin = 12
 	CapSysAdmin = 21
+	CapPerfmon  = 38
 	CapBPF      = 39
 )
 
@@ -45,14 +47,21 @@ func EffectiveCaps() (uint64, error) {
 }
 
 // Check returns an error naming the missing capabilities when this process
-// cannot load and attach sockbypass's programs: it needs CAP_NET_ADMIN and
-// CAP_BPF (or CAP_SYS_ADMIN in its place).
+// cannot load and attach sockbypass's programs: it needs CAP_NET_ADMIN,
+// CAP_BPF and CAP_PERFMON (CAP_SYS_ADMIN stands in for the last two). It
+// also lifts the memlock limit that kernels before 5.11 charge maps to.
 func Check() error {
 	caps, err := EffectiveCaps()
 	if err != nil {
 		return fmt.Errorf("read capabilities: %w", err)
 	}
-	return checkCaps(caps)
+	if err := checkCaps(caps); err != nil {
+		return err
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("lift the memlock limit (needs CAP_SYS_RESOURCE on kernels before 5.11): %w", err)
+	}
+	return nil
 }
 
 func checkCaps(caps uint64) error {
@@ -61,13 +70,16 @@ func checkCaps(caps uint64) error {
 	if !has(CapBPF) && !has(CapSysAdmin) {
 		missing = append(missing, "CAP_BPF")
 	}
+	if !has(CapPerfmon) && !has(CapSysAdmin) {
+		missing = append(missing, "CAP_PERFMON")
+	}
 	if !has(CapNetAdmin) {
 		missing = append(missing, "CAP_NET_ADMIN")
 	}
 	if len(missing) == 0 {
 		return nil
 	}
-	return fmt.Errorf("%w: running as uid %d without %s: run sockbypass as root (sudo sockbypass ...) or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN",
+	return fmt.Errorf("%w: running as uid %d without %s: run sockbypass as root (sudo sockbypass ...) or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN",
 		ErrNotPrivileged, os.Geteuid(), strings.Join(missing, " and "))
 }
 

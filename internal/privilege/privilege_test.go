@@ -21,8 +21,11 @@ func TestCheckCapsNamesWhatIsMissing(t *testing.T) {
 	if err := checkCaps(1<<CapSysAdmin | 1<<CapNetAdmin); err != nil {
 		t.Errorf("CAP_SYS_ADMIN+CAP_NET_ADMIN refused: %v", err)
 	}
-	if err := checkCaps(1<<CapBPF | 1<<CapNetAdmin); err != nil {
-		t.Errorf("CAP_BPF+CAP_NET_ADMIN refused: %v", err)
+	if err := checkCaps(1<<CapBPF | 1<<CapPerfmon | 1<<CapNetAdmin); err != nil {
+		t.Errorf("CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN refused: %v", err)
+	}
+	if err := checkCaps(1<<CapBPF | 1<<CapNetAdmin); err == nil || !strings.Contains(err.Error(), "CAP_PERFMON") {
+		t.Errorf("missing CAP_PERFMON not named: %v", err)
 	}
 }
 
