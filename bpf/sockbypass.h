@@ -67,6 +67,19 @@ struct sock_state {
 	 * for node-scope keys; the socket's own namespace otherwise). */
 	__u64 netns_cookie;
 	__u64 peer_netns_cookie;
+	/* With SOCK_FLAG_EXPLICIT_PEER: the peer's key (the sidecar's
+	 * accepted socket, or the app's socket), instead of the mirror of
+	 * our own key. */
+	struct sock_key peer_key;
+	/* Sidecar mode: the destination the app asked for (intercept mode),
+	 * and the tuple its SYN left with after NAT (redirect mode). */
+	__u32 orig_dst_ip[4];
+	__u16 orig_dst_port;
+	__u16 nat_src_port;
+	__u16 nat_dst_port;
+	__u16 pad2;
+	__u32 nat_src_ip[4];
+	__u32 nat_dst_ip[4];
 	/* copied_seq last published to the receivers map. */
 	__u32 published_seq;
 	/* SOCK_FLAG_* */
@@ -85,6 +98,16 @@ struct sock_state {
 #define SOCK_FLAG_STACK_READER (1U << 3)
 /* The socket has published itself as a redirect target. */
 #define SOCK_FLAG_PUBLISHED (1U << 4)
+/* The socket pairs with state->peer_key, never with its mirror. */
+#define SOCK_FLAG_EXPLICIT_PEER (1U << 5)
+/* Sidecar mode: connect() was sent to the sidecar (orig_dst is set). */
+#define SOCK_FLAG_INTERCEPTED (1U << 6)
+/* Sidecar mode: the SYN left NAT-redirected (nat_* is set). */
+#define SOCK_FLAG_SYN_REDIRECTED (1U << 7)
+/* Sidecar mode: an app socket (its connect was seen by sock_ops). */
+#define SOCK_FLAG_MESH_APP (1U << 8)
+/* Sidecar mode: the app endpoint is shared by several sockets. */
+#define SOCK_FLAG_AMBIGUOUS (1U << 9)
 
 /*
  * Redirect targets: sock_key of a socket that may receive redirected bytes
@@ -182,6 +205,16 @@ struct cgroup_counters {
 	/* Sockets whose addresses are node addresses but ambiguous (seen in
 	 * several namespaces): kept namespace-local, never paired across. */
 	__u64 sockets_ambiguous;
+	/* Sidecar mode: app connects intercepted (sent to the sidecar). */
+	__u64 mesh_intercepted;
+	/* Sidecar mode: SO_ORIGINAL_DST answered for the sidecar. */
+	__u64 mesh_orig_dst_answers;
+	/* Sidecar mode: app <-> sidecar connections paired, connections
+	 * reaching a sidecar port left unpaired, and connections left
+	 * unpaired because their app endpoint was not unique. */
+	__u64 mesh_paired;
+	__u64 mesh_unpaired;
+	__u64 mesh_ambiguous;
 };
 
 struct {
@@ -209,10 +242,36 @@ struct {
  * A cgroup without an entry is accelerated. */
 #define CGROUP_ACCOUNT_ONLY (1U << 0)
 
+/* cgroup_config.mesh_mode */
+#define MESH_NONE 0
+/* Pair app and sidecar sockets under an unmodified iptables REDIRECT. */
+#define MESH_REDIRECT 1
+/* Intercept connect() (no iptables) and answer SO_ORIGINAL_DST. */
+#define MESH_INTERCEPT 2
+
+#define MESH_MAX_EXCLUDE_PORTS 16
+#define MESH_MAX_EXCLUDE_CIDRS 8
+
+struct cidr {
+	__u32 ip[4];	/* network byte order; IPv4 as ::ffff:a.b.c.d */
+	__u32 prefix;	/* bits of the 128-bit form (IPv4 /8 is 104) */
+};
+
 struct cgroup_config {
 	/* CGROUP_* flags. CGROUP_ACCOUNT_ONLY: count the cgroup's traffic but
 	 * keep its sockets out of the sockhash (a dry run). */
 	__u32 flags;
+	/* MESH_* */
+	__u32 mesh_mode;
+	/* The sidecar's uid: its own connects are never intercepted. */
+	__u32 sidecar_uid;
+	/* The sidecar's outbound and inbound ports (host byte order). */
+	__u16 outbound_port;
+	__u16 inbound_port;
+	/* Destinations never intercepted (ports in host byte order, 0 unused). */
+	__u16 exclude_ports[MESH_MAX_EXCLUDE_PORTS];
+	struct cidr exclude_cidrs[MESH_MAX_EXCLUDE_CIDRS];
+	__u32 n_exclude_cidrs;
 	__u32 pad;
 };
 
@@ -281,6 +340,64 @@ struct {
 	__type(key, struct tc_user_key);
 	__type(value, __u32);
 } tc_users SEC(".maps");
+
+/* Sidecar mode, intercept: app endpoint (netns, local ip, port) -> the
+ * destination its connect() asked for, for SO_ORIGINAL_DST. */
+struct endpoint_key {
+	__u64 netns_cookie;
+	__u32 ip[4];
+	__u16 port;
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct orig_dst {
+	__u32 ip[4];
+	__u16 port;
+	__u16 family;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct endpoint_key);
+	__type(value, struct orig_dst);
+} orig_dsts SEC(".maps");
+
+/* Sidecar mode: app endpoints in use (netns, local ip, port) -> cookie of
+ * the app socket and MESH_ENDPOINT_AMBIGUOUS when several share it. */
+#define MESH_ENDPOINT_AMBIGUOUS (1ULL << 63)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct endpoint_key);
+	__type(value, __u64);
+} mesh_endpoints SEC(".maps");
+
+/* Sidecar mode, redirect: the tuple of an app's SYN after NAT (as the
+ * sidecar's accepted socket will see it) -> the app socket's key. */
+struct nat_tuple {
+	__u64 netns_cookie;
+	__u32 src_ip[4];
+	__u32 dst_ip[4];
+	__u16 src_port;
+	__u16 dst_port;
+	__u32 pad;
+};
+
+struct mesh_syn {
+	struct sock_key app_key;
+	__u64 app_cookie;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nat_tuple);
+	__type(value, struct mesh_syn);
+} mesh_syns SEC(".maps");
 
 /* counters_for returns the counters of cgroup_id, creating them if needed. */
 static __always_inline struct cgroup_counters *counters_for(__u64 cgroup_id)

@@ -34,12 +34,18 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	if (!state || !(state->flags & SOCK_FLAG_INSERTED))
 		goto pass;
 
-	/* The peer's key: our key with local and remote swapped. */
-	peer = state->key;
-	__builtin_memcpy(peer.local_ip, state->key.remote_ip, sizeof(peer.local_ip));
-	__builtin_memcpy(peer.remote_ip, state->key.local_ip, sizeof(peer.remote_ip));
-	peer.local_port = state->key.remote_port;
-	peer.remote_port = state->key.local_port;
+	if (state->flags & SOCK_FLAG_EXPLICIT_PEER) {
+		/* Sidecar mode: the app's peer is the sidecar, and the
+		 * sidecar's is the app, whatever their addresses say. */
+		peer = state->peer_key;
+	} else {
+		/* The peer's key: our key with local and remote swapped. */
+		peer = state->key;
+		__builtin_memcpy(peer.local_ip, state->key.remote_ip, sizeof(peer.local_ip));
+		__builtin_memcpy(peer.remote_ip, state->key.local_ip, sizeof(peer.remote_ip));
+		peer.local_port = state->key.remote_port;
+		peer.remote_port = state->key.local_port;
+	}
 
 	/* Is the peer a redirect target, in the namespace it must be in? A
 	 * socket of an earlier owner of the address never is. */

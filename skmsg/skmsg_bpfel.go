@@ -14,9 +14,20 @@ import (
 )
 
 type skmsgCgroupConfig struct {
-	_     structs.HostLayout
-	Flags uint32
-	Pad   uint32
+	_            structs.HostLayout
+	Flags        uint32
+	MeshMode     uint32
+	SidecarUid   uint32
+	OutboundPort uint16
+	InboundPort  uint16
+	ExcludePorts [16]uint16
+	ExcludeCidrs [8]struct {
+		_      structs.HostLayout
+		Ip     [4]uint32
+		Prefix uint32
+	}
+	N_excludeCidrs uint32
+	Pad            uint32
 }
 
 type skmsgCgroupCounters struct {
@@ -41,6 +52,36 @@ type skmsgCgroupCounters struct {
 	RedirectedXnsMsgs  uint64
 	RedirectedXnsBytes uint64
 	SocketsAmbiguous   uint64
+	MeshIntercepted    uint64
+	MeshOrigDstAnswers uint64
+	MeshPaired         uint64
+	MeshUnpaired       uint64
+	MeshAmbiguous      uint64
+}
+
+type skmsgEndpointKey struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Ip          [4]uint32
+	Port        uint16
+	Pad         uint16
+	Pad2        uint32
+}
+
+type skmsgMeshSyn struct {
+	_         structs.HostLayout
+	AppKey    skmsgSockKey
+	AppCookie uint64
+}
+
+type skmsgNatTuple struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	SrcIp       [4]uint32
+	DstIp       [4]uint32
+	SrcPort     uint16
+	DstPort     uint16
+	Pad         uint32
 }
 
 type skmsgNodeAddr struct {
@@ -53,6 +94,14 @@ type skmsgNodeAddr struct {
 type skmsgNodeAddrKey struct {
 	_  structs.HostLayout
 	Ip [4]uint32
+}
+
+type skmsgOrigDst struct {
+	_      structs.HostLayout
+	Ip     [4]uint32
+	Port   uint16
+	Family uint16
+	Pad    uint32
 }
 
 type skmsgReceiver struct {
@@ -78,6 +127,14 @@ type skmsgSockState struct {
 	Key             skmsgSockKey
 	NetnsCookie     uint64
 	PeerNetnsCookie uint64
+	PeerKey         skmsgSockKey
+	OrigDstIp       [4]uint32
+	OrigDstPort     uint16
+	NatSrcPort      uint16
+	NatDstPort      uint16
+	Pad2            uint16
+	NatSrcIp        [4]uint32
+	NatDstIp        [4]uint32
 	PublishedSeq    uint32
 	Flags           uint32
 }
@@ -109,7 +166,10 @@ type skmsgTcUserKey struct {
 const (
 	skmsgMapCgroupConfig     = "cgroup_config"
 	skmsgMapCgroupCounters   = "cgroup_counters"
+	skmsgMapMeshEndpoints    = "mesh_endpoints"
+	skmsgMapMeshSyns         = "mesh_syns"
 	skmsgMapNodeAddrs        = "node_addrs"
+	skmsgMapOrigDsts         = "orig_dsts"
 	skmsgMapReceivers        = "receivers"
 	skmsgMapSockState        = "sock_state"
 	skmsgMapSocketCgroups    = "socket_cgroups"
@@ -170,7 +230,10 @@ type skmsgProgramSpecs struct {
 type skmsgMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
+	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -207,7 +270,10 @@ func (o *skmsgObjects) Close() error {
 type skmsgMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
+	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -220,7 +286,10 @@ func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.MeshEndpoints,
+		m.MeshSyns,
 		m.NodeAddrs,
+		m.OrigDsts,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

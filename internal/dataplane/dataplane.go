@@ -339,12 +339,28 @@ type EnableOptions struct {
 	// AccountOnly counts the cgroup's traffic without accelerating it: a
 	// dry run that shows what acceleration would take off the stack.
 	AccountOnly bool
+	// Mesh, when set, puts the cgroup (a pod with a sidecar) in sidecar
+	// mode.
+	Mesh *MeshOptions
 }
 
 // cgroupConfig mirrors struct cgroup_config.
 type cgroupConfig struct {
-	Flags uint32
-	Pad   uint32
+	Flags         uint32
+	MeshMode      uint32
+	SidecarUID    uint32
+	OutboundPort  uint16
+	InboundPort   uint16
+	ExcludePorts  [16]uint16
+	ExcludeCIDRs  [8]cidrValue
+	NExcludeCIDRs uint32
+	Pad           uint32
+}
+
+// cidrValue mirrors struct cidr.
+type cidrValue struct {
+	IP     [16]byte
+	Prefix uint32
 }
 
 const cgroupAccountOnly = 1 << 0
@@ -385,6 +401,11 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 	cfg := cgroupConfig{}
 	if opts.AccountOnly {
 		cfg.Flags |= cgroupAccountOnly
+	}
+	if opts.Mesh != nil {
+		if err := opts.Mesh.fill(&cfg); err != nil {
+			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+		}
 	}
 	var oldCfg cgroupConfig
 	hadCfg := d.maps[PinCgroupConfig].Lookup(cg.ID, &oldCfg) == nil
@@ -465,6 +486,12 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		undo = append(undo, func() { d.maps[PinTCUsers].Delete(key) })
 	}
 
+	meshUndo, err := d.syncMeshLinks(cg, opts.Mesh != nil)
+	if err != nil {
+		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+	}
+	undo = append(undo, meshUndo...)
+
 	if already {
 		d.log.Info("cgroup already enabled", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
 		return false, nil
@@ -498,6 +525,9 @@ func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
 	defer cgLink.Close()
 	if err := cgLink.Unpin(); err != nil {
 		return false, fmt.Errorf("disable cgroup id %d: unpin %s: %w", cgroupID, pin, err)
+	}
+	if err := d.unpinMeshLinks(cgroupID); err != nil {
+		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 	}
 	if ssLink, err := link.LoadPinnedLink(d.setsockoptLinkPin(cgroupID), nil); err == nil {
 		err = ssLink.Unpin()

@@ -55,6 +55,8 @@ type CgroupStatus struct {
 	LiveSockets int `json:"live_sockets"`
 	// Mode is "accelerate" or "account-only".
 	Mode string `json:"mode"`
+	// Mesh is the sidecar mode: "", "redirect" or "intercept".
+	Mesh string `json:"mesh,omitempty"`
 	// Counters are its counters, summed over CPUs.
 	Counters CgroupCounters `json:"counters"`
 }
@@ -165,8 +167,16 @@ func (d *Dataplane) Status() (*Status, error) {
 	for _, id := range ids {
 		cs := CgroupStatus{ID: id, Counters: counters[id], LiveSockets: live[id], Mode: "accelerate"}
 		var cfg cgroupConfig
-		if d.maps[PinCgroupConfig].Lookup(id, &cfg) == nil && cfg.Flags&cgroupAccountOnly != 0 {
-			cs.Mode = "account-only"
+		if d.maps[PinCgroupConfig].Lookup(id, &cfg) == nil {
+			if cfg.Flags&cgroupAccountOnly != 0 {
+				cs.Mode = "account-only"
+			}
+			switch cfg.MeshMode {
+			case MeshRedirect:
+				cs.Mesh = "redirect"
+			case MeshIntercept:
+				cs.Mesh = "intercept"
+			}
 		}
 		if l, err := link.LoadPinnedLink(d.cgroupLinkPin(id), nil); err == nil {
 			if info, err := l.Info(); err == nil {

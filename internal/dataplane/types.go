@@ -50,6 +50,11 @@ type CgroupCounters struct {
 	RedirectedXnsMsgs  uint64 `json:"redirected_cross_netns_msgs"`
 	RedirectedXnsBytes uint64 `json:"redirected_cross_netns_bytes"`
 	SocketsAmbiguous   uint64 `json:"sockets_ambiguous"`
+	MeshIntercepted    uint64 `json:"mesh_intercepted"`
+	MeshOrigDstAnswers uint64 `json:"mesh_orig_dst_answers"`
+	MeshPaired         uint64 `json:"mesh_paired"`
+	MeshUnpaired       uint64 `json:"mesh_unpaired"`
+	MeshAmbiguous      uint64 `json:"mesh_ambiguous"`
 }
 
 // Add adds o to c field by field.
@@ -74,6 +79,11 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.RedirectedXnsMsgs += o.RedirectedXnsMsgs
 	c.RedirectedXnsBytes += o.RedirectedXnsBytes
 	c.SocketsAmbiguous += o.SocketsAmbiguous
+	c.MeshIntercepted += o.MeshIntercepted
+	c.MeshOrigDstAnswers += o.MeshOrigDstAnswers
+	c.MeshPaired += o.MeshPaired
+	c.MeshUnpaired += o.MeshUnpaired
+	c.MeshAmbiguous += o.MeshAmbiguous
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -99,5 +109,10 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		RedirectedXnsMsgs:  c.RedirectedXnsMsgs - o.RedirectedXnsMsgs,
 		RedirectedXnsBytes: c.RedirectedXnsBytes - o.RedirectedXnsBytes,
 		SocketsAmbiguous:   c.SocketsAmbiguous - o.SocketsAmbiguous,
+		MeshIntercepted:    c.MeshIntercepted - o.MeshIntercepted,
+		MeshOrigDstAnswers: c.MeshOrigDstAnswers - o.MeshOrigDstAnswers,
+		MeshPaired:         c.MeshPaired - o.MeshPaired,
+		MeshUnpaired:       c.MeshUnpaired - o.MeshUnpaired,
+		MeshAmbiguous:      c.MeshAmbiguous - o.MeshAmbiguous,
 	}
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/internal/fallback"
 	"github.com/sockbypass/sockbypass/internal/lock"
+	"github.com/sockbypass/sockbypass/internal/mesh"
 	"github.com/sockbypass/sockbypass/skmsg"
 	"github.com/sockbypass/sockbypass/sockops"
 	"github.com/sockbypass/sockbypass/tc"
@@ -101,6 +102,11 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 		}
 		if err := updateLink(d.setsockoptLinkPin(id), func() (*ebpf.Program, error) { return fallback.LoadSetsockopt(id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return rep, fmt.Errorf("upgrade cgroup id %d: setsockopt: %w", id, err)
+		}
+		for _, p := range mesh.Programs {
+			if err := updateLink(d.meshLinkPin(id, p.Suffix), func() (*ebpf.Program, error) { return mesh.Load(p.Name, id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return rep, fmt.Errorf("upgrade cgroup id %d: %s: %w", id, p.Name, err)
+			}
 		}
 		rep.Cgroups++
 	}

@@ -14,9 +14,20 @@ import (
 )
 
 type fallbackCgroupConfig struct {
-	_     structs.HostLayout
-	Flags uint32
-	Pad   uint32
+	_            structs.HostLayout
+	Flags        uint32
+	MeshMode     uint32
+	SidecarUid   uint32
+	OutboundPort uint16
+	InboundPort  uint16
+	ExcludePorts [16]uint16
+	ExcludeCidrs [8]struct {
+		_      structs.HostLayout
+		Ip     [4]uint32
+		Prefix uint32
+	}
+	N_excludeCidrs uint32
+	Pad            uint32
 }
 
 type fallbackCgroupCounters struct {
@@ -41,6 +52,36 @@ type fallbackCgroupCounters struct {
 	RedirectedXnsMsgs  uint64
 	RedirectedXnsBytes uint64
 	SocketsAmbiguous   uint64
+	MeshIntercepted    uint64
+	MeshOrigDstAnswers uint64
+	MeshPaired         uint64
+	MeshUnpaired       uint64
+	MeshAmbiguous      uint64
+}
+
+type fallbackEndpointKey struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Ip          [4]uint32
+	Port        uint16
+	Pad         uint16
+	Pad2        uint32
+}
+
+type fallbackMeshSyn struct {
+	_         structs.HostLayout
+	AppKey    fallbackSockKey
+	AppCookie uint64
+}
+
+type fallbackNatTuple struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	SrcIp       [4]uint32
+	DstIp       [4]uint32
+	SrcPort     uint16
+	DstPort     uint16
+	Pad         uint32
 }
 
 type fallbackNodeAddr struct {
@@ -53,6 +94,14 @@ type fallbackNodeAddr struct {
 type fallbackNodeAddrKey struct {
 	_  structs.HostLayout
 	Ip [4]uint32
+}
+
+type fallbackOrigDst struct {
+	_      structs.HostLayout
+	Ip     [4]uint32
+	Port   uint16
+	Family uint16
+	Pad    uint32
 }
 
 type fallbackReceiver struct {
@@ -78,6 +127,14 @@ type fallbackSockState struct {
 	Key             fallbackSockKey
 	NetnsCookie     uint64
 	PeerNetnsCookie uint64
+	PeerKey         fallbackSockKey
+	OrigDstIp       [4]uint32
+	OrigDstPort     uint16
+	NatSrcPort      uint16
+	NatDstPort      uint16
+	Pad2            uint16
+	NatSrcIp        [4]uint32
+	NatDstIp        [4]uint32
 	PublishedSeq    uint32
 	Flags           uint32
 }
@@ -109,7 +166,10 @@ type fallbackTcUserKey struct {
 const (
 	fallbackMapCgroupConfig          = "cgroup_config"
 	fallbackMapCgroupCounters        = "cgroup_counters"
+	fallbackMapMeshEndpoints         = "mesh_endpoints"
+	fallbackMapMeshSyns              = "mesh_syns"
 	fallbackMapNodeAddrs             = "node_addrs"
+	fallbackMapOrigDsts              = "orig_dsts"
 	fallbackMapReceivers             = "receivers"
 	fallbackMapSockState             = "sock_state"
 	fallbackMapSocketCgroups         = "socket_cgroups"
@@ -173,7 +233,10 @@ type fallbackProgramSpecs struct {
 type fallbackMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
+	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -211,7 +274,10 @@ func (o *fallbackObjects) Close() error {
 type fallbackMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
+	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -224,7 +290,10 @@ func (m *fallbackMaps) Close() error {
 	return _FallbackClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.MeshEndpoints,
+		m.MeshSyns,
 		m.NodeAddrs,
+		m.OrigDsts,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

@@ -1,0 +1,201 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/*
+ * Sidecar mode (service mesh): the programs that let the app <-> sidecar hop
+ * of a pod be accelerated.
+ *
+ * Redirect mode (an unmodified istio-init iptables REDIRECT): the app's
+ * socket names the service address while the sidecar's accepted socket names
+ * 127.0.0.1:15001, so their 4-tuples do not mirror. cgroup_skb/egress sees
+ * the app's SYN after NAT: the exact tuple the sidecar's socket will have.
+ * sock_ops pairs the two sockets through it (mesh_syns), so the pairing is
+ * the kernel's own NAT decision, never a guess; an app endpoint shared by
+ * several sockets is left unpaired.
+ *
+ * Intercept mode (no iptables): cgroup/connect4 sends the app's connects to
+ * the sidecar's outbound port and remembers where they were going;
+ * cgroup/getsockopt answers SO_ORIGINAL_DST for the sidecar as netfilter
+ * would. The two loopback sockets then mirror each other and pair as usual.
+ */
+#include "sockbypass.h"
+
+#define SOCK_STREAM 1
+#define IPPROTO_TCP 6
+#define SOL_IP 0
+#define SO_ORIGINAL_DST 80
+#define ETH_P_IP 0x0800
+#define ENOENT 2
+
+/* Set by the loader: the enabled cgroup this instance is attached to. */
+volatile const __u64 enabled_cgroup_id = 0;
+
+static __always_inline int excluded(const struct cgroup_config *cfg, const __u32 *ip, __u16 port)
+{
+	for (int i = 0; i < MESH_MAX_EXCLUDE_PORTS; i++) {
+		if (cfg->exclude_ports[i] == port && port != 0)
+			return 1;
+	}
+	for (int i = 0; i < MESH_MAX_EXCLUDE_CIDRS; i++) {
+		if (i >= cfg->n_exclude_cidrs)
+			break;
+		const struct cidr *c = &cfg->exclude_cidrs[i];
+		int match = 1;
+		for (int w = 0; w < 4; w++) {
+			__u32 bits = c->prefix > (__u32)w * 32 ? c->prefix - w * 32 : 0;
+			if (bits == 0)
+				break;
+			__u32 mask = bits >= 32 ? 0xffffffff : ~(0xffffffffU >> bits);
+			if ((bpf_ntohl(ip[w]) & mask) != (bpf_ntohl(c->ip[w]) & mask)) {
+				match = 0;
+				break;
+			}
+		}
+		if (match)
+			return 1;
+	}
+	return 0;
+}
+
+SEC("cgroup/connect4")
+int sockbypass_connect4(struct bpf_sock_addr *ctx)
+{
+	struct cgroup_config *cfg;
+	struct sock_state *state;
+	struct cgroup_counters *c;
+	__u64 cgroup_id = enabled_cgroup_id;
+	__u32 ip[4];
+	__u16 port;
+
+	if (ctx->type != SOCK_STREAM || !ctx->sk)
+		return 1;
+	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	if (!cfg || cfg->mesh_mode != MESH_INTERCEPT || cfg->outbound_port == 0)
+		return 1;
+	/* The sidecar's own connects go where they asked. */
+	if ((__u32)bpf_get_current_uid_gid() == cfg->sidecar_uid)
+		return 1;
+	set_v4mapped(ip, ctx->user_ip4);
+	port = bpf_ntohs((__u16)ctx->user_port);
+	/* Loopback stays local, as istio-init's "-d 127.0.0.1/32 -j RETURN". */
+	if ((bpf_ntohl(ip[3]) >> 24) == 127)
+		return 1;
+	if (excluded(cfg, ip, port))
+		return 1;
+
+	state = bpf_sk_storage_get(&sock_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return 1; /* fail open: the connect goes where it asked */
+	__builtin_memcpy(state->orig_dst_ip, ip, sizeof(ip));
+	state->orig_dst_port = port;
+	state->flags |= SOCK_FLAG_INTERCEPTED;
+
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(cfg->outbound_port);
+	c = counters_for(cgroup_id);
+	if (c)
+		__sync_fetch_and_add(&c->mesh_intercepted, 1);
+	return 1;
+}
+
+SEC("cgroup/getsockopt")
+int sockbypass_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct endpoint_key ek = {};
+	struct orig_dst *od;
+	struct cgroup_counters *c;
+	__u8 *optval = ctx->optval, *end = ctx->optval_end;
+
+	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
+		return 1;
+	if (ctx->retval == 0 || !sk)
+		return 1; /* netfilter answered (iptables mode): keep it */
+	if (sk->family != AF_INET)
+		return 1;
+
+	/* The sidecar's accepted socket: its remote end is the app's socket. */
+	ek.netns_cookie = bpf_get_netns_cookie(ctx);
+	set_v4mapped(ek.ip, sk->dst_ip4);
+	ek.port = bpf_ntohs(sk->dst_port);
+	od = bpf_map_lookup_elem(&orig_dsts, &ek);
+	if (!od)
+		return 1;
+	if (optval + 16 > end)
+		return 1;
+	/* struct sockaddr_in */
+	optval[0] = AF_INET;
+	optval[1] = 0;
+	optval[2] = od->port >> 8;
+	optval[3] = od->port & 0xff;
+	__builtin_memcpy(optval + 4, &od->ip[3], 4);
+	__builtin_memset(optval + 8, 0, 8);
+	ctx->optlen = 16;
+	ctx->retval = 0;
+	c = counters_for(enabled_cgroup_id);
+	if (c)
+		__sync_fetch_and_add(&c->mesh_orig_dst_answers, 1);
+	return 1;
+}
+
+SEC("cgroup_skb/egress")
+int sockbypass_mesh_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct sock_state *state;
+	struct cgroup_config *cfg;
+	struct nat_tuple t = {};
+	struct mesh_syn syn = {};
+	__u8 iph[20], tcph[14];
+	__u32 saddr, daddr, ihl;
+	__u16 sport, dport;
+
+	if (!sk || skb->protocol != bpf_htons(ETH_P_IP))
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_TCP)
+		return 1;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (!state || !(state->flags & SOCK_FLAG_MESH_APP) ||
+	    (state->flags & SOCK_FLAG_SYN_REDIRECTED))
+		return 1;
+	if (bpf_skb_load_bytes(skb, 0, iph, sizeof(iph)) < 0 || iph[9] != IPPROTO_TCP)
+		return 1;
+	ihl = (iph[0] & 0x0f) * 4;
+	if (bpf_skb_load_bytes(skb, ihl, tcph, sizeof(tcph)) < 0)
+		return 1;
+	/* A SYN without ACK: the app's connection request. */
+	if (!(tcph[13] & 0x02) || (tcph[13] & 0x10))
+		return 1;
+	cfg = bpf_map_lookup_elem(&cgroup_config, &state->cgroup_id);
+	if (!cfg || cfg->mesh_mode != MESH_REDIRECT)
+		return 1;
+
+	__builtin_memcpy(&saddr, iph + 12, 4);
+	__builtin_memcpy(&daddr, iph + 16, 4);
+	sport = ((__u16)tcph[0] << 8) | tcph[1];
+	dport = ((__u16)tcph[2] << 8) | tcph[3];
+	if (dport != cfg->outbound_port && dport != cfg->inbound_port)
+		return 1;
+	/* Sent to where the socket connected: not redirected. */
+	if (daddr == state->key.remote_ip[3] && dport == state->key.remote_port)
+		return 1;
+
+	set_v4mapped(state->nat_src_ip, saddr);
+	set_v4mapped(state->nat_dst_ip, daddr);
+	state->nat_src_port = sport;
+	state->nat_dst_port = dport;
+	state->flags |= SOCK_FLAG_SYN_REDIRECTED;
+
+	t.netns_cookie = state->netns_cookie;
+	__builtin_memcpy(t.src_ip, state->nat_src_ip, sizeof(t.src_ip));
+	__builtin_memcpy(t.dst_ip, state->nat_dst_ip, sizeof(t.dst_ip));
+	t.src_port = sport;
+	t.dst_port = dport;
+	syn.app_key = state->key;
+	syn.app_cookie = bpf_get_socket_cookie(skb);
+	bpf_map_update_elem(&mesh_syns, &t, &syn, BPF_ANY);
+	return 1;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
