@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/sockbypass/sockbypass/cgroup"
@@ -14,7 +15,7 @@ import (
 
 var enableCommand = command{
 	summary: "accelerate the TCP sockets of a cgroup (idempotent)",
-	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--sockhash-size N]",
+	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--sockhash-size N]\n         [--mesh istio|linkerd|kuma [--intercept] [--sidecar-uid UID] [--outbound-port N] [--inbound-port N] [--exclude-ports P,...] [--exclude-cidrs CIDR,...]]",
 	run:     runEnable,
 }
 
@@ -34,6 +35,15 @@ func runEnable(e *env, args []string) error {
 	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is accounted, optionally in another network namespace as /run/netns/NAME:DEV (repeatable; default lo)")
 	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (stack egress is then not counted)")
 	fs.BoolVar(&accountOnly, "account-only", false, "count the cgroup's traffic but do not accelerate it (a dry run; run enable again without it to accelerate)")
+	var meshName, sidecarUID, outboundPort, inboundPort, excludePorts, excludeCIDRs string
+	var intercept bool
+	fs.StringVar(&meshName, "mesh", "", "sidecar mode for a pod with a mesh sidecar: istio (uid 1337, ports 15001/15006), linkerd (2102, 4140/4143) or kuma (5678, 15001/15006)")
+	fs.BoolVar(&intercept, "intercept", false, "with --mesh: send the app's connects to the sidecar without iptables (cgroup/connect4) and answer SO_ORIGINAL_DST; default: pair under iptables REDIRECT")
+	fs.StringVar(&sidecarUID, "sidecar-uid", "", "with --mesh: the uid the sidecar runs as (its connects are never intercepted)")
+	fs.StringVar(&outboundPort, "outbound-port", "", "with --mesh: the sidecar's outbound port")
+	fs.StringVar(&inboundPort, "inbound-port", "", "with --mesh: the sidecar's inbound port")
+	fs.StringVar(&excludePorts, "exclude-ports", "", "with --mesh: destination ports never intercepted, comma-separated (like excludeOutboundPorts)")
+	fs.StringVar(&excludeCIDRs, "exclude-cidrs", "", "with --mesh: destination CIDRs never intercepted, comma-separated (like excludeOutboundIPRanges)")
 	fs.Var(&cgroups, "cgroup", "cgroup v2 directory, absolute or relative to the cgroup2 mount (repeatable)")
 	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created (default 65536); sockets beyond it use the normal TCP path")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
@@ -49,6 +59,24 @@ func runEnable(e *env, args []string) error {
 		return usagef("--no-tc and --tc-dev contradict each other: give one of them")
 	}
 	opts := dataplane.EnableOptions{AccountOnly: accountOnly}
+	if meshName == "" {
+		for name, v := range map[string]string{"--sidecar-uid": sidecarUID, "--outbound-port": outboundPort, "--inbound-port": inboundPort, "--exclude-ports": excludePorts, "--exclude-cidrs": excludeCIDRs} {
+			if v != "" {
+				return usagef("%s needs --mesh istio|linkerd|kuma", name)
+			}
+		}
+		if intercept {
+			return usagef("--intercept needs --mesh istio|linkerd|kuma")
+		}
+	} else {
+		m, err := meshSettings(meshName, intercept, sidecarUID, outboundPort, inboundPort, excludePorts, excludeCIDRs)
+		if err != nil {
+			return usageError{err.Error()}
+		}
+		if opts.Mesh, err = m.Options(); err != nil {
+			return usageError{err.Error()}
+		}
+	}
 	if !noTC {
 		if len(tcDevs) == 0 {
 			tcDevs = stringList{dataplane.DefaultTCDevice.String()}
@@ -79,6 +107,10 @@ func runEnable(e *env, args []string) error {
 			return err
 		}
 		what := "its new TCP connections are accelerated"
+		if opts.Mesh != nil {
+			what = fmt.Sprintf("its new TCP connections are accelerated, sidecar mode %s (uid %d, outbound %d, inbound %d)",
+				opts.Mesh.Mode(), opts.Mesh.SidecarUID, opts.Mesh.OutboundPort, opts.Mesh.InboundPort)
+		}
 		if accountOnly {
 			what = "its new TCP connections are counted, not accelerated (account-only)"
 		}
@@ -136,4 +168,38 @@ func openDataplane(e *env, create bool, sockhashSize uint32) (*dataplane.Datapla
 		return nil, err
 	}
 	return dataplane.OpenOrCreate(dpOpts)
+}
+
+// meshSettings turns the sidecar flags into settings, naming a bad flag.
+func meshSettings(name string, intercept bool, uid, out, in, ports, cidrs string) (dataplane.MeshSettings, error) {
+	m := dataplane.MeshSettings{Name: name, Intercept: intercept}
+	if uid != "" {
+		v, err := strconv.ParseUint(uid, 10, 32)
+		if err != nil {
+			return m, fmt.Errorf("--sidecar-uid %q: use a numeric uid", uid)
+		}
+		u := uint32(v)
+		m.SidecarUID = &u
+	}
+	for flag, p := range map[string]struct {
+		v   string
+		dst *uint16
+	}{"--outbound-port": {out, &m.OutboundPort}, "--inbound-port": {in, &m.InboundPort}} {
+		if p.v == "" {
+			continue
+		}
+		v, err := strconv.ParseUint(p.v, 10, 16)
+		if err != nil || v == 0 {
+			return m, fmt.Errorf("%s %q: use a port from 1 to 65535", flag, p.v)
+		}
+		*p.dst = uint16(v)
+	}
+	var err error
+	if m.ExcludePorts, err = dataplane.ParsePorts(ports); err != nil {
+		return m, fmt.Errorf("--exclude-ports: %w", err)
+	}
+	if m.ExcludeCIDRs, err = dataplane.ParseCIDRs(cidrs); err != nil {
+		return m, fmt.Errorf("--exclude-cidrs: %w", err)
+	}
+	return m, nil
 }

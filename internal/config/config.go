@@ -66,6 +66,14 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	rescanInterval: 2s  # how often globs are expanded again
 //	sockhashSize: 65536 # sockhash capacity when it is first created
 //	extraNetns: [/run/netns/*]  # namespaces whose addresses also count as pod addresses
+//	mesh:               # sidecar mode for every configured cgroup (pods with a sidecar)
+//	  name: istio       # istio, linkerd or kuma presets
+//	  intercept: false  # true: no iptables, sockbypass intercepts connect()
+//	  sidecarUID: 1337  # overrides of the preset
+//	  outboundPort: 15001
+//	  inboundPort: 15006
+//	  excludePorts: [15090]
+//	  excludeCIDRs: [169.254.0.0/16]
 type Config struct {
 	Cgroups        []Field[string]  `yaml:"cgroups"`
 	TCDevices      *[]Field[string] `yaml:"tcDevices"`
@@ -75,10 +83,23 @@ type Config struct {
 	RescanInterval Field[Duration]  `yaml:"rescanInterval"`
 	SockhashSize   Field[uint32]    `yaml:"sockhashSize"`
 	ExtraNetns     []Field[string]  `yaml:"extraNetns"`
+	Mesh           *MeshConfig      `yaml:"mesh"`
 
 	// Derived by Parse.
+	mesh    *dataplane.MeshOptions
 	devices []dataplane.TCDevice
 	level   zapcore.Level
+}
+
+// MeshConfig is the sidecar-mode section.
+type MeshConfig struct {
+	Name         Field[string]   `yaml:"name"`
+	Intercept    Field[bool]     `yaml:"intercept"`
+	SidecarUID   *Field[uint32]  `yaml:"sidecarUID"`
+	OutboundPort Field[uint16]   `yaml:"outboundPort"`
+	InboundPort  Field[uint16]   `yaml:"inboundPort"`
+	ExcludePorts []Field[uint16] `yaml:"excludePorts"`
+	ExcludeCIDRs []Field[string] `yaml:"excludeCIDRs"`
 }
 
 // Defaults.
@@ -166,6 +187,31 @@ func (c *Config) validate() error {
 		if _, err := filepath.Match(p.Value, ""); err != nil {
 			return fmt.Errorf("line %d: extraNetns: bad glob %q: %v", p.Line, p.Value, err)
 		}
+	}
+	if m := c.Mesh; m != nil {
+		settings := dataplane.MeshSettings{Name: m.Name.Value, Intercept: m.Intercept.Value,
+			OutboundPort: m.OutboundPort.Value, InboundPort: m.InboundPort.Value}
+		if m.SidecarUID != nil {
+			settings.SidecarUID = &m.SidecarUID.Value
+		}
+		for _, p := range m.ExcludePorts {
+			if p.Value == 0 {
+				return fmt.Errorf("line %d: mesh.excludePorts: 0 is not a port", p.Line)
+			}
+			settings.ExcludePorts = append(settings.ExcludePorts, p.Value)
+		}
+		for _, cidr := range m.ExcludeCIDRs {
+			pfx, err := dataplane.ParseCIDRs(cidr.Value)
+			if err != nil || len(pfx) != 1 {
+				return fmt.Errorf("line %d: mesh.excludeCIDRs: %q: write it as 10.0.0.0/8", cidr.Line, cidr.Value)
+			}
+			settings.ExcludeCIDRs = append(settings.ExcludeCIDRs, pfx[0])
+		}
+		opts, err := settings.Options()
+		if err != nil {
+			return fmt.Errorf("line %d: mesh: %w", m.Name.Line, err)
+		}
+		c.mesh = opts
 	}
 	if v := c.SockhashSize.Value; c.SockhashSize.Line != 0 && (v == 0 || v > 1<<20) {
 		return fmt.Errorf("line %d: sockhashSize %d: use a value between 1 and %d", c.SockhashSize.Line, v, 1<<20)
@@ -268,3 +314,7 @@ func (c *Config) ExtraNetnsPaths() []string {
 	}
 	return out
 }
+
+// MeshOptions returns the sidecar mode of the configured cgroups (nil for
+// none).
+func (c *Config) MeshOptions() *dataplane.MeshOptions { return c.mesh }

@@ -23,6 +23,9 @@ func TestBadConfigsNameTheLine(t *testing.T) {
 		{"bad device", "tcDevices: ['relative:lo']\n", "line 1: tcDevices"},
 		{"list expected", "cgroups: kubepods\n", "line 1"},
 		{"zero sockhash", "sockhashSize: 0\n", "line 1: sockhashSize 0"},
+		{"unknown mesh", "mesh:\n  name: consul\n", "line 2: mesh: mesh \"consul\""},
+		{"bad mesh cidr", "mesh:\n  name: istio\n  excludeCIDRs: [10.0.0.0]\n", "line 3: mesh.excludeCIDRs"},
+		{"unknown mesh key", "mesh:\n  name: istio\n  outbound: 1\n", "line 3: field outbound not found"},
 	}
 	for _, c := range cases {
 		_, err := Parse([]byte(c.yaml))
@@ -76,5 +79,16 @@ func TestExpandGlobs(t *testing.T) {
 	}
 	if len(got) != 2 || !strings.HasSuffix(got[0].Path, "pod-a") || !strings.HasSuffix(got[1].Path, "pod-b") {
 		t.Errorf("Expand = %v, want pod-a and pod-b once each", got)
+	}
+}
+
+func TestMeshSection(t *testing.T) {
+	cfg, err := Parse([]byte("mesh:\n  name: linkerd\n  intercept: true\n  outboundPort: 4000\n  excludePorts: [9090]\n  excludeCIDRs: [10.0.0.0/8]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := cfg.MeshOptions()
+	if m == nil || !m.Intercept || m.SidecarUID != 2102 || m.OutboundPort != 4000 || m.InboundPort != 4143 || len(m.ExcludePorts) != 1 || len(m.ExcludeCIDRs) != 1 {
+		t.Errorf("mesh options %+v", m)
 	}
 }

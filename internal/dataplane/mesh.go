@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strconv"
+	"strings"
 
 	"github.com/cilium/ebpf/link"
 
@@ -119,4 +121,76 @@ func (d *Dataplane) unpinMeshLinks(id uint64) error {
 		}
 	}
 	return nil
+}
+
+// MeshPresets are the sidecar settings of the meshes sockbypass knows:
+// the uid the sidecar runs as and its outbound and inbound ports.
+var MeshPresets = map[string]MeshOptions{
+	"istio":   {SidecarUID: 1337, OutboundPort: 15001, InboundPort: 15006},
+	"linkerd": {SidecarUID: 2102, OutboundPort: 4140, InboundPort: 4143},
+	"kuma":    {SidecarUID: 5678, OutboundPort: 15001, InboundPort: 15006},
+}
+
+// MeshSettings are the sidecar settings as users write them: a preset and
+// overrides (zero values keep the preset's).
+type MeshSettings struct {
+	Name         string
+	Intercept    bool
+	SidecarUID   *uint32
+	OutboundPort uint16
+	InboundPort  uint16
+	ExcludePorts []uint16
+	ExcludeCIDRs []netip.Prefix
+}
+
+// Options resolves the preset and the overrides. It returns an error that
+// names the bad value.
+func (s MeshSettings) Options() (*MeshOptions, error) {
+	preset, ok := MeshPresets[s.Name]
+	if !ok {
+		return nil, fmt.Errorf("mesh %q: use istio, linkerd or kuma (and override ports and uid as needed)", s.Name)
+	}
+	o := preset
+	o.Intercept = s.Intercept
+	if s.SidecarUID != nil {
+		o.SidecarUID = *s.SidecarUID
+	}
+	if s.OutboundPort != 0 {
+		o.OutboundPort = s.OutboundPort
+	}
+	if s.InboundPort != 0 {
+		o.InboundPort = s.InboundPort
+	}
+	o.ExcludePorts = s.ExcludePorts
+	o.ExcludeCIDRs = s.ExcludeCIDRs
+	if err := o.fill(&cgroupConfig{}); err != nil {
+		return nil, err
+	}
+	return &o, nil
+}
+
+// ParsePorts parses "15090,15021" (what --exclude-ports takes).
+func ParsePorts(s string) ([]uint16, error) {
+	var out []uint16
+	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' }) {
+		p, err := strconv.ParseUint(f, 10, 16)
+		if err != nil || p == 0 {
+			return nil, fmt.Errorf("port %q: use a number from 1 to 65535", f)
+		}
+		out = append(out, uint16(p))
+	}
+	return out, nil
+}
+
+// ParseCIDRs parses "10.0.0.0/8,fd00::/8" (what --exclude-cidrs takes).
+func ParseCIDRs(s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' }) {
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			return nil, fmt.Errorf("CIDR %q: write it as 10.0.0.0/8 or fd00::/8", f)
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }
