@@ -95,6 +95,11 @@ func NewEnv() (env *Env, err error) {
 	}
 	env.Topologies[lo.Name] = lo
 	env.Topologies[veth.Name] = veth
+	// Pod-to-pod pairing needs the addresses of the pod namespaces; none of
+	// the enabled cgroup's processes exist yet, so name the namespaces.
+	if _, err := dp.RefreshNodeAddrs(veth.Server.Path(), veth.Client.Path()); err != nil {
+		return nil, fmt.Errorf("register the veth namespaces' addresses: %w", err)
+	}
 	return env, nil
 }
 

@@ -127,7 +127,7 @@ func TestReportFiles(t *testing.T) {
 				Metrics: []MetricResult{newMetricResult(iperfMetrics[0], []float64{2}, []float64{3})}},
 			{Name: "veth/iperf3-16KiB", Topology: TopoVeth, Workload: "iperf3", Size: 16 << 10,
 				Metrics: []MetricResult{newMetricResult(iperfMetrics[0], []float64{5}, []float64{5})},
-				Note:    "cross-netns: not paired yet"},
+				Note:    "cross-netns: not paired"},
 			{Name: "veth/redis-P1", Topology: TopoVeth, Workload: "redis", Error: "veth/redis-P1: boom"},
 		},
 		Failures: []string{"veth/redis-P1: boom"},
@@ -150,7 +150,7 @@ func TestReportFiles(t *testing.T) {
 		"| sockperf-64B-1cpu | p50 RTT | 11.00 us | 7.00 us | 0.64x (better) | 18% / 29% | 1.0 MiB (100%) |",
 		"| iperf3-16KiB | throughput | 10.00 Gbit/s | 15.00 Gbit/s | 1.50x (better) |",
 		"| 5.00 Gbit/s | 1.00x (same) |",
-		"cross-netns: not paired yet",
+		"cross-netns: not paired",
 		"| redis-P1 | FAILED |",
 		"## Failures",
 	} {

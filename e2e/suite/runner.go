@@ -123,7 +123,7 @@ func (env *Env) RunCase(ctx context.Context, c Case, cfg Config) (res CaseResult
 		return res, errors.New("plain runs were redirected: the plain cgroup must not be accelerated")
 	case res.Paired:
 	case topo.CrossNetns:
-		res.Note = "cross-netns: not paired yet"
+		res.Note = "cross-netns: not paired"
 	default:
 		res.Note = "NOT REDIRECTED"
 	}

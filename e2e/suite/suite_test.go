@@ -13,7 +13,7 @@ import (
 // TestSuiteQuick is the CI subset of the e2e suite: every workload starts
 // briefly plain and accelerated, verifies its content, must take the fast
 // path over loopback in the same network namespace (redirect counters
-// move; the veth topology is cross-netns and not paired yet), and tears
+// move; over the veth, pod to pod, redirects are logged, not required), and tears
 // down: no process left in the cgroups after a case, no cgroup, pin
 // directory or network namespace after the suite. Timings are logged,
 // never asserted.
@@ -48,8 +48,8 @@ func TestSuiteQuick(t *testing.T) {
 			switch {
 			case !topo.CrossNetns && !res.Paired:
 				t.Errorf("accelerated run was not redirected: %+v", res.AccelTraffic)
-			case topo.CrossNetns && res.Paired:
-				t.Logf("cross-netns run was redirected (cross-netns pairing landed?): %+v", res.AccelTraffic)
+			case topo.CrossNetns && !res.Paired:
+				t.Logf("cross-netns (pod to pod) run was not redirected: %+v", res.AccelTraffic)
 			}
 			if (c.Workload == "redis" || c.Workload == "nginx" || c.Workload == "connrate") && len(res.Checks) == 0 {
 				t.Errorf("no integrity check ran")

@@ -26,7 +26,8 @@ type Topology struct {
 	// ServerIP is the address servers listen on and clients dial.
 	ServerIP string
 	// CrossNetns is true when the two ends are in different namespaces:
-	// sockbypass does not pair those sockets yet.
+	// sockbypass pairs them only through addresses it knows are unique on
+	// the node (pod to pod), so the suite registers the namespaces.
 	CrossNetns bool
 	// Description says what the topology models.
 	Description string
