@@ -55,6 +55,15 @@ struct sock_key {
  *   redirect is safe only then; moving back is always safe.
  */
 
+/* An app socket's local endpoint in its network namespace. */
+struct endpoint_key {
+	__u64 netns_cookie;
+	__u32 ip[4];
+	__u16 port;
+	__u16 pad;
+	__u32 pad2;
+};
+
 /* Per-socket state, in socket local storage (cloned to accepted sockets,
  * so options set on a listener carry over). */
 struct sock_state {
@@ -71,6 +80,9 @@ struct sock_state {
 	 * accepted socket, or the app's socket), instead of the mirror of
 	 * our own key. */
 	struct sock_key peer_key;
+	/* With SOCK_FLAG_EXPLICIT_PEER: the app side's endpoint; the pair
+	 * redirects only while no other app socket shares it. */
+	struct endpoint_key app_endpoint;
 	/* Sidecar mode: the destination the app asked for (intercept mode),
 	 * and the tuple its SYN left with after NAT (redirect mode). */
 	__u32 orig_dst_ip[4];
@@ -341,15 +353,8 @@ struct {
 	__type(value, __u32);
 } tc_users SEC(".maps");
 
-/* Sidecar mode, intercept: app endpoint (netns, local ip, port) -> the
+/* Sidecar mode, intercept: app endpoint (see struct endpoint_key) -> the
  * destination its connect() asked for, for SO_ORIGINAL_DST. */
-struct endpoint_key {
-	__u64 netns_cookie;
-	__u32 ip[4];
-	__u16 port;
-	__u16 pad;
-	__u32 pad2;
-};
 
 struct orig_dst {
 	__u32 ip[4];

@@ -36,7 +36,15 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 
 	if (state->flags & SOCK_FLAG_EXPLICIT_PEER) {
 		/* Sidecar mode: the app's peer is the sidecar, and the
-		 * sidecar's is the app, whatever their addresses say. */
+		 * sidecar's is the app, whatever their addresses say; but
+		 * only while the app's endpoint is unique. */
+		__u64 *users = bpf_map_lookup_elem(&mesh_endpoints, &state->app_endpoint);
+
+		if (!users || *users != 1) {
+			if (c)
+				__sync_fetch_and_add(&c->mesh_ambiguous, 1);
+			goto pass;
+		}
 		peer = state->peer_key;
 	} else {
 		/* The peer's key: our key with local and remote swapped. */

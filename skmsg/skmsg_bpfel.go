@@ -128,6 +128,7 @@ type skmsgSockState struct {
 	NetnsCookie     uint64
 	PeerNetnsCookie uint64
 	PeerKey         skmsgSockKey
+	AppEndpoint     skmsgEndpointKey
 	OrigDstIp       [4]uint32
 	OrigDstPort     uint16
 	NatSrcPort      uint16

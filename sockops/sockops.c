@@ -162,6 +162,7 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops, int passiv
 		state->peer_key.remote_port = state->nat_src_port;
 		state->peer_key.family = AF_INET;
 		state->peer_key.pad = 0;
+		state->app_endpoint = ek;
 		explicit_peer = 1;
 	} else if (passive && cfg && cfg->mesh_mode == MESH_REDIRECT &&
 		   (key.local_port == cfg->outbound_port || key.local_port == cfg->inbound_port)) {
@@ -185,6 +186,7 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops, int passiv
 					__sync_fetch_and_add(&c->mesh_unpaired, 1);
 			} else {
 				state->peer_key = syn->app_key;
+				state->app_endpoint = ek;
 				explicit_peer = 1;
 				if (c)
 					__sync_fetch_and_add(&c->mesh_paired, 1);

@@ -128,6 +128,7 @@ type sockopsSockState struct {
 	NetnsCookie     uint64
 	PeerNetnsCookie uint64
 	PeerKey         sockopsSockKey
+	AppEndpoint     sockopsEndpointKey
 	OrigDstIp       [4]uint32
 	OrigDstPort     uint16
 	NatSrcPort      uint16

@@ -128,6 +128,7 @@ type tcSockState struct {
 	NetnsCookie     uint64
 	PeerNetnsCookie uint64
 	PeerKey         tcSockKey
+	AppEndpoint     tcEndpointKey
 	OrigDstIp       [4]uint32
 	OrigDstPort     uint16
 	NatSrcPort      uint16

@@ -16,6 +16,9 @@
 //	<pin dir>/tc_users          BPF_MAP_TYPE_HASH which cgroup uses which TC device
 //	<pin dir>/receivers         BPF_MAP_TYPE_LRU_HASH redirect targets: key -> eligible|copied_seq
 //	<pin dir>/node_addrs        BPF_MAP_TYPE_HASH unique node addresses -> owning netns (pod-to-pod pairing)
+//	<pin dir>/orig_dsts         BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> original destination
+//	<pin dir>/mesh_endpoints    BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> sockets using it
+//	<pin dir>/mesh_syns         BPF_MAP_TYPE_LRU_HASH sidecar mode: SYN tuple after NAT -> app socket key
 //	<pin dir>/recv_trace_link   tp_btf/sock_recv_length link (publishes redirect targets)
 //	<pin dir>/layout_version    BPF_MAP_TYPE_ARRAY the pin layout version (LayoutVersion)
 //	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
@@ -49,21 +52,24 @@ import (
 
 // Names below the pin directory.
 const (
-	PinSockhash     = "sockhash"
-	PinCounters     = "cgroup_counters"
-	PinSockState    = "sock_state"
-	PinSkMsg        = "sk_msg"
-	PinSkMsgLink    = "sk_msg_link"
-	PinSocketCgs    = "socket_cgroups"
-	PinReceivers    = "receivers"
-	PinNodeAddrs    = "node_addrs"
-	PinRecvLink     = "recv_trace_link"
-	PinCgroupConfig = "cgroup_config"
-	DirCgroups      = "cgroups"
+	PinSockhash      = "sockhash"
+	PinCounters      = "cgroup_counters"
+	PinSockState     = "sock_state"
+	PinSkMsg         = "sk_msg"
+	PinSkMsgLink     = "sk_msg_link"
+	PinSocketCgs     = "socket_cgroups"
+	PinReceivers     = "receivers"
+	PinNodeAddrs     = "node_addrs"
+	PinOrigDsts      = "orig_dsts"
+	PinMeshEndpoints = "mesh_endpoints"
+	PinMeshSyns      = "mesh_syns"
+	PinRecvLink      = "recv_trace_link"
+	PinCgroupConfig  = "cgroup_config"
+	DirCgroups       = "cgroups"
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinTCDevices, PinTCUsers}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinTCDevices, PinTCUsers}
 
 // ErrNotInstalled is returned by Open when nothing is pinned in the pin
 // directory.
@@ -487,10 +493,10 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 	}
 
 	meshUndo, err := d.syncMeshLinks(cg, opts.Mesh != nil)
+	undo = append(undo, meshUndo...)
 	if err != nil {
 		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
 	}
-	undo = append(undo, meshUndo...)
 
 	if already {
 		d.log.Info("cgroup already enabled", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))

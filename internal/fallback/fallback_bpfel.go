@@ -128,6 +128,7 @@ type fallbackSockState struct {
 	NetnsCookie     uint64
 	PeerNetnsCookie uint64
 	PeerKey         fallbackSockKey
+	AppEndpoint     fallbackEndpointKey
 	OrigDstIp       [4]uint32
 	OrigDstPort     uint16
 	NatSrcPort      uint16

@@ -130,8 +130,9 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 	optval[3] = od->port & 0xff;
 	__builtin_memcpy(optval + 4, &od->ip[3], 4);
 	__builtin_memset(optval + 8, 0, 8);
-	ctx->optlen = 16;
-	ctx->retval = 0;
+	/* Two 32-bit stores: the context allows no wider access. */
+	*(volatile __s32 *)&ctx->optlen = 16;
+	*(volatile __s32 *)&ctx->retval = 0;
 	c = counters_for(enabled_cgroup_id);
 	if (c)
 		__sync_fetch_and_add(&c->mesh_orig_dst_answers, 1);

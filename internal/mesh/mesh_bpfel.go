@@ -128,6 +128,7 @@ type meshSockState struct {
 	NetnsCookie     uint64
 	PeerNetnsCookie uint64
 	PeerKey         meshSockKey
+	AppEndpoint     meshEndpointKey
 	OrigDstIp       [4]uint32
 	OrigDstPort     uint16
 	NatSrcPort      uint16

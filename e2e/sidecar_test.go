@@ -1,0 +1,434 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/testutil"
+)
+
+// The sidecar topology: an app pod (app + HAProxy as the sidecar, uid
+// 1337, forwarding to the original destination via SO_ORIGINAL_DST) and a
+// server pod on the same node, joined by a veth.
+const (
+	appAddr    = "10.9.8.1"
+	serverAddr = "10.9.8.2"
+	sidecarUID = 1337
+)
+
+type sidecarPods struct {
+	app, server *testutil.Pod
+	accepted    atomic.Int64 // connections the server accepted
+	haproxy     *exec.Cmd
+	logs        *syncBuffer
+	dir         string
+}
+
+func newSidecarPods(t *testing.T) *sidecarPods {
+	t.Helper()
+	testutil.RequirePrivileged(t)
+	if _, err := exec.LookPath("haproxy"); err != nil {
+		if testutil.InCI() {
+			t.Fatal("haproxy is not installed (make deps)")
+		}
+		t.Skip("haproxy is not installed")
+	}
+	// The sidecar runs as uid 1337: its config must be readable by it
+	// (t.TempDir's parent is private to root).
+	dir, err := os.MkdirTemp("", "sockbypass-sidecar-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	s := &sidecarPods{app: testutil.NewPod(t), server: testutil.NewPod(t), dir: dir}
+	testutil.Link(t, s.app, appAddr+"/24", s.server, serverAddr+"/24", "sbxma", "sbxmb")
+	s.serveDigests(t, serverAddr+":8080")
+	s.serveEcho(t, serverAddr+":8081")
+	s.startSidecar(t)
+	return s
+}
+
+// serveDigests answers each connection with the sha256 of what it read.
+func (s *sidecarPods) serveDigests(t *testing.T, addr string) {
+	l := s.server.Listen(t, addr)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			s.accepted.Add(1)
+			go func() {
+				defer c.Close()
+				h := sha256.New()
+				io.Copy(h, c)
+				c.Write(h.Sum(nil))
+			}()
+		}
+	}()
+}
+
+// serveEcho echoes with blocking reads and writes on a locked thread.
+func (s *sidecarPods) serveEcho(t *testing.T, addr string) {
+	l := s.server.Listen(t, addr)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			s.accepted.Add(1)
+			go func() {
+				runtime.LockOSThread()
+				defer c.Close()
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := c.Read(buf)
+					if n > 0 {
+						if _, err := c.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+}
+
+func (s *sidecarPods) startSidecar(t *testing.T) {
+	t.Helper()
+	cfg := filepath.Join(s.dir, "haproxy.cfg")
+	os.WriteFile(cfg, []byte(`global
+    maxconn 512
+    nbthread 1
+    log stderr local0 info
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+listen outbound
+    bind :15001
+    server orig 0.0.0.0:0
+`), 0o644)
+	cg, err := os.Open(s.app.Cgroup.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	cmd := exec.Command("nsenter", "--net="+s.app.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
+		"haproxy", "-f", cfg, "-db")
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	logs := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	s.logs = logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start haproxy: %v", err)
+	}
+	s.haproxy = cmd
+	t.Cleanup(s.stopSidecar)
+	// Wait for the listener. Not by connecting: a connection that was not
+	// redirected has no original destination, and HAProxy would forward
+	// it to itself.
+	deadline := time.Now().Add(5 * time.Second)
+	for !listening(cmd.Process.Pid, 15001) {
+		if time.Now().After(deadline) {
+			t.Fatalf("haproxy did not start:\n%s", logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// listening reports whether the network namespace of pid has a TCP socket
+// listening on port.
+func listening(pid, port int) bool {
+	for _, f := range []string{"tcp", "tcp6"} {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, f))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			fields := strings.Fields(line)
+			if len(fields) > 3 && strings.HasSuffix(fields[1], fmt.Sprintf(":%04X", port)) && fields[3] == "0A" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (s *sidecarPods) stopSidecar() {
+	if s.haproxy != nil && s.haproxy.ProcessState == nil {
+		s.haproxy.Process.Kill()
+		s.haproxy.Wait()
+	}
+}
+
+// iptables runs iptables in the app pod's network namespace.
+func (s *sidecarPods) iptables(t *testing.T, args ...string) {
+	t.Helper()
+	out, err := exec.Command("nsenter", append([]string{"--net=" + s.app.Netns.Path(), "iptables"}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("iptables %v: %v\n%s", args, err, out)
+	}
+}
+
+// istioOutboundRule is istio-init's outbound capture, reduced to its core.
+var istioOutboundRule = []string{"-t", "nat", "OUTPUT", "-p", "tcp", "!", "-d", "127.0.0.0/8",
+	"-m", "owner", "!", "--uid-owner", fmt.Sprint(sidecarUID), "-j", "REDIRECT", "--to-ports", "15001"}
+
+func (s *sidecarPods) redirectOn(t *testing.T) {
+	s.iptables(t, append([]string{istioOutboundRule[0], istioOutboundRule[1], "-A"}, istioOutboundRule[2:]...)...)
+}
+
+func (s *sidecarPods) redirectOff(t *testing.T) {
+	s.iptables(t, append([]string{istioOutboundRule[0], istioOutboundRule[1], "-D"}, istioOutboundRule[2:]...)...)
+}
+
+// integrity sends bodies from 1 KiB to 5 MiB from the app to the server
+// (through the sidecar) and checks the digests the server returns.
+func (s *sidecarPods) integrity(t *testing.T) {
+	t.Helper()
+	for _, size := range []int{1 << 10, 64 << 10, 1<<20 + 17, 5 << 20} {
+		c := s.app.Dial(t, nil, serverAddr+":8080")
+		body := make([]byte, size)
+		for i := range body {
+			body[i] = byte(i*31 + size)
+		}
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		go func() {
+			c.Write(body)
+			c.(*net.TCPConn).CloseWrite()
+		}()
+		got, err := io.ReadAll(c)
+		want := sha256.Sum256(body)
+		if err != nil || !bytes.Equal(got, want[:]) {
+			t.Fatalf("%d-byte body through the sidecar: digest %x (%v), want %x; sidecar log:\n%s", size, got, err, want, s.logs.String())
+		}
+		c.Close()
+	}
+}
+
+// rr measures request/response round trips of 64 B through the sidecar,
+// with blocking calls on a locked thread.
+func (s *sidecarPods) rr(t *testing.T, dur time.Duration) (p50, p99 time.Duration) {
+	t.Helper()
+	c := s.app.Dial(t, nil, serverAddr+":8081")
+	defer c.Close()
+	raw, err := c.(*net.TCPConn).File() // a blocking duplicate
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	fd := int(raw.Fd())
+	unix.SetNonblock(fd, false)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	msg := bytes.Repeat([]byte("x"), 64)
+	reply := make([]byte, 64)
+	var lat []time.Duration
+	deadline := time.Now().Add(dur)
+	for time.Now().Before(deadline) {
+		t0 := time.Now()
+		if _, err := unix.Write(fd, msg); err != nil {
+			t.Fatal(err)
+		}
+		for got := 0; got < len(reply); {
+			n, err := unix.Read(fd, reply[got:])
+			if err == unix.EINTR || err == unix.EAGAIN {
+				continue
+			}
+			if err != nil || n == 0 {
+				t.Fatalf("rr read: %v", err)
+			}
+			got += n
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	return lat[len(lat)/2], lat[len(lat)*99/100]
+}
+
+// sidecarStoppedRefuses checks that without the sidecar the app cannot
+// reach the server: its connect is refused, the server sees nothing.
+func (s *sidecarPods) sidecarStoppedRefuses(t *testing.T) {
+	t.Helper()
+	s.stopSidecar()
+	before := s.accepted.Load()
+	var err error
+	s.app.In(t, func() {
+		var c net.Conn
+		c, err = net.DialTimeout("tcp4", serverAddr+":8080", 3*time.Second)
+		if err == nil {
+			c.Close()
+		}
+	})
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("with the sidecar stopped, connect = %v, want connection refused", err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if s.accepted.Load() != before {
+		t.Errorf("the app reached the server without the sidecar")
+	}
+}
+
+func TestSidecarModes(t *testing.T) {
+	for _, intercept := range []bool{false, true} {
+		name := map[bool]string{false: "redirect (iptables)", true: "intercept (no iptables)"}[intercept]
+		t.Run(name, func(t *testing.T) {
+			s := newSidecarPods(t)
+			dp := installForBench(t)
+
+			// Plain: iptables REDIRECT and the sidecar, no sockbypass.
+			s.redirectOn(t)
+			s.integrity(t)
+			plain50, plain99 := s.rr(t, 300*time.Millisecond)
+
+			mesh := dataplane.MeshPresets["istio"]
+			mesh.Intercept = intercept
+			if intercept {
+				s.redirectOff(t) // the istio-init OUTPUT rule is what interception replaces
+			}
+			if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := dp.RefreshNodeAddrs(); err != nil {
+				t.Fatal(err)
+			}
+			before, _ := dp.Counters()
+			if os.Getenv("SBX_DEBUG") != "" {
+				go func() {
+					time.Sleep(3 * time.Second)
+					c, _ := dp.Counters()
+					fmt.Printf("DEBUG app %+v\nDEBUG srv %+v\n", c[s.app.Cgroup.ID], c[s.server.Cgroup.ID])
+				}()
+			}
+			s.integrity(t)
+			accel50, accel99 := s.rr(t, 300*time.Millisecond)
+			after, _ := dp.Counters()
+			app := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])
+			srv := after[s.server.Cgroup.ID].Sub(before[s.server.Cgroup.ID])
+			t.Logf("RR 64B app -> sidecar -> server p50: plain %v, accelerated %v (%.2fx faster); p99 %v vs %v",
+				plain50, accel50, float64(plain50)/float64(accel50), plain99, accel99)
+			t.Logf("app pod: %+v", app)
+			if os.Getenv("SBX_DEBUG") != "" {
+				t.Logf("sidecar log:\n%s", s.logs.String())
+			}
+			if intercept {
+				if app.MeshIntercepted == 0 || app.MeshOrigDstAnswers == 0 {
+					t.Errorf("intercept mode: %d connects intercepted, %d SO_ORIGINAL_DST answers", app.MeshIntercepted, app.MeshOrigDstAnswers)
+				}
+			} else if app.MeshPaired == 0 {
+				t.Errorf("redirect mode: no app <-> sidecar connection was paired")
+			}
+			if app.RedirectedBytes < 5<<20 {
+				t.Errorf("app pod: redirected %d bytes, want the bodies on the fast path", app.RedirectedBytes)
+			}
+			if srv.RedirectedXnsBytes == 0 {
+				t.Errorf("sidecar -> server hop was not accelerated: %+v", srv)
+			}
+			s.sidecarStoppedRefuses(t)
+		})
+	}
+}
+
+// TestSidecarSharedAppPortIsLeftUnpaired: two app sockets with the same
+// local address and port (to two destinations) are not unique: neither is
+// redirected to the sidecar while they share it (the first stops when the
+// second appears), and both still work through the sidecar.
+func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
+	s := newSidecarPods(t)
+	dp := installForBench(t)
+	s.redirectOn(t)
+	mesh := dataplane.MeshPresets["istio"]
+	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+		t.Fatal(err)
+	}
+	var conns []net.Conn
+	for _, port := range []int{8080, 8081} {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(appAddr), Port: 41234},
+			Control: func(_, _ string, c syscall.RawConn) error {
+				return c.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+			}}
+		var c net.Conn
+		var err error
+		s.app.In(t, func() { c, err = d.Dial("tcp4", net.JoinHostPort(serverAddr, fmt.Sprint(port))) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	before, _ := dp.Counters()
+	// Both work: the echo port echoes, the digest port digests.
+	for i := 0; i < 20; i++ {
+		conns[1].Write([]byte("ping"))
+		buf := make([]byte, 4)
+		conns[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(conns[1], buf); err != nil || string(buf) != "ping" {
+			t.Fatalf("second app socket: %q %v", buf, err)
+		}
+	}
+	conns[0].Write(bytes.Repeat([]byte("d"), 100000))
+	conns[0].(*net.TCPConn).CloseWrite()
+	conns[0].SetReadDeadline(time.Now().Add(5 * time.Second))
+	digest, err := io.ReadAll(conns[0])
+	want := sha256.Sum256(bytes.Repeat([]byte("d"), 100000))
+	if err != nil || !bytes.Equal(digest, want[:]) {
+		t.Fatalf("first app socket: digest %x, %v", digest, err)
+	}
+	after, _ := dp.Counters()
+	d := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])
+	t.Logf("shared app endpoint: %+v", d)
+	if d.MeshAmbiguous == 0 {
+		t.Errorf("the shared app endpoint was not counted as ambiguous")
+	}
+	if d.RedirectedBytes != 0 {
+		t.Errorf("%d bytes were redirected between the sidecar and an app socket whose endpoint is shared", d.RedirectedBytes)
+	}
+}
+
+// syncBuffer collects a child's output safely.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
