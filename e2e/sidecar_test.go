@@ -42,7 +42,9 @@ type sidecarPods struct {
 	dir         string
 }
 
-func newSidecarPods(t *testing.T) *sidecarPods {
+func newSidecarPods(t *testing.T) *sidecarPods { return newSidecarPodsTB(t) }
+
+func newSidecarPodsTB(t testing.TB) *sidecarPods {
 	t.Helper()
 	testutil.RequirePrivileged(t)
 	if _, err := exec.LookPath("haproxy"); err != nil {
@@ -68,7 +70,7 @@ func newSidecarPods(t *testing.T) *sidecarPods {
 }
 
 // serveDigests answers each connection with the sha256 of what it read.
-func (s *sidecarPods) serveDigests(t *testing.T, addr string) {
+func (s *sidecarPods) serveDigests(t testing.TB, addr string) {
 	l := s.server.Listen(t, addr)
 	go func() {
 		for {
@@ -88,7 +90,7 @@ func (s *sidecarPods) serveDigests(t *testing.T, addr string) {
 }
 
 // serveEcho echoes with blocking reads and writes on a locked thread.
-func (s *sidecarPods) serveEcho(t *testing.T, addr string) {
+func (s *sidecarPods) serveEcho(t testing.TB, addr string) {
 	l := s.server.Listen(t, addr)
 	go func() {
 		for {
@@ -117,7 +119,7 @@ func (s *sidecarPods) serveEcho(t *testing.T, addr string) {
 	}()
 }
 
-func (s *sidecarPods) startSidecar(t *testing.T) {
+func (s *sidecarPods) startSidecar(t testing.TB) {
 	t.Helper()
 	cfg := filepath.Join(s.dir, "haproxy.cfg")
 	os.WriteFile(cfg, []byte(`global
@@ -189,7 +191,7 @@ func (s *sidecarPods) stopSidecar() {
 }
 
 // iptables runs iptables in the app pod's network namespace.
-func (s *sidecarPods) iptables(t *testing.T, args ...string) {
+func (s *sidecarPods) iptables(t testing.TB, args ...string) {
 	t.Helper()
 	out, err := exec.Command("nsenter", append([]string{"--net=" + s.app.Netns.Path(), "iptables"}, args...)...).CombinedOutput()
 	if err != nil {
@@ -201,11 +203,11 @@ func (s *sidecarPods) iptables(t *testing.T, args ...string) {
 var istioOutboundRule = []string{"-t", "nat", "OUTPUT", "-p", "tcp", "!", "-d", "127.0.0.0/8",
 	"-m", "owner", "!", "--uid-owner", fmt.Sprint(sidecarUID), "-j", "REDIRECT", "--to-ports", "15001"}
 
-func (s *sidecarPods) redirectOn(t *testing.T) {
+func (s *sidecarPods) redirectOn(t testing.TB) {
 	s.iptables(t, append([]string{istioOutboundRule[0], istioOutboundRule[1], "-A"}, istioOutboundRule[2:]...)...)
 }
 
-func (s *sidecarPods) redirectOff(t *testing.T) {
+func (s *sidecarPods) redirectOff(t testing.TB) {
 	s.iptables(t, append([]string{istioOutboundRule[0], istioOutboundRule[1], "-D"}, istioOutboundRule[2:]...)...)
 }
 
@@ -235,7 +237,7 @@ func (s *sidecarPods) integrity(t *testing.T) {
 
 // rr measures request/response round trips of 64 B through the sidecar,
 // with blocking calls on a locked thread.
-func (s *sidecarPods) rr(t *testing.T, dur time.Duration) (p50, p99 time.Duration) {
+func (s *sidecarPods) rr(t testing.TB, dur time.Duration) (p50, p99 time.Duration) {
 	t.Helper()
 	c := s.app.Dial(t, nil, serverAddr+":8081")
 	defer c.Close()
@@ -431,4 +433,71 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// compareSidecar measures RR 64 B app -> sidecar -> server, plain
+// (iptables REDIRECT, no sockbypass) and accelerated in the given mode,
+// alternating, runs times each; it returns p50 and p99 medians.
+func compareSidecar(t testing.TB, intercept bool, runs int, dur time.Duration) (plain, accel [2]time.Duration) {
+	s := newSidecarPodsTB(t)
+	dp := installForBench(t)
+	mesh := dataplane.MeshPresets["istio"]
+	mesh.Intercept = intercept
+	redirecting := false
+	setMode := func(accelerated bool) {
+		wantRedirect := !accelerated || !intercept
+		if wantRedirect && !redirecting {
+			s.redirectOn(t)
+		} else if !wantRedirect && redirecting {
+			s.redirectOff(t)
+		}
+		redirecting = wantRedirect
+		if accelerated {
+			if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			dp.RefreshNodeAddrs()
+		} else {
+			dp.Disable(s.app.Cgroup.ID)
+			dp.Disable(s.server.Cgroup.ID)
+		}
+	}
+	var p50s, p99s [2][]time.Duration
+	for r := 0; r < runs; r++ {
+		for _, accelerated := range []bool{r%2 == 1, r%2 == 0} {
+			setMode(accelerated)
+			p50, p99 := s.rr(t, dur)
+			i := 0
+			if accelerated {
+				i = 1
+			}
+			p50s[i] = append(p50s[i], p50)
+			p99s[i] = append(p99s[i], p99)
+		}
+	}
+	med := func(d []time.Duration) time.Duration {
+		sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+		return d[len(d)/2]
+	}
+	return [2]time.Duration{med(p50s[0]), med(p99s[0])}, [2]time.Duration{med(p50s[1]), med(p99s[1])}
+}
+
+// BenchmarkSidecar prints RR 64 B through app -> HAProxy sidecar ->
+// server pod, plain (iptables REDIRECT only) vs accelerated, in both
+// sidecar modes. Goal: p50 at least 1.2x faster in both.
+func BenchmarkSidecar(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		fmt.Printf("| sidecar mode | metric | plain (iptables only) | accelerated | plain/accelerated | runs |\n|---|---|---:|---:|---:|---:|\n")
+		for _, intercept := range []bool{false, true} {
+			plain, accel := compareSidecar(b, intercept, *benchRuns, *benchDuration)
+			mode := map[bool]string{false: "redirect (iptables)", true: "intercept (no iptables)"}[intercept]
+			for j, metric := range []string{"p50 RTT", "p99 RTT"} {
+				fmt.Printf("| %s | %s | %v | %v | %.2fx faster | %d |\n", mode, metric, plain[j].Round(time.Microsecond), accel[j].Round(time.Microsecond),
+					float64(plain[j])/float64(accel[j]), *benchRuns)
+			}
+		}
+	}
 }
