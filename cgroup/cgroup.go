@@ -193,33 +193,11 @@ func within(mount, path string) (string, bool) {
 // cgroup v2 mount. It returns "" and no error when no cgroup has that id
 // (it was removed).
 func (m Mounts) PathByID(id uint64) (string, error) {
-	if m.V2 == "" {
-		return "", ErrNoCgroup2
+	paths, err := m.PathsByID([]uint64{id})
+	if err != nil {
+		return "", err
 	}
-	found := ""
-	errFound := errors.New("found")
-	err := filepath.WalkDir(m.V2, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			// A cgroup removed while we walk: not an error.
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if !d.IsDir() {
-			return nil
-		}
-		var st unix.Stat_t
-		if unix.Stat(path, &st) == nil && st.Ino == id {
-			found = path
-			return errFound
-		}
-		return nil
-	})
-	if err != nil && !errors.Is(err, errFound) {
-		return "", fmt.Errorf("look up cgroup id %d: %w", id, err)
-	}
-	return found, nil
+	return paths[id], nil
 }
 
 // RunIn runs fn with this process moved into c, then moves it back to the

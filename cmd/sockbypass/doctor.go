@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -16,7 +15,6 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/bpffs"
-	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/privilege"
 	"github.com/sockbypass/sockbypass/internal/semantics"
 )
@@ -136,58 +134,11 @@ func doctorProbe() (results []semantics.Result, err error) {
 		return nil, err
 	}
 
-	dp, err := dataplane.OpenOrCreate(dataplane.Options{PinDir: pinDir})
+	modes, uninstall, err := semantics.Install(pinDir, plain, accel, netns)
 	if err != nil {
 		return nil, err
 	}
-	cleanups = append(cleanups, func() {
-		if d, err := dataplane.Open(dataplane.Options{PinDir: pinDir}); err == nil {
-			d.Uninstall()
-		}
-		os.RemoveAll(pinDir)
-	})
-	defer func() { dp.Close() }()
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
-		return nil, err
-	}
-	connectIn := func(cg cgroup.Cgroup) func() (semantics.Pair, error) {
-		return func() (p semantics.Pair, err error) {
-			rerr := cg.RunIn(func() {
-				err = netns.Do(func(ns.NetNS) error {
-					p, err = semantics.ConnectLoopback()
-					return err
-				})
-			})
-			return p, errors.Join(rerr, err)
-		}
-	}
-	var carried dataplane.CgroupCounters
-	disrupt := func() error {
-		if c, err := dp.Counters(); err == nil {
-			carried.Add(c[accel.ID])
-		}
-		if _, err := dp.Disable(accel.ID); err != nil {
-			return err
-		}
-		if err := dp.Uninstall(); err != nil {
-			return err
-		}
-		if dp, err = dataplane.OpenOrCreate(dataplane.Options{PinDir: pinDir}); err != nil {
-			return err
-		}
-		_, err := dp.Enable(accel, dataplane.EnableOptions{})
-		return err
-	}
-	modes := semantics.Modes{
-		Plain:       &semantics.Env{Connect: connectIn(plain)},
-		Accelerated: &semantics.Env{Connect: connectIn(accel), Disrupt: disrupt},
-		Counters: func() (dataplane.CgroupCounters, error) {
-			c, err := dp.Counters()
-			sum := carried
-			sum.Add(c[accel.ID])
-			return sum, err
-		},
-	}
+	cleanups = append(cleanups, func() { uninstall(); os.RemoveAll(pinDir) })
 	return semantics.RunAll(modes), nil
 }
 

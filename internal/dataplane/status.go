@@ -164,6 +164,10 @@ func (d *Dataplane) Status() (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
+	paths, err := mounts.PathsByID(ids) // one walk for all
+	if err != nil {
+		return nil, err
+	}
 	for _, id := range ids {
 		cs := CgroupStatus{ID: id, Counters: counters[id], LiveSockets: live[id], Mode: "accelerate"}
 		var cfg cgroupConfig
@@ -187,10 +191,7 @@ func (d *Dataplane) Status() (*Status, error) {
 		} else if !errors.Is(err, ebpf.ErrNotSupported) {
 			return nil, fmt.Errorf("open link of cgroup id %d: %w", id, err)
 		}
-		cs.Path, err = mounts.PathByID(id)
-		if err != nil {
-			return nil, err
-		}
+		cs.Path = paths[id]
 		st.Cgroups = append(st.Cgroups, cs)
 	}
 	sort.Slice(st.Cgroups, func(i, j int) bool { return st.Cgroups[i].Path < st.Cgroups[j].Path })

@@ -1,8 +1,12 @@
 package semantics
 
 import (
+	"errors"
 	"fmt"
 
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 )
 
@@ -92,4 +96,63 @@ func RunAll(m Modes) []Result {
 		out = append(out, RunCase(c, m))
 	}
 	return out
+}
+
+// Install creates a private installation at pinDir with accel enabled and
+// plain not, and returns the two environments, whose connections are made
+// in netns. The accelerated environment's Disrupt disables, uninstalls and
+// installs again (an upgrade); its counters carry across. close uninstalls.
+func Install(pinDir string, plain, accel cgroup.Cgroup, netns ns.NetNS) (m Modes, close func(), err error) {
+	dp, err := dataplane.OpenOrCreate(dataplane.Options{PinDir: pinDir})
+	if err != nil {
+		return Modes{}, nil, err
+	}
+	close = func() {
+		if d, err := dataplane.Open(dataplane.Options{PinDir: pinDir}); err == nil {
+			d.Uninstall()
+		}
+		dp.Close()
+	}
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
+		close()
+		return Modes{}, nil, err
+	}
+	connectIn := func(cg cgroup.Cgroup) func() (Pair, error) {
+		return func() (p Pair, err error) {
+			rerr := cg.RunIn(func() {
+				err = netns.Do(func(ns.NetNS) error {
+					p, err = ConnectLoopback()
+					return err
+				})
+			})
+			return p, errors.Join(rerr, err)
+		}
+	}
+	var carried dataplane.CgroupCounters
+	disrupt := func() error {
+		if c, err := dp.Counters(); err == nil {
+			carried.Add(c[accel.ID])
+		}
+		if _, err := dp.Disable(accel.ID); err != nil {
+			return err
+		}
+		if err := dp.Uninstall(); err != nil {
+			return err
+		}
+		if dp, err = dataplane.OpenOrCreate(dataplane.Options{PinDir: pinDir}); err != nil {
+			return err
+		}
+		_, err := dp.Enable(accel, dataplane.EnableOptions{})
+		return err
+	}
+	return Modes{
+		Plain:       &Env{Connect: connectIn(plain)},
+		Accelerated: &Env{Connect: connectIn(accel), Disrupt: disrupt},
+		Counters: func() (dataplane.CgroupCounters, error) {
+			c, err := dp.Counters()
+			sum := carried
+			sum.Add(c[accel.ID])
+			return sum, err
+		},
+	}, close, nil
 }
