@@ -404,6 +404,37 @@ struct {
 	__type(value, struct mesh_syn);
 } mesh_syns SEC(".maps");
 
+/*
+ * Sidecar mode, pod to pod: the pods whose inbound connections a sidecar
+ * captures (iptables PREROUTING REDIRECT): pod address -> inbound port.
+ * Written by user space for the namespaces of redirect-mode cgroups.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct node_addr_key);
+	__type(value, __u32);
+} inbound_pods SEC(".maps");
+
+/*
+ * Sidecar mode, pod to pod: a connecting socket of a sidecar-mode pod, by
+ * its endpoint (a unique node address and port), so the destination pod's
+ * sidecar, whose accepted socket sees that endpoint as its remote end after
+ * its PREROUTING REDIRECT, can pair with it.
+ */
+struct mesh_client {
+	struct sock_key client_key;
+	__u64 client_netns;
+	__u64 users;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct endpoint_key);
+	__type(value, struct mesh_client);
+} mesh_clients SEC(".maps");
+
 /* counters_for returns the counters of cgroup_id, creating them if needed. */
 static __always_inline struct cgroup_counters *counters_for(__u64 cgroup_id)
 {

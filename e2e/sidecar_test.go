@@ -121,7 +121,16 @@ func (s *sidecarPods) serveEcho(t testing.TB, addr string) {
 
 func (s *sidecarPods) startSidecar(t testing.TB) {
 	t.Helper()
-	cfg := filepath.Join(s.dir, "haproxy.cfg")
+	s.haproxy, s.logs = startHAProxy(t, s.app, s.dir, "outbound", 15001)
+	t.Cleanup(s.stopSidecar)
+}
+
+// startHAProxy runs HAProxy as the sidecar of pod (uid 1337), listening on
+// port and forwarding each connection to its original destination
+// (SO_ORIGINAL_DST).
+func startHAProxy(t testing.TB, pod *testutil.Pod, dir, name string, port int) (*exec.Cmd, *syncBuffer) {
+	t.Helper()
+	cfg := filepath.Join(dir, name+".cfg")
 	os.WriteFile(cfg, []byte(`global
     maxconn 512
     nbthread 1
@@ -133,36 +142,40 @@ defaults
     timeout connect 5s
     timeout client 60s
     timeout server 60s
-listen outbound
-    bind :15001
+listen `+name+`
+    bind :`+fmt.Sprint(port)+`
     server orig 0.0.0.0:0
 `), 0o644)
-	cg, err := os.Open(s.app.Cgroup.Path)
+	cg, err := os.Open(pod.Cgroup.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cg.Close()
-	cmd := exec.Command("nsenter", "--net="+s.app.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
+	cmd := exec.Command("nsenter", "--net="+pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
 		"haproxy", "-f", cfg, "-db")
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
-	s.logs = logs
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start haproxy: %v", err)
 	}
-	s.haproxy = cmd
-	t.Cleanup(s.stopSidecar)
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
 	// Wait for the listener. Not by connecting: a connection that was not
 	// redirected has no original destination, and HAProxy would forward
 	// it to itself.
 	deadline := time.Now().Add(5 * time.Second)
-	for !listening(cmd.Process.Pid, 15001) {
+	for !listening(cmd.Process.Pid, port) {
 		if time.Now().After(deadline) {
 			t.Fatalf("haproxy did not start:\n%s", logs.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	return cmd, logs
 }
 
 // listening reports whether the network namespace of pid has a TCP socket
@@ -191,9 +204,12 @@ func (s *sidecarPods) stopSidecar() {
 }
 
 // iptables runs iptables in the app pod's network namespace.
-func (s *sidecarPods) iptables(t testing.TB, args ...string) {
+func (s *sidecarPods) iptables(t testing.TB, args ...string) { iptablesIn(t, s.app, args...) }
+
+// iptablesIn runs iptables in pod's network namespace.
+func iptablesIn(t testing.TB, pod *testutil.Pod, args ...string) {
 	t.Helper()
-	out, err := exec.Command("nsenter", append([]string{"--net=" + s.app.Netns.Path(), "iptables"}, args...)...).CombinedOutput()
+	out, err := exec.Command("nsenter", append([]string{"--net=" + pod.Netns.Path(), "iptables"}, args...)...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("iptables %v: %v\n%s", args, err, out)
 	}
@@ -499,5 +515,47 @@ func BenchmarkSidecar(b *testing.B) {
 					float64(plain[j])/float64(accel[j]), *benchRuns)
 			}
 		}
+	}
+}
+
+// TestSidecarToSidecarAcrossPods: both pods have sidecars; the server pod's
+// inbound traffic is captured by iptables PREROUTING REDIRECT to its
+// sidecar's inbound port (15006). The client sidecar's connection and the
+// server sidecar's accepted socket do not mirror; they are paired through
+// the client's endpoint, so every hop app -> sidecar -> sidecar -> server
+// is accelerated.
+func TestSidecarToSidecarAcrossPods(t *testing.T) {
+	s := newSidecarPods(t)
+	dp := installForBench(t)
+	startHAProxy(t, s.server, s.dir, "inbound", 15006)
+	iptablesIn(t, s.server, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-i", "sbxmb", "-j", "REDIRECT", "--to-ports", "15006")
+	s.redirectOn(t)
+
+	s.integrity(t)
+	plain50, _ := s.rr(t, 300*time.Millisecond)
+
+	mesh := dataplane.MeshPresets["istio"]
+	for _, p := range []*testutil.Pod{s.app, s.server} {
+		if _, err := dp.Enable(p.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := dp.RefreshNodeAddrs(); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := dp.Counters()
+	s.integrity(t)
+	accel50, _ := s.rr(t, 300*time.Millisecond)
+	after, _ := dp.Counters()
+	app := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])
+	srv := after[s.server.Cgroup.ID].Sub(before[s.server.Cgroup.ID])
+	t.Logf("RR 64B app -> sidecar -> sidecar -> server p50: plain %v, accelerated %v (%.2fx faster)", plain50, accel50, float64(plain50)/float64(accel50))
+	t.Logf("client pod: paired %d, cross-netns redirected %d bytes; server pod: paired %d, unpaired %d, redirected %d bytes",
+		app.MeshPaired, app.RedirectedXnsBytes, srv.MeshPaired, srv.MeshUnpaired, srv.RedirectedBytes)
+	if app.MeshPaired == 0 {
+		t.Errorf("app <-> client sidecar not paired: %+v", app)
+	}
+	if srv.MeshPaired == 0 || app.RedirectedXnsBytes == 0 {
+		t.Errorf("client sidecar <-> server sidecar not paired: client %+v, server %+v", app, srv)
 	}
 }

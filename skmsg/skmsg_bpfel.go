@@ -68,6 +68,13 @@ type skmsgEndpointKey struct {
 	Pad2        uint32
 }
 
+type skmsgMeshClient struct {
+	_           structs.HostLayout
+	ClientKey   skmsgSockKey
+	ClientNetns uint64
+	Users       uint64
+}
+
 type skmsgMeshSyn struct {
 	_         structs.HostLayout
 	AppKey    skmsgSockKey
@@ -167,6 +174,8 @@ type skmsgTcUserKey struct {
 const (
 	skmsgMapCgroupConfig     = "cgroup_config"
 	skmsgMapCgroupCounters   = "cgroup_counters"
+	skmsgMapInboundPods      = "inbound_pods"
+	skmsgMapMeshClients      = "mesh_clients"
 	skmsgMapMeshEndpoints    = "mesh_endpoints"
 	skmsgMapMeshSyns         = "mesh_syns"
 	skmsgMapNodeAddrs        = "node_addrs"
@@ -231,6 +240,8 @@ type skmsgProgramSpecs struct {
 type skmsgMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
@@ -271,6 +282,8 @@ func (o *skmsgObjects) Close() error {
 type skmsgMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
@@ -287,6 +300,8 @@ func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.InboundPods,
+		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,

@@ -35,11 +35,35 @@ static __always_inline int own_key(struct bpf_sock_ops *skops, struct sock_key *
 			bpf_ntohl(*(volatile __u32 *)&skops->remote_port));
 }
 
+/*
+ * endpoint_of gives the app endpoint of a key's local end. A unique node
+ * address names its namespace by itself, so its endpoints are node-scope
+ * (netns 0): the sidecar of another pod can then find them.
+ */
 static __always_inline void endpoint_of(const struct sock_key *key, __u64 netns, struct endpoint_key *ek)
 {
-	ek->netns_cookie = netns;
+	struct node_addr_key nk = {};
+	struct node_addr *na;
+
+	__builtin_memcpy(nk.ip, key->local_ip, sizeof(nk.ip));
+	na = bpf_map_lookup_elem(&node_addrs, &nk);
+	ek->netns_cookie = (na && !(na->flags & NODE_ADDR_AMBIGUOUS) && na->netns_cookie == netns) ? 0 : netns;
 	__builtin_memcpy(ek->ip, key->local_ip, sizeof(ek->ip));
 	ek->port = key->local_port;
+}
+
+/* unique_owner returns the namespace owning ip when it is a unique node
+ * address, else 0. */
+static __always_inline __u64 unique_owner(const __u32 *ip)
+{
+	struct node_addr_key nk = {};
+	struct node_addr *na;
+
+	__builtin_memcpy(nk.ip, ip, sizeof(nk.ip));
+	na = bpf_map_lookup_elem(&node_addrs, &nk);
+	if (!na || (na->flags & NODE_ADDR_AMBIGUOUS))
+		return 0;
+	return na->netns_cookie;
 }
 
 /*
@@ -72,10 +96,25 @@ static __always_inline void mesh_connect(struct bpf_sock_ops *skops)
 	state->flags |= SOCK_FLAG_MESH_APP;
 
 	endpoint_of(&key, key.netns_cookie, &ek);
+	state->app_endpoint = ek; /* as registered, to unregister at close */
 	if (bpf_map_update_elem(&mesh_endpoints, &ek, &one, BPF_NOEXIST) != 0) {
 		users = bpf_map_lookup_elem(&mesh_endpoints, &ek);
 		if (users)
 			__sync_fetch_and_add(users, 1);
+	}
+	/* Connecting to a pod whose sidecar captures inbound: let that
+	 * sidecar find us by our endpoint. */
+	if (ek.netns_cookie == 0) {
+		struct node_addr_key rk = {};
+
+		__builtin_memcpy(rk.ip, key.remote_ip, sizeof(rk.ip));
+		if (bpf_map_lookup_elem(&inbound_pods, &rk)) {
+			struct mesh_client mc = {};
+
+			mc.client_key = key;
+			mc.client_netns = key.netns_cookie;
+			bpf_map_update_elem(&mesh_clients, &ek, &mc, BPF_ANY);
+		}
 	}
 	if (state->flags & SOCK_FLAG_INTERCEPTED) {
 		struct orig_dst od = {};
@@ -102,7 +141,7 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops, int passiv
 	struct cgroup_counters *c;
 	struct cgroup_config *cfg;
 	struct sock_key key = {};
-	__u64 own_netns, peer_netns;
+	__u64 own_netns, peer_netns = 0;
 	int scope, explicit_peer = 0;
 
 	if (!skops->sk)
@@ -164,6 +203,37 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops, int passiv
 		state->peer_key.pad = 0;
 		state->app_endpoint = ek;
 		explicit_peer = 1;
+	} else if (!passive && (state->flags & SOCK_FLAG_MESH_APP)) {
+		/* Connecting to a pod whose sidecar captures inbound: the
+		 * peer is that sidecar's accepted socket on its inbound port. */
+		struct node_addr_key rk = {};
+		struct endpoint_key ek = {};
+		__u32 *inbound;
+		__u64 owner;
+
+		__builtin_memcpy(rk.ip, key.remote_ip, sizeof(rk.ip));
+		inbound = bpf_map_lookup_elem(&inbound_pods, &rk);
+		owner = unique_owner(key.remote_ip);
+		endpoint_of(&key, own_netns, &ek);
+		/* Another pod: inbound capture applies to traffic that
+		 * arrives from outside its namespace. */
+		if (inbound && owner && owner != own_netns && ek.netns_cookie == 0) {
+			if (endpoint_shared(&ek)) {
+				if (c)
+					__sync_fetch_and_add(&c->mesh_ambiguous, 1);
+				return;
+			}
+			state->peer_key.netns_cookie = owner;
+			__builtin_memcpy(state->peer_key.local_ip, key.remote_ip, sizeof(state->peer_key.local_ip));
+			__builtin_memcpy(state->peer_key.remote_ip, key.local_ip, sizeof(state->peer_key.remote_ip));
+			state->peer_key.local_port = (__u16)*inbound;
+			state->peer_key.remote_port = key.local_port;
+			state->peer_key.family = key.family;
+			state->peer_key.pad = 0;
+			state->app_endpoint = ek;
+			peer_netns = owner;
+			explicit_peer = 2;
+		}
 	} else if (passive && cfg && cfg->mesh_mode == MESH_REDIRECT &&
 		   (key.local_port == cfg->outbound_port || key.local_port == cfg->inbound_port)) {
 		/* The sidecar's accepted socket: find the app socket whose
@@ -192,15 +262,36 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops, int passiv
 					__sync_fetch_and_add(&c->mesh_paired, 1);
 			}
 			bpf_map_delete_elem(&mesh_syns, &t);
-		} else if (c) {
-			__sync_fetch_and_add(&c->mesh_unpaired, 1);
+		} else {
+			/* From another pod: find its connecting socket by the
+			 * endpoint it came from. */
+			struct endpoint_key ek = {};
+			struct mesh_client *mc;
+
+			ek.netns_cookie = 0;
+			__builtin_memcpy(ek.ip, key.remote_ip, sizeof(ek.ip));
+			ek.port = key.remote_port;
+			mc = key.local_port == cfg->inbound_port ? bpf_map_lookup_elem(&mesh_clients, &ek) : 0;
+			if (mc && same_ip(mc->client_key.remote_ip, key.local_ip) && !endpoint_shared(&ek)) {
+				state->peer_key = mc->client_key;
+				state->app_endpoint = ek;
+				peer_netns = mc->client_netns;
+				explicit_peer = 2;
+				if (c)
+					__sync_fetch_and_add(&c->mesh_paired, 1);
+			} else if (c) {
+				__sync_fetch_and_add(&c->mesh_unpaired, 1);
+			}
 		}
 	}
 
 	if (explicit_peer) {
-		/* App and sidecar share the pod's namespace. */
+		/* Explicit pairs use namespace-scope keys; an app and its
+		 * sidecar (1) share the pod's namespace, two pods' sidecars
+		 * (2) have peer_netns set above. */
 		scope = SCOPE_NETNS;
-		peer_netns = own_netns;
+		if (explicit_peer == 1)
+			peer_netns = own_netns;
 		state->flags |= SOCK_FLAG_EXPLICIT_PEER;
 	} else {
 		scope = key_scope(&key, own_netns, &peer_netns);
@@ -251,18 +342,16 @@ static __always_inline void forget_socket(struct bpf_sock_ops *skops)
 		state->flags &= ~SOCK_FLAG_PUBLISHED;
 	}
 	if (state->flags & SOCK_FLAG_MESH_APP) {
-		struct endpoint_key ek = {};
-		struct sock_key key = {};
+		struct endpoint_key ek = state->app_endpoint;
 		__u64 *users;
 
 		state->flags &= ~SOCK_FLAG_MESH_APP;
-		if (own_key(skops, &key) < 0)
-			return;
-		endpoint_of(&key, state->netns_cookie, &ek);
 		users = bpf_map_lookup_elem(&mesh_endpoints, &ek);
 		if (users && __sync_fetch_and_add(users, -1) <= 1)
 			bpf_map_delete_elem(&mesh_endpoints, &ek);
 		bpf_map_delete_elem(&orig_dsts, &ek);
+		if (ek.netns_cookie == 0)
+			bpf_map_delete_elem(&mesh_clients, &ek);
 	}
 }
 

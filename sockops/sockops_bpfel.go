@@ -68,6 +68,13 @@ type sockopsEndpointKey struct {
 	Pad2        uint32
 }
 
+type sockopsMeshClient struct {
+	_           structs.HostLayout
+	ClientKey   sockopsSockKey
+	ClientNetns uint64
+	Users       uint64
+}
+
 type sockopsMeshSyn struct {
 	_         structs.HostLayout
 	AppKey    sockopsSockKey
@@ -167,6 +174,8 @@ type sockopsTcUserKey struct {
 const (
 	sockopsMapCgroupConfig       = "cgroup_config"
 	sockopsMapCgroupCounters     = "cgroup_counters"
+	sockopsMapInboundPods        = "inbound_pods"
+	sockopsMapMeshClients        = "mesh_clients"
 	sockopsMapMeshEndpoints      = "mesh_endpoints"
 	sockopsMapMeshSyns           = "mesh_syns"
 	sockopsMapNodeAddrs          = "node_addrs"
@@ -232,6 +241,8 @@ type sockopsProgramSpecs struct {
 type sockopsMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
@@ -273,6 +284,8 @@ func (o *sockopsObjects) Close() error {
 type sockopsMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
@@ -289,6 +302,8 @@ func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.InboundPods,
+		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,

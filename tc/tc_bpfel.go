@@ -68,6 +68,13 @@ type tcEndpointKey struct {
 	Pad2        uint32
 }
 
+type tcMeshClient struct {
+	_           structs.HostLayout
+	ClientKey   tcSockKey
+	ClientNetns uint64
+	Users       uint64
+}
+
 type tcMeshSyn struct {
 	_         structs.HostLayout
 	AppKey    tcSockKey
@@ -167,6 +174,8 @@ type tcTcUserKey struct {
 const (
 	tcMapCgroupConfig        = "cgroup_config"
 	tcMapCgroupCounters      = "cgroup_counters"
+	tcMapInboundPods         = "inbound_pods"
+	tcMapMeshClients         = "mesh_clients"
 	tcMapMeshEndpoints       = "mesh_endpoints"
 	tcMapMeshSyns            = "mesh_syns"
 	tcMapNodeAddrs           = "node_addrs"
@@ -232,6 +241,8 @@ type tcProgramSpecs struct {
 type tcMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
@@ -273,6 +284,8 @@ func (o *tcObjects) Close() error {
 type tcMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
@@ -289,6 +302,8 @@ func (m *tcMaps) Close() error {
 	return _TcClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.InboundPods,
+		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,

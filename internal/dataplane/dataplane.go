@@ -19,6 +19,8 @@
 //	<pin dir>/orig_dsts         BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> original destination
 //	<pin dir>/mesh_endpoints    BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> sockets using it
 //	<pin dir>/mesh_syns         BPF_MAP_TYPE_LRU_HASH sidecar mode: SYN tuple after NAT -> app socket key
+//	<pin dir>/mesh_clients      BPF_MAP_TYPE_LRU_HASH sidecar mode: connecting endpoint -> socket key (pod to pod)
+//	<pin dir>/inbound_pods      BPF_MAP_TYPE_HASH sidecar mode: pod address -> its sidecar's inbound port
 //	<pin dir>/recv_trace_link   tp_btf/sock_recv_length link (publishes redirect targets)
 //	<pin dir>/layout_version    BPF_MAP_TYPE_ARRAY the pin layout version (LayoutVersion)
 //	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
@@ -63,13 +65,15 @@ const (
 	PinOrigDsts      = "orig_dsts"
 	PinMeshEndpoints = "mesh_endpoints"
 	PinMeshSyns      = "mesh_syns"
+	PinMeshClients   = "mesh_clients"
+	PinInboundPods   = "inbound_pods"
 	PinRecvLink      = "recv_trace_link"
 	PinCgroupConfig  = "cgroup_config"
 	DirCgroups       = "cgroups"
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinTCDevices, PinTCUsers}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers}
 
 // ErrNotInstalled is returned by Open when nothing is pinned in the pin
 // directory.

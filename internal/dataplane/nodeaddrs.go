@@ -128,6 +128,9 @@ func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
 	if collectErr != nil && !errors.Is(collectErr, nodeaddrs.ErrPermission) {
 		return NodeAddrs{}, collectErr
 	}
+	if err := d.syncInboundPods(cgs); err != nil {
+		return NodeAddrs{}, err
+	}
 	nodeaddrs.CollectNetns(owners, extraNetns)
 	addrs, err := d.SyncNodeAddrs(owners)
 	if err == nil && collectErr != nil {
@@ -136,4 +139,46 @@ func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
 		err = collectErr
 	}
 	return addrs, err
+}
+
+// syncInboundPods makes inbound_pods hold the addresses of the namespaces
+// of the redirect-mode (iptables) sidecar cgroups among cgs, with their
+// sidecar's inbound port: connections to them are paired with that sidecar.
+func (d *Dataplane) syncInboundPods(cgs []cgroup.Cgroup) error {
+	want := map[nodeAddrKey]uint32{}
+	for _, cg := range cgs {
+		var cfg cgroupConfig
+		if d.maps[PinCgroupConfig].Lookup(cg.ID, &cfg) != nil || cfg.MeshMode != MeshRedirect || cfg.InboundPort == 0 {
+			continue
+		}
+		owners, err := nodeaddrs.Collect([]cgroup.Cgroup{cg})
+		if err != nil && !errors.Is(err, nodeaddrs.ErrPermission) {
+			return err
+		}
+		for addr := range owners {
+			want[nodeAddrKey{IP: addr.As16()}] = uint32(cfg.InboundPort)
+		}
+	}
+	m := d.maps[PinInboundPods]
+	var stale []nodeAddrKey
+	var k nodeAddrKey
+	var v uint32
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if _, ok := want[k]; !ok {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read inbound pods: %w", err)
+	}
+	for _, k := range stale {
+		m.Delete(k)
+	}
+	for k, v := range want {
+		if err := m.Put(k, v); err != nil {
+			return fmt.Errorf("write inbound pod %s: %w", netip.AddrFrom16(k.IP).Unmap(), err)
+		}
+	}
+	return nil
 }

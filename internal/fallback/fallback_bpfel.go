@@ -68,6 +68,13 @@ type fallbackEndpointKey struct {
 	Pad2        uint32
 }
 
+type fallbackMeshClient struct {
+	_           structs.HostLayout
+	ClientKey   fallbackSockKey
+	ClientNetns uint64
+	Users       uint64
+}
+
 type fallbackMeshSyn struct {
 	_         structs.HostLayout
 	AppKey    fallbackSockKey
@@ -167,6 +174,8 @@ type fallbackTcUserKey struct {
 const (
 	fallbackMapCgroupConfig          = "cgroup_config"
 	fallbackMapCgroupCounters        = "cgroup_counters"
+	fallbackMapInboundPods           = "inbound_pods"
+	fallbackMapMeshClients           = "mesh_clients"
 	fallbackMapMeshEndpoints         = "mesh_endpoints"
 	fallbackMapMeshSyns              = "mesh_syns"
 	fallbackMapNodeAddrs             = "node_addrs"
@@ -234,6 +243,8 @@ type fallbackProgramSpecs struct {
 type fallbackMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
@@ -275,6 +286,8 @@ func (o *fallbackObjects) Close() error {
 type fallbackMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
@@ -291,6 +304,8 @@ func (m *fallbackMaps) Close() error {
 	return _FallbackClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.InboundPods,
+		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,

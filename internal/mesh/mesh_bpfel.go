@@ -68,6 +68,13 @@ type meshEndpointKey struct {
 	Pad2        uint32
 }
 
+type meshMeshClient struct {
+	_           structs.HostLayout
+	ClientKey   meshSockKey
+	ClientNetns uint64
+	Users       uint64
+}
+
 type meshMeshSyn struct {
 	_         structs.HostLayout
 	AppKey    meshSockKey
@@ -167,6 +174,8 @@ type meshTcUserKey struct {
 const (
 	meshMapCgroupConfig          = "cgroup_config"
 	meshMapCgroupCounters        = "cgroup_counters"
+	meshMapInboundPods           = "inbound_pods"
+	meshMapMeshClients           = "mesh_clients"
 	meshMapMeshEndpoints         = "mesh_endpoints"
 	meshMapMeshSyns              = "mesh_syns"
 	meshMapNodeAddrs             = "node_addrs"
@@ -236,6 +245,8 @@ type meshProgramSpecs struct {
 type meshMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
@@ -277,6 +288,8 @@ func (o *meshObjects) Close() error {
 type meshMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
@@ -293,6 +306,8 @@ func (m *meshMaps) Close() error {
 	return _MeshClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.InboundPods,
+		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
