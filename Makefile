@@ -5,7 +5,7 @@ BIN := bin/sockbypass
 BPF_PKGS := ./sockops ./skmsg ./tc ./internal/fallback ./internal/mesh
 GENERATED := $(wildcard */*_bpfel.* internal/*/*_bpfel.*)
 
-.PHONY: all deps build generate check-generated vet test demo bench bench-quick clean
+.PHONY: all deps build generate check-generated vet test demo bench bench-quick bench-loopback clean
 
 all: build
 
@@ -40,12 +40,18 @@ test: deps check-generated vet build
 demo: deps build
 	./e2e/demo.sh
 
-# Benchmarks: plain vs accelerated side by side, median of alternating runs.
+# Benchmarks with real clients (sockperf, iperf3, wrk+nginx, redis-benchmark), plain vs
+# accelerated, alternating, median of 3 runs: e2e/results/{results.json,results.md,*.png}.
 bench: deps build
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/ -args -runs 7 -duration 2s
+	$(GO) run ./e2e/cmd/sockbypass-e2e -out e2e/results
 
 bench-quick: deps build
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 10m ./e2e/ -args -runs 3 -duration 500ms
+	$(GO) run ./e2e/cmd/sockbypass-e2e -quick -out e2e/results
+
+# The Go-native benchmarks: loopback (blocking syscalls), TC cost, pod to pod,
+# sidecar (HAProxy), each plain vs accelerated side by side.
+bench-loopback: deps build
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./e2e/ -args -runs 7 -duration 2s
 
 clean:
 	rm -rf bin
