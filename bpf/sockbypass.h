@@ -94,6 +94,14 @@ struct sock_state {
 	__u32 nat_dst_ip[4];
 	/* copied_seq last published to the receivers map. */
 	__u32 published_seq;
+	/* copied_seq at the last read (to tell stack bytes from redirected
+	 * bytes in what a read returned). */
+	__u32 last_copied_seq;
+	__u32 pad3;
+	/* Bytes read from the redirected queue, and bytes this socket
+	 * redirected to its peer. */
+	__u64 redirected_read;
+	__u64 redirected_sent;
 	/* SOCK_FLAG_* */
 	__u32 flags;
 };
@@ -133,7 +141,22 @@ struct sock_state {
 struct receiver {
 	__u64 netns_cookie;
 	__u64 eligible_seq;
+	/* Bytes the socket has read from its redirected queue. */
+	__u64 redirected_read;
 };
+
+/*
+ * Back-pressure: the redirected queue is charged to the kernel's global TCP
+ * memory, not to the reader's receive buffer, so a reader that stops
+ * reading would let its peer queue without bound. A sender stops
+ * redirecting when this many redirected bytes are unread, and its next
+ * bytes take the stack, where TCP flow control blocks it as it would
+ * without sockbypass; it redirects again once the reader has caught up.
+ * 8 MiB is above the default tcp_rmem maximum (6 MiB): a plain TCP reader
+ * never has more queued, so FIONREAD (which counts the redirected queue
+ * only) stays exact for every amount plain TCP could show.
+ */
+#define REDIRECT_UNREAD_LIMIT (8ULL << 20)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -227,6 +250,9 @@ struct cgroup_counters {
 	__u64 mesh_paired;
 	__u64 mesh_unpaired;
 	__u64 mesh_ambiguous;
+	/* Of passed_msgs: the peer had REDIRECT_UNREAD_LIMIT redirected bytes
+	 * unread (back-pressure through the stack). */
+	__u64 passed_backpressure_msgs;
 };
 
 struct {

@@ -74,8 +74,16 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		goto pass;
 	}
 
+	/* Back-pressure: too much redirected and still unread. */
+	if (state->redirected_sent - *(volatile __u64 *)&target->redirected_read + size > REDIRECT_UNREAD_LIMIT) {
+		if (c)
+			__sync_fetch_and_add(&c->passed_backpressure_msgs, 1);
+		goto pass;
+	}
+
 	if (bpf_msg_redirect_hash(msg, &sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
 		state->flags |= SOCK_FLAG_REDIRECTING;
+		state->redirected_sent += size;
 		if (c) {
 			__sync_fetch_and_add(&c->redirected_msgs, 1);
 			__sync_fetch_and_add(&c->redirected_bytes, size);

@@ -31,32 +31,33 @@ type skmsgCgroupConfig struct {
 }
 
 type skmsgCgroupCounters struct {
-	_                  structs.HostLayout
-	SocketsInserted    uint64
-	InsertFailures     uint64
-	SocketsSkipped     uint64
-	RedirectedMsgs     uint64
-	RedirectedBytes    uint64
-	PassedMsgs         uint64
-	PassedBytes        uint64
-	RedirectFailures   uint64
-	StackEgressPackets uint64
-	StackEgressBytes   uint64
-	PassedUnreadMsgs   uint64
-	FallbackRcvlowat   uint64
-	FallbackTcpInq     uint64
-	FallbackOobinline  uint64
-	FallbackWaitall    uint64
-	FallbackOobRead    uint64
-	SocketsRemote      uint64
-	RedirectedXnsMsgs  uint64
-	RedirectedXnsBytes uint64
-	SocketsAmbiguous   uint64
-	MeshIntercepted    uint64
-	MeshOrigDstAnswers uint64
-	MeshPaired         uint64
-	MeshUnpaired       uint64
-	MeshAmbiguous      uint64
+	_                      structs.HostLayout
+	SocketsInserted        uint64
+	InsertFailures         uint64
+	SocketsSkipped         uint64
+	RedirectedMsgs         uint64
+	RedirectedBytes        uint64
+	PassedMsgs             uint64
+	PassedBytes            uint64
+	RedirectFailures       uint64
+	StackEgressPackets     uint64
+	StackEgressBytes       uint64
+	PassedUnreadMsgs       uint64
+	FallbackRcvlowat       uint64
+	FallbackTcpInq         uint64
+	FallbackOobinline      uint64
+	FallbackWaitall        uint64
+	FallbackOobRead        uint64
+	SocketsRemote          uint64
+	RedirectedXnsMsgs      uint64
+	RedirectedXnsBytes     uint64
+	SocketsAmbiguous       uint64
+	MeshIntercepted        uint64
+	MeshOrigDstAnswers     uint64
+	MeshPaired             uint64
+	MeshUnpaired           uint64
+	MeshAmbiguous          uint64
+	PassedBackpressureMsgs uint64
 }
 
 type skmsgEndpointKey struct {
@@ -112,9 +113,10 @@ type skmsgOrigDst struct {
 }
 
 type skmsgReceiver struct {
-	_           structs.HostLayout
-	NetnsCookie uint64
-	EligibleSeq uint64
+	_              structs.HostLayout
+	NetnsCookie    uint64
+	EligibleSeq    uint64
+	RedirectedRead uint64
 }
 
 type skmsgSockKey struct {
@@ -144,7 +146,13 @@ type skmsgSockState struct {
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	PublishedSeq    uint32
+	LastCopiedSeq   uint32
+	Pad3            uint32
+	_               [4]byte
+	RedirectedRead  uint64
+	RedirectedSent  uint64
 	Flags           uint32
+	_               [4]byte
 }
 
 type skmsgTcDevice struct {

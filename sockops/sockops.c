@@ -315,6 +315,9 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops, int passiv
 	state->key = key;
 	state->netns_cookie = own_netns;
 	state->peer_netns_cookie = peer_netns;
+	state->last_copied_seq = skops->rcv_nxt; /* nothing read yet */
+	state->redirected_read = 0;
+	state->redirected_sent = 0;
 	state->flags |= SOCK_FLAG_INSERTED;
 	if (c)
 		__sync_fetch_and_add(&c->sockets_inserted, 1);

@@ -174,7 +174,7 @@ func waitPeerPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 func published(dp *Dataplane, k SockKey) bool {
 	for _, cookie := range []uint64{k.NetnsCookie, 0} {
 		k.NetnsCookie = cookie
-		var v [2]uint64 // struct receiver: netns cookie, eligible|seq
+		var v [3]uint64 // struct receiver: netns cookie, eligible|seq, redirected read
 		if dp.maps[PinReceivers].Lookup(k, &v) == nil && v[1]&(1<<32) != 0 {
 			return true
 		}

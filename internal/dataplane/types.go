@@ -55,6 +55,7 @@ type CgroupCounters struct {
 	MeshPaired         uint64 `json:"mesh_paired"`
 	MeshUnpaired       uint64 `json:"mesh_unpaired"`
 	MeshAmbiguous      uint64 `json:"mesh_ambiguous"`
+	PassedBackpressure uint64 `json:"passed_backpressure_msgs"`
 }
 
 // Add adds o to c field by field.
@@ -84,6 +85,7 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.MeshPaired += o.MeshPaired
 	c.MeshUnpaired += o.MeshUnpaired
 	c.MeshAmbiguous += o.MeshAmbiguous
+	c.PassedBackpressure += o.PassedBackpressure
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -114,5 +116,6 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		MeshPaired:         c.MeshPaired - o.MeshPaired,
 		MeshUnpaired:       c.MeshUnpaired - o.MeshUnpaired,
 		MeshAmbiguous:      c.MeshAmbiguous - o.MeshAmbiguous,
+		PassedBackpressure: c.PassedBackpressure - o.PassedBackpressure,
 	}
 }

@@ -18,6 +18,7 @@
 #define SO_RCVLOWAT 18
 #define TCP_INQ 36
 #define MSG_OOB 0x01
+#define MSG_PEEK 0x02
 #define MSG_WAITALL 0x100
 #define IPPROTO_TCP 6
 
@@ -105,6 +106,7 @@ SEC("tp_btf/sock_recv_length")
 int sockbypass_recv_length(__u64 *ctx)
 {
 	struct sock *sk = (struct sock *)ctx[0];
+	int ret = (int)ctx[1];
 	int flags = (int)ctx[2];
 	struct sock_state *state;
 	struct tcp_sock *tp;
@@ -131,16 +133,30 @@ int sockbypass_recv_length(__u64 *ctx)
 	if (!tp)
 		return 0;
 	seq = tp->copied_seq;
-	if ((state->flags & SOCK_FLAG_PUBLISHED) && state->published_seq == seq)
-		return 0;
 
-	value.netns_cookie = state->netns_cookie;
-	value.eligible_seq = RECEIVER_ELIGIBLE | seq;
+	/* What this read returned beyond the stack bytes it consumed came
+	 * from the redirected queue (MSG_PEEK consumes nothing). */
+	if (ret > 0 && !(flags & MSG_PEEK)) {
+		__u32 from_stack = seq - state->last_copied_seq;
+
+		if ((__u32)ret > from_stack)
+			state->redirected_read += (__u32)ret - from_stack;
+	}
+	state->last_copied_seq = seq;
+
 	target = bpf_map_lookup_elem(&receivers, &state->key);
-	if (target && target->netns_cookie == value.netns_cookie)
-		*(volatile __u64 *)&target->eligible_seq = value.eligible_seq;
-	else if (bpf_map_update_elem(&receivers, &state->key, &value, BPF_ANY) != 0)
-		return 0;
+	if (target && target->netns_cookie == state->netns_cookie) {
+		*(volatile __u64 *)&target->redirected_read = state->redirected_read;
+		if ((state->flags & SOCK_FLAG_PUBLISHED) && state->published_seq == seq)
+			return 0;
+		*(volatile __u64 *)&target->eligible_seq = RECEIVER_ELIGIBLE | seq;
+	} else {
+		value.netns_cookie = state->netns_cookie;
+		value.eligible_seq = RECEIVER_ELIGIBLE | seq;
+		value.redirected_read = state->redirected_read;
+		if (bpf_map_update_elem(&receivers, &state->key, &value, BPF_ANY) != 0)
+			return 0;
+	}
 	state->published_seq = seq;
 	state->flags |= SOCK_FLAG_PUBLISHED;
 	return 0;

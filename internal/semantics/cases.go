@@ -71,6 +71,7 @@ func Cases() []Case {
 		{"MSG_OOB with SO_OOBINLINE", Fallback, "cgroup/setsockopt marks the reader a stack reader before it reads", "oobinline", caseOOBInline},
 		{"splice(2) from the socket (never read with recvmsg)", Fallback, "a socket becomes a redirect target only once seen reading with recvmsg", "", caseSpliceOnly},
 		{"Go io.Copy TCP->TCP proxy (splice)", Fallback, "a socket becomes a redirect target only once seen reading with recvmsg", "", caseGoProxy},
+		{"a stalled reader makes its writer block (flow control)", FastPath, "a sender stops redirecting when 8 MiB it redirected are unread; its next bytes take the stack, whose flow control blocks it", "", caseStalledReader},
 		{"slow reader holding 4+ MiB across disable and uninstall", FastPath, "sockets are never removed from the sockhash; they leave it when they close", "", caseSlowReaderDisrupt},
 		{"MSG_WAITALL after plain reads", Limitation, "no hook sees recv flags before the read; tp_btf/sock_recv_length fires after it: that read may return short, later ones fall back", "waitall", caseWaitallLater},
 		{"MSG_OOB without SO_OOBINLINE", Limitation, "no hook sees send flags before sk_msg: the urgent byte arrives inline", "", caseOOB},
@@ -770,5 +771,31 @@ func caseSlowReaderDisrupt(env *Env) (string, error) {
 			return "", err
 		}
 		return fmt.Sprintf("reader had >=4MiB queued=%v; read %s, equal=%v, then EOF%q", queued >= 4<<20, digest(got), bytes.Equal(got, data), end), nil
+	})
+}
+
+// caseStalledReader: a reader that stops reading makes its writer block,
+// as TCP's flow control does, instead of letting it queue without bound.
+func caseStalledReader(env *Env) (string, error) {
+	return run(env, func(p *Pair) (string, error) {
+		if err := WarmUp(*p); err != nil {
+			return "", err
+		}
+		unix.SetNonblock(p.C, true)
+		defer unix.SetNonblock(p.C, false)
+		chunk := make([]byte, 64<<10)
+		var queued int
+		deadline := time.Now().Add(2 * time.Second)
+		for queued < 64<<20 && time.Now().Before(deadline) {
+			n, err := unix.Write(p.C, chunk)
+			if err == unix.EAGAIN {
+				break // the writer would block
+			}
+			if err != nil {
+				return "", err
+			}
+			queued += n
+		}
+		return fmt.Sprintf("writer blocks before 24 MiB are queued: %v", queued < 24<<20), nil
 	})
 }

@@ -70,6 +70,9 @@ type Figures struct {
 	// PassedUnreadMsgs: of PassedMsgs, those sent while the peer still
 	// had earlier stack bytes of ours to read.
 	PassedUnreadMsgs uint64 `json:"passed_unread_msgs"`
+	// PassedBackpressureMsgs: of PassedMsgs, those sent while the peer had
+	// 8 MiB of redirected bytes unread (flow control through the stack).
+	PassedBackpressureMsgs uint64 `json:"passed_backpressure_msgs"`
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
