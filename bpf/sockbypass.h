@@ -102,6 +102,9 @@ struct sock_state {
 	 * redirected to its peer. */
 	__u64 redirected_read;
 	__u64 redirected_sent;
+	/* Small messages sent since the socket last read. */
+	__u32 small_sends;
+	__u32 pad4;
 	/* SOCK_FLAG_* */
 	__u32 flags;
 };
@@ -157,6 +160,16 @@ struct receiver {
  * only) stays exact for every amount plain TCP could show.
  */
 #define REDIRECT_UNREAD_LIMIT (8ULL << 20)
+
+/*
+ * Streams of small writes: the stack coalesces them into large segments
+ * (autocorking), the redirected path hands each one over on its own. A
+ * socket that has sent this many messages smaller than SMALL_MSG without
+ * reading in between is streaming, not in request/response: its small
+ * messages take the stack until it reads again.
+ */
+#define SMALL_MSG 4096
+#define SMALL_STREAM_SENDS 64
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -253,6 +266,8 @@ struct cgroup_counters {
 	/* Of passed_msgs: the peer had REDIRECT_UNREAD_LIMIT redirected bytes
 	 * unread (back-pressure through the stack). */
 	__u64 passed_backpressure_msgs;
+	/* Of passed_msgs: small messages of a streaming sender. */
+	__u64 passed_small_stream_msgs;
 };
 
 struct {

@@ -74,6 +74,16 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		goto pass;
 	}
 
+	/* A stream of small writes coalesces better on the stack. */
+	if (size < SMALL_MSG) {
+		if (state->small_sends >= SMALL_STREAM_SENDS) {
+			if (c)
+				__sync_fetch_and_add(&c->passed_small_stream_msgs, 1);
+			goto pass;
+		}
+		state->small_sends++;
+	}
+
 	/* Back-pressure: too much redirected and still unread. */
 	if (state->redirected_sent - *(volatile __u64 *)&target->redirected_read + size > REDIRECT_UNREAD_LIMIT) {
 		if (c)

@@ -56,6 +56,7 @@ type CgroupCounters struct {
 	MeshUnpaired       uint64 `json:"mesh_unpaired"`
 	MeshAmbiguous      uint64 `json:"mesh_ambiguous"`
 	PassedBackpressure uint64 `json:"passed_backpressure_msgs"`
+	PassedSmallStream  uint64 `json:"passed_small_stream_msgs"`
 }
 
 // Add adds o to c field by field.
@@ -86,6 +87,7 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.MeshUnpaired += o.MeshUnpaired
 	c.MeshAmbiguous += o.MeshAmbiguous
 	c.PassedBackpressure += o.PassedBackpressure
+	c.PassedSmallStream += o.PassedSmallStream
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -117,5 +119,6 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		MeshUnpaired:       c.MeshUnpaired - o.MeshUnpaired,
 		MeshAmbiguous:      c.MeshAmbiguous - o.MeshAmbiguous,
 		PassedBackpressure: c.PassedBackpressure - o.PassedBackpressure,
+		PassedSmallStream:  c.PassedSmallStream - o.PassedSmallStream,
 	}
 }

@@ -143,6 +143,7 @@ int sockbypass_recv_length(__u64 *ctx)
 			state->redirected_read += (__u32)ret - from_stack;
 	}
 	state->last_copied_seq = seq;
+	state->small_sends = 0; /* it reads: request/response, not a stream */
 
 	target = bpf_map_lookup_elem(&receivers, &state->key);
 	if (target && target->netns_cookie == state->netns_cookie) {

@@ -58,6 +58,7 @@ type fallbackCgroupCounters struct {
 	MeshUnpaired           uint64
 	MeshAmbiguous          uint64
 	PassedBackpressureMsgs uint64
+	PassedSmallStreamMsgs  uint64
 }
 
 type fallbackEndpointKey struct {
@@ -151,6 +152,8 @@ type fallbackSockState struct {
 	_               [4]byte
 	RedirectedRead  uint64
 	RedirectedSent  uint64
+	SmallSends      uint32
+	Pad4            uint32
 	Flags           uint32
 	_               [4]byte
 }

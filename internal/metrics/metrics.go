@@ -56,6 +56,7 @@ func NewCollector(source Source) *Collector {
 			counter("passed_messages_total", "Messages of accelerated sockets passed to the stack (no local peer).", func(f stats.Figures) uint64 { return f.PassedMsgs }),
 			counter("passed_unread_messages_total", "Messages passed to the stack because the peer had earlier stack bytes unread.", func(f stats.Figures) uint64 { return f.PassedUnreadMsgs }),
 			counter("passed_backpressure_messages_total", "Messages passed to the stack because the peer had 8 MiB of redirected bytes unread.", func(f stats.Figures) uint64 { return f.PassedBackpressureMsgs }),
+			counter("passed_small_stream_messages_total", "Small messages of a sender streaming without reading, passed to the stack to be coalesced.", func(f stats.Figures) uint64 { return f.PassedSmallStreamMsgs }),
 			counter("redirect_failures_total", "Messages of redirecting sockets whose peer was gone, passed to the stack.", func(f stats.Figures) uint64 { return f.RedirectFailures }),
 			counter("sockets_inserted_total", "Sockets added to the sockhash.", func(f stats.Figures) uint64 { return f.SocketsInserted }),
 			counter("socket_insert_failures_total", "Sockets that could not be added to the sockhash (full).", func(f stats.Figures) uint64 { return f.InsertFailures }),

@@ -73,6 +73,9 @@ type Figures struct {
 	// PassedBackpressureMsgs: of PassedMsgs, those sent while the peer had
 	// 8 MiB of redirected bytes unread (flow control through the stack).
 	PassedBackpressureMsgs uint64 `json:"passed_backpressure_msgs"`
+	// PassedSmallStreamMsgs: of PassedMsgs, small messages of a sender
+	// streaming without reading (the stack coalesces them better).
+	PassedSmallStreamMsgs uint64 `json:"passed_small_stream_msgs"`
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
