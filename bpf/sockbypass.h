@@ -162,11 +162,12 @@ struct receiver {
 #define REDIRECT_UNREAD_LIMIT (8ULL << 20)
 
 /*
- * Streams of small writes: the stack coalesces them into large segments
- * (autocorking), the redirected path hands each one over on its own. A
- * socket that has sent this many messages smaller than SMALL_MSG without
- * reading in between is streaming, not in request/response: its small
- * messages take the stack until it reads again.
+ * Streams of small writes: over loopback the stack coalesces them into
+ * large segments (autocorking), the redirected path hands each one over on
+ * its own. A socket that has sent this many messages smaller than
+ * SMALL_MSG to a peer in its own namespace without reading in between is
+ * streaming, not in request/response: its small messages take the stack
+ * until it reads again. (Across a veth the redirect stays far ahead.)
  */
 #define SMALL_MSG 4096
 #define SMALL_STREAM_SENDS 64
