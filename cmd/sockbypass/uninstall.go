@@ -24,6 +24,14 @@ func runUninstall(e *env, args []string) error {
 		fmt.Fprintf(e.stdout, "nothing installed at %s; nothing to do\n", e.pinDir)
 		return nil
 	}
+	if errors.Is(err, dataplane.ErrIncompatible) {
+		// Made by another version: detach and unpin without reading it.
+		if err := dataplane.RemoveForeign(e.pinDir, e.log); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "uninstalled state of another sockbypass version: unpinned its links (detaching them) and removed %s\n", e.pinDir)
+		return nil
+	}
 	if err != nil {
 		return err
 	}

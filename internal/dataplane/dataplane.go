@@ -143,7 +143,7 @@ func Open(opts Options) (*Dataplane, error) {
 		d.maps[name] = m
 		if err := compatible(spec.Maps[name], m); err != nil {
 			d.Close()
-			return nil, fmt.Errorf("pinned map %s was made by an incompatible sockbypass: %w; remove it with: sockbypass uninstall --bpffs-dir %s", path, err, opts.PinDir)
+			return nil, fmt.Errorf("%w: pinned map %s: %v; remove it with: sockbypass uninstall --bpffs-dir %s", ErrIncompatible, path, err, opts.PinDir)
 		}
 	}
 	return d, nil

@@ -21,9 +21,9 @@ import (
 )
 
 // LayoutVersion is the version of the pin layout and map formats this
-// binary writes and reads. Open refuses any other version with an error
+// binary writes and reads: bump it whenever a shared struct or map changes. Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
-const LayoutVersion = 1
+const LayoutVersion = 2
 
 // PinLayout is the pin of the one-entry array map that holds the layout
 // version.
@@ -58,7 +58,7 @@ func checkLayout(pinDir string) error {
 	path := filepath.Join(pinDir, PinLayout)
 	m, err := ebpf.LoadPinnedMap(path, nil)
 	if err != nil {
-		return fmt.Errorf("pinned state in %s has no layout version (%v): it was made by another sockbypass; this binary cannot adopt it. Run that version's uninstall, or `sockbypass uninstall --bpffs-dir %s` (live connections stay accelerated until they close)", pinDir, err, pinDir)
+		return fmt.Errorf("%w: pinned state in %s has no layout version (%v); this binary cannot adopt it: run that version's uninstall, or `sockbypass uninstall --bpffs-dir %s` (live connections stay accelerated until they close)", ErrIncompatible, pinDir, err, pinDir)
 	}
 	defer m.Close()
 	var v uint32
@@ -66,7 +66,7 @@ func checkLayout(pinDir string) error {
 		return fmt.Errorf("read %s: %w", path, err)
 	}
 	if v != LayoutVersion {
-		return fmt.Errorf("pinned state in %s has layout version %d; this binary reads version %d and cannot migrate it: run the sockbypass that made it, or `sockbypass uninstall --bpffs-dir %s` first (live connections stay accelerated until they close)", pinDir, v, LayoutVersion, pinDir)
+		return fmt.Errorf("%w: pinned state in %s has layout version %d; this binary reads version %d and cannot migrate it: run the sockbypass that made it, or `sockbypass uninstall --bpffs-dir %s` first (live connections stay accelerated until they close)", ErrIncompatible, pinDir, v, LayoutVersion, pinDir)
 	}
 	return nil
 }
@@ -236,5 +236,57 @@ func repinLink(l link.Link, path string) error {
 		l.Unpin()
 		return fmt.Errorf("replace pin %s: %w", path, err)
 	}
+	return nil
+}
+
+// ErrIncompatible is wrapped by Open when the pinned state was made by a
+// sockbypass with another layout.
+var ErrIncompatible = errors.New("pinned state made by an incompatible sockbypass")
+
+// RemoveForeign removes pinned state that this binary cannot open (another
+// layout version): it unpins every link, which detaches it, and every
+// other pin, without reading any map. Sockets in its sockhash keep their
+// acceleration until they close, as with Uninstall. A clsact filter of a
+// legacy TC attachment may stay on its interface; it reports them.
+func RemoveForeign(pinDir string, log *zap.Logger) error {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	l, err := lock.Exclusive(pinDir)
+	if err != nil {
+		return err
+	}
+	defer l.Unlock()
+	var dirs []string
+	err = filepath.WalkDir(pinDir, func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			dirs = append(dirs, path)
+			return nil
+		}
+		if lk, err := link.LoadPinnedLink(path, nil); err == nil {
+			err = lk.Unpin()
+			lk.Close()
+			if err != nil {
+				return fmt.Errorf("unpin link %s: %w", path, err)
+			}
+			return nil
+		}
+		if err := os.Remove(path); err != nil {
+			return fmt.Errorf("remove %s: %w", path, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if err := os.Remove(dirs[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", dirs[i], err)
+		}
+	}
+	log.Info("removed foreign pinned state", zap.String("pin_dir", pinDir))
 	return nil
 }

@@ -1,6 +1,8 @@
 package dataplane
 
 import (
+	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -114,5 +116,30 @@ func TestForeignLayoutIsRefusedNotWiped(t *testing.T) {
 	if _, err := ebpf.LoadPinnedMap(filepath.Join(dp.pinDir, PinSockhash), nil); err != nil {
 		t.Errorf("the foreign state lost its sockhash: %v", err)
 	}
-	m.Put(uint32(0), uint32(LayoutVersion)) // let cleanup uninstall it
+	if !errors.Is(err, ErrIncompatible) {
+		_, err = Open(Options{PinDir: dp.pinDir})
+		if !errors.Is(err, ErrIncompatible) {
+			t.Errorf("Open error does not wrap ErrIncompatible: %v", err)
+		}
+	}
+
+	// Uninstalling foreign state: everything detached and unpinned.
+	cg := testutil.NewCgroup(t)
+	m.Put(uint32(0), uint32(LayoutVersion))
+	if _, err := dp.Enable(cg, EnableOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	m.Put(uint32(0), uint32(99))
+	if err := RemoveForeign(dp.pinDir, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dp.pinDir); !os.IsNotExist(err) {
+		t.Errorf("pin directory still there after RemoveForeign")
+	}
+	f, _ := os.Open(cg.Path)
+	defer f.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: ebpf.AttachCGroupSockOps})
+	if err != nil || len(res.Programs) != 0 {
+		t.Errorf("sock_ops still attached after RemoveForeign: %v %v", res, err)
+	}
 }
