@@ -13,7 +13,6 @@ import (
 	"runtime"
 	"sort"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -38,7 +37,7 @@ type sidecarPods struct {
 	app, server *testutil.Pod
 	accepted    atomic.Int64 // connections the server accepted
 	haproxy     *exec.Cmd
-	logs        *syncBuffer
+	logs        *testutil.SyncBuffer
 	dir         string
 }
 
@@ -128,7 +127,7 @@ func (s *sidecarPods) startSidecar(t testing.TB) {
 // startHAProxy runs HAProxy as the sidecar of pod (uid 1337), listening on
 // port and forwarding each connection to its original destination
 // (SO_ORIGINAL_DST).
-func startHAProxy(t testing.TB, pod *testutil.Pod, dir, name string, port int) (*exec.Cmd, *syncBuffer) {
+func startHAProxy(t testing.TB, pod *testutil.Pod, dir, name string, port int) (*exec.Cmd, *testutil.SyncBuffer) {
 	t.Helper()
 	cfg := filepath.Join(dir, name+".cfg")
 	os.WriteFile(cfg, []byte(`global
@@ -154,7 +153,7 @@ listen `+name+`
 	cmd := exec.Command("nsenter", "--net="+pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
 		"haproxy", "-f", cfg, "-db")
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start haproxy: %v", err)
@@ -431,24 +430,6 @@ func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
 	if d.RedirectedBytes != 0 {
 		t.Errorf("%d bytes were redirected between the sidecar and an app socket whose endpoint is shared", d.RedirectedBytes)
 	}
-}
-
-// syncBuffer collects a child's output safely.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // compareSidecar measures RR 64 B app -> sidecar -> server, plain

@@ -22,28 +22,10 @@ import (
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
-// syncBuffer is a bytes.Buffer safe for a child's output and the test.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // daemonProc is a sockbypass daemon running as a child process.
 type daemonProc struct {
 	cmd    *exec.Cmd
-	logs   *syncBuffer
+	logs   *testutil.SyncBuffer
 	exited chan error
 }
 
@@ -54,7 +36,7 @@ func startDaemon(t *testing.T, pinDir, configPath string, extra ...string) *daem
 	args := append([]string{"daemon", "--config", configPath, "--bpffs-dir", pinDir}, extra...)
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "SOCKBYPASS_TEST_MAIN=1")
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
