@@ -28,6 +28,9 @@ echo
 echo "== same workloads, plain cgroup vs accelerated cgroup (median of alternating runs)"
 ./bin/sockbench --plain-cgroup "$plain" --accel-cgroup "$accel" --runs "${RUNS:-3}" --duration "${DURATION:-500ms}" 2>/dev/null
 echo
+echo "== sockbypass stats (the plain runs are the stack egress of no enabled cgroup)"
+"$bin" stats --bpffs-dir "$pins"
+echo
 echo "== sockbypass status"
 "$bin" status --bpffs-dir "$pins"
 echo
