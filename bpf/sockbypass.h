@@ -89,7 +89,7 @@ struct sock_state {
 	__u16 orig_dst_port;
 	__u16 nat_src_port;
 	__u16 nat_dst_port;
-	__u16 pad2;
+	__u16 orig_dst_family;
 	__u32 nat_src_ip[4];
 	__u32 nat_dst_ip[4];
 	/* copied_seq last published to the receivers map. */
@@ -540,6 +540,12 @@ static __always_inline int fill_key(struct sock_key *key, __u32 family,
 	key->remote_ip[3] = remote_ip6[3];
 	key->family = is_v4mapped(key->local_ip) ? AF_INET : AF_INET6;
 	return 0;
+}
+
+/* family_of gives the key family of a 16-byte address. */
+static __always_inline __u16 family_of(const __u32 *ip)
+{
+	return is_v4mapped(ip) ? AF_INET : AF_INET6;
 }
 
 static __always_inline int is_loopback(const struct sock_key *key, const __u32 *ip)

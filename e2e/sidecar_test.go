@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -35,15 +37,21 @@ const (
 
 type sidecarPods struct {
 	app, server *testutil.Pod
-	accepted    atomic.Int64 // connections the server accepted
-	haproxy     *exec.Cmd
-	logs        *testutil.SyncBuffer
-	dir         string
+	// appIP and serverIP are the pods' addresses; v6 when IPv6.
+	appIP, serverIP string
+	v6              bool
+	accepted        atomic.Int64 // connections the server accepted
+	haproxy         *exec.Cmd
+	logs            *testutil.SyncBuffer
+	dir             string
 }
 
 func newSidecarPods(t *testing.T) *sidecarPods { return newSidecarPodsTB(t) }
 
-func newSidecarPodsTB(t testing.TB) *sidecarPods {
+func newSidecarPodsTB(t testing.TB) *sidecarPods { return newSidecarPodsFamily(t, false) }
+
+// newSidecarPodsFamily makes the topology over IPv4, or IPv6 when v6.
+func newSidecarPodsFamily(t testing.TB, v6 bool) *sidecarPods {
 	t.Helper()
 	testutil.RequirePrivileged(t)
 	if _, err := exec.LookPath("haproxy"); err != nil {
@@ -60,10 +68,14 @@ func newSidecarPodsTB(t testing.TB) *sidecarPods {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	os.Chmod(dir, 0o755)
-	s := &sidecarPods{app: testutil.NewPod(t), server: testutil.NewPod(t), dir: dir}
-	testutil.Link(t, s.app, appAddr+"/24", s.server, serverAddr+"/24", "sbxma", "sbxmb")
-	s.serveDigests(t, serverAddr+":8080")
-	s.serveEcho(t, serverAddr+":8081")
+	s := &sidecarPods{app: testutil.NewPod(t), server: testutil.NewPod(t), dir: dir, appIP: appAddr, serverIP: serverAddr, v6: v6}
+	prefix := "/24"
+	if v6 {
+		s.appIP, s.serverIP, prefix = "fd00:9:8::1", "fd00:9:8::2", "/64"
+	}
+	testutil.Link(t, s.app, s.appIP+prefix, s.server, s.serverIP+prefix, "sbxma", "sbxmb")
+	s.serveDigests(t, net.JoinHostPort(s.serverIP, "8080"))
+	s.serveEcho(t, net.JoinHostPort(s.serverIP, "8081"))
 	s.startSidecar(t)
 	return s
 }
@@ -143,6 +155,7 @@ defaults
     timeout server 60s
 listen `+name+`
     bind :`+fmt.Sprint(port)+`
+    bind :::`+fmt.Sprint(port)+` v6only
     server orig 0.0.0.0:0
 `), 0o644)
 	cg, err := os.Open(pod.Cgroup.Path)
@@ -208,7 +221,11 @@ func (s *sidecarPods) iptables(t testing.TB, args ...string) { iptablesIn(t, s.a
 // iptablesIn runs iptables in pod's network namespace.
 func iptablesIn(t testing.TB, pod *testutil.Pod, args ...string) {
 	t.Helper()
-	out, err := exec.Command("nsenter", append([]string{"--net=" + pod.Netns.Path(), "iptables"}, args...)...).CombinedOutput()
+	bin := "iptables"
+	if len(args) > 0 && args[0] == "-6" {
+		bin, args = "ip6tables", args[1:]
+	}
+	out, err := exec.Command("nsenter", append([]string{"--net=" + pod.Netns.Path(), bin}, args...)...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("iptables %v: %v\n%s", args, err, out)
 	}
@@ -218,12 +235,21 @@ func iptablesIn(t testing.TB, pod *testutil.Pod, args ...string) {
 var istioOutboundRule = []string{"-t", "nat", "OUTPUT", "-p", "tcp", "!", "-d", "127.0.0.0/8",
 	"-m", "owner", "!", "--uid-owner", fmt.Sprint(sidecarUID), "-j", "REDIRECT", "--to-ports", "15001"}
 
-func (s *sidecarPods) redirectOn(t testing.TB) {
-	s.iptables(t, append([]string{istioOutboundRule[0], istioOutboundRule[1], "-A"}, istioOutboundRule[2:]...)...)
-}
+func (s *sidecarPods) redirectOn(t testing.TB)  { s.iptables(t, s.outboundRule("-A")...) }
+func (s *sidecarPods) redirectOff(t testing.TB) { s.iptables(t, s.outboundRule("-D")...) }
 
-func (s *sidecarPods) redirectOff(t testing.TB) {
-	s.iptables(t, append([]string{istioOutboundRule[0], istioOutboundRule[1], "-D"}, istioOutboundRule[2:]...)...)
+// outboundRule is istioOutboundRule with action op, for the pods' family.
+func (s *sidecarPods) outboundRule(op string) []string {
+	rule := append([]string{istioOutboundRule[0], istioOutboundRule[1], op}, istioOutboundRule[2:]...)
+	if s.v6 {
+		for i, a := range rule {
+			if a == "127.0.0.0/8" {
+				rule[i] = "::1/128"
+			}
+		}
+		rule = append([]string{"-6"}, rule...)
+	}
+	return rule
 }
 
 // integrity sends bodies from 1 KiB to 5 MiB from the app to the server
@@ -231,7 +257,7 @@ func (s *sidecarPods) redirectOff(t testing.TB) {
 func (s *sidecarPods) integrity(t *testing.T) {
 	t.Helper()
 	for _, size := range []int{1 << 10, 64 << 10, 1<<20 + 17, 5 << 20} {
-		c := s.app.Dial(t, nil, serverAddr+":8080")
+		c := s.app.Dial(t, nil, net.JoinHostPort(s.serverIP, "8080"))
 		// Let the sidecar accept and try its first read, after which its
 		// socket is a redirect target: then the whole body can take the
 		// fast path (the assertions below count on it).
@@ -258,7 +284,7 @@ func (s *sidecarPods) integrity(t *testing.T) {
 // with blocking calls on a locked thread.
 func (s *sidecarPods) rr(t testing.TB, dur time.Duration) (p50, p99 time.Duration) {
 	t.Helper()
-	c := s.app.Dial(t, nil, serverAddr+":8081")
+	c := s.app.Dial(t, nil, net.JoinHostPort(s.serverIP, "8081"))
 	defer c.Close()
 	raw, err := c.(*net.TCPConn).File() // a blocking duplicate
 	if err != nil {
@@ -303,7 +329,7 @@ func (s *sidecarPods) sidecarStoppedRefuses(t *testing.T) {
 	var err error
 	s.app.In(t, func() {
 		var c net.Conn
-		c, err = net.DialTimeout("tcp4", serverAddr+":8080", 3*time.Second)
+		c, err = net.DialTimeout("tcp", net.JoinHostPort(s.serverIP, "8080"), 3*time.Second)
 		if err == nil {
 			c.Close()
 		}
@@ -318,10 +344,14 @@ func (s *sidecarPods) sidecarStoppedRefuses(t *testing.T) {
 }
 
 func TestSidecarModes(t *testing.T) {
-	for _, intercept := range []bool{false, true} {
+	for _, c := range []struct{ intercept, v6 bool }{{false, false}, {true, false}} {
+		intercept := c.intercept
 		name := map[bool]string{false: "redirect (iptables)", true: "intercept (no iptables)"}[intercept]
+		if c.v6 {
+			name += " IPv6"
+		}
 		t.Run(name, func(t *testing.T) {
-			s := newSidecarPods(t)
+			s := newSidecarPodsFamily(t, c.v6)
 			dp := installForBench(t)
 
 			// Plain: iptables REDIRECT and the sidecar, no sockbypass.
@@ -542,5 +572,60 @@ func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	}
 	if srv.MeshPaired == 0 || app.RedirectedXnsBytes == 0 {
 		t.Errorf("client sidecar <-> server sidecar not paired: client %+v, server %+v", app, srv)
+	}
+}
+
+// TestInterceptIPv6AnswersOriginalDestination checks connect6 and the
+// IPv6 SO_ORIGINAL_DST answer with a minimal sidecar of our own (uid 1337
+// is not needed: the app runs as root and the sidecar only accepts): the
+// app's connect to [fd00:9:8::2]:8080 lands on [::1]:15001, and
+// getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) there names [fd00:9:8::2]:8080.
+func TestInterceptIPv6AnswersOriginalDestination(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	app, server := testutil.NewPod(t), testutil.NewPod(t)
+	testutil.Link(t, app, "fd00:9:8::1/64", server, "fd00:9:8::2/64", "sbxva", "sbxvb")
+	dp := installForBench(t)
+	mesh := dataplane.MeshPresets["istio"]
+	mesh.Intercept = true
+	if _, err := dp.Enable(app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+		t.Fatal(err)
+	}
+	// The sidecar lives in the pod's cgroup, as a real one does.
+	l := app.Listen(t, "[::1]:15001")
+	got := make(chan string, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		defer c.Close()
+		raw, _ := c.(*net.TCPConn).SyscallConn()
+		raw.Control(func(fd uintptr) {
+			buf := make([]byte, 28)
+			n := uint32(len(buf))
+			_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IPV6, 80,
+				uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+			if errno != 0 {
+				got <- "getsockopt: " + errno.Error()
+				return
+			}
+			port := int(buf[2])<<8 | int(buf[3])
+			ip, _ := netip.AddrFromSlice(buf[8:24])
+			got <- fmt.Sprintf("family %d [%s]:%d len %d", int(buf[0])|int(buf[1])<<8, ip, port, n)
+		})
+	}()
+	c := app.Dial(t, nil, "[fd00:9:8::2]:8080")
+	defer c.Close()
+	if want := "[::1]:15001"; c.RemoteAddr().String() != want {
+		t.Errorf("the app's connection went to %s, want the sidecar at %s", c.RemoteAddr(), want)
+	}
+	select {
+	case s := <-got:
+		if want := "family 10 [fd00:9:8::2]:8080 len 28"; s != want {
+			t.Errorf("SO_ORIGINAL_DST = %q, want %q", s, want)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the sidecar got no connection")
 	}
 }

@@ -120,7 +120,7 @@ static __always_inline void mesh_connect(struct bpf_sock_ops *skops)
 		struct orig_dst od = {};
 		__builtin_memcpy(od.ip, state->orig_dst_ip, sizeof(od.ip));
 		od.port = state->orig_dst_port;
-		od.family = AF_INET;
+		od.family = state->orig_dst_family;
 		bpf_map_update_elem(&orig_dsts, &ek, &od, BPF_ANY);
 	}
 	/* To forget the endpoint when the socket closes. */
@@ -199,7 +199,7 @@ static __always_inline void insert_socket(struct bpf_sock_ops *skops, int passiv
 		__builtin_memcpy(state->peer_key.remote_ip, state->nat_src_ip, sizeof(state->peer_key.remote_ip));
 		state->peer_key.local_port = state->nat_dst_port;
 		state->peer_key.remote_port = state->nat_src_port;
-		state->peer_key.family = AF_INET;
+		state->peer_key.family = family_of(state->nat_dst_ip);
 		state->peer_key.pad = 0;
 		state->app_endpoint = ek;
 		explicit_peer = 1;

@@ -143,7 +143,7 @@ type sockopsSockState struct {
 	OrigDstPort     uint16
 	NatSrcPort      uint16
 	NatDstPort      uint16
-	Pad2            uint16
+	OrigDstFamily   uint16
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	PublishedSeq    uint32

@@ -23,8 +23,10 @@
 #define SOCK_STREAM 1
 #define IPPROTO_TCP 6
 #define SOL_IP 0
+#define SOL_IPV6 41
 #define SO_ORIGINAL_DST 80
 #define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
 #define ENOENT 2
 
 /* Set by the loader: the enabled cgroup this instance is attached to. */
@@ -88,9 +90,64 @@ int sockbypass_connect4(struct bpf_sock_addr *ctx)
 		return 1; /* fail open: the connect goes where it asked */
 	__builtin_memcpy(state->orig_dst_ip, ip, sizeof(ip));
 	state->orig_dst_port = port;
+	state->orig_dst_family = AF_INET;
 	state->flags |= SOCK_FLAG_INTERCEPTED;
 
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(cfg->outbound_port);
+	c = counters_for(cgroup_id);
+	if (c)
+		__sync_fetch_and_add(&c->mesh_intercepted, 1);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int sockbypass_connect6(struct bpf_sock_addr *ctx)
+{
+	struct cgroup_config *cfg;
+	struct sock_state *state;
+	struct cgroup_counters *c;
+	__u64 cgroup_id = enabled_cgroup_id;
+	__u32 ip[4];
+	__u16 port;
+	int mapped;
+
+	if (ctx->type != SOCK_STREAM || !ctx->sk)
+		return 1;
+	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	if (!cfg || cfg->mesh_mode != MESH_INTERCEPT || cfg->outbound_port == 0)
+		return 1;
+	if ((__u32)bpf_get_current_uid_gid() == cfg->sidecar_uid)
+		return 1;
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+	port = bpf_ntohs((__u16)ctx->user_port);
+	mapped = is_v4mapped(ip);
+	/* Loopback (::1, ::ffff:127.0.0.0/104) stays local. */
+	if (mapped ? (bpf_ntohl(ip[3]) >> 24) == 127 :
+		     (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1)))
+		return 1;
+	if (excluded(cfg, ip, port))
+		return 1;
+
+	state = bpf_sk_storage_get(&sock_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return 1;
+	__builtin_memcpy(state->orig_dst_ip, ip, sizeof(ip));
+	state->orig_dst_port = port;
+	state->orig_dst_family = mapped ? AF_INET : AF_INET6;
+	state->flags |= SOCK_FLAG_INTERCEPTED;
+
+	if (mapped) {
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001); /* ::ffff:127.0.0.1 */
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1); /* ::1 */
+	}
 	ctx->user_port = bpf_htons(cfg->outbound_port);
 	c = counters_for(cgroup_id);
 	if (c)
@@ -107,31 +164,54 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 	struct cgroup_counters *c;
 	__u8 *optval = ctx->optval, *end = ctx->optval_end;
 
-	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
+	int v6 = ctx->level == SOL_IPV6;
+
+	if ((ctx->level != SOL_IP && !v6) || ctx->optname != SO_ORIGINAL_DST)
 		return 1;
 	if (ctx->retval == 0 || !sk)
 		return 1; /* netfilter answered (iptables mode): keep it */
-	if (sk->family != AF_INET)
-		return 1;
 
 	/* The sidecar's accepted socket: its remote end is the app's socket. */
 	ek.netns_cookie = bpf_get_netns_cookie(ctx);
-	set_v4mapped(ek.ip, sk->dst_ip4);
+	if (sk->family == AF_INET) {
+		set_v4mapped(ek.ip, sk->dst_ip4);
+	} else if (sk->family == AF_INET6) {
+		ek.ip[0] = sk->dst_ip6[0];
+		ek.ip[1] = sk->dst_ip6[1];
+		ek.ip[2] = sk->dst_ip6[2];
+		ek.ip[3] = sk->dst_ip6[3];
+	} else {
+		return 1;
+	}
 	ek.port = bpf_ntohs(sk->dst_port);
 	od = bpf_map_lookup_elem(&orig_dsts, &ek);
-	if (!od)
+	if (!od || (od->family == AF_INET6) != v6)
 		return 1;
-	if (optval + 16 > end)
-		return 1;
-	/* struct sockaddr_in */
-	optval[0] = AF_INET;
-	optval[1] = 0;
-	optval[2] = od->port >> 8;
-	optval[3] = od->port & 0xff;
-	__builtin_memcpy(optval + 4, &od->ip[3], 4);
-	__builtin_memset(optval + 8, 0, 8);
-	/* Two 32-bit stores: the context allows no wider access. */
-	*(volatile __s32 *)&ctx->optlen = 16;
+	if (v6) {
+		/* struct sockaddr_in6 */
+		if (optval + 28 > end)
+			return 1;
+		optval[0] = AF_INET6;
+		optval[1] = 0;
+		optval[2] = od->port >> 8;
+		optval[3] = od->port & 0xff;
+		__builtin_memset(optval + 4, 0, 4);
+		__builtin_memcpy(optval + 8, od->ip, 16);
+		__builtin_memset(optval + 24, 0, 4);
+		*(volatile __s32 *)&ctx->optlen = 28;
+	} else {
+		/* struct sockaddr_in */
+		if (optval + 16 > end)
+			return 1;
+		optval[0] = AF_INET;
+		optval[1] = 0;
+		optval[2] = od->port >> 8;
+		optval[3] = od->port & 0xff;
+		__builtin_memcpy(optval + 4, &od->ip[3], 4);
+		__builtin_memset(optval + 8, 0, 8);
+		/* Two 32-bit stores: the context allows no wider access. */
+		*(volatile __s32 *)&ctx->optlen = 16;
+	}
 	*(volatile __s32 *)&ctx->retval = 0;
 	c = counters_for(enabled_cgroup_id);
 	if (c)
@@ -147,11 +227,11 @@ int sockbypass_mesh_egress(struct __sk_buff *skb)
 	struct cgroup_config *cfg;
 	struct nat_tuple t = {};
 	struct mesh_syn syn = {};
-	__u8 iph[20], tcph[14];
-	__u32 saddr, daddr, ihl;
+	__u8 tcph[14];
+	__u32 saddr[4], daddr[4], ihl;
 	__u16 sport, dport;
 
-	if (!sk || skb->protocol != bpf_htons(ETH_P_IP))
+	if (!sk || (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6)))
 		return 1;
 	sk = bpf_sk_fullsock(sk);
 	if (!sk || sk->protocol != IPPROTO_TCP)
@@ -160,9 +240,27 @@ int sockbypass_mesh_egress(struct __sk_buff *skb)
 	if (!state || !(state->flags & SOCK_FLAG_MESH_APP) ||
 	    (state->flags & SOCK_FLAG_SYN_REDIRECTED))
 		return 1;
-	if (bpf_skb_load_bytes(skb, 0, iph, sizeof(iph)) < 0 || iph[9] != IPPROTO_TCP)
-		return 1;
-	ihl = (iph[0] & 0x0f) * 4;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		__u8 iph[20];
+		__u32 s4, d4;
+
+		if (bpf_skb_load_bytes(skb, 0, iph, sizeof(iph)) < 0 || iph[9] != IPPROTO_TCP)
+			return 1;
+		ihl = (iph[0] & 0x0f) * 4;
+		__builtin_memcpy(&s4, iph + 12, 4);
+		__builtin_memcpy(&d4, iph + 16, 4);
+		set_v4mapped(saddr, s4);
+		set_v4mapped(daddr, d4);
+	} else {
+		__u8 ip6h[40];
+
+		/* Next header TCP directly; extension headers: not ours. */
+		if (bpf_skb_load_bytes(skb, 0, ip6h, sizeof(ip6h)) < 0 || ip6h[6] != IPPROTO_TCP)
+			return 1;
+		ihl = 40;
+		__builtin_memcpy(saddr, ip6h + 8, 16);
+		__builtin_memcpy(daddr, ip6h + 24, 16);
+	}
 	if (bpf_skb_load_bytes(skb, ihl, tcph, sizeof(tcph)) < 0)
 		return 1;
 	/* A SYN without ACK: the app's connection request. */
@@ -172,18 +270,16 @@ int sockbypass_mesh_egress(struct __sk_buff *skb)
 	if (!cfg || cfg->mesh_mode != MESH_REDIRECT)
 		return 1;
 
-	__builtin_memcpy(&saddr, iph + 12, 4);
-	__builtin_memcpy(&daddr, iph + 16, 4);
 	sport = ((__u16)tcph[0] << 8) | tcph[1];
 	dport = ((__u16)tcph[2] << 8) | tcph[3];
 	if (dport != cfg->outbound_port && dport != cfg->inbound_port)
 		return 1;
 	/* Sent to where the socket connected: not redirected. */
-	if (daddr == state->key.remote_ip[3] && dport == state->key.remote_port)
+	if (same_ip(daddr, state->key.remote_ip) && dport == state->key.remote_port)
 		return 1;
 
-	set_v4mapped(state->nat_src_ip, saddr);
-	set_v4mapped(state->nat_dst_ip, daddr);
+	__builtin_memcpy(state->nat_src_ip, saddr, sizeof(saddr));
+	__builtin_memcpy(state->nat_dst_ip, daddr, sizeof(daddr));
 	state->nat_src_port = sport;
 	state->nat_dst_port = dport;
 	state->flags |= SOCK_FLAG_SYN_REDIRECTED;

@@ -1,4 +1,4 @@
-// Package mesh holds the sidecar-mode programs: cgroup/connect4 and
+// Package mesh holds the sidecar-mode programs: cgroup/connect4, connect6 and
 // cgroup/getsockopt for intercepting connect() without iptables, and
 // cgroup_skb/egress for pairing app and sidecar sockets under iptables
 // REDIRECT. One instance of each is attached per enabled cgroup in sidecar
@@ -18,6 +18,7 @@ import (
 // Program names, with the attach type each needs.
 const (
 	Connect4Program   = "sockbypass_connect4"
+	Connect6Program   = "sockbypass_connect6"
 	GetsockoptProgram = "sockbypass_getsockopt"
 	EgressProgram     = "sockbypass_mesh_egress"
 )
@@ -30,6 +31,7 @@ var Programs = []struct {
 	Suffix string
 }{
 	{Connect4Program, ebpf.AttachCGroupInet4Connect, "connect4"},
+	{Connect6Program, ebpf.AttachCGroupInet6Connect, "connect6"},
 	{GetsockoptProgram, ebpf.AttachCGroupGetsockopt, "getsockopt"},
 	{EgressProgram, ebpf.AttachCGroupInetEgress, "egress"},
 }

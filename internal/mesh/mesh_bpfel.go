@@ -143,7 +143,7 @@ type meshSockState struct {
 	OrigDstPort     uint16
 	NatSrcPort      uint16
 	NatDstPort      uint16
-	Pad2            uint16
+	OrigDstFamily   uint16
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	PublishedSeq    uint32
@@ -198,6 +198,7 @@ const (
 	meshMapTcDevices             = "tc_devices"
 	meshMapTcUsers               = "tc_users"
 	meshProgSockbypassConnect4   = "sockbypass_connect4"
+	meshProgSockbypassConnect6   = "sockbypass_connect6"
 	meshProgSockbypassGetsockopt = "sockbypass_getsockopt"
 	meshProgSockbypassMeshEgress = "sockbypass_mesh_egress"
 	meshVarEnabledCgroupId       = "enabled_cgroup_id"
@@ -246,6 +247,7 @@ type meshSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type meshProgramSpecs struct {
 	SockbypassConnect4   *ebpf.ProgramSpec `ebpf:"sockbypass_connect4"`
+	SockbypassConnect6   *ebpf.ProgramSpec `ebpf:"sockbypass_connect6"`
 	SockbypassGetsockopt *ebpf.ProgramSpec `ebpf:"sockbypass_getsockopt"`
 	SockbypassMeshEgress *ebpf.ProgramSpec `ebpf:"sockbypass_mesh_egress"`
 }
@@ -344,6 +346,7 @@ type meshVariables struct {
 // It can be passed to loadMeshObjects or ebpf.CollectionSpec.LoadAndAssign.
 type meshPrograms struct {
 	SockbypassConnect4   *ebpf.Program `ebpf:"sockbypass_connect4"`
+	SockbypassConnect6   *ebpf.Program `ebpf:"sockbypass_connect6"`
 	SockbypassGetsockopt *ebpf.Program `ebpf:"sockbypass_getsockopt"`
 	SockbypassMeshEgress *ebpf.Program `ebpf:"sockbypass_mesh_egress"`
 }
@@ -351,6 +354,7 @@ type meshPrograms struct {
 func (p *meshPrograms) Close() error {
 	return _MeshClose(
 		p.SockbypassConnect4,
+		p.SockbypassConnect6,
 		p.SockbypassGetsockopt,
 		p.SockbypassMeshEgress,
 	)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 )
@@ -80,6 +81,9 @@ func Link(tb testing.TB, a *Pod, addrA string, b *Pod, addrB string, nameA, name
 			if err != nil {
 				return err
 			}
+			if addr.IP.To4() == nil {
+				addr.Flags |= unix.IFA_F_NODAD // usable at once
+			}
 			if err := netlink.AddrAdd(l, addr); err != nil {
 				return err
 			}
@@ -96,7 +100,7 @@ func (p *Pod) Listen(tb testing.TB, addr string) net.Listener {
 	tb.Helper()
 	var l net.Listener
 	var err error
-	p.In(tb, func() { l, err = net.Listen("tcp4", addr) })
+	p.In(tb, func() { l, err = net.Listen("tcp", addr) })
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -110,7 +114,7 @@ func (p *Pod) Dial(tb testing.TB, local *net.TCPAddr, addr string) net.Conn {
 	var c net.Conn
 	var err error
 	d := net.Dialer{LocalAddr: local}
-	p.In(tb, func() { c, err = d.Dial("tcp4", addr) })
+	p.In(tb, func() { c, err = d.Dial("tcp", addr) })
 	if err != nil {
 		tb.Fatal(err)
 	}
