@@ -2,28 +2,39 @@ package main
 
 import (
 	"fmt"
+	"strconv"
+
+	"github.com/sockbypass/sockbypass/cgroup"
 )
 
 var disableCommand = command{
 	summary: "stop accelerating new connections of a cgroup; live ones keep working",
-	usage:   "disable --cgroup PATH [--cgroup PATH ...]",
+	usage:   "disable --cgroup PATH [--cgroup PATH ...] | disable --cgroup-id ID",
 	run:     runDisable,
 }
 
 func runDisable(e *env, args []string) error {
 	var pinDir, logLevel string
-	var cgroups stringList
+	var cgroups, ids stringList
 	fs := newFlagSet("disable", e, &pinDir, &logLevel)
 	fs.Var(&cgroups, "cgroup", "cgroup v2 directory, absolute or relative to the cgroup2 mount (repeatable)")
+	fs.Var(&ids, "cgroup-id", "cgroup id as status shows it, for a cgroup that was removed (repeatable)")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}
-	if len(cgroups) == 0 {
-		return usagef("--cgroup is required: name the enabled cgroup to disable (see sockbypass status)")
+	if len(cgroups) == 0 && len(ids) == 0 {
+		return usagef("--cgroup is required: name the enabled cgroup to disable (or --cgroup-id for a removed one; see sockbypass status)")
 	}
 	resolved, err := resolveAll(cgroups)
 	if err != nil {
 		return err
+	}
+	for _, s := range ids {
+		id, err := strconv.ParseUint(s, 10, 64)
+		if err != nil || id == 0 {
+			return usagef("--cgroup-id %q: use the numeric id that sockbypass status shows", s)
+		}
+		resolved = append(resolved, cgroup.Cgroup{ID: id, Path: "cgroup id " + s})
 	}
 	dp, err := openDataplane(e, false, 0)
 	if err != nil {

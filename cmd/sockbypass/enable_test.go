@@ -209,3 +209,33 @@ func worldExecutableCopy(t *testing.T) string {
 	}
 	return path
 }
+
+func TestDisableRemovedCgroupByID(t *testing.T) {
+	pinDir := testutil.NewPinDir(t)
+	cg := testutil.NewCgroup(t)
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir); code != 0 {
+		t.Fatal(errOut)
+	}
+	if err := os.Remove(cg.Path); err != nil {
+		t.Fatal(err)
+	}
+	st := statusOf(t, pinDir)
+	if len(st.Cgroups) != 1 || st.Cgroups[0].Path != "" {
+		t.Fatalf("status of a removed enabled cgroup: %+v", st.Cgroups)
+	}
+	code, _, errOut := sockbypass(t, "disable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
+	if code == 0 || !strings.Contains(errOut, "--cgroup-id") && !strings.Contains(errOut, "does not exist") {
+		t.Errorf("disable of a removed path: exit %d, %s", code, errOut)
+	}
+	code, out, errOut := sockbypass(t, "disable", "--cgroup-id", strconv.FormatUint(cg.ID, 10), "--bpffs-dir", pinDir)
+	if code != 0 || !strings.Contains(out, "disabled cgroup id") {
+		t.Fatalf("disable --cgroup-id: exit %d\n%s%s", code, out, errOut)
+	}
+	if st := statusOf(t, pinDir); len(st.Cgroups) != 0 {
+		t.Errorf("still enabled: %+v", st.Cgroups)
+	}
+	if code, _, errOut := sockbypass(t, "disable", "--cgroup-id", "abc", "--bpffs-dir", pinDir); code != exitUsage || !strings.Contains(errOut, `"abc"`) {
+		t.Errorf("bad --cgroup-id: exit %d, %s", code, errOut)
+	}
+}
