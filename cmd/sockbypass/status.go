@@ -75,7 +75,15 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 		if path == "" {
 			path = "(removed)"
 		}
-		fmt.Fprintf(w, "  %s  cgroup id %d, %s, sock_ops program %d, link %d, %d live socket(s)\n", path, cg.ID, cg.Mode, cg.SockOpsProgramID, cg.LinkID, cg.LiveSockets)
+		mode := cg.Mode
+		if cg.Mesh != "" {
+			mode += ", sidecar mode " + cg.Mesh
+		}
+		fmt.Fprintf(w, "  %s  cgroup id %d, %s, sock_ops program %d, link %d, %d live socket(s)\n", path, cg.ID, mode, cg.SockOpsProgramID, cg.LinkID, cg.LiveSockets)
+		if c := cg.Counters; cg.Mesh != "" {
+			fmt.Fprintf(w, "    sidecar: paired %d, unpaired %d, ambiguous %d, connects intercepted %d, SO_ORIGINAL_DST answered %d\n",
+				c.MeshPaired, c.MeshUnpaired, c.MeshAmbiguous, c.MeshIntercepted, c.MeshOrigDstAnswers)
+		}
 		fmt.Fprintf(w, "    %s\n", formatCounters(cg.Counters))
 	}
 	if len(st.TCDevices) == 0 {
