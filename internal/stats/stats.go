@@ -79,6 +79,14 @@ type Figures struct {
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
+	// Sidecar mode: app <-> sidecar connections paired, left unpaired at
+	// a sidecar port, left unpaired because the app endpoint was shared;
+	// connects intercepted; SO_ORIGINAL_DST answers.
+	MeshPaired         uint64 `json:"mesh_paired"`
+	MeshUnpaired       uint64 `json:"mesh_unpaired"`
+	MeshAmbiguous      uint64 `json:"mesh_ambiguous"`
+	MeshIntercepted    uint64 `json:"mesh_intercepted"`
+	MeshOrigDstAnswers uint64 `json:"mesh_orig_dst_answers"`
 	// BypassRatio is redirected bytes / (redirected + stack egress
 	// bytes), between 0 and 1; null while there has been no traffic.
 	BypassRatio *float64 `json:"bypass_ratio"`
