@@ -54,28 +54,6 @@ func counterOf(t *testing.T, dp *Dataplane, id uint64) CgroupCounters {
 	return c[id]
 }
 
-// sumServer accepts connections on l; for each it reads until EOF, then
-// writes back the sha256 of what it read and closes.
-func sumServer(t *testing.T, l net.Listener) {
-	t.Helper()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				h := sha256.New()
-				if _, err := io.Copy(h, c); err != nil {
-					return
-				}
-				c.Write(h.Sum(nil))
-			}()
-		}
-	}()
-}
-
 // sendAndSum sends payload over c, half-closes, and returns the digest the
 // server sent back.
 func sendAndSum(t *testing.T, c net.Conn, payload []byte) []byte {

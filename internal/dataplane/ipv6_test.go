@@ -37,7 +37,7 @@ func TestIPv4MappedPairsWithIPv4(t *testing.T) {
 		echoServer(t, l)
 		port := l.Addr().(*net.TCPAddr).Port
 		before := counterOf(t, dp, cg.ID)
-		if err := echoRoundTrip(dialIn(t, cg, "tcp4", net.JoinHostPort("127.0.0.1", itoa(port))), payload, 16384); err != nil {
+		if err := echoRoundTrip(dialIn(t, cg, "tcp4", net.JoinHostPort("127.0.0.1", strconv.Itoa(port))), payload, 16384); err != nil {
 			t.Fatal(err)
 		}
 		checkAccounted(t, counterOf(t, dp, cg.ID).Sub(before), 2*uint64(len(payload)), uint64(len(payload)))
@@ -82,4 +82,3 @@ func dialMapped(t *testing.T, port int) net.Conn {
 	return c
 }
 
-func itoa(i int) string { return strconv.Itoa(i) }
