@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"crypto/sha256"
 	"io"
 	"net"
 	"net/netip"

@@ -81,4 +81,3 @@ func dialMapped(t *testing.T, port int) net.Conn {
 	}
 	return c
 }
-
