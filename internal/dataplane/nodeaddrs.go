@@ -34,56 +34,79 @@ type NodeAddrs struct {
 	Ambiguous []string `json:"ambiguous"`
 }
 
-// SyncNodeAddrs makes the node address table hold exactly owners: address
-// -> the cookies of the namespaces that have it. Connections between two
-// addresses that each have one owner pair across namespaces; an address
-// with several owners is marked ambiguous.
-func (d *Dataplane) SyncNodeAddrs(owners map[netip.Addr]map[uint64]bool) (NodeAddrs, error) {
+// syncNodeAddrs makes the node address table hold exactly owners: address
+// -> the cookies of the namespaces that have it, and the inbound-pod table
+// exactly inbound: address -> inbound port of its redirect-mode sidecar.
+// Connections between two addresses that each have one owner pair across
+// namespaces; an address with several owners is marked ambiguous.
+func (d *Dataplane) syncNodeAddrs(owners nodeaddrs.Owners, inbound map[netip.Addr]uint16) (NodeAddrs, error) {
 	l, err := lock.Exclusive(d.pinDir)
 	if err != nil {
 		return NodeAddrs{}, err
 	}
 	defer l.Unlock()
-	m := d.maps[PinNodeAddrs]
-	want := map[nodeAddrKey]nodeAddrValue{}
+	wantAddrs := map[nodeAddrKey]nodeAddrValue{}
 	for addr, cookies := range owners {
 		k := nodeAddrKey{IP: addr.As16()}
 		if len(cookies) == 1 {
 			for c := range cookies {
-				want[k] = nodeAddrValue{NetnsCookie: c}
+				wantAddrs[k] = nodeAddrValue{NetnsCookie: c}
 			}
 		} else {
-			want[k] = nodeAddrValue{Flags: nodeAddrAmbiguous}
+			wantAddrs[k] = nodeAddrValue{Flags: nodeAddrAmbiguous}
 		}
 	}
-	var stale []nodeAddrKey
-	var k nodeAddrKey
-	var v nodeAddrValue
+	changed, removed, err := syncMap(d.maps[PinNodeAddrs], wantAddrs)
+	if err != nil {
+		return NodeAddrs{}, fmt.Errorf("node addresses: %w", err)
+	}
+	if changed > 0 || removed > 0 {
+		d.log.Info("node addresses updated", zap.Int("changed", changed), zap.Int("removed", removed))
+	}
+	wantInbound := map[nodeAddrKey]uint32{}
+	for addr, port := range inbound {
+		wantInbound[nodeAddrKey{IP: addr.As16()}] = uint32(port)
+	}
+	if _, _, err := syncMap(d.maps[PinInboundPods], wantInbound); err != nil {
+		return NodeAddrs{}, fmt.Errorf("inbound pods: %w", err)
+	}
+	return d.nodeAddrs()
+}
+
+// syncMap makes m hold exactly want, writing only what differs, and says
+// how many entries it wrote and removed.
+func syncMap[K, V comparable](m *ebpf.Map, want map[K]V) (changed, removed int, err error) {
+	var stale []K
+	same := map[K]bool{}
+	var k K
+	var v V
 	it := m.Iterate()
 	for it.Next(&k, &v) {
 		if w, ok := want[k]; !ok {
 			stale = append(stale, k)
 		} else if w == v {
-			delete(want, k)
+			same[k] = true
 		}
 	}
 	if err := it.Err(); err != nil {
-		return NodeAddrs{}, fmt.Errorf("read node addresses: %w", err)
+		return 0, 0, fmt.Errorf("read: %w", err)
 	}
 	for _, k := range stale {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return NodeAddrs{}, err
+			return changed, removed, err
 		}
+		removed++
 	}
 	for k, v := range want {
-		if err := m.Put(k, v); err != nil {
-			return NodeAddrs{}, fmt.Errorf("write node address %s: %w", netip.AddrFrom16(k.IP).Unmap(), err)
+		if same[k] {
+			continue
 		}
+		if err := m.Put(k, v); err != nil {
+			return changed, removed, fmt.Errorf("write: %w", err)
+		}
+		changed++
 	}
-	if len(want) > 0 || len(stale) > 0 {
-		d.log.Info("node addresses updated", zap.Int("changed", len(want)), zap.Int("removed", len(stale)))
-	}
-	return d.nodeAddrs()
+	return changed, removed, nil
 }
 
 func (d *Dataplane) nodeAddrs() (NodeAddrs, error) {
@@ -124,61 +147,31 @@ func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
 			cgs = append(cgs, cg)
 		}
 	}
-	owners, collectErr := nodeaddrs.Collect(cgs)
-	if collectErr != nil && !errors.Is(collectErr, nodeaddrs.ErrPermission) {
-		return NodeAddrs{}, collectErr
-	}
-	if err := d.syncInboundPods(cgs); err != nil {
-		return NodeAddrs{}, err
+	// One pass over the namespaces: every address, and those of the
+	// redirect-mode sidecar pods with their inbound port.
+	owners := nodeaddrs.Owners{}
+	inbound := map[netip.Addr]uint16{}
+	var collectErr error
+	for _, cg := range cgs {
+		found, err := nodeaddrs.Collect([]cgroup.Cgroup{cg})
+		if err != nil && !errors.Is(err, nodeaddrs.ErrPermission) {
+			return NodeAddrs{}, err
+		}
+		collectErr = errors.Join(collectErr, err)
+		owners.Merge(found)
+		var cfg cgroupConfig
+		if d.maps[PinCgroupConfig].Lookup(cg.ID, &cfg) == nil && cfg.MeshMode == MeshRedirect && cfg.InboundPort != 0 {
+			for addr := range found {
+				inbound[addr] = cfg.InboundPort
+			}
+		}
 	}
 	nodeaddrs.CollectNetns(owners, extraNetns)
-	addrs, err := d.SyncNodeAddrs(owners)
+	addrs, err := d.syncNodeAddrs(owners, inbound)
 	if err == nil && collectErr != nil {
 		// Partial: what was found is in force, the rest stays unpaired.
 		d.log.Warn("pod-to-pod pairing is partial", zap.Error(collectErr))
 		err = collectErr
 	}
 	return addrs, err
-}
-
-// syncInboundPods makes inbound_pods hold the addresses of the namespaces
-// of the redirect-mode (iptables) sidecar cgroups among cgs, with their
-// sidecar's inbound port: connections to them are paired with that sidecar.
-func (d *Dataplane) syncInboundPods(cgs []cgroup.Cgroup) error {
-	want := map[nodeAddrKey]uint32{}
-	for _, cg := range cgs {
-		var cfg cgroupConfig
-		if d.maps[PinCgroupConfig].Lookup(cg.ID, &cfg) != nil || cfg.MeshMode != MeshRedirect || cfg.InboundPort == 0 {
-			continue
-		}
-		owners, err := nodeaddrs.Collect([]cgroup.Cgroup{cg})
-		if err != nil && !errors.Is(err, nodeaddrs.ErrPermission) {
-			return err
-		}
-		for addr := range owners {
-			want[nodeAddrKey{IP: addr.As16()}] = uint32(cfg.InboundPort)
-		}
-	}
-	m := d.maps[PinInboundPods]
-	var stale []nodeAddrKey
-	var k nodeAddrKey
-	var v uint32
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		if _, ok := want[k]; !ok {
-			stale = append(stale, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read inbound pods: %w", err)
-	}
-	for _, k := range stale {
-		m.Delete(k)
-	}
-	for k, v := range want {
-		if err := m.Put(k, v); err != nil {
-			return fmt.Errorf("write inbound pod %s: %w", netip.AddrFrom16(k.IP).Unmap(), err)
-		}
-	}
-	return nil
 }

@@ -37,6 +37,18 @@ func (o Owners) Add(addr netip.Addr, cookie uint64) {
 	o[addr][cookie] = true
 }
 
+// Merge adds the owners of other to o.
+func (o Owners) Merge(other Owners) {
+	for addr, cookies := range other {
+		for c := range cookies {
+			if o[addr] == nil {
+				o[addr] = map[uint64]bool{}
+			}
+			o[addr][c] = true
+		}
+	}
+}
+
 // Collectable reports whether addr can identify a namespace on the node:
 // not loopback, link-local, multicast or unspecified.
 func Collectable(addr netip.Addr) bool {
