@@ -59,88 +59,78 @@ static __always_inline int excluded(const struct cgroup_config *cfg, const __u32
 	return 0;
 }
 
-SEC("cgroup/connect4")
-int sockbypass_connect4(struct bpf_sock_addr *ctx)
+/*
+ * intercept decides whether a connect to ip:port (16-byte form, IPv4 as
+ * ::ffff:a.b.c.d) goes to the sidecar instead, and if so remembers the
+ * destination in the socket's state and returns the sidecar's outbound
+ * port; 0 leaves the connect untouched (fail open).
+ */
+static __always_inline __u16 intercept(struct bpf_sock_addr *ctx, const __u32 *ip, __u16 port)
 {
 	struct cgroup_config *cfg;
 	struct sock_state *state;
 	struct cgroup_counters *c;
 	__u64 cgroup_id = enabled_cgroup_id;
-	__u32 ip[4];
-	__u16 port;
+	int mapped = is_v4mapped(ip);
 
 	if (ctx->type != SOCK_STREAM || !ctx->sk)
-		return 1;
+		return 0;
 	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
 	if (!cfg || cfg->mesh_mode != MESH_INTERCEPT || cfg->outbound_port == 0)
-		return 1;
+		return 0;
 	/* The sidecar's own connects go where they asked. */
 	if ((__u32)bpf_get_current_uid_gid() == cfg->sidecar_uid)
-		return 1;
-	set_v4mapped(ip, ctx->user_ip4);
-	port = bpf_ntohs((__u16)ctx->user_port);
-	/* Loopback stays local, as istio-init's "-d 127.0.0.1/32 -j RETURN". */
-	if ((bpf_ntohl(ip[3]) >> 24) == 127)
-		return 1;
+		return 0;
+	/* Loopback stays local, as istio-init's "-d 127.0.0.1/32 -j RETURN":
+	 * 127.0.0.0/8 (also v4-mapped) and ::1. */
+	if (mapped ? (bpf_ntohl(ip[3]) >> 24) == 127 :
+		     (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1)))
+		return 0;
 	if (excluded(cfg, ip, port))
-		return 1;
+		return 0;
 
 	state = bpf_sk_storage_get(&sock_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)
-		return 1; /* fail open: the connect goes where it asked */
-	__builtin_memcpy(state->orig_dst_ip, ip, sizeof(ip));
+		return 0;
+	__builtin_memcpy(state->orig_dst_ip, ip, 16);
 	state->orig_dst_port = port;
-	state->orig_dst_family = AF_INET;
+	state->orig_dst_family = mapped ? AF_INET : AF_INET6;
 	state->flags |= SOCK_FLAG_INTERCEPTED;
-
-	ctx->user_ip4 = bpf_htonl(0x7f000001);
-	ctx->user_port = bpf_htons(cfg->outbound_port);
 	c = counters_for(cgroup_id);
 	if (c)
 		__sync_fetch_and_add(&c->mesh_intercepted, 1);
+	return cfg->outbound_port;
+}
+
+SEC("cgroup/connect4")
+int sockbypass_connect4(struct bpf_sock_addr *ctx)
+{
+	__u32 ip[4];
+	__u16 to;
+
+	set_v4mapped(ip, ctx->user_ip4);
+	to = intercept(ctx, ip, bpf_ntohs((__u16)ctx->user_port));
+	if (to) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		ctx->user_port = bpf_htons(to);
+	}
 	return 1;
 }
 
 SEC("cgroup/connect6")
 int sockbypass_connect6(struct bpf_sock_addr *ctx)
 {
-	struct cgroup_config *cfg;
-	struct sock_state *state;
-	struct cgroup_counters *c;
-	__u64 cgroup_id = enabled_cgroup_id;
 	__u32 ip[4];
-	__u16 port;
-	int mapped;
+	__u16 to;
 
-	if (ctx->type != SOCK_STREAM || !ctx->sk)
-		return 1;
-	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
-	if (!cfg || cfg->mesh_mode != MESH_INTERCEPT || cfg->outbound_port == 0)
-		return 1;
-	if ((__u32)bpf_get_current_uid_gid() == cfg->sidecar_uid)
-		return 1;
 	ip[0] = ctx->user_ip6[0];
 	ip[1] = ctx->user_ip6[1];
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
-	port = bpf_ntohs((__u16)ctx->user_port);
-	mapped = is_v4mapped(ip);
-	/* Loopback (::1, ::ffff:127.0.0.0/104) stays local. */
-	if (mapped ? (bpf_ntohl(ip[3]) >> 24) == 127 :
-		     (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1)))
+	to = intercept(ctx, ip, bpf_ntohs((__u16)ctx->user_port));
+	if (!to)
 		return 1;
-	if (excluded(cfg, ip, port))
-		return 1;
-
-	state = bpf_sk_storage_get(&sock_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!state)
-		return 1;
-	__builtin_memcpy(state->orig_dst_ip, ip, sizeof(ip));
-	state->orig_dst_port = port;
-	state->orig_dst_family = mapped ? AF_INET : AF_INET6;
-	state->flags |= SOCK_FLAG_INTERCEPTED;
-
-	if (mapped) {
+	if (is_v4mapped(ip)) {
 		ctx->user_ip6[3] = bpf_htonl(0x7f000001); /* ::ffff:127.0.0.1 */
 	} else {
 		ctx->user_ip6[0] = 0;
@@ -148,10 +138,7 @@ int sockbypass_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[2] = 0;
 		ctx->user_ip6[3] = bpf_htonl(1); /* ::1 */
 	}
-	ctx->user_port = bpf_htons(cfg->outbound_port);
-	c = counters_for(cgroup_id);
-	if (c)
-		__sync_fetch_and_add(&c->mesh_intercepted, 1);
+	ctx->user_port = bpf_htons(to);
 	return 1;
 }
 
