@@ -411,24 +411,30 @@ func recvWaitall(fd, n int) (int, error) {
 	return r.n, r.err
 }
 
+// waitallRound writes 100 bytes, then 100 more 50 ms later, while the
+// reader asks for all 200 with MSG_WAITALL; it returns what the read got.
+func waitallRound(p *Pair) (n int, err error) {
+	err = parallel(
+		func() error {
+			if err := writeAll(p.C, pattern(7, 100)); err != nil {
+				return err
+			}
+			time.Sleep(50 * time.Millisecond)
+			return writeAll(p.C, pattern(8, 100))
+		},
+		func() (err error) {
+			n, err = recvWaitall(p.S, 200)
+			return err
+		},
+	)
+	return n, err
+}
+
 func caseWaitallFirst(env *Env) (string, error) {
 	return run(env, func(p *Pair) (string, error) {
 		var results []string
 		for round := 0; round < 3; round++ {
-			var n int
-			err := parallel(
-				func() error {
-					if err := writeAll(p.C, pattern(7, 100)); err != nil {
-						return err
-					}
-					time.Sleep(50 * time.Millisecond)
-					return writeAll(p.C, pattern(8, 100))
-				},
-				func() (err error) {
-					n, err = recvWaitall(p.S, 200)
-					return err
-				},
-			)
+			n, err := waitallRound(p)
 			if err != nil {
 				return "", err
 			}
@@ -443,20 +449,7 @@ func caseWaitallLater(env *Env) (string, error) {
 		if err := WarmUp(*p); err != nil {
 			return "", err
 		}
-		var n int
-		err := parallel(
-			func() error {
-				if err := writeAll(p.C, pattern(7, 100)); err != nil {
-					return err
-				}
-				time.Sleep(50 * time.Millisecond)
-				return writeAll(p.C, pattern(8, 100))
-			},
-			func() (err error) {
-				n, err = recvWaitall(p.S, 200)
-				return err
-			},
-		)
+		n, err := waitallRound(p)
 		return fmt.Sprintf("recv(200, MSG_WAITALL)=%d", n), err
 	})
 }
