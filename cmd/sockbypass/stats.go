@@ -92,12 +92,12 @@ func printStats(w io.Writer, r *stats.Report) {
 	fmt.Fprintln(tw, "CGROUP\tMODE\tLIVE\tREDIRECTED\tSTACK EGRESS\tBYPASS\tREDIRECT FAILURES\t")
 	for _, c := range r.Cgroups {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", c.Cgroup, c.Mode, c.LiveSockets,
-			humanBytes(c.RedirectedBytes), c.RedirectedMsgs, humanBytes(c.StackEgressBytes), c.StackEgressPackets,
+			stats.HumanBytes(c.RedirectedBytes), c.RedirectedMsgs, stats.HumanBytes(c.StackEgressBytes), c.StackEgressPackets,
 			ratio(c.BypassRatio), c.RedirectFailures)
 	}
 	u := r.Unattributed
 	fmt.Fprintf(tw, "%s\t%s\t%s\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", "(no enabled cgroup)", "-", "-",
-		humanBytes(u.RedirectedBytes), u.RedirectedMsgs, humanBytes(u.StackEgressBytes), u.StackEgressPackets, "-", u.RedirectFailures)
+		stats.HumanBytes(u.RedirectedBytes), u.RedirectedMsgs, stats.HumanBytes(u.StackEgressBytes), u.StackEgressPackets, "-", u.RedirectFailures)
 	tw.Flush()
 	if len(r.TCDevices) == 0 {
 		fmt.Fprintln(w, "stack egress is not accounted: no TC device (enable --tc-dev DEV)")

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/stats"
 )
 
 var statusCommand = command{
@@ -106,20 +107,7 @@ func formatCounters(c dataplane.CgroupCounters) string {
 	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d, remote peer %d); redirected %d msgs / %s (%d msgs / %s across namespaces); passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
 		"    readers kept on the stack: rcvlowat %d, tcp_inq %d, oobinline %d, waitall %d, oob_read %d",
 		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped, c.SocketsRemote,
-		c.RedirectedMsgs, humanBytes(c.RedirectedBytes), c.RedirectedXnsMsgs, humanBytes(c.RedirectedXnsBytes), c.PassedMsgs, humanBytes(c.PassedBytes), c.PassedUnreadMsgs,
-		c.StackEgressPackets, humanBytes(c.StackEgressBytes), c.RedirectFailures,
+		c.RedirectedMsgs, stats.HumanBytes(c.RedirectedBytes), c.RedirectedXnsMsgs, stats.HumanBytes(c.RedirectedXnsBytes), c.PassedMsgs, stats.HumanBytes(c.PassedBytes), c.PassedUnreadMsgs,
+		c.StackEgressPackets, stats.HumanBytes(c.StackEgressBytes), c.RedirectFailures,
 		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline, c.FallbackWaitall, c.FallbackOOBRead)
-}
-
-func humanBytes(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := uint64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -17,20 +17,6 @@ func formatValue(v float64, unit string) string {
 	}
 }
 
-// formatBytes prints a byte count in binary units.
-func formatBytes(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := uint64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
-
 // sizeLabel names a size in bytes: 64B, 1KiB, 128KiB.
 func sizeLabel(n int) string {
 	switch {

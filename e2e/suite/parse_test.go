@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/sockbypass/sockbypass/e2e/workload"
 )
 
 const sockperfOutput = `sockperf: [Total Run] RunTime=1.001 sec; Warm up time=400 msec; SentMessages=43211; ReceivedMessages=43210
@@ -92,11 +94,11 @@ func TestParseRedisBenchmark(t *testing.T) {
 }
 
 func TestMedianSpread(t *testing.T) {
-	m, s := medianSpread([]float64{3, 1, 2})
+	m, s := workload.MedianSpread([]float64{3, 1, 2})
 	if m != 2 || s != 100 {
 		t.Errorf("median %v spread %v", m, s)
 	}
-	m, _ = medianSpread([]float64{4, 1, 2, 3})
+	m, _ = workload.MedianSpread([]float64{4, 1, 2, 3})
 	if m != 2.5 {
 		t.Errorf("median %v", m)
 	}

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/sockbypass/sockbypass/internal/stats"
 )
 
 // Report is the content of results.json.
@@ -143,7 +145,7 @@ func redirectedCell(c CaseResult) string {
 	if total := t.RedirectedBytes + t.PassedBytes; total > 0 {
 		share = fmt.Sprintf(" (%.0f%%)", float64(t.RedirectedBytes)/float64(total)*100)
 	}
-	cell := formatBytes(t.RedirectedBytes) + share
+	cell := stats.HumanBytes(t.RedirectedBytes) + share
 	if c.Note != "" {
 		cell += ", " + c.Note
 	}

@@ -3,6 +3,8 @@ package suite
 import (
 	"sort"
 	"time"
+
+	"github.com/sockbypass/sockbypass/e2e/workload"
 )
 
 // MetricSpec declares one metric a case reports.
@@ -83,31 +85,11 @@ type CaseResult struct {
 	Elapsed time.Duration `json:"elapsed_ns"`
 }
 
-// medianSpread returns the median of v and its spread (max-min)/median in
-// percent.
-func medianSpread(v []float64) (median, spreadPct float64) {
-	if len(v) == 0 {
-		return 0, 0
-	}
-	s := append([]float64(nil), v...)
-	sort.Float64s(s)
-	n := len(s)
-	if n%2 == 1 {
-		median = s[n/2]
-	} else {
-		median = (s[n/2-1] + s[n/2]) / 2
-	}
-	if median > 0 {
-		spreadPct = (s[n-1] - s[0]) / median * 100
-	}
-	return median, spreadPct
-}
-
 // newMetricResult summarises the runs of one metric.
 func newMetricResult(spec MetricSpec, plain, accel []float64) MetricResult {
 	r := MetricResult{Name: spec.Name, Unit: spec.Unit, LowerIsBetter: spec.LowerIsBetter, Plain: plain, Accelerated: accel}
-	r.PlainMedian, r.PlainSpread = medianSpread(plain)
-	r.AccelMedian, r.AccelSpread = medianSpread(accel)
+	r.PlainMedian, r.PlainSpread = workload.MedianSpread(plain)
+	r.AccelMedian, r.AccelSpread = workload.MedianSpread(accel)
 	if r.PlainMedian > 0 {
 		r.Ratio = r.AccelMedian / r.PlainMedian
 	}

@@ -138,8 +138,8 @@ func CompareConnect(cases []Case, runs int, dur time.Duration, progress Progress
 			} else {
 				res.Unit = "Gbit/s"
 			}
-			res.PlainMedian, res.PlainSpread = medianSpread(res.Plain)
-			res.AccelMedian, res.AccelSpread = medianSpread(res.Accelerated)
+			res.PlainMedian, res.PlainSpread = MedianSpread(res.Plain)
+			res.AccelMedian, res.AccelSpread = MedianSpread(res.Accelerated)
 			if res.PlainMedian > 0 {
 				res.Ratio = res.AccelMedian / res.PlainMedian
 			}
@@ -151,7 +151,9 @@ func CompareConnect(cases []Case, runs int, dur time.Duration, progress Progress
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
-func medianSpread(v []float64) (median, spreadPct float64) {
+// MedianSpread returns the median of v and its spread (max-min)/median in
+// percent.
+func MedianSpread(v []float64) (median, spreadPct float64) {
 	if len(v) == 0 {
 		return 0, 0
 	}

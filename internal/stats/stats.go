@@ -4,6 +4,7 @@
 package stats
 
 import (
+	"fmt"
 	"strings"
 	"time"
 
@@ -162,4 +163,18 @@ func relative(path, mount string) string {
 		return "/" + rel
 	}
 	return path
+}
+
+// HumanBytes prints a byte count in binary units: 512 B, 1.5 KiB, 6.6 GiB.
+func HumanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
