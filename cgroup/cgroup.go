@@ -261,16 +261,7 @@ func (m Mounts) PathsByID(ids []uint64) (map[uint64]string, error) {
 		want[id] = true
 	}
 	errDone := errors.New("done")
-	err := filepath.WalkDir(m.V2, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if !d.IsDir() {
-			return nil
-		}
+	err := walkCgroups(m.V2, func(path string) error {
 		var st unix.Stat_t
 		if unix.Stat(path, &st) == nil && want[st.Ino] {
 			out[st.Ino] = path
@@ -289,16 +280,7 @@ func (m Mounts) PathsByID(ids []uint64) (map[uint64]string, error) {
 // Procs returns the pids of the processes in c and in the cgroups below it.
 func (c Cgroup) Procs() ([]int, error) {
 	var pids []int
-	err := filepath.WalkDir(c.Path, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if !d.IsDir() {
-			return nil
-		}
+	err := walkCgroups(c.Path, func(path string) error {
 		data, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
 		if err != nil {
 			return nil // removed meanwhile
@@ -311,4 +293,21 @@ func (c Cgroup) Procs() ([]int, error) {
 		return nil
 	})
 	return pids, err
+}
+
+// walkCgroups calls fn for root and every cgroup directory below it,
+// skipping cgroups removed while it walks.
+func walkCgroups(root string, fn func(path string) error) error {
+	return filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if !d.IsDir() {
+			return nil
+		}
+		return fn(path)
+	})
 }
