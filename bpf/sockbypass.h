@@ -131,6 +131,15 @@ struct sock_state {
 #define SOCK_FLAG_MESH_APP (1U << 8)
 /* Sidecar mode: the app endpoint is shared by several sockets. */
 #define SOCK_FLAG_AMBIGUOUS (1U << 9)
+/* Both ends of the connection are in the sockhash (the pair is joined):
+ * every message is redirected from the first byte. */
+#define SOCK_FLAG_PAIRED (1U << 10)
+/* The active end of a pair: its key names the pair in `pairs`. */
+#define SOCK_FLAG_PAIR_CLIENT (1U << 11)
+/* A listening socket recorded in `listeners`. */
+#define SOCK_FLAG_LISTENER (1U << 12)
+/* A member asked for a stack-reader option after it joined (counted once). */
+#define SOCK_FLAG_LATE_OPTION (1U << 13)
 
 /*
  * Redirect targets: sock_key of a socket that may receive redirected bytes
@@ -267,8 +276,18 @@ struct cgroup_counters {
 	/* Of passed_msgs: the peer had REDIRECT_UNREAD_LIMIT redirected bytes
 	 * unread (back-pressure through the stack). */
 	__u64 passed_backpressure_msgs;
-	/* Of passed_msgs: small messages of a streaming sender. */
-	__u64 passed_small_stream_msgs;
+	/* Sockets left plain because their peer does not join: it is in no
+	 * enabled cgroup, or declined. */
+	__u64 sockets_unpaired;
+	/* Sockets left plain because they (or their listener) block: a
+	 * blocking recv on a sockhash member may return EAGAIN. */
+	__u64 sockets_blocking;
+	/* Pairs given up because the client sent before its peer joined. */
+	__u64 pairs_abandoned;
+	/* Members that asked for semantics the redirected queue does not keep
+	 * after they joined (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE, MSG_WAITALL,
+	 * MSG_OOB): counted, the pair stays redirected. */
+	__u64 late_stack_options;
 };
 
 struct {
@@ -477,6 +496,81 @@ struct {
 	__type(value, struct mesh_client);
 } mesh_clients SEC(".maps");
 
+/*
+ * Pairs: both ends of a connection join the sockhash, or neither does.
+ *
+ * Being in a sockhash changes a socket's receive path even when nothing is
+ * redirected to it (FIONREAD counts only the redirected queue, a blocking
+ * recv whose wait ends without data returns EAGAIN). So a socket joins only
+ * when its peer joins too, and a joined pair redirects every byte from the
+ * first one: a member never has bytes that came through the stack.
+ *
+ * The handshake, keyed by the client's sockhash key:
+ * 1. the SYN reaches a listener of an enabled cgroup (sock_ops
+ *    RWND_INIT on the request socket): PAIR_OFFERED;
+ * 2. the client, at ACTIVE_ESTABLISHED, joins when offered and eligible
+ *    (non-blocking, no stack-reader option): PAIR_CLIENT_JOINED; otherwise
+ *    PAIR_DECLINED;
+ * 3. the server, at PASSIVE_ESTABLISHED, joins when the client did and its
+ *    listener is eligible: PAIR_JOINED; otherwise it removes the client from
+ *    the sockhash again (nothing was redirected to it) and the pair stays
+ *    plain;
+ * 4. a client that sends before step 3 (its peer has not joined yet) turns
+ *    PAIR_CLIENT_JOINED into PAIR_ABANDONED with an atomic compare and
+ *    exchange and sends through the stack; the server then does not join
+ *    and removes the client. Exactly one of the two exchanges wins.
+ */
+#define PAIR_OFFERED 1
+#define PAIR_CLIENT_JOINED 2
+#define PAIR_JOINED 3
+#define PAIR_DECLINED 4
+#define PAIR_ABANDONED 5
+
+struct pair {
+	__u64 state;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct sock_key);
+	__type(value, struct pair);
+} pairs SEC(".maps");
+
+/*
+ * Listeners of enabled cgroups: (netns cookie, local address, port) ->
+ * LISTENER_* flags. Written by sock_ops when a socket listens, and by user
+ * space for listeners that existed before `enable` and whose flags changed
+ * after listen() (a server that makes its listener non-blocking after
+ * listen(), as redis does). An accepted socket joins a pair only when its
+ * listener is known non-blocking: a blocking recv on a sockhash member may
+ * return EAGAIN. The wildcard addresses are ::ffff:0.0.0.0 and ::.
+ */
+#define LISTENER_NONBLOCK (1U << 0)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct endpoint_key);
+	__type(value, __u32);
+} listeners SEC(".maps");
+
+/* Minimal views of the kernel's file, socket and sock, relocated against
+ * the running kernel's BTF: enough to read a socket's O_NONBLOCK. */
+#define O_NONBLOCK 04000
+
+struct file {
+	unsigned int f_flags;
+} __attribute__((preserve_access_index));
+
+struct socket {
+	struct file *file;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct socket *sk_socket;
+} __attribute__((preserve_access_index));
+
 /* counters_for returns the counters of cgroup_id, creating them if needed. */
 static __always_inline struct cgroup_counters *counters_for(__u64 cgroup_id)
 {
@@ -604,6 +698,30 @@ static __always_inline int key_scope(const struct sock_key *key, __u64 own_netns
 	if ((la && (la->flags & NODE_ADDR_AMBIGUOUS)) || (ra && (ra->flags & NODE_ADDR_AMBIGUOUS)))
 		return SCOPE_AMBIGUOUS;
 	return SCOPE_REMOTE;
+}
+
+/*
+ * sock_nonblocking reports whether the socket's file has O_NONBLOCK: 1 yes,
+ * 0 no, -1 when the socket has no file (not accepted yet).
+ */
+static __always_inline int sock_nonblocking(struct bpf_sock *sk)
+{
+	struct tcp_sock *tp;
+	struct socket *so;
+	struct file *f;
+
+	if (!sk)
+		return -1;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return -1;
+	so = ((struct sock *)tp)->sk_socket;
+	if (!so)
+		return -1;
+	f = so->file;
+	if (!f)
+		return -1;
+	return (f->f_flags & O_NONBLOCK) ? 1 : 0;
 }
 
 #endif /* __SOCKBYPASS_H */

@@ -2,13 +2,13 @@
 //go:build ignore
 
 /*
- * sk_msg program on the sockhash: redirects each message of a socket into the
- * receive queue of its local peer (the socket with the mirrored key: in the
- * same network namespace, or for node-scope keys in the namespace that owned
- * the peer's address when the connection was established) when the peer is a
- * redirect target and has read every byte this socket sent through the
- * stack; lets everything else pass. It never drops: when in doubt, the
- * message takes the TCP stack.
+ * sk_msg program on the sockhash: redirects each message of a joined pair
+ * (see "Pairs" in sockbypass.h) into the receive queue of its peer (the
+ * socket with the mirrored key: in the same network namespace, or for
+ * node-scope keys in the namespace that owned the peer's address when the
+ * connection was established), from the first byte on. A message takes the
+ * stack only when the peer is gone, or under back-pressure (the peer has
+ * REDIRECT_UNREAD_LIMIT redirected bytes unread). It never drops.
  */
 #include "sockbypass.h"
 
@@ -33,6 +33,30 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	c = counters_for(cgroup_id);
 	if (!state || !(state->flags & SOCK_FLAG_INSERTED))
 		goto pass;
+
+	/* A client learns here that its server joined too. Until then its
+	 * bytes cannot be redirected: it gives the pair up (exactly one of
+	 * this exchange and the server's succeeds) and sends through the
+	 * stack; the server then stays out and removes us. */
+	if (!(state->flags & SOCK_FLAG_PAIRED)) {
+		struct pair *pair = bpf_map_lookup_elem(&pairs, &state->key);
+		__u64 old;
+
+		if (!pair)
+			goto pass;
+		old = pair->state;
+		if (old == PAIR_CLIENT_JOINED) {
+			old = __sync_val_compare_and_swap(&pair->state, PAIR_CLIENT_JOINED, PAIR_ABANDONED);
+			if (old == PAIR_CLIENT_JOINED) {
+				if (c)
+					__sync_fetch_and_add(&c->pairs_abandoned, 1);
+				goto pass;
+			}
+		}
+		if (old != PAIR_JOINED)
+			goto pass;
+		state->flags |= SOCK_FLAG_PAIRED;
+	}
 
 	if (state->flags & SOCK_FLAG_EXPLICIT_PEER) {
 		/* Sidecar mode: the app's peer is the sidecar, and the
@@ -72,18 +96,6 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		if (c)
 			__sync_fetch_and_add(&c->passed_unread_msgs, 1);
 		goto pass;
-	}
-
-	/* A stream of small writes coalesces better on the stack over
-	 * loopback; across namespaces (a veth) the redirect is still far
-	 * ahead, measured. */
-	if (size < SMALL_MSG && state->peer_netns_cookie == state->netns_cookie) {
-		if (state->small_sends >= SMALL_STREAM_SENDS) {
-			if (c)
-				__sync_fetch_and_add(&c->passed_small_stream_msgs, 1);
-			goto pass;
-		}
-		state->small_sends++;
 	}
 
 	/* Back-pressure: too much redirected and still unread. */

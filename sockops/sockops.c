@@ -2,11 +2,11 @@
 //go:build ignore
 
 /*
- * sock_ops program, one instance per enabled cgroup: inserts every TCP socket
- * of the cgroup into the shared sockhash when it reaches ESTABLISHED, and
- * records in its socket storage which enabled cgroup it belongs to, its key
- * and how it pairs. Inserting makes the socket's sends go through the sk_msg
- * program; it does not yet make it a redirect target (see sockbypass.h).
+ * sock_ops program, one instance per enabled cgroup: runs the pair
+ * handshake (see "Pairs" in sockbypass.h) so that both ends of a local
+ * connection join the shared sockhash at ESTABLISHED, or neither does;
+ * records listeners and whether they block; and keeps in each socket's
+ * storage which enabled cgroup it belongs to, its key and how it pairs.
  */
 #include "sockbypass.h"
 
@@ -72,7 +72,7 @@ static __always_inline __u64 unique_owner(const __u32 *ip)
  * sockets sharing its local endpoint, and remembers the original
  * destination of an intercepted connect for SO_ORIGINAL_DST.
  */
-static __always_inline void mesh_connect(struct bpf_sock_ops *skops)
+static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 {
 	__u64 cgroup_id = enabled_cgroup_id;
 	struct cgroup_config *cfg;
@@ -135,201 +135,483 @@ static __always_inline int endpoint_shared(struct endpoint_key *ek)
 	return users && *users > 1;
 }
 
-static __always_inline void insert_socket(struct bpf_sock_ops *skops, int passive)
+#define COUNT(c, field)                                   \
+	do {                                              \
+		if (c)                                    \
+			__sync_fetch_and_add(&(c)->field, 1); \
+	} while (0)
+
+/*
+ * How a socket pairs: the key its peer has (or will have) in the sockhash,
+ * the namespace the peer must be in, and for sidecar pairs the app
+ * endpoint that must stay unique.
+ */
+struct pairing {
+	struct sock_key peer;
+	struct endpoint_key app_endpoint;
+	__u64 own_netns;
+	__u64 peer_netns;
+	int scope;
+	int explicit_peer;
+};
+
+/* set_explicit makes p an explicit pair with peer in peer_netns. */
+static __always_inline void set_explicit(struct pairing *p, __u64 peer_netns, const struct endpoint_key *ek)
 {
-	struct sock_state *state;
-	struct cgroup_counters *c;
-	struct cgroup_config *cfg;
-	struct sock_key key = {};
-	__u64 own_netns, peer_netns = 0;
-	int scope, explicit_peer = 0;
+	p->scope = SCOPE_NETNS;
+	p->explicit_peer = 1;
+	p->peer_netns = peer_netns;
+	p->app_endpoint = *ek;
+}
 
-	if (!skops->sk)
-		return;
+/* set_mirror pairs with the mirror of key, by scope (SCOPE_REMOTE: no pair). */
+static __noinline void set_mirror(struct pairing *p, const struct sock_key *key, __u64 own_netns)
+{
+	p->explicit_peer = 0;
+	p->scope = key_scope(key, own_netns, &p->peer_netns);
+	p->peer = *key;
+	p->peer.netns_cookie = p->scope == SCOPE_NODE ? 0 : own_netns;
+	__builtin_memcpy(p->peer.local_ip, key->remote_ip, sizeof(p->peer.local_ip));
+	__builtin_memcpy(p->peer.remote_ip, key->local_ip, sizeof(p->peer.remote_ip));
+	p->peer.local_port = key->remote_port;
+	p->peer.remote_port = key->local_port;
+}
 
-	state = bpf_sk_storage_get(&sock_state, skops->sk, 0,
-				   BPF_SK_STORAGE_GET_F_CREATE);
-	if (!state)
-		return; /* fail open: the socket stays on the stack path */
+/*
+ * active_pairing: the peer of a connecting socket. An app socket whose SYN
+ * iptables sent to the sidecar pairs with the sidecar's accepted socket
+ * (keyed by the tuple after NAT); an app socket connecting to a pod whose
+ * sidecar captures inbound pairs with that sidecar's accepted socket on its
+ * inbound port. Returns 0 for those explicit pairs, 1 when the socket pairs
+ * with its mirror, and -1 when an app endpoint is shared (never paired).
+ */
+static __noinline int active_pairing(struct sock_state *state, const struct sock_key *key, struct pairing *p,
+				     struct cgroup_counters *c)
+{
+	struct endpoint_key ek = {};
+	__u64 own_netns = p->own_netns;
 
-	/* Nested enabled cgroups: the innermost program runs first and wins. */
-	if (state->flags & SOCK_FLAG_HANDLED)
-		return;
-	state->flags |= SOCK_FLAG_HANDLED;
-	/* Storage cloned from a listener carries the listener's flags (for
-	 * options such as SO_RCVLOWAT) but not its identity. */
-	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED |
-			  SOCK_FLAG_EXPLICIT_PEER);
-	if (passive)
-		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED);
-	state->cgroup_id = enabled_cgroup_id;
-
-	c = counters_for(state->cgroup_id);
-	cfg = bpf_map_lookup_elem(&cgroup_config, &state->cgroup_id);
-	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY))
-		return; /* counted (TC finds the cgroup in sock_state), not accelerated */
-
-	/*
-	 * Data that moved before ESTABLISHED (TCP Fast Open) sits in the
-	 * stack's queues: leave the socket out.
-	 */
-	if (skops->data_segs_in != 0 || skops->data_segs_out != 0) {
-		if (c)
-			__sync_fetch_and_add(&c->sockets_skipped, 1);
-		return;
-	}
-	if (own_key(skops, &key) < 0)
-		return;
-	own_netns = bpf_get_netns_cookie(skops);
-
-	if (!passive && (state->flags & SOCK_FLAG_SYN_REDIRECTED)) {
-		/* An app socket whose SYN iptables sent to the sidecar: its
-		 * peer is the sidecar's accepted socket, keyed by the tuple
-		 * after NAT, and nothing else. */
-		struct endpoint_key ek = {};
-
-		endpoint_of(&key, own_netns, &ek);
+	if (state->flags & SOCK_FLAG_SYN_REDIRECTED) {
+		endpoint_of(key, own_netns, &ek);
 		if (endpoint_shared(&ek)) {
-			if (c)
-				__sync_fetch_and_add(&c->mesh_ambiguous, 1);
-			return;
+			COUNT(c, mesh_ambiguous);
+			return -1;
 		}
-		state->peer_key.netns_cookie = own_netns;
-		__builtin_memcpy(state->peer_key.local_ip, state->nat_dst_ip, sizeof(state->peer_key.local_ip));
-		__builtin_memcpy(state->peer_key.remote_ip, state->nat_src_ip, sizeof(state->peer_key.remote_ip));
-		state->peer_key.local_port = state->nat_dst_port;
-		state->peer_key.remote_port = state->nat_src_port;
-		state->peer_key.family = family_of(state->nat_dst_ip);
-		state->peer_key.pad = 0;
-		state->app_endpoint = ek;
-		explicit_peer = 1;
-	} else if (!passive && (state->flags & SOCK_FLAG_MESH_APP)) {
-		/* Connecting to a pod whose sidecar captures inbound: the
-		 * peer is that sidecar's accepted socket on its inbound port. */
+		p->peer.netns_cookie = own_netns;
+		__builtin_memcpy(p->peer.local_ip, state->nat_dst_ip, sizeof(p->peer.local_ip));
+		__builtin_memcpy(p->peer.remote_ip, state->nat_src_ip, sizeof(p->peer.remote_ip));
+		p->peer.local_port = state->nat_dst_port;
+		p->peer.remote_port = state->nat_src_port;
+		p->peer.family = family_of(state->nat_dst_ip);
+		p->peer.pad = 0;
+		set_explicit(p, own_netns, &ek);
+		return 0;
+	}
+	if (state->flags & SOCK_FLAG_MESH_APP) {
 		struct node_addr_key rk = {};
-		struct endpoint_key ek = {};
 		__u32 *inbound;
 		__u64 owner;
 
-		__builtin_memcpy(rk.ip, key.remote_ip, sizeof(rk.ip));
+		__builtin_memcpy(rk.ip, key->remote_ip, sizeof(rk.ip));
 		inbound = bpf_map_lookup_elem(&inbound_pods, &rk);
-		owner = unique_owner(key.remote_ip);
-		endpoint_of(&key, own_netns, &ek);
+		owner = unique_owner(key->remote_ip);
+		endpoint_of(key, own_netns, &ek);
 		/* Another pod: inbound capture applies to traffic that
 		 * arrives from outside its namespace. */
 		if (inbound && owner && owner != own_netns && ek.netns_cookie == 0) {
 			if (endpoint_shared(&ek)) {
-				if (c)
-					__sync_fetch_and_add(&c->mesh_ambiguous, 1);
-				return;
+				COUNT(c, mesh_ambiguous);
+				return -1;
 			}
-			state->peer_key.netns_cookie = owner;
-			__builtin_memcpy(state->peer_key.local_ip, key.remote_ip, sizeof(state->peer_key.local_ip));
-			__builtin_memcpy(state->peer_key.remote_ip, key.local_ip, sizeof(state->peer_key.remote_ip));
-			state->peer_key.local_port = (__u16)*inbound;
-			state->peer_key.remote_port = key.local_port;
-			state->peer_key.family = key.family;
-			state->peer_key.pad = 0;
-			state->app_endpoint = ek;
-			peer_netns = owner;
-			explicit_peer = 2;
+			p->peer.netns_cookie = owner;
+			__builtin_memcpy(p->peer.local_ip, key->remote_ip, sizeof(p->peer.local_ip));
+			__builtin_memcpy(p->peer.remote_ip, key->local_ip, sizeof(p->peer.remote_ip));
+			p->peer.local_port = (__u16)*inbound;
+			p->peer.remote_port = key->local_port;
+			p->peer.family = key->family;
+			p->peer.pad = 0;
+			set_explicit(p, owner, &ek);
+			return 0;
 		}
-	} else if (passive && cfg && cfg->mesh_mode == MESH_REDIRECT &&
-		   (key.local_port == cfg->outbound_port || key.local_port == cfg->inbound_port)) {
-		/* The sidecar's accepted socket: find the app socket whose
-		 * SYN became this connection. */
-		struct nat_tuple t = {};
-		struct mesh_syn *syn;
+	}
+	return 1;
+}
 
-		t.netns_cookie = own_netns;
-		__builtin_memcpy(t.src_ip, key.remote_ip, sizeof(t.src_ip));
-		__builtin_memcpy(t.dst_ip, key.local_ip, sizeof(t.dst_ip));
-		t.src_port = key.remote_port;
-		t.dst_port = key.local_port;
-		syn = bpf_map_lookup_elem(&mesh_syns, &t);
-		if (syn) {
-			struct endpoint_key ek = {};
+/*
+ * passive_pairing: the peer of an accepted socket (or of a request socket,
+ * before the handshake completes). On a sidecar port in redirect mode it is
+ * the app socket whose SYN NAT turned into this connection (mesh_syns), or
+ * the connecting socket of another pod whose endpoint it sees
+ * (mesh_clients); anything else pairs with its mirror. established: count
+ * the outcome and consume the SYN record (PASSIVE_ESTABLISHED: c is set).
+ * Returns 0 for those explicit pairs, 1 when the socket pairs with its mirror.
+ */
+static __noinline int passive_pairing(const struct cgroup_config *cfg, const struct sock_key *key,
+				      struct pairing *p, struct cgroup_counters *c)
+{
+	__u64 own_netns = p->own_netns;
+	int established = c != 0;
+	struct endpoint_key ek = {};
+	struct nat_tuple t = {};
+	struct mesh_syn *syn;
+	struct mesh_client *mc;
 
-			endpoint_of(&syn->app_key, own_netns, &ek);
-			if (endpoint_shared(&ek)) {
-				if (c)
-					__sync_fetch_and_add(&c->mesh_unpaired, 1);
-			} else {
-				state->peer_key = syn->app_key;
-				state->app_endpoint = ek;
-				explicit_peer = 1;
-				if (c)
-					__sync_fetch_and_add(&c->mesh_paired, 1);
+	if (!cfg || cfg->mesh_mode != MESH_REDIRECT ||
+	    (key->local_port != cfg->outbound_port && key->local_port != cfg->inbound_port))
+		return 1;
+	t.netns_cookie = own_netns;
+	__builtin_memcpy(t.src_ip, key->remote_ip, sizeof(t.src_ip));
+	__builtin_memcpy(t.dst_ip, key->local_ip, sizeof(t.dst_ip));
+	t.src_port = key->remote_port;
+	t.dst_port = key->local_port;
+	syn = bpf_map_lookup_elem(&mesh_syns, &t);
+	if (syn) {
+		endpoint_of(&syn->app_key, own_netns, &ek);
+		if (endpoint_shared(&ek)) {
+			if (established) {
+				COUNT(c, mesh_unpaired);
+				bpf_map_delete_elem(&mesh_syns, &t);
 			}
+			return 1;
+		}
+		p->peer = syn->app_key;
+		set_explicit(p, own_netns, &ek);
+		if (established) {
+			COUNT(c, mesh_paired);
 			bpf_map_delete_elem(&mesh_syns, &t);
-		} else {
-			/* From another pod: find its connecting socket by the
-			 * endpoint it came from. */
-			struct endpoint_key ek = {};
-			struct mesh_client *mc;
-
-			ek.netns_cookie = 0;
-			__builtin_memcpy(ek.ip, key.remote_ip, sizeof(ek.ip));
-			ek.port = key.remote_port;
-			mc = key.local_port == cfg->inbound_port ? bpf_map_lookup_elem(&mesh_clients, &ek) : 0;
-			if (mc && same_ip(mc->client_key.remote_ip, key.local_ip) && !endpoint_shared(&ek)) {
-				state->peer_key = mc->client_key;
-				state->app_endpoint = ek;
-				peer_netns = mc->client_netns;
-				explicit_peer = 2;
-				if (c)
-					__sync_fetch_and_add(&c->mesh_paired, 1);
-			} else if (c) {
-				__sync_fetch_and_add(&c->mesh_unpaired, 1);
-			}
 		}
+		return 0;
 	}
+	/* From another pod: find its connecting socket by the endpoint it
+	 * came from. */
+	ek.netns_cookie = 0;
+	__builtin_memcpy(ek.ip, key->remote_ip, sizeof(ek.ip));
+	ek.port = key->remote_port;
+	mc = key->local_port == cfg->inbound_port ? bpf_map_lookup_elem(&mesh_clients, &ek) : 0;
+	if (mc && same_ip(mc->client_key.remote_ip, key->local_ip) && !endpoint_shared(&ek)) {
+		p->peer = mc->client_key;
+		set_explicit(p, mc->client_netns, &ek);
+		if (established)
+			COUNT(c, mesh_paired);
+		return 0;
+	}
+	if (established)
+		COUNT(c, mesh_unpaired);
+	return 1;
+}
 
-	if (explicit_peer) {
-		/* Explicit pairs use namespace-scope keys; an app and its
-		 * sidecar (1) share the pod's namespace, two pods' sidecars
-		 * (2) have peer_netns set above. */
-		scope = SCOPE_NETNS;
-		if (explicit_peer == 1)
-			peer_netns = own_netns;
-		state->flags |= SOCK_FLAG_EXPLICIT_PEER;
-	} else {
-		scope = key_scope(&key, own_netns, &peer_netns);
-		if (scope == SCOPE_REMOTE) {
-			if (c)
-				__sync_fetch_and_add(&c->sockets_remote, 1);
-			return;
-		}
-		if (scope == SCOPE_AMBIGUOUS && c)
-			__sync_fetch_and_add(&c->sockets_ambiguous, 1);
-	}
+/* own_sockhash_key gives the key a socket with this pairing inserts under. */
+static __always_inline void own_sockhash_key(struct sock_key *key, const struct pairing *p, __u64 own_netns)
+{
 	/* Node-scope keys carry no namespace: the two ends of a pod-to-pod
 	 * connection live in two namespaces and must find each other. */
-	key.netns_cookie = scope == SCOPE_NODE ? 0 : own_netns;
+	key->netns_cookie = p->scope == SCOPE_NODE ? 0 : own_netns;
+}
 
-	if (bpf_sock_hash_update(skops, &sockhash, &key, BPF_NOEXIST) != 0) {
-		if (c)
-			__sync_fetch_and_add(&c->insert_failures, 1);
-		return;
+/* listener_nonblocking reports whether the listener that accepted a socket
+ * with this key is known to be non-blocking (exact address, then the IPv4
+ * and IPv6 wildcards). */
+static __noinline int listener_nonblocking(const struct sock_key *key, __u64 netns)
+{
+	struct endpoint_key ek = {};
+	__u32 *flags;
+
+	ek.netns_cookie = netns;
+	__builtin_memcpy(ek.ip, key->local_ip, sizeof(ek.ip));
+	ek.port = key->local_port;
+	flags = bpf_map_lookup_elem(&listeners, &ek);
+	if (!flags) {
+		set_v4mapped(ek.ip, 0);
+		flags = bpf_map_lookup_elem(&listeners, &ek);
 	}
-	state->key = key;
+	if (!flags) {
+		__builtin_memset(ek.ip, 0, sizeof(ek.ip));
+		flags = bpf_map_lookup_elem(&listeners, &ek);
+	}
+	return flags && (*flags & LISTENER_NONBLOCK);
+}
+
+/*
+ * join inserts the socket into the sockhash under key and publishes it as
+ * a redirect target (nothing read yet: its copied_seq is rcv_nxt). Returns
+ * 0, or -1 when the sockhash refused it.
+ */
+static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state, const struct sock_key *key,
+			   const struct pairing *p, struct cgroup_counters *c)
+{
+	__u64 own_netns = p->own_netns;
+	struct receiver r = {};
+
+	if (bpf_sock_hash_update(skops, &sockhash, (void *)key, BPF_NOEXIST) != 0) {
+		COUNT(c, insert_failures);
+		return -1;
+	}
+	state->key = *key;
 	state->netns_cookie = own_netns;
-	state->peer_netns_cookie = peer_netns;
-	state->last_copied_seq = skops->rcv_nxt; /* nothing read yet */
+	state->peer_netns_cookie = p->peer_netns;
+	if (p->explicit_peer) {
+		state->peer_key = p->peer;
+		state->app_endpoint = p->app_endpoint;
+		state->flags |= SOCK_FLAG_EXPLICIT_PEER;
+	}
+	state->last_copied_seq = skops->rcv_nxt;
+	state->published_seq = skops->rcv_nxt;
 	state->redirected_read = 0;
 	state->redirected_sent = 0;
-	state->flags |= SOCK_FLAG_INSERTED;
-	if (c)
-		__sync_fetch_and_add(&c->sockets_inserted, 1);
+	state->flags |= SOCK_FLAG_INSERTED | SOCK_FLAG_PUBLISHED;
+	r.netns_cookie = own_netns;
+	r.eligible_seq = RECEIVER_ELIGIBLE | skops->rcv_nxt;
+	bpf_map_update_elem(&receivers, key, &r, BPF_ANY);
+	COUNT(c, sockets_inserted);
 
 	/* Remember the socket's cgroup for per-cgroup live counts, and ask
 	 * for a callback when it closes to forget it again. */
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&socket_cgroups, &cookie, &state->cgroup_id, BPF_ANY);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 0;
 }
 
-static __always_inline void forget_socket(struct bpf_sock_ops *skops)
+/* leave undoes join for a socket whose pair did not form (nothing was
+ * redirected to it, so nothing is discarded). */
+static __noinline void leave(struct sock_state *state, const struct sock_key *key)
+{
+	bpf_map_delete_elem(&sockhash, (void *)key);
+	bpf_map_delete_elem(&receivers, (void *)key);
+	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER);
+}
+
+/*
+ * prepare runs the checks both ends share at ESTABLISHED and returns the
+ * socket's state, or NULL when the socket stays plain TCP.
+ */
+static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int passive, struct cgroup_config **cfg,
+						   struct cgroup_counters **c)
+{
+	struct sock_state *state;
+
+	if (!skops->sk)
+		return 0;
+	state = bpf_sk_storage_get(&sock_state, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return 0; /* fail open: the socket stays on the stack path */
+	/* Nested enabled cgroups: the innermost program runs first and wins. */
+	if (state->flags & SOCK_FLAG_HANDLED)
+		return 0;
+	state->flags |= SOCK_FLAG_HANDLED;
+	/* Storage cloned from a listener carries the listener's flags (for
+	 * options such as SO_RCVLOWAT) but not its identity. */
+	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER |
+			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION);
+	if (passive)
+		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED);
+	state->cgroup_id = enabled_cgroup_id;
+
+	*c = counters_for(state->cgroup_id);
+	*cfg = bpf_map_lookup_elem(&cgroup_config, &state->cgroup_id);
+	if (*cfg && ((*cfg)->flags & CGROUP_ACCOUNT_ONLY))
+		return 0; /* counted (TC finds the cgroup in sock_state), not accelerated */
+	/* Data that moved before ESTABLISHED (TCP Fast Open) sits in the
+	 * stack's queues: leave the socket out. */
+	if (skops->data_segs_in != 0 || skops->data_segs_out != 0) {
+		COUNT(*c, sockets_skipped);
+		return 0;
+	}
+	return state;
+}
+
+/*
+ * offer_pair runs on the server side when a SYN reaches a listener of an
+ * enabled cgroup (sock_ops RWND_INIT on the request socket, before the
+ * SYN-ACK leaves): it tells the client, which decides at ACTIVE_ESTABLISHED,
+ * that this end will decide at PASSIVE_ESTABLISHED.
+ */
+static __noinline void offer_pair(struct bpf_sock_ops *skops)
+{
+	__u64 cgroup_id = enabled_cgroup_id;
+	struct cgroup_config *cfg;
+	struct pairing p = {};
+	struct sock_key key = {};
+	struct pair offer = {.state = PAIR_OFFERED};
+	__u64 own_netns;
+
+	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY))
+		return;
+	if (own_key(skops, &key) < 0)
+		return;
+	own_netns = bpf_get_netns_cookie(skops);
+	p.own_netns = own_netns;
+	if (passive_pairing(cfg, &key, &p, 0))
+		set_mirror(&p, &key, own_netns);
+	if (p.scope == SCOPE_REMOTE)
+		return;
+	bpf_map_update_elem(&pairs, &p.peer, &offer, BPF_ANY);
+}
+
+/* join_active: the client's half of the pair handshake, at ACTIVE_ESTABLISHED. */
+static __noinline void join_active(struct bpf_sock_ops *skops)
+{
+	struct cgroup_counters *c = 0;
+	struct cgroup_config *cfg = 0;
+	struct sock_state *state;
+	struct pairing p = {};
+	struct sock_key key = {};
+	struct pair *pair;
+	__u64 own_netns;
+
+	state = prepare(skops, 0, &cfg, &c);
+	if (!state || own_key(skops, &key) < 0)
+		return;
+	own_netns = bpf_get_netns_cookie(skops);
+	p.own_netns = own_netns;
+	switch (active_pairing(state, &key, &p, c)) {
+	case -1:
+		return;
+	case 1:
+		set_mirror(&p, &key, own_netns);
+	}
+	if (p.scope == SCOPE_REMOTE) {
+		COUNT(c, sockets_remote);
+		return;
+	}
+	if (p.scope == SCOPE_AMBIGUOUS)
+		COUNT(c, sockets_ambiguous);
+	own_sockhash_key(&key, &p, own_netns);
+
+	/* The server's listener is in an enabled cgroup and will decide. */
+	pair = bpf_map_lookup_elem(&pairs, &key);
+	if (!pair || pair->state != PAIR_OFFERED) {
+		COUNT(c, sockets_unpaired);
+		return;
+	}
+	if (state->flags & SOCK_FLAG_STACK_READER) {
+		pair->state = PAIR_DECLINED;
+		COUNT(c, sockets_unpaired);
+		return;
+	}
+	if (sock_nonblocking(skops->sk) != 1) {
+		pair->state = PAIR_DECLINED;
+		COUNT(c, sockets_blocking);
+		return;
+	}
+	if (join(skops, state, &key, &p, c) < 0) {
+		pair->state = PAIR_DECLINED;
+		return;
+	}
+	if (__sync_val_compare_and_swap(&pair->state, PAIR_OFFERED, PAIR_CLIENT_JOINED) != PAIR_OFFERED) {
+		leave(state, &key);
+		COUNT(c, sockets_unpaired);
+		return;
+	}
+	state->flags |= SOCK_FLAG_PAIR_CLIENT;
+}
+
+/* decline_client removes a client that joined from the sockhash: its pair
+ * will not form, and nothing was redirected to it. */
+static __noinline void decline_client(struct pair *pair, const struct sock_key *client)
+{
+	__u64 old = __sync_val_compare_and_swap(&pair->state, PAIR_CLIENT_JOINED, PAIR_DECLINED);
+
+	if (old == PAIR_CLIENT_JOINED || old == PAIR_ABANDONED)
+		bpf_map_delete_elem(&sockhash, (void *)client);
+	bpf_map_delete_elem(&pairs, (void *)client);
+}
+
+/* join_passive: the server's half of the pair handshake, at PASSIVE_ESTABLISHED. */
+static __noinline void join_passive(struct bpf_sock_ops *skops)
+{
+	struct cgroup_counters *c = 0;
+	struct cgroup_config *cfg = 0;
+	struct sock_state *state;
+	struct pairing p = {};
+	struct sock_key key = {};
+	struct pair *pair;
+	__u64 own_netns;
+
+	state = prepare(skops, 1, &cfg, &c);
+	if (!state || own_key(skops, &key) < 0)
+		return;
+	own_netns = bpf_get_netns_cookie(skops);
+	p.own_netns = own_netns;
+	if (passive_pairing(cfg, &key, &p, c))
+		set_mirror(&p, &key, own_netns);
+	if (p.scope == SCOPE_REMOTE) {
+		COUNT(c, sockets_remote);
+		return;
+	}
+	if (p.scope == SCOPE_AMBIGUOUS)
+		COUNT(c, sockets_ambiguous);
+	own_sockhash_key(&key, &p, own_netns);
+
+	pair = bpf_map_lookup_elem(&pairs, &p.peer);
+	if (!pair) {
+		COUNT(c, sockets_unpaired);
+		return;
+	}
+	if (pair->state != PAIR_CLIENT_JOINED) {
+		/* The client is in no enabled cgroup, declined, or sent
+		 * first (then it is still in the sockhash). */
+		decline_client(pair, &p.peer);
+		COUNT(c, sockets_unpaired);
+		return;
+	}
+	if (state->flags & SOCK_FLAG_STACK_READER) {
+		decline_client(pair, &p.peer);
+		COUNT(c, sockets_unpaired);
+		return;
+	}
+	if (!listener_nonblocking(&key, own_netns)) {
+		decline_client(pair, &p.peer);
+		COUNT(c, sockets_blocking);
+		return;
+	}
+	if (join(skops, state, &key, &p, c) < 0) {
+		decline_client(pair, &p.peer);
+		return;
+	}
+	if (__sync_val_compare_and_swap(&pair->state, PAIR_CLIENT_JOINED, PAIR_JOINED) != PAIR_CLIENT_JOINED) {
+		/* The client sent before we joined: its bytes are on their
+		 * way through the stack. */
+		leave(state, &key);
+		decline_client(pair, &p.peer);
+		COUNT(c, sockets_unpaired);
+		return;
+	}
+	state->flags |= SOCK_FLAG_PAIRED;
+}
+
+/* record_listener: a socket of an enabled cgroup listens. Its accepted
+ * sockets may join pairs only while it is known to be non-blocking. */
+static __noinline void record_listener(struct bpf_sock_ops *skops)
+{
+	__u64 cgroup_id = enabled_cgroup_id;
+	struct cgroup_config *cfg;
+	struct sock_state *state;
+	struct endpoint_key ek = {};
+	struct sock_key key = {};
+	__u32 flags = 0;
+
+	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	if (!skops->sk || (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY)))
+		return;
+	state = bpf_sk_storage_get(&sock_state, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state || own_key(skops, &key) < 0)
+		return;
+	key.netns_cookie = bpf_get_netns_cookie(skops);
+	ek.netns_cookie = key.netns_cookie;
+	__builtin_memcpy(ek.ip, key.local_ip, sizeof(ek.ip));
+	ek.port = key.local_port;
+	if (sock_nonblocking(skops->sk) == 1)
+		flags = LISTENER_NONBLOCK;
+	bpf_map_update_elem(&listeners, &ek, &flags, BPF_ANY);
+	state->key = key;
+	state->cgroup_id = cgroup_id;
+	state->flags |= SOCK_FLAG_LISTENER;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __noinline void forget_socket(struct bpf_sock_ops *skops)
 {
 	struct sock_state *state;
 	__u64 cookie = bpf_get_socket_cookie(skops);
@@ -343,6 +625,19 @@ static __always_inline void forget_socket(struct bpf_sock_ops *skops)
 	if (state->flags & SOCK_FLAG_PUBLISHED) {
 		bpf_map_delete_elem(&receivers, &state->key);
 		state->flags &= ~SOCK_FLAG_PUBLISHED;
+	}
+	if (state->flags & SOCK_FLAG_PAIR_CLIENT) {
+		bpf_map_delete_elem(&pairs, &state->key);
+		state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
+	}
+	if (state->flags & SOCK_FLAG_LISTENER) {
+		struct endpoint_key ek = {};
+
+		ek.netns_cookie = state->key.netns_cookie;
+		__builtin_memcpy(ek.ip, state->key.local_ip, sizeof(ek.ip));
+		ek.port = state->key.local_port;
+		bpf_map_delete_elem(&listeners, &ek);
+		state->flags &= ~SOCK_FLAG_LISTENER;
 	}
 	if (state->flags & SOCK_FLAG_MESH_APP) {
 		struct endpoint_key ek = state->app_endpoint;
@@ -365,11 +660,20 @@ int sockbypass_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		mesh_connect(skops);
 		break;
+	case BPF_SOCK_OPS_RWND_INIT:
+		/* Also called for connecting (full) sockets: only a request
+		 * socket is a SYN reaching one of our listeners. */
+		if (!skops->is_fullsock)
+			offer_pair(skops);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		insert_socket(skops, 0);
+		join_active(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		insert_socket(skops, 1);
+		join_passive(skops);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		record_listener(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)

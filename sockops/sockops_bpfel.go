@@ -58,7 +58,10 @@ type sockopsCgroupCounters struct {
 	MeshUnpaired           uint64
 	MeshAmbiguous          uint64
 	PassedBackpressureMsgs uint64
-	PassedSmallStreamMsgs  uint64
+	SocketsUnpaired        uint64
+	SocketsBlocking        uint64
+	PairsAbandoned         uint64
+	LateStackOptions       uint64
 }
 
 type sockopsEndpointKey struct {
@@ -111,6 +114,11 @@ type sockopsOrigDst struct {
 	Port   uint16
 	Family uint16
 	Pad    uint32
+}
+
+type sockopsPair struct {
+	_     structs.HostLayout
+	State uint64
 }
 
 type sockopsReceiver struct {
@@ -186,11 +194,13 @@ const (
 	sockopsMapCgroupConfig       = "cgroup_config"
 	sockopsMapCgroupCounters     = "cgroup_counters"
 	sockopsMapInboundPods        = "inbound_pods"
+	sockopsMapListeners          = "listeners"
 	sockopsMapMeshClients        = "mesh_clients"
 	sockopsMapMeshEndpoints      = "mesh_endpoints"
 	sockopsMapMeshSyns           = "mesh_syns"
 	sockopsMapNodeAddrs          = "node_addrs"
 	sockopsMapOrigDsts           = "orig_dsts"
+	sockopsMapPairs              = "pairs"
 	sockopsMapReceivers          = "receivers"
 	sockopsMapSockState          = "sock_state"
 	sockopsMapSocketCgroups      = "socket_cgroups"
@@ -253,11 +263,13 @@ type sockopsMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
+	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -296,11 +308,13 @@ type sockopsMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
+	Pairs          *ebpf.Map `ebpf:"pairs"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -314,11 +328,13 @@ func (m *sockopsMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.InboundPods,
+		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
 		m.OrigDsts,
+		m.Pairs,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

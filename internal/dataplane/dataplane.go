@@ -69,11 +69,13 @@ const (
 	PinInboundPods   = "inbound_pods"
 	PinRecvLink      = "recv_trace_link"
 	PinCgroupConfig  = "cgroup_config"
+	PinPairs         = "pairs"
+	PinListeners     = "listeners"
 	DirCgroups       = "cgroups"
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners}
 
 // ErrNotInstalled is returned by Open when nothing is pinned in the pin
 // directory.

@@ -187,7 +187,10 @@ func TestHalfCloseReplyArrives(t *testing.T) {
 	}
 }
 
-func TestPeerOutsideEnabledCgroupPasses(t *testing.T) {
+// TestPeerOutsideEnabledCgroupStaysPlain: a client whose server is in no
+// enabled cgroup does not join the sockhash (both or neither): it stays
+// plain TCP from its first byte, so its receive path is untouched.
+func TestPeerOutsideEnabledCgroupStaysPlain(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
 	// The server lives in the test's own cgroup, which is not enabled.
@@ -205,13 +208,17 @@ func TestPeerOutsideEnabledCgroupPasses(t *testing.T) {
 		t.Fatal(err)
 	}
 	delta := counterOf(t, dp, cg.ID).Sub(before)
-	if delta.RedirectedBytes != 0 || delta.RedirectedMsgs != 0 {
-		t.Errorf("redirected to a peer outside any enabled cgroup: %+v", delta)
+	if delta.RedirectedBytes != 0 || delta.PassedBytes != 0 {
+		t.Errorf("a socket whose peer is in no enabled cgroup went through sk_msg: %+v", delta)
 	}
-	if delta.PassedBytes != uint64(len(payload)) || delta.PassedMsgs == 0 {
-		t.Errorf("passed %d bytes in %d msgs, want %d bytes", delta.PassedBytes, delta.PassedMsgs, len(payload))
+	if delta.SocketsInserted != 0 || delta.SocketsUnpaired != 1 {
+		t.Errorf("sockets inserted = %d, unpaired = %d; want 0 and 1 (the client stays out)", delta.SocketsInserted, delta.SocketsUnpaired)
 	}
-	if delta.SocketsInserted != 1 {
-		t.Errorf("sockets inserted = %d, want 1 (the client only)", delta.SocketsInserted)
+	socks, err := dp.Sockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(socks) != 0 {
+		t.Errorf("sockhash holds %d sockets, want none", len(socks))
 	}
 }

@@ -61,7 +61,9 @@ func TestIPv4MappedPairsWithIPv4(t *testing.T) {
 // dialMapped connects an AF_INET6 socket to ::ffff:127.0.0.1:port.
 func dialMapped(t *testing.T, port int) net.Conn {
 	t.Helper()
-	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	// Non-blocking, as Go's own sockets: blocking sockets are never
+	// accelerated (a blocking recv on a sockhash member may return EAGAIN).
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,9 +71,18 @@ func dialMapped(t *testing.T, port int) net.Conn {
 		t.Fatal(err)
 	}
 	sa := &unix.SockaddrInet6{Port: port, Addr: [16]byte{10: 0xff, 11: 0xff, 12: 127, 15: 1}}
-	if err := unix.Connect(fd, sa); err != nil {
+	if err := unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS {
 		unix.Close(fd)
 		t.Fatalf("connect to [::ffff:127.0.0.1]:%d: %v", port, err)
+	}
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+	if n, err := unix.Poll(pfd, 5000); n != 1 || err != nil {
+		unix.Close(fd)
+		t.Fatalf("connect to [::ffff:127.0.0.1]:%d: poll %d %v", port, n, err)
+	}
+	if soerr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err != nil || soerr != 0 {
+		unix.Close(fd)
+		t.Fatalf("connect to [::ffff:127.0.0.1]:%d: %v %v", port, err, unix.Errno(soerr))
 	}
 	f := os.NewFile(uintptr(fd), "mapped")
 	defer f.Close()

@@ -56,7 +56,10 @@ type CgroupCounters struct {
 	MeshUnpaired       uint64 `json:"mesh_unpaired"`
 	MeshAmbiguous      uint64 `json:"mesh_ambiguous"`
 	PassedBackpressure uint64 `json:"passed_backpressure_msgs"`
-	PassedSmallStream  uint64 `json:"passed_small_stream_msgs"`
+	SocketsUnpaired    uint64 `json:"sockets_unpaired"`
+	SocketsBlocking    uint64 `json:"sockets_blocking"`
+	PairsAbandoned     uint64 `json:"pairs_abandoned"`
+	LateStackOptions   uint64 `json:"late_stack_options"`
 }
 
 // Add adds o to c field by field.
@@ -87,7 +90,10 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.MeshUnpaired += o.MeshUnpaired
 	c.MeshAmbiguous += o.MeshAmbiguous
 	c.PassedBackpressure += o.PassedBackpressure
-	c.PassedSmallStream += o.PassedSmallStream
+	c.SocketsUnpaired += o.SocketsUnpaired
+	c.SocketsBlocking += o.SocketsBlocking
+	c.PairsAbandoned += o.PairsAbandoned
+	c.LateStackOptions += o.LateStackOptions
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -119,6 +125,9 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		MeshUnpaired:       c.MeshUnpaired - o.MeshUnpaired,
 		MeshAmbiguous:      c.MeshAmbiguous - o.MeshAmbiguous,
 		PassedBackpressure: c.PassedBackpressure - o.PassedBackpressure,
-		PassedSmallStream:  c.PassedSmallStream - o.PassedSmallStream,
+		SocketsUnpaired:    c.SocketsUnpaired - o.SocketsUnpaired,
+		SocketsBlocking:    c.SocketsBlocking - o.SocketsBlocking,
+		PairsAbandoned:     c.PairsAbandoned - o.PairsAbandoned,
+		LateStackOptions:   c.LateStackOptions - o.LateStackOptions,
 	}
 }

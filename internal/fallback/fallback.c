@@ -2,13 +2,14 @@
 //go:build ignore
 
 /*
- * Automatic fallback, decided before a byte could be delivered differently:
- * these programs decide which sockets may become redirect targets (see
- * sockbypass.h). A socket publishes itself in the receivers map once it has
- * been seen reading with plain recvmsg; a reader that needs semantics the
- * redirected queue does not keep (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE,
- * MSG_WAITALL, MSG_OOB) is marked a stack reader and never receives
- * redirected bytes again. Each reason is counted per enabled cgroup.
+ * Stack readers and read progress (see sockbypass.h, "Pairs"):
+ * - cgroup/setsockopt sees SO_RCVLOWAT, TCP_INQ and SO_OOBINLINE. Set before
+ *   a socket joins a pair (on it, or on its listener), they keep its
+ *   connection plain TCP; set after, they are counted.
+ * - tp_btf/sock_recv_length publishes each member's copied_seq and the
+ *   redirected bytes it has read, for the sender's ordering and
+ *   back-pressure checks, and counts MSG_WAITALL and MSG_OOB reads.
+ * Each reason is counted per enabled cgroup.
  */
 #include "sockbypass.h"
 
@@ -59,17 +60,30 @@ static __always_inline void count_reason(__u64 cgroup_id, int reason)
 	}
 }
 
-/* mark_stack_reader makes the socket a stack reader for good and withdraws
- * it as a redirect target. */
+/*
+ * mark_stack_reader records that the socket's reader needs plain-TCP
+ * semantics. Before the socket joins a pair this keeps it (and so its
+ * connection) off the sockhash. A member cannot leave safely (deleting it
+ * would discard redirected bytes it has not read, and bytes sent through
+ * the stack to it would be invisible to FIONREAD), so after joining the
+ * option is only counted (late_stack_options) and the pair stays redirected.
+ */
 static __always_inline void mark_stack_reader(struct sock_state *state, __u64 cgroup_id, int reason)
 {
+	if (state->flags & SOCK_FLAG_INSERTED) {
+		struct cgroup_counters *c;
+
+		if (state->flags & SOCK_FLAG_LATE_OPTION)
+			return;
+		state->flags |= SOCK_FLAG_LATE_OPTION;
+		c = counters_for(cgroup_id);
+		if (c)
+			__sync_fetch_and_add(&c->late_stack_options, 1);
+		return;
+	}
 	if (state->flags & SOCK_FLAG_STACK_READER)
 		return;
 	state->flags |= SOCK_FLAG_STACK_READER;
-	if (state->flags & SOCK_FLAG_PUBLISHED) {
-		bpf_map_delete_elem(&receivers, &state->key);
-		state->flags &= ~SOCK_FLAG_PUBLISHED;
-	}
 	count_reason(cgroup_id, reason);
 }
 
@@ -100,8 +114,6 @@ int sockbypass_setsockopt(struct bpf_sockopt *ctx)
 	return 1; /* never refuse or change the option */
 }
 
-struct sock;
-
 SEC("tp_btf/sock_recv_length")
 int sockbypass_recv_length(__u64 *ctx)
 {
@@ -120,14 +132,11 @@ int sockbypass_recv_length(__u64 *ctx)
 	    (state->flags & SOCK_FLAG_STACK_READER))
 		return 0;
 
-	if (flags & MSG_WAITALL) {
+	/* Members only (see mark_stack_reader): counted, still published. */
+	if (flags & MSG_WAITALL)
 		mark_stack_reader(state, state->cgroup_id, REASON_WAITALL);
-		return 0;
-	}
-	if (flags & MSG_OOB) {
+	if (flags & MSG_OOB)
 		mark_stack_reader(state, state->cgroup_id, REASON_OOB_READ);
-		return 0;
-	}
 
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)

@@ -58,7 +58,10 @@ type fallbackCgroupCounters struct {
 	MeshUnpaired           uint64
 	MeshAmbiguous          uint64
 	PassedBackpressureMsgs uint64
-	PassedSmallStreamMsgs  uint64
+	SocketsUnpaired        uint64
+	SocketsBlocking        uint64
+	PairsAbandoned         uint64
+	LateStackOptions       uint64
 }
 
 type fallbackEndpointKey struct {
@@ -111,6 +114,11 @@ type fallbackOrigDst struct {
 	Port   uint16
 	Family uint16
 	Pad    uint32
+}
+
+type fallbackPair struct {
+	_     structs.HostLayout
+	State uint64
 }
 
 type fallbackReceiver struct {
@@ -186,11 +194,13 @@ const (
 	fallbackMapCgroupConfig          = "cgroup_config"
 	fallbackMapCgroupCounters        = "cgroup_counters"
 	fallbackMapInboundPods           = "inbound_pods"
+	fallbackMapListeners             = "listeners"
 	fallbackMapMeshClients           = "mesh_clients"
 	fallbackMapMeshEndpoints         = "mesh_endpoints"
 	fallbackMapMeshSyns              = "mesh_syns"
 	fallbackMapNodeAddrs             = "node_addrs"
 	fallbackMapOrigDsts              = "orig_dsts"
+	fallbackMapPairs                 = "pairs"
 	fallbackMapReceivers             = "receivers"
 	fallbackMapSockState             = "sock_state"
 	fallbackMapSocketCgroups         = "socket_cgroups"
@@ -255,11 +265,13 @@ type fallbackMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
+	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -298,11 +310,13 @@ type fallbackMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
+	Pairs          *ebpf.Map `ebpf:"pairs"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -316,11 +330,13 @@ func (m *fallbackMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.InboundPods,
+		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
 		m.OrigDsts,
+		m.Pairs,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

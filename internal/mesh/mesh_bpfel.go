@@ -58,7 +58,10 @@ type meshCgroupCounters struct {
 	MeshUnpaired           uint64
 	MeshAmbiguous          uint64
 	PassedBackpressureMsgs uint64
-	PassedSmallStreamMsgs  uint64
+	SocketsUnpaired        uint64
+	SocketsBlocking        uint64
+	PairsAbandoned         uint64
+	LateStackOptions       uint64
 }
 
 type meshEndpointKey struct {
@@ -111,6 +114,11 @@ type meshOrigDst struct {
 	Port   uint16
 	Family uint16
 	Pad    uint32
+}
+
+type meshPair struct {
+	_     structs.HostLayout
+	State uint64
 }
 
 type meshReceiver struct {
@@ -186,11 +194,13 @@ const (
 	meshMapCgroupConfig          = "cgroup_config"
 	meshMapCgroupCounters        = "cgroup_counters"
 	meshMapInboundPods           = "inbound_pods"
+	meshMapListeners             = "listeners"
 	meshMapMeshClients           = "mesh_clients"
 	meshMapMeshEndpoints         = "mesh_endpoints"
 	meshMapMeshSyns              = "mesh_syns"
 	meshMapNodeAddrs             = "node_addrs"
 	meshMapOrigDsts              = "orig_dsts"
+	meshMapPairs                 = "pairs"
 	meshMapReceivers             = "receivers"
 	meshMapSockState             = "sock_state"
 	meshMapSocketCgroups         = "socket_cgroups"
@@ -259,11 +269,13 @@ type meshMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
+	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -302,11 +314,13 @@ type meshMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
+	Pairs          *ebpf.Map `ebpf:"pairs"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -320,11 +334,13 @@ func (m *meshMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.InboundPods,
+		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
 		m.OrigDsts,
+		m.Pairs,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,

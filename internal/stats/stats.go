@@ -74,9 +74,20 @@ type Figures struct {
 	// PassedBackpressureMsgs: of PassedMsgs, those sent while the peer had
 	// 8 MiB of redirected bytes unread (flow control through the stack).
 	PassedBackpressureMsgs uint64 `json:"passed_backpressure_msgs"`
-	// PassedSmallStreamMsgs: of PassedMsgs, small messages of a sender
-	// streaming without reading (the stack coalesces them better).
-	PassedSmallStreamMsgs uint64 `json:"passed_small_stream_msgs"`
+	// SocketsUnpaired counts sockets left plain TCP because their peer
+	// does not join (it is in no enabled cgroup, or declined).
+	SocketsUnpaired uint64 `json:"sockets_unpaired"`
+	// SocketsBlocking counts sockets left plain TCP because they (or
+	// their listener) are blocking: a blocking recv on a sockhash member
+	// may return EAGAIN.
+	SocketsBlocking uint64 `json:"sockets_blocking"`
+	// PairsAbandoned counts pairs given up because the client sent before
+	// its server had joined.
+	PairsAbandoned uint64 `json:"pairs_abandoned"`
+	// LateStackOptions counts members that asked for SO_RCVLOWAT, TCP_INQ,
+	// SO_OOBINLINE, MSG_WAITALL or MSG_OOB after joining (the pair stays
+	// redirected).
+	LateStackOptions uint64 `json:"late_stack_options"`
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
@@ -110,7 +121,12 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		InsertFailures:            c.InsertFailures,
 		SocketsSkipped:            c.SocketsSkipped,
 		PassedUnreadMsgs:          c.PassedUnreadMsgs,
+		PassedBackpressureMsgs:    c.PassedBackpressure,
 		SocketsRemote:             c.SocketsRemote,
+		SocketsUnpaired:           c.SocketsUnpaired,
+		SocketsBlocking:           c.SocketsBlocking,
+		PairsAbandoned:            c.PairsAbandoned,
+		LateStackOptions:          c.LateStackOptions,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
