@@ -58,7 +58,10 @@ type tcCgroupCounters struct {
 	MeshUnpaired           uint64
 	MeshAmbiguous          uint64
 	PassedBackpressureMsgs uint64
-	PassedSmallStreamMsgs  uint64
+	SocketsUnpaired        uint64
+	SocketsBlocking        uint64
+	PairsAbandoned         uint64
+	LateStackOptions       uint64
 }
 
 type tcEndpointKey struct {
@@ -111,6 +114,11 @@ type tcOrigDst struct {
 	Port   uint16
 	Family uint16
 	Pad    uint32
+}
+
+type tcPair struct {
+	_     structs.HostLayout
+	State uint64
 }
 
 type tcReceiver struct {
@@ -186,11 +194,13 @@ const (
 	tcMapCgroupConfig        = "cgroup_config"
 	tcMapCgroupCounters      = "cgroup_counters"
 	tcMapInboundPods         = "inbound_pods"
+	tcMapListeners           = "listeners"
 	tcMapMeshClients         = "mesh_clients"
 	tcMapMeshEndpoints       = "mesh_endpoints"
 	tcMapMeshSyns            = "mesh_syns"
 	tcMapNodeAddrs           = "node_addrs"
 	tcMapOrigDsts            = "orig_dsts"
+	tcMapPairs               = "pairs"
 	tcMapReceivers           = "receivers"
 	tcMapSockState           = "sock_state"
 	tcMapSocketCgroups       = "socket_cgroups"
@@ -253,11 +263,13 @@ type tcMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
+	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
@@ -296,11 +308,13 @@ type tcMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
+	Pairs          *ebpf.Map `ebpf:"pairs"`
 	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
@@ -314,11 +328,13 @@ func (m *tcMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.InboundPods,
+		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
 		m.OrigDsts,
+		m.Pairs,
 		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,
