@@ -120,6 +120,9 @@ func runEnable(e *env, args []string) error {
 			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s\n", cg.Path, cg.ID, what)
 		}
 	}
+	if _, err := dp.RefreshListeners(); err != nil {
+		fmt.Fprintf(e.stderr, "warning: %v; connections to listeners that could not be read take the normal TCP path\n", err)
+	}
 	addrs, err := dp.RefreshNodeAddrs()
 	if errors.Is(err, nodeaddrs.ErrPermission) {
 		fmt.Fprintf(e.stderr, "warning: %v; pod-to-pod connections take the normal TCP path\n", err)

@@ -53,6 +53,11 @@ func (env *Env) RunCase(ctx context.Context, c Case, cfg Config) (res CaseResult
 		}
 		insts[m] = inst
 	}
+	// As the daemon does at each rescan: servers that make their listener
+	// non-blocking after listen() (redis) are recorded as such.
+	if _, err := env.DP.RefreshListeners(); err != nil {
+		return res, fmt.Errorf("refresh listeners: %w", err)
+	}
 
 	samples := map[*Mode][]Sample{}
 	traffic := map[*Mode]*Traffic{env.Plain: &res.PlainTraffic, env.Accel: &res.AccelTraffic}

@@ -128,6 +128,11 @@ func (d *Daemon) Reconcile() (Result, error) {
 			d.log.Info("cgroup no longer configured: disabled", zap.String("cgroup", path), zap.Uint64("cgroup_id", id))
 		}
 	}
+	// Listeners that became non-blocking after listen() (redis), and
+	// those of processes that existed before their cgroup was enabled.
+	if _, err := d.dp.RefreshListeners(); err != nil {
+		d.log.Warn("refresh listeners", zap.Error(err))
+	}
 	if _, err := d.dp.RefreshNodeAddrs(cfg.ExtraNetnsPaths()...); err != nil {
 		d.log.Warn("refresh node addresses", zap.Error(err))
 		if firstErr == nil {

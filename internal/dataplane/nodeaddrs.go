@@ -11,6 +11,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/lock"
+	"github.com/sockbypass/sockbypass/internal/listeners"
 	"github.com/sockbypass/sockbypass/internal/nodeaddrs"
 )
 
@@ -129,23 +130,9 @@ func (d *Dataplane) nodeAddrs() (NodeAddrs, error) {
 // processes in the enabled cgroups, and of the namespaces at extraNetns,
 // and syncs the node address table with them.
 func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
-	ids, err := d.EnabledCgroupIDs()
+	cgs, err := d.enabledCgroups()
 	if err != nil {
 		return NodeAddrs{}, err
-	}
-	mounts, err := cgroup.ReadMounts()
-	if err != nil {
-		return NodeAddrs{}, err
-	}
-	paths, err := mounts.PathsByID(ids)
-	if err != nil {
-		return NodeAddrs{}, err
-	}
-	var cgs []cgroup.Cgroup
-	for _, p := range paths {
-		if cg, err := mounts.Resolve(p); err == nil {
-			cgs = append(cgs, cg)
-		}
 	}
 	// One pass over the namespaces: every address, and those of the
 	// redirect-mode sidecar pods with their inbound port.
@@ -174,4 +161,73 @@ func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
 		err = collectErr
 	}
 	return addrs, err
+}
+
+// listenerNonblock mirrors LISTENER_NONBLOCK.
+const listenerNonblock = 1 << 0
+
+// RefreshListeners records the listening sockets of the processes in the
+// enabled cgroups, and whether each blocks, in the listeners table: an
+// accepted socket joins the sockhash only when its listener is known to be
+// non-blocking. sock_ops records listeners when they call listen(); this
+// covers listeners that existed before enable and servers that make their
+// listener non-blocking after listen() (redis). It returns the number of
+// listeners found.
+func (d *Dataplane) RefreshListeners() (int, error) {
+	cgs, err := d.enabledCgroups()
+	if err != nil {
+		return 0, err
+	}
+	var pids []int
+	for _, cg := range cgs {
+		p, err := cg.Procs()
+		if err != nil {
+			continue // removed meanwhile
+		}
+		pids = append(pids, p...)
+	}
+	found, collectErr := listeners.Collect(pids)
+	for _, l := range found {
+		key := endpointKey{NetnsCookie: l.NetnsCookie, IP: l.Addr.As16(), Port: l.Port}
+		var flags uint32
+		if l.NonBlocking {
+			flags = listenerNonblock
+		}
+		if err := d.maps[PinListeners].Put(key, flags); err != nil {
+			return 0, fmt.Errorf("record listener %s: %w", netip.AddrPortFrom(l.Addr, l.Port), err)
+		}
+	}
+	return len(found), collectErr
+}
+
+// endpointKey mirrors struct endpoint_key.
+type endpointKey struct {
+	NetnsCookie uint64
+	IP          [16]byte
+	Port        uint16
+	Pad         uint16
+	Pad2        uint32
+}
+
+// enabledCgroups resolves the enabled cgroups that still exist.
+func (d *Dataplane) enabledCgroups() ([]cgroup.Cgroup, error) {
+	ids, err := d.EnabledCgroupIDs()
+	if err != nil {
+		return nil, err
+	}
+	mounts, err := cgroup.ReadMounts()
+	if err != nil {
+		return nil, err
+	}
+	paths, err := mounts.PathsByID(ids)
+	if err != nil {
+		return nil, err
+	}
+	var cgs []cgroup.Cgroup
+	for _, p := range paths {
+		if cg, err := mounts.Resolve(p); err == nil {
+			cgs = append(cgs, cg)
+		}
+	}
+	return cgs, nil
 }
