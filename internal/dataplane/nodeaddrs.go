@@ -10,8 +10,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sockbypass/sockbypass/cgroup"
-	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/internal/listeners"
+	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/internal/nodeaddrs"
 )
 
