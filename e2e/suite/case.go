@@ -40,6 +40,10 @@ type Case struct {
 	Size int
 	// Metrics are the metrics every run reports, headline first.
 	Metrics []MetricSpec
+	// Blocking, when set, says why the workload's sockets block (and so
+	// are never accelerated: a blocking recv on a sockhash member may
+	// return EAGAIN): its accelerated runs must take the normal path.
+	Blocking string
 	// start starts the servers of one mode and returns the instance that
 	// runs the clients.
 	start func(ctx context.Context, rc *runContext) (instance, error)

@@ -19,6 +19,7 @@ func iperfCase(topo string, size int) Case {
 	return Case{
 		Name:     fmt.Sprintf("%s/iperf3-%s", topo, sizeLabel(size)),
 		Topology: topo, Workload: "iperf3", Size: size, Metrics: iperfMetrics,
+		Blocking: "iperf3 connects with blocking sockets",
 		start: func(ctx context.Context, rc *runContext) (instance, error) {
 			return startIperf(ctx, rc, size)
 		},

@@ -126,6 +126,10 @@ func (env *Env) RunCase(ctx context.Context, c Case, cfg Config) (res CaseResult
 	switch {
 	case res.PlainTraffic.RedirectedBytes != 0:
 		return res, errors.New("plain runs were redirected: the plain cgroup must not be accelerated")
+	case c.Blocking != "" && res.Paired:
+		return res, fmt.Errorf("accelerated runs were redirected although %s: blocking sockets must never join the sockhash", c.Blocking)
+	case c.Blocking != "":
+		res.Note = "not accelerated: " + c.Blocking
 	case res.Paired:
 	case topo.CrossNetns:
 		res.Note = "cross-netns: not paired"

@@ -56,7 +56,9 @@ func startSockperf(ctx context.Context, rc *runContext, size int, cpus cpuPlacem
 		return nil, err
 	}
 	srv, err := start(procSpec{
-		args:  []string{"sockperf", "server", "--tcp", "-i", rc.topo.ServerIP, "-p", strconv.Itoa(port)},
+		// --nonblocked: blocking sockets are never accelerated (a blocking
+		// recv on a sockhash member may return EAGAIN).
+		args:  []string{"sockperf", "server", "--tcp", "--nonblocked", "-i", rc.topo.ServerIP, "-p", strconv.Itoa(port)},
 		netns: rc.topo.Server, mode: rc.mode, cpus: cpus.Server, dir: rc.dir,
 	})
 	if err != nil {
@@ -72,7 +74,7 @@ func startSockperf(ctx context.Context, rc *runContext, size int, cpus cpuPlacem
 func (s *sockperfInstance) run(ctx context.Context) (Sample, error) {
 	secs := s.rc.cfg.seconds()
 	out, err := runProc(ctx, procSpec{
-		args: []string{"sockperf", "ping-pong", "--tcp", "-i", s.rc.topo.ServerIP, "-p", strconv.Itoa(s.port),
+		args: []string{"sockperf", "ping-pong", "--tcp", "--nonblocked", "-i", s.rc.topo.ServerIP, "-p", strconv.Itoa(s.port),
 			"-m", strconv.Itoa(s.size), "-t", strconv.Itoa(secs), "--full-rtt"},
 		netns: s.rc.topo.Client, mode: s.rc.mode, cpus: s.cpus.Client, dir: s.rc.dir,
 	}, time.Duration(secs)*time.Second+30*time.Second)

@@ -46,6 +46,10 @@ func TestSuiteQuick(t *testing.T) {
 			}
 			topo := env.Topologies[c.Topology]
 			switch {
+			case c.Blocking != "" && res.Paired:
+				t.Errorf("blocking workload (%s) was redirected: %+v", c.Blocking, res.AccelTraffic)
+			case c.Blocking != "":
+				t.Logf("not accelerated, as required: %s", c.Blocking)
 			case !topo.CrossNetns && !res.Paired:
 				t.Errorf("accelerated run was not redirected: %+v", res.AccelTraffic)
 			case topo.CrossNetns && !res.Paired:
