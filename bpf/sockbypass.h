@@ -163,12 +163,16 @@ struct receiver {
  * reading would let its peer queue without bound. A sender stops
  * redirecting when this many redirected bytes are unread, and its next
  * bytes take the stack, where TCP flow control blocks it as it would
- * without sockbypass; it redirects again once the reader has caught up.
- * 8 MiB is above the default tcp_rmem maximum (6 MiB): a plain TCP reader
- * never has more queued, so FIONREAD (which counts the redirected queue
- * only) stays exact for every amount plain TCP could show.
+ * without sockbypass; it redirects again once the reader has read every
+ * byte (stack bytes included). This is the one path that puts stack bytes
+ * on a member, and then FIONREAD (which counts the redirected queue only)
+ * undercounts until the reader has caught up: so the limit is far above
+ * what plain TCP holds in flight (tcp_rmem plus tcp_wmem maxima, about
+ * 10 MiB by default), and a live reader (nginx taking a 16 MiB POST, a
+ * 32 MiB stream sent before the first read) never reaches it. Measured:
+ * 8 MiB hung nginx reverse-proxy POSTs of 16 MiB.
  */
-#define REDIRECT_UNREAD_LIMIT (8ULL << 20)
+#define REDIRECT_UNREAD_LIMIT (64ULL << 20)
 
 /*
  * Streams of small writes: over loopback the stack coalesces them into
@@ -284,6 +288,8 @@ struct cgroup_counters {
 	__u64 sockets_blocking;
 	/* Pairs given up because the client sent before its peer joined. */
 	__u64 pairs_abandoned;
+	/* Connections left plain because their server port is a stack port. */
+	__u64 sockets_stack_port;
 	/* Members that asked for semantics the redirected queue does not keep
 	 * after they joined (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE, MSG_WAITALL,
 	 * MSG_OOB): counted, the pair stays redirected. */
@@ -324,6 +330,7 @@ struct {
 
 #define MESH_MAX_EXCLUDE_PORTS 16
 #define MESH_MAX_EXCLUDE_CIDRS 8
+#define MAX_STACK_PORTS 16
 
 struct cidr {
 	__u32 ip[4];	/* network byte order; IPv4 as ::ffff:a.b.c.d */
@@ -346,7 +353,25 @@ struct cgroup_config {
 	struct cidr exclude_cidrs[MESH_MAX_EXCLUDE_CIDRS];
 	__u32 n_exclude_cidrs;
 	__u32 pad;
+	/* Server ports whose connections stay plain TCP (host byte order, 0
+	 * unused): for readers that splice (a Go io.Copy TCP proxy, HAProxy
+	 * in splice mode), which cannot read redirected bytes. A connection
+	 * is left out when its server port is listed by the cgroup of either
+	 * end. */
+	__u16 stack_ports[MAX_STACK_PORTS];
 };
+
+/* stack_port reports whether cfg lists port as a stack-only server port. */
+static __always_inline int stack_port(const struct cgroup_config *cfg, __u16 port)
+{
+	if (!cfg)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < MAX_STACK_PORTS; i++)
+		if (cfg->stack_ports[i] == port && port != 0)
+			return 1;
+	return 0;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -440,6 +440,8 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 		return;
 	if (own_key(skops, &key) < 0)
 		return;
+	if (stack_port(cfg, key.local_port))
+		return;
 	own_netns = bpf_get_netns_cookie(skops);
 	p.own_netns = own_netns;
 	if (passive_pairing(cfg, &key, &p, 0))
@@ -479,6 +481,13 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 		COUNT(c, sockets_ambiguous);
 	own_sockhash_key(&key, &p, own_netns);
 
+	if (stack_port(cfg, key.remote_port)) {
+		pair = bpf_map_lookup_elem(&pairs, &key);
+		if (pair)
+			pair->state = PAIR_DECLINED;
+		COUNT(c, sockets_stack_port);
+		return;
+	}
 	/* The server's listener is in an enabled cgroup and will decide. */
 	pair = bpf_map_lookup_elem(&pairs, &key);
 	if (!pair || pair->state != PAIR_OFFERED) {
@@ -490,6 +499,7 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 		COUNT(c, sockets_unpaired);
 		return;
 	}
+
 	if (sock_nonblocking(skops->sk) != 1) {
 		pair->state = PAIR_DECLINED;
 		COUNT(c, sockets_blocking);
@@ -544,6 +554,10 @@ static __noinline void join_passive(struct bpf_sock_ops *skops)
 		COUNT(c, sockets_ambiguous);
 	own_sockhash_key(&key, &p, own_netns);
 
+	if (stack_port(cfg, key.local_port)) {
+		COUNT(c, sockets_stack_port);
+		return;
+	}
 	pair = bpf_map_lookup_elem(&pairs, &p.peer);
 	if (!pair) {
 		COUNT(c, sockets_unpaired);

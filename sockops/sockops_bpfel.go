@@ -28,6 +28,7 @@ type sockopsCgroupConfig struct {
 	}
 	N_excludeCidrs uint32
 	Pad            uint32
+	StackPorts     [16]uint16
 }
 
 type sockopsCgroupCounters struct {
@@ -61,6 +62,7 @@ type sockopsCgroupCounters struct {
 	SocketsUnpaired        uint64
 	SocketsBlocking        uint64
 	PairsAbandoned         uint64
+	SocketsStackPort       uint64
 	LateStackOptions       uint64
 }
 

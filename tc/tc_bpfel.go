@@ -28,6 +28,7 @@ type tcCgroupConfig struct {
 	}
 	N_excludeCidrs uint32
 	Pad            uint32
+	StackPorts     [16]uint16
 }
 
 type tcCgroupCounters struct {
@@ -61,6 +62,7 @@ type tcCgroupCounters struct {
 	SocketsUnpaired        uint64
 	SocketsBlocking        uint64
 	PairsAbandoned         uint64
+	SocketsStackPort       uint64
 	LateStackOptions       uint64
 }
 

@@ -15,7 +15,7 @@ import (
 
 var enableCommand = command{
 	summary: "accelerate the TCP sockets of a cgroup (idempotent)",
-	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--sockhash-size N]\n         [--mesh istio|linkerd|kuma [--intercept] [--sidecar-uid UID] [--outbound-port N] [--inbound-port N] [--exclude-ports P,...] [--exclude-cidrs CIDR,...]]",
+	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--stack-ports P,...] [--sockhash-size N]\n         [--mesh istio|linkerd|kuma [--intercept] [--sidecar-uid UID] [--outbound-port N] [--inbound-port N] [--exclude-ports P,...] [--exclude-cidrs CIDR,...]]",
 	run:     runEnable,
 }
 
@@ -35,6 +35,8 @@ func runEnable(e *env, args []string) error {
 	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is accounted, optionally in another network namespace as /run/netns/NAME:DEV (repeatable; default lo)")
 	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (stack egress is then not counted)")
 	fs.BoolVar(&accountOnly, "account-only", false, "count the cgroup's traffic but do not accelerate it (a dry run; run enable again without it to accelerate)")
+	var stackPorts string
+	fs.StringVar(&stackPorts, "stack-ports", "", "server ports whose connections stay on the normal TCP path, comma-separated (at most 16): for servers and proxies that read with splice(2), such as a Go io.Copy TCP proxy or HAProxy in splice mode")
 	var meshName, sidecarUID, outboundPort, inboundPort, excludePorts, excludeCIDRs string
 	var intercept bool
 	fs.StringVar(&meshName, "mesh", "", "sidecar mode for a pod with a mesh sidecar: istio (uid 1337, ports 15001/15006), linkerd (2102, 4140/4143) or kuma (5678, 15001/15006)")
@@ -59,6 +61,16 @@ func runEnable(e *env, args []string) error {
 		return usagef("--no-tc and --tc-dev contradict each other: give one of them")
 	}
 	opts := dataplane.EnableOptions{AccountOnly: accountOnly}
+	if stackPorts != "" {
+		ports, err := dataplane.ParsePorts(stackPorts)
+		if err != nil {
+			return usagef("--stack-ports %q: %v", stackPorts, err)
+		}
+		if len(ports) > 16 {
+			return usagef("--stack-ports: %d ports given, at most 16", len(ports))
+		}
+		opts.StackPorts = ports
+	}
 	if meshName == "" {
 		for name, v := range map[string]string{"--sidecar-uid": sidecarUID, "--outbound-port": outboundPort, "--inbound-port": inboundPort, "--exclude-ports": excludePorts, "--exclude-cidrs": excludeCIDRs} {
 			if v != "" {

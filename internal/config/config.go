@@ -61,6 +61,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	  - system.slice/redis.service
 //	tcDevices: [lo]     # interfaces whose egress is accounted ([] for none); [NETNS:]DEV
 //	accountOnly: false  # count, do not accelerate
+//	stackPorts: [8081]  # server ports that stay plain TCP (splice readers)
 //	metricsAddr: 127.0.0.1:9464   # "" disables the metrics endpoint
 //	logLevel: info      # debug, info, warn, error
 //	rescanInterval: 2s  # how often globs are expanded again
@@ -78,6 +79,7 @@ type Config struct {
 	Cgroups        []Field[string]  `yaml:"cgroups"`
 	TCDevices      *[]Field[string] `yaml:"tcDevices"`
 	AccountOnly    Field[bool]      `yaml:"accountOnly"`
+	StackPorts     []Field[uint16]  `yaml:"stackPorts"`
 	MetricsAddr    *Field[string]   `yaml:"metricsAddr"`
 	LogLevel       Field[string]    `yaml:"logLevel"`
 	RescanInterval Field[Duration]  `yaml:"rescanInterval"`
@@ -154,6 +156,14 @@ func (c *Config) validate() error {
 		if err := validatePattern(mounts, p); err != nil {
 			return err
 		}
+	}
+	for _, p := range c.StackPorts {
+		if p.Value == 0 {
+			return fmt.Errorf("line %d: stackPorts: 0 is not a port", p.Line)
+		}
+	}
+	if len(c.StackPorts) > 16 {
+		return fmt.Errorf("line %d: stackPorts: %d ports given, at most 16", c.StackPorts[16].Line, len(c.StackPorts))
 	}
 	if c.TCDevices == nil {
 		c.devices = []dataplane.TCDevice{dataplane.DefaultTCDevice}
@@ -318,3 +328,13 @@ func (c *Config) ExtraNetnsPaths() []string {
 // MeshOptions returns the sidecar mode of the configured cgroups (nil for
 // none).
 func (c *Config) MeshOptions() *dataplane.MeshOptions { return c.mesh }
+
+// StackPortValues returns the stackPorts setting: server ports whose
+// connections stay plain TCP.
+func (c *Config) StackPortValues() []uint16 {
+	var out []uint16
+	for _, p := range c.StackPorts {
+		out = append(out, p.Value)
+	}
+	return out
+}

@@ -92,7 +92,7 @@ func (d *Daemon) Reconcile() (Result, error) {
 		isEnabled[id] = true
 	}
 	want := map[uint64]bool{}
-	opts := dataplane.EnableOptions{TCDevices: cfg.TCDevicesOrDefault(), AccountOnly: cfg.AccountOnly.Value, Mesh: cfg.MeshOptions()}
+	opts := dataplane.EnableOptions{TCDevices: cfg.TCDevicesOrDefault(), AccountOnly: cfg.AccountOnly.Value, Mesh: cfg.MeshOptions(), StackPorts: cfg.StackPortValues()}
 	var firstErr error
 	for _, cg := range desired {
 		want[cg.ID] = true

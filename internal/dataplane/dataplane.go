@@ -354,6 +354,12 @@ type EnableOptions struct {
 	// Mesh, when set, puts the cgroup (a pod with a sidecar) in sidecar
 	// mode.
 	Mesh *MeshOptions
+	// StackPorts are server ports whose connections stay plain TCP (at
+	// most 16): for servers and proxies that read with splice(2) (a Go
+	// io.Copy TCP proxy, HAProxy in splice mode), which cannot read
+	// redirected bytes. A connection is left out when its server port is
+	// listed by the cgroup of either end.
+	StackPorts []uint16
 }
 
 // cgroupConfig mirrors struct cgroup_config.
@@ -367,6 +373,7 @@ type cgroupConfig struct {
 	ExcludeCIDRs  [8]cidrValue
 	NExcludeCIDRs uint32
 	Pad           uint32
+	StackPorts    [16]uint16
 }
 
 // cidrValue mirrors struct cidr.
@@ -419,6 +426,10 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
 		}
 	}
+	if len(opts.StackPorts) > len(cfg.StackPorts) {
+		return false, fmt.Errorf("enable %s: %d stack ports given, at most %d", cg.Path, len(opts.StackPorts), len(cfg.StackPorts))
+	}
+	copy(cfg.StackPorts[:], opts.StackPorts)
 	var oldCfg cgroupConfig
 	hadCfg := d.maps[PinCgroupConfig].Lookup(cg.ID, &oldCfg) == nil
 	if err := d.maps[PinCgroupConfig].Put(cg.ID, cfg); err != nil {

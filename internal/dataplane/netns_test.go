@@ -45,7 +45,7 @@ func TestIdenticalTuplesInTwoNamespacesNeverCross(t *testing.T) {
 		t.Cleanup(func() { p.l.Close() })
 	}
 
-	const perConn = 6 << 20 // under the 8 MiB unread limit: all redirected
+	const perConn = 6 << 20 // under the 64 MiB unread limit: all redirected
 	errs := make(chan error, 2*len(pods))
 	var wg sync.WaitGroup
 	for _, p := range pods {

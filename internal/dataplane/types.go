@@ -59,6 +59,7 @@ type CgroupCounters struct {
 	SocketsUnpaired    uint64 `json:"sockets_unpaired"`
 	SocketsBlocking    uint64 `json:"sockets_blocking"`
 	PairsAbandoned     uint64 `json:"pairs_abandoned"`
+	SocketsStackPort   uint64 `json:"sockets_stack_port"`
 	LateStackOptions   uint64 `json:"late_stack_options"`
 }
 
@@ -93,6 +94,7 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.SocketsUnpaired += o.SocketsUnpaired
 	c.SocketsBlocking += o.SocketsBlocking
 	c.PairsAbandoned += o.PairsAbandoned
+	c.SocketsStackPort += o.SocketsStackPort
 	c.LateStackOptions += o.LateStackOptions
 }
 
@@ -128,6 +130,7 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		SocketsUnpaired:    c.SocketsUnpaired - o.SocketsUnpaired,
 		SocketsBlocking:    c.SocketsBlocking - o.SocketsBlocking,
 		PairsAbandoned:     c.PairsAbandoned - o.PairsAbandoned,
+		SocketsStackPort:   c.SocketsStackPort - o.SocketsStackPort,
 		LateStackOptions:   c.LateStackOptions - o.LateStackOptions,
 	}
 }

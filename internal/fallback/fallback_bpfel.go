@@ -28,6 +28,7 @@ type fallbackCgroupConfig struct {
 	}
 	N_excludeCidrs uint32
 	Pad            uint32
+	StackPorts     [16]uint16
 }
 
 type fallbackCgroupCounters struct {
@@ -61,6 +62,7 @@ type fallbackCgroupCounters struct {
 	SocketsUnpaired        uint64
 	SocketsBlocking        uint64
 	PairsAbandoned         uint64
+	SocketsStackPort       uint64
 	LateStackOptions       uint64
 }
 

@@ -72,7 +72,7 @@ type Figures struct {
 	// had earlier stack bytes of ours to read.
 	PassedUnreadMsgs uint64 `json:"passed_unread_msgs"`
 	// PassedBackpressureMsgs: of PassedMsgs, those sent while the peer had
-	// 8 MiB of redirected bytes unread (flow control through the stack).
+	// 64 MiB of redirected bytes unread (flow control through the stack).
 	PassedBackpressureMsgs uint64 `json:"passed_backpressure_msgs"`
 	// SocketsUnpaired counts sockets left plain TCP because their peer
 	// does not join (it is in no enabled cgroup, or declined).
@@ -84,6 +84,9 @@ type Figures struct {
 	// PairsAbandoned counts pairs given up because the client sent before
 	// its server had joined.
 	PairsAbandoned uint64 `json:"pairs_abandoned"`
+	// SocketsStackPort counts sockets left plain TCP because their
+	// connection's server port is a stack port (enable --stack-ports).
+	SocketsStackPort uint64 `json:"sockets_stack_port"`
 	// LateStackOptions counts members that asked for SO_RCVLOWAT, TCP_INQ,
 	// SO_OOBINLINE, MSG_WAITALL or MSG_OOB after joining (the pair stays
 	// redirected).
@@ -126,6 +129,7 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SocketsUnpaired:           c.SocketsUnpaired,
 		SocketsBlocking:           c.SocketsBlocking,
 		PairsAbandoned:            c.PairsAbandoned,
+		SocketsStackPort:          c.SocketsStackPort,
 		LateStackOptions:          c.LateStackOptions,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
