@@ -6,6 +6,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
 // spliceProxy forwards every connection accepted on l to upstream with
@@ -59,11 +61,12 @@ func TestStackPortsKeepSpliceProxiesWorking(t *testing.T) {
 	upstream := listenIn(t, cg, "tcp4", "127.0.0.1:0")
 	echoServer(t, upstream)
 	proxy := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	spliceProxy(t, proxy, func() (net.Conn, error) {
-		return net.DialTimeout("tcp4", upstream.Addr().String(), 5*time.Second)
+	// The proxy dials upstream from the enabled cgroup too: both hops
+	// are between members.
+	spliceProxy(t, proxy, func() (c net.Conn, err error) {
+		testutil.InCgroup(t, cg, func() { c, err = net.DialTimeout("tcp4", upstream.Addr().String(), 5*time.Second) })
+		return c, err
 	})
-	// The proxy dials upstream from the test's own cgroup (not enabled):
-	// that hop stays plain; the client -> proxy hop is the one that pairs.
 	payload := pattern(21, 1<<20)
 
 	// With the proxy's and upstream's ports listed, everything is plain.
@@ -77,8 +80,8 @@ func TestStackPortsKeepSpliceProxiesWorking(t *testing.T) {
 		t.Fatalf("through the splice proxy with stack ports: got %d of %d bytes, %v", len(got), len(payload), err)
 	}
 	d := counterOf(t, dp, cg.ID).Sub(before)
-	if d.RedirectedBytes != 0 || d.SocketsStackPort != 3 {
-		t.Fatalf("stack ports: redirected %d, stack-port sockets %d; want 0 and 3 (the client, the proxy's and the upstream's accepted sockets)", d.RedirectedBytes, d.SocketsStackPort)
+	if d.RedirectedBytes != 0 || d.SocketsStackPort != 4 {
+		t.Fatalf("stack ports: redirected %d, stack-port sockets %d; want 0 and 4 (both ends of both hops)", d.RedirectedBytes, d.SocketsStackPort)
 	}
 
 	// Without them, the client's bytes are redirected into the proxy's
