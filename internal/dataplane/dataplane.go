@@ -515,6 +515,12 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
 	}
 
+	// Servers that were listening before this call: their listeners
+	// must be known non-blocking for accepted sockets to pair.
+	if _, err := d.refreshListeners([]cgroup.Cgroup{cg}); err != nil {
+		d.log.Warn("cannot read the listeners of the cgroup's processes: their connections take the normal TCP path", zap.String("cgroup", cg.Path), zap.Error(err))
+	}
+
 	if already {
 		d.log.Info("cgroup already enabled", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
 		return false, nil

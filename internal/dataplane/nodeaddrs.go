@@ -178,6 +178,11 @@ func (d *Dataplane) RefreshListeners() (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	return d.refreshListeners(cgs)
+}
+
+// refreshListeners records the listeners of the processes in cgs.
+func (d *Dataplane) refreshListeners(cgs []cgroup.Cgroup) (int, error) {
 	var pids []int
 	for _, cg := range cgs {
 		p, err := cg.Procs()
