@@ -373,6 +373,7 @@ func TestSidecarModes(t *testing.T) {
 			if _, err := dp.RefreshNodeAddrs(); err != nil {
 				t.Fatal(err)
 			}
+			recordListeners(t, dp, s.server)
 			before, _ := dp.Counters()
 			if os.Getenv("SBX_DEBUG") != "" {
 				go func() {
@@ -491,6 +492,7 @@ func compareSidecar(t testing.TB, intercept bool, runs int, dur time.Duration) (
 				t.Fatal(err)
 			}
 			dp.RefreshNodeAddrs()
+			recordListeners(t, dp, s.server)
 		} else {
 			dp.Disable(s.app.Cgroup.ID)
 			dp.Disable(s.server.Cgroup.ID)
@@ -558,6 +560,7 @@ func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	if _, err := dp.RefreshNodeAddrs(); err != nil {
 		t.Fatal(err)
 	}
+	recordListeners(t, dp, s.server)
 	before, _ := dp.Counters()
 	s.integrity(t)
 	accel50, _ := s.rr(t, 300*time.Millisecond)
@@ -627,5 +630,20 @@ func TestInterceptIPv6AnswersOriginalDestination(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the sidecar got no connection")
+	}
+}
+
+// recordListeners records, as enable does for the processes of a cgroup,
+// the listeners this test process opened in the pods (their servers run
+// in the test process, which lives in no pod's cgroup): accepted sockets
+// pair only when their listener is known to be non-blocking.
+func recordListeners(t testing.TB, dp *dataplane.Dataplane, pods ...*testutil.Pod) {
+	t.Helper()
+	for _, p := range pods {
+		var err error
+		p.In(t, func() { _, err = dp.RefreshListeners() })
+		if err != nil {
+			t.Fatalf("record the listeners of %s: %v", p.Cgroup.Path, err)
+		}
 	}
 }

@@ -1,7 +1,10 @@
-// Package workload drives TCP traffic over a connected socket pair with
-// blocking system calls on dedicated OS threads (no Go netpoller in the
-// measured path), for the benchmarks and the demo: request/response
-// latency and stream throughput. Every workload checks the bytes it
+// Package workload drives TCP traffic over a connected socket pair of
+// non-blocking sockets, read and written the way event loops do (a call
+// that would block waits in poll(2)), on dedicated OS threads (no Go
+// netpoller in the measured path), for the benchmarks and the demo:
+// request/response latency and stream throughput. Non-blocking, because
+// sockbypass never accelerates blocking sockets (a blocking recv on a
+// sockhash member returns EAGAIN when a signal interrupts its wait). Every workload checks the bytes it
 // receives, so a fast wrong answer is an error, not a result.
 package workload
 
@@ -18,7 +21,7 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 )
 
-// Pair is a connected TCP socket pair made of blocking file descriptors.
+// Pair is a connected TCP socket pair made of non-blocking file descriptors.
 type Pair struct {
 	Client, Server int
 }
@@ -61,11 +64,20 @@ func ConnectTo(dialIn func(func()), addr [4]byte, listenIn func(func())) (Pair, 
 		return Pair{}, err
 	}
 	dial := func() {
-		cfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		cfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 		if err != nil {
 			return
 		}
-		if err = unix.Connect(cfd, sa); err != nil {
+		if err = unix.Connect(cfd, sa); err == unix.EINPROGRESS {
+			err = waitFD(cfd, unix.POLLOUT)
+			if err == nil {
+				var soerr int
+				if soerr, err = unix.GetsockoptInt(cfd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soerr != 0 {
+					err = unix.Errno(soerr)
+				}
+			}
+		}
+		if err != nil {
 			unix.Close(cfd)
 		}
 	}
@@ -77,7 +89,11 @@ func ConnectTo(dialIn func(func()), addr [4]byte, listenIn func(func())) (Pair, 
 	if err != nil {
 		return Pair{}, err
 	}
-	sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+	err = waitFD(lfd, unix.POLLIN)
+	var sfd int
+	if err == nil {
+		sfd, _, err = unix.Accept4(lfd, unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+	}
 	if err != nil {
 		unix.Close(cfd)
 		return Pair{}, err
@@ -89,7 +105,7 @@ func ConnectTo(dialIn func(func()), addr [4]byte, listenIn func(func())) (Pair, 
 }
 
 func listenOn(addr [4]byte) (int, error) {
-	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
 		return -1, err
 	}
@@ -123,16 +139,35 @@ func onThread(cpu int, fn func() error) <-chan error {
 	return done
 }
 
-// retryable reports whether a blocking read or write should simply be
-// retried. Besides EINTR this includes EAGAIN: on this kernel a blocking
-// recvmsg on a socket in a sockhash returns EAGAIN instead of restarting
-// when a signal (Go's preemption signal, for one) interrupts its wait.
-func retryable(err error) bool { return err == unix.EINTR || err == unix.EAGAIN }
+// waitFD waits in poll(2) until fd has one of events (or an error or hang
+// up, which the next call then reports).
+func waitFD(fd int, events int16) error {
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: events}}
+	for {
+		_, err := unix.Poll(pfd, -1)
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+// retryable reports whether a read or write should be retried: EINTR at
+// once, EAGAIN (a non-blocking socket with nothing to read, or no room to
+// write) once poll says fd is ready for events.
+func retryable(err error, fd int, events int16) bool {
+	switch err {
+	case unix.EINTR:
+		return true
+	case unix.EAGAIN:
+		return waitFD(fd, events) == nil
+	}
+	return false
+}
 
 func readFull(fd int, buf []byte) error {
 	for off := 0; off < len(buf); {
 		n, err := unix.Read(fd, buf[off:])
-		if retryable(err) {
+		if retryable(err, fd, unix.POLLIN) {
 			continue
 		}
 		if err != nil {
@@ -149,7 +184,7 @@ func readFull(fd int, buf []byte) error {
 func writeFull(fd int, buf []byte) error {
 	for off := 0; off < len(buf); {
 		n, err := unix.Write(fd, buf[off:])
-		if retryable(err) {
+		if retryable(err, fd, unix.POLLOUT) {
 			continue
 		}
 		if err != nil {
@@ -254,7 +289,7 @@ func Stream(p Pair, writeSize int, dur time.Duration, cpus CPUs) (float64, error
 		buf := make([]byte, 256<<10)
 		for {
 			n, err := unix.Read(p.Server, buf)
-			if retryable(err) {
+			if retryable(err, p.Server, unix.POLLIN) {
 				continue
 			}
 			if err != nil {

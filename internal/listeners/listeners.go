@@ -74,43 +74,57 @@ type listenMap map[uint64]netip.AddrPort
 
 func collectPID(pid int, cookies map[uint64]uint64, tables map[uint64]listenMap) ([]Listener, error) {
 	proc := "/proc/" + strconv.Itoa(pid)
-	var st unix.Stat_t
-	if err := unix.Stat(proc+"/ns/net", &st); err != nil {
-		return nil, err
-	}
 	fds, err := socketFDs(proc)
 	if err != nil || len(fds) == 0 {
 		return nil, err
 	}
-	table, ok := tables[st.Ino]
-	if !ok {
-		table = listenMap{}
-		for _, f := range []string{"/net/tcp", "/net/tcp6"} {
-			if err := readListening(proc+f, table); err != nil && !errors.Is(err, os.ErrNotExist) {
-				return nil, err
+	// The threads of a process may be in several network namespaces (a
+	// thread that entered a pod's namespace): read the listening sockets
+	// of each, by thread.
+	tasks, err := os.ReadDir(proc + "/task")
+	if err != nil {
+		return nil, err
+	}
+	owner := map[uint64]uint64{} // socket inode -> netns inode
+	addrs := map[uint64]netip.AddrPort{}
+	for _, task := range tasks {
+		tdir := proc + "/task/" + task.Name()
+		var st unix.Stat_t
+		if err := unix.Stat(tdir+"/ns/net", &st); err != nil {
+			continue // exited meanwhile
+		}
+		table, ok := tables[st.Ino]
+		if !ok {
+			table = listenMap{}
+			for _, f := range []string{"/net/tcp", "/net/tcp6"} {
+				if err := readListening(tdir+f, table); err != nil && !errors.Is(err, os.ErrNotExist) {
+					return nil, err
+				}
+			}
+			tables[st.Ino] = table
+			if _, ok := cookies[st.Ino]; !ok {
+				cookie, err := netnsCookie(tdir + "/ns/net")
+				if err != nil {
+					return nil, err
+				}
+				cookies[st.Ino] = cookie
 			}
 		}
-		tables[st.Ino] = table
+		for ino, ap := range table {
+			owner[ino], addrs[ino] = st.Ino, ap
+		}
 	}
 	var out []Listener
 	for fd, ino := range fds {
-		ap, ok := table[ino]
+		ap, ok := addrs[ino]
 		if !ok {
 			continue
-		}
-		cookie, ok := cookies[st.Ino]
-		if !ok {
-			cookie, err = netnsCookie(proc + "/ns/net")
-			if err != nil {
-				return nil, err
-			}
-			cookies[st.Ino] = cookie
 		}
 		flags, err := fileFlags(proc + "/fdinfo/" + fd)
 		if err != nil {
 			continue // closed meanwhile
 		}
-		out = append(out, Listener{NetnsCookie: cookie, Addr: ap.Addr(), Port: ap.Port(), NonBlocking: flags&unix.O_NONBLOCK != 0})
+		out = append(out, Listener{NetnsCookie: cookies[owner[ino]], Addr: ap.Addr(), Port: ap.Port(), NonBlocking: flags&unix.O_NONBLOCK != 0})
 	}
 	return out, nil
 }
