@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"text/tabwriter"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
@@ -27,9 +26,13 @@ var doctorCommand = command{
 
 // doctorReport is the --json document of doctor.
 type doctorReport struct {
-	Kernel  string             `json:"kernel"`
+	Kernel string `json:"kernel"`
+	// Modes are the socket modes every case ran in.
+	Modes []semantics.Mode `json:"modes"`
+	// Results has one entry per case and mode, each case blocking then
+	// non-blocking.
 	Results []semantics.Result `json:"results"`
-	// Broken counts cases that differ from plain TCP without being a
+	// Broken counts results that differ from plain TCP without being a
 	// known limitation (0 on a healthy kernel).
 	Broken int `json:"broken"`
 }
@@ -49,32 +52,36 @@ func runDoctor(e *env, args []string) error {
 	if err := privilege.CheckKernel(); err != nil {
 		return err
 	}
-	results, err := doctorProbe()
-	if err != nil {
-		return err
-	}
 	release := ""
 	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		release = strings.TrimSpace(string(data))
 	}
-	rep := doctorReport{Kernel: release, Results: results}
+	people := !asJSON && !asMarkdown
+	var each func(semantics.Result)
+	if people {
+		// Each case as it finishes: the whole run takes a while.
+		printDoctorHeader(e.stdout, release)
+		each = func(r semantics.Result) { printDoctorRow(e.stdout, r) }
+	}
+	results, err := doctorProbe(each)
+	if err != nil {
+		return err
+	}
+	rep := doctorReport{Kernel: release, Modes: semantics.AllModes(), Results: results}
 	for _, r := range results {
 		if r.Verdict == semantics.VerdictBroken {
 			rep.Broken++
 		}
 	}
-	if asJSON {
+	switch {
+	case asJSON:
 		if err := writeJSON(e.stdout, rep); err != nil {
 			return err
 		}
-	} else if asMarkdown {
-		fmt.Fprintln(e.stdout, "| case | behaviour | how it is guaranteed |")
-		fmt.Fprintln(e.stdout, "|---|---|---|")
-		for _, r := range rep.Results {
-			fmt.Fprintf(e.stdout, "| %s | %s | %s |\n", r.Case, r.Verdict, r.How)
-		}
-	} else {
-		printDoctor(e.stdout, rep)
+	case asMarkdown:
+		printDoctorMarkdown(e.stdout, rep.Results)
+	default:
+		printDoctorFooter(e.stdout, rep)
 	}
 	if rep.Broken > 0 {
 		return fmt.Errorf("%d case(s) behave differently from plain TCP on this kernel without being a known limitation: do not enable sockbypass here, and report it", rep.Broken)
@@ -84,7 +91,8 @@ func runDoctor(e *env, args []string) error {
 
 // doctorProbe runs every transparency case in a private install, two
 // private cgroups and a private network namespace, and removes them all.
-func doctorProbe() (results []semantics.Result, err error) {
+// each, when set, gets every result as it is known.
+func doctorProbe(each func(semantics.Result)) (results []semantics.Result, err error) {
 	mounts, err := cgroup.ReadMounts()
 	if err != nil {
 		return nil, err
@@ -134,31 +142,86 @@ func doctorProbe() (results []semantics.Result, err error) {
 		return nil, err
 	}
 
-	modes, uninstall, err := semantics.Install(pinDir, plain, accel, netns)
+	setup, uninstall, err := semantics.Install(pinDir, plain, accel, netns)
 	if err != nil {
 		return nil, err
 	}
 	cleanups = append(cleanups, func() { uninstall(); os.RemoveAll(pinDir) })
-	return semantics.RunAll(modes), nil
+	return semantics.RunAll(setup, each), nil
 }
 
-func printDoctor(w io.Writer, rep doctorReport) {
-	fmt.Fprintf(w, "sockbypass doctor: kernel %s, plain TCP vs accelerated, each case in a private cgroup and network namespace\n\n", rep.Kernel)
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "CASE\tRESULT\tHOW")
-	for _, r := range rep.Results {
-		how := r.How
-		if r.Err != "" {
-			how = r.Err
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Case, r.Verdict, how)
+// doctorColumns are the widths of the case and mode columns.
+func doctorColumns() (caseWidth, modeWidth int) {
+	for _, c := range semantics.Cases() {
+		caseWidth = max(caseWidth, len(c.Name))
 	}
-	tw.Flush()
+	for _, m := range semantics.AllModes() {
+		modeWidth = max(modeWidth, len(m))
+	}
+	return caseWidth, modeWidth
+}
+
+// verdictWidth fits every verdict.
+const verdictWidth = len(semantics.VerdictKnown)
+
+func printDoctorHeader(w io.Writer, kernel string) {
+	fmt.Fprintf(w, "sockbypass doctor: kernel %s, plain TCP vs accelerated, each case with blocking and with non-blocking sockets, in a private cgroup and network namespace\n\n", kernel)
+	cw, mw := doctorColumns()
+	fmt.Fprintf(w, "%-*s  %-*s  %-*s  %s\n", cw, "CASE", mw, "MODE", verdictWidth, "RESULT", "HOW")
+}
+
+// doctorHow is what a result's last column says: the mechanism, or why the
+// case was not accelerated or measured, or how it failed.
+func doctorHow(r semantics.Result) string {
+	switch {
+	case r.Err != "":
+		return r.Err
+	case r.Why != "":
+		return r.Why
+	}
+	return r.How
+}
+
+func printDoctorRow(w io.Writer, r semantics.Result) {
+	cw, mw := doctorColumns()
+	fmt.Fprintf(w, "%-*s  %-*s  %-*s  %s\n", cw, r.Case, mw, r.Mode, verdictWidth, r.Verdict, doctorHow(r))
+}
+
+func printDoctorFooter(w io.Writer, rep doctorReport) {
 	fmt.Fprintln(w)
 	for _, r := range rep.Results {
 		if r.Verdict == semantics.VerdictKnown || r.Verdict == semantics.VerdictBroken {
-			fmt.Fprintf(w, "%s:\n  plain:       %s\n  accelerated: %s\n", r.Case, r.Plain, r.Accelerated)
+			fmt.Fprintf(w, "%s (%s):\n  plain:       %s\n  accelerated: %s\n", r.Case, r.Mode, r.Plain, r.Accelerated)
 		}
+	}
+	fmt.Fprintln(w)
+	for _, m := range rep.Modes {
+		counts := map[string]int{}
+		var order []string
+		for _, r := range rep.Results {
+			if r.Mode != m {
+				continue
+			}
+			if counts[r.Verdict] == 0 {
+				order = append(order, r.Verdict)
+			}
+			counts[r.Verdict]++
+		}
+		var parts []string
+		for _, v := range order {
+			parts = append(parts, fmt.Sprintf("%d %s", counts[v], v))
+		}
+		fmt.Fprintf(w, "%s: %s\n", m, strings.Join(parts, ", "))
+	}
+}
+
+// printDoctorMarkdown prints the compatibility table of README.md.
+func printDoctorMarkdown(w io.Writer, results []semantics.Result) {
+	cell := func(s string) string { return strings.ReplaceAll(s, "|", `\|`) }
+	fmt.Fprintln(w, "| case | mode | behaviour | how it is guaranteed |")
+	fmt.Fprintln(w, "|---|---|---|---|")
+	for _, r := range results {
+		fmt.Fprintf(w, "| %s | %s | %s | %s |\n", cell(r.Case), r.Mode, r.Verdict, cell(doctorHow(r)))
 	}
 }
 

@@ -1,16 +1,24 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"encoding/json"
+	"io"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/semantics"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
+// TestDoctorReportsEveryCaseAndCleansUp runs doctor for machines: one
+// result per case and mode, none BROKEN, nothing blocking accelerated, and
+// the non-blocking runs really exercise the fast path. The verdict of each
+// case is pinned in internal/semantics.
 func TestDoctorReportsEveryCaseAndCleansUp(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	code, out, errOut := sockbypass(t, "doctor", "--json")
@@ -21,13 +29,29 @@ func TestDoctorReportsEveryCaseAndCleansUp(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &rep); err != nil {
 		t.Fatal(err)
 	}
-	if rep.Broken != 0 || len(rep.Results) != len(semantics.Cases()) {
-		t.Fatalf("doctor: %d broken, %d results", rep.Broken, len(rep.Results))
+	cases := semantics.Cases()
+	if rep.Broken != 0 || len(rep.Results) != len(cases)*len(semantics.AllModes()) || len(rep.Modes) != 2 {
+		t.Fatalf("doctor: %d broken, %d results for %d cases, modes %v", rep.Broken, len(rep.Results), len(cases), rep.Modes)
 	}
-	for _, r := range rep.Results {
-		if r.Verdict == semantics.VerdictBroken {
-			t.Errorf("%s: %s", r.Case, r.Verdict)
+	verdicts := map[semantics.Mode]map[string]int{semantics.Blocking: {}, semantics.NonBlocking: {}}
+	for i, r := range rep.Results {
+		c, mode := cases[i/2], semantics.AllModes()[i%2]
+		if r.Case != c.Name || r.Mode != mode {
+			t.Errorf("result %d is %q (%s), want %q (%s)", i, r.Case, r.Mode, c.Name, mode)
 		}
+		verdicts[r.Mode][r.Verdict]++
+		switch {
+		case r.Verdict == semantics.VerdictBroken:
+			t.Errorf("%s (%s): %s: %s", r.Case, r.Mode, r.Verdict, r.Err)
+		case r.Mode == semantics.Blocking && (r.Verdict != semantics.VerdictNotAccelerated || r.RedirectedBytes != 0 || r.Why != semantics.WhyBlocking):
+			t.Errorf("%s (blocking): %s, redirected %d, why %q", r.Case, r.Verdict, r.RedirectedBytes, r.Why)
+		case r.Verdict == semantics.VerdictPreserved && r.RedirectedBytes == 0:
+			t.Errorf("%s (%s): preserved without redirecting", r.Case, r.Mode)
+		}
+	}
+	nb := verdicts[semantics.NonBlocking]
+	if nb[semantics.VerdictPreserved] == 0 || nb[semantics.VerdictFallback] == 0 || nb[semantics.VerdictKnown] == 0 || nb[semantics.VerdictNotAccelerated] != 0 {
+		t.Errorf("non-blocking verdicts %v: want preserved, fallbacks and known limitations, and every case accelerated or falling back", nb)
 	}
 	// Nothing of the doctor's stays behind.
 	if m, _ := filepath.Glob("/sys/fs/bpf/sockbypass-doctor-*"); len(m) > 0 {
@@ -38,9 +62,69 @@ func TestDoctorReportsEveryCaseAndCleansUp(t *testing.T) {
 		t.Errorf("doctor left cgroups: %v", m)
 	}
 
-	code, out, _ = sockbypass(t, "doctor", "--markdown")
-	if code != 0 || !strings.HasPrefix(out, "| case | behaviour |") || !strings.Contains(out, semantics.VerdictKnown) {
-		t.Errorf("doctor --markdown: exit %d\n%s", code, out)
+	// The markdown table (README.md's): a row per case and mode.
+	var md bytes.Buffer
+	printDoctorMarkdown(&md, rep.Results)
+	lines := strings.Split(strings.TrimSpace(md.String()), "\n")
+	if lines[0] != "| case | mode | behaviour | how it is guaranteed |" || len(lines) != 2+len(rep.Results) {
+		t.Errorf("markdown: %d lines:\n%s", len(lines), md.String())
+	}
+	for i, r := range rep.Results {
+		if want := "| " + r.Case + " | " + string(r.Mode) + " | " + r.Verdict + " | "; !strings.HasPrefix(lines[2+i], want) {
+			t.Errorf("markdown row %d: %q, want it to start with %q", i, lines[2+i], want)
+		}
+	}
+}
+
+// TestDoctorPrintsEachCaseAsItFinishes: the people format shows a row per
+// case and mode as each finishes (the first long before the run ends),
+// then the details of the known limitations and a summary per mode.
+func TestDoctorPrintsEachCaseAsItFinishes(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	pr, pw := io.Pipe()
+	var errOut bytes.Buffer
+	start := time.Now()
+	ended := make(chan time.Time, 1)
+	code := -1
+	go func() {
+		code = run([]string{"doctor"}, pw, &errOut)
+		ended <- time.Now()
+		pw.Close()
+	}()
+	cases := semantics.Cases()
+	var out strings.Builder
+	var firstRow time.Time
+	rows := 0
+	sc := bufio.NewScanner(pr)
+	for sc.Scan() {
+		line := sc.Text()
+		out.WriteString(line + "\n")
+		if rows < len(cases)*2 {
+			c, mode := cases[rows/2], semantics.AllModes()[rows%2]
+			if strings.HasPrefix(line, c.Name+" ") && strings.Contains(line, " "+string(mode)+" ") {
+				if rows == 0 {
+					firstRow = time.Now()
+				}
+				rows++
+			}
+		}
+	}
+	end := <-ended
+	if code != 0 {
+		t.Fatalf("doctor exited %d: %s\n%s", code, errOut.String(), out.String())
+	}
+	if rows != len(cases)*2 {
+		t.Fatalf("doctor printed %d case rows in order, want %d:\n%s", rows, len(cases)*2, out.String())
+	}
+	// Printed at the end, the first row would come out just before it.
+	if first, total := firstRow.Sub(start), end.Sub(start); first > total/2 {
+		t.Errorf("the first row came out after %v of %v: rows are not printed as cases finish", first, total)
+	}
+	text := out.String()
+	for _, want := range []string{"CASE", "MODE", "RESULT", semantics.WhyBlocking, "accelerated: ", "\nblocking: ", "\nnon-blocking: "} {
+		if !strings.Contains(text, want) {
+			t.Errorf("doctor output lacks %q:\n%s", want, text)
+		}
 	}
 }
 

@@ -3,6 +3,7 @@ package semantics
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
@@ -10,17 +11,44 @@ import (
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 )
 
-// Verdicts of a case on this kernel.
+// Verdicts of a case in one mode on this kernel.
 const (
+	// VerdictPreserved: the accelerated run observed what the plain run
+	// did, and bytes were redirected.
 	VerdictPreserved = "preserved"
-	VerdictFallback  = "falls back automatically"
-	VerdictKnown     = "broken: known limitation"
-	VerdictBroken    = "BROKEN"
+	// VerdictFallback: a case that needs the stack observed what the plain
+	// run did because its connection stayed on the stack (nothing
+	// redirected, the case's fallback counted).
+	VerdictFallback = "falls back automatically"
+	// VerdictNotAccelerated: the accelerated run observed what the plain
+	// run did, but redirected nothing: the case says nothing about the
+	// fast path (Result.Why says why it was not taken).
+	VerdictNotAccelerated = "not accelerated"
+	// VerdictKnown: the accelerated run differs from the plain run
+	// exactly as the case's pinned limitation says.
+	VerdictKnown = "broken: known limitation"
+	// VerdictNotMeasured: the plain run could not reach the case's
+	// precondition on this machine (Result.Why says which).
+	VerdictNotMeasured = "not measured"
+	// VerdictBroken: the accelerated run differs from the plain run
+	// otherwise, or failed.
+	VerdictBroken = "BROKEN"
 )
 
-// Result is one case run plain and accelerated.
+// WhyBlocking is why no case is accelerated with blocking sockets.
+const WhyBlocking = "blocking sockets are never accelerated: a blocking recv on a sockhash member returns EAGAIN when a signal interrupts it"
+
+// ErrNotMeasured marks a run that could not reach its case's precondition.
+var ErrNotMeasured = errors.New("precondition not reached")
+
+func notMeasured(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrNotMeasured, fmt.Sprintf(format, args...))
+}
+
+// Result is one case run plain and accelerated in one mode.
 type Result struct {
 	Case        string      `json:"case"`
+	Mode        Mode        `json:"mode"`
 	Expect      Expectation `json:"expected"`
 	How         string      `json:"how"`
 	Plain       string      `json:"plain"`
@@ -28,84 +56,185 @@ type Result struct {
 	// Same reports whether the two runs observed the same thing.
 	Same bool `json:"same"`
 	// Counters moved by the accelerated run.
-	RedirectedBytes uint64 `json:"redirected_bytes"`
-	PassedBytes     uint64 `json:"passed_bytes"`
-	Fallbacks       uint64 `json:"fallbacks"`
+	RedirectedBytes  uint64 `json:"redirected_bytes"`
+	PassedBytes      uint64 `json:"passed_bytes"`
+	Fallbacks        uint64 `json:"fallbacks"`
+	LateStackOptions uint64 `json:"late_stack_options"`
+	SocketsBlocking  uint64 `json:"sockets_blocking"`
+	SocketsUnpaired  uint64 `json:"sockets_unpaired"`
+	PairsAbandoned   uint64 `json:"pairs_abandoned"`
+	SocketsStackPort uint64 `json:"sockets_stack_port"`
+	// Counter is the case's counter (Case.Counter), Counted how much the
+	// accelerated run moved it.
+	Counter string `json:"counter,omitempty"`
+	Counted uint64 `json:"counted,omitempty"`
 	// Verdict is one of the Verdict constants.
 	Verdict string `json:"verdict"`
-	// Err is set when a run failed outright.
+	// Why says why a case was not accelerated or not measured.
+	Why string `json:"why,omitempty"`
+	// Err is set when the accelerated run failed outright.
 	Err string `json:"error,omitempty"`
 }
 
-// Modes are the two environments a case runs in, and how to read the
+// Setup is what the harness runs cases in: connections made in the plain
+// and in the accelerated cgroup, a disruption of the installation, and the
 // accelerated cgroup's counters.
-type Modes struct {
-	Plain, Accelerated *Env
-	Counters           func() (dataplane.CgroupCounters, error)
+type Setup struct {
+	Plain, Accelerated func(Mode, ConnOpts) (Pair, error)
+	// StackPort is a server port the accelerated cgroup lists in its
+	// stack ports (enable --stack-ports).
+	StackPort int
+	// Disrupt disables, uninstalls and installs again (an upgrade).
+	Disrupt  func() error
+	Counters func() (dataplane.CgroupCounters, error)
+}
+
+// Env returns the environment a case gets: plain or accelerated, in mode.
+func (s Setup) Env(accelerated bool, mode Mode) *Env {
+	connect := s.Plain
+	var disrupt func() error
+	if accelerated {
+		connect, disrupt = s.Accelerated, s.Disrupt
+	}
+	return &Env{
+		Mode:      mode,
+		Connect:   func(o ConnOpts) (Pair, error) { return connect(mode, o) },
+		Disrupt:   disrupt,
+		StackPort: s.StackPort,
+	}
 }
 
 func fallbackTotal(c dataplane.CgroupCounters) uint64 {
 	return c.FallbackRcvlowat + c.FallbackTCPInq + c.FallbackOOBInline + c.FallbackWaitall + c.FallbackOOBRead
 }
 
-// RunCase runs c plain, then accelerated, and classifies it.
-func RunCase(c Case, m Modes) Result {
-	r := Result{Case: c.Name, Expect: c.Expect, How: c.How}
-	plain, err := c.Run(m.Plain)
+// CounterValue is the counter a case names (Case.Counter) in c.
+func CounterValue(c dataplane.CgroupCounters, name string) uint64 {
+	switch name {
+	case "rcvlowat":
+		return c.FallbackRcvlowat
+	case "tcp_inq":
+		return c.FallbackTCPInq
+	case "oobinline":
+		return c.FallbackOOBInline
+	case "waitall":
+		return c.FallbackWaitall
+	case "oob_read":
+		return c.FallbackOOBRead
+	case "late_stack_options":
+		return c.LateStackOptions
+	case "stack_port":
+		return c.SocketsStackPort
+	}
+	return 0
+}
+
+// RunCase runs c in mode plain, then accelerated, and classifies it.
+func RunCase(c Case, mode Mode, s Setup) Result {
+	r := Result{Case: c.Name, Mode: mode, Expect: c.Expect, How: c.How, Counter: c.Counter}
+	plain, err := c.Run(s.Env(false, mode))
+	r.Plain = plain
 	if err != nil {
-		r.Err = fmt.Sprintf("plain run: %v", err)
-		r.Verdict = VerdictBroken
+		r.Verdict = VerdictNotMeasured
+		r.Why = fmt.Sprintf("the plain run did not get there: %v", err)
 		return r
 	}
-	before, err := m.Counters()
+	before, err := s.Counters()
 	if err != nil {
 		r.Err = err.Error()
 		r.Verdict = VerdictBroken
 		return r
 	}
-	accel, err := c.Run(m.Accelerated)
-	after, cerr := m.Counters()
-	r.Plain, r.Accelerated = plain, accel
+	accel, err := c.Run(s.Env(true, mode))
+	after, cerr := s.Counters()
+	r.Accelerated = accel
 	if err != nil {
 		r.Err = fmt.Sprintf("accelerated run: %v", err)
 	} else if cerr != nil {
 		r.Err = cerr.Error()
 	}
+	var d dataplane.CgroupCounters
 	if after.RedirectedBytes >= before.RedirectedBytes { // a re-install resets counters
-		d := after.Sub(before)
-		r.RedirectedBytes, r.PassedBytes, r.Fallbacks = d.RedirectedBytes, d.PassedBytes, fallbackTotal(d)
+		d = after.Sub(before)
 	}
+	r.RedirectedBytes, r.PassedBytes, r.Fallbacks = d.RedirectedBytes, d.PassedBytes, fallbackTotal(d)
+	r.LateStackOptions, r.SocketsBlocking = d.LateStackOptions, d.SocketsBlocking
+	r.SocketsUnpaired, r.PairsAbandoned, r.SocketsStackPort = d.SocketsUnpaired, d.PairsAbandoned, d.SocketsStackPort
+	r.Counted = CounterValue(d, c.Counter)
 	r.Same = r.Err == "" && plain == accel
 	switch {
-	case !r.Same && c.Expect == Limitation:
+	case r.Err != "":
+		r.Verdict = VerdictBroken
+	case !r.Same && c.Expect == Limitation && mode == NonBlocking && accel == c.Limit:
 		r.Verdict = VerdictKnown
 	case !r.Same:
 		r.Verdict = VerdictBroken
-	case r.RedirectedBytes > 0 && c.Expect != Fallback:
+	case r.RedirectedBytes > 0:
 		r.Verdict = VerdictPreserved
-	default:
+	case mode == NonBlocking && c.Expect == Fallback && d.SocketsBlocking == 0 && (c.Counter == "" || r.Counted > 0):
 		r.Verdict = VerdictFallback
+	default:
+		r.Verdict = VerdictNotAccelerated
+		r.Why = whyNotAccelerated(mode, d)
 	}
 	return r
 }
 
-// RunAll runs every case.
-func RunAll(m Modes) []Result {
+// whyNotAccelerated explains, from the counters, why a run redirected
+// nothing.
+func whyNotAccelerated(mode Mode, d dataplane.CgroupCounters) string {
+	if mode == Blocking || d.SocketsBlocking > 0 {
+		return WhyBlocking
+	}
+	var why []string
+	if n := fallbackTotal(d); n > 0 {
+		why = append(why, fmt.Sprintf("%d socket(s) asked for stack-reader semantics before joining", n))
+	}
+	if d.SocketsStackPort > 0 {
+		why = append(why, fmt.Sprintf("%d socket(s) on a stack port", d.SocketsStackPort))
+	}
+	if d.PairsAbandoned > 0 {
+		why = append(why, fmt.Sprintf("%d client(s) sent before their server joined the pair", d.PairsAbandoned))
+	}
+	if d.SocketsUnpaired > 0 {
+		why = append(why, fmt.Sprintf("%d socket(s) left unpaired", d.SocketsUnpaired))
+	}
+	if len(why) == 0 {
+		return "nothing was redirected"
+	}
+	return "nothing was redirected: " + strings.Join(why, ", ")
+}
+
+// RunAll runs every case in every mode (each case blocking, then
+// non-blocking) and calls each, when set, with every result as it is
+// known.
+func RunAll(s Setup, each func(Result)) []Result {
 	var out []Result
 	for _, c := range Cases() {
-		out = append(out, RunCase(c, m))
+		for _, mode := range AllModes() {
+			r := RunCase(c, mode, s)
+			if each != nil {
+				each(r)
+			}
+			out = append(out, r)
+		}
 	}
 	return out
 }
 
-// Install creates a private installation at pinDir with accel enabled and
-// plain not, and returns the two environments, whose connections are made
-// in netns. The accelerated environment's Disrupt disables, uninstalls and
-// installs again (an upgrade); its counters carry across. close uninstalls.
-func Install(pinDir string, plain, accel cgroup.Cgroup, netns ns.NetNS) (m Modes, close func(), err error) {
+// StackPort is the server port Install lists in the accelerated cgroup's
+// stack ports (each case runs in a private network namespace).
+const StackPort = 7443
+
+// Install creates a private installation at pinDir with accel enabled (with
+// StackPort as its one stack port) and plain not, and returns the setup
+// whose connections are made in netns.
+// Its Disrupt disables, uninstalls and installs again (an upgrade); its
+// counters carry across. close uninstalls.
+func Install(pinDir string, plain, accel cgroup.Cgroup, netns ns.NetNS) (s Setup, close func(), err error) {
 	dp, err := dataplane.OpenOrCreate(dataplane.Options{PinDir: pinDir})
 	if err != nil {
-		return Modes{}, nil, err
+		return Setup{}, nil, err
 	}
 	close = func() {
 		if d, err := dataplane.Open(dataplane.Options{PinDir: pinDir}); err == nil {
@@ -113,15 +242,16 @@ func Install(pinDir string, plain, accel cgroup.Cgroup, netns ns.NetNS) (m Modes
 		}
 		dp.Close()
 	}
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
+	opts := dataplane.EnableOptions{StackPorts: []uint16{StackPort}}
+	if _, err := dp.Enable(accel, opts); err != nil {
 		close()
-		return Modes{}, nil, err
+		return Setup{}, nil, err
 	}
-	connectIn := func(cg cgroup.Cgroup) func() (Pair, error) {
-		return func() (p Pair, err error) {
+	connectIn := func(cg cgroup.Cgroup) func(Mode, ConnOpts) (Pair, error) {
+		return func(mode Mode, o ConnOpts) (p Pair, err error) {
 			rerr := cg.RunIn(func() {
 				err = netns.Do(func(ns.NetNS) error {
-					p, err = ConnectLoopback()
+					p, err = ConnectLoopback(mode, o)
 					return err
 				})
 			})
@@ -142,12 +272,14 @@ func Install(pinDir string, plain, accel cgroup.Cgroup, netns ns.NetNS) (m Modes
 		if dp, err = dataplane.OpenOrCreate(dataplane.Options{PinDir: pinDir}); err != nil {
 			return err
 		}
-		_, err := dp.Enable(accel, dataplane.EnableOptions{})
+		_, err := dp.Enable(accel, opts)
 		return err
 	}
-	return Modes{
-		Plain:       &Env{Connect: connectIn(plain)},
-		Accelerated: &Env{Connect: connectIn(accel), Disrupt: disrupt},
+	return Setup{
+		Plain:       connectIn(plain),
+		Accelerated: connectIn(accel),
+		StackPort:   StackPort,
+		Disrupt:     disrupt,
 		Counters: func() (dataplane.CgroupCounters, error) {
 			c, err := dp.Counters()
 			sum := carried

@@ -2,8 +2,9 @@
 // TCP connection the way real applications do (MSG_PEEK, MSG_WAITALL,
 // SO_RCVLOWAT, splice, half-close, ...) and describe what they observed.
 // Each case runs once over a plain connection and once over an accelerated
-// one; an application cannot tell the difference when both descriptions are
-// equal. The test suite and `sockbypass doctor` both run them.
+// one, with blocking sockets and with non-blocking sockets; an application
+// cannot tell the difference when both descriptions are equal. The test
+// suite and `sockbypass doctor` both run them.
 package semantics
 
 import (
@@ -14,10 +15,29 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Pair is a connected TCP socket pair of blocking file descriptors: C the
-// connecting side, S the accepted side.
+// Mode is how the sockets of a case block.
+type Mode string
+
+// Modes.
+const (
+	// Blocking: the listener, the connecting and the accepted sockets
+	// are blocking file descriptors (with send and receive timeouts).
+	Blocking Mode = "blocking"
+	// NonBlocking: the listener is non-blocking before listen(), the
+	// connecting socket before connect() (EINPROGRESS, then POLLOUT and
+	// SO_ERROR), and accept4 gives non-blocking sockets; cases wait with
+	// poll.
+	NonBlocking Mode = "non-blocking"
+)
+
+// AllModes returns the modes every case runs in, in order.
+func AllModes() []Mode { return []Mode{Blocking, NonBlocking} }
+
+// Pair is a connected TCP socket pair: C the connecting side, S the
+// accepted side, both in Mode.
 type Pair struct {
 	C, S int
+	Mode Mode
 }
 
 // Close closes both sockets (ignoring errors: a case may have closed one).
@@ -32,21 +52,57 @@ func (p *Pair) Close() {
 	}
 }
 
-// opTimeout bounds every blocking call of a case.
+// ConnOpts lets a case act on the sockets while its connection is made,
+// before the pair could join the sockhash.
+type ConnOpts struct {
+	// Port is the listener's port (SO_REUSEADDR); 0 picks a free one.
+	Port int
+	// Listener is called on the listening socket before listen(); the
+	// accepted socket inherits what it sets.
+	Listener func(fd int) error
+	// Client is called on the connecting socket before connect().
+	Client func(fd int) error
+	// Connected is called on the connecting socket once it is connected,
+	// before the server accepts.
+	Connected func(fd int) error
+}
+
+// opTimeout bounds every blocking call or wait of a case.
 const opTimeout = 5 * time.Second
 
-// ConnectLoopback makes a TCP connection over 127.0.0.1 in the calling
-// thread's network namespace and this process's cgroup (the caller moves
-// the process into the cgroup under test). Both sockets get send and
-// receive timeouts so that no case can hang.
-func ConnectLoopback() (Pair, error) {
-	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+// errTimedOut is what a wait returns at its deadline.
+var errTimedOut = errors.New("timed out")
+
+// ConnectLoopback makes a TCP connection over 127.0.0.1 in mode, in the
+// calling thread's network namespace and this process's cgroup (the caller
+// moves the process into the cgroup under test). Blocking sockets get send
+// and receive timeouts so that no case can hang.
+func ConnectLoopback(mode Mode, o ConnOpts) (Pair, error) {
+	flags := unix.SOCK_STREAM | unix.SOCK_CLOEXEC
+	if mode == NonBlocking {
+		flags |= unix.SOCK_NONBLOCK
+	}
+	tv := unix.NsecToTimeval(opTimeout.Nanoseconds())
+	lfd, err := unix.Socket(unix.AF_INET, flags, 0)
 	if err != nil {
 		return Pair{}, err
 	}
 	defer unix.Close(lfd)
-	if err := unix.Bind(lfd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+	if mode == Blocking {
+		unix.SetsockoptTimeval(lfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) // bounds accept
+	}
+	if o.Port != 0 {
+		if err := unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return Pair{}, err
+		}
+	}
+	if err := unix.Bind(lfd, &unix.SockaddrInet4{Port: o.Port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
 		return Pair{}, err
+	}
+	if o.Listener != nil {
+		if err := o.Listener(lfd); err != nil {
+			return Pair{}, fmt.Errorf("listener: %w", err)
+		}
 	}
 	if err := unix.Listen(lfd, 16); err != nil {
 		return Pair{}, err
@@ -55,43 +111,155 @@ func ConnectLoopback() (Pair, error) {
 	if err != nil {
 		return Pair{}, err
 	}
-	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	cfd, err := unix.Socket(unix.AF_INET, flags, 0)
 	if err != nil {
 		return Pair{}, err
 	}
-	if err := unix.Connect(cfd, sa); err != nil {
-		unix.Close(cfd)
+	p := Pair{C: cfd, S: -1, Mode: mode}
+	if o.Client != nil {
+		if err := o.Client(cfd); err != nil {
+			p.Close()
+			return Pair{}, fmt.Errorf("client: %w", err)
+		}
+	}
+	if err := connectFD(cfd, sa); err != nil {
+		p.Close()
 		return Pair{}, err
 	}
-	sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
-	if err != nil {
-		unix.Close(cfd)
+	if o.Connected != nil {
+		if err := o.Connected(cfd); err != nil {
+			p.Close()
+			return Pair{}, fmt.Errorf("connected: %w", err)
+		}
+	}
+	if p.S, err = acceptFD(lfd, mode); err != nil {
+		p.Close()
 		return Pair{}, err
 	}
-	tv := unix.NsecToTimeval(opTimeout.Nanoseconds())
-	for _, fd := range []int{cfd, sfd} {
-		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+	for _, fd := range []int{p.C, p.S} {
+		if mode == Blocking {
+			unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+			unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+		}
 		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	}
-	return Pair{C: cfd, S: sfd}, nil
+	return p, nil
 }
 
-// retry reports whether a blocking call should be retried: EINTR, and
-// EAGAIN that a sockmap socket returns when a signal interrupts its wait
-// (a timeout also gives EAGAIN; callers bound their loops by time).
+func connectFD(fd int, sa unix.Sockaddr) error {
+	err := unix.Connect(fd, sa)
+	if err == unix.EINTR {
+		// An interrupted blocking connect goes on in the background.
+		err = unix.EINPROGRESS
+	}
+	if err == unix.EINPROGRESS || err == unix.EALREADY {
+		if _, werr := waitFD(fd, unix.POLLOUT, time.Now().Add(opTimeout)); werr != nil {
+			return fmt.Errorf("connect: %w", werr)
+		}
+		soerr, gerr := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		if gerr != nil {
+			return fmt.Errorf("connect: SO_ERROR: %w", gerr)
+		}
+		if soerr != 0 {
+			return fmt.Errorf("connect: %w", unix.Errno(soerr))
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	return nil
+}
+
+func acceptFD(lfd int, mode Mode) (int, error) {
+	flags := unix.SOCK_CLOEXEC
+	if mode == NonBlocking {
+		flags |= unix.SOCK_NONBLOCK
+	}
+	w := newWaiter()
+	for {
+		fd, _, err := unix.Accept4(lfd, flags)
+		if retry(err) {
+			if werr := w.wait(lfd, unix.POLLIN); werr != nil {
+				return -1, fmt.Errorf("accept: %w", werr)
+			}
+			continue
+		}
+		if err != nil {
+			return -1, fmt.Errorf("accept: %w", err)
+		}
+		return fd, nil
+	}
+}
+
+// retry reports whether a call should be retried after waiting: EINTR,
+// and EAGAIN (a non-blocking socket that is not ready, a blocking one whose
+// timeout expired; callers bound their loops by time).
 func retry(err error) bool { return err == unix.EINTR || err == unix.EAGAIN }
 
+// waitFD polls fd for events until deadline and returns its revents
+// (POLLERR and POLLHUP end the wait too), or errTimedOut.
+func waitFD(fd int, events int16, deadline time.Time) (int16, error) {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: events}}
+	for {
+		left := time.Until(deadline)
+		if left < 0 {
+			left = 0
+		}
+		n, err := unix.Poll(fds, int((left+time.Millisecond-1)/time.Millisecond))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		if n == 0 {
+			return 0, errTimedOut
+		}
+		return fds[0].Revents, nil
+	}
+}
+
+// waiter waits for a socket between the retries of one operation, within
+// opTimeout of the operation's start.
+type waiter struct {
+	deadline time.Time
+	idle     int
+}
+
+func newWaiter() *waiter { return &waiter{deadline: time.Now().Add(opTimeout)} }
+
+// progress tells the waiter the last call moved data.
+func (w *waiter) progress() { w.idle = 0 }
+
+// wait waits until fd is ready for events (or reports an error or hang
+// up). A socket that polls ready and still says EAGAIN (a splice reader
+// whose bytes sit in the redirected queue) is retried every millisecond.
+func (w *waiter) wait(fd int, events int16) error {
+	if !time.Now().Before(w.deadline) {
+		return errTimedOut
+	}
+	if w.idle++; w.idle > 2 {
+		time.Sleep(time.Millisecond)
+	}
+	_, err := waitFD(fd, events, w.deadline)
+	return err
+}
+
 func writeAll(fd int, b []byte) error {
-	deadline := time.Now().Add(opTimeout)
+	w := newWaiter()
 	for len(b) > 0 {
 		n, err := unix.Write(fd, b)
-		if retry(err) && time.Now().Before(deadline) {
+		if retry(err) {
+			if werr := w.wait(fd, unix.POLLOUT); werr != nil {
+				return fmt.Errorf("write with %d bytes left: %w (%w)", len(b), err, werr)
+			}
 			continue
 		}
 		if err != nil {
 			return fmt.Errorf("write: %w", err)
 		}
+		w.progress()
 		b = b[n:]
 	}
 	return nil
@@ -101,10 +269,13 @@ func writeAll(fd int, b []byte) error {
 func readN(fd int, n int) ([]byte, error) {
 	out := make([]byte, 0, n)
 	buf := make([]byte, 64<<10)
-	deadline := time.Now().Add(opTimeout)
+	w := newWaiter()
 	for len(out) < n {
 		m, err := unix.Read(fd, buf[:min(len(buf), n-len(out))])
-		if retry(err) && time.Now().Before(deadline) {
+		if retry(err) {
+			if werr := w.wait(fd, unix.POLLIN); werr != nil {
+				return out, fmt.Errorf("read after %d of %d bytes: %w (%w)", len(out), n, err, werr)
+			}
 			continue
 		}
 		if err != nil {
@@ -113,20 +284,24 @@ func readN(fd int, n int) ([]byte, error) {
 		if m == 0 {
 			return out, fmt.Errorf("EOF after %d of %d bytes", len(out), n)
 		}
+		w.progress()
 		out = append(out, buf[:m]...)
 	}
 	return out, nil
 }
 
 // readToEOF reads until EOF and returns the bytes and the error that ended
-// the read ("" for a clean EOF).
+// the read ("" for a clean EOF, "timed out" when the deadline passed).
 func readToEOF(fd int) ([]byte, string) {
 	var out []byte
 	buf := make([]byte, 64<<10)
-	deadline := time.Now().Add(opTimeout)
+	w := newWaiter()
 	for {
 		m, err := unix.Read(fd, buf)
-		if retry(err) && time.Now().Before(deadline) {
+		if retry(err) {
+			if werr := w.wait(fd, unix.POLLIN); werr != nil {
+				return out, werr.Error()
+			}
 			continue
 		}
 		if err != nil {
@@ -135,6 +310,7 @@ func readToEOF(fd int) ([]byte, string) {
 		if m == 0 {
 			return out, ""
 		}
+		w.progress()
 		out = append(out, buf[:m]...)
 	}
 }
@@ -148,10 +324,9 @@ func errName(err error) string {
 	return err.Error()
 }
 
-// WarmUp makes one round trip (a byte each way, read with plain blocking
-// reads). Afterwards both ends have been seen reading and every byte sent
-// through the stack has been read, so an accelerated pair redirects from
-// the next byte on: cases call it to exercise the fast path.
+// WarmUp makes one round trip (a byte each way). Members redirect from the
+// first byte, so it is not needed for the fast path; cases call it for a
+// connection whose ends have both written and read already.
 func WarmUp(p Pair) error {
 	if err := writeAll(p.C, []byte{'w'}); err != nil {
 		return err
