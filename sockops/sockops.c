@@ -300,12 +300,22 @@ static __noinline int passive_pairing(const struct cgroup_config *cfg, const str
 	return 1;
 }
 
-/* own_sockhash_key gives the key a socket with this pairing inserts under. */
-static __always_inline void own_sockhash_key(struct sock_key *key, const struct pairing *p, __u64 own_netns)
+/*
+ * local_scope counts how the socket pairs and sets the namespace of the key
+ * it inserts under. Returns -1 when its peer cannot be local.
+ */
+static __always_inline int local_scope(struct sock_key *key, const struct pairing *p, struct cgroup_counters *c)
 {
+	if (p->scope == SCOPE_REMOTE) {
+		COUNT(c, sockets_remote);
+		return -1;
+	}
+	if (p->scope == SCOPE_AMBIGUOUS)
+		COUNT(c, sockets_ambiguous);
 	/* Node-scope keys carry no namespace: the two ends of a pod-to-pod
 	 * connection live in two namespaces and must find each other. */
-	key->netns_cookie = p->scope == SCOPE_NODE ? 0 : own_netns;
+	key->netns_cookie = p->scope == SCOPE_NODE ? 0 : p->own_netns;
+	return 0;
 }
 
 /* listener_nonblocking reports whether the listener that accepted a socket
@@ -473,13 +483,8 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 	case 1:
 		set_mirror(&p, &key, own_netns);
 	}
-	if (p.scope == SCOPE_REMOTE) {
-		COUNT(c, sockets_remote);
+	if (local_scope(&key, &p, c) < 0)
 		return;
-	}
-	if (p.scope == SCOPE_AMBIGUOUS)
-		COUNT(c, sockets_ambiguous);
-	own_sockhash_key(&key, &p, own_netns);
 
 	if (stack_port(cfg, key.remote_port)) {
 		pair = bpf_map_lookup_elem(&pairs, &key);
@@ -546,13 +551,8 @@ static __noinline void join_passive(struct bpf_sock_ops *skops)
 	p.own_netns = own_netns;
 	if (passive_pairing(cfg, &key, &p, c))
 		set_mirror(&p, &key, own_netns);
-	if (p.scope == SCOPE_REMOTE) {
-		COUNT(c, sockets_remote);
+	if (local_scope(&key, &p, c) < 0)
 		return;
-	}
-	if (p.scope == SCOPE_AMBIGUOUS)
-		COUNT(c, sockets_ambiguous);
-	own_sockhash_key(&key, &p, own_netns);
 
 	if (stack_port(cfg, key.local_port)) {
 		COUNT(c, sockets_stack_port);

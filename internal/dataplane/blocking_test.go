@@ -45,13 +45,23 @@ func blockingListener(t *testing.T, cg interface{ RunIn(func()) error }) (int, i
 	return fd, sa.(*unix.SockaddrInet4).Port
 }
 
-// exchange connects a (non-blocking, Go) client in the cgroup to port,
-// accepts on lfd with accept4 flags, sends 4 KiB each way and checks them.
-func exchange(t *testing.T, dial func() net.Conn, lfd, acceptFlags int) {
+// exchange connects a (non-blocking, Go) client with dial, accepts it on
+// lfd (polling first and accepting with SOCK_NONBLOCK when the listener is
+// non-blocking, as redis does), sends 4 KiB each way and checks them.
+func exchange(t *testing.T, dial func() net.Conn, lfd int, nonblocking bool) {
 	t.Helper()
 	accepted := make(chan net.Conn, 1)
 	go func() {
-		nfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC|acceptFlags)
+		flags := unix.SOCK_CLOEXEC
+		if nonblocking {
+			pfd := []unix.PollFd{{Fd: int32(lfd), Events: unix.POLLIN}}
+			if n, err := unix.Poll(pfd, 5000); n != 1 || err != nil {
+				accepted <- nil
+				return
+			}
+			flags |= unix.SOCK_NONBLOCK
+		}
+		nfd, _, err := unix.Accept4(lfd, flags)
 		if err != nil {
 			accepted <- nil
 			return
@@ -80,10 +90,10 @@ func exchange(t *testing.T, dial func() net.Conn, lfd, acceptFlags int) {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	s.SetDeadline(time.Now().Add(5 * time.Second))
 	msg := pattern(3, 4096)
+	buf := make([]byte, len(msg))
 	if _, err := c.Write(msg); err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, len(msg))
 	if _, err := io.ReadFull(s, buf); err != nil || !bytes.Equal(buf, msg) {
 		t.Fatalf("server read: %v", err)
 	}
@@ -108,7 +118,7 @@ func TestBlockingListenerStaysPlainUntilNonBlocking(t *testing.T) {
 	dial := func() net.Conn { return dialIn(t, cg, "tcp4", addr) }
 
 	before := counterOf(t, dp, cg.ID)
-	exchange(t, dial, lfd, 0)
+	exchange(t, dial, lfd, false)
 	d := counterOf(t, dp, cg.ID).Sub(before)
 	// The client joined at ACTIVE_ESTABLISHED (its listener was offered
 	// the SYN) and the server's refusal took it out again.
@@ -126,7 +136,7 @@ func TestBlockingListenerStaysPlainUntilNonBlocking(t *testing.T) {
 	}
 	refreshListenersIn(t, dp, cg)
 	before = counterOf(t, dp, cg.ID)
-	exchangeNonblockingListener(t, dial, lfd)
+	exchange(t, dial, lfd, true)
 	if d := counterOf(t, dp, cg.ID).Sub(before); d.SocketsInserted != 2 || d.RedirectedBytes != 2*4096 {
 		t.Fatalf("non-blocking listener: inserted %d, redirected %d; want 2 and %d", d.SocketsInserted, d.RedirectedBytes, 2*4096)
 	}
@@ -137,50 +147,12 @@ func TestBlockingListenerStaysPlainUntilNonBlocking(t *testing.T) {
 	}
 	refreshListenersIn(t, dp, cg)
 	before = counterOf(t, dp, cg.ID)
-	exchange(t, dial, lfd, 0)
+	exchange(t, dial, lfd, false)
 	if d := counterOf(t, dp, cg.ID).Sub(before); d.RedirectedBytes != 0 || d.PassedBytes != 0 || d.SocketsBlocking != 1 {
 		t.Fatalf("listener blocking again: redirected %d, passed %d, blocking %d; want 0, 0, 1", d.RedirectedBytes, d.PassedBytes, d.SocketsBlocking)
 	}
 	if socks, _ := dp.Sockets(); len(socks) != 0 {
 		t.Fatalf("sockhash holds %d sockets after a declined pair, want 0", len(socks))
-	}
-}
-
-// exchangeNonblockingListener is exchange for a non-blocking listener.
-func exchangeNonblockingListener(t *testing.T, dial func() net.Conn, lfd int) {
-	t.Helper()
-	c := dial()
-	defer c.Close()
-	pfd := []unix.PollFd{{Fd: int32(lfd), Events: unix.POLLIN}}
-	if n, err := unix.Poll(pfd, 5000); n != 1 || err != nil {
-		t.Fatalf("poll listener: %d %v", n, err)
-	}
-	nfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := os.NewFile(uintptr(nfd), "accepted")
-	s, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	s.SetDeadline(time.Now().Add(5 * time.Second))
-	msg := pattern(3, 4096)
-	buf := make([]byte, len(msg))
-	if _, err := c.Write(msg); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(s, buf); err != nil || !bytes.Equal(buf, msg) {
-		t.Fatalf("server read: %v", err)
-	}
-	if _, err := s.Write(msg); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(c, buf); err != nil || !bytes.Equal(buf, msg) {
-		t.Fatalf("client read: %v", err)
 	}
 }
 
