@@ -50,6 +50,9 @@ func TestResolveErrorsNameTheInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	if m.V2 == "" {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("no cgroup v2 here, which CI must provide")
+		}
 		t.Skip("no cgroup v2 here")
 	}
 	cases := []struct {
