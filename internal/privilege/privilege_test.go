@@ -1,8 +1,8 @@
 package privilege
 
 import (
-	"os"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 
