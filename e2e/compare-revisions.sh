@@ -48,7 +48,7 @@ for c in $cases; do
 	done
 done
 
-echo "| case | metric | $rev plain | $rev accel | $rev accel/plain | HEAD plain | HEAD accel | HEAD accel/plain |"
+echo "| case | metric | $rev plain | $rev accel | $rev accel/plain (spread) | HEAD plain | HEAD accel | HEAD accel/plain (spread) |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|"
 for c in $cases; do
 	python3 - "$out/$rev-$c/results.json" "$out/HEAD-$c/results.json" "$c" <<'EOF'
@@ -58,7 +58,7 @@ def metrics(doc):
     out = {}
     for case in doc.get("cases", []):
         for m in case.get("metrics", []):
-            out[m["name"]] = m
+            out[m["metric"]] = m
     return out
 mo, mn = metrics(old), metrics(new)
 for name, m in mo.items():
@@ -66,7 +66,11 @@ for name, m in mo.items():
     if not n:
         continue
     unit = m.get("unit", "")
-    print(f"| {sys.argv[3]} | {name} | {m['plain_median']:.2f} {unit} | {m['accel_median']:.2f} {unit} | {m['ratio']:.2f}x | "
-          f"{n['plain_median']:.2f} {unit} | {n['accel_median']:.2f} {unit} | {n['ratio']:.2f}x |")
+    def red(doc):
+        c = doc["cases"][0]
+        t = c.get("accelerated_traffic") or {}
+        return "%d%%" % (100 * t.get("redirected_bytes", 0) / max(1, t.get("redirected_bytes", 0) + t.get("passed_bytes", 0))) if c.get("paired") else "0%"
+    print(f"| {sys.argv[3]} | {name} | {m['plain_median']:.2f} {unit} | {m['accelerated_median']:.2f} {unit} | {m['ratio']:.2f}x ({m['plain_spread_pct']:.0f}%/{m['accelerated_spread_pct']:.0f}%) | "
+          f"{n['plain_median']:.2f} {unit} | {n['accelerated_median']:.2f} {unit} | {n['ratio']:.2f}x ({n['plain_spread_pct']:.0f}%/{n['accelerated_spread_pct']:.0f}%) |")
 EOF
 done
