@@ -105,9 +105,10 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 
 func formatCounters(c dataplane.CgroupCounters) string {
 	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d, remote peer %d); redirected %d msgs / %s (%d msgs / %s across namespaces); passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
-		"    readers kept on the stack: rcvlowat %d, tcp_inq %d, oobinline %d, waitall %d, oob_read %d",
+		"    connections left plain TCP: peer not joining %d, blocking %d, stack port %d, client sent first %d; reader options before joining: rcvlowat %d, tcp_inq %d, oobinline %d; after joining (counted only): %d",
 		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped, c.SocketsRemote,
 		c.RedirectedMsgs, stats.HumanBytes(c.RedirectedBytes), c.RedirectedXnsMsgs, stats.HumanBytes(c.RedirectedXnsBytes), c.PassedMsgs, stats.HumanBytes(c.PassedBytes), c.PassedUnreadMsgs,
 		c.StackEgressPackets, stats.HumanBytes(c.StackEgressBytes), c.RedirectFailures,
-		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline, c.FallbackWaitall, c.FallbackOOBRead)
+		c.SocketsUnpaired, c.SocketsBlocking, c.SocketsStackPort, c.PairsAbandoned,
+		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline, c.LateStackOptions)
 }
