@@ -368,7 +368,7 @@ func TestTenThousandShortConnectionsLeakNothing(t *testing.T) {
 		}
 	}()
 	const n = 10000
-	failures := 0
+	failures, done := 0, 0
 	start := time.Now()
 	msg := []byte("short connection payload 0123456789abcdef0123456789abcdef0123456789")
 	testutil.InCgroup(t, cg, func() {
@@ -382,15 +382,23 @@ func TestTenThousandShortConnectionsLeakNothing(t *testing.T) {
 				failures++
 			}
 			c.Close()
+			done++
 		}
 	})
-	t.Logf("%d connections in %v, %d failures", n, time.Since(start), failures)
+	t.Logf("%d of %d connections in %v, %d failures", done, n, time.Since(start), failures)
+	if done != n {
+		t.Fatalf("only %d of %d connections were made within 90 s", done, n)
+	}
 	if failures != 0 {
 		t.Errorf("%d of %d short connections failed", failures, n)
 	}
+	// Both ends of every connection join (a pair), or the client joined
+	// and gave the pair up because it wrote before its server joined (the
+	// server then stays out and takes it out again): 2 insertions per
+	// connection, minus one per abandoned pair.
 	r := statsJSON(t, pinDir)
-	if r.Cgroups[0].SocketsInserted < n {
-		t.Errorf("only %d sockets inserted for %d connections", r.Cgroups[0].SocketsInserted, n)
+	if got, abandoned := r.Cgroups[0].SocketsInserted, r.Cgroups[0].PairsAbandoned; got+abandoned != 2*n {
+		t.Errorf("%d sockets inserted and %d pairs abandoned for %d connections: want inserted + abandoned = %d", got, abandoned, n, 2*n)
 	}
 	// Every socket leaves the sockhash, and our bookkeeping, when it closes.
 	deadline := time.Now().Add(10 * time.Second)

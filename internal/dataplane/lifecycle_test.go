@@ -22,9 +22,10 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
 	echoServer(t, l)
 
-	// The slow reader: a second listener whose server does not read until
-	// told to.
-	slowL := listenIn(t, cg, "tcp4", "127.0.0.1:0")
+	// The slow reader, in a cgroup of its own (so its counters are its
+	// own): a second listener whose server does not read until told to.
+	slowCg := enabledCgroup(t, dp)
+	slowL := listenIn(t, slowCg, "tcp4", "127.0.0.1:0")
 	slowPayload := pattern(99, 6<<20)
 	startReading := make(chan struct{})
 	slowDigest := make(chan []byte, 1)
@@ -40,7 +41,7 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 		io.Copy(h, c)
 		slowDigest <- h.Sum(nil)
 	}()
-	slow := dialIn(t, cg, "tcp4", slowL.Addr().String())
+	slow := dialIn(t, slowCg, "tcp4", slowL.Addr().String())
 	slowWritten := make(chan error, 1)
 	go func() {
 		_, err := slow.Write(slowPayload) // redirected into the reader's queue
@@ -63,14 +64,29 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 		}()
 	}
 
-	// Let the slow writer fill the reader's queue, then pull the rug.
+	// Let the slow writer fill the reader's queue: a pair redirects
+	// from the first byte, so all 6 MiB sit redirected and unread in the
+	// reader's queue (the writer does not block below 64 MiB). Then pull
+	// the rug.
 	waitFor(t, 5*time.Second, func() bool {
 		socks, err := dp.Sockets()
 		return err == nil && len(socks) >= 2+2*streams
 	})
-	time.Sleep(50 * time.Millisecond)
-	if changed, err := dp.Disable(cg.ID); err != nil || !changed {
-		t.Fatalf("disable: changed=%v err=%v", changed, err)
+	select {
+	case err := <-slowWritten:
+		if err != nil {
+			t.Fatalf("slow writer: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("slow writer stuck before its reader read anything")
+	}
+	if c := counterOf(t, dp, slowCg.ID); c.RedirectedBytes < uint64(len(slowPayload)) {
+		t.Fatalf("only %d bytes redirected before disable; the slow reader must hold %d redirected bytes", c.RedirectedBytes, len(slowPayload))
+	}
+	for _, id := range []uint64{cg.ID, slowCg.ID} {
+		if changed, err := dp.Disable(id); err != nil || !changed {
+			t.Fatalf("disable %d: changed=%v err=%v", id, changed, err)
+		}
 	}
 	time.Sleep(50 * time.Millisecond)
 	pinDir := dp.PinDir()
@@ -93,14 +109,6 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 		if err != nil {
 			t.Errorf("stream %d: %v", i, err)
 		}
-	}
-	select {
-	case err := <-slowWritten:
-		if err != nil {
-			t.Fatalf("slow writer: %v", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("slow writer stuck")
 	}
 	want := sha256.Sum256(slowPayload)
 	if got := <-slowDigest; !bytes.Equal(got, want[:]) {

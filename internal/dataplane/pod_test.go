@@ -2,9 +2,12 @@ package dataplane
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -219,11 +222,30 @@ func TestReusedAddressOfDeletedPodGetsNothing(t *testing.T) {
 	if d := counterOf(t, dp, b.Cgroup.ID).Sub(before); d.RedirectedBytes == 0 {
 		t.Logf("not redirected to the old socket (took the stack): %+v", d)
 	}
-	// The old pod's socket closes; B keeps sending.
+	// The old pod's socket closes; B keeps sending. Nothing may be
+	// redirected any more, B's writes must fail (the new pod's stack
+	// answers with a reset), and no socket of the new pod is a member.
 	old.Close()
-	for i := 0; i < 5; i++ {
-		srv.Write([]byte("still for the old pod"))
+	before = counterOf(t, dp, b.Cgroup.ID)
+	var werr error
+	for i := 0; i < 50 && werr == nil; i++ {
+		_, werr = srv.Write([]byte("still for the old pod"))
 		time.Sleep(20 * time.Millisecond)
+	}
+	if !errors.Is(werr, unix.EPIPE) && !errors.Is(werr, unix.ECONNRESET) {
+		t.Errorf("writes to the deleted pod's connection: %v, want EPIPE or ECONNRESET", werr)
+	}
+	if d := counterOf(t, dp, b.Cgroup.ID).Sub(before); d.RedirectedBytes != 0 {
+		t.Errorf("%d bytes were redirected after the old socket closed: %+v", d.RedirectedBytes, d)
+	}
+	socks, err := dp.Sockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range socks {
+		if k.Local().Addr() == netip.MustParseAddr("10.9.3.1") {
+			t.Errorf("a socket on the reused address is in the sockhash: %v -> %v", k.Local(), k.Remote())
+		}
 	}
 	select {
 	case s := <-got:
