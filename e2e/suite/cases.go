@@ -64,6 +64,7 @@ func SmokeCases() []Case {
 		redisCase(TopoLoopback, 16),
 		nginxCase(TopoLoopback, 100<<10, true),
 		iperfCase(TopoVeth, 16<<10),
+		redisCase(TopoVeth, 16),
 	}
 }
 
