@@ -43,6 +43,12 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	echoServer(t, l)
 
 	pins := []string{dp.cgroupLinkPin(cg.ID), dp.setsockoptLinkPin(cg.ID), filepath.Join(dp.pinDir, PinSkMsgLink), filepath.Join(dp.pinDir, PinRecvLink)}
+	// The TC link of the accounted device (tcx on this kernel).
+	tcPins, err := filepath.Glob(filepath.Join(dp.pinDir, "tc", "*"))
+	if err != nil || len(tcPins) != 1 {
+		t.Fatalf("tc link pins %v, %v; want one", tcPins, err)
+	}
+	pins = append(pins, tcPins[0])
 	before := map[string]ebpf.ProgramID{}
 	for _, p := range pins {
 		before[p] = linkProgramID(t, p)
@@ -60,7 +66,8 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 			errs[i] = streamUntil(c, stop, pattern(uint64(200+i), 1<<20), 16384)
 		}()
 	}
-	time.Sleep(150 * time.Millisecond)
+	// Traffic is redirected before the upgrade...
+	waitFor(t, 5*time.Second, func() bool { return counterOf(t, dp, cg.ID).RedirectedBytes >= 8<<20 })
 	countersBefore := counterOf(t, dp, cg.ID)
 	rep, err := dp.Upgrade()
 	if err != nil {
@@ -69,7 +76,10 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	if rep.Cgroups != 1 || rep.TCDevices != 1 {
 		t.Errorf("upgrade report %+v", rep)
 	}
-	time.Sleep(150 * time.Millisecond)
+	// ... and keeps being redirected, by the new programs, after it.
+	waitFor(t, 5*time.Second, func() bool {
+		return counterOf(t, dp, cg.ID).RedirectedBytes >= countersBefore.RedirectedBytes+8<<20
+	})
 	close(stop)
 	wg.Wait()
 	for i, err := range errs {
