@@ -207,23 +207,48 @@ func TestDaemonKill9DuringTransfersLosesNothingAndRestartAdopts(t *testing.T) {
 		wg.Add(1)
 		go func() { defer wg.Done(); errs[i] = echoTransfer(c, i+1, 8<<20) }()
 	}
-	time.Sleep(30 * time.Millisecond)
+	// Kill once the transfers are under way on the fast path.
+	deadline := time.Now().Add(10 * time.Second)
+	for redirectedOf(t, pinDir, cg.ID) < 8<<20 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if redirectedOf(t, pinDir, cg.ID) < 8<<20 {
+		t.Fatal("nothing was redirected before the kill: the test did not exercise the fast path")
+	}
 	d.cmd.Process.Kill() // kill -9
 	<-d.exited
+	atKill := redirectedOf(t, pinDir, cg.ID)
 	wg.Wait()
 	for i, err := range errs {
 		if err != nil {
 			t.Errorf("transfer %d across kill -9: %v", i, err)
 		}
 	}
+	// The pinned programs kept redirecting with no daemon: the transfers
+	// (2 x 32 x 8 MiB in all) did not fall back to the stack.
 	before := redirectedOf(t, pinDir, cg.ID)
-	if before == 0 {
-		t.Fatal("nothing was redirected: the test did not exercise the fast path")
+	if before < atKill+8<<20 {
+		t.Errorf("only %d bytes redirected after kill -9 (%d at the kill): the datapath stopped with the daemon", before-atKill, atKill)
 	}
+	// New connections too, before any daemon is back.
+	var nc net.Conn
+	var nerr error
+	testutil.InCgroup(t, cg, func() { nc, nerr = net.Dial("tcp4", l.Addr().String()) })
+	if nerr != nil {
+		t.Fatal(nerr)
+	}
+	if err := echoTransfer(nc, 98, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	nc.Close()
+	if mid := redirectedOf(t, pinDir, cg.ID); mid < before+2<<20 {
+		t.Errorf("a connection made while no daemon ran was not accelerated: %d more bytes redirected, want %d", mid-before, 2<<20)
+	}
+	before = redirectedOf(t, pinDir, cg.ID)
 
 	d2 := startDaemon(t, pinDir, cfgPath)
 	waitEnabled(t, pinDir, d2, cg)
-	deadline := time.Now().Add(10 * time.Second)
+	deadline = time.Now().Add(10 * time.Second)
 	for !strings.Contains(d2.logs.String(), "adopted pinned state") && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
