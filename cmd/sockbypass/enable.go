@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 
@@ -105,17 +106,23 @@ func runEnable(e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	_, statErr := os.Stat(e.pinDir)
+	fresh := os.IsNotExist(statErr)
 	dp, err := openDataplane(e, true, uint32(sockhashSize))
 	if err != nil {
 		return err
 	}
 	defer dp.Close()
-	if !accountOnly {
-		fmt.Fprintf(e.stderr, "warning: on accelerated sockets this kernel cannot keep: %s (see sockbypass doctor)\n", strings.Join(knownLimitations(), "; "))
-	}
 	for _, cg := range resolved {
 		changed, err := dp.Enable(cg, opts)
 		if err != nil {
+			// A first enable that fails leaves nothing installed (a
+			// later one leaves what earlier calls enabled).
+			if fresh {
+				if uerr := dp.Uninstall(); uerr != nil {
+					return errors.Join(err, fmt.Errorf("remove the install this call created: %w", uerr))
+				}
+			}
 			return err
 		}
 		what := "its new TCP connections are accelerated"
@@ -144,6 +151,9 @@ func runEnable(e *env, args []string) error {
 	if len(addrs.Ambiguous) > 0 {
 		fmt.Fprintf(e.stdout, "node addresses: %d unique (paired across namespaces), %d ambiguous and kept namespace-local: %s\n",
 			addrs.Unique, len(addrs.Ambiguous), strings.Join(addrs.Ambiguous, ", "))
+	}
+	if fresh && !accountOnly {
+		fmt.Fprintf(e.stderr, "warning: on accelerated sockets this kernel cannot keep: %s (see sockbypass doctor)\n", strings.Join(knownLimitations(), "; "))
 	}
 	return nil
 }

@@ -138,6 +138,9 @@ func TestEnableBadInputsLeaveNothingAttached(t *testing.T) {
 		{"outside the hierarchy", []string{"--cgroup", "/etc"}, []string{`"/etc"`, "not inside the cgroup v2 hierarchy", mounts.V2}},
 		{"not on bpffs", []string{"--cgroup", good.Path, "--bpffs-dir", "/tmp/sockbypass-not-bpffs/pins"}, []string{"/tmp/sockbypass-not-bpffs/pins", "not on a bpf filesystem", "mount -t bpf"}},
 		{"relative pin dir", []string{"--cgroup", good.Path, "--bpffs-dir", "relative/pins"}, []string{`"relative/pins"`, "absolute"}},
+		// Found only once the install exists: the first enable that fails
+		// removes it again (no maps, no sk_msg or tracing link left).
+		{"missing tc device", []string{"--cgroup", good.Path, "--tc-dev", "nodev-xyz"}, []string{`"nodev-xyz"`, "ip link"}},
 	}
 	for mp := range mounts.V1 {
 		cases = append(cases, tc{"cgroup v1 path", []string{"--cgroup", mp}, []string{mp, "cgroup v1", mounts.V2}})
@@ -160,6 +163,9 @@ func TestEnableBadInputsLeaveNothingAttached(t *testing.T) {
 			}
 			if _, err := os.Stat(pinDir); !os.IsNotExist(err) {
 				t.Errorf("pin directory %s created by a failed enable", pinDir)
+			}
+			if strings.Contains(errOut, "cannot keep") {
+				t.Errorf("a failed enable printed the kernel-limitations warning: %q", errOut)
 			}
 		})
 	}
