@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/rlimit"
 )
@@ -99,7 +100,47 @@ func CheckKernel() error {
 			return kernelError(p.name, p.config, err)
 		}
 	}
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("%w: read the kernel's BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF=y): %v", ErrKernelUnsupported, err)
+	}
+	return checkBehaviour(spec)
+}
+
+// Kernel behaviours sockbypass's transparency rests on, found by name in
+// the kernel's BTF (measured under qemu: Debian 12's 6.1.0-56 has neither,
+// Debian's 6.12 and 6.18 have both).
+var behaviours = []struct {
+	btfName, kind, why string
+}{
+	{"tcp_bpf_ioctl", "function",
+		"FIONREAD on an accelerated socket counts only the bytes that came through the stack, so a reader that trusts it (nginx) stalls on redirected bytes"},
+	{"btf_trace_sock_recv_length", "tracepoint",
+		"no tracepoint sock_recv_length: a writer cannot see how far its reader has read, so a stalled reader would let it queue without bound"},
+}
+
+// checkBehaviour returns ErrKernelUnsupported naming the first missing
+// behaviour, the kernel to install instead, and what doctor would show.
+func checkBehaviour(spec *btf.Spec) error {
+	for _, b := range behaviours {
+		if _, err := spec.AnyTypeByName(b.btfName); err != nil {
+			if !errors.Is(err, btf.ErrNotFound) {
+				return fmt.Errorf("look up %s in the kernel's BTF: %w", b.btfName, err)
+			}
+			return fmt.Errorf("%w: this kernel (%s) lacks %s %s: %s; sockbypass accelerates nothing here. Use a kernel that has it, such as Debian's 6.12 (apt-get install -t bookworm-backports linux-image-cloud-amd64 on Debian 12)",
+				ErrKernelUnsupported, kernelRelease(), b.kind, strings.TrimPrefix(b.btfName, "btf_trace_"), b.why)
+		}
+	}
 	return nil
+}
+
+// kernelRelease returns uname -r, or "unknown".
+func kernelRelease() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(b))
 }
 
 func kernelError(feature, config string, err error) error {

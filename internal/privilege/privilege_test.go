@@ -1,7 +1,9 @@
 package privilege
 
 import (
+	"bytes"
 	"errors"
+	"github.com/cilium/ebpf/btf"
 	"os"
 	"strings"
 	"testing"
@@ -46,5 +48,57 @@ func TestThisKernelIsSupported(t *testing.T) {
 	}
 	if err := CheckKernel(); err != nil {
 		t.Fatalf("CheckKernel on this machine: %v", err)
+	}
+}
+
+// specWith builds a BTF spec holding a function for each name.
+func specWith(t *testing.T, names ...string) *btf.Spec {
+	t.Helper()
+	var types []btf.Type
+	for _, n := range names {
+		types = append(types, &btf.Func{Name: n, Type: &btf.FuncProto{Return: &btf.Int{Name: "int", Size: 4, Encoding: btf.Signed}}, Linkage: btf.GlobalFunc})
+	}
+	b, err := btf.NewBuilder(types, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := b.Marshal(nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec, err := btf.LoadSpecFromReader(bytes.NewReader(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return spec
+}
+
+// TestBehaviourChecksNameWhatIsMissing: a kernel without tcp_bpf_ioctl (6.1)
+// or without the sock_recv_length tracepoint is refused with the missing
+// piece, its consequence and the kernel to use instead.
+func TestBehaviourChecksNameWhatIsMissing(t *testing.T) {
+	if err := checkBehaviour(specWith(t, "tcp_bpf_ioctl", "btf_trace_sock_recv_length")); err != nil {
+		t.Fatalf("a kernel with both refused: %v", err)
+	}
+	for missing, want := range map[string][]string{
+		"tcp_bpf_ioctl":              {"tcp_bpf_ioctl", "FIONREAD", "6.12"},
+		"btf_trace_sock_recv_length": {"tracepoint sock_recv_length", "6.12"},
+	} {
+		var have []string
+		for _, n := range []string{"tcp_bpf_ioctl", "btf_trace_sock_recv_length"} {
+			if n != missing {
+				have = append(have, n)
+			}
+		}
+		err := checkBehaviour(specWith(t, have...))
+		if !errors.Is(err, ErrKernelUnsupported) {
+			t.Errorf("without %s: %v, want ErrKernelUnsupported", missing, err)
+			continue
+		}
+		for _, w := range want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("without %s: %q does not mention %q", missing, err, w)
+			}
+		}
 	}
 }
