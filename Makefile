@@ -57,3 +57,11 @@ bench-loopback: deps build
 
 clean:
 	rm -rf bin
+
+# The kernel matrix: boots Debian 12's own kernels (6.1, 6.12) under qemu and
+# runs enable, status, a sha256-checked redirected transfer, doctor and
+# uninstall on each, plus kernel probes; compares with e2e/kernels/expected.txt.
+# Root; installs qemu and busybox with apt. One kernel: make kernels KERNELS=6.12
+.PHONY: kernels
+kernels:
+	./e2e/kernels/run.sh $(KERNELS)

@@ -1,0 +1,230 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// cgroupFigures are the fields of `sockbypass stats --json` this reads.
+type cgroupFigures struct {
+	Path             string `json:"path"`
+	LiveSockets      int    `json:"live_sockets"`
+	RedirectedBytes  uint64 `json:"redirected_bytes"`
+	RedirectedMsgs   uint64 `json:"redirected_msgs"`
+	StackEgressBytes uint64 `json:"stack_egress_bytes"`
+	PassedBytes      uint64 `json:"passed_bytes"`
+	SocketsInserted  uint64 `json:"sockets_inserted"`
+	SocketsBlocking  uint64 `json:"sockets_blocking"`
+	SocketsUnpaired  uint64 `json:"sockets_unpaired"`
+	PairsAbandoned   uint64 `json:"pairs_abandoned"`
+}
+
+// readStats runs `sockbypass stats --json` and returns cg's figures.
+func readStats(bin, cg string) (*cgroupFigures, error) {
+	var stderr bytes.Buffer
+	cmd := exec.Command(bin, "stats", "--json")
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		line, _, _ := strings.Cut(strings.TrimSpace(stderr.String()), "\n")
+		return nil, fmt.Errorf("stats --json: %v: %s", err, line)
+	}
+	var doc struct {
+		Cgroups []cgroupFigures `json:"cgroups"`
+	}
+	if err := json.Unmarshal(out, &doc); err != nil {
+		return nil, fmt.Errorf("stats --json: %w", err)
+	}
+	for _, c := range doc.Cgroups {
+		if filepath.Clean(c.Path) == filepath.Clean(cg) {
+			return &c, nil
+		}
+	}
+	return nil, fmt.Errorf("stats --json: cgroup %s not listed", cg)
+}
+
+func transferLine(format string, args ...any) {
+	fmt.Printf("KMATRIX transfer "+format+"\n", args...)
+}
+
+// runTransfer joins cg, echoes size bytes over a loopback connection made
+// with Go's (non-blocking) sockets, compares sha256 of what was sent and
+// what came back, and reports the counters sockbypass moved meanwhile.
+func runTransfer(cg, bin string, size int) error {
+	if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
+		return fmt.Errorf("join cgroup %s: %w", cg, err)
+	}
+	before, statsErr := readStats(bin, cg)
+	if statsErr != nil {
+		transferLine("stats=unavailable error=%s", value(statsErr.Error()))
+	}
+
+	data := make([]byte, size)
+	rand.NewChaCha8([32]byte{'k', 'm', 'a', 't', 'r', 'i', 'x'}).Read(data)
+	start := time.Now()
+	got, err := echo(data)
+	secs := time.Since(start).Seconds()
+	sent, back := sha256.Sum256(data), sha256.Sum256(got)
+	verdict := "ok"
+	if sent != back {
+		verdict = "MISMATCH"
+	}
+	transferLine("bytes=%d received=%d sha256=%s secs=%.2f", size, len(got), verdict, secs)
+	transferLine("sha256_sent=%x sha256_received=%x", sent, back)
+	if err != nil {
+		transferLine("error=%s", value(err.Error()))
+	}
+
+	if statsErr == nil {
+		after, err := readStats(bin, cg)
+		if err != nil {
+			transferLine("stats=unavailable error=%s", value(err.Error()))
+		} else {
+			transferLine("redirected_bytes=%d redirected_msgs=%d stack_egress_bytes=%d passed_bytes=%d sockets_inserted=%d pairs_abandoned=%d sockets_unpaired=%d sockets_blocking=%d",
+				after.RedirectedBytes-before.RedirectedBytes, after.RedirectedMsgs-before.RedirectedMsgs,
+				after.StackEgressBytes-before.StackEgressBytes, after.PassedBytes-before.PassedBytes,
+				after.SocketsInserted-before.SocketsInserted, after.PairsAbandoned-before.PairsAbandoned,
+				after.SocketsUnpaired-before.SocketsUnpaired, after.SocketsBlocking-before.SocketsBlocking)
+		}
+		b, _ := readStats(bin, cg)
+		v := fionreadSockbypass()
+		if a, err := readStats(bin, cg); err == nil && b != nil {
+			v += fmt.Sprintf(" redirected_bytes=%d", a.RedirectedBytes-b.RedirectedBytes)
+		}
+		report("fionread_sockbypass_member", v)
+	} else {
+		report("fionread_sockbypass_member", "n/a: sockbypass not installed")
+	}
+	if err != nil || verdict != "ok" {
+		return fmt.Errorf("transfer failed: sha256 %s, %v", verdict, err)
+	}
+	return nil
+}
+
+// accepted listens on loopback, dials, and returns both ends once the
+// server has accepted (so the client never writes before its server side
+// is established).
+func accepted() (client, server *net.TCPConn, err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ln.Close()
+	type res struct {
+		c   net.Conn
+		err error
+	}
+	acc := make(chan res, 1)
+	go func() { c, err := ln.Accept(); acc <- res{c, err} }()
+	c, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+	if err != nil {
+		return nil, nil, err
+	}
+	select {
+	case r := <-acc:
+		if r.err != nil {
+			c.Close()
+			return nil, nil, r.err
+		}
+		return c.(*net.TCPConn), r.c.(*net.TCPConn), nil
+	case <-time.After(5 * time.Second):
+		c.Close()
+		return nil, nil, errors.New("accept timed out")
+	}
+}
+
+// echo sends data to an echo server and returns what came back. Both ends
+// read and write with Read/Write (never io.Copy between two TCPConns,
+// which splices).
+func echo(data []byte) ([]byte, error) {
+	client, server, err := accepted()
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	deadline := time.Now().Add(60 * time.Second)
+	client.SetDeadline(deadline)
+	server.SetDeadline(deadline)
+	srvErr := make(chan error, 1)
+	go func() {
+		defer server.Close()
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := server.Read(buf)
+			if n > 0 {
+				if _, werr := server.Write(buf[:n]); werr != nil {
+					srvErr <- fmt.Errorf("server write: %w", werr)
+					return
+				}
+			}
+			if err == io.EOF {
+				srvErr <- nil
+				return
+			}
+			if err != nil {
+				srvErr <- fmt.Errorf("server read: %w", err)
+				return
+			}
+		}
+	}()
+	wErr := make(chan error, 1)
+	go func() {
+		for off := 0; off < len(data); off += 64 << 10 {
+			end := min(off+64<<10, len(data))
+			if _, err := client.Write(data[off:end]); err != nil {
+				wErr <- fmt.Errorf("client write: %w", err)
+				return
+			}
+		}
+		wErr <- client.CloseWrite()
+	}()
+	var got bytes.Buffer
+	buf := make([]byte, 64<<10)
+	var rerr error
+	for {
+		n, err := client.Read(buf)
+		got.Write(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			rerr = fmt.Errorf("client read: %w", err)
+			break
+		}
+	}
+	return got.Bytes(), errors.Join(rerr, <-wErr, <-srvErr)
+}
+
+// fionreadSockbypass asks FIONREAD on the server end of a fresh connection
+// of the enabled cgroup after the client wrote probeBytes (redirected when
+// the pair joined).
+func fionreadSockbypass() string {
+	client, server, err := accepted()
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer client.Close()
+	defer server.Close()
+	if _, err := client.Write(make([]byte, probeBytes)); err != nil {
+		return "error: write: " + err.Error()
+	}
+	raw, err := server.SyscallConn()
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	var out string
+	raw.Control(func(fd uintptr) { out = fionreadAfterWrite(int(fd), probeBytes) })
+	return out
+}
