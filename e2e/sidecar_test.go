@@ -80,6 +80,26 @@ func newSidecarPodsFamily(t testing.TB, v6 bool) *sidecarPods {
 	return s
 }
 
+// boundRoundTrip sends a body through the sidecar from an app socket bound
+// to the pod's own address before connecting (curl --interface POD_IP): its
+// endpoint is a unique node address, which the intercept state is keyed by.
+func (s *sidecarPods) boundRoundTrip(t *testing.T) {
+	t.Helper()
+	c := s.app.Dial(t, &net.TCPAddr{IP: net.ParseIP(s.appIP)}, net.JoinHostPort(s.serverIP, "8080"))
+	body := bytes.Repeat([]byte("bound app "), 6554)
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	go func() {
+		c.Write(body)
+		c.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(c)
+	want := sha256.Sum256(body)
+	if err != nil || !bytes.Equal(got, want[:]) {
+		t.Fatalf("app bound to %s through the sidecar: digest %x (%v), want %x; sidecar log:\n%s", s.appIP, got, err, want, s.logs.String())
+	}
+	c.Close()
+}
+
 // serveDigests answers each connection with the sha256 of what it read.
 func (s *sidecarPods) serveDigests(t testing.TB, addr string) {
 	l := s.server.Listen(t, addr)
@@ -383,6 +403,7 @@ func TestSidecarModes(t *testing.T) {
 				}()
 			}
 			s.integrity(t)
+			s.boundRoundTrip(t)
 			accel50, accel99 := s.rr(t, 300*time.Millisecond)
 			after, _ := dp.Counters()
 			app := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])

@@ -172,6 +172,20 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 	}
 	ek.port = bpf_ntohs(sk->dst_port);
 	od = bpf_map_lookup_elem(&orig_dsts, &ek);
+	if (!od) {
+		/* An app bound to its pod's address (a unique node address
+		 * owned by this namespace) registered a node-scope endpoint
+		 * (netns 0, see endpoint_of in sockops.c). */
+		struct node_addr_key nk = {};
+		struct node_addr *na;
+
+		__builtin_memcpy(nk.ip, ek.ip, sizeof(nk.ip));
+		na = bpf_map_lookup_elem(&node_addrs, &nk);
+		if (na && !(na->flags & NODE_ADDR_AMBIGUOUS) && na->netns_cookie == ek.netns_cookie) {
+			ek.netns_cookie = 0;
+			od = bpf_map_lookup_elem(&orig_dsts, &ek);
+		}
+	}
 	if (!od || (od->family == AF_INET6) != v6)
 		return 1;
 	if (v6) {
