@@ -286,8 +286,11 @@ struct cgroup_counters {
 	/* Sockets left plain because they (or their listener) block: a
 	 * blocking recv on a sockhash member may return EAGAIN. */
 	__u64 sockets_blocking;
-	/* Pairs given up because the client sent before its peer joined. */
+	/* Pairs given up because the client sent before its server joined. */
 	__u64 pairs_abandoned;
+	/* Pairs refused because the two ends' sequence numbers do not
+	 * cross-match: not one connection. */
+	__u64 pairs_mismatched;
 	/* Connections left plain because their server port is a stack port. */
 	__u64 sockets_stack_port;
 	/* Members that asked for semantics the redirected queue does not keep
@@ -536,8 +539,9 @@ struct {
  * 2. the client, at ACTIVE_ESTABLISHED, joins when offered and eligible
  *    (non-blocking, no stack-reader option): PAIR_CLIENT_JOINED; otherwise
  *    PAIR_DECLINED;
- * 3. the server, at PASSIVE_ESTABLISHED, joins when the client did and its
- *    listener is eligible: PAIR_JOINED; otherwise it removes the client from
+ * 3. the server, at PASSIVE_ESTABLISHED, joins when the client did, their
+ *    sequence numbers cross-match and its listener is eligible:
+ *    PAIR_JOINED; otherwise it removes the client from
  *    the sockhash again (nothing was redirected to it) and the pair stays
  *    plain;
  * 4. a client that sends before step 3 (its peer has not joined yet) turns
@@ -553,6 +557,14 @@ struct {
 
 struct pair {
 	__u64 state;
+	/* Written by the client when it joins: its snd_nxt and rcv_nxt at
+	 * ACTIVE_ESTABLISHED (its ISN + 1 and the server's ISN + 1, before any
+	 * data). The server joins only when they cross-match its own rcv_nxt
+	 * and snd_nxt: a mirrored key alone is no proof that two sockets are
+	 * the ends of one connection (NAT can give another socket the same
+	 * key while a handshake is in flight). */
+	__u32 client_snd_nxt;
+	__u32 client_rcv_nxt;
 };
 
 struct {

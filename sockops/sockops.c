@@ -519,6 +519,9 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 		COUNT(c, sockets_unpaired);
 		return;
 	}
+	/* Before our ACK leaves, so before the server can look. */
+	pair->client_snd_nxt = skops->snd_nxt;
+	pair->client_rcv_nxt = skops->rcv_nxt;
 	state->flags |= SOCK_FLAG_PAIR_CLIENT;
 }
 
@@ -568,6 +571,11 @@ static __noinline void join_passive(struct bpf_sock_ops *skops)
 		 * first (then it is still in the sockhash). */
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_unpaired);
+		return;
+	}
+	if (pair->client_snd_nxt != skops->rcv_nxt || pair->client_rcv_nxt != skops->snd_nxt) {
+		decline_client(pair, &p.peer);
+		COUNT(c, pairs_mismatched);
 		return;
 	}
 	if (state->flags & SOCK_FLAG_STACK_READER) {

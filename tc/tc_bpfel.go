@@ -62,6 +62,7 @@ type tcCgroupCounters struct {
 	SocketsUnpaired        uint64
 	SocketsBlocking        uint64
 	PairsAbandoned         uint64
+	PairsMismatched        uint64
 	SocketsStackPort       uint64
 	LateStackOptions       uint64
 }
@@ -119,8 +120,10 @@ type tcOrigDst struct {
 }
 
 type tcPair struct {
-	_     structs.HostLayout
-	State uint64
+	_            structs.HostLayout
+	State        uint64
+	ClientSndNxt uint32
+	ClientRcvNxt uint32
 }
 
 type tcReceiver struct {

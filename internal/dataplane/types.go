@@ -59,6 +59,7 @@ type CgroupCounters struct {
 	SocketsUnpaired    uint64 `json:"sockets_unpaired"`
 	SocketsBlocking    uint64 `json:"sockets_blocking"`
 	PairsAbandoned     uint64 `json:"pairs_abandoned"`
+	PairsMismatched    uint64 `json:"pairs_mismatched"`
 	SocketsStackPort   uint64 `json:"sockets_stack_port"`
 	LateStackOptions   uint64 `json:"late_stack_options"`
 }
@@ -94,6 +95,7 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.SocketsUnpaired += o.SocketsUnpaired
 	c.SocketsBlocking += o.SocketsBlocking
 	c.PairsAbandoned += o.PairsAbandoned
+	c.PairsMismatched += o.PairsMismatched
 	c.SocketsStackPort += o.SocketsStackPort
 	c.LateStackOptions += o.LateStackOptions
 }
@@ -130,6 +132,7 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		SocketsUnpaired:    c.SocketsUnpaired - o.SocketsUnpaired,
 		SocketsBlocking:    c.SocketsBlocking - o.SocketsBlocking,
 		PairsAbandoned:     c.PairsAbandoned - o.PairsAbandoned,
+		PairsMismatched:    c.PairsMismatched - o.PairsMismatched,
 		SocketsStackPort:   c.SocketsStackPort - o.SocketsStackPort,
 		LateStackOptions:   c.LateStackOptions - o.LateStackOptions,
 	}

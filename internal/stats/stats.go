@@ -84,6 +84,9 @@ type Figures struct {
 	// PairsAbandoned counts pairs given up because the client sent before
 	// its server had joined.
 	PairsAbandoned uint64 `json:"pairs_abandoned"`
+	// PairsMismatched counts pairs refused because the two ends'
+	// sequence numbers did not cross-match (not one connection).
+	PairsMismatched uint64 `json:"pairs_mismatched"`
 	// SocketsStackPort counts sockets left plain TCP because their
 	// connection's server port is a stack port (enable --stack-ports).
 	SocketsStackPort uint64 `json:"sockets_stack_port"`
@@ -129,6 +132,7 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SocketsUnpaired:           c.SocketsUnpaired,
 		SocketsBlocking:           c.SocketsBlocking,
 		PairsAbandoned:            c.PairsAbandoned,
+		PairsMismatched:           c.PairsMismatched,
 		SocketsStackPort:          c.SocketsStackPort,
 		LateStackOptions:          c.LateStackOptions,
 		Fallbacks: map[string]uint64{
