@@ -66,6 +66,11 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 	fmt.Fprintf(w, "sockbypass installed at %s\n", st.PinDir)
 	fmt.Fprintf(w, "  sk_msg program %d (attached by %s) on sockhash map %d: %d live socket(s), capacity %d\n",
 		st.SkMsgProgramID, st.SkMsgAttach, st.SockhashMapID, st.LiveSockets, st.SockhashCapacity)
+	if st.RecvTraceAttached {
+		fmt.Fprintln(w, "  read-progress tracer (tp_btf/sock_recv_length, runs on every recvmsg of the node): attached")
+	} else {
+		fmt.Fprintln(w, "  read-progress tracer (tp_btf/sock_recv_length): detached (no cgroup enabled, no accelerated socket left)")
+	}
 	if len(st.Cgroups) == 0 {
 		fmt.Fprintln(w, "enabled cgroups: none")
 	} else {

@@ -443,6 +443,14 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		}
 	})
 
+	// The read-progress tracer runs on every recvmsg of the node: it is
+	// attached only while a cgroup is enabled or a member still needs it.
+	if attached, err := d.ensureRecvTrace(); err != nil {
+		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+	} else if attached {
+		undo = append(undo, func() { d.releaseIdleRecvTrace() })
+	}
+
 	pin := d.cgroupLinkPin(cg.ID)
 	existing, lerr := link.LoadPinnedLink(pin, nil)
 	already := lerr == nil
@@ -539,7 +547,91 @@ func (d *Dataplane) Disable(cgroupID uint64) (bool, error) {
 		return false, err
 	}
 	defer l.Unlock()
-	return d.disableLocked(cgroupID)
+	changed, err := d.disableLocked(cgroupID)
+	if err != nil {
+		return changed, err
+	}
+	if _, err := d.releaseIdleRecvTrace(); err != nil {
+		return changed, err
+	}
+	return changed, nil
+}
+
+// RecvTracePin is the pin of the tp_btf/sock_recv_length link.
+func (d *Dataplane) recvTracePin() string { return filepath.Join(d.pinDir, PinRecvLink) }
+
+// RecvTraceAttached reports whether the read-progress tracer (which runs
+// on every recvmsg of the node) is attached.
+func (d *Dataplane) RecvTraceAttached() bool {
+	_, err := os.Stat(d.recvTracePin())
+	return err == nil
+}
+
+// ensureRecvTrace attaches the read-progress tracer when it is not, and
+// reports whether it did.
+func (d *Dataplane) ensureRecvTrace() (bool, error) {
+	if d.RecvTraceAttached() {
+		return false, nil
+	}
+	return true, d.attachRecvTrace()
+}
+
+// attachRecvTrace loads the tp_btf/sock_recv_length program, attaches it
+// and pins the link, over an older one if there is one (a tracing link
+// cannot be updated in place).
+func (d *Dataplane) attachRecvTrace() error {
+	recv, err := fallback.LoadRecv(d.maps)
+	if err != nil {
+		return err
+	}
+	defer recv.Close()
+	recvLink, err := link.AttachTracing(link.TracingOptions{Program: recv})
+	if err != nil {
+		return fmt.Errorf("attach tp_btf/sock_recv_length: %w", err)
+	}
+	defer recvLink.Close()
+	return repinLink(recvLink, d.recvTracePin())
+}
+
+// releaseIdleRecvTrace detaches the read-progress tracer when no cgroup
+// is enabled and no socket is in the sockhash (nobody needs it: members
+// need it for back-pressure until they close). It reports whether it
+// detached it.
+func (d *Dataplane) releaseIdleRecvTrace() (bool, error) {
+	if !d.RecvTraceAttached() {
+		return false, nil
+	}
+	ids, err := d.EnabledCgroupIDs()
+	if err != nil || len(ids) > 0 {
+		return false, err
+	}
+	socks, err := d.Sockets()
+	if err != nil || len(socks) > 0 {
+		return false, err
+	}
+	l, err := link.LoadPinnedLink(d.recvTracePin(), nil)
+	if err != nil {
+		return false, fmt.Errorf("open %s: %w", PinRecvLink, err)
+	}
+	defer l.Close()
+	if err := l.Unpin(); err != nil {
+		return false, fmt.Errorf("unpin %s: %w", PinRecvLink, err)
+	}
+	d.log.Info("detached the read-progress tracer: no cgroup enabled, no accelerated socket left")
+	return true, nil
+}
+
+// ReleaseIdle detaches what runs node-wide and nothing needs any more (the
+// read-progress tracer, once no cgroup is enabled and the last accelerated
+// socket has closed). The daemon calls it at every rescan.
+func (d *Dataplane) ReleaseIdle() error {
+	l, err := lock.Exclusive(d.pinDir)
+	if err != nil {
+		return err
+	}
+	defer l.Unlock()
+	_, err = d.releaseIdleRecvTrace()
+	return err
 }
 
 func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {

@@ -27,6 +27,10 @@ type Status struct {
 	SockhashCapacity uint32 `json:"sockhash_capacity"`
 	// LiveSockets is the number of sockets in the sockhash now.
 	LiveSockets int `json:"live_sockets"`
+	// RecvTraceAttached reports whether the read-progress tracer
+	// (tp_btf/sock_recv_length, which runs on every recvmsg of the node) is
+	// attached: while a cgroup is enabled or an accelerated socket lives.
+	RecvTraceAttached bool `json:"recv_trace_attached"`
 	// Cgroups lists the enabled cgroups.
 	Cgroups []CgroupStatus `json:"cgroups"`
 	// TCDevices lists the interfaces with TC egress accounting.
@@ -136,6 +140,7 @@ func (d *Dataplane) Status() (*Status, error) {
 		return nil, err
 	}
 	st.LiveSockets = len(socks)
+	st.RecvTraceAttached = d.RecvTraceAttached()
 	live, err := d.liveSocketsByCgroup(socks)
 	if err != nil {
 		return nil, err

@@ -133,19 +133,12 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 		return rep, err
 	}
 
-	// The tracing link cannot be updated: pin a new one over the old.
-	recv, err := fallback.LoadRecv(d.maps)
-	if err != nil {
-		return rep, err
-	}
-	defer recv.Close()
-	recvLink, err := link.AttachTracing(link.TracingOptions{Program: recv})
-	if err != nil {
-		return rep, fmt.Errorf("attach new tp_btf link: %w", err)
-	}
-	defer recvLink.Close()
-	if err := repinLink(recvLink, filepath.Join(d.pinDir, PinRecvLink)); err != nil {
-		return rep, err
+	// The tracing link cannot be updated: pin a new one over the old
+	// (when it is attached at all: it is detached while idle).
+	if d.RecvTraceAttached() {
+		if err := d.attachRecvTrace(); err != nil {
+			return rep, err
+		}
 	}
 
 	devices, err := d.tcDevices()
