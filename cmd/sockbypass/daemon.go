@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -57,6 +58,8 @@ func runDaemon(e *env, args []string) error {
 		}
 	} else if len(cgroups) > 0 || len(tcDevs) > 0 {
 		return usagef("--config and --cgroup/--tc-dev contradict each other: put the cgroups in the file")
+	} else if flagSet(fs, "metrics-addr") {
+		return usagef("--config and --metrics-addr contradict each other: set metricsAddr in the file")
 	}
 	cfg, err := load()
 	if err != nil {
@@ -71,6 +74,15 @@ func runDaemon(e *env, args []string) error {
 	}
 	if err := privilege.CheckKernel(); err != nil {
 		return err
+	}
+	// Everything that can fail on its own goes before the pinned state is
+	// touched (adoption replaces every program).
+	var metricsLn net.Listener
+	if addr := cfg.Metrics(); addr != "" {
+		if metricsLn, err = net.Listen("tcp", addr); err != nil {
+			return fmt.Errorf("metrics address %s: %w", addr, err)
+		}
+		defer metricsLn.Close()
 	}
 	opts := dataplane.Options{PinDir: e.pinDir, Logger: e.log, SockhashMaxEntries: cfg.SockhashSize.Value}
 	dp, err := dataplane.Open(opts)
@@ -117,11 +129,7 @@ func runDaemon(e *env, args []string) error {
 	}()
 
 	var srv *http.Server
-	if addr := cfg.Metrics(); addr != "" {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return fmt.Errorf("metrics address %s: %w", addr, err)
-		}
+	if ln := metricsLn; ln != nil {
 		srv = newMetricsServer(dp, mounts.V2)
 		go func() {
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -150,6 +158,13 @@ func runDaemon(e *env, args []string) error {
 	}
 	e.log.Info("daemon exiting; acceleration stays in place", zap.String("pin_dir", e.pinDir))
 	return nil
+}
+
+// flagSet reports whether the flag name was given on the command line.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 // flagsConfig writes the daemon flags as a configuration file.

@@ -2,14 +2,17 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"github.com/cilium/ebpf/link"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -520,4 +523,65 @@ func TestUpgradeCommand(t *testing.T) {
 			before.Cgroups[0].SockOpsProgramID, after.Cgroups[0].SockOpsProgramID)
 	}
 	trafficIn(t, cg, 1<<20)
+}
+
+// TestDaemonFlagsAndFailuresBeforeState: --metrics-addr with --config is
+// refused (it used to be ignored silently), and a daemon that cannot bind
+// its metrics address fails before it touches the pinned state (it used
+// to replace every program first).
+func TestDaemonFlagsAndFailuresBeforeState(t *testing.T) {
+	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
+	writeConfig(t, cfgPath, "cgroups: []\ntcDevices: []\nmetricsAddr: ''\n")
+	// In a process of its own, bounded: should the check go, the daemon
+	// would run instead of failing.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "daemon", "--config", cfgPath, "--metrics-addr", "127.0.0.1:19999", "--bpffs-dir", testutil.NewPinDir(t))
+	cmd.Env = append(os.Environ(), "SOCKBYPASS_TEST_MAIN=1")
+	out, _ := cmd.CombinedOutput()
+	if code := cmd.ProcessState.ExitCode(); code != exitUsage || !strings.Contains(string(out), "--metrics-addr") || !strings.Contains(string(out), "metricsAddr") {
+		t.Errorf("--config with --metrics-addr: exit %d, output %q; want %d naming both", code, out, exitUsage)
+	}
+
+	pinDir := testutil.NewPinDir(t)
+	cg := testutil.NewCgroup(t)
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir); code != 0 {
+		t.Fatal(errOut)
+	}
+	pin := filepath.Join(pinDir, "cgroups", strconv.FormatUint(cg.ID, 10))
+	before := linkProgram(t, pin)
+	busy, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: %s\n", cg.Path, busy.Addr()))
+	d := startDaemon(t, pinDir, cfgPath)
+	select {
+	case <-d.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("daemon with a busy metrics address did not exit")
+	}
+	if !strings.Contains(d.logs.String(), busy.Addr().String()) {
+		t.Errorf("the error does not name the metrics address:\n%s", d.logs.String())
+	}
+	if after := linkProgram(t, pin); after != before {
+		t.Errorf("a daemon that failed to start replaced the cgroup's program (%d -> %d)", before, after)
+	}
+}
+
+// linkProgram returns the program id of the pinned link at pin.
+func linkProgram(t *testing.T, pin string) ebpf.ProgramID {
+	t.Helper()
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Program
 }
