@@ -1,8 +1,10 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 )
@@ -24,6 +26,13 @@ func runDisable(e *env, args []string) error {
 	}
 	if len(cgroups) == 0 && len(ids) == 0 {
 		return usagef("--cgroup is required: name the enabled cgroup to disable (or --cgroup-id for a removed one; see sockbypass status)")
+	}
+	for _, c := range cgroups {
+		if _, err := resolveAll([]string{c}); errors.Is(err, cgroup.ErrNotExist) {
+			// Most likely removed while enabled: that is what
+			// --cgroup-id is for (not mkdir, as enable would say).
+			return fmt.Errorf("cgroup %q does not exist (any more): %s", c, removedHint(e))
+		}
 	}
 	resolved, err := resolveAll(cgroups)
 	if err != nil {
@@ -53,4 +62,29 @@ func runDisable(e *env, args []string) error {
 		}
 	}
 	return nil
+}
+
+// removedHint says how to disable a cgroup that was removed while enabled,
+// naming the ids of the enabled cgroups that no longer exist.
+func removedHint(e *env) string {
+	hint := "a cgroup removed while enabled is disabled by id: sockbypass disable --cgroup-id ID (status lists the ids)"
+	dp, err := openDataplane(e, false, 0)
+	if err != nil {
+		return hint
+	}
+	defer dp.Close()
+	st, err := dp.Status()
+	if err != nil {
+		return hint
+	}
+	var gone []string
+	for _, c := range st.Cgroups {
+		if c.Path == "" {
+			gone = append(gone, strconv.FormatUint(c.ID, 10))
+		}
+	}
+	if len(gone) == 0 {
+		return hint + "; no enabled cgroup has been removed"
+	}
+	return hint + "; enabled cgroups that no longer exist: id " + strings.Join(gone, ", ")
 }

@@ -231,8 +231,9 @@ func TestDisableRemovedCgroupByID(t *testing.T) {
 		t.Fatalf("status of a removed enabled cgroup: %+v", st.Cgroups)
 	}
 	code, _, errOut := sockbypass(t, "disable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
-	if code == 0 || !strings.Contains(errOut, "--cgroup-id") && !strings.Contains(errOut, "does not exist") {
-		t.Errorf("disable of a removed path: exit %d, %s", code, errOut)
+	// The hint is --cgroup-id with this cgroup's id, not mkdir.
+	if id := strconv.FormatUint(cg.ID, 10); code == 0 || !strings.Contains(errOut, "--cgroup-id") || !strings.Contains(errOut, "id "+id) || strings.Contains(errOut, "mkdir") {
+		t.Errorf("disable of a removed path: exit %d, %s; want a hint naming --cgroup-id and id %s", code, errOut, id)
 	}
 	code, out, errOut := sockbypass(t, "disable", "--cgroup-id", strconv.FormatUint(cg.ID, 10), "--bpffs-dir", pinDir)
 	if code != 0 || !strings.Contains(out, "disabled cgroup id") {
