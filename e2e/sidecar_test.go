@@ -86,8 +86,16 @@ func newSidecarPodsFamily(t testing.TB, v6 bool) *sidecarPods {
 func (s *sidecarPods) boundRoundTrip(t *testing.T) {
 	t.Helper()
 	c := s.app.Dial(t, &net.TCPAddr{IP: net.ParseIP(s.appIP)}, net.JoinHostPort(s.serverIP, "8080"))
-	body := bytes.Repeat([]byte("bound app "), 6554)
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := s.digestRoundTrip(c, bytes.Repeat([]byte("bound app "), 6554), 10*time.Second); err != nil {
+		t.Fatalf("app bound to %s through the sidecar: %v", s.appIP, err)
+	}
+}
+
+// digestRoundTrip sends body on c to the digest server, half-closes, and
+// checks the sha256 it answers; it closes c.
+func (s *sidecarPods) digestRoundTrip(c net.Conn, body []byte, timeout time.Duration) error {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
 	go func() {
 		c.Write(body)
 		c.(*net.TCPConn).CloseWrite()
@@ -95,9 +103,9 @@ func (s *sidecarPods) boundRoundTrip(t *testing.T) {
 	got, err := io.ReadAll(c)
 	want := sha256.Sum256(body)
 	if err != nil || !bytes.Equal(got, want[:]) {
-		t.Fatalf("app bound to %s through the sidecar: digest %x (%v), want %x; sidecar log:\n%s", s.appIP, got, err, want, s.logs.String())
+		return fmt.Errorf("%d-byte body: digest %x (%v), want %x; sidecar log:\n%s", len(body), got, err, want, s.logs.String())
 	}
-	c.Close()
+	return nil
 }
 
 // serveDigests answers each connection with the sha256 of what it read.
@@ -286,17 +294,9 @@ func (s *sidecarPods) integrity(t *testing.T) {
 		for i := range body {
 			body[i] = byte(i*31 + size)
 		}
-		c.SetDeadline(time.Now().Add(30 * time.Second))
-		go func() {
-			c.Write(body)
-			c.(*net.TCPConn).CloseWrite()
-		}()
-		got, err := io.ReadAll(c)
-		want := sha256.Sum256(body)
-		if err != nil || !bytes.Equal(got, want[:]) {
-			t.Fatalf("%d-byte body through the sidecar: digest %x (%v), want %x; sidecar log:\n%s", size, got, err, want, s.logs.String())
+		if err := s.digestRoundTrip(c, body, 30*time.Second); err != nil {
+			t.Fatalf("through the sidecar: %v", err)
 		}
-		c.Close()
 	}
 }
 

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
-	"github.com/cilium/ebpf/link"
 	"io"
 	"net"
 	"os"
@@ -550,7 +549,7 @@ func TestDaemonFlagsAndFailuresBeforeState(t *testing.T) {
 		t.Fatal(errOut)
 	}
 	pin := filepath.Join(pinDir, "cgroups", strconv.FormatUint(cg.ID, 10))
-	before := linkProgram(t, pin)
+	before := testutil.LinkProgramID(t, pin)
 	busy, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -566,22 +565,7 @@ func TestDaemonFlagsAndFailuresBeforeState(t *testing.T) {
 	if !strings.Contains(d.logs.String(), busy.Addr().String()) {
 		t.Errorf("the error does not name the metrics address:\n%s", d.logs.String())
 	}
-	if after := linkProgram(t, pin); after != before {
+	if after := testutil.LinkProgramID(t, pin); after != before {
 		t.Errorf("a daemon that failed to start replaced the cgroup's program (%d -> %d)", before, after)
 	}
-}
-
-// linkProgram returns the program id of the pinned link at pin.
-func linkProgram(t *testing.T, pin string) ebpf.ProgramID {
-	t.Helper()
-	l, err := link.LoadPinnedLink(pin, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	info, err := l.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return info.Program
 }

@@ -15,20 +15,6 @@ import (
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
-func linkProgramID(t *testing.T, pin string) ebpf.ProgramID {
-	t.Helper()
-	l, err := link.LoadPinnedLink(pin, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	info, err := l.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return info.Program
-}
-
 // TestUpgradeDuringTransfers replaces every program while connections
 // stream: no byte is lost, no connection is reset, counters continue, and
 // the new programs accelerate new connections.
@@ -51,7 +37,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	pins = append(pins, tcPins[0])
 	before := map[string]ebpf.ProgramID{}
 	for _, p := range pins {
-		before[p] = linkProgramID(t, p)
+		before[p] = testutil.LinkProgramID(t, p)
 	}
 
 	const streams = 8
@@ -88,7 +74,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 		}
 	}
 	for _, p := range pins {
-		if after := linkProgramID(t, p); after == before[p] {
+		if after := testutil.LinkProgramID(t, p); after == before[p] {
 			t.Errorf("%s still runs program %d after the upgrade", p, after)
 		}
 	}
