@@ -170,6 +170,10 @@ func (c *Config) validate() error {
 	} else {
 		for _, d := range *c.TCDevices {
 			dev, err := dataplane.ParseTCDevice(d.Value)
+			if err == nil {
+				// Refused at load and reload, not found at every rescan.
+				err = dataplane.CheckTCDevice(dev)
+			}
 			if err != nil {
 				return fmt.Errorf("line %d: tcDevices: %w", d.Line, err)
 			}

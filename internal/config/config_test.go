@@ -21,6 +21,10 @@ func TestBadConfigsNameTheLine(t *testing.T) {
 		{"bad level", "cgroups: []\nlogLevel: loud\n", "line 2: logLevel \"loud\""},
 		{"bad address", "metricsAddr: 9464\n", "line 1: metricsAddr"},
 		{"bad device", "tcDevices: ['relative:lo']\n", "line 1: tcDevices"},
+		// A device that does not exist is refused at load (and reload), not
+		// warned about at every rescan.
+		{"missing device", "cgroups: []\ntcDevices: [lo, nodev-xyz]\n", `line 2: tcDevices: tc device nodev-xyz: no interface "nodev-xyz"`},
+		{"stack port 0", "cgroups: []\nstackPorts: [8080, 0]\n", "line 2: stackPorts: 0 is not a port"},
 		{"list expected", "cgroups: kubepods\n", "line 1"},
 		{"zero sockhash", "sockhashSize: 0\n", "line 1: sockhashSize 0"},
 		{"unknown mesh", "mesh:\n  name: consul\n", "line 2: mesh: mesh \"consul\""},

@@ -53,11 +53,11 @@ func ParseTCDevice(s string) (TCDevice, error) {
 	if i := strings.LastIndexByte(s, ':'); i >= 0 {
 		d.NetnsPath, d.Name = s[:i], s[i+1:]
 		if !filepath.IsAbs(d.NetnsPath) {
-			return TCDevice{}, fmt.Errorf("--tc-dev %q: the network namespace must be an absolute path such as /run/netns/NAME:%s", s, d.Name)
+			return TCDevice{}, fmt.Errorf("tc device %q: the network namespace must be an absolute path such as /run/netns/NAME:%s", s, d.Name)
 		}
 	}
 	if d.Name == "" || len(d.Name) >= unix.IFNAMSIZ || strings.ContainsAny(d.Name, "/ ") {
-		return TCDevice{}, fmt.Errorf("--tc-dev %q: %q is not an interface name (see ip link)", s, d.Name)
+		return TCDevice{}, fmt.Errorf("tc device %q: %q is not an interface name (see ip link)", s, d.Name)
 	}
 	return d, nil
 }
@@ -126,14 +126,22 @@ func netnsIno(path string) (uint64, error) {
 
 // resolveTCDevice finds d's interface and namespace, with errors that name
 // d and say how to fix it.
+// CheckTCDevice returns an error naming d and the fix when d cannot be
+// accounted: its network namespace or interface does not exist, or its
+// link type is not supported. Enable checks the same before it attaches.
+func CheckTCDevice(d TCDevice) error {
+	_, err := resolveTCDevice(d)
+	return err
+}
+
 func resolveTCDevice(d TCDevice) (resolvedDevice, error) {
 	r := resolvedDevice{TCDevice: d}
 	if d.NetnsPath != "" {
 		if len(d.NetnsPath) >= len(tcDeviceValue{}.NetnsPath) {
-			return r, fmt.Errorf("--tc-dev %s: network namespace path longer than %d bytes: bind-mount it somewhere shorter", d, len(tcDeviceValue{}.NetnsPath)-1)
+			return r, fmt.Errorf("tc device %s: network namespace path longer than %d bytes: bind-mount it somewhere shorter", d, len(tcDeviceValue{}.NetnsPath)-1)
 		}
 		if _, err := os.Stat(d.NetnsPath); err != nil {
-			return r, fmt.Errorf("--tc-dev %s: network namespace %s: %w (list named ones with: ip netns list)", d, d.NetnsPath, err)
+			return r, fmt.Errorf("tc device %s: network namespace %s: %w (list named ones with: ip netns list)", d, d.NetnsPath, err)
 		}
 	}
 	err := inNetns(d.NetnsPath, func() error {
@@ -143,7 +151,7 @@ func resolveTCDevice(d TCDevice) (resolvedDevice, error) {
 		}
 		lnk, err := netlink.LinkByName(d.Name)
 		if err != nil {
-			return fmt.Errorf("--tc-dev %s: no interface %q in that network namespace (see ip link): %w", d, d.Name, err)
+			return fmt.Errorf("tc device %s: no interface %q in that network namespace (see ip link): %w", d, d.Name, err)
 		}
 		switch enc := lnk.Attrs().EncapType; enc {
 		case "ether", "loopback":
@@ -151,7 +159,7 @@ func resolveTCDevice(d TCDevice) (resolvedDevice, error) {
 		case "none":
 			r.l2Len = 0
 		default:
-			return fmt.Errorf("--tc-dev %s: link type %q is not supported (use an Ethernet, veth, loopback or layer-3 device)", d, enc)
+			return fmt.Errorf("tc device %s: link type %q is not supported (use an Ethernet, veth, loopback or layer-3 device)", d, enc)
 		}
 		r.key = tcDeviceKey{NetnsIno: ino, Ifindex: uint32(lnk.Attrs().Index)}
 		return nil
