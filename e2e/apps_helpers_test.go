@@ -290,3 +290,17 @@ func requireTool(t testing.TB, bin string) {
 		t.Skipf("%s is not installed", bin)
 	}
 }
+
+// listenInCgroup listens on 127.0.0.1 with a socket of cg (its accepted
+// sockets belong to cg too) and closes it when t ends.
+func listenInCgroup(t testing.TB, cg cgroup.Cgroup) net.Listener {
+	t.Helper()
+	var l net.Listener
+	var err error
+	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l
+}

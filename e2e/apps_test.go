@@ -554,13 +554,7 @@ func TestFIONREADAfterFirstBytes(t *testing.T) {
 				if !readerAccepts {
 					listenCg, dialCg = peerCg, readerCg
 				}
-				var l net.Listener
-				var err error
-				testutil.InCgroup(t, listenCg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { l.Close() })
+				l := listenInCgroup(t, listenCg)
 				var bad []string
 				for i := 0; i < conns; i++ {
 					accepted := make(chan net.Conn, 1)
@@ -576,6 +570,7 @@ func TestFIONREADAfterFirstBytes(t *testing.T) {
 						accepted <- c
 					}()
 					var dialed net.Conn
+					var err error
 					testutil.InCgroup(t, dialCg, func() { dialed, err = net.DialTimeout("tcp4", l.Addr().String(), 5*time.Second) })
 					if err != nil {
 						t.Fatalf("connection %d: dial: %v", i, err)
@@ -687,13 +682,7 @@ func TestSenderFirstStreamIsRedirected(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			clientCg, serverCg := testutil.NewCgroup(t), testutil.NewCgroup(t)
 			enable(t, dp, clientCg, serverCg)
-			var l net.Listener
-			var err error
-			testutil.InCgroup(t, serverCg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { l.Close() })
+			l := listenInCgroup(t, serverCg)
 			for round := 1; round <= 2; round++ {
 				type result struct {
 					n      int64
@@ -732,6 +721,7 @@ func TestSenderFirstStreamIsRedirected(t *testing.T) {
 				before := counters(t, dp, clientCg)
 				beforeSrv := counters(t, dp, serverCg)
 				var c net.Conn
+				var err error
 				testutil.InCgroup(t, clientCg, func() { c, err = net.DialTimeout("tcp4", l.Addr().String(), 5*time.Second) })
 				if err != nil {
 					t.Fatalf("round %d: dial: %v", round, err)

@@ -486,15 +486,14 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 	if (local_scope(&key, &p, c) < 0)
 		return;
 
+	pair = bpf_map_lookup_elem(&pairs, &key);
 	if (stack_port(cfg, key.remote_port)) {
-		pair = bpf_map_lookup_elem(&pairs, &key);
 		if (pair)
 			pair->state = PAIR_DECLINED;
 		COUNT(c, sockets_stack_port);
 		return;
 	}
-	/* The server's listener is in an enabled cgroup and will decide. */
-	pair = bpf_map_lookup_elem(&pairs, &key);
+	/* Offered: the server's listener is in an enabled cgroup and will decide. */
 	if (!pair || pair->state != PAIR_OFFERED) {
 		COUNT(c, sockets_unpaired);
 		return;

@@ -214,17 +214,24 @@ type endpointKey struct {
 	Pad2        uint32
 }
 
-// enabledCgroups resolves the enabled cgroups that still exist.
-func (d *Dataplane) enabledCgroups() ([]cgroup.Cgroup, error) {
+// enabledCgroupPaths returns the enabled cgroup ids and, in one walk, the
+// paths of those that still exist.
+func (d *Dataplane) enabledCgroupPaths() ([]uint64, map[uint64]string, cgroup.Mounts, error) {
 	ids, err := d.EnabledCgroupIDs()
 	if err != nil {
-		return nil, err
+		return nil, nil, cgroup.Mounts{}, err
 	}
 	mounts, err := cgroup.ReadMounts()
 	if err != nil {
-		return nil, err
+		return nil, nil, cgroup.Mounts{}, err
 	}
 	paths, err := mounts.PathsByID(ids)
+	return ids, paths, mounts, err
+}
+
+// enabledCgroups resolves the enabled cgroups that still exist.
+func (d *Dataplane) enabledCgroups() ([]cgroup.Cgroup, error) {
+	_, paths, mounts, err := d.enabledCgroupPaths()
 	if err != nil {
 		return nil, err
 	}

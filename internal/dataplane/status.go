@@ -9,7 +9,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
-	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/lock"
 )
 
@@ -161,15 +160,7 @@ func (d *Dataplane) Status() (*Status, error) {
 	}
 	st.Unattributed = counters[0]
 
-	ids, err := d.EnabledCgroupIDs()
-	if err != nil {
-		return nil, err
-	}
-	mounts, err := cgroup.ReadMounts()
-	if err != nil {
-		return nil, err
-	}
-	paths, err := mounts.PathsByID(ids) // one walk for all
+	ids, paths, _, err := d.enabledCgroupPaths()
 	if err != nil {
 		return nil, err
 	}
