@@ -149,8 +149,19 @@ func TestMetricsEndpointMatchesStats(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 
+	// Healthy means the pins can be read, not that the daemon has
+	// enabled the cgroup yet: wait for that before sending.
+	for len(statsJSON(t, pinDir).Cgroups) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the daemon did not enable the cgroup")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	trafficIn(t, cg, 2<<20+3)
 	r := statsJSON(t, pinDir)
+	if len(r.Cgroups) != 1 || r.Cgroups[0].BypassRatio == nil {
+		t.Fatalf("stats after the traffic: %+v", r.Cgroups)
+	}
 	resp, err := http.Get(base + "/metrics")
 	if err != nil {
 		t.Fatal(err)
