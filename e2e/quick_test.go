@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -63,4 +64,28 @@ func TestTCCostQuick(t *testing.T) {
 	for _, r := range compareTCCost(t, dp, 1, 150*time.Millisecond) {
 		t.Logf("%s: no programs %.2f %s, TC on lo %.2f %s (%.2fx)", r.Case, r.PlainMedian, r.Unit, r.AccelMedian, r.Unit, r.Ratio)
 	}
+}
+
+// TestPerMessageCostQuick runs the per-message comparison once, briefly:
+// the minimal redirector must hold both ends of its connections, sockbypass
+// must redirect every byte, the plain cgroup nothing, and the per-program
+// costs must be readable. Timings are printed only.
+func TestPerMessageCostQuick(t *testing.T) {
+	r := comparePerMessage(t, costCases[:1], 1, 150*time.Millisecond)
+	if len(r.Hooks) == 0 {
+		t.Fatal("no BPF program cost was recorded")
+	}
+	var sb strings.Builder
+	printCost(&sb, "per-message cost", r, 1, [][2]int{{modeSockbypass, modeMinimal}})
+	t.Log("\n" + sb.String())
+}
+
+// TestBystanderCostQuick runs the bystander comparison once, briefly: the
+// bystander's sockets must stay untouched and disabling the last cgroup
+// must detach everything node-wide. Timings are printed only.
+func TestBystanderCostQuick(t *testing.T) {
+	r := compareBystander(t, costCases[:1], 1, 150*time.Millisecond)
+	var sb strings.Builder
+	printCost(&sb, "bystander cost", r, 1, [][2]int{{1, 0}})
+	t.Log("\n" + sb.String())
 }

@@ -91,57 +91,109 @@ func CompareModes(cases []Case, runs int, dur time.Duration, progress Progress, 
 // the mode to measure: for topologies other than one cgroup on loopback,
 // such as two pods joined by a veth.
 func CompareConnect(cases []Case, runs int, dur time.Duration, progress Progress, connect func(accel bool) (Pair, error)) ([]Result, error) {
+	multi, err := CompareN(cases, []string{"plain", "accelerated"}, runs, dur, progress, func(mode int) (Pair, error) {
+		return connect(mode == 1)
+	})
+	if err != nil {
+		return nil, err
+	}
 	var out []Result
+	for _, m := range multi {
+		plain, accel := m.Modes[0], m.Modes[1]
+		out = append(out, Result{
+			Case: m.Case, Metric: m.Metric, Unit: m.Unit, LowerIsBetter: m.LowerIsBetter,
+			Plain: plain.Values, Accelerated: accel.Values,
+			PlainMedian: plain.Median, AccelMedian: accel.Median, Ratio: m.Ratio(1, 0),
+			PlainSpread: plain.Spread, AccelSpread: accel.Spread,
+		})
+	}
+	return out, nil
+}
+
+// ModeValues are one mode's measurements of one metric.
+type ModeValues struct {
+	Mode   string    `json:"mode"`
+	Values []float64 `json:"values"`
+	Median float64   `json:"median"`
+	// Spread is (max-min)/median of the runs, in percent.
+	Spread float64 `json:"spread_pct"`
+}
+
+// MultiResult compares one metric across several modes measured in the
+// same run.
+type MultiResult struct {
+	Case          string       `json:"case"`
+	Metric        string       `json:"metric"`
+	Unit          string       `json:"unit"`
+	LowerIsBetter bool         `json:"lower_is_better"`
+	Modes         []ModeValues `json:"modes"`
+}
+
+// Ratio is the median of mode a over the median of mode b (0 when b's is 0).
+func (r MultiResult) Ratio(a, b int) float64 {
+	if r.Modes[b].Median == 0 {
+		return 0
+	}
+	return r.Modes[a].Median / r.Modes[b].Median
+}
+
+// CompareN runs every case runs times in each of the named modes, rotating
+// which mode goes first from run to run, over connections made by connect
+// (which gets the mode's index), each run lasting dur, and returns the
+// medians and spreads per mode.
+func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progress Progress, connect func(mode int) (Pair, error)) ([]MultiResult, error) {
+	var out []MultiResult
 	for _, c := range cases {
 		// metric name -> mode -> values
-		vals := map[string]map[bool][]float64{}
+		vals := map[string][][]float64{}
 		var metrics []string
-		add := func(metric string, accel bool, v float64) {
+		add := func(metric string, mode int, v float64) {
 			if vals[metric] == nil {
-				vals[metric] = map[bool][]float64{}
+				vals[metric] = make([][]float64, len(modes))
 				metrics = append(metrics, metric)
 			}
-			vals[metric][accel] = append(vals[metric][accel], v)
+			vals[metric][mode] = append(vals[metric][mode], v)
 		}
 		for r := 0; r < runs; r++ {
-			for _, accel := range []bool{r%2 == 1, r%2 == 0} { // alternate who goes first
-				p, err := connect(accel)
+			for i := range modes {
+				mode := (r + i) % len(modes) // rotate who goes first
+				p, err := connect(mode)
 				if err != nil {
-					return nil, fmt.Errorf("%s: connect: %w", c.Name, err)
+					return nil, fmt.Errorf("%s: %s: connect: %w", c.Name, modes[mode], err)
 				}
 				switch c.Kind {
 				case KindRR:
 					lat, err := RR(p, c.Size, dur, c.CPUs)
 					p.Close()
 					if err != nil {
-						return nil, fmt.Errorf("%s: %w", c.Name, err)
+						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], err)
 					}
-					add("p50 RTT", accel, us(Percentile(lat, 50)))
-					add("p99 RTT", accel, us(Percentile(lat, 99)))
+					add("p50 RTT", mode, us(Percentile(lat, 50)))
+					add("p99 RTT", mode, us(Percentile(lat, 99)))
 				case KindStream:
 					bps, err := Stream(p, c.Size, dur, c.CPUs)
 					p.Close()
 					if err != nil {
-						return nil, fmt.Errorf("%s: %w", c.Name, err)
+						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], err)
 					}
-					add("throughput", accel, bps*8/1e9)
+					add("throughput", mode, bps*8/1e9)
 				}
 				if progress != nil {
-					progress("%s run %d/%d accelerated=%v done", c.Name, r+1, runs, accel)
+					progress("%s run %d/%d %s done", c.Name, r+1, runs, modes[mode])
 				}
 			}
 		}
 		for _, m := range metrics {
-			res := Result{Case: c.Name, Metric: m, Plain: vals[m][false], Accelerated: vals[m][true]}
+			res := MultiResult{Case: c.Name, Metric: m}
 			if c.Kind == KindRR {
 				res.Unit, res.LowerIsBetter = "us", true
 			} else {
 				res.Unit = "Gbit/s"
 			}
-			res.PlainMedian, res.PlainSpread = MedianSpread(res.Plain)
-			res.AccelMedian, res.AccelSpread = MedianSpread(res.Accelerated)
-			if res.PlainMedian > 0 {
-				res.Ratio = res.AccelMedian / res.PlainMedian
+			for i, name := range modes {
+				mv := ModeValues{Mode: name, Values: vals[m][i]}
+				mv.Median, mv.Spread = MedianSpread(mv.Values)
+				res.Modes = append(res.Modes, mv)
 			}
 			out = append(out, res)
 		}

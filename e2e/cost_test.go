@@ -1,0 +1,231 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/e2e/bpfstats"
+	"github.com/sockbypass/sockbypass/e2e/minimal"
+	"github.com/sockbypass/sockbypass/e2e/workload"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/testutil"
+)
+
+// costCases are the request/response cases of the cost benchmarks: 64 B
+// both ends on CPU 0 (the figure the targets are set on), and unpinned.
+var costCases = []workload.Case{
+	{Name: "rr 64B 1cpu", Kind: workload.KindRR, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}},
+	{Name: "rr 64B", Kind: workload.KindRR, Size: 64, CPUs: workload.Unpinned},
+}
+
+// costReport is what a cost comparison measured.
+type costReport struct {
+	Results []workload.MultiResult
+	// Hooks is what each BPF program cost over all the runs.
+	Hooks []bpfstats.Cost
+}
+
+// Modes of the per-message comparison.
+const (
+	modePlain = iota
+	modeMinimal
+	modeSockbypass
+)
+
+// comparePerMessage measures the same non-blocking request/response
+// workload over loopback in three cgroups, rotating: plain (no programs),
+// the minimal redirector (e2e/minimal: insert and redirect, nothing else),
+// and sockbypass with every transparency rule in force. It fails when a
+// mode did not do what it stands for: the minimal redirector must have
+// inserted both ends of each connection, sockbypass must have redirected
+// every byte, and the plain cgroup nothing.
+func comparePerMessage(tb testing.TB, cases []workload.Case, runs int, dur time.Duration) costReport {
+	tb.Helper()
+	dp := installForBench(tb)
+	plain, minCg, accel := testutil.NewCgroup(tb), testutil.NewCgroup(tb), testutil.NewCgroup(tb)
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}}); err != nil {
+		tb.Fatal(err)
+	}
+	min, err := minimal.Attach(minCg.Path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		if err := min.Close(); err != nil {
+			tb.Errorf("close the minimal redirector: %v", err)
+		}
+	})
+	stats, err := bpfstats.Enable()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer stats.Close()
+	before, err := bpfstats.Take(dp.PinDir(), min.Programs())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	countersBefore, err := dp.Counters()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cgs := []cgroup.Cgroup{plain, minCg, accel}
+	results, err := workload.CompareN(cases, []string{"plain", "minimal", "sockbypass"}, runs, dur, nil, func(mode int) (workload.Pair, error) {
+		p, err := workload.Connect(cgs[mode])
+		if err != nil || mode != modeMinimal {
+			return p, err
+		}
+		// Both ends are in the minimal sockhash once connected.
+		if n, err := min.SocketsInserted(); err != nil || n < 2 {
+			p.Close()
+			return workload.Pair{}, fmt.Errorf("the minimal redirector holds %d sockets (%v), want both ends", n, err)
+		}
+		return p, nil
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	after, err := bpfstats.Take(dp.PinDir(), min.Programs())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	counters, err := dp.Counters()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if d := counters[accel.ID].Sub(countersBefore[accel.ID]); d.RedirectedBytes == 0 || d.PassedBytes != 0 {
+		tb.Fatalf("sockbypass runs did not redirect every byte: %+v", d)
+	}
+	if d := counters[plain.ID].Sub(countersBefore[plain.ID]); d.RedirectedBytes != 0 || d.SocketsInserted != 0 {
+		tb.Fatalf("plain runs were accelerated: %+v", d)
+	}
+	return costReport{Results: results, Hooks: after.Since(before)}
+}
+
+// BenchmarkPerMessageCost prints request/response latency of plain TCP,
+// the minimal redirector and sockbypass, measured side by side in one run
+// (medians of rotating runs with their spread), and what each BPF program
+// cost per run. Target: sockbypass within 2% of the minimal redirector on
+// rr 64B 1cpu.
+func BenchmarkPerMessageCost(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		r := comparePerMessage(b, costCases, *benchRuns, *benchDuration)
+		printCost(os.Stdout, "Per-message cost: plain TCP, the minimal redirector, sockbypass", r, *benchRuns,
+			[][2]int{{modeMinimal, modePlain}, {modeSockbypass, modePlain}, {modeSockbypass, modeMinimal}})
+	}
+}
+
+// compareBystander measures a request/response workload in a cgroup that
+// is not enabled, while no cgroup is enabled (the install idle: nothing
+// node-wide attached) and while another cgroup is enabled with the default
+// TC accounting on lo, alternating. It fails when the bystander's sockets
+// were touched or when the idle install left node-wide programs attached.
+func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.Duration) costReport {
+	tb.Helper()
+	dp := installForBench(tb)
+	bystander, other := testutil.NewCgroup(tb), testutil.NewCgroup(tb)
+	tb.Cleanup(func() { dp.Disable(other.ID) })
+	stats, err := bpfstats.Enable()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer stats.Close()
+	var before bpfstats.Snapshot
+	countersBefore, err := dp.Counters()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	results, err := workload.CompareN(cases, []string{"nothing enabled", "another cgroup enabled"}, runs, dur, nil, func(mode int) (workload.Pair, error) {
+		if mode == 1 {
+			if _, err := dp.Enable(other, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}}); err != nil {
+				return workload.Pair{}, err
+			}
+			if before == nil {
+				if before, err = bpfstats.Take(dp.PinDir(), nil); err != nil {
+					return workload.Pair{}, err
+				}
+			}
+		} else {
+			if _, err := dp.Disable(other.ID); err != nil {
+				return workload.Pair{}, err
+			}
+			st, err := dp.Status()
+			if err != nil {
+				return workload.Pair{}, err
+			}
+			if st.RecvTraceAttached || len(st.TCDevices) != 0 {
+				return workload.Pair{}, fmt.Errorf("no cgroup enabled, yet node-wide programs stay attached: recv trace %v, TC devices %+v", st.RecvTraceAttached, st.TCDevices)
+			}
+		}
+		return workload.Connect(bystander)
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if _, err := dp.Enable(other, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}}); err != nil {
+		tb.Fatal(err)
+	}
+	after, err := bpfstats.Take(dp.PinDir(), nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	counters, err := dp.Counters()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for id, c := range counters {
+		if d := c.Sub(countersBefore[id]); d.RedirectedBytes != 0 || d.SocketsInserted != 0 {
+			tb.Fatalf("the bystander's sockets were accelerated (counters of cgroup %d): %+v", id, d)
+		}
+	}
+	return costReport{Results: results, Hooks: after.Since(before)}
+}
+
+// BenchmarkBystanderCost prints the request/response latency of sockets in
+// a cgroup that is not enabled, with no cgroup enabled and with another
+// cgroup enabled, side by side in one run, and what each node-wide program
+// cost per run. Target: at most 1% slower.
+func BenchmarkBystanderCost(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		r := compareBystander(b, costCases, *benchRuns, *benchDuration)
+		printCost(os.Stdout, "Bystander cost: a cgroup that is not enabled, while another one is", r, *benchRuns, [][2]int{{1, 0}})
+	}
+}
+
+// printCost writes a cost comparison: medians and spreads per mode, the
+// ratios asked for (mode a over mode b), and the per-program costs.
+func printCost(w io.Writer, title string, r costReport, runs int, ratios [][2]int) {
+	fmt.Fprintf(w, "%s (medians of %d rotating runs, ± half the max-min spread):\n\n", title, runs)
+	if len(r.Results) == 0 {
+		return
+	}
+	modes := r.Results[0].Modes
+	fmt.Fprint(w, "| case | metric |")
+	for _, m := range modes {
+		fmt.Fprintf(w, " %s |", m.Mode)
+	}
+	for _, ab := range ratios {
+		fmt.Fprintf(w, " %s / %s |", modes[ab[0]].Mode, modes[ab[1]].Mode)
+	}
+	fmt.Fprint(w, "\n|---|---|")
+	for range len(modes) + len(ratios) {
+		fmt.Fprint(w, "---:|")
+	}
+	fmt.Fprintln(w)
+	for _, res := range r.Results {
+		fmt.Fprintf(w, "| %s | %s |", res.Case, res.Metric)
+		for _, m := range res.Modes {
+			fmt.Fprintf(w, " %.2f %s ±%.0f%% |", m.Median, res.Unit, m.Spread/2)
+		}
+		for _, ab := range ratios {
+			fmt.Fprintf(w, " %.3fx |", res.Ratio(ab[0], ab[1]))
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintln(w)
+	bpfstats.Print(w, r.Hooks)
+	fmt.Fprintln(w)
+}
