@@ -140,6 +140,13 @@ struct sock_state {
 #define SOCK_FLAG_LISTENER (1U << 12)
 /* A member asked for a stack-reader option after it joined (counted once). */
 #define SOCK_FLAG_LATE_OPTION (1U << 13)
+/* Decided at ESTABLISHED: the peer is local (loopback, the socket's own
+ * address, or a node address), so the stack bytes the socket sends are
+ * what acceleration could have taken off the stack (stack_egress_*). */
+#define SOCK_FLAG_LOCAL_PEER (1U << 14)
+/* Decided at ESTABLISHED: the peer cannot be local; its egress is not
+ * counted. */
+#define SOCK_FLAG_REMOTE_PEER (1U << 15)
 
 /*
  * Redirect targets: sock_key of a socket that may receive redirected bytes
@@ -246,7 +253,9 @@ struct cgroup_counters {
 	__u64 passed_bytes;
 	/* Messages of a redirecting socket whose peer was gone: passed on. */
 	__u64 redirect_failures;
-	/* TCP packets and bytes seen leaving by the TC egress program. */
+	/* TCP packets and payload bytes the cgroup's sockets sent through the
+	 * stack to a local peer, on whatever device they left by (counted at
+	 * the socket, by the cgroup_skb/egress program of the cgroup). */
 	__u64 stack_egress_packets;
 	__u64 stack_egress_bytes;
 	/* Of passed_msgs: the peer had earlier stack bytes of ours unread. */
@@ -297,6 +306,10 @@ struct cgroup_counters {
 	 * after they joined (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE, MSG_WAITALL,
 	 * MSG_OOB): counted, the pair stays redirected. */
 	__u64 late_stack_options;
+	/* TCP packets and payload bytes seen leaving the interfaces with TC
+	 * accounting (--tc-dev), local or not: the device view. */
+	__u64 tc_egress_packets;
+	__u64 tc_egress_bytes;
 };
 
 struct {
@@ -608,17 +621,29 @@ struct sock {
 	struct socket *sk_socket;
 } __attribute__((preserve_access_index));
 
+/* Zeroed counters to create an entry from, so that no program needs a
+ * struct cgroup_counters on its 512-byte stack. Private to each program
+ * (never pinned, never written). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cgroup_counters);
+} counters_zero SEC(".maps");
+
 /* counters_for returns the counters of cgroup_id, creating them if needed. */
 static __always_inline struct cgroup_counters *counters_for(__u64 cgroup_id)
 {
-	struct cgroup_counters *c;
+	struct cgroup_counters *c, *zero;
+	__u32 k = 0;
 
 	c = bpf_map_lookup_elem(&cgroup_counters, &cgroup_id);
 	if (c)
 		return c;
-
-	struct cgroup_counters zero = {};
-	bpf_map_update_elem(&cgroup_counters, &cgroup_id, &zero, BPF_NOEXIST);
+	zero = bpf_map_lookup_elem(&counters_zero, &k);
+	if (!zero)
+		return 0;
+	bpf_map_update_elem(&cgroup_counters, &cgroup_id, zero, BPF_NOEXIST);
 	return bpf_map_lookup_elem(&cgroup_counters, &cgroup_id);
 }
 

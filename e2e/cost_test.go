@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
 	"testing"
 	"time"
 
@@ -47,7 +48,7 @@ func comparePerMessage(tb testing.TB, cases []workload.Case, runs int, dur time.
 	tb.Helper()
 	dp := installForBench(tb)
 	plain, minCg, accel := testutil.NewCgroup(tb), testutil.NewCgroup(tb), testutil.NewCgroup(tb)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}}); err != nil {
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
 		tb.Fatal(err)
 	}
 	min, err := minimal.Attach(minCg.Path)
@@ -118,11 +119,20 @@ func BenchmarkPerMessageCost(b *testing.B) {
 	}
 }
 
+// Modes of the bystander comparison.
+const (
+	modeIdle = iota
+	modeOtherEnabled
+	modeOtherEnabledTC
+)
+
 // compareBystander measures a request/response workload in a cgroup that
-// is not enabled, while no cgroup is enabled (the install idle: nothing
-// node-wide attached) and while another cgroup is enabled with the default
-// TC accounting on lo, alternating. It fails when the bystander's sockets
-// were touched or when the idle install left node-wide programs attached.
+// is not enabled, rotating: while no cgroup is enabled (the install idle:
+// nothing node-wide attached), while another cgroup is enabled the default
+// way, and while it is enabled with TC accounting on lo (a TC program runs
+// for every packet of the device, bystanders' included). It fails when the
+// bystander's sockets were touched or when the idle install left node-wide
+// programs attached.
 func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.Duration) costReport {
 	tb.Helper()
 	dp := installForBench(tb)
@@ -133,25 +143,39 @@ func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.D
 		tb.Fatal(err)
 	}
 	defer stats.Close()
+	// Programs come and go with the modes: sum each program's runs
+	// between enabling and disabling.
+	costs := map[string]bpfstats.Cost{}
 	var before bpfstats.Snapshot
+	collect := func() error {
+		if before == nil {
+			return nil
+		}
+		after, err := bpfstats.Take(dp.PinDir(), nil)
+		if err != nil {
+			return err
+		}
+		for _, c := range after.Since(before) {
+			sum := costs[c.Program]
+			sum.Program, sum.Runs, sum.Runtime = c.Program, sum.Runs+c.Runs, sum.Runtime+c.Runtime
+			costs[c.Program] = sum
+		}
+		before = nil
+		return nil
+	}
 	countersBefore, err := dp.Counters()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	results, err := workload.CompareN(cases, []string{"nothing enabled", "another cgroup enabled"}, runs, dur, nil, func(mode int) (workload.Pair, error) {
-		if mode == 1 {
-			if _, err := dp.Enable(other, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}}); err != nil {
-				return workload.Pair{}, err
-			}
-			if before == nil {
-				if before, err = bpfstats.Take(dp.PinDir(), nil); err != nil {
-					return workload.Pair{}, err
-				}
-			}
-		} else {
-			if _, err := dp.Disable(other.ID); err != nil {
-				return workload.Pair{}, err
-			}
+	modes := []string{"nothing enabled", "another cgroup enabled", "another cgroup enabled, --tc-dev lo"}
+	results, err := workload.CompareN(cases, modes, runs, dur, nil, func(mode int) (workload.Pair, error) {
+		if err := collect(); err != nil {
+			return workload.Pair{}, err
+		}
+		if _, err := dp.Disable(other.ID); err != nil {
+			return workload.Pair{}, err
+		}
+		if mode == modeIdle {
 			st, err := dp.Status()
 			if err != nil {
 				return workload.Pair{}, err
@@ -159,17 +183,24 @@ func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.D
 			if st.RecvTraceAttached || len(st.TCDevices) != 0 {
 				return workload.Pair{}, fmt.Errorf("no cgroup enabled, yet node-wide programs stay attached: recv trace %v, TC devices %+v", st.RecvTraceAttached, st.TCDevices)
 			}
+			return workload.Connect(bystander)
+		}
+		var opts dataplane.EnableOptions
+		if mode == modeOtherEnabledTC {
+			opts.TCDevices = []dataplane.TCDevice{dataplane.DefaultTCDevice}
+		}
+		if _, err := dp.Enable(other, opts); err != nil {
+			return workload.Pair{}, err
+		}
+		if before, err = bpfstats.Take(dp.PinDir(), nil); err != nil {
+			return workload.Pair{}, err
 		}
 		return workload.Connect(bystander)
 	})
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if _, err := dp.Enable(other, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}}); err != nil {
-		tb.Fatal(err)
-	}
-	after, err := bpfstats.Take(dp.PinDir(), nil)
-	if err != nil {
+	if err := collect(); err != nil {
 		tb.Fatal(err)
 	}
 	counters, err := dp.Counters()
@@ -181,7 +212,12 @@ func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.D
 			tb.Fatalf("the bystander's sockets were accelerated (counters of cgroup %d): %+v", id, d)
 		}
 	}
-	return costReport{Results: results, Hooks: after.Since(before)}
+	var hooks []bpfstats.Cost
+	for _, c := range costs {
+		hooks = append(hooks, c)
+	}
+	sort.Slice(hooks, func(i, j int) bool { return hooks[i].Program < hooks[j].Program })
+	return costReport{Results: results, Hooks: hooks}
 }
 
 // BenchmarkBystanderCost prints the request/response latency of sockets in
@@ -191,7 +227,8 @@ func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.D
 func BenchmarkBystanderCost(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		r := compareBystander(b, costCases, *benchRuns, *benchDuration)
-		printCost(os.Stdout, "Bystander cost: a cgroup that is not enabled, while another one is", r, *benchRuns, [][2]int{{1, 0}})
+		printCost(os.Stdout, "Bystander cost: a cgroup that is not enabled, while another one is", r, *benchRuns,
+			[][2]int{{modeOtherEnabled, modeIdle}, {modeOtherEnabledTC, modeIdle}})
 	}
 }
 

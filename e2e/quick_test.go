@@ -86,6 +86,6 @@ func TestPerMessageCostQuick(t *testing.T) {
 func TestBystanderCostQuick(t *testing.T) {
 	r := compareBystander(t, costCases[:1], 1, 150*time.Millisecond)
 	var sb strings.Builder
-	printCost(&sb, "bystander cost", r, 1, [][2]int{{1, 0}})
+	printCost(&sb, "bystander cost", r, 1, [][2]int{{modeOtherEnabled, modeIdle}, {modeOtherEnabledTC, modeIdle}})
 	t.Log("\n" + sb.String())
 }

@@ -65,6 +65,8 @@ type skmsgCgroupCounters struct {
 	PairsMismatched        uint64
 	SocketsStackPort       uint64
 	LateStackOptions       uint64
+	TcEgressPackets        uint64
+	TcEgressBytes          uint64
 }
 
 type skmsgEndpointKey struct {
@@ -198,6 +200,7 @@ type skmsgTcUserKey struct {
 const (
 	skmsgMapCgroupConfig     = "cgroup_config"
 	skmsgMapCgroupCounters   = "cgroup_counters"
+	skmsgMapCountersZero     = "counters_zero"
 	skmsgMapInboundPods      = "inbound_pods"
 	skmsgMapListeners        = "listeners"
 	skmsgMapMeshClients      = "mesh_clients"
@@ -266,6 +269,7 @@ type skmsgProgramSpecs struct {
 type skmsgMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	CountersZero   *ebpf.MapSpec `ebpf:"counters_zero"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -310,6 +314,7 @@ func (o *skmsgObjects) Close() error {
 type skmsgMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	CountersZero   *ebpf.Map `ebpf:"counters_zero"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -330,6 +335,7 @@ func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.CountersZero,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

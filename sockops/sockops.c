@@ -392,6 +392,33 @@ static __noinline void leave(struct sock_state *state, const struct sock_key *ke
 }
 
 /*
+ * classify_peer records whether the socket's peer is local, for the
+ * cgroup's egress accounting: the stack bytes of a socket with a local
+ * peer are what acceleration could have taken off the stack.
+ */
+static __noinline void classify_peer(struct bpf_sock_ops *skops)
+{
+	struct sock_state *state;
+	struct sock_key key = {};
+	__u64 peer_netns;
+
+	if (!skops->sk)
+		return;
+	state = bpf_sk_storage_get(&sock_state, skops->sk, 0, 0);
+	/* Once, by the program that handled the socket (the innermost
+	 * enabled cgroup's). */
+	if (!state || state->cgroup_id != enabled_cgroup_id ||
+	    (state->flags & (SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER)))
+		return;
+	if (own_key(skops, &key) < 0)
+		return;
+	if (key_scope(&key, bpf_get_netns_cookie(skops), &peer_netns) == SCOPE_REMOTE)
+		state->flags |= SOCK_FLAG_REMOTE_PEER;
+	else
+		state->flags |= SOCK_FLAG_LOCAL_PEER;
+}
+
+/*
  * prepare runs the checks both ends share at ESTABLISHED and returns the
  * socket's state, or NULL when the socket stays plain TCP.
  */
@@ -412,7 +439,8 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	/* Storage cloned from a listener carries the listener's flags (for
 	 * options such as SO_RCVLOWAT) but not its identity. */
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER |
-			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION);
+			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
+			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER);
 	if (passive)
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED);
 	state->cgroup_id = enabled_cgroup_id;
@@ -689,9 +717,11 @@ int sockbypass_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		join_active(skops);
+		classify_peer(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		join_passive(skops);
+		classify_peer(skops);
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		record_listener(skops);

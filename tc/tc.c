@@ -3,7 +3,9 @@
 
 /*
  * TC egress program: counts the TCP packets and payload bytes that leave an
- * interface through the stack, per enabled cgroup (from the socket's
+ * interface through the stack (tc_egress_*: the device view; the
+ * per-cgroup stack bytes are counted at the socket by cgroup/egress.c),
+ * per enabled cgroup (from the socket's
  * sock_state; cgroup 0 when the socket belongs to no enabled cgroup). It
  * only counts: every packet continues unchanged to the next program.
  */
@@ -55,9 +57,9 @@ int sockbypass_tc_egress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	/* Per-CPU values, and TC runs with bottom halves disabled: nothing
 	 * else on this CPU touches them meanwhile, no atomics needed. */
-	c->stack_egress_packets += skb->gso_segs ? skb->gso_segs : 1;
+	c->tc_egress_packets += skb->gso_segs ? skb->gso_segs : 1;
 	if (skb->len > off)
-		c->stack_egress_bytes += skb->len - off;
+		c->tc_egress_bytes += skb->len - off;
 	return TC_ACT_UNSPEC;
 }
 

@@ -40,7 +40,7 @@ func runDaemon(e *env, args []string) error {
 	fs.StringVar(&configPath, "config", "", "YAML configuration (see README); SIGHUP reloads it")
 	fs.BoolVar(&cleanupOnExit, "cleanup-on-exit", false, "uninstall everything on SIGTERM/SIGINT (default: leave acceleration in place)")
 	fs.Var(&cgroups, "cgroup", "without --config: cgroup path or glob to keep enabled (repeatable)")
-	fs.Var(&tcDevs, "tc-dev", "without --config: interface to account (repeatable; default lo)")
+	fs.Var(&tcDevs, "tc-dev", "without --config: interface whose egress TC also accounts (repeatable; none by default)")
 	fs.StringVar(&metricsAddr, "metrics-addr", config.DefaultMetricsAddr, "without --config: address of /metrics and /healthz; empty disables")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err

@@ -508,7 +508,7 @@ func TestUpgradeCommand(t *testing.T) {
 	pinDir := testutil.NewPinDir(t)
 	cg := testutil.NewCgroup(t)
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir); code != 0 {
 		t.Fatal(errOut)
 	}
 	before := statusOf(t, pinDir)

@@ -33,8 +33,8 @@ func runEnable(e *env, args []string) error {
 	var tcDevs stringList
 	var noTC, accountOnly bool
 	fs := newFlagSet("enable", e, &pinDir, &logLevel)
-	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is accounted, optionally in another network namespace as /run/netns/NAME:DEV (repeatable; default lo)")
-	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (stack egress is then not counted)")
+	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is also accounted by TC (a device view), optionally in another network namespace as /run/netns/NAME:DEV (repeatable; none by default: each enabled cgroup's stack bytes are counted at its sockets, on any device)")
+	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (the default; the per-cgroup stack bytes are still counted)")
 	fs.BoolVar(&accountOnly, "account-only", false, "count the cgroup's traffic but do not accelerate it (a dry run; run enable again without it to accelerate)")
 	var stackPorts string
 	fs.StringVar(&stackPorts, "stack-ports", "", "server ports whose connections stay on the normal TCP path, comma-separated (at most 16): for servers and proxies that read with splice(2), such as a Go io.Copy TCP proxy or HAProxy in splice mode")
@@ -91,9 +91,6 @@ func runEnable(e *env, args []string) error {
 		}
 	}
 	if !noTC {
-		if len(tcDevs) == 0 {
-			tcDevs = stringList{dataplane.DefaultTCDevice.String()}
-		}
 		for _, s := range tcDevs {
 			d, err := dataplane.ParseTCDevice(s)
 			if err != nil {

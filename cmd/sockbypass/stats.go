@@ -89,19 +89,26 @@ func runStats(e *env, args []string) error {
 
 func printStats(w io.Writer, r *stats.Report) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "CGROUP\tMODE\tLIVE\tREDIRECTED\tSTACK EGRESS\tBYPASS\tREDIRECT FAILURES\t")
+	tc := len(r.TCDevices) > 0
+	head := "CGROUP\tMODE\tLIVE\tREDIRECTED\tSTACK (LOCAL PEERS)\tBYPASS\tREDIRECT FAILURES\t"
+	if tc {
+		head += "TC EGRESS\t"
+	}
+	fmt.Fprintln(tw, head)
+	row := func(name, mode, live string, f stats.Figures, bypass string) {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t", name, mode, live,
+			stats.HumanBytes(f.RedirectedBytes), f.RedirectedMsgs, stats.HumanBytes(f.StackEgressBytes), f.StackEgressPackets,
+			bypass, f.RedirectFailures)
+		if tc {
+			fmt.Fprintf(tw, "%s / %d pkts\t", stats.HumanBytes(f.TCEgressBytes), f.TCEgressPackets)
+		}
+		fmt.Fprintln(tw)
+	}
 	for _, c := range r.Cgroups {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", c.Cgroup, c.Mode, c.LiveSockets,
-			stats.HumanBytes(c.RedirectedBytes), c.RedirectedMsgs, stats.HumanBytes(c.StackEgressBytes), c.StackEgressPackets,
-			ratio(c.BypassRatio), c.RedirectFailures)
+		row(c.Cgroup, c.Mode, fmt.Sprint(c.LiveSockets), c.Figures, ratio(c.BypassRatio))
 	}
-	u := r.Unattributed
-	fmt.Fprintf(tw, "%s\t%s\t%s\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", "(no enabled cgroup)", "-", "-",
-		stats.HumanBytes(u.RedirectedBytes), u.RedirectedMsgs, stats.HumanBytes(u.StackEgressBytes), u.StackEgressPackets, "-", u.RedirectFailures)
+	row("(no enabled cgroup)", "-", "-", r.Unattributed, "-")
 	tw.Flush()
-	if len(r.TCDevices) == 0 {
-		fmt.Fprintln(w, "stack egress is not accounted: no TC device (enable --tc-dev DEV)")
-	}
 }
 
 func ratio(r *float64) string {

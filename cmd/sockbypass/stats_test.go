@@ -88,16 +88,29 @@ func TestStatsShowsRedirectedAndStackBytes(t *testing.T) {
 	}
 	trafficIn(t, cg, 4<<20)
 	r := statsJSON(t, pinDir)
-	if len(r.Cgroups) != 1 || len(r.TCDevices) != 1 || r.TCDevices[0].Name != "lo" {
+	// No TC device by default: the stack side (handshake and FIN
+	// packets) is counted at the sockets.
+	if len(r.Cgroups) != 1 || len(r.TCDevices) != 0 {
 		t.Fatalf("stats: cgroups %+v, tc devices %+v", r.Cgroups, r.TCDevices)
 	}
 	c := r.Cgroups[0]
-	if c.Cgroup != cg.Rel || c.RedirectedBytes < 4<<20 || c.BypassRatio == nil || *c.BypassRatio < 0.99 {
+	if c.Cgroup != cg.Rel || c.RedirectedBytes < 4<<20 || c.StackEgressPackets == 0 || c.BypassRatio == nil || *c.BypassRatio < 0.99 {
 		t.Errorf("stats for %s: %+v (ratio %v)", cg.Rel, c, c.BypassRatio)
 	}
 	code, out, _ := sockbypass(t, "stats", "--bpffs-dir", pinDir)
-	if code != 0 || !strings.Contains(out, cg.Rel) || !strings.Contains(out, "BYPASS") || !strings.Contains(out, "%") {
+	if code != 0 || !strings.Contains(out, cg.Rel) || !strings.Contains(out, "BYPASS") || !strings.Contains(out, "%") || strings.Contains(out, "TC EGRESS") {
 		t.Errorf("human stats: exit %d\n%s", code, out)
+	}
+	// A TC device adds its view.
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir); code != 0 {
+		t.Fatal(errOut)
+	}
+	trafficIn(t, cg, 1<<20)
+	if r := statsJSON(t, pinDir); len(r.TCDevices) != 1 || r.TCDevices[0].Name != "lo" || r.Cgroups[0].TCEgressPackets == 0 {
+		t.Errorf("with --tc-dev lo: tc devices %+v, cgroups %+v", r.TCDevices, r.Cgroups)
+	}
+	if code, out, _ := sockbypass(t, "stats", "--bpffs-dir", pinDir); code != 0 || !strings.Contains(out, "TC EGRESS") {
+		t.Errorf("human stats with a TC device: exit %d\n%s", code, out)
 	}
 	code, out, _ = sockbypass(t, "stats", "--json", "--watch", "100ms", "--count", "2", "--bpffs-dir", pinDir)
 	if lines := strings.Count(strings.TrimSpace(out), "\n") + 1; code != 0 || lines != 2 {

@@ -54,9 +54,10 @@ step probes /bin/kguest probe
 mkdir -p /sys/fs/cgroup/t
 CG=/sys/fs/cgroup/t
 
-# enable with TC accounting on lo (the default), and when that fails, once
-# more without TC, so a TC problem is told apart from the rest.
-if ! step enable /bin/sockbypass enable --cgroup $CG; then
+# enable with TC accounting on lo (a device view, off by default), and when
+# that fails, once more without TC, so a TC problem is told apart from the
+# rest.
+if ! step enable /bin/sockbypass enable --cgroup $CG --tc-dev lo; then
 	step enable_no_tc /bin/sockbypass enable --cgroup $CG --no-tc
 fi
 step status /bin/sockbypass status

@@ -59,7 +59,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	cgroups:            # cgroup v2 paths or globs, absolute or relative to the cgroup2 mount
 //	  - kubepods.slice/kubepods-*.slice/*
 //	  - system.slice/redis.service
-//	tcDevices: [lo]     # interfaces whose egress is accounted ([] for none); [NETNS:]DEV
+//	tcDevices: [lo]     # interfaces whose egress TC also accounts (default none); [NETNS:]DEV
 //	accountOnly: false  # count, do not accelerate
 //	stackPorts: [8081]  # server ports that stay plain TCP (splice readers)
 //	metricsAddr: 127.0.0.1:9464   # "" disables the metrics endpoint
@@ -165,9 +165,7 @@ func (c *Config) validate() error {
 	if len(c.StackPorts) > 16 {
 		return fmt.Errorf("line %d: stackPorts: %d ports given, at most 16", c.StackPorts[16].Line, len(c.StackPorts))
 	}
-	if c.TCDevices == nil {
-		c.devices = []dataplane.TCDevice{dataplane.DefaultTCDevice}
-	} else {
+	if c.TCDevices != nil {
 		for _, d := range *c.TCDevices {
 			dev, err := dataplane.ParseTCDevice(d.Value)
 			if err == nil {
@@ -295,8 +293,8 @@ func (c *Config) Expand(mounts cgroup.Mounts) ([]cgroup.Cgroup, error) {
 	return out, nil
 }
 
-// TCDevicesOrDefault returns the devices to account (lo unless the file says
-// otherwise).
+// TCDevicesOrDefault returns the devices TC accounts (none unless the file
+// names some: the per-cgroup stack bytes are counted at the sockets).
 func (c *Config) TCDevicesOrDefault() []dataplane.TCDevice { return c.devices }
 
 // Metrics returns the metrics address ("" when disabled).

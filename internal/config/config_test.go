@@ -44,7 +44,7 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Metrics() != DefaultMetricsAddr || cfg.Rescan() != DefaultRescanInterval || len(cfg.TCDevicesOrDefault()) != 1 || cfg.Level().String() != "info" {
+	if cfg.Metrics() != DefaultMetricsAddr || cfg.Rescan() != DefaultRescanInterval || len(cfg.TCDevicesOrDefault()) != 0 || cfg.Level().String() != "info" {
 		t.Errorf("defaults: %q %v %v %v", cfg.Metrics(), cfg.Rescan(), cfg.TCDevicesOrDefault(), cfg.Level())
 	}
 	cfg, err = Parse([]byte("tcDevices: []\nmetricsAddr: ''\nrescanInterval: 500ms\n"))

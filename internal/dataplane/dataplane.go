@@ -343,6 +343,10 @@ func (d *Dataplane) setsockoptLinkPin(id uint64) string {
 	return d.cgroupLinkPin(id) + "-setsockopt"
 }
 
+func (d *Dataplane) egressLinkPin(id uint64) string {
+	return d.cgroupLinkPin(id) + "-account"
+}
+
 // EnableOptions are the settings of an enabled cgroup.
 type EnableOptions struct {
 	// TCDevices are the interfaces whose egress is accounted for the
@@ -494,6 +498,27 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 			return false, fmt.Errorf("enable %s: pin setsockopt link: %w", cg.Path, err)
 		}
 		undo = append(undo, func() { ssLink.Unpin() })
+
+		// The cgroup's stack bytes to local peers, on any device: the
+		// bypass ratio needs no device named.
+		egProg, err := cgroup.LoadEgress(cg.ID, d.maps)
+		if err != nil {
+			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+		}
+		defer egProg.Close()
+		egLink, err := link.AttachCgroup(link.CgroupOptions{
+			Path:    cg.Path,
+			Attach:  ebpf.AttachCGroupInetEgress,
+			Program: egProg,
+		})
+		if err != nil {
+			return false, fmt.Errorf("enable %s: attach cgroup_skb/egress: %w", cg.Path, err)
+		}
+		defer egLink.Close()
+		if err := egLink.Pin(d.egressLinkPin(cg.ID)); err != nil {
+			return false, fmt.Errorf("enable %s: pin egress accounting link: %w", cg.Path, err)
+		}
+		undo = append(undo, func() { egLink.Unpin() })
 	}
 
 	for _, dev := range devs {
@@ -650,11 +675,13 @@ func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
 	if err := d.unpinMeshLinks(cgroupID); err != nil {
 		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 	}
-	if ssLink, err := link.LoadPinnedLink(d.setsockoptLinkPin(cgroupID), nil); err == nil {
-		err = ssLink.Unpin()
-		ssLink.Close()
-		if err != nil {
-			return false, fmt.Errorf("disable cgroup id %d: unpin setsockopt link: %w", cgroupID, err)
+	for what, pin := range map[string]string{"setsockopt": d.setsockoptLinkPin(cgroupID), "egress accounting": d.egressLinkPin(cgroupID)} {
+		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+			err = l.Unpin()
+			l.Close()
+			if err != nil {
+				return false, fmt.Errorf("disable cgroup id %d: unpin %s link: %w", cgroupID, what, err)
+			}
 		}
 	}
 	if err := d.releaseTCUsers(cgroupID, false); err != nil {

@@ -26,7 +26,8 @@ const (
 	DirTC        = "tc"
 )
 
-// DefaultTCDevice is the interface whose egress enable accounts by default.
+// DefaultTCDevice is lo, the device most often given to --tc-dev (TC
+// accounting is off unless devices are named).
 var DefaultTCDevice = TCDevice{Name: "lo"}
 
 // TCDevice names an interface whose egress TCP traffic is accounted.

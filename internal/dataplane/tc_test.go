@@ -153,8 +153,9 @@ func TestTCAccountsStackEgressPerCgroup(t *testing.T) {
 			before := counterOf(t, dp, cg.ID)
 			transferInPod(t, cg, netns, size)
 			d := counterOf(t, dp, cg.ID).Sub(before)
-			if d.StackEgressBytes < size || d.RedirectedBytes != 0 {
-				t.Errorf("account-only: stack egress %d bytes, redirected %d; want >= %d and 0", d.StackEgressBytes, d.RedirectedBytes, size)
+			if d.TCEgressBytes < size || d.StackEgressBytes < size || d.RedirectedBytes != 0 {
+				t.Errorf("account-only: TC egress %d bytes, stack egress at the sockets %d, redirected %d; want >= %d, >= %d and 0",
+					d.TCEgressBytes, d.StackEgressBytes, d.RedirectedBytes, size, size)
 			}
 
 			// Accelerated: the same transfer leaves the stack nearly idle.
@@ -164,24 +165,25 @@ func TestTCAccountsStackEgressPerCgroup(t *testing.T) {
 			before = counterOf(t, dp, cg.ID)
 			transferInPod(t, cg, netns, size)
 			d = counterOf(t, dp, cg.ID).Sub(before)
-			if d.RedirectedBytes < size || d.StackEgressBytes*100 >= size {
-				t.Errorf("accelerated: redirected %d bytes, stack egress %d bytes (%d packets); want >= %d and < 1%%",
-					d.RedirectedBytes, d.StackEgressBytes, d.StackEgressPackets, size)
+			if d.RedirectedBytes < size || d.TCEgressBytes*100 >= size || d.StackEgressBytes*100 >= size {
+				t.Errorf("accelerated: redirected %d bytes, TC egress %d bytes (%d packets), stack egress at the sockets %d; want >= %d and < 1%% each",
+					d.RedirectedBytes, d.TCEgressBytes, d.TCEgressPackets, d.StackEgressBytes, size)
 			}
-			if d.StackEgressPackets == 0 {
-				t.Errorf("accelerated: no handshake or FIN packets counted on the stack")
+			if d.TCEgressPackets == 0 || d.StackEgressPackets == 0 {
+				t.Errorf("accelerated: handshake and FIN packets not counted on the stack: TC %d, sockets %d", d.TCEgressPackets, d.StackEgressPackets)
 			}
-			t.Logf("accelerated 64 MiB: redirected %d bytes, stack %d bytes in %d packets", d.RedirectedBytes, d.StackEgressBytes, d.StackEgressPackets)
+			t.Logf("accelerated 64 MiB: redirected %d bytes, TC: stack %d bytes in %d packets", d.RedirectedBytes, d.TCEgressBytes, d.TCEgressPackets)
 
 			// A cgroup that is not enabled: counted under no enabled cgroup.
 			beforeCg := counterOf(t, dp, cg.ID)
 			beforeNone := counterOf(t, dp, 0)
 			transferInPod(t, other, netns, 8<<20)
-			if d := counterOf(t, dp, cg.ID).Sub(beforeCg); d.StackEgressBytes != 0 {
+			if d := counterOf(t, dp, cg.ID).Sub(beforeCg); d.TCEgressBytes != 0 || d.StackEgressBytes != 0 {
 				t.Errorf("traffic of a cgroup that is not enabled was counted for %s: %+v", cg.Path, d)
 			}
-			if d := counterOf(t, dp, 0).Sub(beforeNone); d.StackEgressBytes < 8<<20 {
-				t.Errorf("unattributed stack egress grew by %d bytes, want >= %d", d.StackEgressBytes, 8<<20)
+			if d := counterOf(t, dp, 0).Sub(beforeNone); d.TCEgressBytes < 8<<20 || d.StackEgressBytes != 0 {
+				t.Errorf("unattributed TC egress grew by %d bytes, want >= %d (stack egress at the sockets %d, want 0: only enabled cgroups count there)",
+					d.TCEgressBytes, 8<<20, d.StackEgressBytes)
 			}
 			if c := counterOf(t, dp, other.ID); c != (CgroupCounters{}) {
 				t.Errorf("counters exist for a cgroup that is not enabled: %+v", c)

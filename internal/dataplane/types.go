@@ -62,6 +62,8 @@ type CgroupCounters struct {
 	PairsMismatched    uint64 `json:"pairs_mismatched"`
 	SocketsStackPort   uint64 `json:"sockets_stack_port"`
 	LateStackOptions   uint64 `json:"late_stack_options"`
+	TCEgressPackets    uint64 `json:"tc_egress_packets"`
+	TCEgressBytes      uint64 `json:"tc_egress_bytes"`
 }
 
 // Add adds o to c field by field.
@@ -98,6 +100,8 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.PairsMismatched += o.PairsMismatched
 	c.SocketsStackPort += o.SocketsStackPort
 	c.LateStackOptions += o.LateStackOptions
+	c.TCEgressPackets += o.TCEgressPackets
+	c.TCEgressBytes += o.TCEgressBytes
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -135,5 +139,7 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		PairsMismatched:    c.PairsMismatched - o.PairsMismatched,
 		SocketsStackPort:   c.SocketsStackPort - o.SocketsStackPort,
 		LateStackOptions:   c.LateStackOptions - o.LateStackOptions,
+		TCEgressPackets:    c.TCEgressPackets - o.TCEgressPackets,
+		TCEgressBytes:      c.TCEgressBytes - o.TCEgressBytes,
 	}
 }

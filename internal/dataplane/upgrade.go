@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 
+	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/fallback"
 	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/internal/mesh"
@@ -23,7 +24,7 @@ import (
 // LayoutVersion is the version of the pin layout and map formats this
 // binary writes and reads: bump it whenever a shared struct or map changes. Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
-const LayoutVersion = 3
+const LayoutVersion = 4
 
 // PinLayout is the pin of the one-entry array map that holds the layout
 // version.
@@ -102,6 +103,9 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 		}
 		if err := updateLink(d.setsockoptLinkPin(id), func() (*ebpf.Program, error) { return fallback.LoadSetsockopt(id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return rep, fmt.Errorf("upgrade cgroup id %d: setsockopt: %w", id, err)
+		}
+		if err := updateLink(d.egressLinkPin(id), func() (*ebpf.Program, error) { return cgroup.LoadEgress(id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return rep, fmt.Errorf("upgrade cgroup id %d: egress accounting: %w", id, err)
 		}
 		for _, p := range mesh.Programs {
 			if err := updateLink(d.meshLinkPin(id, p.Suffix), func() (*ebpf.Program, error) { return mesh.Load(p.Name, id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -56,15 +56,22 @@ type Figures struct {
 	RedirectedCrossNetnsMsgs  uint64 `json:"redirected_cross_netns_msgs"`
 	// SocketsAmbiguous counts sockets whose addresses are ambiguous node
 	// addresses, kept namespace-local.
-	SocketsAmbiguous   uint64 `json:"sockets_ambiguous"`
+	SocketsAmbiguous uint64 `json:"sockets_ambiguous"`
+	// StackEgress*: TCP payload bytes and packets the cgroup's sockets
+	// sent through the stack to local peers, on any device (counted at
+	// the socket): what acceleration did not take off the stack.
 	StackEgressBytes   uint64 `json:"stack_egress_bytes"`
 	StackEgressPackets uint64 `json:"stack_egress_packets"`
-	PassedBytes        uint64 `json:"passed_bytes"`
-	PassedMsgs         uint64 `json:"passed_msgs"`
-	RedirectFailures   uint64 `json:"redirect_failures"`
-	SocketsInserted    uint64 `json:"sockets_inserted"`
-	InsertFailures     uint64 `json:"insert_failures"`
-	SocketsSkipped     uint64 `json:"sockets_skipped"`
+	// TCEgress*: TCP payload bytes and packets seen leaving the
+	// interfaces with TC accounting (--tc-dev), local peers or not.
+	TCEgressBytes    uint64 `json:"tc_egress_bytes"`
+	TCEgressPackets  uint64 `json:"tc_egress_packets"`
+	PassedBytes      uint64 `json:"passed_bytes"`
+	PassedMsgs       uint64 `json:"passed_msgs"`
+	RedirectFailures uint64 `json:"redirect_failures"`
+	SocketsInserted  uint64 `json:"sockets_inserted"`
+	InsertFailures   uint64 `json:"insert_failures"`
+	SocketsSkipped   uint64 `json:"sockets_skipped"`
 	// SocketsRemote counts sockets left out because their peer cannot be
 	// local (neither loopback nor the socket's own address).
 	SocketsRemote uint64 `json:"sockets_remote"`
@@ -120,6 +127,8 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SocketsAmbiguous:          c.SocketsAmbiguous,
 		StackEgressBytes:          c.StackEgressBytes,
 		StackEgressPackets:        c.StackEgressPackets,
+		TCEgressBytes:             c.TCEgressBytes,
+		TCEgressPackets:           c.TCEgressPackets,
 		PassedBytes:               c.PassedBytes,
 		PassedMsgs:                c.PassedMsgs,
 		RedirectFailures:          c.RedirectFailures,

@@ -1,0 +1,98 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/*
+ * cgroup_skb/egress accounting, one instance per enabled cgroup: counts the
+ * TCP packets and payload bytes that the cgroup's sockets send through the
+ * stack to a local peer (stack_egress_*), whatever device they leave by:
+ * loopback, a pod's veth, a bridge. With redirected_bytes this gives each
+ * enabled cgroup a true bypass ratio without naming devices, and since it
+ * runs only for the cgroup's own packets, sockets of other cgroups never
+ * pay for it. It only counts: every packet continues.
+ */
+#include "sockbypass.h"
+
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IPPROTO_TCP 6
+
+/* Set by the loader: the enabled cgroup this instance is attached to. */
+volatile const __u64 enabled_cgroup_id = 0;
+
+/* dst_local reports whether a socket that sock_ops has not classified
+ * (before ESTABLISHED, or established before the cgroup was enabled) sends
+ * to a local peer: loopback, its own address, or a node address. */
+static __always_inline int dst_local(struct bpf_sock *sk)
+{
+	struct node_addr_key k = {};
+
+	if (sk->family == AF_INET) {
+		if ((bpf_ntohl(sk->dst_ip4) >> 24) == 127 || sk->dst_ip4 == sk->src_ip4)
+			return 1;
+		set_v4mapped(k.ip, sk->dst_ip4);
+	} else {
+		k.ip[0] = sk->dst_ip6[0];
+		k.ip[1] = sk->dst_ip6[1];
+		k.ip[2] = sk->dst_ip6[2];
+		k.ip[3] = sk->dst_ip6[3];
+		if (k.ip[0] == 0 && k.ip[1] == 0 && k.ip[2] == 0 && k.ip[3] == bpf_htonl(1))
+			return 1;
+		if (is_v4mapped(k.ip) && (bpf_ntohl(k.ip[3]) >> 24) == 127)
+			return 1;
+		if (k.ip[0] == sk->src_ip6[0] && k.ip[1] == sk->src_ip6[1] && k.ip[2] == sk->src_ip6[2] &&
+		    k.ip[3] == sk->src_ip6[3])
+			return 1;
+	}
+	return bpf_map_lookup_elem(&node_addrs, &k) != 0;
+}
+
+SEC("cgroup_skb/egress")
+int sockbypass_account_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct sock_state *state;
+	struct cgroup_counters *c;
+	__u32 off;
+	__u8 b;
+
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_TCP)
+		return 1;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (state && (state->flags & (SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER))) {
+		/* Nested enabled cgroups: the innermost one's socket. */
+		if (!(state->flags & SOCK_FLAG_LOCAL_PEER) || state->cgroup_id != enabled_cgroup_id)
+			return 1;
+	} else if (!dst_local(sk)) {
+		return 1;
+	}
+
+	/* Payload: the packet starts at the IP header. */
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 0, &b, 1) < 0)
+			return 1;
+		off = (b & 0x0f) * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		off = 40;
+	} else {
+		return 1;
+	}
+	/* TCP data offset: high nibble of byte 12 of the TCP header. */
+	if (bpf_skb_load_bytes(skb, off + 12, &b, 1) < 0)
+		return 1;
+	off += (b >> 4) * 4;
+
+	c = counters_for(enabled_cgroup_id);
+	if (!c)
+		return 1;
+	/* Process context, preemptible: another task on this CPU may count
+	 * meanwhile, so the per-CPU values are added atomically. */
+	__sync_fetch_and_add(&c->stack_egress_packets, skb->gso_segs ? skb->gso_segs : 1);
+	if (skb->len > off)
+		__sync_fetch_and_add(&c->stack_egress_bytes, skb->len - off);
+	return 1;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
