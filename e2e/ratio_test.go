@@ -1,0 +1,88 @@
+package e2e
+
+import (
+	"bytes"
+	"net"
+	"testing"
+
+	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/stats"
+)
+
+// TestSidecarBypassRatioMatchesTheHops: with a sidecar (HAProxy, iptables
+// REDIRECT) in the app pod and the server in a second pod over a veth, the
+// app pod's bypass ratio must match the bytes each hop really moved, with
+// no device named. While the server pod is not enabled, the app -> sidecar
+// hop is redirected and the sidecar -> server hop crosses the veth's stack:
+// about half. Once the server pod is enabled, both hops are redirected.
+func TestSidecarBypassRatioMatchesTheHops(t *testing.T) {
+	s := newSidecarPods(t)
+	dp := installForBench(t)
+	s.redirectOn(t)
+	mesh := dataplane.MeshPresets["istio"]
+	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+		t.Fatal(err)
+	}
+	// The server pod is a pod of the node (as the daemon's extraNetns
+	// would say) but not enabled: the sidecar's connections to it take
+	// the stack, and they are local traffic.
+	if _, err := dp.RefreshNodeAddrs(s.server.Netns.Path()); err != nil {
+		t.Fatal(err)
+	}
+	body := bytes.Repeat([]byte("ratio hop "), 400<<10)
+	size := uint64(len(body))
+	send := func() stats.Figures {
+		t.Helper()
+		before, err := dp.Counters()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := s.app.Dial(t, nil, net.JoinHostPort(s.serverIP, "8080"))
+		if err := s.digestRoundTrip(c, body, 30e9); err != nil {
+			t.Fatal(err)
+		}
+		after, err := dp.Counters()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return stats.FiguresOf(after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID]))
+	}
+
+	f := send()
+	t.Logf("server pod not enabled: redirected %d, stack to local peers %d bytes (%d packets), ratio %v", f.RedirectedBytes, f.StackEgressBytes, f.StackEgressPackets, ratioOf(f))
+	// app -> sidecar: the body, redirected; sidecar -> server: the body
+	// again, through the veth; the 32-byte digest comes back redirected.
+	if f.RedirectedBytes != size+32 {
+		t.Errorf("redirected %d bytes, want the body and the digest (%d)", f.RedirectedBytes, size+32)
+	}
+	if f.StackEgressBytes != size {
+		t.Errorf("stack bytes to local peers %d, want the body once (%d): the sidecar -> server hop", f.StackEgressBytes, size)
+	}
+	if r := ratioOf(f); r < 0.45 || r > 0.55 {
+		t.Errorf("bypass ratio %.3f, want about 0.5: one hop of two was bypassed", r)
+	}
+
+	if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dp.RefreshNodeAddrs(); err != nil {
+		t.Fatal(err)
+	}
+	recordListeners(t, dp, s.server)
+	f = send()
+	t.Logf("server pod enabled: redirected %d, stack to local peers %d bytes (%d packets), ratio %v", f.RedirectedBytes, f.StackEgressBytes, f.StackEgressPackets, ratioOf(f))
+	if f.RedirectedBytes != 2*size+32 || f.StackEgressBytes != 0 || f.StackEgressPackets == 0 {
+		t.Errorf("both hops accelerated: redirected %d bytes (want the body twice and the digest once: %d), stack %d bytes in %d packets (want handshakes only)",
+			f.RedirectedBytes, 2*size+32, f.StackEgressBytes, f.StackEgressPackets)
+	}
+	if r := ratioOf(f); r < 0.999 {
+		t.Errorf("bypass ratio %.4f, want >= 0.999", r)
+	}
+}
+
+func ratioOf(f stats.Figures) float64 {
+	if f.BypassRatio == nil {
+		return -1
+	}
+	return *f.BypassRatio
+}
