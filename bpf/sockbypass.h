@@ -102,9 +102,11 @@ struct sock_state {
 	 * redirected to its peer. */
 	__u64 redirected_read;
 	__u64 redirected_sent;
-	/* Small messages sent since the socket last read. */
-	__u32 small_sends;
-	__u32 pad4;
+	/* The peer's redirected_read as this sender last saw it in
+	 * `receivers` (back-pressure is checked against it first). */
+	__u64 peer_read_seen;
+	/* redirected_read as last published to `receivers`. */
+	__u64 published_read;
 	/* SOCK_FLAG_* */
 	__u32 flags;
 };
@@ -147,6 +149,11 @@ struct sock_state {
 /* Decided at ESTABLISHED: the peer cannot be local; its egress is not
  * counted. */
 #define SOCK_FLAG_REMOTE_PEER (1U << 15)
+/* A member has passed a message to the stack since it joined (back-pressure,
+ * or its peer was gone): from then on each message checks that the peer has
+ * read every stack byte first. Until then, the per-message path needs no
+ * lookup but the redirect itself (see sk_msg). */
+#define SOCK_FLAG_PASSED (1U << 16)
 
 /*
  * Redirect targets: sock_key of a socket that may receive redirected bytes
@@ -180,6 +187,11 @@ struct receiver {
  * 8 MiB hung nginx reverse-proxy POSTs of 16 MiB.
  */
 #define REDIRECT_UNREAD_LIMIT (64ULL << 20)
+
+/* A reader publishes its redirected_read at least every this many bytes
+ * (and whenever it consumed stack bytes): senders see its progress at most
+ * this late, far below REDIRECT_UNREAD_LIMIT, and most reads touch no map. */
+#define READ_PUBLISH_STEP (1ULL << 20)
 
 /*
  * Streams of small writes: over loopback the stack coalesces them into

@@ -16,11 +16,13 @@ import (
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
-// costCases are the request/response cases of the cost benchmarks: 64 B
-// both ends on CPU 0 (the figure the targets are set on), and unpinned.
+// costCases are the cases of the cost benchmarks: request/response at 64 B
+// with both ends on CPU 0 (the figure the targets are set on) and unpinned,
+// and short connections (open, one 64 B exchange, close) on CPU 0.
 var costCases = []workload.Case{
 	{Name: "rr 64B 1cpu", Kind: workload.KindRR, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}},
 	{Name: "rr 64B", Kind: workload.KindRR, Size: 64, CPUs: workload.Unpinned},
+	{Name: "short connections 64B 1cpu", Kind: workload.KindConnRate, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}},
 }
 
 // costReport is what a cost comparison measured.
@@ -74,17 +76,20 @@ func comparePerMessage(tb testing.TB, cases []workload.Case, runs int, dur time.
 		tb.Fatal(err)
 	}
 	cgs := []cgroup.Cgroup{plain, minCg, accel}
-	results, err := workload.CompareN(cases, []string{"plain", "minimal", "sockbypass"}, runs, dur, nil, func(mode int) (workload.Pair, error) {
-		p, err := workload.Connect(cgs[mode])
-		if err != nil || mode != modeMinimal {
-			return p, err
-		}
-		// Both ends are in the minimal sockhash once connected.
-		if n, err := min.SocketsInserted(); err != nil || n < 2 {
-			p.Close()
-			return workload.Pair{}, fmt.Errorf("the minimal redirector holds %d sockets (%v), want both ends", n, err)
-		}
-		return p, nil
+	results, err := workload.CompareN(cases, []string{"plain", "minimal", "sockbypass"}, runs, dur, nil, workload.Setup{
+		Connect: func(mode int) (workload.Pair, error) {
+			p, err := workload.Connect(cgs[mode])
+			if err != nil || mode != modeMinimal {
+				return p, err
+			}
+			// Both ends are in the minimal sockhash once connected.
+			if n, err := min.SocketsInserted(); err != nil || n < 2 {
+				p.Close()
+				return workload.Pair{}, fmt.Errorf("the minimal redirector holds %d sockets (%v), want both ends", n, err)
+			}
+			return p, nil
+		},
+		RunIn: func(mode int, fn func()) error { return cgs[mode].RunIn(fn) },
 	})
 	if err != nil {
 		tb.Fatal(err)
@@ -168,34 +173,46 @@ func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.D
 		tb.Fatal(err)
 	}
 	modes := []string{"nothing enabled", "another cgroup enabled", "another cgroup enabled, --tc-dev lo"}
-	results, err := workload.CompareN(cases, modes, runs, dur, nil, func(mode int) (workload.Pair, error) {
+	setMode := func(mode int) error {
 		if err := collect(); err != nil {
-			return workload.Pair{}, err
+			return err
 		}
 		if _, err := dp.Disable(other.ID); err != nil {
-			return workload.Pair{}, err
+			return err
 		}
 		if mode == modeIdle {
 			st, err := dp.Status()
 			if err != nil {
-				return workload.Pair{}, err
+				return err
 			}
 			if st.RecvTraceAttached || len(st.TCDevices) != 0 {
-				return workload.Pair{}, fmt.Errorf("no cgroup enabled, yet node-wide programs stay attached: recv trace %v, TC devices %+v", st.RecvTraceAttached, st.TCDevices)
+				return fmt.Errorf("no cgroup enabled, yet node-wide programs stay attached: recv trace %v, TC devices %+v", st.RecvTraceAttached, st.TCDevices)
 			}
-			return workload.Connect(bystander)
+			return nil
 		}
 		var opts dataplane.EnableOptions
 		if mode == modeOtherEnabledTC {
 			opts.TCDevices = []dataplane.TCDevice{dataplane.DefaultTCDevice}
 		}
 		if _, err := dp.Enable(other, opts); err != nil {
-			return workload.Pair{}, err
+			return err
 		}
-		if before, err = bpfstats.Take(dp.PinDir(), nil); err != nil {
-			return workload.Pair{}, err
-		}
-		return workload.Connect(bystander)
+		before, err = bpfstats.Take(dp.PinDir(), nil)
+		return err
+	}
+	results, err := workload.CompareN(cases, modes, runs, dur, nil, workload.Setup{
+		Connect: func(mode int) (workload.Pair, error) {
+			if err := setMode(mode); err != nil {
+				return workload.Pair{}, err
+			}
+			return workload.Connect(bystander)
+		},
+		RunIn: func(mode int, fn func()) error {
+			if err := setMode(mode); err != nil {
+				return err
+			}
+			return bystander.RunIn(fn)
+		},
 	})
 	if err != nil {
 		tb.Fatal(err)

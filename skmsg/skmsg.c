@@ -79,6 +79,18 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		peer.remote_port = state->key.local_port;
 	}
 
+	/* The fast path. A pair is one connection, proven at the handshake
+	 * (sequence numbers cross-matched), joined before any byte moved; the
+	 * surviving end holds the 4-tuple, so no other socket can take the
+	 * peer's key while we live. Until this socket passes a message, the
+	 * peer holds no stack bytes of ours and stays a redirect target until
+	 * it closes (then it leaves the sockhash and the redirect fails). So
+	 * only back-pressure needs the peer's progress, and only when the
+	 * progress we last saw puts us near the limit. */
+	if ((state->flags & (SOCK_FLAG_PAIRED | SOCK_FLAG_PASSED)) == SOCK_FLAG_PAIRED &&
+	    state->redirected_sent - state->peer_read_seen + size <= REDIRECT_UNREAD_LIMIT)
+		goto redirect;
+
 	/* Is the peer a redirect target, in the namespace it must be in? A
 	 * socket of an earlier owner of the address never is. */
 	target = bpf_map_lookup_elem(&receivers, &peer);
@@ -99,12 +111,14 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	}
 
 	/* Back-pressure: too much redirected and still unread. */
-	if (state->redirected_sent - *(volatile __u64 *)&target->redirected_read + size > REDIRECT_UNREAD_LIMIT) {
+	state->peer_read_seen = *(volatile __u64 *)&target->redirected_read;
+	if (state->redirected_sent - state->peer_read_seen + size > REDIRECT_UNREAD_LIMIT) {
 		if (c)
 			__sync_fetch_and_add(&c->passed_backpressure_msgs, 1);
 		goto pass;
 	}
 
+redirect:
 	if (bpf_msg_redirect_hash(msg, &sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
 		state->flags |= SOCK_FLAG_REDIRECTING;
 		state->redirected_sent += size;
@@ -122,8 +136,11 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	if ((state->flags & SOCK_FLAG_REDIRECTING) && c)
 		__sync_fetch_and_add(&c->redirect_failures, 1);
 pass:
-	if (state)
+	if (state) {
 		state->flags &= ~SOCK_FLAG_REDIRECTING;
+		if (state->flags & SOCK_FLAG_PAIRED)
+			state->flags |= SOCK_FLAG_PASSED;
+	}
 	if (c) {
 		__sync_fetch_and_add(&c->passed_msgs, 1);
 		__sync_fetch_and_add(&c->passed_bytes, size);

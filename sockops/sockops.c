@@ -368,6 +368,8 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 	state->published_seq = skops->rcv_nxt;
 	state->redirected_read = 0;
 	state->redirected_sent = 0;
+	state->peer_read_seen = 0;
+	state->published_read = 0;
 	state->flags |= SOCK_FLAG_INSERTED | SOCK_FLAG_PUBLISHED;
 	r.netns_cookie = own_netns;
 	r.eligible_seq = RECEIVER_ELIGIBLE | skops->rcv_nxt;
@@ -440,7 +442,7 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	 * options such as SO_RCVLOWAT) but not its identity. */
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER |
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
-			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER);
+			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED);
 	if (passive)
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED);
 	state->cgroup_id = enabled_cgroup_id;

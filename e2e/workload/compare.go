@@ -17,6 +17,10 @@ type Kind string
 const (
 	KindRR     Kind = "rr"
 	KindStream Kind = "stream"
+	// KindConnRate opens, uses once (a Size-byte request and response)
+	// and closes connections, one after another: what short connections
+	// cost.
+	KindConnRate Kind = "connrate"
 )
 
 // Case is one workload to compare.
@@ -91,9 +95,9 @@ func CompareModes(cases []Case, runs int, dur time.Duration, progress Progress, 
 // the mode to measure: for topologies other than one cgroup on loopback,
 // such as two pods joined by a veth.
 func CompareConnect(cases []Case, runs int, dur time.Duration, progress Progress, connect func(accel bool) (Pair, error)) ([]Result, error) {
-	multi, err := CompareN(cases, []string{"plain", "accelerated"}, runs, dur, progress, func(mode int) (Pair, error) {
+	multi, err := CompareN(cases, []string{"plain", "accelerated"}, runs, dur, progress, Setup{Connect: func(mode int) (Pair, error) {
 		return connect(mode == 1)
-	})
+	}})
 	if err != nil {
 		return nil, err
 	}
@@ -137,11 +141,20 @@ func (r MultiResult) Ratio(a, b int) float64 {
 	return r.Modes[a].Median / r.Modes[b].Median
 }
 
+// Setup says how CompareN puts each mode in place; both get the mode's
+// index.
+type Setup struct {
+	// Connect makes a connection of the mode (rr and stream cases).
+	Connect func(mode int) (Pair, error)
+	// RunIn runs fn where the mode's sockets are created, such as in its
+	// cgroup (connection-rate cases; nil when there are none).
+	RunIn func(mode int, fn func()) error
+}
+
 // CompareN runs every case runs times in each of the named modes, rotating
-// which mode goes first from run to run, over connections made by connect
-// (which gets the mode's index), each run lasting dur, and returns the
-// medians and spreads per mode.
-func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progress Progress, connect func(mode int) (Pair, error)) ([]MultiResult, error) {
+// which mode goes first from run to run, each run lasting dur, and returns
+// the medians and spreads per mode.
+func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progress Progress, setup Setup) ([]MultiResult, error) {
 	var out []MultiResult
 	for _, c := range cases {
 		// metric name -> mode -> values
@@ -157,7 +170,22 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 		for r := 0; r < runs; r++ {
 			for i := range modes {
 				mode := (r + i) % len(modes) // rotate who goes first
-				p, err := connect(mode)
+				if c.Kind == KindConnRate {
+					var rate float64
+					var err error
+					if rerr := setup.RunIn(mode, func() { rate, err = ConnRate(c.Size, dur, c.CPUs.Client) }); rerr != nil {
+						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], rerr)
+					}
+					if err != nil {
+						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], err)
+					}
+					add("connections/s", mode, rate)
+					if progress != nil {
+						progress("%s run %d/%d %s done", c.Name, r+1, runs, modes[mode])
+					}
+					continue
+				}
+				p, err := setup.Connect(mode)
 				if err != nil {
 					return nil, fmt.Errorf("%s: %s: connect: %w", c.Name, modes[mode], err)
 				}
@@ -185,9 +213,12 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 		}
 		for _, m := range metrics {
 			res := MultiResult{Case: c.Name, Metric: m}
-			if c.Kind == KindRR {
+			switch c.Kind {
+			case KindRR:
 				res.Unit, res.LowerIsBetter = "us", true
-			} else {
+			case KindConnRate:
+				res.Unit = "conn/s"
+			default:
 				res.Unit = "Gbit/s"
 			}
 			for i, name := range modes {

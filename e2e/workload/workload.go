@@ -369,3 +369,83 @@ func Percentile(d []time.Duration, p float64) time.Duration {
 	idx := int(float64(len(d)-1) * p / 100)
 	return d[idx]
 }
+
+// ConnRate opens TCP connections over 127.0.0.1 one after another for dur,
+// on one locked thread (pinned to cpu when cpu >= 0), each used once: the
+// client sends msgSize bytes, the server answers as many, both close. It
+// checks every answer and returns connections per second. Its sockets
+// belong to the cgroup the process is in when it is called.
+func ConnRate(msgSize int, dur time.Duration, cpu int) (float64, error) {
+	var n int
+	var elapsed time.Duration
+	err := <-onThread(cpu, func() error {
+		lfd, err := listenOn([4]byte{127, 0, 0, 1})
+		if err != nil {
+			return err
+		}
+		defer unix.Close(lfd)
+		if err := unix.Listen(lfd, 128); err != nil {
+			return err
+		}
+		sa, err := unix.Getsockname(lfd)
+		if err != nil {
+			return err
+		}
+		req := bytes.Repeat([]byte("c"), msgSize)
+		buf := make([]byte, msgSize)
+		start := time.Now()
+		deadline := start.Add(dur)
+		for ; ; n++ {
+			req[0] = byte(n)
+			if err := oneConnection(lfd, sa, req, buf); err != nil {
+				return fmt.Errorf("connection %d: %w", n, err)
+			}
+			if n%16 == 0 && time.Now().After(deadline) {
+				break
+			}
+		}
+		elapsed = time.Since(start)
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	return float64(n+1) / elapsed.Seconds(), nil
+}
+
+// oneConnection connects to the listener lfd (at sa), sends req, has the
+// server echo it, checks it, and closes both ends.
+func oneConnection(lfd int, sa unix.Sockaddr, req, buf []byte) error {
+	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(cfd)
+	if err := unix.Connect(cfd, sa); err != nil && err != unix.EINPROGRESS {
+		return err
+	}
+	if err := waitFD(lfd, unix.POLLIN); err != nil {
+		return err
+	}
+	sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(sfd)
+	if err := writeFull(cfd, req); err != nil {
+		return fmt.Errorf("client write: %w", err)
+	}
+	if err := readFull(sfd, buf); err != nil {
+		return fmt.Errorf("server read: %w", err)
+	}
+	if err := writeFull(sfd, buf); err != nil {
+		return fmt.Errorf("server write: %w", err)
+	}
+	if err := readFull(cfd, buf); err != nil {
+		return fmt.Errorf("client read: %w", err)
+	}
+	if !bytes.Equal(buf, req) {
+		return errors.New("answer differs from the request")
+	}
+	return nil
+}

@@ -125,7 +125,10 @@ int sockbypass_recv_length(__u64 *ctx)
 	struct receiver *target, value;
 	__u32 seq;
 
-	if (!sk)
+	/* Runs for every recvmsg of the node: most return at once. A read
+	 * that consumed nothing (EAGAIN, an error) changes nothing a sender
+	 * needs, unless it asked for a flag we count. */
+	if (!sk || (ret <= 0 && !(flags & (MSG_WAITALL | MSG_OOB))))
 		return 0;
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state || !(state->flags & SOCK_FLAG_INSERTED) ||
@@ -138,25 +141,33 @@ int sockbypass_recv_length(__u64 *ctx)
 	if (flags & MSG_OOB)
 		mark_stack_reader(state, state->cgroup_id, REASON_OOB_READ);
 
+	/* MSG_PEEK consumes nothing. */
+	if (ret <= 0 || (flags & MSG_PEEK))
+		return 0;
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
 		return 0;
 	seq = tp->copied_seq;
 
 	/* What this read returned beyond the stack bytes it consumed came
-	 * from the redirected queue (MSG_PEEK consumes nothing). */
-	if (ret > 0 && !(flags & MSG_PEEK)) {
-		__u32 from_stack = seq - state->last_copied_seq;
+	 * from the redirected queue. */
+	__u32 from_stack = seq - state->last_copied_seq;
 
-		if ((__u32)ret > from_stack)
-			state->redirected_read += (__u32)ret - from_stack;
-	}
+	if ((__u32)ret > from_stack)
+		state->redirected_read += (__u32)ret - from_stack;
 	state->last_copied_seq = seq;
-	state->small_sends = 0; /* it reads: request/response, not a stream */
+
+	/* Publish when stack bytes were consumed (a sender that passed one
+	 * waits for them), and every READ_PUBLISH_STEP redirected bytes
+	 * (back-pressure); most reads of a pair touch no map. */
+	if ((state->flags & SOCK_FLAG_PUBLISHED) && state->published_seq == seq &&
+	    state->redirected_read - state->published_read < READ_PUBLISH_STEP)
+		return 0;
 
 	target = bpf_map_lookup_elem(&receivers, &state->key);
 	if (target && target->netns_cookie == state->netns_cookie) {
 		*(volatile __u64 *)&target->redirected_read = state->redirected_read;
+		state->published_read = state->redirected_read;
 		if ((state->flags & SOCK_FLAG_PUBLISHED) && state->published_seq == seq)
 			return 0;
 		*(volatile __u64 *)&target->eligible_seq = RECEIVER_ELIGIBLE | seq;
@@ -164,6 +175,7 @@ int sockbypass_recv_length(__u64 *ctx)
 		value.netns_cookie = state->netns_cookie;
 		value.eligible_seq = RECEIVER_ELIGIBLE | seq;
 		value.redirected_read = state->redirected_read;
+		state->published_read = state->redirected_read;
 		if (bpf_map_update_elem(&receivers, &state->key, &value, BPF_ANY) != 0)
 			return 0;
 	}

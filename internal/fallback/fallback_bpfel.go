@@ -167,8 +167,8 @@ type fallbackSockState struct {
 	_               [4]byte
 	RedirectedRead  uint64
 	RedirectedSent  uint64
-	SmallSends      uint32
-	Pad4            uint32
+	PeerReadSeen    uint64
+	PublishedRead   uint64
 	Flags           uint32
 	_               [4]byte
 }
