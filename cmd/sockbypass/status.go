@@ -66,10 +66,19 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 	fmt.Fprintf(w, "sockbypass installed at %s\n", st.PinDir)
 	fmt.Fprintf(w, "  sk_msg program %d (attached by %s) on sockhash map %d: %d live socket(s), capacity %d\n",
 		st.SkMsgProgramID, st.SkMsgAttach, st.SockhashMapID, st.LiveSockets, st.SockhashCapacity)
-	if st.RecvTraceAttached {
-		fmt.Fprintln(w, "  read-progress tracer (tp_btf/sock_recv_length, runs on every recvmsg of the node): attached")
-	} else {
+	fmt.Fprintln(w, "node-wide programs (they run for every process of the node):")
+	switch {
+	case !st.RecvTraceAttached:
 		fmt.Fprintln(w, "  read-progress tracer (tp_btf/sock_recv_length): detached (no cgroup enabled, no accelerated socket left)")
+	case len(st.Cgroups) == 0:
+		fmt.Fprintf(w, "  read-progress tracer (tp_btf/sock_recv_length, every recvmsg): attached for %d live accelerated socket(s) of disabled cgroups; %s\n",
+			st.LiveSockets, costText(st.RecvTraceCost))
+		fmt.Fprintln(w, "    it is detached once they close, at the daemon's next rescan or the next sockbypass disable")
+	default:
+		fmt.Fprintf(w, "  read-progress tracer (tp_btf/sock_recv_length, every recvmsg): attached; %s\n", costText(st.RecvTraceCost))
+	}
+	for _, d := range st.TCDevices {
+		fmt.Fprintf(w, "  tc egress on %s (every packet leaving it): %s\n", d.TCDevice, costText(d.Cost))
 	}
 	if len(st.Cgroups) == 0 {
 		fmt.Fprintln(w, "enabled cgroups: none")
@@ -106,6 +115,17 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "totals (all cgroups, including disabled ones):\n    %s\n", formatCounters(st.Totals))
+}
+
+// costText says what a node-wide program has cost, or how to measure it.
+func costText(c *dataplane.ProgramCost) string {
+	switch {
+	case c == nil:
+		return "cost unknown"
+	case c.Runs == 0:
+		return "no runs recorded (BPF statistics are off: sysctl kernel.bpf_stats_enabled=1 to measure)"
+	}
+	return fmt.Sprintf("%d runs, %d ns each (counted while BPF statistics are on)", c.Runs, c.PerRunNs())
 }
 
 func formatCounters(c dataplane.CgroupCounters) string {

@@ -1,8 +1,12 @@
 package dataplane
 
 import (
+	"io"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // TestRecvTraceOnlyWhileNeeded: the read-progress tracer runs on every
@@ -26,6 +30,29 @@ func TestRecvTraceOnlyWhileNeeded(t *testing.T) {
 	st, err := dp.Status()
 	if err != nil || !st.RecvTraceAttached || st.LiveSockets != 2 {
 		t.Fatalf("status: attached=%v live=%d err=%v; want true and 2", st.RecvTraceAttached, st.LiveSockets, err)
+	}
+	// Status says what it costs: with BPF statistics on, the member's
+	// reads are counted runs.
+	stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := st.RecvTraceCost
+	if before == nil {
+		t.Fatal("status gives no cost for the attached tracer")
+	}
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	s.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(s, buf); err != nil {
+		t.Fatal(err)
+	}
+	st, err = dp.Status()
+	stats.Close()
+	if err != nil || st.RecvTraceCost == nil || st.RecvTraceCost.Runs <= before.Runs || st.RecvTraceCost.RunTimeNs <= before.RunTimeNs {
+		t.Fatalf("status cost %+v (before %+v), %v: want runs and run time to grow", st.RecvTraceCost, before, err)
 	}
 
 	// The pair closes: the next release (the daemon's rescan) detaches it.

@@ -30,6 +30,9 @@ type Status struct {
 	// (tp_btf/sock_recv_length, which runs on every recvmsg of the node) is
 	// attached: while a cgroup is enabled or an accelerated socket lives.
 	RecvTraceAttached bool `json:"recv_trace_attached"`
+	// RecvTraceCost is what the read-progress tracer has cost so far
+	// (nil when detached).
+	RecvTraceCost *ProgramCost `json:"recv_trace_cost,omitempty"`
 	// Cgroups lists the enabled cgroups.
 	Cgroups []CgroupStatus `json:"cgroups"`
 	// TCDevices lists the interfaces with TC egress accounting.
@@ -42,6 +45,36 @@ type Status struct {
 	// Totals sums the counters of every cgroup, including cgroups that are
 	// no longer enabled and what could not be attributed to one.
 	Totals CgroupCounters `json:"totals"`
+}
+
+// ProgramCost is what a program has cost since it was loaded, as the
+// kernel's BPF statistics count it: only while they are on
+// (kernel.bpf_stats_enabled=1, or a BPF_ENABLE_STATS holder).
+type ProgramCost struct {
+	Runs      uint64 `json:"runs"`
+	RunTimeNs uint64 `json:"run_time_ns"`
+}
+
+// PerRunNs is the mean run time of one run, 0 without runs.
+func (c ProgramCost) PerRunNs() uint64 {
+	if c.Runs == 0 {
+		return 0
+	}
+	return c.RunTimeNs / c.Runs
+}
+
+// programCost reads the statistics of program id (nil when it is gone).
+func programCost(id ebpf.ProgramID) *ProgramCost {
+	prog, err := ebpf.NewProgramFromID(id)
+	if err != nil {
+		return nil
+	}
+	defer prog.Close()
+	st, err := prog.Stats()
+	if err != nil {
+		return nil
+	}
+	return &ProgramCost{Runs: st.RunCount, RunTimeNs: uint64(st.Runtime)}
 }
 
 // CgroupStatus describes one enabled cgroup.
@@ -140,6 +173,12 @@ func (d *Dataplane) Status() (*Status, error) {
 	}
 	st.LiveSockets = len(socks)
 	st.RecvTraceAttached = d.RecvTraceAttached()
+	if l, err := link.LoadPinnedLink(d.recvTracePin(), nil); err == nil {
+		if info, err := l.Info(); err == nil {
+			st.RecvTraceCost = programCost(info.Program)
+		}
+		l.Close()
+	}
 	live, err := d.liveSocketsByCgroup(socks)
 	if err != nil {
 		return nil, err

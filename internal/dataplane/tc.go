@@ -347,6 +347,9 @@ type TCDeviceStatus struct {
 	Mode string `json:"mode"`
 	// ProgramID is the kernel id of the attached TC program.
 	ProgramID uint32 `json:"program_id"`
+	// Cost is what the program has cost so far: it runs for every packet
+	// leaving the device, of every process.
+	Cost *ProgramCost `json:"cost,omitempty"`
 }
 
 func (d *Dataplane) tcDeviceStatus() ([]TCDeviceStatus, error) {
@@ -377,6 +380,9 @@ func (d *Dataplane) tcDeviceStatus() ([]TCDeviceStatus, error) {
 				}
 			}
 			p.Close()
+		}
+		if st.ProgramID != 0 {
+			st.Cost = programCost(ebpf.ProgramID(st.ProgramID))
 		}
 		out = append(out, st)
 	}
