@@ -43,12 +43,18 @@ demo: deps build
 	./e2e/demo.sh
 
 # Benchmarks with real clients (sockperf, iperf3, wrk+nginx, redis-benchmark), plain vs
-# accelerated, alternating, median of 3 runs: e2e/results/{results.json,results.md,*.png}.
+# accelerated, alternating, median of 3 runs (e2e/results/suite/), then the
+# cost benchmarks (plain / minimal redirector / sockbypass per message and per
+# short connection; what a cgroup that is not enabled pays) and the Go-native
+# loopback comparison (e2e/results/*.md); benchreport writes them all into
+# README.md between its bench markers, with the machine and the revision.
 bench: deps build
-	$(GO) run ./e2e/cmd/sockbypass-e2e -out e2e/results
+	$(GO) run ./e2e/cmd/sockbypass-e2e -out e2e/results/suite
+	$(GO) test -count=1 -run '^$$' -bench 'PerMessageCost|BystanderCost|LoopbackPlainVsAccelerated|PodToPod|Sidecar' -benchtime 1x -timeout 30m ./e2e/ -args -runs 5 -duration 1s -out results
+	$(GO) run ./e2e/cmd/benchreport -results e2e/results -readme README.md
 
 bench-quick: deps build
-	$(GO) run ./e2e/cmd/sockbypass-e2e -quick -out e2e/results
+	$(GO) run ./e2e/cmd/sockbypass-e2e -quick -out e2e/results/suite
 
 # The Go-native benchmarks: loopback (blocking syscalls), TC cost, pod to pod,
 # sidecar (HAProxy), each plain vs accelerated side by side.

@@ -119,8 +119,13 @@ func comparePerMessage(tb testing.TB, cases []workload.Case, runs int, dur time.
 func BenchmarkPerMessageCost(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		r := comparePerMessage(b, costCases, *benchRuns, *benchDuration)
-		printCost(os.Stdout, "Per-message cost: plain TCP, the minimal redirector, sockbypass", r, *benchRuns,
-			[][2]int{{modeMinimal, modePlain}, {modeSockbypass, modePlain}, {modeSockbypass, modeMinimal}})
+		ratios := [][2]int{{modeMinimal, modePlain}, {modeSockbypass, modePlain}, {modeSockbypass, modeMinimal}}
+		title := "Per-message cost: plain TCP, the minimal redirector, sockbypass"
+		printCost(os.Stdout, title, r, *benchRuns, ratios)
+		writeResults(b, "cost-per-message", r, func(w io.Writer) {
+			fmt.Fprintf(w, "# %s\n\n", title)
+			printCost(w, "", r, *benchRuns, ratios)
+		})
 	}
 }
 
@@ -244,15 +249,23 @@ func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.D
 func BenchmarkBystanderCost(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		r := compareBystander(b, costCases, *benchRuns, *benchDuration)
-		printCost(os.Stdout, "Bystander cost: a cgroup that is not enabled, while another one is", r, *benchRuns,
-			[][2]int{{modeOtherEnabled, modeIdle}, {modeOtherEnabledTC, modeIdle}})
+		ratios := [][2]int{{modeOtherEnabled, modeIdle}, {modeOtherEnabledTC, modeIdle}}
+		title := "Bystander cost: a cgroup that is not enabled, while another one is"
+		printCost(os.Stdout, title, r, *benchRuns, ratios)
+		writeResults(b, "cost-bystander", r, func(w io.Writer) {
+			fmt.Fprintf(w, "# %s\n\n", title)
+			printCost(w, "", r, *benchRuns, ratios)
+		})
 	}
 }
 
 // printCost writes a cost comparison: medians and spreads per mode, the
 // ratios asked for (mode a over mode b), and the per-program costs.
 func printCost(w io.Writer, title string, r costReport, runs int, ratios [][2]int) {
-	fmt.Fprintf(w, "%s (medians of %d rotating runs, ± half the max-min spread):\n\n", title, runs)
+	if title != "" {
+		title += " "
+	}
+	fmt.Fprintf(w, "%s(medians of %d rotating runs, ± half the max-min spread):\n\n", title, runs)
 	if len(r.Results) == 0 {
 		return
 	}

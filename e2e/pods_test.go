@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"testing"
 	"time"
@@ -63,6 +64,10 @@ func BenchmarkPodToPod(b *testing.B) {
 		results, _ := comparePods(b, *benchRuns, *benchDuration)
 		fmt.Println("Pod to pod over a veth (two network namespaces):")
 		workload.PrintTable(os.Stdout, results, *benchRuns)
+		writeResults(b, "pod-to-pod", results, func(w io.Writer) {
+			fmt.Fprintf(w, "# Pod to pod over a veth (medians of %d alternating runs of %v)\n\n", *benchRuns, *benchDuration)
+			workload.PrintTable(w, results, *benchRuns)
+		})
 	}
 }
 

@@ -544,15 +544,20 @@ func compareSidecar(t testing.TB, intercept bool, runs int, dur time.Duration) (
 // sidecar modes. Goal: p50 at least 1.2x faster in both.
 func BenchmarkSidecar(b *testing.B) {
 	for i := 0; i < b.N; i++ {
-		fmt.Printf("| sidecar mode | metric | plain (iptables only) | accelerated | plain/accelerated | runs |\n|---|---|---:|---:|---:|---:|\n")
+		var table strings.Builder
+		fmt.Fprintf(&table, "| sidecar mode | metric | plain (iptables only) | accelerated | accelerated/plain | runs |\n|---|---|---:|---:|---:|---:|\n")
 		for _, intercept := range []bool{false, true} {
 			plain, accel := compareSidecar(b, intercept, *benchRuns, *benchDuration)
 			mode := map[bool]string{false: "redirect (iptables)", true: "intercept (no iptables)"}[intercept]
 			for j, metric := range []string{"p50 RTT", "p99 RTT"} {
-				fmt.Printf("| %s | %s | %v | %v | %.2fx faster | %d |\n", mode, metric, plain[j].Round(time.Microsecond), accel[j].Round(time.Microsecond),
-					float64(plain[j])/float64(accel[j]), *benchRuns)
+				fmt.Fprintf(&table, "| %s | %s | %v | %v | %.2fx | %d |\n", mode, metric, plain[j].Round(time.Microsecond), accel[j].Round(time.Microsecond),
+					float64(accel[j])/float64(plain[j]), *benchRuns)
 			}
 		}
+		fmt.Print(table.String())
+		writeResults(b, "sidecar", table.String(), func(w io.Writer) {
+			fmt.Fprintf(w, "# RR 64 B app -> HAProxy sidecar -> server pod (medians of %d alternating runs of %v)\n\n%s", *benchRuns, *benchDuration, table.String())
+		})
 	}
 }
 
