@@ -49,7 +49,6 @@ import (
 	"github.com/sockbypass/sockbypass/internal/fallback"
 	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/skmsg"
-	"github.com/sockbypass/sockbypass/sockops"
 )
 
 // Names below the pin directory.
@@ -335,18 +334,6 @@ func (d *Dataplane) Close() error {
 	return nil
 }
 
-func (d *Dataplane) cgroupLinkPin(id uint64) string {
-	return filepath.Join(d.pinDir, DirCgroups, strconv.FormatUint(id, 10))
-}
-
-func (d *Dataplane) setsockoptLinkPin(id uint64) string {
-	return d.cgroupLinkPin(id) + "-setsockopt"
-}
-
-func (d *Dataplane) egressLinkPin(id uint64) string {
-	return d.cgroupLinkPin(id) + "-account"
-}
-
 // EnableOptions are the settings of an enabled cgroup.
 type EnableOptions struct {
 	// TCDevices are the interfaces whose egress is accounted for the
@@ -455,70 +442,20 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		undo = append(undo, func() { d.releaseIdleRecvTrace() })
 	}
 
-	pin := d.cgroupLinkPin(cg.ID)
-	existing, lerr := link.LoadPinnedLink(pin, nil)
-	already := lerr == nil
-	if already {
-		existing.Close()
-	} else {
-		prog, err := sockops.Load(cg.ID, d.maps)
+	_, statErr := os.Stat(d.cgroupLinkPin(cg.ID))
+	already := statErr == nil
+	for _, p := range cgroupPrograms {
+		if p.SidecarOnly {
+			continue
+		}
+		// Also completes a cgroup enabled before a program was added.
+		undoAttach, err := d.attachCgroupProgram(cg, p)
 		if err != nil {
 			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
 		}
-		defer prog.Close()
-		cgLink, err := link.AttachCgroup(link.CgroupOptions{
-			Path:    cg.Path,
-			Attach:  ebpf.AttachCGroupSockOps,
-			Program: prog,
-		})
-		if err != nil {
-			return false, fmt.Errorf("enable %s: attach sock_ops: %w", cg.Path, err)
+		if undoAttach != nil {
+			undo = append(undo, undoAttach)
 		}
-		defer cgLink.Close() // detaches unless pinned below
-		if err := cgLink.Pin(pin); err != nil {
-			return false, fmt.Errorf("enable %s: pin cgroup link (this kernel needs bpf_link support for cgroups, Linux 5.7+): %w", cg.Path, err)
-		}
-		undo = append(undo, func() { cgLink.Unpin() })
-
-		ssProg, err := fallback.LoadSetsockopt(cg.ID, d.maps)
-		if err != nil {
-			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
-		}
-		defer ssProg.Close()
-		ssLink, err := link.AttachCgroup(link.CgroupOptions{
-			Path:    cg.Path,
-			Attach:  ebpf.AttachCGroupSetsockopt,
-			Program: ssProg,
-		})
-		if err != nil {
-			return false, fmt.Errorf("enable %s: attach cgroup/setsockopt: %w", cg.Path, err)
-		}
-		defer ssLink.Close()
-		if err := ssLink.Pin(d.setsockoptLinkPin(cg.ID)); err != nil {
-			return false, fmt.Errorf("enable %s: pin setsockopt link: %w", cg.Path, err)
-		}
-		undo = append(undo, func() { ssLink.Unpin() })
-
-		// The cgroup's stack bytes to local peers, on any device: the
-		// bypass ratio needs no device named.
-		egProg, err := cgroup.LoadEgress(cg.ID, d.maps)
-		if err != nil {
-			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
-		}
-		defer egProg.Close()
-		egLink, err := link.AttachCgroup(link.CgroupOptions{
-			Path:    cg.Path,
-			Attach:  ebpf.AttachCGroupInetEgress,
-			Program: egProg,
-		})
-		if err != nil {
-			return false, fmt.Errorf("enable %s: attach cgroup_skb/egress: %w", cg.Path, err)
-		}
-		defer egLink.Close()
-		if err := egLink.Pin(d.egressLinkPin(cg.ID)); err != nil {
-			return false, fmt.Errorf("enable %s: pin egress accounting link: %w", cg.Path, err)
-		}
-		undo = append(undo, func() { egLink.Unpin() })
 	}
 
 	for _, dev := range devs {
@@ -542,10 +479,24 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		undo = append(undo, func() { d.maps[PinTCUsers].Delete(key) })
 	}
 
-	meshUndo, err := d.syncMeshLinks(cg, opts.Mesh != nil)
-	undo = append(undo, meshUndo...)
-	if err != nil {
-		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+	// Sidecar-mode programs follow the mode.
+	for _, p := range cgroupPrograms {
+		if !p.SidecarOnly {
+			continue
+		}
+		if opts.Mesh == nil {
+			if err := d.detachCgroupProgram(cg.ID, p); err != nil {
+				return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+			}
+			continue
+		}
+		undoAttach, err := d.attachCgroupProgram(cg, p)
+		if err != nil {
+			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+		}
+		if undoAttach != nil {
+			undo = append(undo, undoAttach)
+		}
 	}
 
 	// Servers that were listening before this call: their listeners
@@ -660,28 +611,14 @@ func (d *Dataplane) ReleaseIdle() error {
 }
 
 func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
-	pin := d.cgroupLinkPin(cgroupID)
-	cgLink, err := link.LoadPinnedLink(pin, nil)
-	if errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(d.cgroupLinkPin(cgroupID)); errors.Is(err, os.ErrNotExist) {
 		return false, nil
 	}
-	if err != nil {
-		return false, fmt.Errorf("disable cgroup id %d: open link %s: %w", cgroupID, pin, err)
-	}
-	defer cgLink.Close()
-	if err := cgLink.Unpin(); err != nil {
-		return false, fmt.Errorf("disable cgroup id %d: unpin %s: %w", cgroupID, pin, err)
-	}
-	if err := d.unpinMeshLinks(cgroupID); err != nil {
-		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
-	}
-	for what, pin := range map[string]string{"setsockopt": d.setsockoptLinkPin(cgroupID), "egress accounting": d.egressLinkPin(cgroupID)} {
-		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-			err = l.Unpin()
-			l.Close()
-			if err != nil {
-				return false, fmt.Errorf("disable cgroup id %d: unpin %s link: %w", cgroupID, what, err)
-			}
+	// Every program of the table, sock_ops (what marks the cgroup
+	// enabled) last, so that a failure leaves the cgroup listed.
+	for i := len(cgroupPrograms) - 1; i >= 0; i-- {
+		if err := d.detachCgroupProgram(cgroupID, cgroupPrograms[i]); err != nil {
+			return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 		}
 	}
 	if err := d.releaseTCUsers(cgroupID, false); err != nil {

@@ -4,14 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"strconv"
 	"strings"
-
-	"github.com/cilium/ebpf/link"
-
-	"github.com/sockbypass/sockbypass/cgroup"
-	"github.com/sockbypass/sockbypass/internal/mesh"
 )
 
 // Mesh modes (struct cgroup_config.mesh_mode).
@@ -73,53 +67,6 @@ func (m *MeshOptions) fill(cfg *cgroupConfig) error {
 		cfg.ExcludeCIDRs[i] = cidrValue{IP: p.Addr().As16(), Prefix: uint32(bits)}
 	}
 	cfg.NExcludeCIDRs = uint32(len(m.ExcludeCIDRs))
-	return nil
-}
-
-func (d *Dataplane) meshLinkPin(id uint64, suffix string) string {
-	return d.cgroupLinkPin(id) + "-" + suffix
-}
-
-// syncMeshLinks attaches the sidecar-mode programs to cg when want is set
-// (those not attached yet), or detaches them when it is not. It returns how
-// to undo what it attached.
-func (d *Dataplane) syncMeshLinks(cg cgroup.Cgroup, want bool) ([]func(), error) {
-	if !want {
-		return nil, d.unpinMeshLinks(cg.ID)
-	}
-	var undo []func()
-	for _, p := range mesh.Programs {
-		pin := d.meshLinkPin(cg.ID, p.Suffix)
-		if _, err := os.Stat(pin); err == nil {
-			continue
-		}
-		prog, err := mesh.Load(p.Name, cg.ID, d.maps)
-		if err != nil {
-			return undo, err
-		}
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: cg.Path, Attach: p.Attach, Program: prog})
-		prog.Close()
-		if err != nil {
-			return undo, fmt.Errorf("attach %s: %w", p.Name, err)
-		}
-		err = l.Pin(pin)
-		l.Close()
-		if err != nil {
-			return undo, fmt.Errorf("pin %s: %w", pin, err)
-		}
-		undo = append(undo, func() { os.Remove(pin) })
-	}
-	return undo, nil
-}
-
-// unpinMeshLinks detaches the sidecar-mode programs of a cgroup.
-func (d *Dataplane) unpinMeshLinks(id uint64) error {
-	for _, p := range mesh.Programs {
-		pin := d.meshLinkPin(id, p.Suffix)
-		if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("unpin %s: %w", pin, err)
-		}
-	}
 	return nil
 }
 

@@ -12,12 +12,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 
-	"github.com/sockbypass/sockbypass/cgroup"
-	"github.com/sockbypass/sockbypass/internal/fallback"
 	"github.com/sockbypass/sockbypass/internal/lock"
-	"github.com/sockbypass/sockbypass/internal/mesh"
 	"github.com/sockbypass/sockbypass/skmsg"
-	"github.com/sockbypass/sockbypass/sockops"
 	"github.com/sockbypass/sockbypass/tc"
 )
 
@@ -98,18 +94,10 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 		return rep, err
 	}
 	for _, id := range ids {
-		if err := updateLink(d.cgroupLinkPin(id), func() (*ebpf.Program, error) { return sockops.Load(id, d.maps) }); err != nil {
-			return rep, fmt.Errorf("upgrade cgroup id %d: sock_ops: %w", id, err)
-		}
-		if err := updateLink(d.setsockoptLinkPin(id), func() (*ebpf.Program, error) { return fallback.LoadSetsockopt(id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return rep, fmt.Errorf("upgrade cgroup id %d: setsockopt: %w", id, err)
-		}
-		if err := updateLink(d.egressLinkPin(id), func() (*ebpf.Program, error) { return cgroup.LoadEgress(id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return rep, fmt.Errorf("upgrade cgroup id %d: egress accounting: %w", id, err)
-		}
-		for _, p := range mesh.Programs {
-			if err := updateLink(d.meshLinkPin(id, p.Suffix), func() (*ebpf.Program, error) { return mesh.Load(p.Name, id, d.maps) }); err != nil && !errors.Is(err, os.ErrNotExist) {
-				return rep, fmt.Errorf("upgrade cgroup id %d: %s: %w", id, p.Name, err)
+		for _, p := range cgroupPrograms {
+			err := updateLink(d.cgroupPin(id, p), func() (*ebpf.Program, error) { return p.Load(id, d.maps) })
+			if err != nil && (p.Suffix == "" || !errors.Is(err, os.ErrNotExist)) {
+				return rep, fmt.Errorf("upgrade cgroup id %d: %s: %w", id, p.What, err)
 			}
 		}
 		rep.Cgroups++

@@ -28,7 +28,13 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
 	echoServer(t, l)
 
-	pins := []string{dp.cgroupLinkPin(cg.ID), dp.setsockoptLinkPin(cg.ID), filepath.Join(dp.pinDir, PinSkMsgLink), filepath.Join(dp.pinDir, PinRecvLink)}
+	// Every per-cgroup program of the table (not in sidecar mode).
+	pins := []string{filepath.Join(dp.pinDir, PinSkMsgLink), filepath.Join(dp.pinDir, PinRecvLink)}
+	for _, p := range cgroupPrograms {
+		if !p.SidecarOnly {
+			pins = append(pins, dp.cgroupPin(cg.ID, p))
+		}
+	}
 	// The TC link of the accounted device (tcx on this kernel).
 	tcPins, err := filepath.Glob(filepath.Join(dp.pinDir, "tc", "*"))
 	if err != nil || len(tcPins) != 1 {
