@@ -147,7 +147,8 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct endpoint_key ek = {};
-	struct orig_dst *od;
+	struct orig_dst *od, found = {};
+	struct sock_state *state;
 	struct cgroup_counters *c;
 	__u8 *optval = ctx->optval, *end = ctx->optval_end;
 
@@ -158,7 +159,18 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 	if (ctx->retval == 0 || !sk)
 		return 1; /* netfilter answered (iptables mode): keep it */
 
-	/* The sidecar's accepted socket: its remote end is the app's socket. */
+	/* The sidecar's accepted socket took its app's destination over when
+	 * the handshake completed (mesh_accept in sockops.c). */
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (state && (state->flags & SOCK_FLAG_ORIG_DST)) {
+		__builtin_memcpy(found.ip, state->orig_dst_ip, sizeof(found.ip));
+		found.port = state->orig_dst_port;
+		found.family = state->orig_dst_family;
+		od = &found;
+		goto answer;
+	}
+	/* Else its remote end is the app's socket, whose handshake sock_ops
+	 * did not see complete. */
 	ek.netns_cookie = bpf_get_netns_cookie(ctx);
 	if (sk->family == AF_INET) {
 		set_v4mapped(ek.ip, sk->dst_ip4);
@@ -186,6 +198,7 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 			od = bpf_map_lookup_elem(&orig_dsts, &ek);
 		}
 	}
+answer:
 	if (!od || (od->family == AF_INET6) != v6)
 		return 1;
 	if (v6) {

@@ -1,0 +1,199 @@
+package dataplane
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"runtime"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/sockbypass/sockbypass/internal/testutil"
+)
+
+// noisyNetns is the namespace cookie of the noisy pod the fill mimics.
+const noisyNetns = 0x6e6f697379000000
+
+// fillLike writes n entries from each CPU into the shared map name as a
+// noisy pod's sockets would: keys of its own namespace (every key of these
+// maps starts with the namespace cookie), each distinct. It returns how many the map
+// took: a node-wide LRU takes every one and evicts older entries, a hash
+// refuses them once full.
+func fillLike(t *testing.T, dp *Dataplane, name string, n int, value []byte) int {
+	t.Helper()
+	m := dp.maps[name]
+	key := make([]byte, m.KeySize())
+	val := make([]byte, m.ValueSize())
+	copy(val, value)
+	// From every CPU in turn: an LRU keeps a per-CPU list of the entries
+	// each CPU added last, which only that CPU hands over for eviction.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var all unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &all); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.SchedSetaffinity(0, &all)
+	took := 0
+	for cpu := 0; cpu < runtime.NumCPU(); cpu++ {
+		if !all.IsSet(cpu) {
+			continue
+		}
+		var one unix.CPUSet
+		one.Set(cpu)
+		if err := unix.SchedSetaffinity(0, &one); err != nil {
+			t.Fatal(err)
+		}
+		took += fillKeys(m, key, val, cpu*n, n)
+	}
+	return took
+}
+
+// fillKeys writes the keys from..from+n-1.
+func fillKeys(m *ebpf.Map, key, val []byte, from, n int) int {
+	took := 0
+	for i := from; i < from+n; i++ {
+		binary.LittleEndian.PutUint64(key[0:8], noisyNetns)
+		binary.LittleEndian.PutUint32(key[8:12], uint32(i))
+		if m.Put(key, val) == nil {
+			took++
+		}
+	}
+	return took
+}
+
+// origDst answers getsockopt(SOL_IP, SO_ORIGINAL_DST) on c, as a sidecar
+// asks it right after accept.
+func origDst(c net.Conn) (netip.AddrPort, error) {
+	raw, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	var errno unix.Errno
+	buf := make([]byte, 16)
+	raw.Control(func(fd uintptr) {
+		n := uint32(len(buf))
+		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_IP, 80,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+	})
+	if errno != 0 {
+		return netip.AddrPort{}, fmt.Errorf("getsockopt SO_ORIGINAL_DST: %w", errno)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(buf[4:8])), uint16(buf[2])<<8|uint16(buf[3])), nil
+}
+
+// TestNoisyPodCannotBreakAnotherPod fills the node-wide maps the way one
+// pod with very many connections does, while another pod's intercepted
+// connection is between its handshake and its first byte: the sidecar has
+// accepted but not yet asked SO_ORIGINAL_DST, and the app has not sent yet.
+// The other pod must not notice: SO_ORIGINAL_DST names where its app
+// connected, the pair still redirects every byte, nothing is lost, and its
+// app endpoint is still counted.
+//
+// The noisy pod is mimicked with direct map updates, as many as it can
+// cause: more than the capacity of the maps its app sockets fill, however
+// many (orig_dsts, mesh_endpoints), and as many receivers and pairs as the
+// sockhash has members. The sockhash is sized at twice the fixed size
+// receivers and pairs had before (131072), as --sockhash-size allows.
+func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
+	const capacity = 262144
+	pinDir := testutil.NewPinDir(t)
+	dp, err := OpenOrCreate(Options{PinDir: pinDir, SockhashMaxEntries: capacity})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if d, err := Open(Options{PinDir: pinDir}); err == nil {
+			if err := d.Uninstall(); err != nil {
+				t.Errorf("uninstall: %v", err)
+			}
+		}
+		dp.Close()
+	})
+
+	pod := testutil.NewPod(t)
+	mesh := MeshPresets["istio"]
+	mesh.Intercept = true
+	if _, err := dp.Enable(pod.Cgroup, EnableOptions{Mesh: &mesh}); err != nil {
+		t.Fatal(err)
+	}
+	// The sidecar lives in the pod's cgroup; the app's connect to a
+	// service address lands on it.
+	l := pod.Listen(t, "127.0.0.1:15001")
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			accepted <- nil
+			return
+		}
+		accepted <- c
+	}()
+	app := pod.Dial(t, nil, "10.77.0.1:8080")
+	sidecar := <-accepted
+	if sidecar == nil {
+		t.Fatal("the sidecar accepted nothing")
+	}
+	defer sidecar.Close()
+	if got := app.RemoteAddr().String(); got != "127.0.0.1:15001" {
+		t.Fatalf("the app's connect went to %s, not to the sidecar", got)
+	}
+	waitFor(t, 5*time.Second, func() bool { return counterOf(t, dp, pod.Cgroup.ID).SocketsInserted == 2 })
+	before := counterOf(t, dp, pod.Cgroup.ID)
+
+	// The noisy pod.
+	for _, f := range []struct {
+		name  string
+		n     int
+		value []byte
+	}{
+		{PinOrigDsts, int(dp.maps[PinOrigDsts].MaxEntries()) + 1024, []byte{10, 0, 0, 1}},
+		{PinMeshEndpoints, int(dp.maps[PinMeshEndpoints].MaxEntries()) + 1024, []byte{1}},
+		// One receiver per member, and fewer pairs (one per handshake in
+		// flight or silent joined client): at most the sockhash's capacity.
+		{PinPairs, capacity / runtime.NumCPU(), []byte{1}}, // PAIR_OFFERED
+		{PinReceivers, capacity / runtime.NumCPU(), nil},
+	} {
+		took := fillLike(t, dp, f.name, f.n, f.value)
+		t.Logf("noisy pod: %s (max %d) took %d of %d entries", f.name, dp.maps[f.name].MaxEntries(), took, runtime.NumCPU()*f.n)
+	}
+
+	// The sidecar asks where the app was going.
+	if got, err := origDst(sidecar); err != nil || got.String() != "10.77.0.1:8080" {
+		t.Errorf("SO_ORIGINAL_DST after the noisy pod: %v (%v), want 10.77.0.1:8080", got, err)
+	}
+	// The app's endpoint is still counted (one app socket uses it).
+	ek := endpointKey{NetnsCookie: keyOf(app).NetnsCookie, IP: keyOf(app).LocalIP, Port: keyOf(app).LocalPort}
+	var users uint64
+	if err := dp.maps[PinMeshEndpoints].Lookup(ek, &users); err != nil || users != 1 {
+		t.Errorf("the app endpoint's count after the noisy pod: %d (%v), want 1", users, err)
+	}
+
+	// The app sends its request before the sidecar's first read: every
+	// byte arrives, redirected.
+	body := bytes.Repeat([]byte("intercepted "), 64<<10/12)
+	got := make(chan []byte, 1)
+	if _, err := app.Write(body); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sidecar.SetDeadline(time.Now().Add(10 * time.Second))
+		b, _ := io.ReadAll(io.LimitReader(sidecar, int64(len(body))))
+		got <- b
+	}()
+	if b := <-got; !bytes.Equal(b, body) {
+		t.Fatalf("the sidecar read %d of %d bytes (equal: false)", len(b), len(body))
+	}
+	d := counterOf(t, dp, pod.Cgroup.ID).Sub(before)
+	t.Logf("after the noisy pod: redirected %d bytes, passed %d", d.RedirectedBytes, d.PassedBytes)
+	if d.RedirectedBytes != uint64(len(body)) || d.PassedBytes != 0 {
+		t.Errorf("redirected %d and passed %d bytes of %d: the pair no longer redirects", d.RedirectedBytes, d.PassedBytes, len(body))
+	}
+}
