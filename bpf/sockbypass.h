@@ -635,7 +635,37 @@ struct socket {
 	struct file *file;
 } __attribute__((preserve_access_index));
 
+/* And of the user namespace that owns a socket's network namespace, with
+ * its uid map (see ns_kuid in internal/mesh/mesh.c). */
+struct uid_gid_extent {
+	__u32 first;
+	__u32 lower_first;
+	__u32 count;
+} __attribute__((preserve_access_index));
+
+struct uid_gid_map {
+	__u32 nr_extents;
+	struct uid_gid_extent extent[5];
+} __attribute__((preserve_access_index));
+
+struct user_namespace {
+	struct uid_gid_map uid_map;
+} __attribute__((preserve_access_index));
+
+struct net {
+	struct user_namespace *user_ns;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} __attribute__((preserve_access_index)) possible_net_t;
+
+struct sock_common {
+	possible_net_t skc_net;
+} __attribute__((preserve_access_index));
+
 struct sock {
+	struct sock_common __sk_common;
 	struct socket *sk_socket;
 } __attribute__((preserve_access_index));
 
