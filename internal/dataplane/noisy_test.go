@@ -104,47 +104,9 @@ func origDst(c net.Conn) (netip.AddrPort, error) {
 // receivers and pairs had before (131072), as --sockhash-size allows.
 func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
 	const capacity = 262144
-	pinDir := testutil.NewPinDir(t)
-	dp, err := OpenOrCreate(Options{PinDir: pinDir, SockhashMaxEntries: capacity})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if d, err := Open(Options{PinDir: pinDir}); err == nil {
-			if err := d.Uninstall(); err != nil {
-				t.Errorf("uninstall: %v", err)
-			}
-		}
-		dp.Close()
-	})
-
-	pod := testutil.NewPod(t)
-	mesh := MeshPresets["istio"]
-	mesh.Intercept = true
-	if _, err := dp.Enable(pod.Cgroup, EnableOptions{Mesh: &mesh}); err != nil {
-		t.Fatal(err)
-	}
-	// The sidecar lives in the pod's cgroup; the app's connect to a
-	// service address lands on it.
-	l := pod.Listen(t, "127.0.0.1:15001")
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			accepted <- nil
-			return
-		}
-		accepted <- c
-	}()
-	app := pod.Dial(t, nil, "10.77.0.1:8080")
-	sidecar := <-accepted
-	if sidecar == nil {
-		t.Fatal("the sidecar accepted nothing")
-	}
-	defer sidecar.Close()
-	if got := app.RemoteAddr().String(); got != "127.0.0.1:15001" {
-		t.Fatalf("the app's connect went to %s, not to the sidecar", got)
-	}
+	dp := installSized(t, capacity)
+	pod, sidecars := interceptPod(t, dp)
+	app, sidecar := intercepted(t, pod, sidecars, "10.77.0.1:8080")
 	waitFor(t, 5*time.Second, func() bool { return counterOf(t, dp, pod.Cgroup.ID).SocketsInserted == 2 })
 	before := counterOf(t, dp, pod.Cgroup.ID)
 
@@ -196,4 +158,113 @@ func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
 	if d.RedirectedBytes != uint64(len(body)) || d.PassedBytes != 0 {
 		t.Errorf("redirected %d and passed %d bytes of %d: the pair no longer redirects", d.RedirectedBytes, d.PassedBytes, len(body))
 	}
+}
+
+// installSized is install with a sockhash of the given capacity.
+func installSized(t *testing.T, capacity uint32) *Dataplane {
+	t.Helper()
+	pinDir := testutil.NewPinDir(t)
+	dp, err := OpenOrCreate(Options{PinDir: pinDir, SockhashMaxEntries: capacity})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if d, err := Open(Options{PinDir: pinDir}); err == nil {
+			if err := d.Uninstall(); err != nil {
+				t.Errorf("uninstall: %v", err)
+			}
+		}
+		dp.Close()
+	})
+	return dp
+}
+
+// interceptPod makes a pod in intercept mode (istio preset) with its
+// sidecar's listener on 127.0.0.1:15001, in the pod's cgroup.
+func interceptPod(t *testing.T, dp *Dataplane) (*testutil.Pod, net.Listener) {
+	t.Helper()
+	pod := testutil.NewPod(t)
+	mesh := MeshPresets["istio"]
+	mesh.Intercept = true
+	if _, err := dp.Enable(pod.Cgroup, EnableOptions{Mesh: &mesh}); err != nil {
+		t.Fatal(err)
+	}
+	return pod, pod.Listen(t, "127.0.0.1:15001")
+}
+
+// intercepted connects the pod's app to dst, which lands on the sidecar,
+// and returns the app's connection and the sidecar's accepted one.
+func intercepted(t *testing.T, pod *testutil.Pod, sidecars net.Listener, dst string) (app, sidecar net.Conn) {
+	t.Helper()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := sidecars.Accept()
+		if err != nil {
+			accepted <- nil
+			return
+		}
+		accepted <- c
+	}()
+	app = pod.Dial(t, nil, dst)
+	sidecar = <-accepted
+	if sidecar == nil {
+		t.Fatal("the sidecar accepted nothing")
+	}
+	t.Cleanup(func() { sidecar.Close() })
+	if got := app.RemoteAddr().String(); got != "127.0.0.1:15001" {
+		t.Fatalf("the app's connect to %s went to %s, not to the sidecar", dst, got)
+	}
+	return app, sidecar
+}
+
+// TestNoisyPodFillingTheSockhash: a pod whose real intercepted connections
+// fill the sockhash (capacity 64) leaves another pod's intercepted
+// connections working on plain TCP: SO_ORIGINAL_DST names where the app
+// was going and every byte arrives. Once the noisy connections close, the
+// other pod's next connection is redirected again.
+func TestNoisyPodFillingTheSockhash(t *testing.T) {
+	dp := installSized(t, 64)
+	noisy, noisySidecars := interceptPod(t, dp)
+	victim, victimSidecars := interceptPod(t, dp)
+	var held []net.Conn
+	for i := 0; i < 100; i++ {
+		app, sidecar := intercepted(t, noisy, noisySidecars, fmt.Sprintf("10.66.0.%d:80", i+1))
+		held = append(held, app, sidecar)
+	}
+	waitFor(t, 5*time.Second, func() bool { s, err := dp.Sockets(); return err == nil && len(s) == 64 })
+
+	roundTrip := func(wantRedirected bool) {
+		t.Helper()
+		before := counterOf(t, dp, victim.Cgroup.ID)
+		app, sidecar := intercepted(t, victim, victimSidecars, "10.77.0.1:8080")
+		if got, err := origDst(sidecar); err != nil || got.String() != "10.77.0.1:8080" {
+			t.Errorf("SO_ORIGINAL_DST: %v (%v), want 10.77.0.1:8080", got, err)
+		}
+		body := bytes.Repeat([]byte("victim "), 64<<10/7)
+		if _, err := app.Write(body); err != nil {
+			t.Fatal(err)
+		}
+		sidecar.SetDeadline(time.Now().Add(10 * time.Second))
+		got := make([]byte, len(body))
+		if _, err := io.ReadFull(sidecar, got); err != nil || !bytes.Equal(got, body) {
+			t.Fatalf("the sidecar read %v, equal %v", err, bytes.Equal(got, body))
+		}
+		d := counterOf(t, dp, victim.Cgroup.ID).Sub(before)
+		t.Logf("sockhash full %v: redirected %d, passed %d, insert failures %d", !wantRedirected, d.RedirectedBytes, d.PassedBytes, d.InsertFailures)
+		if wantRedirected && d.RedirectedBytes != uint64(len(body)) {
+			t.Errorf("redirected %d bytes of %d", d.RedirectedBytes, len(body))
+		}
+		if !wantRedirected && (d.InsertFailures == 0 || d.RedirectedBytes != 0 || d.PassedBytes != 0) {
+			t.Errorf("with the sockhash full: %d insert failures, %d bytes redirected, %d passed: want plain TCP", d.InsertFailures, d.RedirectedBytes, d.PassedBytes)
+		}
+		app.Close()
+		sidecar.Close()
+	}
+	roundTrip(false)
+
+	for _, c := range held {
+		c.Close()
+	}
+	waitFor(t, 5*time.Second, func() bool { s, err := dp.Sockets(); return err == nil && len(s) == 0 })
+	roundTrip(true)
 }
