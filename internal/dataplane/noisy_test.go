@@ -13,6 +13,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
@@ -23,10 +24,10 @@ const noisyNetns = 0x6e6f697379000000
 
 // fillLike writes n entries from each CPU into the shared map name as a
 // noisy pod's sockets would: keys of its own namespace (every key of these
-// maps starts with the namespace cookie), each distinct. It returns how many the map
-// took: a node-wide LRU takes every one and evicts older entries, a hash
+// maps starts with the namespace cookie), each distinct and used. It
+// returns how many the map took: a node-wide LRU takes every one and evicts older entries, a hash
 // refuses them once full.
-func fillLike(t *testing.T, dp *Dataplane, name string, n int, value []byte) int {
+func fillLike(t *testing.T, dp *Dataplane, name string, n int, used bool, value []byte) int {
 	t.Helper()
 	m := dp.maps[name]
 	key := make([]byte, m.KeySize())
@@ -51,13 +52,17 @@ func fillLike(t *testing.T, dp *Dataplane, name string, n int, value []byte) int
 		if err := unix.SchedSetaffinity(0, &one); err != nil {
 			t.Fatal(err)
 		}
-		took += fillKeys(m, key, val, cpu*n, n)
+		took += fillKeys(t, m, key, val, cpu*n, n, used)
 	}
 	return took
 }
 
-// fillKeys writes the keys from..from+n-1.
-func fillKeys(m *ebpf.Map, key, val []byte, from, n int) int {
+// fillKeys writes the keys from..from+n-1; used: and looks each up from
+// BPF right after, as the noisy pod's own programs use its entries (a
+// lookup from a BPF program marks an LRU entry used; one from user space
+// does not).
+func fillKeys(t *testing.T, m *ebpf.Map, key, val []byte, from, n int, used bool) int {
+	use := lookupProgram(t, m)
 	took := 0
 	for i := from; i < from+n; i++ {
 		binary.LittleEndian.PutUint64(key[0:8], noisyNetns)
@@ -65,8 +70,47 @@ func fillKeys(m *ebpf.Map, key, val []byte, from, n int) int {
 		if m.Put(key, val) == nil {
 			took++
 		}
+		if !used {
+			continue
+		}
+		if _, err := use.Run(&ebpf.RunOptions{Data: key}); err != nil {
+			t.Fatalf("look up %s from BPF: %v", m, err)
+		}
 	}
 	return took
+}
+
+// lookupProgram returns an XDP program that looks its packet up in m as a
+// key (test runs only).
+func lookupProgram(t *testing.T, m *ebpf.Map) *ebpf.Program {
+	t.Helper()
+	size := int16(m.KeySize())
+	insns := asm.Instructions{
+		asm.LoadMem(asm.R2, asm.R1, 0, asm.Word), // xdp_md.data
+		asm.LoadMem(asm.R3, asm.R1, 4, asm.Word), // xdp_md.data_end
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, int32(size)),
+		asm.JGT.Reg(asm.R4, asm.R3, "out"),
+	}
+	for off := int16(0); off < size; off += 8 {
+		insns = append(insns,
+			asm.LoadMem(asm.R5, asm.R2, off, asm.DWord),
+			asm.StoreMem(asm.RFP, off-size, asm.R5, asm.DWord))
+	}
+	insns = append(insns,
+		asm.LoadMapPtr(asm.R1, m.FD()),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, -int32(size)),
+		asm.FnMapLookupElem.Call(),
+		asm.Mov.Imm(asm.R0, 2).WithSymbol("out"), // XDP_PASS
+		asm.Return(),
+	)
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.XDP, License: "GPL", Instructions: insns})
+	if err != nil {
+		t.Fatalf("load a lookup program for %s: %v", m, err)
+	}
+	t.Cleanup(func() { prog.Close() })
+	return prog
 }
 
 // origDst answers getsockopt(SOL_IP, SO_ORIGINAL_DST) on c, as a sidecar
@@ -114,16 +158,17 @@ func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
 	for _, f := range []struct {
 		name  string
 		n     int
+		used  bool // looked up by the noisy pod's programs
 		value []byte
 	}{
-		{PinOrigDsts, int(dp.maps[PinOrigDsts].MaxEntries()) + 1024, []byte{10, 0, 0, 1}},
-		{PinMeshEndpoints, int(dp.maps[PinMeshEndpoints].MaxEntries()) + 1024, []byte{1}},
+		{PinOrigDsts, int(dp.maps[PinOrigDsts].MaxEntries()) + 1024, false, []byte{10, 0, 0, 1}},
+		{PinMeshEndpoints, int(dp.maps[PinMeshEndpoints].MaxEntries()) + 1024, false, []byte{1}},
 		// One receiver per member, and fewer pairs (one per handshake in
 		// flight or silent joined client): at most the sockhash's capacity.
-		{PinPairs, capacity / runtime.NumCPU(), []byte{1}}, // PAIR_OFFERED
-		{PinReceivers, capacity / runtime.NumCPU(), nil},
+		{PinPairs, capacity / runtime.NumCPU(), true, []byte{1}}, // PAIR_OFFERED
+		{PinReceivers, capacity / runtime.NumCPU(), true, nil},
 	} {
-		took := fillLike(t, dp, f.name, f.n, f.value)
+		took := fillLike(t, dp, f.name, f.n, f.used, f.value)
 		t.Logf("noisy pod: %s (max %d) took %d of %d entries", f.name, dp.maps[f.name].MaxEntries(), took, runtime.NumCPU()*f.n)
 	}
 
