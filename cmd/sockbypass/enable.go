@@ -48,7 +48,7 @@ func runEnable(e *env, args []string) error {
 	fs.StringVar(&excludePorts, "exclude-ports", "", "with --mesh: destination ports never intercepted, comma-separated (like excludeOutboundPorts)")
 	fs.StringVar(&excludeCIDRs, "exclude-cidrs", "", "with --mesh: destination CIDRs never intercepted, comma-separated (like excludeOutboundIPRanges)")
 	fs.Var(&cgroups, "cgroup", "cgroup v2 directory, absolute or relative to the cgroup2 mount (repeatable)")
-	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created (default 65536); sockets beyond it use the normal TCP path")
+	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created (default 65536); sockets beyond it use the normal TCP path; the maps that follow sockets are sized from it")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}
