@@ -532,7 +532,9 @@ struct {
  * Sidecar mode, pod to pod: a connecting socket of a sidecar-mode pod, by
  * its endpoint (a unique node address and port), so the destination pod's
  * sidecar, whose accepted socket sees that endpoint as its remote end after
- * its PREROUTING REDIRECT, can pair with it.
+ * its PREROUTING REDIRECT, can pair with it. Removed when that accepted
+ * socket is established (or the connecting socket closes): handshakes in
+ * flight only.
  */
 struct mesh_client {
 	struct sock_key client_key;

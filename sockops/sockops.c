@@ -299,8 +299,11 @@ static __noinline int passive_pairing(const struct cgroup_config *cfg, const str
 	if (mc && same_ip(mc->client_key.remote_ip, key->local_ip) && !endpoint_shared(&ek)) {
 		p->peer = mc->client_key;
 		set_explicit(p, mc->client_netns, &ek);
-		if (established)
+		if (established) {
 			COUNT(c, mesh_paired);
+			/* Consumed: the map holds handshakes in flight only. */
+			bpf_map_delete_elem(&mesh_clients, &ek);
+		}
 		return 0;
 	}
 	if (established)

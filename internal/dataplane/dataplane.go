@@ -88,8 +88,9 @@ var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, Pi
 //   - pairs: one per handshake in flight and per joined pair whose client
 //     has not sent yet, twice n (at least 65536);
 //   - mesh_endpoints (a hash: one per app socket of a sidecar-mode pod,
-//     however many) and mesh_clients: twice n (at least 65536);
-//   - orig_dsts, mesh_syns: one per handshake in flight, n (at least 65536).
+//     however many): twice n (at least 65536);
+//   - orig_dsts, mesh_syns, mesh_clients: one per handshake in flight, n
+//     (at least 65536).
 func SizesFor(n uint32) map[string]uint32 {
 	atLeast := func(v, min uint32) uint32 { return max(v, min) }
 	return map[string]uint32{
@@ -97,7 +98,7 @@ func SizesFor(n uint32) map[string]uint32 {
 		PinSocketCgs:     atLeast(2*n, 4096),
 		PinPairs:         atLeast(2*n, 65536),
 		PinMeshEndpoints: atLeast(2*n, 65536),
-		PinMeshClients:   atLeast(2*n, 65536),
+		PinMeshClients:   atLeast(n, 65536),
 		PinOrigDsts:      atLeast(n, 65536),
 		PinMeshSyns:      atLeast(n, 65536),
 	}
