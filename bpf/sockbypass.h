@@ -154,13 +154,23 @@ struct sock_state {
  * read every stack byte first. Until then, the per-message path needs no
  * lookup but the redirect itself (see sk_msg). */
 #define SOCK_FLAG_PASSED (1U << 16)
+/* Intercept mode, the sidecar's accepted socket: orig_dst_* hold where the
+ * app's connect was going (moved here from orig_dsts when the handshake
+ * completed), for SO_ORIGINAL_DST. */
+#define SOCK_FLAG_ORIG_DST (1U << 17)
+/* Sidecar mode: the app socket is counted in mesh_endpoints (its close
+ * uncounts it). */
+#define SOCK_FLAG_ENDPOINT_COUNTED (1U << 18)
 
 /*
  * Redirect targets: sock_key of a socket that may receive redirected bytes
  * -> its network namespace and RECEIVER_ELIGIBLE | its copied_seq at its
  * last read (one u64, written and read with single aligned 64-bit
  * accesses). Entries are removed when the socket closes or falls back; LRU
- * bounds leftovers.
+ * bounds leftovers. One entry per sockhash member: user space sizes it at
+ * twice the sockhash capacity, so live members never evict one another.
+ * (The peer's own storage would be better, but neither sk_msg nor sock_ops
+ * may look a socket up in the sockhash: they lack bpf_sk_release.)
  */
 #define RECEIVER_ELIGIBLE (1ULL << 32)
 
@@ -467,8 +477,16 @@ struct {
 	__type(value, __u32);
 } tc_users SEC(".maps");
 
-/* Sidecar mode, intercept: app endpoint (see struct endpoint_key) -> the
- * destination its connect() asked for, for SO_ORIGINAL_DST. */
+/*
+ * Sidecar mode, intercept: app endpoint (see struct endpoint_key) -> the
+ * destination its connect() asked for, for SO_ORIGINAL_DST. Only while the
+ * handshake is in flight: when it completes, sock_ops moves the entry into
+ * the storage of the sidecar's accepted socket (SOCK_FLAG_ORIG_DST), where
+ * cgroup/getsockopt reads it, and it lives as long as that socket. So live
+ * connections, however many one pod has, hold no entry; an LRU bounds what
+ * a detached program leaves behind. User space sizes it from the sockhash
+ * capacity (at least 65536).
+ */
 
 struct orig_dst {
 	__u32 ip[4];
@@ -484,12 +502,17 @@ struct {
 	__type(value, struct orig_dst);
 } orig_dsts SEC(".maps");
 
-/* Sidecar mode: app endpoints in use (netns, local ip, port) -> cookie of
- * the app socket and MESH_ENDPOINT_AMBIGUOUS when several share it. */
-#define MESH_ENDPOINT_AMBIGUOUS (1ULL << 63)
-
+/*
+ * Sidecar mode: app endpoints in use (netns, local ip, port) -> how many app
+ * sockets use it. A plain hash, never an LRU: an evicted count would make a
+ * shared endpoint look unique. An endpoint without an entry (the map was
+ * full when its socket connected) is never unique: its sockets stay
+ * unpaired. User space sizes it from the sockhash capacity (twice, at least
+ * 65536).
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
 	__type(key, struct endpoint_key);
 	__type(value, __u64);
@@ -534,7 +557,9 @@ struct {
  * Sidecar mode, pod to pod: a connecting socket of a sidecar-mode pod, by
  * its endpoint (a unique node address and port), so the destination pod's
  * sidecar, whose accepted socket sees that endpoint as its remote end after
- * its PREROUTING REDIRECT, can pair with it.
+ * its PREROUTING REDIRECT, can pair with it. Removed when that accepted
+ * socket is established (or the connecting socket closes): handshakes in
+ * flight only.
  */
 struct mesh_client {
 	struct sock_key client_key;
@@ -573,6 +598,14 @@ struct {
  *    PAIR_CLIENT_JOINED into PAIR_ABANDONED with an atomic compare and
  *    exchange and sends through the stack; the server then does not join
  *    and removes the client. Exactly one of the two exchanges wins.
+ *
+ * An entry lives from the SYN until the server decides (declined pairs are
+ * removed then), and for a joined pair until the client's first message
+ * (it marks itself paired and removes the entry) or its close: at most one
+ * per handshake in flight plus one per silent joined client. User space
+ * sizes the LRU at twice the sockhash capacity (at least 65536), so live
+ * pairs never evict one another; the LRU bounds what a detached program
+ * leaves behind.
  */
 #define PAIR_OFFERED 1
 #define PAIR_CLIENT_JOINED 2
@@ -629,7 +662,37 @@ struct socket {
 	struct file *file;
 } __attribute__((preserve_access_index));
 
+/* And of the user namespace that owns a socket's network namespace, with
+ * its uid map (see ns_kuid in internal/mesh/mesh.c). */
+struct uid_gid_extent {
+	__u32 first;
+	__u32 lower_first;
+	__u32 count;
+} __attribute__((preserve_access_index));
+
+struct uid_gid_map {
+	__u32 nr_extents;
+	struct uid_gid_extent extent[5];
+} __attribute__((preserve_access_index));
+
+struct user_namespace {
+	struct uid_gid_map uid_map;
+} __attribute__((preserve_access_index));
+
+struct net {
+	struct user_namespace *user_ns;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} __attribute__((preserve_access_index)) possible_net_t;
+
+struct sock_common {
+	possible_net_t skc_net;
+} __attribute__((preserve_access_index));
+
 struct sock {
+	struct sock_common __sk_common;
 	struct socket *sk_socket;
 } __attribute__((preserve_access_index));
 

@@ -55,7 +55,10 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		}
 		if (old != PAIR_JOINED)
 			goto pass;
+		/* Final: the entry has done its job, free its slot. */
 		state->flags |= SOCK_FLAG_PAIRED;
+		state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
+		bpf_map_delete_elem(&pairs, &state->key);
 	}
 
 	if (state->flags & SOCK_FLAG_EXPLICIT_PEER) {

@@ -97,10 +97,16 @@ static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 
 	endpoint_of(&key, key.netns_cookie, &ek);
 	state->app_endpoint = ek; /* as registered, to unregister at close */
-	if (bpf_map_update_elem(&mesh_endpoints, &ek, &one, BPF_NOEXIST) != 0) {
+	if (bpf_map_update_elem(&mesh_endpoints, &ek, &one, BPF_NOEXIST) == 0) {
+		state->flags |= SOCK_FLAG_ENDPOINT_COUNTED;
+	} else {
 		users = bpf_map_lookup_elem(&mesh_endpoints, &ek);
-		if (users)
+		if (users) {
 			__sync_fetch_and_add(users, 1);
+			state->flags |= SOCK_FLAG_ENDPOINT_COUNTED;
+		}
+		/* Else the map is full: the endpoint has no count and is
+		 * never unique (endpoint_shared), so it stays unpaired. */
 	}
 	/* Connecting to a pod whose sidecar captures inbound: let that
 	 * sidecar find us by our endpoint. */
@@ -127,12 +133,14 @@ static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/* endpoint_shared reports whether several app sockets use ek. */
+/* endpoint_shared reports whether ek may be used by several app sockets:
+ * yes unless it is counted once. An endpoint without a count (its socket
+ * found mesh_endpoints full) is never taken for unique. */
 static __always_inline int endpoint_shared(struct endpoint_key *ek)
 {
 	__u64 *users = bpf_map_lookup_elem(&mesh_endpoints, ek);
 
-	return users && *users > 1;
+	return !users || *users != 1;
 }
 
 #define COUNT(c, field)                                   \
@@ -291,8 +299,11 @@ static __noinline int passive_pairing(const struct cgroup_config *cfg, const str
 	if (mc && same_ip(mc->client_key.remote_ip, key->local_ip) && !endpoint_shared(&ek)) {
 		p->peer = mc->client_key;
 		set_explicit(p, mc->client_netns, &ek);
-		if (established)
+		if (established) {
 			COUNT(c, mesh_paired);
+			/* Consumed: the map holds handshakes in flight only. */
+			bpf_map_delete_elem(&mesh_clients, &ek);
+		}
 		return 0;
 	}
 	if (established)
@@ -444,7 +455,8 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
 			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED);
 	if (passive)
-		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED);
+		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED |
+				  SOCK_FLAG_ORIG_DST | SOCK_FLAG_ENDPOINT_COUNTED);
 	state->cgroup_id = enabled_cgroup_id;
 
 	*c = counters_for(state->cgroup_id);
@@ -632,6 +644,55 @@ static __noinline void join_passive(struct bpf_sock_ops *skops)
 	state->flags |= SOCK_FLAG_PAIRED;
 }
 
+/*
+ * mesh_accept: in intercept mode, the sidecar's socket accepted on its
+ * outbound port takes over its app's original destination (recorded by
+ * mesh_connect under the app's endpoint, its remote end) into its own
+ * storage, where cgroup/getsockopt answers SO_ORIGINAL_DST from, for as long
+ * as it lives; the shared map only ever holds handshakes in flight.
+ */
+static __noinline void mesh_accept(struct bpf_sock_ops *skops)
+{
+	__u64 cgroup_id = enabled_cgroup_id;
+	struct cgroup_config *cfg;
+	struct sock_state *state;
+	struct endpoint_key ek = {};
+	struct sock_key key = {};
+	struct orig_dst *od;
+	struct bpf_sock *sk;
+
+	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	if (!cfg || cfg->mesh_mode != MESH_INTERCEPT)
+		return;
+	if (own_key(skops, &key) < 0 || key.local_port != cfg->outbound_port)
+		return;
+	ek.netns_cookie = bpf_get_netns_cookie(skops);
+	__builtin_memcpy(ek.ip, key.remote_ip, sizeof(ek.ip));
+	ek.port = key.remote_port;
+	od = bpf_map_lookup_elem(&orig_dsts, &ek);
+	if (!od) {
+		/* An app bound to its pod's address registered a node-scope
+		 * endpoint (see endpoint_of). */
+		if (unique_owner(ek.ip) != ek.netns_cookie)
+			return;
+		ek.netns_cookie = 0;
+		od = bpf_map_lookup_elem(&orig_dsts, &ek);
+		if (!od)
+			return;
+	}
+	sk = skops->sk;
+	if (!sk)
+		return;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return; /* getsockopt still finds it in the map */
+	__builtin_memcpy(state->orig_dst_ip, od->ip, sizeof(state->orig_dst_ip));
+	state->orig_dst_port = od->port;
+	state->orig_dst_family = od->family;
+	state->flags |= SOCK_FLAG_ORIG_DST;
+	bpf_map_delete_elem(&orig_dsts, &ek);
+}
+
 /* record_listener: a socket of an enabled cgroup listens. Its accepted
  * sockets may join pairs only while it is known to be non-blocking. */
 static __noinline void record_listener(struct bpf_sock_ops *skops)
@@ -695,7 +756,8 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 		__u64 *users;
 
 		state->flags &= ~SOCK_FLAG_MESH_APP;
-		users = bpf_map_lookup_elem(&mesh_endpoints, &ek);
+		users = (state->flags & SOCK_FLAG_ENDPOINT_COUNTED) ? bpf_map_lookup_elem(&mesh_endpoints, &ek) : 0;
+		state->flags &= ~SOCK_FLAG_ENDPOINT_COUNTED;
 		if (users && __sync_fetch_and_add(users, -1) <= 1)
 			bpf_map_delete_elem(&mesh_endpoints, &ek);
 		bpf_map_delete_elem(&orig_dsts, &ek);
@@ -724,6 +786,7 @@ int sockbypass_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		join_passive(skops);
 		classify_peer(skops);
+		mesh_accept(skops);
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		record_listener(skops);

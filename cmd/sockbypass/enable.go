@@ -42,13 +42,13 @@ func runEnable(e *env, args []string) error {
 	var intercept bool
 	fs.StringVar(&meshName, "mesh", "", "sidecar mode for a pod with a mesh sidecar: istio (uid 1337, ports 15001/15006), linkerd (2102, 4140/4143) or kuma (5678, 15001/15006)")
 	fs.BoolVar(&intercept, "intercept", false, "with --mesh: send the app's connects to the sidecar without iptables (cgroup/connect4) and answer SO_ORIGINAL_DST; default: pair under iptables REDIRECT")
-	fs.StringVar(&sidecarUID, "sidecar-uid", "", "with --mesh: the uid the sidecar runs as (its connects are never intercepted)")
+	fs.StringVar(&sidecarUID, "sidecar-uid", "", "with --mesh: the uid the sidecar runs as in its pod (its connects are never intercepted; in a pod with its own user namespace, the uid inside it)")
 	fs.StringVar(&outboundPort, "outbound-port", "", "with --mesh: the sidecar's outbound port")
 	fs.StringVar(&inboundPort, "inbound-port", "", "with --mesh: the sidecar's inbound port")
 	fs.StringVar(&excludePorts, "exclude-ports", "", "with --mesh: destination ports never intercepted, comma-separated (like excludeOutboundPorts)")
 	fs.StringVar(&excludeCIDRs, "exclude-cidrs", "", "with --mesh: destination CIDRs never intercepted, comma-separated (like excludeOutboundIPRanges)")
 	fs.Var(&cgroups, "cgroup", "cgroup v2 directory, absolute or relative to the cgroup2 mount (repeatable)")
-	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created (default 65536); sockets beyond it use the normal TCP path")
+	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created (default 65536); sockets beyond it use the normal TCP path; the maps that follow sockets are sized from it")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}

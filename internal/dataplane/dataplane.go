@@ -16,8 +16,8 @@
 //	<pin dir>/tc_users          BPF_MAP_TYPE_HASH which cgroup uses which TC device
 //	<pin dir>/receivers         BPF_MAP_TYPE_LRU_HASH redirect targets: key -> eligible|copied_seq
 //	<pin dir>/node_addrs        BPF_MAP_TYPE_HASH unique node addresses -> owning netns (pod-to-pod pairing)
-//	<pin dir>/orig_dsts         BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> original destination
-//	<pin dir>/mesh_endpoints    BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> sockets using it
+//	<pin dir>/orig_dsts         BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> original destination (handshakes in flight)
+//	<pin dir>/mesh_endpoints    BPF_MAP_TYPE_HASH sidecar mode: app endpoint -> sockets using it
 //	<pin dir>/mesh_syns         BPF_MAP_TYPE_LRU_HASH sidecar mode: SYN tuple after NAT -> app socket key
 //	<pin dir>/mesh_clients      BPF_MAP_TYPE_LRU_HASH sidecar mode: connecting endpoint -> socket key (pod to pod)
 //	<pin dir>/inbound_pods      BPF_MAP_TYPE_HASH sidecar mode: pod address -> its sidecar's inbound port
@@ -26,6 +26,9 @@
 //	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
 //	<pin dir>/cgroups/<id>-setsockopt  cgroup link of its cgroup/setsockopt program
 //	<pin dir>/tc/<netns>-<ifindex>  tcx link (or, with clsact, the TC program)
+//
+// The maps whose entries follow sockets are sized from the sockhash
+// capacity (SizesFor).
 //
 // Changes take an exclusive flock on the pin directory, reads a shared one,
 // so the CLI and a daemon can work side by side. Creation is atomic: the
@@ -75,6 +78,30 @@ const (
 
 // mapNames are the maps every program shares, by their name in the C code.
 var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners}
+
+// SizesFor returns the capacity of the shared maps whose entries follow
+// sockets, for a sockhash of capacity n, so that no pod's live sockets can
+// evict another pod's entries:
+//
+//   - receivers, socket_cgroups: one entry per sockhash member, twice n;
+//   - pairs: one per handshake in flight and per joined pair whose client
+//     has not sent yet, twice n (at least 65536);
+//   - mesh_endpoints (a hash: one per app socket of a sidecar-mode pod,
+//     however many): twice n (at least 65536);
+//   - orig_dsts, mesh_syns, mesh_clients: one per handshake in flight, n
+//     (at least 65536).
+func SizesFor(n uint32) map[string]uint32 {
+	atLeast := func(v, min uint32) uint32 { return max(v, min) }
+	return map[string]uint32{
+		PinReceivers:     atLeast(2*n, 4096),
+		PinSocketCgs:     atLeast(2*n, 4096),
+		PinPairs:         atLeast(2*n, 65536),
+		PinMeshEndpoints: atLeast(2*n, 65536),
+		PinMeshClients:   atLeast(n, 65536),
+		PinOrigDsts:      atLeast(n, 65536),
+		PinMeshSyns:      atLeast(n, 65536),
+	}
+}
 
 // ErrNotInstalled is returned by Open when nothing is pinned in the pin
 // directory.
@@ -198,6 +225,9 @@ func create(opts Options) (err error) {
 	}
 	if opts.SockhashMaxEntries != 0 {
 		spec.Maps[PinSockhash].MaxEntries = opts.SockhashMaxEntries
+	}
+	for name, n := range SizesFor(spec.Maps[PinSockhash].MaxEntries) {
+		spec.Maps[name].MaxEntries = n
 	}
 	maps := map[string]*ebpf.Map{}
 	defer func() {

@@ -22,7 +22,9 @@ type MeshOptions struct {
 	// are paired through the tuple their SYN had after NAT.
 	Intercept bool
 	// SidecarUID is the uid the sidecar runs as: its connects are never
-	// intercepted.
+	// intercepted. It is the uid in the pod: the datapath maps it through
+	// the uid_map of the user namespace that owns the pod's network
+	// namespace, as iptables' --uid-owner does.
 	SidecarUID uint32
 	// OutboundPort and InboundPort are the sidecar's ports.
 	OutboundPort, InboundPort uint16

@@ -60,6 +60,50 @@ static __always_inline int excluded(const struct cgroup_config *cfg, const __u32
 }
 
 /*
+ * ns_kuid maps uid, as the user namespace that owns the socket's network
+ * namespace sees it, to the kernel uid that bpf_get_current_uid_gid()
+ * reports (the initial namespace's view), the way iptables' --uid-owner
+ * reads its uid in the rule's network namespace: a sidecar running as 1337
+ * in a pod with its own user namespace (uid_map "0 100000 65536") is kernel
+ * uid 101337. Returns (u32)-1 when the namespace does not map uid, and uid
+ * itself when the socket's namespace cannot be read.
+ */
+static __always_inline __u32 ns_kuid(struct bpf_sock *sk, __u32 uid)
+{
+	struct user_namespace *ns;
+	struct tcp_sock *tp;
+	struct net *net;
+	__u32 n;
+
+	if (!sk)
+		return uid;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return uid;
+	net = ((struct sock *)tp)->__sk_common.skc_net.net;
+	if (!net)
+		return uid;
+	ns = net->user_ns;
+	if (!ns)
+		return uid;
+	n = ns->uid_map.nr_extents;
+	/* More than 5 extents live in a sorted array elsewhere: not read
+	 * here (container runtimes write one). */
+	if (n > 5)
+		return uid;
+	for (int i = 0; i < 5; i++) {
+		if (i >= n)
+			break;
+		__u32 first = ns->uid_map.extent[i].first;
+		__u32 count = ns->uid_map.extent[i].count;
+
+		if (uid >= first && uid - first < count)
+			return ns->uid_map.extent[i].lower_first + (uid - first);
+	}
+	return (__u32)-1;
+}
+
+/*
  * intercept decides whether a connect to ip:port (16-byte form, IPv4 as
  * ::ffff:a.b.c.d) goes to the sidecar instead, and if so remembers the
  * destination in the socket's state and returns the sidecar's outbound
@@ -78,8 +122,9 @@ static __always_inline __u16 intercept(struct bpf_sock_addr *ctx, const __u32 *i
 	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
 	if (!cfg || cfg->mesh_mode != MESH_INTERCEPT || cfg->outbound_port == 0)
 		return 0;
-	/* The sidecar's own connects go where they asked. */
-	if ((__u32)bpf_get_current_uid_gid() == cfg->sidecar_uid)
+	/* The sidecar's own connects go where they asked: its uid is
+	 * read in the user namespace of the pod's network namespace. */
+	if ((__u32)bpf_get_current_uid_gid() == ns_kuid(ctx->sk, cfg->sidecar_uid))
 		return 0;
 	/* Loopback stays local, as istio-init's "-d 127.0.0.1/32 -j RETURN":
 	 * 127.0.0.0/8 (also v4-mapped) and ::1. */
@@ -147,7 +192,8 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct endpoint_key ek = {};
-	struct orig_dst *od;
+	struct orig_dst *od, found = {};
+	struct sock_state *state;
 	struct cgroup_counters *c;
 	__u8 *optval = ctx->optval, *end = ctx->optval_end;
 
@@ -158,7 +204,18 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 	if (ctx->retval == 0 || !sk)
 		return 1; /* netfilter answered (iptables mode): keep it */
 
-	/* The sidecar's accepted socket: its remote end is the app's socket. */
+	/* The sidecar's accepted socket took its app's destination over when
+	 * the handshake completed (mesh_accept in sockops.c). */
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (state && (state->flags & SOCK_FLAG_ORIG_DST)) {
+		__builtin_memcpy(found.ip, state->orig_dst_ip, sizeof(found.ip));
+		found.port = state->orig_dst_port;
+		found.family = state->orig_dst_family;
+		od = &found;
+		goto answer;
+	}
+	/* Else its remote end is the app's socket, whose handshake sock_ops
+	 * did not see complete. */
 	ek.netns_cookie = bpf_get_netns_cookie(ctx);
 	if (sk->family == AF_INET) {
 		set_v4mapped(ek.ip, sk->dst_ip4);
@@ -186,6 +243,7 @@ int sockbypass_getsockopt(struct bpf_sockopt *ctx)
 			od = bpf_map_lookup_elem(&orig_dsts, &ek);
 		}
 	}
+answer:
 	if (!od || (od->family == AF_INET6) != v6)
 		return 1;
 	if (v6) {
