@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -158,13 +157,6 @@ func runDaemon(e *env, args []string) error {
 	}
 	e.log.Info("daemon exiting; acceleration stays in place", zap.String("pin_dir", e.pinDir))
 	return nil
-}
-
-// flagSet reports whether the flag name was given on the command line.
-func flagSet(fs *flag.FlagSet, name string) bool {
-	set := false
-	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
-	return set
 }
 
 // flagsConfig writes the daemon flags as a configuration file.

@@ -48,15 +48,18 @@ func runEnable(e *env, args []string) error {
 	fs.StringVar(&excludePorts, "exclude-ports", "", "with --mesh: destination ports never intercepted, comma-separated (like excludeOutboundPorts)")
 	fs.StringVar(&excludeCIDRs, "exclude-cidrs", "", "with --mesh: destination CIDRs never intercepted, comma-separated (like excludeOutboundIPRanges)")
 	fs.Var(&cgroups, "cgroup", "cgroup v2 directory, absolute or relative to the cgroup2 mount (repeatable)")
-	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created (default 65536); sockets beyond it use the normal TCP path")
+	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created, 1 to 1048576 (default 65536); sockets beyond it use the normal TCP path")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}
 	if len(cgroups) == 0 {
 		return usagef("--cgroup is required: name the cgroup v2 directory whose sockets to accelerate, e.g. --cgroup kubepods.slice/pod1234")
 	}
-	if sockhashSize > 1<<20 {
-		return usagef("--sockhash-size %d is too large: use at most %d", sockhashSize, 1<<20)
+	if flagSet(fs, "sockhash-size") && (sockhashSize == 0 || sockhashSize > maxSockhashSize) {
+		return usagef("--sockhash-size %d: use a capacity from 1 to %d (default %d)", sockhashSize, maxSockhashSize, defaultSockhashSize)
+	}
+	if err := checkCgroupArgs(cgroups); err != nil {
+		return err
 	}
 	if noTC && len(tcDevs) > 0 {
 		return usagef("--no-tc and --tc-dev contradict each other: give one of them")
@@ -154,6 +157,22 @@ func runEnable(e *env, args []string) error {
 	}
 	if fresh && !accountOnly {
 		fmt.Fprintf(e.stderr, "warning: on accelerated sockets this kernel cannot keep: %s (see sockbypass doctor)\n", strings.Join(knownLimitations(), "; "))
+	}
+	return nil
+}
+
+// Sockhash capacities enable accepts.
+const (
+	defaultSockhashSize = 65536
+	maxSockhashSize     = 1 << 20
+)
+
+// checkCgroupArgs refuses empty --cgroup values as a bad command line.
+func checkCgroupArgs(args []string) error {
+	for _, a := range args {
+		if strings.TrimSpace(a) == "" {
+			return usagef("--cgroup %q: give a cgroup v2 directory, absolute or relative to the cgroup2 mount", a)
+		}
 	}
 	return nil
 }
