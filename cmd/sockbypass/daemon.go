@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"regexp"
 	"syscall"
 	"time"
 
@@ -51,7 +52,22 @@ func runDaemon(e *env, args []string) error {
 			if err != nil {
 				return err
 			}
-			load = func() (*config.Config, error) { return config.Parse(data) }
+			load = func() (*config.Config, error) {
+				cfg, err := config.Parse(data)
+				if err != nil {
+					// No file was involved: name the flag, not a line.
+					key := ""
+					msg := flagConfigError.ReplaceAllStringFunc(err.Error(), func(m string) string {
+						key = flagConfigError.FindStringSubmatch(m)[1]
+						return configFlags[key]
+					})
+					if key == "metricsAddr" { // not HOST:PORT: a bad command line
+						return nil, usageError{msg}
+					}
+					return nil, errors.New(msg)
+				}
+				return cfg, nil
+			}
 		} else {
 			load = func() (*config.Config, error) { return config.Parse([]byte("cgroups: []\n")) }
 		}
@@ -158,6 +174,13 @@ func runDaemon(e *env, args []string) error {
 	e.log.Info("daemon exiting; acceleration stays in place", zap.String("pin_dir", e.pinDir))
 	return nil
 }
+
+// flagConfigError matches what config.Parse says about a key the daemon's
+// flags set; configFlags names the flag.
+var (
+	flagConfigError = regexp.MustCompile(`line \d+: (cgroups|tcDevices|metricsAddr)`)
+	configFlags     = map[string]string{"cgroups": "--cgroup", "tcDevices": "--tc-dev", "metricsAddr": "--metrics-addr"}
+)
 
 // flagsConfig writes the daemon flags as a configuration file.
 func flagsConfig(cgroups, tcDevs []string, metricsAddr string) ([]byte, error) {
