@@ -42,6 +42,11 @@ func runDaemon(e *env, args []string) error {
 	fs.Var(&cgroups, "cgroup", "without --config: cgroup path or glob to keep enabled (repeatable)")
 	fs.Var(&tcDevs, "tc-dev", "without --config: interface to account (repeatable; default lo)")
 	fs.StringVar(&metricsAddr, "metrics-addr", config.DefaultMetricsAddr, "without --config: address of /metrics and /healthz; empty disables")
+	// The daemon logs at info unless told otherwise (--log-level, or
+	// logLevel in the file): what it changes is its output.
+	lf := fs.Lookup("log-level")
+	lf.Usage, lf.DefValue = "log level: debug, info, warn or error; without it, logLevel of --config", "info"
+	logLevel = "info"
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}
@@ -80,7 +85,7 @@ func runDaemon(e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if logLevel == "warn" { // the flag's default: the file decides
+	if !flagSet(fs, "log-level") { // the file decides (default info)
 		e.log = newLogger(e.stderr, cfg.Level())
 	}
 

@@ -33,8 +33,8 @@ func runEnable(e *env, args []string) error {
 	var tcDevs stringList
 	var noTC, accountOnly bool
 	fs := newFlagSet("enable", e, &pinDir, &logLevel)
-	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is accounted, optionally in another network namespace as /run/netns/NAME:DEV (repeatable; default lo)")
-	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (stack egress is then not counted)")
+	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is accounted, optionally in another network namespace as /run/netns/NAME:DEV (repeatable; default lo); on an enabled cgroup the list replaces its devices (a device stays while another enabled cgroup asks for it)")
+	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (stack egress is then not counted); on an enabled cgroup, drops its devices")
 	fs.BoolVar(&accountOnly, "account-only", false, "count the cgroup's traffic but do not accelerate it (a dry run; run enable again without it to accelerate)")
 	var stackPorts string
 	fs.StringVar(&stackPorts, "stack-ports", "", "server ports whose connections stay on the normal TCP path, comma-separated (at most 16): for servers and proxies that read with splice(2), such as a Go io.Copy TCP proxy or HAProxy in splice mode")

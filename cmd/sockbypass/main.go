@@ -76,7 +76,8 @@ Commands:
 %s
 Flags every command takes:
   --bpffs-dir DIR   pin directory (default $SOCKBYPASS_BPFFS_DIR, else %s)
-  --log-level LVL   debug, info, warn or error (default warn); logs go to stderr
+  --log-level LVL   debug, info, warn or error (default warn; daemon: info);
+                    logs go to stderr, info shows what changed
 
 Run "sockbypass help <command>" or "sockbypass <command> --help" for a
 command's flags. A bad command line exits 2, any other error 1.
