@@ -95,6 +95,11 @@ func printStats(w io.Writer, r *stats.Report) {
 			stats.HumanBytes(c.RedirectedBytes), c.RedirectedMsgs, stats.HumanBytes(c.StackEgressBytes), c.StackEgressPackets,
 			ratio(c.BypassRatio), c.RedirectFailures)
 	}
+	for _, c := range r.DisabledCgroups {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", c.Cgroup, "disabled, live sockets", c.LiveSockets,
+			stats.HumanBytes(c.RedirectedBytes), c.RedirectedMsgs, stats.HumanBytes(c.StackEgressBytes), c.StackEgressPackets,
+			ratio(c.BypassRatio), c.RedirectFailures)
+	}
 	u := r.Unattributed
 	fmt.Fprintf(tw, "%s\t%s\t%s\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", "(no enabled cgroup)", "-", "-",
 		stats.HumanBytes(u.RedirectedBytes), u.RedirectedMsgs, stats.HumanBytes(u.StackEgressBytes), u.StackEgressPackets, "-", u.RedirectFailures)

@@ -114,7 +114,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.bypassRatio, prometheus.GaugeValue, *f.BypassRatio, label)
 		}
 	}
-	for _, cg := range r.Cgroups {
+	for _, cg := range append(r.Cgroups[:len(r.Cgroups):len(r.Cgroups)], r.DisabledCgroups...) {
 		emit(cg.Cgroup, cg.Figures)
 		ch <- prometheus.MustNewConstMetric(c.liveSockets, prometheus.GaugeValue, float64(cg.LiveSockets), cg.Cgroup)
 	}
