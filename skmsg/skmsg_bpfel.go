@@ -65,6 +65,8 @@ type skmsgCgroupCounters struct {
 	PairsMismatched        uint64
 	SocketsStackPort       uint64
 	LateStackOptions       uint64
+	WouldPairs             uint64
+	WouldRedirectBytes     uint64
 }
 
 type skmsgEndpointKey struct {

@@ -56,8 +56,25 @@ int sockbypass_tc_egress(struct __sk_buff *skb)
 	/* Per-CPU values, and TC runs with bottom halves disabled: nothing
 	 * else on this CPU touches them meanwhile, no atomics needed. */
 	c->stack_egress_packets += skb->gso_segs ? skb->gso_segs : 1;
-	if (skb->len > off)
-		c->stack_egress_bytes += skb->len - off;
+	if (skb->len <= off)
+		return TC_ACT_UNSPEC;
+	c->stack_egress_bytes += skb->len - off;
+	/* Account-only: bytes of a pair that would have joined. */
+	if (state && (state->flags & SOCK_FLAG_WOULD_PAIR)) {
+		if (state->flags & SOCK_FLAG_PAIR_CLIENT) {
+			struct pair *pair = bpf_map_lookup_elem(&pairs, &state->key);
+
+			if (!pair)
+				return TC_ACT_UNSPEC;
+			/* Sent before the server "joined": the pair would
+			 * have been given up (pairs_abandoned). */
+			if (pair->state == PAIR_DRY_CLIENT)
+				__sync_val_compare_and_swap(&pair->state, PAIR_DRY_CLIENT, PAIR_ABANDONED);
+			if (pair->state != PAIR_DRY_JOINED)
+				return TC_ACT_UNSPEC;
+		}
+		c->would_redirect_bytes += skb->len - off;
+	}
 	return TC_ACT_UNSPEC;
 }
 

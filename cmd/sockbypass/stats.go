@@ -91,9 +91,14 @@ func printStats(w io.Writer, r *stats.Report) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "CGROUP\tMODE\tLIVE\tREDIRECTED\tSTACK EGRESS\tBYPASS\tREDIRECT FAILURES\t")
 	for _, c := range r.Cgroups {
+		bypass := ratio(c.BypassRatio)
+		if c.Mode == "account-only" {
+			// A dry run: what acceleration would take off the stack.
+			bypass = fmt.Sprintf("would %s (%s, %d pairs)", ratio(c.WouldBypassRatio), stats.HumanBytes(c.WouldRedirectBytes), c.WouldPairs)
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", c.Cgroup, c.Mode, c.LiveSockets,
 			stats.HumanBytes(c.RedirectedBytes), c.RedirectedMsgs, stats.HumanBytes(c.StackEgressBytes), c.StackEgressPackets,
-			ratio(c.BypassRatio), c.RedirectFailures)
+			bypass, c.RedirectFailures)
 	}
 	for _, c := range r.DisabledCgroups {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s / %d msgs\t%s / %d pkts\t%s\t%d\t\n", c.Cgroup, "disabled, live sockets", c.LiveSockets,

@@ -62,6 +62,8 @@ type CgroupCounters struct {
 	PairsMismatched    uint64 `json:"pairs_mismatched"`
 	SocketsStackPort   uint64 `json:"sockets_stack_port"`
 	LateStackOptions   uint64 `json:"late_stack_options"`
+	WouldPairs         uint64 `json:"would_pairs"`
+	WouldRedirectBytes uint64 `json:"would_redirect_bytes"`
 }
 
 // Add adds o to c field by field.
@@ -98,6 +100,8 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.PairsMismatched += o.PairsMismatched
 	c.SocketsStackPort += o.SocketsStackPort
 	c.LateStackOptions += o.LateStackOptions
+	c.WouldPairs += o.WouldPairs
+	c.WouldRedirectBytes += o.WouldRedirectBytes
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -135,5 +139,7 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		PairsMismatched:    c.PairsMismatched - o.PairsMismatched,
 		SocketsStackPort:   c.SocketsStackPort - o.SocketsStackPort,
 		LateStackOptions:   c.LateStackOptions - o.LateStackOptions,
+		WouldPairs:         c.WouldPairs - o.WouldPairs,
+		WouldRedirectBytes: c.WouldRedirectBytes - o.WouldRedirectBytes,
 	}
 }

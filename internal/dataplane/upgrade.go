@@ -23,7 +23,7 @@ import (
 // LayoutVersion is the version of the pin layout and map formats this
 // binary writes and reads: bump it whenever a shared struct or map changes. Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
-const LayoutVersion = 3
+const LayoutVersion = 4 // 4: cgroup_counters.would_pairs, would_redirect_bytes
 
 // PinLayout is the pin of the one-entry array map that holds the layout
 // version.

@@ -114,6 +114,13 @@ type Figures struct {
 	// BypassRatio is redirected bytes / (redirected + stack egress
 	// bytes), between 0 and 1; null while there has been no traffic.
 	BypassRatio *float64 `json:"bypass_ratio"`
+	// Account-only (a dry run): pairs that would have joined, the stack
+	// egress bytes their sockets sent (what acceleration would take off
+	// the stack), and WouldRedirectBytes / StackEgressBytes (null before
+	// any stack egress).
+	WouldPairs         uint64   `json:"would_pairs"`
+	WouldRedirectBytes uint64   `json:"would_redirect_bytes"`
+	WouldBypassRatio   *float64 `json:"would_bypass_ratio"`
 }
 
 // FiguresOf computes the figures of c.
@@ -152,6 +159,11 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 	if total := c.RedirectedBytes + c.StackEgressBytes; total > 0 {
 		r := float64(c.RedirectedBytes) / float64(total)
 		f.BypassRatio = &r
+	}
+	f.WouldPairs, f.WouldRedirectBytes = c.WouldPairs, c.WouldRedirectBytes
+	if c.StackEgressBytes > 0 {
+		r := min(1, float64(c.WouldRedirectBytes)/float64(c.StackEgressBytes))
+		f.WouldBypassRatio = &r
 	}
 	return f
 }
