@@ -3,7 +3,9 @@ package main
 import (
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
@@ -49,12 +51,15 @@ func TestAccountOnlyShowsWhatWouldBeRedirected(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
+	var read atomic.Int64
 	go func() {
 		s, err := l.Accept()
 		if err == nil {
 			buf := make([]byte, 64<<10)
 			for {
-				if _, err := s.Read(buf); err != nil {
+				n, err := s.Read(buf)
+				read.Add(int64(n))
+				if err != nil {
 					s.Close()
 					return
 				}
@@ -70,6 +75,10 @@ func TestAccountOnlyShowsWhatWouldBeRedirected(t *testing.T) {
 		t.Fatal(err)
 	}
 	conn.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for read.Load() < 1<<20 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
 	after := statsJSON(t, pinDir).Cgroups[0]
 	if after.WouldPairs != before.WouldPairs || after.WouldRedirectBytes != before.WouldRedirectBytes || after.StackEgressBytes < before.StackEgressBytes+1<<20 {
 		t.Errorf("a connection to a peer in no enabled cgroup: would pairs %d -> %d, would bytes %d -> %d, stack egress %d -> %d",
