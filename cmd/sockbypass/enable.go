@@ -136,10 +136,18 @@ func runEnable(e *env, args []string) error {
 		if accountOnly {
 			what = "its new TCP connections are counted, not accelerated (account-only)"
 		}
+		devices := "none (--no-tc)"
+		if len(opts.TCDevices) > 0 {
+			var names []string
+			for _, d := range opts.TCDevices {
+				names = append(names, d.String())
+			}
+			devices = strings.Join(names, ", ")
+		}
 		if changed {
-			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s\n", cg.Path, cg.ID, what)
+			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s; tc accounting: %s\n", cg.Path, cg.ID, what, devices)
 		} else {
-			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s\n", cg.Path, cg.ID, what)
+			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s; tc accounting: %s (its devices now; a device another enabled cgroup asks for stays attached)\n", cg.Path, cg.ID, what, devices)
 		}
 	}
 	if _, err := dp.RefreshListeners(); err != nil {

@@ -159,7 +159,7 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 			return nil
 		})
 		if err != nil {
-			d.log.Warn("tc device gone; not upgraded", zap.String("device", cString(v.Ifname[:])), zap.Error(err))
+			d.log.Warn("tc device gone; not upgraded", zap.String("device", v.device().String()), zap.Error(err))
 			continue
 		}
 		prog, err := tc.Load(l2Len, d.maps)
