@@ -50,6 +50,16 @@ func runDaemon(e *env, args []string) error {
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}
+	// Flags that cannot be parsed are a bad command line (exit 2); what
+	// the configuration checks against the system exits 1.
+	if err := checkCgroupArgs(cgroups); err != nil {
+		return err
+	}
+	for _, d := range tcDevs {
+		if _, err := dataplane.ParseTCDevice(d); err != nil {
+			return usagef("--tc-dev: %v", err)
+		}
+	}
 	load := func() (*config.Config, error) { return config.Load(configPath) }
 	if configPath == "" {
 		if len(tcDevs) > 0 || len(cgroups) > 0 || metricsAddr != config.DefaultMetricsAddr {

@@ -25,6 +25,9 @@ func TestBadCommandLinesExit2(t *testing.T) {
 		{[]string{"stats", "--watch", "0s"}, "--watch 0s"},
 		{[]string{"stats", "--count", "3"}, "--count 3: needs --watch"},
 		{[]string{"--verbose", "status"}, "flag --verbose before the command"},
+		{[]string{"daemon", "--cgroup", ""}, `--cgroup ""`},
+		{[]string{"daemon", "--tc-dev", "relative/netns:lo"}, `--tc-dev: tc device "relative/netns:lo"`},
+		{[]string{"daemon", "--metrics-addr", "nonsense"}, `--metrics-addr "nonsense"`},
 	} {
 		code, out, errOut := sockbypass(t, tc.args...)
 		if code != exitUsage || !strings.Contains(errOut, tc.want) || out != "" {
