@@ -100,3 +100,35 @@ func TestDaemonLogsOnlyChangesAtInfo(t *testing.T) {
 		t.Errorf("disable: exit %d; the detached device is not logged as %s:\n%s", code, podLo, errOut)
 	}
 }
+
+// TestDaemonConvergesOnItsTCDevices: a device added to a cgroup the daemon
+// manages (enable --tc-dev by hand) is dropped at the next rescan, since
+// the daemon's tcDevices say what the cgroup accounts (issue 18 item 6).
+func TestDaemonConvergesOnItsTCDevices(t *testing.T) {
+	pinDir := testutil.NewPinDir(t)
+	cg := testutil.NewCgroup(t)
+	netns := testutil.NewNetNS(t)
+	podLo := netns.Path() + ":lo"
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: [lo]\nmetricsAddr: ''\nrescanInterval: 100ms\n", cg.Path))
+	d := startDaemon(t, pinDir, cfgPath)
+	waitEnabled(t, pinDir, d, cg)
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--tc-dev", podLo, "--bpffs-dir", pinDir); code != 0 {
+		t.Fatal(errOut)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := tcDevicesOf(t, pinDir)
+		if fmt.Sprint(got) == "[lo]" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the daemon (tcDevices: [lo]) left tc devices %q attached; logs:\n%s", got, d.logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(d.logs.String(), "cgroup settings changed") {
+		t.Errorf("the daemon did not log the change at info:\n%s", d.logs.String())
+	}
+}
