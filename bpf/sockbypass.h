@@ -161,6 +161,11 @@ struct sock_state {
 /* Sidecar mode: the app socket is counted in mesh_endpoints (its close
  * uncounts it). */
 #define SOCK_FLAG_ENDPOINT_COUNTED (1U << 18)
+/* Account-only (dry run): the socket would be a member if its cgroup were
+ * accelerated (the server once its dry pair joined; the client from its
+ * dry join, confirmed by its pair's PAIR_DRY_JOINED). TC counts its bytes
+ * as would_redirect_bytes. */
+#define SOCK_FLAG_WOULD_PAIR (1U << 19)
 
 /*
  * Redirect targets: sock_key of a socket that may receive redirected bytes
@@ -332,6 +337,12 @@ struct cgroup_counters {
 	 * accounting (--tc-dev), local or not: the device view. */
 	__u64 tc_egress_packets;
 	__u64 tc_egress_bytes;
+	/* Account-only (dry run): pairs that would have joined (counted at
+	 * the server), and the TCP payload bytes their two ends sent
+	 * through the stack (seen by TC on accounted interfaces): what
+	 * acceleration would take off the stack. */
+	__u64 would_pairs;
+	__u64 would_redirect_bytes;
 };
 
 struct {
@@ -612,6 +623,16 @@ struct {
 #define PAIR_JOINED 3
 #define PAIR_DECLINED 4
 #define PAIR_ABANDONED 5
+/*
+ * The same handshake as a dry run, between sockets of account-only cgroups:
+ * nothing joins the sockhash, the states only say that the pair would have
+ * formed. A real end never takes a dry offer (and a dry end never a real
+ * one), so mixed connections stay plain as before. TC turns PAIR_DRY_CLIENT
+ * into PAIR_ABANDONED when the client sends before the server "joined".
+ */
+#define PAIR_DRY_OFFERED 6
+#define PAIR_DRY_CLIENT 7
+#define PAIR_DRY_JOINED 8
 
 struct pair {
 	__u64 state;
@@ -696,29 +717,21 @@ struct sock {
 	struct socket *sk_socket;
 } __attribute__((preserve_access_index));
 
-/* Zeroed counters to create an entry from, so that no program needs a
- * struct cgroup_counters on its 512-byte stack. Private to each program
- * (never pinned, never written). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct cgroup_counters);
-} counters_zero SEC(".maps");
+/* The initial value of a cgroup's counters: a global (in .rodata), so that
+ * no program puts a struct cgroup_counters on its stack (sock_ops's deepest
+ * call chain is close to the verifier's 512-byte limit). */
+static const struct cgroup_counters zero_counters __attribute__((unused));
 
 /* counters_for returns the counters of cgroup_id, creating them if needed. */
 static __always_inline struct cgroup_counters *counters_for(__u64 cgroup_id)
 {
-	struct cgroup_counters *c, *zero;
-	__u32 k = 0;
+	struct cgroup_counters *c;
 
 	c = bpf_map_lookup_elem(&cgroup_counters, &cgroup_id);
 	if (c)
 		return c;
-	zero = bpf_map_lookup_elem(&counters_zero, &k);
-	if (!zero)
-		return 0;
-	bpf_map_update_elem(&cgroup_counters, &cgroup_id, zero, BPF_NOEXIST);
+
+	bpf_map_update_elem(&cgroup_counters, &cgroup_id, &zero_counters, BPF_NOEXIST);
 	return bpf_map_lookup_elem(&cgroup_counters, &cgroup_id);
 }
 

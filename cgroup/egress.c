@@ -8,7 +8,9 @@
  * loopback, a pod's veth, a bridge. With redirected_bytes this gives each
  * enabled cgroup a true bypass ratio without naming devices, and since it
  * runs only for the cgroup's own packets, sockets of other cgroups never
- * pay for it. It only counts: every packet continues.
+ * pay for it. In account-only cgroups it also counts the bytes of the pairs
+ * that would have joined (would_redirect_bytes). It only counts: every
+ * packet continues.
  */
 #include "sockbypass.h"
 
@@ -90,8 +92,26 @@ int sockbypass_account_egress(struct __sk_buff *skb)
 	/* Process context, preemptible: another task on this CPU may count
 	 * meanwhile, so the per-CPU values are added atomically. */
 	__sync_fetch_and_add(&c->stack_egress_packets, skb->gso_segs ? skb->gso_segs : 1);
-	if (skb->len > off)
-		__sync_fetch_and_add(&c->stack_egress_bytes, skb->len - off);
+	if (skb->len <= off)
+		return 1;
+	__sync_fetch_and_add(&c->stack_egress_bytes, skb->len - off);
+	/* Account-only: bytes of a pair that would have joined, what
+	 * acceleration would take off the stack. */
+	if (state && (state->flags & SOCK_FLAG_WOULD_PAIR)) {
+		if (state->flags & SOCK_FLAG_PAIR_CLIENT) {
+			struct pair *pair = bpf_map_lookup_elem(&pairs, &state->key);
+
+			if (!pair)
+				return 1;
+			/* Sent before the server "joined": the pair would
+			 * have been given up (pairs_abandoned). */
+			if (pair->state == PAIR_DRY_CLIENT)
+				__sync_val_compare_and_swap(&pair->state, PAIR_DRY_CLIENT, PAIR_ABANDONED);
+			if (pair->state != PAIR_DRY_JOINED)
+				return 1;
+		}
+		__sync_fetch_and_add(&c->would_redirect_bytes, skb->len - off);
+	}
 	return 1;
 }
 

@@ -67,6 +67,8 @@ type egressCgroupCounters struct {
 	LateStackOptions       uint64
 	TcEgressPackets        uint64
 	TcEgressBytes          uint64
+	WouldPairs             uint64
+	WouldRedirectBytes     uint64
 }
 
 type egressEndpointKey struct {
@@ -200,7 +202,6 @@ type egressTcUserKey struct {
 const (
 	egressMapCgroupConfig             = "cgroup_config"
 	egressMapCgroupCounters           = "cgroup_counters"
-	egressMapCountersZero             = "counters_zero"
 	egressMapInboundPods              = "inbound_pods"
 	egressMapListeners                = "listeners"
 	egressMapMeshClients              = "mesh_clients"
@@ -270,7 +271,6 @@ type egressProgramSpecs struct {
 type egressMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.MapSpec `ebpf:"counters_zero"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -316,7 +316,6 @@ func (o *egressObjects) Close() error {
 type egressMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.Map `ebpf:"counters_zero"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -337,7 +336,6 @@ func (m *egressMaps) Close() error {
 	return _EgressClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
-		m.CountersZero,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

@@ -67,6 +67,8 @@ type skmsgCgroupCounters struct {
 	LateStackOptions       uint64
 	TcEgressPackets        uint64
 	TcEgressBytes          uint64
+	WouldPairs             uint64
+	WouldRedirectBytes     uint64
 }
 
 type skmsgEndpointKey struct {
@@ -200,7 +202,6 @@ type skmsgTcUserKey struct {
 const (
 	skmsgMapCgroupConfig     = "cgroup_config"
 	skmsgMapCgroupCounters   = "cgroup_counters"
-	skmsgMapCountersZero     = "counters_zero"
 	skmsgMapInboundPods      = "inbound_pods"
 	skmsgMapListeners        = "listeners"
 	skmsgMapMeshClients      = "mesh_clients"
@@ -269,7 +270,6 @@ type skmsgProgramSpecs struct {
 type skmsgMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.MapSpec `ebpf:"counters_zero"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -314,7 +314,6 @@ func (o *skmsgObjects) Close() error {
 type skmsgMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.Map `ebpf:"counters_zero"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -335,7 +334,6 @@ func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
-		m.CountersZero,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

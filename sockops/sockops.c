@@ -404,6 +404,13 @@ static __noinline void leave(struct sock_state *state, const struct sock_key *ke
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER);
 }
 
+/* dry_run reports whether cfg's cgroup is account-only: its sockets run
+ * the pair handshake as a dry run and never join. */
+static __always_inline int dry_run(const struct cgroup_config *cfg)
+{
+	return cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY);
+}
+
 /*
  * classify_peer records whether the socket's peer is local, for the
  * cgroup's egress accounting: the stack bytes of a socket with a local
@@ -453,7 +460,8 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	 * options such as SO_RCVLOWAT) but not its identity. */
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER |
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
-			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED);
+			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED |
+			  SOCK_FLAG_WOULD_PAIR);
 	if (passive)
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED |
 				  SOCK_FLAG_ORIG_DST | SOCK_FLAG_ENDPOINT_COUNTED);
@@ -461,12 +469,13 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 
 	*c = counters_for(state->cgroup_id);
 	*cfg = bpf_map_lookup_elem(&cgroup_config, &state->cgroup_id);
-	if (*cfg && ((*cfg)->flags & CGROUP_ACCOUNT_ONLY))
-		return 0; /* counted (TC finds the cgroup in sock_state), not accelerated */
-	/* Data that moved before ESTABLISHED (TCP Fast Open) sits in the
-	 * stack's queues: leave the socket out. */
+	/* Account-only (dry_run): counted (TC finds the cgroup in
+	 * sock_state), never accelerated; the caller runs the pair
+	 * handshake as a dry run. Data that moved before ESTABLISHED (TCP
+	 * Fast Open) sits in the stack's queues: leave the socket out. */
 	if (skops->data_segs_in != 0 || skops->data_segs_out != 0) {
-		COUNT(*c, sockets_skipped);
+		if (!dry_run(*cfg))
+			COUNT(*c, sockets_skipped);
 		return 0;
 	}
 	return state;
@@ -489,7 +498,7 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 
 	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
 	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY))
-		return;
+		offer.state = PAIR_DRY_OFFERED; /* account-only: a dry run */
 	if (own_key(skops, &key) < 0)
 		return;
 	if (stack_port(cfg, key.local_port))
@@ -501,6 +510,50 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 	if (p.scope == SCOPE_REMOTE)
 		return;
 	bpf_map_update_elem(&pairs, &p.peer, &offer, BPF_ANY);
+}
+
+/*
+ * dry_active: the client's half of the pair handshake of an account-only
+ * socket, which never joins: the checks of join_active that come after
+ * the scope, and the dry states in `pairs`.
+ */
+static __noinline void dry_active(struct bpf_sock_ops *skops, struct sock_state *state, const struct cgroup_config *cfg,
+				  const struct sock_key *key)
+{
+	struct pair *pair;
+
+	if (stack_port(cfg, key->remote_port) || (state->flags & SOCK_FLAG_STACK_READER) ||
+	    sock_nonblocking(skops->sk) != 1)
+		return;
+	pair = bpf_map_lookup_elem(&pairs, key);
+	if (!pair || __sync_val_compare_and_swap(&pair->state, PAIR_DRY_OFFERED, PAIR_DRY_CLIENT) != PAIR_DRY_OFFERED)
+		return;
+	pair->client_snd_nxt = skops->snd_nxt;
+	pair->client_rcv_nxt = skops->rcv_nxt;
+	state->key = *key;
+	state->flags |= SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_WOULD_PAIR;
+	/* forget_socket removes the pair when the socket closes. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* dry_passive: the server's half of the dry run, at PASSIVE_ESTABLISHED,
+ * after the checks of join_passive up to the pair lookup; eligible: its
+ * listener is known non-blocking and it is no stack reader. */
+static __noinline void dry_passive(struct bpf_sock_ops *skops, struct sock_state *state, const struct sock_key *peer,
+				   int eligible, struct cgroup_counters *c)
+{
+	struct pair *pair = bpf_map_lookup_elem(&pairs, peer);
+
+	if (!pair || pair->state != PAIR_DRY_CLIENT)
+		return;
+	if (pair->client_snd_nxt != skops->rcv_nxt || pair->client_rcv_nxt != skops->snd_nxt || !eligible) {
+		__sync_val_compare_and_swap(&pair->state, PAIR_DRY_CLIENT, PAIR_DECLINED);
+		return;
+	}
+	if (__sync_val_compare_and_swap(&pair->state, PAIR_DRY_CLIENT, PAIR_DRY_JOINED) != PAIR_DRY_CLIENT)
+		return; /* the client sent first */
+	state->flags |= SOCK_FLAG_WOULD_PAIR;
+	COUNT(c, would_pairs);
 }
 
 /* join_active: the client's half of the pair handshake, at ACTIVE_ESTABLISHED. */
@@ -527,6 +580,11 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 	}
 	if (local_scope(&key, &p, c) < 0)
 		return;
+	if (dry_run(cfg)) {
+		if (!p.explicit_peer) /* sidecar pairs: no dry run */
+			dry_active(skops, state, cfg, &key);
+		return;
+	}
 
 	pair = bpf_map_lookup_elem(&pairs, &key);
 	if (stack_port(cfg, key.remote_port)) {
@@ -600,6 +658,12 @@ static __noinline void join_passive(struct bpf_sock_ops *skops)
 
 	if (stack_port(cfg, key.local_port)) {
 		COUNT(c, sockets_stack_port);
+		return;
+	}
+	if (dry_run(cfg)) {
+		if (!p.explicit_peer) /* sidecar pairs: no dry run */
+			dry_passive(skops, state, &p.peer,
+				    !(state->flags & SOCK_FLAG_STACK_READER) && listener_nonblocking(&key, own_netns), c);
 		return;
 	}
 	pair = bpf_map_lookup_elem(&pairs, &p.peer);
@@ -698,14 +762,13 @@ static __noinline void mesh_accept(struct bpf_sock_ops *skops)
 static __noinline void record_listener(struct bpf_sock_ops *skops)
 {
 	__u64 cgroup_id = enabled_cgroup_id;
-	struct cgroup_config *cfg;
 	struct sock_state *state;
 	struct endpoint_key ek = {};
 	struct sock_key key = {};
 	__u32 flags = 0;
 
-	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
-	if (!skops->sk || (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY)))
+	/* Account-only cgroups too: their dry pair handshake needs it. */
+	if (!skops->sk)
 		return;
 	state = bpf_sk_storage_get(&sock_state, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state || own_key(skops, &key) < 0)

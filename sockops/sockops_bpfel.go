@@ -67,6 +67,8 @@ type sockopsCgroupCounters struct {
 	LateStackOptions       uint64
 	TcEgressPackets        uint64
 	TcEgressBytes          uint64
+	WouldPairs             uint64
+	WouldRedirectBytes     uint64
 }
 
 type sockopsEndpointKey struct {
@@ -200,7 +202,6 @@ type sockopsTcUserKey struct {
 const (
 	sockopsMapCgroupConfig       = "cgroup_config"
 	sockopsMapCgroupCounters     = "cgroup_counters"
-	sockopsMapCountersZero       = "counters_zero"
 	sockopsMapInboundPods        = "inbound_pods"
 	sockopsMapListeners          = "listeners"
 	sockopsMapMeshClients        = "mesh_clients"
@@ -270,7 +271,6 @@ type sockopsProgramSpecs struct {
 type sockopsMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.MapSpec `ebpf:"counters_zero"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -316,7 +316,6 @@ func (o *sockopsObjects) Close() error {
 type sockopsMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.Map `ebpf:"counters_zero"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -337,7 +336,6 @@ func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
-		m.CountersZero,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

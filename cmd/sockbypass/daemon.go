@@ -3,12 +3,12 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"regexp"
 	"syscall"
 	"time"
 
@@ -42,8 +42,23 @@ func runDaemon(e *env, args []string) error {
 	fs.Var(&cgroups, "cgroup", "without --config: cgroup path or glob to keep enabled (repeatable)")
 	fs.Var(&tcDevs, "tc-dev", "without --config: interface whose egress TC also accounts (repeatable; none by default)")
 	fs.StringVar(&metricsAddr, "metrics-addr", config.DefaultMetricsAddr, "without --config: address of /metrics and /healthz; empty disables")
+	// The daemon logs at info unless told otherwise (--log-level, or
+	// logLevel in the file): what it changes is its output.
+	lf := fs.Lookup("log-level")
+	lf.Usage, lf.DefValue = "log level: debug, info, warn or error; without it, logLevel of --config", "info"
+	logLevel = "info"
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
+	}
+	// Flags that cannot be parsed are a bad command line (exit 2); what
+	// the configuration checks against the system exits 1.
+	if err := checkCgroupArgs(cgroups); err != nil {
+		return err
+	}
+	for _, d := range tcDevs {
+		if _, err := dataplane.ParseTCDevice(d); err != nil {
+			return usagef("--tc-dev: %v", err)
+		}
 	}
 	load := func() (*config.Config, error) { return config.Load(configPath) }
 	if configPath == "" {
@@ -52,7 +67,22 @@ func runDaemon(e *env, args []string) error {
 			if err != nil {
 				return err
 			}
-			load = func() (*config.Config, error) { return config.Parse(data) }
+			load = func() (*config.Config, error) {
+				cfg, err := config.Parse(data)
+				if err != nil {
+					// No file was involved: name the flag, not a line.
+					key := ""
+					msg := flagConfigError.ReplaceAllStringFunc(err.Error(), func(m string) string {
+						key = flagConfigError.FindStringSubmatch(m)[1]
+						return configFlags[key]
+					})
+					if key == "metricsAddr" { // not HOST:PORT: a bad command line
+						return nil, usageError{msg}
+					}
+					return nil, errors.New(msg)
+				}
+				return cfg, nil
+			}
 		} else {
 			load = func() (*config.Config, error) { return config.Parse([]byte("cgroups: []\n")) }
 		}
@@ -65,7 +95,7 @@ func runDaemon(e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if logLevel == "warn" { // the flag's default: the file decides
+	if !flagSet(fs, "log-level") { // the file decides (default info)
 		e.log = newLogger(e.stderr, cfg.Level())
 	}
 
@@ -160,12 +190,12 @@ func runDaemon(e *env, args []string) error {
 	return nil
 }
 
-// flagSet reports whether the flag name was given on the command line.
-func flagSet(fs *flag.FlagSet, name string) bool {
-	set := false
-	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
-	return set
-}
+// flagConfigError matches what config.Parse says about a key the daemon's
+// flags set; configFlags names the flag.
+var (
+	flagConfigError = regexp.MustCompile(`line \d+: (cgroups|tcDevices|metricsAddr)`)
+	configFlags     = map[string]string{"cgroups": "--cgroup", "tcDevices": "--tc-dev", "metricsAddr": "--metrics-addr"}
+)
 
 // flagsConfig writes the daemon flags as a configuration file.
 func flagsConfig(cgroups, tcDevs []string, metricsAddr string) ([]byte, error) {

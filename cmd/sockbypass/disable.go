@@ -27,6 +27,9 @@ func runDisable(e *env, args []string) error {
 	if len(cgroups) == 0 && len(ids) == 0 {
 		return usagef("--cgroup is required: name the enabled cgroup to disable (or --cgroup-id for a removed one; see sockbypass status)")
 	}
+	if err := checkCgroupArgs(cgroups); err != nil {
+		return err
+	}
 	for _, c := range cgroups {
 		if _, err := resolveAll([]string{c}); errors.Is(err, cgroup.ErrNotExist) {
 			// Most likely removed while enabled: that is what

@@ -20,7 +20,7 @@ import (
 
 var doctorCommand = command{
 	summary: "probe this kernel: which application-visible behaviours acceleration preserves",
-	usage:   "doctor [--json | --markdown]",
+	usage:   "doctor [--json | --markdown]   (runs in a private install next to --bpffs-dir, cgroups under <cgroup2>/sockbypass-doctor-*, removed after)",
 	run:     runDoctor,
 }
 
@@ -60,10 +60,10 @@ func runDoctor(e *env, args []string) error {
 	var each func(semantics.Result)
 	if people {
 		// Each case as it finishes: the whole run takes a while.
-		printDoctorHeader(e.stdout, release)
+		printDoctorHeader(e.stdout, release, e.pinDir)
 		each = func(r semantics.Result) { printDoctorRow(e.stdout, r) }
 	}
-	results, err := doctorProbe(each)
+	results, err := doctorProbe(e.pinDir, each)
 	if err != nil {
 		return err
 	}
@@ -89,10 +89,12 @@ func runDoctor(e *env, args []string) error {
 	return nil
 }
 
-// doctorProbe runs every transparency case in a private install, two
-// private cgroups and a private network namespace, and removes them all.
-// each, when set, gets every result as it is known.
-func doctorProbe(each func(semantics.Result)) (results []semantics.Result, err error) {
+// doctorProbe runs every transparency case in a private install next to
+// pinDir (on the same bpffs: <pinDir>-doctor-<pid>-<rand>), in two cgroups
+// under one parent (<cgroup2>/sockbypass-doctor-<pid>-<rand>/{plain,accel})
+// and a private network namespace, and removes them all. each, when set,
+// gets every result as it is known.
+func doctorProbe(pinDir string, each func(semantics.Result)) (results []semantics.Result, err error) {
 	mounts, err := cgroup.ReadMounts()
 	if err != nil {
 		return nil, err
@@ -100,21 +102,26 @@ func doctorProbe(each func(semantics.Result)) (results []semantics.Result, err e
 	if mounts.V2 == "" {
 		return nil, cgroup.ErrNoCgroup2
 	}
-	if err := bpffs.Ensure(bpffs.DefaultPinDir); err != nil {
+	if err := bpffs.Ensure(pinDir); err != nil {
 		return nil, err
 	}
 	suffix := fmt.Sprintf("%d-%x", os.Getpid(), rand.Uint32())
-	pinDir := filepath.Join(bpffs.DefaultRoot, "sockbypass-doctor-"+suffix)
+	privatePins := pinDir + "-doctor-" + suffix
 	var cleanups []func()
 	defer func() {
 		for i := len(cleanups) - 1; i >= 0; i-- {
 			cleanups[i]()
 		}
 	}()
+	parent := filepath.Join(mounts.V2, "sockbypass-doctor-"+suffix)
+	if err := os.Mkdir(parent, 0o755); err != nil {
+		return nil, fmt.Errorf("create the doctor's cgroup: %w", err)
+	}
+	cleanups = append(cleanups, func() { os.Remove(parent) })
 	newCgroup := func(name string) (cgroup.Cgroup, error) {
-		dir := filepath.Join(mounts.V2, "sockbypass-doctor-"+name+"-"+suffix)
+		dir := filepath.Join(parent, name)
 		if err := os.Mkdir(dir, 0o755); err != nil {
-			return cgroup.Cgroup{}, err
+			return cgroup.Cgroup{}, fmt.Errorf("create the doctor's cgroup: %w", err)
 		}
 		cleanups = append(cleanups, func() { os.Remove(dir) })
 		return mounts.Resolve(dir)
@@ -142,11 +149,11 @@ func doctorProbe(each func(semantics.Result)) (results []semantics.Result, err e
 		return nil, err
 	}
 
-	setup, uninstall, err := semantics.Install(pinDir, plain, accel, netns)
+	setup, uninstall, err := semantics.Install(privatePins, plain, accel, netns)
 	if err != nil {
 		return nil, err
 	}
-	cleanups = append(cleanups, func() { uninstall(); os.RemoveAll(pinDir) })
+	cleanups = append(cleanups, func() { uninstall(); os.RemoveAll(privatePins) })
 	return semantics.RunAll(setup, each), nil
 }
 
@@ -164,8 +171,8 @@ func doctorColumns() (caseWidth, modeWidth int) {
 // verdictWidth fits every verdict.
 const verdictWidth = len(semantics.VerdictKnown)
 
-func printDoctorHeader(w io.Writer, kernel string) {
-	fmt.Fprintf(w, "sockbypass doctor: kernel %s, plain TCP vs accelerated, each case with blocking and with non-blocking sockets, in a private cgroup and network namespace\n\n", kernel)
+func printDoctorHeader(w io.Writer, kernel, pinDir string) {
+	fmt.Fprintf(w, "sockbypass doctor: kernel %s, plain TCP vs accelerated, each case with blocking and with non-blocking sockets, in a private install (%s-doctor-*), cgroup and network namespace; rows appear as cases finish\n\n", kernel, pinDir)
 	cw, mw := doctorColumns()
 	fmt.Fprintf(w, "%-*s  %-*s  %-*s  %s\n", cw, "CASE", mw, "MODE", verdictWidth, "RESULT", "HOW")
 }

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -19,11 +20,56 @@ import (
 // result per case and mode, none BROKEN, nothing blocking accelerated, and
 // the non-blocking runs really exercise the fast path. The verdict of each
 // case is pinned in internal/semantics.
+//
+// It runs under --bpffs-dir: the private install goes next to that pin
+// directory, and the cgroups under one parent (issue 18 item 13).
 func TestDoctorReportsEveryCaseAndCleansUp(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	code, out, errOut := sockbypass(t, "doctor", "--json")
+	pinDir := testutil.NewPinDir(t)
+	t.Cleanup(func() {
+		m, _ := filepath.Glob(pinDir + "-doctor-*")
+		for _, d := range m {
+			os.RemoveAll(d)
+		}
+	})
+	mounts, _ := cgroup.ReadMounts()
+	type ran struct {
+		code        int
+		out, errOut string
+	}
+	done := make(chan ran, 1)
+	go func() {
+		var out, errOut bytes.Buffer
+		code := run([]string{"doctor", "--json", "--bpffs-dir", pinDir}, &out, &errOut)
+		done <- ran{code, out.String(), errOut.String()}
+	}()
+	// While it runs: its pins next to pinDir, its cgroups under one parent.
+	var sawPins, sawCgroups, sawFlat bool
+	var res ran
+wait:
+	for {
+		select {
+		case res = <-done:
+			break wait
+		case <-time.After(20 * time.Millisecond):
+		}
+		if m, _ := filepath.Glob(pinDir + "-doctor-*"); len(m) > 0 {
+			sawPins = true
+		}
+		plain, _ := filepath.Glob(filepath.Join(mounts.V2, "sockbypass-doctor-*", "plain"))
+		accel, _ := filepath.Glob(filepath.Join(mounts.V2, "sockbypass-doctor-*", "accel"))
+		if len(plain) == 1 && len(accel) == 1 && filepath.Dir(plain[0]) == filepath.Dir(accel[0]) {
+			sawCgroups = true
+		}
+		if m, _ := filepath.Glob(filepath.Join(mounts.V2, "sockbypass-doctor-[pa][lc]*-*")); len(m) > 0 {
+			sawFlat = true // sockbypass-doctor-plain-*, -accel-*: at the root
+		}
+	}
+	code, out, errOut := res.code, res.out, res.errOut
 	if code != 0 {
 		t.Fatalf("doctor exited %d: %s\n%s", code, errOut, out)
+	}
+	if !sawPins || !sawCgroups || sawFlat {
+		t.Errorf("doctor --bpffs-dir %s: private pins next to it seen %v, plain and accel under one parent seen %v, cgroups at the cgroup2 root seen %v", pinDir, sawPins, sawCgroups, sawFlat)
 	}
 	var rep doctorReport
 	if err := json.Unmarshal([]byte(out), &rep); err != nil {
@@ -54,10 +100,9 @@ func TestDoctorReportsEveryCaseAndCleansUp(t *testing.T) {
 		t.Errorf("non-blocking verdicts %v: want preserved, fallbacks and known limitations, and every case accelerated or falling back", nb)
 	}
 	// Nothing of the doctor's stays behind.
-	if m, _ := filepath.Glob("/sys/fs/bpf/sockbypass-doctor-*"); len(m) > 0 {
+	if m, _ := filepath.Glob(pinDir + "-doctor-*"); len(m) > 0 {
 		t.Errorf("doctor left pins: %v", m)
 	}
-	mounts, _ := cgroup.ReadMounts()
 	if m, _ := filepath.Glob(filepath.Join(mounts.V2, "sockbypass-doctor-*")); len(m) > 0 {
 		t.Errorf("doctor left cgroups: %v", m)
 	}

@@ -33,8 +33,8 @@ func runEnable(e *env, args []string) error {
 	var tcDevs stringList
 	var noTC, accountOnly bool
 	fs := newFlagSet("enable", e, &pinDir, &logLevel)
-	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is also accounted by TC (a device view), optionally in another network namespace as /run/netns/NAME:DEV (repeatable; none by default: each enabled cgroup's stack bytes are counted at its sockets, on any device)")
-	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (the default; the per-cgroup stack bytes are still counted)")
+	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is also accounted by TC (a device view), optionally in another network namespace as /run/netns/NAME:DEV (repeatable; none by default: each enabled cgroup's stack bytes are counted at its sockets, on any device); on an enabled cgroup the list replaces its devices (a device stays while another enabled cgroup asks for it)")
+	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (the default; the per-cgroup stack bytes are still counted); on an enabled cgroup, drops its devices")
 	fs.BoolVar(&accountOnly, "account-only", false, "count the cgroup's traffic but do not accelerate it (a dry run; run enable again without it to accelerate)")
 	var stackPorts string
 	fs.StringVar(&stackPorts, "stack-ports", "", "server ports whose connections stay on the normal TCP path, comma-separated (at most 16): for servers and proxies that read with splice(2), such as a Go io.Copy TCP proxy or HAProxy in splice mode")
@@ -48,15 +48,18 @@ func runEnable(e *env, args []string) error {
 	fs.StringVar(&excludePorts, "exclude-ports", "", "with --mesh: destination ports never intercepted, comma-separated (like excludeOutboundPorts)")
 	fs.StringVar(&excludeCIDRs, "exclude-cidrs", "", "with --mesh: destination CIDRs never intercepted, comma-separated (like excludeOutboundIPRanges)")
 	fs.Var(&cgroups, "cgroup", "cgroup v2 directory, absolute or relative to the cgroup2 mount (repeatable)")
-	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created (default 65536); sockets beyond it use the normal TCP path; the maps that follow sockets are sized from it")
+	fs.UintVar(&sockhashSize, "sockhash-size", 0, "sockhash capacity when it is first created, 1 to 1048576 (default 65536); sockets beyond it use the normal TCP path; the maps that follow sockets are sized from it")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}
 	if len(cgroups) == 0 {
 		return usagef("--cgroup is required: name the cgroup v2 directory whose sockets to accelerate, e.g. --cgroup kubepods.slice/pod1234")
 	}
-	if sockhashSize > 1<<20 {
-		return usagef("--sockhash-size %d is too large: use at most %d", sockhashSize, 1<<20)
+	if flagSet(fs, "sockhash-size") && (sockhashSize == 0 || sockhashSize > maxSockhashSize) {
+		return usagef("--sockhash-size %d: use a capacity from 1 to %d (default %d)", sockhashSize, maxSockhashSize, defaultSockhashSize)
+	}
+	if err := checkCgroupArgs(cgroups); err != nil {
+		return err
 	}
 	if noTC && len(tcDevs) > 0 {
 		return usagef("--no-tc and --tc-dev contradict each other: give one of them")
@@ -130,10 +133,18 @@ func runEnable(e *env, args []string) error {
 		if accountOnly {
 			what = "its new TCP connections are counted, not accelerated (account-only)"
 		}
+		devices := "none (--no-tc)"
+		if len(opts.TCDevices) > 0 {
+			var names []string
+			for _, d := range opts.TCDevices {
+				names = append(names, d.String())
+			}
+			devices = strings.Join(names, ", ")
+		}
 		if changed {
-			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s\n", cg.Path, cg.ID, what)
+			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s; tc accounting: %s\n", cg.Path, cg.ID, what, devices)
 		} else {
-			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s\n", cg.Path, cg.ID, what)
+			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s; tc accounting: %s (its devices now; a device another enabled cgroup asks for stays attached)\n", cg.Path, cg.ID, what, devices)
 		}
 	}
 	if _, err := dp.RefreshListeners(); err != nil {
@@ -151,6 +162,22 @@ func runEnable(e *env, args []string) error {
 	}
 	if fresh && !accountOnly {
 		fmt.Fprintf(e.stderr, "warning: on accelerated sockets this kernel cannot keep: %s (see sockbypass doctor)\n", strings.Join(knownLimitations(), "; "))
+	}
+	return nil
+}
+
+// Sockhash capacities enable accepts.
+const (
+	defaultSockhashSize = 65536
+	maxSockhashSize     = 1 << 20
+)
+
+// checkCgroupArgs refuses empty --cgroup values as a bad command line.
+func checkCgroupArgs(args []string) error {
+	for _, a := range args {
+		if strings.TrimSpace(a) == "" {
+			return usagef("--cgroup %q: give a cgroup v2 directory, absolute or relative to the cgroup2 mount", a)
+		}
 	}
 	return nil
 }

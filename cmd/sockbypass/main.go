@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 
@@ -69,15 +70,17 @@ the normal path. Everything is pinned under the pin directory, so acceleration
 stays in place after this command exits.
 
 Usage:
-  sockbypass <command> [flags]
+  sockbypass [--bpffs-dir DIR] [--log-level LVL] <command> [flags]
 
 Commands:
 %s
 Flags every command takes:
   --bpffs-dir DIR   pin directory (default $SOCKBYPASS_BPFFS_DIR, else %s)
-  --log-level LVL   debug, info, warn or error (default warn); logs go to stderr
+  --log-level LVL   debug, info, warn or error (default warn; daemon: info);
+                    logs go to stderr, info shows what changed
 
-Run "sockbypass <command> --help" for a command's flags.
+Run "sockbypass help <command>" or "sockbypass <command> --help" for a
+command's flags. A bad command line exits 2, any other error 1.
 `
 
 func printHelp(w io.Writer) {
@@ -103,28 +106,81 @@ func newFlagSet(name string, e *env, pinDir, logLevel *string) *flag.FlagSet {
 }
 
 // parseFlags parses args into fs and sets up e's logger and pin directory.
+// Every error is a usageError (exit 2) printed once, by run; --help prints
+// the command's usage on stdout.
 func parseFlags(fs *flag.FlagSet, e *env, args []string, pinDir, logLevel *string) error {
 	cmd := e.cmd
-	fs.Usage = func() {
-		fmt.Fprintf(e.stderr, "Usage: sockbypass %s\n\n%s\n\nFlags:\n", cmd.usage, cmd.summary)
-		fs.PrintDefaults()
-	}
+	// The flag package prints its error and the usage itself on every
+	// error; run prints the error once instead, with a pointer to --help.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			printCommandHelp(e.stdout, fs, cmd)
 			return err
 		}
-		return usageError{err.Error()}
+		return usagef("%v (see sockbypass %s --help)", err, fs.Name())
 	}
 	if fs.NArg() > 0 {
-		return usagef("%s: unexpected argument %q (see sockbypass %s --help)", fs.Name(), fs.Arg(0), fs.Name())
+		return usagef("unexpected argument %q (see sockbypass %s --help)", fs.Arg(0), fs.Name())
 	}
 	lvl, err := zapcore.ParseLevel(*logLevel)
 	if err != nil {
 		return usagef("--log-level %q: use debug, info, warn or error", *logLevel)
 	}
+	if flagSet(fs, "bpffs-dir") {
+		if strings.TrimSpace(*pinDir) == "" {
+			return usagef("--bpffs-dir \"\": name a pin directory on bpffs, e.g. %s (or leave the flag out)", bpffs.DefaultPinDir)
+		}
+		if !filepath.IsAbs(*pinDir) {
+			return usagef("--bpffs-dir %q: use an absolute path on bpffs, e.g. %s", *pinDir, bpffs.DefaultPinDir)
+		}
+	}
 	e.log = newLogger(e.stderr, lvl)
 	e.pinDir = bpffs.PinDir(*pinDir)
 	return nil
+}
+
+// printCommandHelp prints cmd's usage, summary and flags.
+func printCommandHelp(w io.Writer, fs *flag.FlagSet, cmd command) {
+	fmt.Fprintf(w, "Usage: sockbypass %s\n\n%s\n\nFlags:\n", cmd.usage, cmd.summary)
+	fs.SetOutput(w)
+	fs.PrintDefaults()
+	fs.SetOutput(io.Discard)
+}
+
+// flagSet reports whether the flag name was given on the command line.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
+// splitGlobalFlags takes the flags every command takes (--bpffs-dir,
+// --log-level) from the front of args, so that they may come before the
+// command: "sockbypass --bpffs-dir DIR status". It returns them (to be
+// parsed with the command's own flags) and the rest, starting with the
+// command.
+func splitGlobalFlags(args []string) (global, rest []string, err error) {
+	for len(args) > 0 && strings.HasPrefix(args[0], "-") {
+		a := args[0]
+		if a == "-h" || a == "-help" || a == "--help" {
+			break
+		}
+		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if name != "bpffs-dir" && name != "log-level" {
+			return nil, nil, usagef("flag %s before the command: only --bpffs-dir and --log-level go there; put the others after the command (see sockbypass help)", a)
+		}
+		if hasValue {
+			global, args = append(global, a), args[1:]
+			continue
+		}
+		if len(args) < 2 {
+			return nil, nil, usagef("flag needs an argument: %s", a)
+		}
+		global, args = append(global, a, args[1]), args[2:]
+	}
+	return global, args, nil
 }
 
 func newLogger(w io.Writer, lvl zapcore.Level) *zap.Logger {
@@ -138,22 +194,36 @@ func newLogger(w io.Writer, lvl zapcore.Level) *zap.Logger {
 // exit code.
 func run(args []string, stdout, stderr io.Writer) int {
 	e := &env{stdout: stdout, stderr: stderr, log: zap.NewNop()}
+	global, args, err := splitGlobalFlags(args)
+	if err != nil {
+		fmt.Fprintf(stderr, "sockbypass: %v\n", err)
+		return exitUsage
+	}
 	if len(args) == 0 {
 		printHelp(stderr)
 		return exitUsage
 	}
-	switch args[0] {
+	name, rest := args[0], args[1:]
+	switch name {
 	case "help", "-h", "--help", "-help":
-		printHelp(stdout)
-		return exitOK
+		if len(rest) == 0 {
+			printHelp(stdout)
+			return exitOK
+		}
+		// "help COMMAND" is "COMMAND --help".
+		name, rest = rest[0], []string{"--help"}
+		if _, ok := commands[name]; !ok {
+			fmt.Fprintf(stderr, "sockbypass help: unknown command %q (see sockbypass help)\n", name)
+			return exitUsage
+		}
 	}
-	cmd, ok := commands[args[0]]
+	cmd, ok := commands[name]
 	if !ok {
-		fmt.Fprintf(stderr, "sockbypass: unknown command %q (see sockbypass help)\n", args[0])
+		fmt.Fprintf(stderr, "sockbypass: unknown command %q (see sockbypass help)\n", name)
 		return exitUsage
 	}
 	e.cmd = cmd
-	err := cmd.run(e, args[1:])
+	err = cmd.run(e, append(global, rest...))
 	defer e.log.Sync()
 	switch {
 	case err == nil:
@@ -161,7 +231,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case errors.Is(err, flag.ErrHelp):
 		return exitOK
 	}
-	fmt.Fprintf(stderr, "sockbypass %s: %v\n", args[0], err)
+	fmt.Fprintf(stderr, "sockbypass %s: %v\n", name, err)
 	var ue usageError
 	if errors.As(err, &ue) {
 		return exitUsage

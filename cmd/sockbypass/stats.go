@@ -18,7 +18,7 @@ import (
 
 var statsCommand = command{
 	summary: "per cgroup: live sockets, bytes redirected vs through the stack, bypass ratio",
-	usage:   "stats [--json] [--watch INTERVAL [--count N]]",
+	usage:   "stats [--json] [--watch INTERVAL [--count N]]   (INTERVAL >= 100ms, N >= 1)",
 	run:     runStats,
 }
 
@@ -29,16 +29,16 @@ func runStats(e *env, args []string) error {
 	var count int
 	fs := newFlagSet("stats", e, &pinDir, &logLevel)
 	fs.BoolVar(&asJSON, "json", false, "print JSON (one document per line with --watch)")
-	fs.DurationVar(&watch, "watch", 0, "print again every INTERVAL (e.g. 2s) until interrupted")
-	fs.IntVar(&count, "count", 0, "with --watch: stop after N reports (default: until interrupted)")
+	fs.DurationVar(&watch, "watch", 0, "print again every INTERVAL, at least 100ms (e.g. 2s), until interrupted (default: print once)")
+	fs.IntVar(&count, "count", 0, "with --watch: stop after N reports, N >= 1 (default: until interrupted)")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
 	}
-	if watch < 0 || (watch > 0 && watch < 100*time.Millisecond) {
-		return usagef("--watch %v: use an interval of at least 100ms", watch)
+	if flagSet(fs, "watch") && watch < 100*time.Millisecond {
+		return usagef("--watch %v: use an interval of at least 100ms (leave --watch out to print once)", watch)
 	}
-	if count < 0 || (count > 0 && watch == 0) {
-		return usagef("--count %d: needs --watch and a positive number", count)
+	if flagSet(fs, "count") && (count < 1 || !flagSet(fs, "watch")) {
+		return usagef("--count %d: needs --watch and a number of reports of at least 1 (leave --count out to watch until interrupted)", count)
 	}
 	dp, err := openDataplane(e, false, 0)
 	if errors.Is(err, dataplane.ErrNotInstalled) {
@@ -105,7 +105,15 @@ func printStats(w io.Writer, r *stats.Report) {
 		fmt.Fprintln(tw)
 	}
 	for _, c := range r.Cgroups {
-		row(c.Cgroup, c.Mode, fmt.Sprint(c.LiveSockets), c.Figures, ratio(c.BypassRatio))
+		bypass := ratio(c.BypassRatio)
+		if c.Mode == "account-only" {
+			// A dry run: what acceleration would take off the stack.
+			bypass = fmt.Sprintf("would %s (%s, %d pairs)", ratio(c.WouldBypassRatio), stats.HumanBytes(c.WouldRedirectBytes), c.WouldPairs)
+		}
+		row(c.Cgroup, c.Mode, fmt.Sprint(c.LiveSockets), c.Figures, bypass)
+	}
+	for _, c := range r.DisabledCgroups {
+		row(c.Cgroup, "disabled, live sockets", fmt.Sprint(c.LiveSockets), c.Figures, ratio(c.BypassRatio))
 	}
 	row("(no enabled cgroup)", "-", "-", r.Unattributed, "-")
 	tw.Flush()

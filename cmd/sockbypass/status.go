@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
+	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/stats"
 )
@@ -18,11 +20,61 @@ var statusCommand = command{
 }
 
 // statusJSON is the --json document of status. Its fields are stable: new
-// fields may be added, none renamed or removed.
+// fields may be added, none renamed or removed. It is a superset of the
+// stats --json document (stats.Report): every cgroup carries the same flat
+// figures and relative path as in stats, plus its program and link ids and
+// its raw counters (nested in "counters", as the BPF struct names them);
+// unattributed and totals carry both the figures and the raw counter names.
 type statusJSON struct {
 	Installed bool `json:"installed"`
 	*dataplane.Status
 	PinDir string `json:"pin_dir"`
+	// The fields below shadow those of Status with the stats shape.
+	Time            *time.Time          `json:"time,omitempty"`
+	Cgroups         []statusCgroup      `json:"cgroups,omitempty"`
+	DisabledCgroups []statusCgroup      `json:"disabled_cgroups,omitempty"`
+	Unattributed    *countersAndFigures `json:"unattributed,omitempty"`
+	Totals          *countersAndFigures `json:"totals,omitempty"`
+}
+
+// statusCgroup is a cgroup of stats --json with what status adds.
+type statusCgroup struct {
+	stats.Cgroup
+	SockOpsProgramID uint32                   `json:"sock_ops_program_id"`
+	LinkID           uint32                   `json:"link_id"`
+	Mesh             string                   `json:"mesh,omitempty"`
+	Counters         dataplane.CgroupCounters `json:"counters"`
+}
+
+// countersAndFigures holds the figures of stats --json and the raw counter
+// names that status --json always had (the fallbacks flat).
+type countersAndFigures struct {
+	stats.Figures
+	FallbackRcvlowat  uint64 `json:"fallback_rcvlowat"`
+	FallbackTCPInq    uint64 `json:"fallback_tcp_inq"`
+	FallbackOOBInline uint64 `json:"fallback_oobinline"`
+	FallbackWaitall   uint64 `json:"fallback_waitall"`
+	FallbackOOBRead   uint64 `json:"fallback_oob_read"`
+}
+
+func newCountersAndFigures(c dataplane.CgroupCounters) *countersAndFigures {
+	return &countersAndFigures{Figures: stats.FiguresOf(c), FallbackRcvlowat: c.FallbackRcvlowat, FallbackTCPInq: c.FallbackTCPInq,
+		FallbackOOBInline: c.FallbackOOBInline, FallbackWaitall: c.FallbackWaitall, FallbackOOBRead: c.FallbackOOBRead}
+}
+
+// newStatusJSON builds the status document of st at now.
+func newStatusJSON(st *dataplane.Status, cgroup2Mount string, now time.Time) statusJSON {
+	r := stats.FromStatus(st, cgroup2Mount, now)
+	doc := statusJSON{Installed: true, Status: st, PinDir: st.PinDir, Time: &r.Time,
+		Cgroups: []statusCgroup{}, DisabledCgroups: []statusCgroup{},
+		Unattributed: newCountersAndFigures(st.Unattributed), Totals: newCountersAndFigures(st.Totals)}
+	for i, cg := range st.Cgroups {
+		doc.Cgroups = append(doc.Cgroups, statusCgroup{Cgroup: r.Cgroups[i], SockOpsProgramID: cg.SockOpsProgramID, LinkID: cg.LinkID, Mesh: cg.Mesh, Counters: cg.Counters})
+	}
+	for i, cg := range st.DisabledCgroups {
+		doc.DisabledCgroups = append(doc.DisabledCgroups, statusCgroup{Cgroup: r.DisabledCgroups[i], Counters: cg.Counters})
+	}
+	return doc
 }
 
 func runStatus(e *env, args []string) error {
@@ -50,7 +102,11 @@ func runStatus(e *env, args []string) error {
 		return err
 	}
 	if asJSON {
-		return writeJSON(e.stdout, statusJSON{Installed: true, Status: st, PinDir: st.PinDir})
+		mounts, err := cgroup.ReadMounts()
+		if err != nil {
+			return err
+		}
+		return writeJSON(e.stdout, newStatusJSON(st, mounts.V2, time.Now()))
 	}
 	printStatus(e.stdout, st)
 	return nil
@@ -101,6 +157,16 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 		}
 		fmt.Fprintf(w, "    %s\n", formatCounters(cg.Counters))
 	}
+	if len(st.DisabledCgroups) > 0 {
+		fmt.Fprintf(w, "disabled cgroups whose accelerated sockets live on (%d):\n", len(st.DisabledCgroups))
+	}
+	for _, cg := range st.DisabledCgroups {
+		path := cg.Path
+		if path == "" {
+			path = "(removed)"
+		}
+		fmt.Fprintf(w, "  %s  cgroup id %d, disabled, %d live socket(s)\n    %s\n", path, cg.ID, cg.LiveSockets, formatCounters(cg.Counters))
+	}
 	if len(st.TCDevices) == 0 {
 		fmt.Fprintln(w, "tc egress accounting: none")
 	} else {
@@ -130,10 +196,12 @@ func costText(c *dataplane.ProgramCost) string {
 
 func formatCounters(c dataplane.CgroupCounters) string {
 	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d, remote peer %d); redirected %d msgs / %s (%d msgs / %s across namespaces); passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
-		"    connections left plain TCP: peer not joining %d, blocking %d, stack port %d, client sent first %d; reader options before joining: rcvlowat %d, tcp_inq %d, oobinline %d; after joining (counted only): %d",
+		"    connections left plain TCP: peer not joining %d, blocking %d, stack port %d, client sent first %d; reader options before joining: rcvlowat %d, tcp_inq %d, oobinline %d; after joining (counted only): %d\n"+
+		"    account-only (dry run): %d pairs would have joined, %s of stack egress would have been redirected",
 		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped, c.SocketsRemote,
 		c.RedirectedMsgs, stats.HumanBytes(c.RedirectedBytes), c.RedirectedXnsMsgs, stats.HumanBytes(c.RedirectedXnsBytes), c.PassedMsgs, stats.HumanBytes(c.PassedBytes), c.PassedUnreadMsgs,
 		c.StackEgressPackets, stats.HumanBytes(c.StackEgressBytes), c.RedirectFailures,
 		c.SocketsUnpaired, c.SocketsBlocking, c.SocketsStackPort, c.PairsAbandoned,
-		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline, c.LateStackOptions)
+		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline, c.LateStackOptions,
+		c.WouldPairs, stats.HumanBytes(c.WouldRedirectBytes))
 }

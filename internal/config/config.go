@@ -11,6 +11,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
 	"time"
 
@@ -139,12 +141,40 @@ func Parse(data []byte) (*Config, error) {
 	return &cfg, nil
 }
 
-// unwrapYAML turns yaml.v3's multi-line errors into one line.
+// unwrapYAML turns yaml.v3's multi-line errors into one line, and its
+// "field X not found in type config.Config" into the key and the keys that
+// are valid there.
 func unwrapYAML(err error) error {
 	msg := strings.TrimPrefix(err.Error(), "yaml: ")
 	msg = strings.TrimPrefix(msg, "unmarshal errors:\n")
+	msg = unknownField.ReplaceAllStringFunc(msg, func(m string) string {
+		sub := unknownField.FindStringSubmatch(m)
+		section, keys := "", yamlKeys(reflect.TypeOf(Config{}))
+		if sub[2] == "MeshConfig" {
+			section, keys = "mesh.", yamlKeys(reflect.TypeOf(MeshConfig{}))
+		}
+		where := ""
+		if section != "" {
+			where = " in " + strings.TrimSuffix(section, ".")
+		}
+		return fmt.Sprintf("unknown key %s%s (valid keys%s: %s)", section, sub[1], where, strings.Join(keys, ", "))
+	})
 	msg = strings.Join(strings.Fields(strings.ReplaceAll(msg, "\n", "; ")), " ")
 	return errors.New(msg)
+}
+
+// unknownField matches yaml.v3's error for a key that no field takes.
+var unknownField = regexp.MustCompile(`field (\S+) not found in type config\.(\w+)`)
+
+// yamlKeys lists the YAML keys of a configuration struct, in file order.
+func yamlKeys(t reflect.Type) []string {
+	var keys []string
+	for i := 0; i < t.NumField(); i++ {
+		if k, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ","); k != "" && k != "-" {
+			keys = append(keys, k)
+		}
+	}
+	return keys
 }
 
 func (c *Config) validate() error {

@@ -13,7 +13,7 @@ import (
 
 func TestBadConfigsNameTheLine(t *testing.T) {
 	cases := []struct{ name, yaml, want string }{
-		{"unknown key", "cgroups: []\nfrobnicate: 3\n", "line 2: field frobnicate not found"},
+		{"unknown key", "cgroups: []\nfrobnicate: 3\n", "line 2: unknown key frobnicate (valid keys: cgroups, tcDevices,"},
 		{"wrong type", "cgroups: []\nsockhashSize: lots\n", "line 2"},
 		{"bad glob", "cgroups:\n  - ok-*\n  - 'pods/[a-'\n", "line 3: cgroups: bad glob"},
 		{"missing cgroup", "cgroups:\n  - no-such-cgroup-for-sure\n", "line 2: cgroups: cgroup \"no-such-cgroup-for-sure\""},
@@ -29,7 +29,7 @@ func TestBadConfigsNameTheLine(t *testing.T) {
 		{"zero sockhash", "sockhashSize: 0\n", "line 1: sockhashSize 0"},
 		{"unknown mesh", "mesh:\n  name: consul\n", "line 2: mesh: mesh \"consul\""},
 		{"bad mesh cidr", "mesh:\n  name: istio\n  excludeCIDRs: [10.0.0.0]\n", "line 3: mesh.excludeCIDRs"},
-		{"unknown mesh key", "mesh:\n  name: istio\n  outbound: 1\n", "line 3: field outbound not found"},
+		{"unknown mesh key", "mesh:\n  name: istio\n  outbound: 1\n", "line 3: unknown key mesh.outbound (valid keys in mesh: name, intercept,"},
 	}
 	for _, c := range cases {
 		_, err := Parse([]byte(c.yaml))

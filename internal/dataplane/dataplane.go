@@ -409,9 +409,11 @@ const cgroupAccountOnly = 1 << 0
 // of the cgroups below it) that reaches ESTABLISHED from now on is inserted
 // into the sockhash and accelerated (or only counted, with AccountOnly),
 // and accounts the egress of opts.TCDevices for it. It is idempotent: it
-// reports false when cg was already enabled, and then applies opts (new
-// devices are added, the mode is updated for new connections). On error
-// nothing that this call attached is left attached.
+// reports false when cg was already enabled, and then converges on opts:
+// the mode is updated for new connections, and cg's TC devices become
+// exactly opts.TCDevices (cg stops asking for the others; a device is
+// detached once no enabled cgroup asks for it, since devices are shared
+// node-wide). On error nothing that this call attached is left attached.
 func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, err error) {
 	devs := make([]resolvedDevice, 0, len(opts.TCDevices))
 	for _, td := range opts.TCDevices {
@@ -488,7 +490,10 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		}
 	}
 
+	var tcAdded []string
+	wantDev := map[tcDeviceKey]bool{}
 	for _, dev := range devs {
+		wantDev[dev.key] = true
 		attached, err := d.attachTC(dev)
 		if err != nil {
 			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
@@ -502,9 +507,13 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 				}
 			})
 		}
+		if d.isTCUser(cg.ID, dev.key) {
+			continue
+		}
 		if err := d.addTCUser(cg.ID, dev.key); err != nil {
 			return false, fmt.Errorf("enable %s: record tc device: %w", cg.Path, err)
 		}
+		tcAdded = append(tcAdded, dev.String())
 		key := tcUserKey{CgroupID: cg.ID, Dev: dev.key}
 		undo = append(undo, func() { d.maps[PinTCUsers].Delete(key) })
 	}
@@ -529,6 +538,21 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		}
 	}
 
+	// The devices are exactly those given: the cgroup stops asking for
+	// the others, and a device no enabled cgroup asks for any more is
+	// detached (last, since it cannot be undone).
+	var tcDropped int
+	detached, err := d.releaseTCUsers(func(k tcUserKey) bool {
+		drop := k.CgroupID == cg.ID && !wantDev[k.Dev]
+		if drop {
+			tcDropped++
+		}
+		return drop
+	})
+	if err != nil {
+		return false, fmt.Errorf("enable %s: release tc devices: %w", cg.Path, err)
+	}
+
 	// Servers that were listening before this call: their listeners
 	// must be known non-blocking for accepted sockets to pair.
 	if _, err := d.refreshListeners([]cgroup.Cgroup{cg}); err != nil {
@@ -536,7 +560,15 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 	}
 
 	if already {
-		d.log.Info("cgroup already enabled", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
+		// Info shows what changed; an enable that changes nothing (the
+		// daemon's every rescan) is debug.
+		if hadCfg && oldCfg == cfg && len(tcAdded) == 0 && tcDropped == 0 {
+			d.log.Debug("cgroup already enabled, nothing changed", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
+			return false, nil
+		}
+		d.log.Info("cgroup settings changed", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID),
+			zap.Bool("settings_changed", !hadCfg || oldCfg != cfg), zap.Strings("tc_devices_added", tcAdded),
+			zap.Int("tc_devices_dropped", tcDropped), zap.Stringers("tc_devices_detached", detached))
 		return false, nil
 	}
 	d.log.Info("enabled cgroup", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
@@ -651,7 +683,7 @@ func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
 			return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 		}
 	}
-	if err := d.releaseTCUsers(cgroupID, false); err != nil {
+	if _, err := d.releaseTCUsers(func(k tcUserKey) bool { return k.CgroupID == cgroupID }); err != nil {
 		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 	}
 	if err := d.maps[PinCgroupConfig].Delete(cgroupID); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -700,7 +732,7 @@ func (d *Dataplane) Uninstall() error {
 			return fmt.Errorf("uninstall: %w", err)
 		}
 	}
-	if err := d.releaseTCUsers(0, true); err != nil {
+	if _, err := d.releaseTCUsers(func(tcUserKey) bool { return true }); err != nil {
 		return fmt.Errorf("uninstall: %w", err)
 	}
 

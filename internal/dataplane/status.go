@@ -9,6 +9,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/lock"
 )
 
@@ -39,8 +40,14 @@ type Status struct {
 	TCDevices []TCDeviceStatus `json:"tc_devices"`
 	// NodeAddrs says which addresses pair across namespaces.
 	NodeAddrs NodeAddrs `json:"node_addresses"`
-	// Unattributed counts what belongs to no enabled cgroup: stack
-	// egress of sockets outside enabled cgroups, mostly.
+	// DisabledCgroups lists the cgroups that are no longer enabled but
+	// still have accelerated sockets (Mode "disabled"): their counters
+	// still move.
+	DisabledCgroups []CgroupStatus `json:"disabled_cgroups"`
+	// Unattributed counts what belongs to no enabled cgroup and to none
+	// of DisabledCgroups: stack egress of sockets outside enabled
+	// cgroups, and the counters of cgroups disabled since (their sockets
+	// closed). Cgroups, DisabledCgroups and Unattributed add up to Totals.
 	Unattributed CgroupCounters `json:"unattributed"`
 	// Totals sums the counters of every cgroup, including cgroups that are
 	// no longer enabled and what could not be attributed to one.
@@ -77,7 +84,8 @@ func programCost(id ebpf.ProgramID) *ProgramCost {
 	return &ProgramCost{Runs: st.RunCount, RunTimeNs: uint64(st.Runtime)}
 }
 
-// CgroupStatus describes one enabled cgroup.
+// CgroupStatus describes one enabled cgroup (or a disabled one with live
+// accelerated sockets).
 type CgroupStatus struct {
 	// ID is the cgroup id.
 	ID uint64 `json:"id"`
@@ -89,7 +97,8 @@ type CgroupStatus struct {
 	LinkID uint32 `json:"link_id"`
 	// LiveSockets is the number of its sockets in the sockhash now.
 	LiveSockets int `json:"live_sockets"`
-	// Mode is "accelerate" or "account-only".
+	// Mode is "accelerate" or "account-only"; "disabled" for a cgroup
+	// that is no longer enabled and still has accelerated sockets.
 	Mode string `json:"mode"`
 	// Mesh is the sidecar mode: "", "redirect" or "intercept".
 	Mesh string `json:"mesh,omitempty"`
@@ -145,7 +154,7 @@ func (d *Dataplane) Status() (*Status, error) {
 	}
 	defer l.Unlock()
 
-	st := &Status{PinDir: d.pinDir, Cgroups: []CgroupStatus{}}
+	st := &Status{PinDir: d.pinDir, Cgroups: []CgroupStatus{}, DisabledCgroups: []CgroupStatus{}}
 	sockhash := d.maps[PinSockhash]
 	st.SockhashCapacity = sockhash.MaxEntries()
 	if info, err := sockhash.Info(); err == nil {
@@ -230,6 +239,38 @@ func (d *Dataplane) Status() (*Status, error) {
 		st.Cgroups = append(st.Cgroups, cs)
 	}
 	sort.Slice(st.Cgroups, func(i, j int) bool { return st.Cgroups[i].Path < st.Cgroups[j].Path })
+
+	// Cgroups no longer enabled: those with accelerated sockets left get
+	// a row of their own, the others count as no enabled cgroup.
+	enabled := map[uint64]bool{0: true}
+	for _, id := range ids {
+		enabled[id] = true
+	}
+	var disabled []uint64
+	for id, c := range counters {
+		if enabled[id] {
+			continue
+		}
+		if live[id] == 0 {
+			st.Unattributed.Add(c)
+			continue
+		}
+		disabled = append(disabled, id)
+	}
+	if len(disabled) > 0 {
+		mounts, err := cgroup.ReadMounts()
+		if err != nil {
+			return nil, err
+		}
+		paths, err := mounts.PathsByID(disabled)
+		if err != nil {
+			return nil, err
+		}
+		for _, id := range disabled {
+			st.DisabledCgroups = append(st.DisabledCgroups, CgroupStatus{ID: id, Path: paths[id], Mode: "disabled", LiveSockets: live[id], Counters: counters[id]})
+		}
+		sort.Slice(st.DisabledCgroups, func(i, j int) bool { return st.DisabledCgroups[i].ID < st.DisabledCgroups[j].ID })
+	}
 	return st, nil
 }
 

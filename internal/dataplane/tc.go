@@ -249,7 +249,7 @@ func (d *Dataplane) detachTC(key tcDeviceKey, value tcDeviceValue) error {
 			return tc.DetachClsact(int(key.Ifindex), value.CreatedQdisc == 1)
 		})
 		if err != nil && !errors.Is(err, os.ErrNotExist) && !isNetnsGone(err) {
-			return fmt.Errorf("detach tc filter from %s: %w", cString(value.Ifname[:]), err)
+			return fmt.Errorf("detach tc filter from %s: %w", value.device(), err)
 		}
 		if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
@@ -258,7 +258,7 @@ func (d *Dataplane) detachTC(key tcDeviceKey, value tcDeviceValue) error {
 	if err := d.maps[PinTCDevices].Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return err
 	}
-	d.log.Info("detached tc egress accounting", zap.String("device", cString(value.Ifname[:])))
+	d.log.Info("detached tc egress accounting", zap.String("device", value.device().String()))
 	return nil
 }
 
@@ -282,44 +282,57 @@ func (d *Dataplane) addTCUser(cgroupID uint64, dev tcDeviceKey) error {
 	return d.maps[PinTCUsers].Put(tcUserKey{CgroupID: cgroupID, Dev: dev}, uint32(1))
 }
 
-// releaseTCUsers forgets every device cgroupID used and detaches the devices
-// no enabled cgroup uses any more (every device when cgroupID is 0 and all
-// is set).
-func (d *Dataplane) releaseTCUsers(cgroupID uint64, all bool) error {
+// releaseTCUsers forgets the tc_users entries drop selects and detaches
+// every device that no remaining entry uses: a device stays attached while
+// any enabled cgroup asks for it. It returns the devices it detached.
+func (d *Dataplane) releaseTCUsers(drop func(tcUserKey) bool) ([]TCDevice, error) {
 	users := d.maps[PinTCUsers]
 	inUse := map[tcDeviceKey]bool{}
-	var drop []tcUserKey
+	var dropped []tcUserKey
 	var key tcUserKey
 	var v uint32
 	it := users.Iterate()
 	for it.Next(&key, &v) {
-		if all || key.CgroupID == cgroupID {
-			drop = append(drop, key)
+		if drop(key) {
+			dropped = append(dropped, key)
 		} else {
 			inUse[key.Dev] = true
 		}
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("read tc users: %w", err)
+		return nil, fmt.Errorf("read tc users: %w", err)
 	}
-	for _, k := range drop {
+	for _, k := range dropped {
 		if err := users.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return err
+			return nil, err
 		}
 	}
 	devices, err := d.tcDevices()
 	if err != nil {
-		return err
+		return nil, err
 	}
+	var detached []TCDevice
 	for k, v := range devices {
 		if inUse[k] {
 			continue
 		}
 		if err := d.detachTC(k, v); err != nil {
-			return err
+			return detached, err
 		}
+		detached = append(detached, v.device())
 	}
-	return nil
+	return detached, nil
+}
+
+// isTCUser reports whether cgroupID asked for dev.
+func (d *Dataplane) isTCUser(cgroupID uint64, dev tcDeviceKey) bool {
+	var v uint32
+	return d.maps[PinTCUsers].Lookup(tcUserKey{CgroupID: cgroupID, Dev: dev}, &v) == nil
+}
+
+// device returns the device spec v was attached for ([NETNS_PATH:]DEV).
+func (v tcDeviceValue) device() TCDevice {
+	return TCDevice{NetnsPath: cString(v.NetnsPath[:]), Name: cString(v.Ifname[:])}
 }
 
 func (d *Dataplane) tcDevices() (map[tcDeviceKey]tcDeviceValue, error) {
@@ -360,7 +373,7 @@ func (d *Dataplane) tcDeviceStatus() ([]TCDeviceStatus, error) {
 	out := []TCDeviceStatus{}
 	for k, v := range devices {
 		st := TCDeviceStatus{
-			TCDevice:   TCDevice{NetnsPath: cString(v.NetnsPath[:]), Name: cString(v.Ifname[:])},
+			TCDevice:   v.device(),
 			Ifindex:    k.Ifindex,
 			NetnsInode: k.NetnsIno,
 			Mode:       tcModeName(v.Mode),

@@ -64,6 +64,8 @@ type CgroupCounters struct {
 	LateStackOptions   uint64 `json:"late_stack_options"`
 	TCEgressPackets    uint64 `json:"tc_egress_packets"`
 	TCEgressBytes      uint64 `json:"tc_egress_bytes"`
+	WouldPairs         uint64 `json:"would_pairs"`
+	WouldRedirectBytes uint64 `json:"would_redirect_bytes"`
 }
 
 // Add adds o to c field by field.
@@ -102,6 +104,8 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.LateStackOptions += o.LateStackOptions
 	c.TCEgressPackets += o.TCEgressPackets
 	c.TCEgressBytes += o.TCEgressBytes
+	c.WouldPairs += o.WouldPairs
+	c.WouldRedirectBytes += o.WouldRedirectBytes
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -141,5 +145,7 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		LateStackOptions:   c.LateStackOptions - o.LateStackOptions,
 		TCEgressPackets:    c.TCEgressPackets - o.TCEgressPackets,
 		TCEgressBytes:      c.TCEgressBytes - o.TCEgressBytes,
+		WouldPairs:         c.WouldPairs - o.WouldPairs,
+		WouldRedirectBytes: c.WouldRedirectBytes - o.WouldRedirectBytes,
 	}
 }

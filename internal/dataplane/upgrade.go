@@ -20,7 +20,7 @@ import (
 // LayoutVersion is the version of the pin layout and map formats this
 // binary writes and reads: bump it whenever a shared struct or map changes. Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
-const LayoutVersion = 4
+const LayoutVersion = 4 // 4: cgroup_counters (tc_egress_*, would_*), sock_state, shared map sizes
 
 // PinLayout is the pin of the one-entry array map that holds the layout
 // version.
@@ -151,7 +151,7 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 			return nil
 		})
 		if err != nil {
-			d.log.Warn("tc device gone; not upgraded", zap.String("device", cString(v.Ifname[:])), zap.Error(err))
+			d.log.Warn("tc device gone; not upgraded", zap.String("device", v.device().String()), zap.Error(err))
 			continue
 		}
 		prog, err := tc.Load(l2Len, d.maps)

@@ -67,6 +67,8 @@ type fallbackCgroupCounters struct {
 	LateStackOptions       uint64
 	TcEgressPackets        uint64
 	TcEgressBytes          uint64
+	WouldPairs             uint64
+	WouldRedirectBytes     uint64
 }
 
 type fallbackEndpointKey struct {
@@ -200,7 +202,6 @@ type fallbackTcUserKey struct {
 const (
 	fallbackMapCgroupConfig          = "cgroup_config"
 	fallbackMapCgroupCounters        = "cgroup_counters"
-	fallbackMapCountersZero          = "counters_zero"
 	fallbackMapInboundPods           = "inbound_pods"
 	fallbackMapListeners             = "listeners"
 	fallbackMapMeshClients           = "mesh_clients"
@@ -272,7 +273,6 @@ type fallbackProgramSpecs struct {
 type fallbackMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.MapSpec `ebpf:"counters_zero"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -318,7 +318,6 @@ func (o *fallbackObjects) Close() error {
 type fallbackMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.Map `ebpf:"counters_zero"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -339,7 +338,6 @@ func (m *fallbackMaps) Close() error {
 	return _FallbackClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
-		m.CountersZero,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

@@ -67,6 +67,8 @@ type meshCgroupCounters struct {
 	LateStackOptions       uint64
 	TcEgressPackets        uint64
 	TcEgressBytes          uint64
+	WouldPairs             uint64
+	WouldRedirectBytes     uint64
 }
 
 type meshEndpointKey struct {
@@ -200,7 +202,6 @@ type meshTcUserKey struct {
 const (
 	meshMapCgroupConfig          = "cgroup_config"
 	meshMapCgroupCounters        = "cgroup_counters"
-	meshMapCountersZero          = "counters_zero"
 	meshMapInboundPods           = "inbound_pods"
 	meshMapListeners             = "listeners"
 	meshMapMeshClients           = "mesh_clients"
@@ -276,7 +277,6 @@ type meshProgramSpecs struct {
 type meshMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.MapSpec `ebpf:"counters_zero"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -322,7 +322,6 @@ func (o *meshObjects) Close() error {
 type meshMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
-	CountersZero   *ebpf.Map `ebpf:"counters_zero"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -343,7 +342,6 @@ func (m *meshMaps) Close() error {
 	return _MeshClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
-		m.CountersZero,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

@@ -73,6 +73,8 @@ func NewCollector(source Source) *Collector {
 			counter("sockets_inserted_total", "Sockets added to the sockhash.", func(f stats.Figures) uint64 { return f.SocketsInserted }),
 			counter("socket_insert_failures_total", "Sockets that could not be added to the sockhash (full).", func(f stats.Figures) uint64 { return f.InsertFailures }),
 			counter("sockets_remote_total", "Sockets left out because their peer cannot be local.", func(f stats.Figures) uint64 { return f.SocketsRemote }),
+			counter("would_pairs_total", "Account-only: pairs that would have joined the sockhash were the cgroup accelerated.", func(f stats.Figures) uint64 { return f.WouldPairs }),
+			counter("would_redirect_bytes_total", "Account-only: stack egress bytes of those pairs, what acceleration would take off the stack.", func(f stats.Figures) uint64 { return f.WouldRedirectBytes }),
 			counter("sockets_skipped_total", "Sockets left out because data moved before ESTABLISHED.", func(f stats.Figures) uint64 { return f.SocketsSkipped }),
 		},
 		fallbacks:        prometheus.NewDesc("sockbypass_fallbacks_total", "Sockets whose reader was kept on the normal TCP path, by reason (rcvlowat, tcp_inq, oobinline, waitall, oob_read).", []string{"cgroup", "reason"}, nil),
@@ -116,7 +118,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.bypassRatio, prometheus.GaugeValue, *f.BypassRatio, label)
 		}
 	}
-	for _, cg := range r.Cgroups {
+	for _, cg := range append(r.Cgroups[:len(r.Cgroups):len(r.Cgroups)], r.DisabledCgroups...) {
 		emit(cg.Cgroup, cg.Figures)
 		ch <- prometheus.MustNewConstMetric(c.liveSockets, prometheus.GaugeValue, float64(cg.LiveSockets), cg.Cgroup)
 	}

@@ -80,8 +80,19 @@ func checkCaps(caps uint64) error {
 	if len(missing) == 0 {
 		return nil
 	}
+	return capsError(missing, os.Geteuid())
+}
+
+// capsError says which capabilities are missing and how to get them. Root
+// that lacks them had them dropped (a container runtime, a systemd unit's
+// CapabilityBoundingSet, capsh): "run as root" would not help there.
+func capsError(missing []string, euid int) error {
+	if euid == 0 {
+		return fmt.Errorf("%w: running as root without %s (dropped from this process's capability set by its container runtime, systemd unit or parent): grant %s, e.g. securityContext.capabilities.add or AmbientCapabilities=",
+			ErrNotPrivileged, strings.Join(missing, " and "), strings.Join(missing, ", "))
+	}
 	return fmt.Errorf("%w: running as uid %d without %s: run sockbypass as root (sudo sockbypass ...) or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN",
-		ErrNotPrivileged, os.Geteuid(), strings.Join(missing, " and "))
+		ErrNotPrivileged, euid, strings.Join(missing, " and "))
 }
 
 // CheckKernel returns an error naming the missing feature when the kernel

@@ -16,7 +16,7 @@ func TestCheckCapsNamesWhatIsMissing(t *testing.T) {
 	if !errors.Is(err, ErrNotPrivileged) {
 		t.Fatalf("checkCaps(0) = %v, want ErrNotPrivileged", err)
 	}
-	for _, want := range []string{"CAP_BPF", "CAP_NET_ADMIN", "sudo"} {
+	for _, want := range []string{"CAP_BPF", "CAP_NET_ADMIN"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}
@@ -29,6 +29,18 @@ func TestCheckCapsNamesWhatIsMissing(t *testing.T) {
 	}
 	if err := checkCaps(1<<CapBPF | 1<<CapNetAdmin); err == nil || !strings.Contains(err.Error(), "CAP_PERFMON") {
 		t.Errorf("missing CAP_PERFMON not named: %v", err)
+	}
+}
+
+// TestCapsErrorForUserAndRoot: a user is told to use root; root, whose
+// capabilities were dropped, is told which one to grant back.
+func TestCapsErrorForUserAndRoot(t *testing.T) {
+	if err := capsError([]string{"CAP_BPF"}, 1000); !strings.Contains(err.Error(), "uid 1000 without CAP_BPF") || !strings.Contains(err.Error(), "sudo") {
+		t.Errorf("user: %v", err)
+	}
+	err := capsError([]string{"CAP_PERFMON"}, 0)
+	if !strings.Contains(err.Error(), "root without CAP_PERFMON") || strings.Contains(err.Error(), "run sockbypass as root") {
+		t.Errorf("root: %v", err)
 	}
 }
 

@@ -18,8 +18,13 @@ type Report struct {
 	Time    time.Time `json:"time"`
 	PinDir  string    `json:"pin_dir"`
 	Cgroups []Cgroup  `json:"cgroups"`
-	// Unattributed holds what belongs to no enabled cgroup (for example
-	// stack egress of sockets outside enabled cgroups).
+	// DisabledCgroups are cgroups no longer enabled whose accelerated
+	// sockets live on (Mode "disabled"): their counters still move.
+	DisabledCgroups []Cgroup `json:"disabled_cgroups"`
+	// Unattributed holds what belongs to no enabled cgroup and to none of
+	// DisabledCgroups (stack egress of sockets outside enabled cgroups,
+	// counters of cgroups disabled since). Cgroups, DisabledCgroups and
+	// Unattributed add up to every counter there is.
 	Unattributed Figures `json:"unattributed"`
 	// LiveSockets is the number of sockets in the sockhash.
 	LiveSockets int `json:"live_sockets"`
@@ -39,7 +44,8 @@ type Cgroup struct {
 	Path string `json:"path"`
 	// ID is the cgroup id.
 	ID uint64 `json:"id"`
-	// Mode is "accelerate" or "account-only".
+	// Mode is "accelerate" or "account-only"; "disabled" in
+	// DisabledCgroups.
 	Mode string `json:"mode"`
 	// LiveSockets is the number of its sockets in the sockhash now.
 	LiveSockets int `json:"live_sockets"`
@@ -115,6 +121,13 @@ type Figures struct {
 	// BypassRatio is redirected bytes / (redirected + stack egress
 	// bytes), between 0 and 1; null while there has been no traffic.
 	BypassRatio *float64 `json:"bypass_ratio"`
+	// Account-only (a dry run): pairs that would have joined, the stack
+	// egress bytes their sockets sent (what acceleration would take off
+	// the stack), and WouldRedirectBytes / StackEgressBytes (null before
+	// any stack egress).
+	WouldPairs         uint64   `json:"would_pairs"`
+	WouldRedirectBytes uint64   `json:"would_redirect_bytes"`
+	WouldBypassRatio   *float64 `json:"would_bypass_ratio"`
 }
 
 // FiguresOf computes the figures of c.
@@ -156,6 +169,11 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		r := float64(c.RedirectedBytes) / float64(total)
 		f.BypassRatio = &r
 	}
+	f.WouldPairs, f.WouldRedirectBytes = c.WouldPairs, c.WouldRedirectBytes
+	if c.StackEgressBytes > 0 {
+		r := min(1, float64(c.WouldRedirectBytes)/float64(c.StackEgressBytes))
+		f.WouldBypassRatio = &r
+	}
 	return f
 }
 
@@ -166,6 +184,7 @@ func FromStatus(st *dataplane.Status, cgroup2Mount string, now time.Time) *Repor
 		Time:             now,
 		PinDir:           st.PinDir,
 		Cgroups:          []Cgroup{},
+		DisabledCgroups:  []Cgroup{},
 		Unattributed:     FiguresOf(st.Unattributed),
 		LiveSockets:      st.LiveSockets,
 		SockhashCapacity: st.SockhashCapacity,
@@ -175,6 +194,21 @@ func FromStatus(st *dataplane.Status, cgroup2Mount string, now time.Time) *Repor
 	for _, cg := range st.Cgroups {
 		r.Cgroups = append(r.Cgroups, Cgroup{
 			Cgroup:      relative(cg.Path, cgroup2Mount),
+			Path:        cg.Path,
+			ID:          cg.ID,
+			Mode:        cg.Mode,
+			LiveSockets: cg.LiveSockets,
+			Figures:     FiguresOf(cg.Counters),
+		})
+	}
+	for _, cg := range st.DisabledCgroups {
+		rel := relative(cg.Path, cgroup2Mount)
+		if cg.Path == "" {
+			// Unique per cgroup: these rows are metric labels too.
+			rel = fmt.Sprintf("(removed id %d)", cg.ID)
+		}
+		r.DisabledCgroups = append(r.DisabledCgroups, Cgroup{
+			Cgroup:      rel,
 			Path:        cg.Path,
 			ID:          cg.ID,
 			Mode:        cg.Mode,
