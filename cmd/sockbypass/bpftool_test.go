@@ -60,7 +60,7 @@ func TestReadmeBpftoolTableMatchesBpftool(t *testing.T) {
 		t.Skipf("bpftool not found: %v", err)
 	}
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir); code != 0 {
 		t.Fatal(errOut)
 	}
 	bt := func(args ...string) string {

@@ -48,7 +48,9 @@ func TestEnableConvergesOnTheGivenTCDevices(t *testing.T) {
 		}
 	}
 	enable("--cgroup", a.Path)
-	check("enable a", "lo")
+	check("enable a (no TC device by default)")
+	enable("--cgroup", a.Path, "--tc-dev", "lo")
+	check("enable a --tc-dev lo", "lo")
 	enable("--cgroup", a.Path, "--tc-dev", podLo)
 	check("enable a --tc-dev NETNS:lo (replaces lo)", podLo)
 	enable("--cgroup", a.Path, "--tc-dev", "lo", "--tc-dev", podLo)
@@ -58,7 +60,7 @@ func TestEnableConvergesOnTheGivenTCDevices(t *testing.T) {
 
 	// Shared devices: b asks for lo, a asks for lo then nothing; lo stays
 	// while b asks for it.
-	enable("--cgroup", b.Path)
+	enable("--cgroup", b.Path, "--tc-dev", "lo")
 	enable("--cgroup", a.Path, "--tc-dev", "lo", "--tc-dev", podLo)
 	check("a: lo + NETNS:lo, b: lo", "lo", podLo)
 	enable("--cgroup", a.Path, "--no-tc")
