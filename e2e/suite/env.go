@@ -100,6 +100,17 @@ func NewEnv() (env *Env, err error) {
 	if _, err := dp.RefreshNodeAddrs(veth.Server.Path(), veth.Client.Path()); err != nil {
 		return nil, fmt.Errorf("register the veth namespaces' addresses: %w", err)
 	}
+	// Account what the accelerated cgroup still sends through the stack
+	// on every device of both topologies: the denominator of the
+	// redirected share each case must reach.
+	devs := []dataplane.TCDevice{
+		{NetnsPath: lo.Server.Path(), Name: "lo"},
+		{NetnsPath: veth.Client.Path(), Name: vethClientName},
+		{NetnsPath: veth.Server.Path(), Name: vethServerName},
+	}
+	if _, err := dp.Enable(env.Accel.Cgroup, dataplane.EnableOptions{TCDevices: devs}); err != nil {
+		return nil, fmt.Errorf("account the topologies' devices for %s: %w", env.Accel.Cgroup.Path, err)
+	}
 	return env, nil
 }
 
