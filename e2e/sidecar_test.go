@@ -42,16 +42,20 @@ type sidecarPods struct {
 	appIP, serverIP string
 	v6              bool
 	accepted        atomic.Int64 // connections the server accepted
-	haproxy         *exec.Cmd
-	logs            *testutil.SyncBuffer
-	dir             string
+	// sidecar is HAProxy over IPv4; over IPv6, where HAProxy cannot read
+	// the original destination (it asks SO_ORIGINAL_DST of IPv4 sockets
+	// only, and would forward to itself), a small asyncio proxy of ours.
+	sidecar *exec.Cmd
+	logs    *testutil.SyncBuffer
+	dir     string
 }
 
 func newSidecarPods(t *testing.T) *sidecarPods { return newSidecarPodsTB(t) }
 
 func newSidecarPodsTB(t testing.TB) *sidecarPods { return newSidecarPodsFamily(t, false) }
 
-// newSidecarPodsFamily makes the topology over IPv4, or IPv6 when v6.
+// newSidecarPodsFamily makes the topology over IPv4, or IPv6 (on the veth,
+// without duplicate address detection, and ::1) when v6.
 func newSidecarPodsFamily(t testing.TB, v6 bool) *sidecarPods {
 	t.Helper()
 	testutil.RequirePrivileged(t)
@@ -167,7 +171,11 @@ func (s *sidecarPods) serveEcho(t testing.TB, addr string) {
 
 func (s *sidecarPods) startSidecar(t testing.TB) {
 	t.Helper()
-	s.haproxy, s.logs = startHAProxy(t, s.app, s.dir, "outbound", 15001)
+	if s.v6 {
+		s.sidecar, s.logs = startPySidecar(t, s.app, s.dir, 15001)
+	} else {
+		s.sidecar, s.logs = startHAProxy(t, s.app, s.dir, "outbound", 15001)
+	}
 	t.Cleanup(s.stopSidecar)
 }
 
@@ -215,13 +223,100 @@ listen `+name+`
 	// Wait for the listener. Not by connecting: a connection that was not
 	// redirected has no original destination, and HAProxy would forward
 	// it to itself.
+	waitSidecar(t, "haproxy", cmd, port, logs)
+	return cmd, logs
+}
+
+// waitSidecar waits until the sidecar cmd (name) listens on port.
+func waitSidecar(t testing.TB, name string, cmd *exec.Cmd, port int, logs *testutil.SyncBuffer) {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for !listening(cmd.Process.Pid, port) {
 		if time.Now().After(deadline) {
-			t.Fatalf("haproxy did not start:\n%s", logs.String())
+			t.Fatalf("%s did not start:\n%s", name, logs.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// pySidecar is an IPv6 sidecar: it accepts on [::]:PORT, reads each
+// connection's original destination (getsockopt(SOL_IPV6,
+// IP6T_SO_ORIGINAL_DST), answered by netfilter under REDIRECT and by
+// sockbypass in intercept mode), connects there and copies both ways,
+// passing half-closes on. Its sockets are non-blocking (asyncio), as an
+// event-loop sidecar's are.
+const pySidecar = `import asyncio, socket, struct, sys
+
+IP6T_SO_ORIGINAL_DST = 80
+
+async def pipe(reader, writer):
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+    except OSError:
+        writer.close()
+
+async def handle(reader, writer):
+    raw = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    addr = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    try:
+        up_reader, up_writer = await asyncio.open_connection(addr, port)
+    except OSError as e:
+        print("connect [%s]:%d: %s" % (addr, port, e), flush=True)
+        writer.close()
+        return
+    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    up_writer.close()
+    writer.close()
+
+async def main():
+    lsock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.setblocking(False)
+    lsock.bind(("::", int(sys.argv[1])))
+    lsock.listen(128)
+    server = await asyncio.start_server(handle, sock=lsock)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+`
+
+// startPySidecar runs pySidecar as the sidecar of pod (uid 1337, in its
+// cgroup and network namespace) on port.
+func startPySidecar(t testing.TB, pod *testutil.Pod, dir string, port int) (*exec.Cmd, *testutil.SyncBuffer) {
+	t.Helper()
+	script := filepath.Join(dir, "sidecar.py")
+	if err := os.WriteFile(script, []byte(pySidecar), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cg, err := os.Open(pod.Cgroup.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	cmd := exec.Command("nsenter", "--net="+pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
+		pythonBin, script, fmt.Sprint(port))
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	logs := &testutil.SyncBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start the IPv6 sidecar: %v", err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	waitSidecar(t, "the IPv6 sidecar", cmd, port, logs)
 	return cmd, logs
 }
 
@@ -244,9 +339,9 @@ func listening(pid, port int) bool {
 }
 
 func (s *sidecarPods) stopSidecar() {
-	if s.haproxy != nil && s.haproxy.ProcessState == nil {
-		s.haproxy.Process.Kill()
-		s.haproxy.Wait()
+	if s.sidecar != nil && s.sidecar.ProcessState == nil {
+		s.sidecar.Process.Kill()
+		s.sidecar.Wait()
 	}
 }
 
@@ -481,12 +576,17 @@ func passiveOpens(t testing.TB, pod *testutil.Pod) uint64 {
 // joins the sockhash before the first byte, app <-> sidecar is paired
 // (mesh_paired, or intercepted with SO_ORIGINAL_DST answered), the bodies
 // cross sidecar -> server redirected to the other namespace, and TC sees
-// no payload leave either pod through the stack.
+// no payload leave either pod through the stack. Over IPv4 with HAProxy,
+// over IPv6 with a sidecar of ours (see sidecarPods.sidecar).
 func TestSidecarModes(t *testing.T) {
-	for _, intercept := range []bool{false, true} {
+	for _, c := range []struct{ intercept, v6 bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
+		intercept := c.intercept
 		name := map[bool]string{false: "redirect (iptables)", true: "intercept (no iptables)"}[intercept]
+		if c.v6 {
+			name += " IPv6"
+		}
 		t.Run(name, func(t *testing.T) {
-			s := newSidecarPods(t)
+			s := newSidecarPodsFamily(t, c.v6)
 			dp := installForBench(t)
 
 			// Plain: iptables REDIRECT and the sidecar, no sockbypass.
