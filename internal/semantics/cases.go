@@ -198,22 +198,6 @@ func arrived(fd, n int) (int, error) {
 	}
 }
 
-// delivered waits, for up to arriveTimeout, until everything written to
-// fd has reached its reader: nothing unacknowledged in its send queue
-// (SIOCOUTQ; redirected bytes never enter it). It suits readers whose
-// FIONREAD stops at an urgent mark. Like arrived, it does not fail when
-// the bytes never leave.
-func delivered(fd int) error {
-	deadline := time.Now().Add(arriveTimeout)
-	for {
-		unsent, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
-		if err != nil || unsent == 0 || time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // settle waits until fd is readable and the n bytes sent to it are
 // queued.
 func settle(fd, n int) error {
@@ -766,20 +750,32 @@ func sendWithUrgent(fd int) error {
 	return writeAll(fd, []byte("de"))
 }
 
-// drain reads what arrives within a short quiet period.
-func drain(fd int) []byte {
+// drain reads fd until everything its peer writer wrote has been
+// delivered (see delivered) and nothing is left to read in line, or EOF,
+// an error, or opTimeout.
+func drain(fd, writer int) []byte {
 	var out []byte
 	buf := make([]byte, 64)
-	for {
-		if re, _ := waitReadable(fd, 100*time.Millisecond); re&unix.POLLIN == 0 {
-			return out
-		}
+	deadline := time.Now().Add(opTimeout)
+	for time.Now().Before(deadline) {
 		n, _, err := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
-		if n <= 0 || err != nil {
+		if n > 0 {
+			out = append(out, buf[:n]...)
+			continue
+		}
+		if !retry(err) {
 			return out
 		}
-		out = append(out, buf[:n]...)
+		// Nothing in line: done once nothing is on its way either.
+		if unsent, err := unix.IoctlGetInt(writer, unix.SIOCOUTQ); err != nil || unsent == 0 {
+			if re, err := waitReadable(fd, 0); err != nil || re&unix.POLLIN == 0 {
+				return out
+			}
+			continue
+		}
+		waitReadable(fd, time.Millisecond)
 	}
+	return out
 }
 
 func caseOOBInline(env *Env) (string, error) {
@@ -791,10 +787,7 @@ func caseOOBInline(env *Env) (string, error) {
 		if err := sendWithUrgent(p.C); err != nil {
 			return "", err
 		}
-		if err := delivered(p.C); err != nil {
-			return "", err
-		}
-		return fmt.Sprintf("stream=%q", drain(p.S)), nil
+		return fmt.Sprintf("stream=%q", drain(p.S, p.C)), nil
 	})
 }
 
@@ -806,10 +799,7 @@ func caseOOB(env *Env) (string, error) {
 		if err := sendWithUrgent(p.C); err != nil {
 			return "", err
 		}
-		if err := delivered(p.C); err != nil {
-			return "", err
-		}
-		normal := drain(p.S)
+		normal := drain(p.S, p.C)
 		buf := make([]byte, 4)
 		n, _, err := unix.Recvfrom(p.S, buf, unix.MSG_OOB|unix.MSG_DONTWAIT)
 		urgent := "error " + errName(err)
