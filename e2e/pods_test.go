@@ -22,8 +22,9 @@ var podCases = []workload.Case{
 
 // comparePods measures two pods joined by a veth (10.9.5.1 -> 10.9.5.2):
 // plain = the same two namespaces from cgroups that are not enabled,
-// accelerated = from the pods' enabled cgroups.
-func comparePods(tb testing.TB, runs int, dur time.Duration) ([]workload.Result, uint64) {
+// accelerated = from the pods' enabled cgroups. It returns the results and
+// the sum of the two pods' counters.
+func comparePods(tb testing.TB, runs int, dur time.Duration) ([]workload.Result, dataplane.CgroupCounters) {
 	tb.Helper()
 	dp := installForBench(tb)
 	a, b := testutil.NewPod(tb), testutil.NewPod(tb)
@@ -53,7 +54,9 @@ func comparePods(tb testing.TB, runs int, dur time.Duration) ([]workload.Result,
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return results, counters[a.Cgroup.ID].RedirectedXnsBytes + counters[b.Cgroup.ID].RedirectedXnsBytes
+	pods := counters[a.Cgroup.ID]
+	pods.Add(counters[b.Cgroup.ID])
+	return results, pods
 }
 
 // BenchmarkPodToPod prints pod-to-pod (two network namespaces joined by a
@@ -72,11 +75,18 @@ func BenchmarkPodToPod(b *testing.B) {
 }
 
 // TestPodToPodQuick is the CI run of the pod-to-pod comparison: it must
-// take the fast path across namespaces and verify its bytes.
+// verify its bytes, and every accelerated connection must pair across the
+// namespaces (both ends inserted) and redirect every byte from the first:
+// none through the stack, all of them to the other namespace.
 func TestPodToPodQuick(t *testing.T) {
-	results, xns := comparePods(t, 1, 150*time.Millisecond)
-	if xns == 0 {
-		t.Error("no byte was redirected across namespaces")
+	const runs = 1
+	results, pods := comparePods(t, runs, 150*time.Millisecond)
+	if want := uint64(2 * runs * len(podCases)); pods.SocketsInserted != want {
+		t.Errorf("%d sockets joined the sockhash, want both ends of the %d accelerated connections: %+v", pods.SocketsInserted, runs*len(podCases), pods)
+	}
+	if pods.RedirectedXnsBytes == 0 || pods.RedirectedXnsBytes != pods.RedirectedBytes || pods.PassedBytes != 0 {
+		t.Errorf("redirected %d bytes, %d of them across namespaces, %d through the stack: want every byte redirected across: %+v",
+			pods.RedirectedBytes, pods.RedirectedXnsBytes, pods.PassedBytes, pods)
 	}
 	for _, r := range results {
 		t.Logf("%s %s: plain %.2f %s, accelerated %.2f %s (%.2fx)", r.Case, r.Metric, r.PlainMedian, r.Unit, r.AccelMedian, r.Unit, r.Ratio)

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -41,16 +42,20 @@ type sidecarPods struct {
 	appIP, serverIP string
 	v6              bool
 	accepted        atomic.Int64 // connections the server accepted
-	haproxy         *exec.Cmd
-	logs            *testutil.SyncBuffer
-	dir             string
+	// sidecar is HAProxy over IPv4; over IPv6, where HAProxy cannot read
+	// the original destination (it asks SO_ORIGINAL_DST of IPv4 sockets
+	// only, and would forward to itself), a small asyncio proxy of ours.
+	sidecar *exec.Cmd
+	logs    *testutil.SyncBuffer
+	dir     string
 }
 
 func newSidecarPods(t *testing.T) *sidecarPods { return newSidecarPodsTB(t) }
 
 func newSidecarPodsTB(t testing.TB) *sidecarPods { return newSidecarPodsFamily(t, false) }
 
-// newSidecarPodsFamily makes the topology over IPv4, or IPv6 when v6.
+// newSidecarPodsFamily makes the topology over IPv4, or IPv6 (on the veth,
+// without duplicate address detection, and ::1) when v6.
 func newSidecarPodsFamily(t testing.TB, v6 bool) *sidecarPods {
 	t.Helper()
 	testutil.RequirePrivileged(t)
@@ -80,13 +85,19 @@ func newSidecarPodsFamily(t testing.TB, v6 bool) *sidecarPods {
 	return s
 }
 
+// boundBody is what boundRoundTrip sends.
+var boundBody = bytes.Repeat([]byte("bound app "), 6554)
+
 // boundRoundTrip sends a body through the sidecar from an app socket bound
 // to the pod's own address before connecting (curl --interface POD_IP): its
 // endpoint is a unique node address, which the intercept state is keyed by.
-func (s *sidecarPods) boundRoundTrip(t *testing.T) {
+// With a gate, it sends once every hop has joined.
+func (s *sidecarPods) boundRoundTrip(t *testing.T, gate *joinGate) {
 	t.Helper()
+	before := gate.counters(t)
 	c := s.app.Dial(t, &net.TCPAddr{IP: net.ParseIP(s.appIP)}, net.JoinHostPort(s.serverIP, "8080"))
-	if err := s.digestRoundTrip(c, bytes.Repeat([]byte("bound app "), 6554), 10*time.Second); err != nil {
+	gate.wait(t, before)
+	if err := s.digestRoundTrip(c, boundBody, 10*time.Second); err != nil {
 		t.Fatalf("app bound to %s through the sidecar: %v", s.appIP, err)
 	}
 }
@@ -160,7 +171,11 @@ func (s *sidecarPods) serveEcho(t testing.TB, addr string) {
 
 func (s *sidecarPods) startSidecar(t testing.TB) {
 	t.Helper()
-	s.haproxy, s.logs = startHAProxy(t, s.app, s.dir, "outbound", 15001)
+	if s.v6 {
+		s.sidecar, s.logs = startPySidecar(t, s.app, s.dir, 15001)
+	} else {
+		s.sidecar, s.logs = startHAProxy(t, s.app, s.dir, "outbound", 15001)
+	}
 	t.Cleanup(s.stopSidecar)
 }
 
@@ -208,13 +223,100 @@ listen `+name+`
 	// Wait for the listener. Not by connecting: a connection that was not
 	// redirected has no original destination, and HAProxy would forward
 	// it to itself.
+	waitSidecar(t, "haproxy", cmd, port, logs)
+	return cmd, logs
+}
+
+// waitSidecar waits until the sidecar cmd (name) listens on port.
+func waitSidecar(t testing.TB, name string, cmd *exec.Cmd, port int, logs *testutil.SyncBuffer) {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for !listening(cmd.Process.Pid, port) {
 		if time.Now().After(deadline) {
-			t.Fatalf("haproxy did not start:\n%s", logs.String())
+			t.Fatalf("%s did not start:\n%s", name, logs.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// pySidecar is an IPv6 sidecar: it accepts on [::]:PORT, reads each
+// connection's original destination (getsockopt(SOL_IPV6,
+// IP6T_SO_ORIGINAL_DST), answered by netfilter under REDIRECT and by
+// sockbypass in intercept mode), connects there and copies both ways,
+// passing half-closes on. Its sockets are non-blocking (asyncio), as an
+// event-loop sidecar's are.
+const pySidecar = `import asyncio, socket, struct, sys
+
+IP6T_SO_ORIGINAL_DST = 80
+
+async def pipe(reader, writer):
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+    except OSError:
+        writer.close()
+
+async def handle(reader, writer):
+    raw = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    addr = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    try:
+        up_reader, up_writer = await asyncio.open_connection(addr, port)
+    except OSError as e:
+        print("connect [%s]:%d: %s" % (addr, port, e), flush=True)
+        writer.close()
+        return
+    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    up_writer.close()
+    writer.close()
+
+async def main():
+    lsock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.setblocking(False)
+    lsock.bind(("::", int(sys.argv[1])))
+    lsock.listen(128)
+    server = await asyncio.start_server(handle, sock=lsock)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+`
+
+// startPySidecar runs pySidecar as the sidecar of pod (uid 1337, in its
+// cgroup and network namespace) on port.
+func startPySidecar(t testing.TB, pod *testutil.Pod, dir string, port int) (*exec.Cmd, *testutil.SyncBuffer) {
+	t.Helper()
+	script := filepath.Join(dir, "sidecar.py")
+	if err := os.WriteFile(script, []byte(pySidecar), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cg, err := os.Open(pod.Cgroup.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	cmd := exec.Command("nsenter", "--net="+pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
+		pythonBin, script, fmt.Sprint(port))
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	logs := &testutil.SyncBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start the IPv6 sidecar: %v", err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	waitSidecar(t, "the IPv6 sidecar", cmd, port, logs)
 	return cmd, logs
 }
 
@@ -237,9 +339,9 @@ func listening(pid, port int) bool {
 }
 
 func (s *sidecarPods) stopSidecar() {
-	if s.haproxy != nil && s.haproxy.ProcessState == nil {
-		s.haproxy.Process.Kill()
-		s.haproxy.Wait()
+	if s.sidecar != nil && s.sidecar.ProcessState == nil {
+		s.sidecar.Process.Kill()
+		s.sidecar.Wait()
 	}
 }
 
@@ -280,16 +382,85 @@ func (s *sidecarPods) outboundRule(op string) []string {
 	return rule
 }
 
-// integrity sends bodies from 1 KiB to 5 MiB from the app to the server
-// (through the sidecar) and checks the digests the server returns.
-func (s *sidecarPods) integrity(t *testing.T) {
+// integritySizes are the bodies integrity sends.
+var integritySizes = []int{1 << 10, 64 << 10, 1<<20 + 17, 5 << 20}
+
+// integrityBytes is what integrity and boundRoundTrip send in all.
+func integrityBytes() uint64 {
+	n := uint64(len(boundBody))
+	for _, size := range integritySizes {
+		n += uint64(size)
+	}
+	return n
+}
+
+// joinGate makes a transfer wait, once its connection is made, until
+// every hop of it (app -> sidecar -> ... -> server) has joined the
+// sockhash: each cgroup's sockets_inserted grew by its count. A client
+// that sends before its server joined gives its pair up, so only then can
+// every byte be redirected. A nil gate (plain runs) waits for nothing.
+type joinGate struct {
+	dp *dataplane.Dataplane
+	// inserts is, per cgroup id, how many sockets one connection's hops
+	// insert.
+	inserts map[uint64]uint64
+}
+
+// counters is the state to wait from (nil for a nil gate).
+func (g *joinGate) counters(t testing.TB) map[uint64]dataplane.CgroupCounters {
 	t.Helper()
-	for _, size := range []int{1 << 10, 64 << 10, 1<<20 + 17, 5 << 20} {
+	if g == nil {
+		return nil
+	}
+	c, err := g.dp.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// wait waits, for up to 5 s, until every cgroup of the gate inserted its
+// count of sockets since before, and fails the test otherwise.
+func (g *joinGate) wait(t testing.TB, before map[uint64]dataplane.CgroupCounters) {
+	t.Helper()
+	if g == nil {
+		return
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		now := g.counters(t)
+		joined := true
+		for id, n := range g.inserts {
+			if now[id].SocketsInserted-before[id].SocketsInserted < n {
+				joined = false
+			}
+		}
+		if joined {
+			return
+		}
+		if time.Now().After(deadline) {
+			var got []string
+			for id, n := range g.inserts {
+				got = append(got, fmt.Sprintf("cgroup %d: %d of %d", id, now[id].SocketsInserted-before[id].SocketsInserted, n))
+			}
+			for id := range g.inserts {
+				got = append(got, fmt.Sprintf("cgroup %d: %+v", id, now[id].Sub(before[id])))
+			}
+			t.Fatalf("the hops of the connection did not all join the sockhash within 5 s (sockets inserted %s)", strings.Join(got, ", "))
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// integrity sends bodies from 1 KiB to 5 MiB from the app to the server
+// (through the sidecar) and checks the digests the server returns. With a
+// gate, each body leaves once every hop of its connection has joined.
+func (s *sidecarPods) integrity(t *testing.T, gate *joinGate) {
+	t.Helper()
+	for _, size := range integritySizes {
+		before := gate.counters(t)
 		c := s.app.Dial(t, nil, net.JoinHostPort(s.serverIP, "8080"))
-		// Let the sidecar accept and try its first read, after which its
-		// socket is a redirect target: then the whole body can take the
-		// fast path (the assertions below count on it).
-		time.Sleep(20 * time.Millisecond)
+		gate.wait(t, before)
 		body := make([]byte, size)
 		for i := range body {
 			body[i] = byte(i*31 + size)
@@ -341,11 +512,14 @@ func (s *sidecarPods) rr(t testing.TB, dur time.Duration) (p50, p99 time.Duratio
 }
 
 // sidecarStoppedRefuses checks that without the sidecar the app cannot
-// reach the server: its connect is refused, the server sees nothing.
+// reach the server: its connect is refused, the server sees nothing (no
+// connection opened in its namespace: the kernel's count, which a
+// wrongly routed connect moves before it returns).
 func (s *sidecarPods) sidecarStoppedRefuses(t *testing.T) {
 	t.Helper()
 	s.stopSidecar()
 	before := s.accepted.Load()
+	opens := passiveOpens(t, s.server)
 	var err error
 	s.app.In(t, func() {
 		var c net.Conn
@@ -357,14 +531,55 @@ func (s *sidecarPods) sidecarStoppedRefuses(t *testing.T) {
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("with the sidecar stopped, connect = %v, want connection refused", err)
 	}
-	time.Sleep(50 * time.Millisecond)
-	if s.accepted.Load() != before {
-		t.Errorf("the app reached the server without the sidecar")
+	if after := passiveOpens(t, s.server); after != opens || s.accepted.Load() != before {
+		t.Errorf("the app reached the server without the sidecar (%d connections opened in its namespace)", after-opens)
 	}
 }
 
+// passiveOpens is the TCP PassiveOpens count of pod's network namespace
+// (/proc/net/snmp): connections its listeners completed.
+func passiveOpens(t testing.TB, pod *testutil.Pod) uint64 {
+	t.Helper()
+	var data []byte
+	var err error
+	testutil.InNetNS(t, pod.Netns, func() { data, err = os.ReadFile("/proc/thread-self/net/snmp") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, line := range strings.Split(string(data), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) == 0 || fields[0] != "Tcp:" {
+			continue
+		}
+		if names == nil {
+			names = fields
+			continue
+		}
+		for i, name := range names {
+			if name == "PassiveOpens" && i < len(fields) {
+				n, err := strconv.ParseUint(fields[i], 10, 64)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return n
+			}
+		}
+	}
+	t.Fatalf("no Tcp PassiveOpens in /proc/net/snmp of %s", pod.Netns.Path())
+	return 0
+}
+
+// TestSidecarModes runs bodies and round trips app -> HAProxy sidecar ->
+// server pod, plain (iptables REDIRECT) and accelerated in both sidecar
+// modes. Accelerated, every byte of both hops is redirected: every hop
+// joins the sockhash before the first byte, app <-> sidecar is paired
+// (mesh_paired, or intercepted with SO_ORIGINAL_DST answered), the bodies
+// cross sidecar -> server redirected to the other namespace, and TC sees
+// no payload leave either pod through the stack. Over IPv4 with HAProxy,
+// over IPv6 with a sidecar of ours (see sidecarPods.sidecar).
 func TestSidecarModes(t *testing.T) {
-	for _, c := range []struct{ intercept, v6 bool }{{false, false}, {true, false}} {
+	for _, c := range []struct{ intercept, v6 bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
 		intercept := c.intercept
 		name := map[bool]string{false: "redirect (iptables)", true: "intercept (no iptables)"}[intercept]
 		if c.v6 {
@@ -376,7 +591,7 @@ func TestSidecarModes(t *testing.T) {
 
 			// Plain: iptables REDIRECT and the sidecar, no sockbypass.
 			s.redirectOn(t)
-			s.integrity(t)
+			s.integrity(t, nil)
 			plain50, plain99 := s.rr(t, 300*time.Millisecond)
 
 			mesh := dataplane.MeshPresets["istio"]
@@ -384,26 +599,34 @@ func TestSidecarModes(t *testing.T) {
 			if intercept {
 				s.redirectOff(t) // the istio-init OUTPUT rule is what interception replaces
 			}
-			if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+			appDevs := []dataplane.TCDevice{{NetnsPath: s.app.Netns.Path(), Name: "lo"}, {NetnsPath: s.app.Netns.Path(), Name: "sbxma"}}
+			srvDevs := []dataplane.TCDevice{{NetnsPath: s.server.Netns.Path(), Name: "lo"}, {NetnsPath: s.server.Netns.Path(), Name: "sbxmb"}}
+			if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh, TCDevices: appDevs}); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{}); err != nil {
+			if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{TCDevices: srvDevs}); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := dp.RefreshNodeAddrs(); err != nil {
 				t.Fatal(err)
 			}
 			recordListeners(t, dp, s.server)
-			before, _ := dp.Counters()
-			if os.Getenv("SBX_DEBUG") != "" {
-				go func() {
-					time.Sleep(3 * time.Second)
-					c, _ := dp.Counters()
-					fmt.Printf("DEBUG app %+v\nDEBUG srv %+v\n", c[s.app.Cgroup.ID], c[s.server.Cgroup.ID])
-				}()
+			// Per connection: the app's socket, the sidecar's accepted
+			// one and its socket to the server; the server's accepted one.
+			gate := &joinGate{dp: dp, inserts: map[uint64]uint64{s.app.Cgroup.ID: 3, s.server.Cgroup.ID: 1}}
+			// An app bound to its pod address: in intercept mode its
+			// connect to 127.0.0.1:15001 stays plain TCP (the sidecar's
+			// accepted socket sees a pod address, not loopback, as its
+			// peer: remote scope), so only the sidecar -> server hop
+			// joins, and that body and its digest take the stack.
+			boundGate, boundStack := gate, uint64(0)
+			if intercept {
+				boundGate = &joinGate{dp: dp, inserts: map[uint64]uint64{s.app.Cgroup.ID: 1, s.server.Cgroup.ID: 1}}
+				boundStack = uint64(len(boundBody) + sha256.Size)
 			}
-			s.integrity(t)
-			s.boundRoundTrip(t)
+			before, _ := dp.Counters()
+			s.integrity(t, gate)
+			s.boundRoundTrip(t, boundGate)
 			accel50, accel99 := s.rr(t, 300*time.Millisecond)
 			after, _ := dp.Counters()
 			app := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])
@@ -411,9 +634,7 @@ func TestSidecarModes(t *testing.T) {
 			t.Logf("RR 64B app -> sidecar -> server p50: plain %v, accelerated %v (%.2fx faster); p99 %v vs %v",
 				plain50, accel50, float64(plain50)/float64(accel50), plain99, accel99)
 			t.Logf("app pod: %+v", app)
-			if os.Getenv("SBX_DEBUG") != "" {
-				t.Logf("sidecar log:\n%s", s.logs.String())
-			}
+			t.Logf("server pod: %+v", srv)
 			if intercept {
 				if app.MeshIntercepted == 0 || app.MeshOrigDstAnswers == 0 {
 					t.Errorf("intercept mode: %d connects intercepted, %d SO_ORIGINAL_DST answers", app.MeshIntercepted, app.MeshOrigDstAnswers)
@@ -421,11 +642,19 @@ func TestSidecarModes(t *testing.T) {
 			} else if app.MeshPaired == 0 {
 				t.Errorf("redirect mode: no app <-> sidecar connection was paired")
 			}
-			if app.RedirectedBytes < 5<<20 {
-				t.Errorf("app pod: redirected %d bytes, want the bodies on the fast path", app.RedirectedBytes)
+			// The app pod sends each body twice (app -> sidecar, sidecar
+			// -> server), the second time to the server's namespace.
+			bodies := integrityBytes()
+			if app.RedirectedBytes < 2*bodies-boundStack || app.RedirectedXnsBytes < bodies {
+				t.Errorf("app pod: redirected %d bytes, %d of them to the server pod; want at least %d and %d (every body on both hops)",
+					app.RedirectedBytes, app.RedirectedXnsBytes, 2*bodies, bodies)
 			}
 			if srv.RedirectedXnsBytes == 0 {
-				t.Errorf("sidecar -> server hop was not accelerated: %+v", srv)
+				t.Errorf("server -> sidecar hop was not accelerated: %+v", srv)
+			}
+			if app.StackEgressBytes != boundStack || srv.StackEgressBytes != 0 || app.PassedBytes != 0 || srv.PassedBytes != 0 {
+				t.Errorf("payload through the stack: app pod %d bytes (want %d; %d passed by sk_msg), server pod %d bytes (%d passed)",
+					app.StackEgressBytes, boundStack, app.PassedBytes, srv.StackEgressBytes, srv.PassedBytes)
 			}
 			s.sidecarStoppedRefuses(t)
 		})
@@ -566,7 +795,9 @@ func BenchmarkSidecar(b *testing.B) {
 // sidecar's inbound port (15006). The client sidecar's connection and the
 // server sidecar's accepted socket do not mirror; they are paired through
 // the client's endpoint, so every hop app -> sidecar -> sidecar -> server
-// is accelerated.
+// is accelerated: each joins before the first byte, every body crosses
+// each hop redirected, and TC sees no payload leave either pod through
+// the stack.
 func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	s := newSidecarPods(t)
 	dp := installForBench(t)
@@ -574,12 +805,13 @@ func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	iptablesIn(t, s.server, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-i", "sbxmb", "-j", "REDIRECT", "--to-ports", "15006")
 	s.redirectOn(t)
 
-	s.integrity(t)
+	s.integrity(t, nil)
 	plain50, _ := s.rr(t, 300*time.Millisecond)
 
 	mesh := dataplane.MeshPresets["istio"]
-	for _, p := range []*testutil.Pod{s.app, s.server} {
-		if _, err := dp.Enable(p.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+	for p, veth := range map[*testutil.Pod]string{s.app: "sbxma", s.server: "sbxmb"} {
+		devs := []dataplane.TCDevice{{NetnsPath: p.Netns.Path(), Name: "lo"}, {NetnsPath: p.Netns.Path(), Name: veth}}
+		if _, err := dp.Enable(p.Cgroup, dataplane.EnableOptions{Mesh: &mesh, TCDevices: devs}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -587,8 +819,13 @@ func TestSidecarToSidecarAcrossPods(t *testing.T) {
 		t.Fatal(err)
 	}
 	recordListeners(t, dp, s.server)
+	// Per connection: the app's socket, its sidecar's accepted one and
+	// that sidecar's socket to the server pod; the server sidecar's
+	// accepted one, its socket to the server and the server's accepted
+	// one.
+	gate := &joinGate{dp: dp, inserts: map[uint64]uint64{s.app.Cgroup.ID: 3, s.server.Cgroup.ID: 3}}
 	before, _ := dp.Counters()
-	s.integrity(t)
+	s.integrity(t, gate)
 	accel50, _ := s.rr(t, 300*time.Millisecond)
 	after, _ := dp.Counters()
 	app := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])
@@ -601,6 +838,18 @@ func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	}
 	if srv.MeshPaired == 0 || app.RedirectedXnsBytes == 0 {
 		t.Errorf("client sidecar <-> server sidecar not paired: client %+v, server %+v", app, srv)
+	}
+	// The client pod sends each body twice (app -> sidecar, sidecar ->
+	// server sidecar, to the other namespace), the server pod once (its
+	// sidecar -> server).
+	bodies := integrityBytes() - uint64(len(boundBody))
+	if app.RedirectedBytes < 2*bodies || app.RedirectedXnsBytes < bodies || srv.RedirectedBytes < bodies {
+		t.Errorf("redirected: client pod %d bytes, %d of them to the server pod, server pod %d; want at least %d, %d and %d (every body on every hop)",
+			app.RedirectedBytes, app.RedirectedXnsBytes, srv.RedirectedBytes, 2*bodies, bodies, bodies)
+	}
+	if app.StackEgressBytes != 0 || srv.StackEgressBytes != 0 || app.PassedBytes != 0 || srv.PassedBytes != 0 {
+		t.Errorf("payload through the stack: client pod %d bytes (%d passed by sk_msg), server pod %d bytes (%d passed)",
+			app.StackEgressBytes, app.PassedBytes, srv.StackEgressBytes, srv.PassedBytes)
 	}
 }
 

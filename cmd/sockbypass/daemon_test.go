@@ -521,7 +521,7 @@ func TestUpgradeCommand(t *testing.T) {
 		t.Errorf("programs not replaced: sk_msg %d -> %d, sock_ops %d -> %d", before.SkMsgProgramID, after.SkMsgProgramID,
 			before.Cgroups[0].SockOpsProgramID, after.Cgroups[0].SockOpsProgramID)
 	}
-	trafficIn(t, cg, 1<<20)
+	trafficIn(t, pinDir, cg, 1<<20)
 }
 
 // TestDaemonFlagsAndFailuresBeforeState: --metrics-addr with --config is

@@ -22,9 +22,12 @@ import (
 )
 
 // trafficIn sends n bytes over a loopback connection whose two ends are in
-// cg, and checks the digest the server returns.
-func trafficIn(t *testing.T, cg cgroup.Cgroup, n int) {
+// cg, enabled in pinDir, and checks the digest the server returns. It
+// sends only once both ends have joined the sockhash, so that every byte
+// can be redirected.
+func trafficIn(t *testing.T, pinDir string, cg cgroup.Cgroup, n int) {
 	t.Helper()
+	inserted := insertedIn(t, pinDir, cg)
 	var l net.Listener
 	var err error
 	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
@@ -48,9 +51,16 @@ func trafficIn(t *testing.T, cg cgroup.Cgroup, n int) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	// Give the server's reader its first (empty) read, after which it is a
-	// redirect target: then the whole payload can take the fast path.
-	time.Sleep(50 * time.Millisecond)
+	// Both ends join at ESTABLISHED (the server before it is accepted),
+	// and a client that sends before its server joined gives the pair
+	// up: wait until stats counts both.
+	deadline := time.Now().Add(5 * time.Second)
+	for insertedIn(t, pinDir, cg) < inserted+2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the connection's two sockets did not join the sockhash: %d inserted before it, %d now", inserted, insertedIn(t, pinDir, cg))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	payload := make([]byte, n)
 	for i := range payload {
 		payload[i] = byte(i * 7)
@@ -64,6 +74,18 @@ func trafficIn(t *testing.T, cg cgroup.Cgroup, n int) {
 	if err != nil || string(got) != string(want[:]) {
 		t.Fatalf("transfer of %d bytes: digest mismatch (%v)", n, err)
 	}
+}
+
+// insertedIn is the sockets_inserted counter of cg as stats --json shows
+// it (0 before cg has counters).
+func insertedIn(t *testing.T, pinDir string, cg cgroup.Cgroup) uint64 {
+	t.Helper()
+	for _, c := range statsJSON(t, pinDir).Cgroups {
+		if c.Cgroup == cg.Rel {
+			return c.SocketsInserted
+		}
+	}
+	return 0
 }
 
 func statsJSON(t *testing.T, pinDir string) stats.Report {
@@ -86,7 +108,7 @@ func TestStatsShowsRedirectedAndStackBytes(t *testing.T) {
 	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
 		t.Fatal(errOut)
 	}
-	trafficIn(t, cg, 4<<20)
+	trafficIn(t, pinDir, cg, 4<<20)
 	r := statsJSON(t, pinDir)
 	// No TC device by default: the stack side (handshake and FIN
 	// packets) is counted at the sockets.
@@ -170,7 +192,7 @@ func TestMetricsEndpointMatchesStats(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	trafficIn(t, cg, 2<<20+3)
+	trafficIn(t, pinDir, cg, 2<<20+3)
 	r := statsJSON(t, pinDir)
 	if len(r.Cgroups) != 1 || r.Cgroups[0].BypassRatio == nil {
 		t.Fatalf("stats after the traffic: %+v", r.Cgroups)

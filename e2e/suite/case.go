@@ -44,6 +44,15 @@ type Case struct {
 	// are never accelerated: a blocking recv on a sockhash member may
 	// return EAGAIN): its accelerated runs must take the normal path.
 	Blocking string
+	// BlockingConns is, for a blocking workload, how many connections
+	// each run makes: every one of them must be counted as blocking
+	// (sockets_blocking), the reason it stays plain.
+	BlockingConns int
+	// MinRedirected is, for a workload that does not block, the smallest
+	// share of the accelerated runs' payload that must be redirected:
+	// redirected / (redirected + TCP payload through the stack), per
+	// case from measured values (see the case constructors).
+	MinRedirected float64
 	// start starts the servers of one mode and returns the instance that
 	// runs the clients.
 	start func(ctx context.Context, rc *runContext) (instance, error)

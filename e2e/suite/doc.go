@@ -8,5 +8,8 @@
 // Plain runs put both ends in a cgroup that is not enabled; accelerated runs
 // put both ends in an enabled cgroup. Runs alternate between the two modes
 // and every metric is the median of the runs, with its spread. Timings are
-// reported, never asserted.
+// reported, never asserted; what the counters saw is: a case fails when a
+// blocking workload was accelerated, or when any other one redirected less
+// than its MinRedirected share of its payload (TC accounts the stack on
+// every device of both topologies).
 package suite

@@ -27,6 +27,7 @@ func nginxCase(topo string, bodySize int, sendfile bool) Case {
 	return Case{
 		Name:     fmt.Sprintf("%s/nginx-%s-%s", topo, sizeLabel(bodySize), sf),
 		Topology: topo, Workload: "nginx", Size: bodySize, Metrics: nginxMetrics,
+		MinRedirected: minRedirected,
 		start: func(ctx context.Context, rc *runContext) (instance, error) {
 			srv, err := startNginx(ctx, rc, bodySize, sendfile)
 			if err != nil {
@@ -44,6 +45,7 @@ func connRateCase(topo string) Case {
 	return Case{
 		Name:     topo + "/connrate-wrk-nginx",
 		Topology: topo, Workload: "connrate", Metrics: connRateMetrics,
+		MinRedirected: minRedirected,
 		start: func(ctx context.Context, rc *runContext) (instance, error) {
 			srv, err := startNginx(ctx, rc, 0, true)
 			if err != nil {

@@ -129,7 +129,7 @@ func TestReportFiles(t *testing.T) {
 				Metrics: []MetricResult{newMetricResult(iperfMetrics[0], []float64{2}, []float64{3})}},
 			{Name: "veth/iperf3-16KiB", Topology: TopoVeth, Workload: "iperf3", Size: 16 << 10,
 				Metrics: []MetricResult{newMetricResult(iperfMetrics[0], []float64{5}, []float64{5})},
-				Note:    "cross-netns: not paired"},
+				Note:    "not accelerated: iperf3 connects with blocking sockets"},
 			{Name: "veth/redis-P1", Topology: TopoVeth, Workload: "redis", Error: "veth/redis-P1: boom"},
 		},
 		Failures: []string{"veth/redis-P1: boom"},
@@ -152,12 +152,47 @@ func TestReportFiles(t *testing.T) {
 		"| sockperf-64B-1cpu | p50 RTT | 11.00 us | 7.00 us | 0.64x (better) | 18% / 29% | 1.0 MiB (100%) |",
 		"| iperf3-16KiB | throughput | 10.00 Gbit/s | 15.00 Gbit/s | 1.50x (better) |",
 		"| 5.00 Gbit/s | 1.00x (same) |",
-		"cross-netns: not paired",
+		"not accelerated: iperf3 connects with blocking sockets",
 		"| redis-P1 | FAILED |",
 		"## Failures",
 	} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("results.md lacks %q:\n%s", want, md)
 		}
+	}
+}
+
+// TestVerdict checks the counter rules of a case without running one: the
+// privileged TestSuiteQuick feeds them real counters.
+func TestVerdict(t *testing.T) {
+	blocking := iperfCase(TopoVeth, 16<<10)
+	paired := redisCase(TopoVeth, 16)
+	for _, tc := range []struct {
+		name         string
+		c            Case
+		plain, accel Traffic
+		wantErr      string
+	}{
+		{"blocking, left alone", blocking, Traffic{}, Traffic{StackEgressBytes: 64 << 20, SocketsBlocking: 4}, ""},
+		{"blocking, redirected", blocking, Traffic{}, Traffic{RedirectedBytes: 1, SocketsInserted: 2, SocketsBlocking: 4}, "blocking sockets must never join"},
+		{"blocking, inserted only", blocking, Traffic{}, Traffic{SocketsInserted: 1, SocketsBlocking: 4}, "blocking sockets must never join"},
+		{"blocking, not counted as blocking", blocking, Traffic{}, Traffic{StackEgressBytes: 64 << 20, SocketsBlocking: 3}, "sockets_blocking moved by 3, want 4"},
+		{"plain accelerated", paired, Traffic{RedirectedBytes: 10}, Traffic{RedirectedBytes: 100}, "plain runs were accelerated"},
+		{"paired, all redirected", paired, Traffic{}, Traffic{RedirectedBytes: 1000}, ""},
+		{"paired, 1% through the stack", paired, Traffic{}, Traffic{RedirectedBytes: 990, StackEgressBytes: 10}, ""},
+		{"paired, 2% through the stack", paired, Traffic{}, Traffic{RedirectedBytes: 980, StackEgressBytes: 20}, "redirected 98.00% of their payload"},
+		{"not paired", paired, Traffic{}, Traffic{StackEgressBytes: 1000}, "redirected 0.00%"},
+		{"nothing sent", paired, Traffic{}, Traffic{}, "redirected 0.00%"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := CaseResult{PlainTraffic: tc.plain, AccelTraffic: tc.accel}
+			err := tc.c.verdict(&res, 2)
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Errorf("verdict: %v", err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Errorf("verdict: %v, want an error with %q", err, tc.wantErr)
+			}
+		})
 	}
 }

@@ -27,6 +27,7 @@ func redisCase(topo string, pipeline int) Case {
 	return Case{
 		Name:     fmt.Sprintf("%s/redis-P%d", topo, pipeline),
 		Topology: topo, Workload: "redis", Metrics: redisMetrics,
+		MinRedirected: minRedirected,
 		start: func(ctx context.Context, rc *runContext) (instance, error) {
 			return startRedis(ctx, rc, pipeline)
 		},

@@ -138,12 +138,12 @@ func ratioCell(m MetricResult) string {
 }
 
 // redirectedCell says how much of the accelerated traffic took the fast
-// path, or why none did.
+// path (the share of the payload, stack egress included), or why none did.
 func redirectedCell(c CaseResult) string {
 	t := c.AccelTraffic
 	share := ""
-	if total := t.RedirectedBytes + t.PassedBytes; total > 0 {
-		share = fmt.Sprintf(" (%.0f%%)", float64(t.RedirectedBytes)/float64(total)*100)
+	if t.RedirectedBytes+t.StackEgressBytes > 0 {
+		share = fmt.Sprintf(" (%.0f%%)", 100*t.RedirectedShare())
 	}
 	cell := stats.HumanBytes(t.RedirectedBytes) + share
 	if c.Note != "" {

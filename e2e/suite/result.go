@@ -54,7 +54,24 @@ type Traffic struct {
 	RedirectedBytes uint64 `json:"redirected_bytes"`
 	RedirectedMsgs  uint64 `json:"redirected_msgs"`
 	PassedBytes     uint64 `json:"passed_bytes"`
-	SocketsInserted uint64 `json:"sockets_inserted"`
+	// StackEgressBytes is the TCP payload the mode's sockets sent through
+	// the stack to local peers, on any device (the cgroup's egress
+	// accounting): unpaired connections and whatever a pair passed.
+	StackEgressBytes uint64 `json:"stack_egress_bytes"`
+	SocketsInserted  uint64 `json:"sockets_inserted"`
+	// SocketsBlocking counts the connections left plain because an end
+	// blocks.
+	SocketsBlocking uint64 `json:"sockets_blocking"`
+}
+
+// RedirectedShare is the part of the payload that was redirected:
+// redirected / (redirected + stack egress), 0 when nothing was sent.
+func (t Traffic) RedirectedShare() float64 {
+	total := t.RedirectedBytes + t.StackEgressBytes
+	if total == 0 {
+		return 0
+	}
+	return float64(t.RedirectedBytes) / float64(total)
 }
 
 // CaseResult is the outcome of one case.
@@ -73,7 +90,8 @@ type CaseResult struct {
 	Paired bool `json:"paired"`
 	// Checks lists the integrity checks passed, per mode.
 	Checks []string `json:"checks"`
-	// Note explains the result (for example cross-netns: not paired yet).
+	// Note explains the result (for example why a blocking workload was
+	// not accelerated).
 	Note string `json:"note,omitempty"`
 	// Error is set when the case failed; a failed integrity check fails
 	// the suite.

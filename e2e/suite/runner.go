@@ -2,7 +2,6 @@ package suite
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -123,20 +122,41 @@ func (env *Env) RunCase(ctx context.Context, c Case, cfg Config) (res CaseResult
 	}
 	sortStrings(res.Checks)
 	res.Paired = res.AccelTraffic.RedirectedBytes > 0
-	switch {
-	case res.PlainTraffic.RedirectedBytes != 0:
-		return res, errors.New("plain runs were redirected: the plain cgroup must not be accelerated")
-	case c.Blocking != "" && res.Paired:
-		return res, fmt.Errorf("accelerated runs were redirected although %s: blocking sockets must never join the sockhash", c.Blocking)
-	case c.Blocking != "":
-		res.Note = "not accelerated: " + c.Blocking
-	case res.Paired:
-	case topo.CrossNetns:
-		res.Note = "cross-netns: not paired"
-	default:
-		res.Note = "NOT REDIRECTED"
+	if err := c.verdict(&res, cfg.Runs); err != nil {
+		return res, err
 	}
 	return res, nil
+}
+
+// verdict checks what the counters saw in runs runs of each mode against
+// what the README claims of the case, and sets res.Note: plain runs are
+// never accelerated; a blocking workload is never accelerated, and each of
+// its connections is counted as blocking (the reason it stays plain);
+// every other workload, over loopback and pod to pod over the veth alike,
+// redirects at least c.MinRedirected of its payload.
+func (c Case) verdict(res *CaseResult, runs int) error {
+	plain, accel := res.PlainTraffic, res.AccelTraffic
+	switch {
+	case plain.RedirectedBytes != 0 || plain.SocketsInserted != 0:
+		return fmt.Errorf("plain runs were accelerated (%d bytes redirected, %d sockets inserted): the plain cgroup must not be accelerated",
+			plain.RedirectedBytes, plain.SocketsInserted)
+	case c.Blocking != "" && (accel.RedirectedBytes != 0 || accel.SocketsInserted != 0):
+		return fmt.Errorf("accelerated runs were accelerated although %s (%d bytes redirected, %d sockets inserted): blocking sockets must never join the sockhash",
+			c.Blocking, accel.RedirectedBytes, accel.SocketsInserted)
+	case c.Blocking != "" && accel.SocketsBlocking < uint64(runs*c.BlockingConns):
+		return fmt.Errorf("accelerated runs stayed plain, but not all because they block (%s): sockets_blocking moved by %d, want %d connections of %d runs (%+v)",
+			c.Blocking, accel.SocketsBlocking, runs*c.BlockingConns, runs, accel)
+	case c.Blocking != "":
+		res.Note = "not accelerated: " + c.Blocking
+		return nil
+	}
+	share := accel.RedirectedShare()
+	if accel.RedirectedBytes == 0 || share < c.MinRedirected {
+		res.Note = fmt.Sprintf("NOT REDIRECTED: %.1f%%", 100*share)
+		return fmt.Errorf("accelerated runs redirected %.2f%% of their payload (%d bytes redirected, %d through the stack), want at least %.0f%%",
+			100*share, accel.RedirectedBytes, accel.StackEgressBytes, 100*c.MinRedirected)
+	}
+	return nil
 }
 
 // addTraffic adds the counter delta of one run: the mode's cgroup for the
@@ -153,7 +173,9 @@ func addTraffic(t *Traffic, before, after map[uint64]dataplane.CgroupCounters, m
 	t.RedirectedBytes += d.RedirectedBytes
 	t.RedirectedMsgs += d.RedirectedMsgs
 	t.PassedBytes += d.PassedBytes
+	t.StackEgressBytes += d.StackEgressBytes
 	t.SocketsInserted += d.SocketsInserted
+	t.SocketsBlocking += d.SocketsBlocking
 }
 
 func values(samples []Sample, metric string) []float64 {

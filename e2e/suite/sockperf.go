@@ -39,7 +39,7 @@ func sockperfCase(topo string, size int, cpus cpuPlacement) Case {
 		// sockperf --nonblocked would pair, but its idle servers spin (the
 		// suite keeps the plain and the accelerated server up at once):
 		// the Go-native workloads measure non-blocking request/response.
-		Blocking: "sockperf uses blocking sockets",
+		Blocking: "sockperf uses blocking sockets", BlockingConns: 1,
 		start: func(ctx context.Context, rc *runContext) (instance, error) {
 			return startSockperf(ctx, rc, size, cpus)
 		},

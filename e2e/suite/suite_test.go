@@ -12,11 +12,11 @@ import (
 
 // TestSuiteQuick is the CI subset of the e2e suite: every workload starts
 // briefly plain and accelerated, verifies its content, must take the fast
-// path over loopback and pod to pod over a veth (redirect counters move,
-// nothing of a pair takes the stack; blocking programs must stay plain), and tears
-// down: no process left in the cgroups after a case, no cgroup, pin
-// directory or network namespace after the suite. Timings are logged,
-// never asserted.
+// path over loopback and pod to pod over a veth (at least MinRedirected of
+// its payload redirected, nothing of a pair through the stack; blocking
+// programs must stay plain, counted as blocking), and tears down: no
+// process left in the cgroups after a case, no cgroup, pin directory or
+// network namespace after the suite. Timings are logged, never asserted.
 func TestSuiteQuick(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	if err := CheckTools(); err != nil {
@@ -44,17 +44,12 @@ func TestSuiteQuick(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			switch {
-			case c.Blocking != "" && res.Paired:
-				t.Errorf("blocking workload (%s) was redirected: %+v", c.Blocking, res.AccelTraffic)
-			case c.Blocking != "":
-				t.Logf("not accelerated, as required: %s", c.Blocking)
-			case !res.Paired:
-				// Over loopback and pod to pod over the veth alike (the
-				// suite registers the namespaces' addresses as node
-				// addresses).
-				t.Errorf("accelerated run was not redirected: %+v", res.AccelTraffic)
-			case res.AccelTraffic.PassedBytes != 0:
+			// RunCase failed unless: plain runs were not accelerated;
+			// blocking workloads were not either, every connection
+			// counted as blocking; the others, over loopback and pod to
+			// pod over the veth alike, redirected at least
+			// c.MinRedirected of their payload.
+			if c.Blocking == "" && res.AccelTraffic.PassedBytes != 0 {
 				t.Errorf("a pair redirects from its first byte, yet %d bytes took the stack: %+v", res.AccelTraffic.PassedBytes, res.AccelTraffic)
 			}
 			if (c.Workload == "redis" || c.Workload == "nginx" || c.Workload == "connrate") && len(res.Checks) == 0 {
@@ -72,7 +67,7 @@ func TestSuiteQuick(t *testing.T) {
 			for _, m := range res.Metrics {
 				t.Logf("%s: plain %s, accelerated %s (%.2fx)", m.Name, formatValue(m.PlainMedian, m.Unit), formatValue(m.AccelMedian, m.Unit), m.Ratio)
 			}
-			t.Logf("accelerated traffic %+v, checks %q, note %q", res.AccelTraffic, res.Checks, res.Note)
+			t.Logf("accelerated traffic %+v (%.3f%% redirected), checks %q, note %q", res.AccelTraffic, 100*res.AccelTraffic.RedirectedShare(), res.Checks, res.Note)
 		})
 	}
 

@@ -88,7 +88,21 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 			t.Fatalf("disable %d: changed=%v err=%v", id, changed, err)
 		}
 	}
-	time.Sleep(50 * time.Millisecond)
+	// Accelerated connections stay accelerated until they close: the
+	// streams keep being redirected after disable, and after uninstall
+	// (dp still holds the counters map, which their sk_msg program keeps).
+	keepsRedirecting := func(after string) {
+		t.Helper()
+		from := counterOf(t, dp, cg.ID).RedirectedBytes
+		deadline := time.Now().Add(5 * time.Second)
+		for counterOf(t, dp, cg.ID).RedirectedBytes < from+1<<20 {
+			if time.Now().After(deadline) {
+				t.Fatalf("the streams were not redirected after %s: %d bytes in 5 s", after, counterOf(t, dp, cg.ID).RedirectedBytes-from)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	keepsRedirecting("disable")
 	pinDir := dp.PinDir()
 	d2, err := Open(Options{PinDir: pinDir})
 	if err != nil {
@@ -101,7 +115,7 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 		t.Errorf("pin directory %s still exists after uninstall: %v", pinDir, err)
 	}
 
-	time.Sleep(100 * time.Millisecond)
+	keepsRedirecting("uninstall")
 	close(stop)
 	close(startReading)
 	wg.Wait()

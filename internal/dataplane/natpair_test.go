@@ -128,7 +128,7 @@ func TestNATImpostorNeverPairs(t *testing.T) {
 	if _, err := c.Write([]byte("from C")); err != nil {
 		t.Fatal(err)
 	}
-	if n := fionreadWhenReadable(t, r); n != len("from C") {
+	if n := fionreadWhenReadable(t, r, len("from C")); n != len("from C") {
 		t.Errorf("FIONREAD on R = %d after C sent %d bytes: R joined a pair with another socket", n, len("from C"))
 	}
 	for _, w := range []struct {
@@ -166,8 +166,9 @@ func recordListenerOf(t *testing.T, dp *Dataplane, pod *testutil.Pod) {
 	}
 }
 
-// fionreadWhenReadable waits until c is readable and returns FIONREAD.
-func fionreadWhenReadable(t *testing.T, c net.Conn) int {
+// fionreadWhenReadable waits until c is readable and returns FIONREAD once
+// it counts want bytes, or what it counts 2 s later.
+func fionreadWhenReadable(t *testing.T, c net.Conn, want int) int {
 	t.Helper()
 	raw, err := c.(*net.TCPConn).SyscallConn()
 	if err != nil {
@@ -180,10 +181,17 @@ func fionreadWhenReadable(t *testing.T, c net.Conn) int {
 			t.Errorf("not readable: %d %v", k, err)
 			return
 		}
-		time.Sleep(20 * time.Millisecond) // the whole segment is queued
-		n, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-		if err != nil {
-			t.Error(err)
+		deadline := time.Now().Add(2 * time.Second)
+		for {
+			n, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if n >= want || time.Now().After(deadline) {
+				return
+			}
+			time.Sleep(time.Millisecond)
 		}
 	})
 	return n

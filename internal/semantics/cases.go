@@ -177,9 +177,30 @@ func waitReadable(fd int, timeout time.Duration) (int16, error) {
 	return re, err
 }
 
-// settle waits until fd is readable, then a little longer for the rest of
-// what was sent to arrive.
-func settle(fd int) error {
+// arriveTimeout bounds the wait for bytes sent to be queued at their
+// reader.
+const arriveTimeout = 2 * time.Second
+
+// arrived waits until fd has at least n bytes queued (FIONREAD), for up
+// to arriveTimeout, and returns how many it has. It does not fail: when
+// the bytes never show, the case observes what there is, which then
+// differs from plain TCP.
+func arrived(fd, n int) (int, error) {
+	deadline := time.Now().Add(arriveTimeout)
+	for {
+		queued, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+		if err != nil || queued >= n || time.Now().After(deadline) {
+			return queued, err
+		}
+		if _, err := waitReadable(fd, time.Millisecond); err != nil {
+			return queued, err
+		}
+	}
+}
+
+// settle waits until fd is readable and the n bytes sent to it are
+// queued.
+func settle(fd, n int) error {
 	re, err := waitReadable(fd, opTimeout)
 	if err != nil {
 		return err
@@ -187,8 +208,8 @@ func settle(fd int) error {
 	if re == 0 {
 		return fmt.Errorf("not readable within %v", opTimeout)
 	}
-	time.Sleep(20 * time.Millisecond)
-	return nil
+	_, err = arrived(fd, n)
+	return err
 }
 
 func casePeek(env *Env) (string, error) {
@@ -199,7 +220,7 @@ func casePeek(env *Env) (string, error) {
 		if err := writeAll(p.C, []byte("hello world")); err != nil {
 			return "", err
 		}
-		if err := settle(p.S); err != nil {
+		if err := settle(p.S, 11); err != nil {
 			return "", err
 		}
 		buf := make([]byte, 5)
@@ -212,9 +233,10 @@ func casePeek(env *Env) (string, error) {
 	})
 }
 
-// fionread reports FIONREAD of fd once what was sent has arrived.
-func fionread(fd int) (string, error) {
-	if err := settle(fd); err != nil {
+// fionread reports FIONREAD of fd once the n bytes sent to it have
+// arrived (or arriveTimeout has passed).
+func fionread(fd, n int) (string, error) {
+	if err := settle(fd, n); err != nil {
 		return "", err
 	}
 	n, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
@@ -229,7 +251,7 @@ func caseFionread(env *Env) (string, error) {
 		if err := writeAll(p.C, pattern(1, 1000)); err != nil {
 			return "", err
 		}
-		return fionread(p.S)
+		return fionread(p.S, 1000)
 	})
 }
 
@@ -238,14 +260,14 @@ func caseFionread(env *Env) (string, error) {
 func caseFionreadFirst(env *Env) (string, error) {
 	first := ConnOpts{Connected: func(fd int) error { return writeAll(fd, pattern(16, 1000)) }}
 	return run(env, first, func(p *Pair) (string, error) {
-		out, err := fionread(p.S)
+		out, err := fionread(p.S, 1000)
 		if err != nil {
 			return "", err
 		}
 		if err := writeAll(p.C, pattern(17, 500)); err != nil {
 			return "", err
 		}
-		more, err := fionread(p.S)
+		more, err := fionread(p.S, 1500)
 		return out + ", then " + more, err
 	})
 }
@@ -258,7 +280,7 @@ func caseFionreadRcvlowat(env *Env) (string, error) {
 		if err := writeAll(p.S, pattern(18, 1000)); err != nil {
 			return "", err
 		}
-		out, err := fionread(p.C)
+		out, err := fionread(p.C, 1000)
 		if err != nil {
 			return "", err
 		}
@@ -268,7 +290,7 @@ func caseFionreadRcvlowat(env *Env) (string, error) {
 		if err := writeAll(p.S, pattern(19, 700)); err != nil {
 			return "", err
 		}
-		more, err := fionread(p.C)
+		more, err := fionread(p.C, 700)
 		return out + ", after reading it and 700 more " + more, err
 	})
 }
@@ -350,11 +372,36 @@ func caseRST(env *Env) (string, error) {
 		}
 		unix.Close(p.C)
 		p.C = -1
-		time.Sleep(50 * time.Millisecond)
+		// Read once the RST has arrived: the reader finds the data and
+		// the reset both queued.
+		if err := waitTCPState(p.S, tcpClose); err != nil {
+			return "", err
+		}
 		got, end := readToEOF(p.S)
 		return fmt.Sprintf("read %s then %q", digest(got), end), nil
 	})
 }
+
+// waitTCPState waits, for up to opTimeout, until fd's TCP state is state.
+func waitTCPState(fd int, state uint8) error {
+	deadline := time.Now().Add(opTimeout)
+	for {
+		info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			return err
+		}
+		if info.State == state {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("TCP state %d, not %d, after %v", info.State, state, opTimeout)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// tcpClose is TCP_CLOSE, the state a socket is in once reset.
+const tcpClose = 7
 
 func caseCloseAfterWrite(env *Env) (string, error) {
 	return run(env, ConnOpts{}, func(p *Pair) (string, error) {
@@ -371,6 +418,8 @@ func caseCloseAfterWrite(env *Env) (string, error) {
 				return nil
 			},
 			func() error {
+				// The reader starts late (the writer may have closed
+				// already): whatever the delay, it reads everything.
 				time.Sleep(100 * time.Millisecond)
 				got, end = readToEOF(p.S)
 				return nil
@@ -492,16 +541,28 @@ func recvWaitall(fd, n int) (int, error) {
 	return r.n, r.err
 }
 
-// waitallRound writes 100 bytes, then 100 more 100 ms later, while the
-// reader asks for all 200 with MSG_WAITALL (a non-blocking reader once the
-// socket is readable); it returns what that read got, and reads the rest.
+// waitallRound writes 100 bytes, then 100 more, while the reader asks for
+// all 200 with MSG_WAITALL; it returns what that read got, and reads the
+// rest. A non-blocking reader reads once the socket is readable, and the
+// second 100 bytes leave only after that read returned. A blocking reader
+// waits in its read for both: the second 100 bytes leave 100 ms after the
+// first, while it waits (whenever they arrive, it gets 200).
 func waitallRound(p *Pair) (n int, err error) {
+	firstRead := make(chan struct{})
 	err = parallel(
 		func() error {
 			if err := writeAll(p.C, pattern(7, 100)); err != nil {
 				return err
 			}
-			time.Sleep(100 * time.Millisecond)
+			if p.Mode == NonBlocking {
+				select {
+				case <-firstRead:
+				case <-time.After(opTimeout):
+					return fmt.Errorf("the reader did not read within %v", opTimeout)
+				}
+			} else {
+				time.Sleep(100 * time.Millisecond)
+			}
 			return writeAll(p.C, pattern(8, 100))
 		},
 		func() (err error) {
@@ -510,7 +571,9 @@ func waitallRound(p *Pair) (n int, err error) {
 					return err
 				}
 			}
-			if n, err = recvWaitall(p.S, 200); err != nil {
+			n, err = recvWaitall(p.S, 200)
+			close(firstRead)
+			if err != nil {
 				return err
 			}
 			_, err = readN(p.S, 200-n)
@@ -549,33 +612,52 @@ func setRcvlowat(fd int) error {
 }
 
 // rcvlowatRounds: the reader has SO_RCVLOWAT 1000; the writer sends 600
-// bytes, then 400 more 100 ms later. The reader looks whether the socket
-// is readable in between, then waits for it and reads what is there.
+// bytes, then 400 more. Once the 600 have arrived, the reader looks
+// whether the socket is readable: if so it reads what is there before the
+// 400 leave; if not, the 400 leave and it waits for the socket to become
+// readable and reads what is there.
 func rcvlowatRounds(p *Pair) (string, error) {
 	var results []string
 	for round := 0; round < 2; round++ {
 		var early int16
 		var n int
+		looked := make(chan struct{})
 		err := parallel(
 			func() error {
 				if err := writeAll(p.C, pattern(9, 600)); err != nil {
 					return err
 				}
-				time.Sleep(100 * time.Millisecond)
+				select {
+				case <-looked:
+				case <-time.After(opTimeout):
+					return fmt.Errorf("the reader did not look within %v", opTimeout)
+				}
 				return writeAll(p.C, pattern(10, 400))
 			},
 			func() (err error) {
-				time.Sleep(50 * time.Millisecond)
-				if early, err = waitReadable(p.S, 0); err != nil {
+				read := func() (err error) {
+					buf := make([]byte, 4096)
+					n, _, err = unix.Recvfrom(p.S, buf, unix.MSG_DONTWAIT)
 					return err
 				}
-				if _, err = waitReadable(p.S, 2*time.Second); err != nil {
-					return err
+				_, err = arrived(p.S, 600)
+				if err == nil {
+					early, err = waitReadable(p.S, 0)
 				}
-				buf := make([]byte, 4096)
-				n, _, err = unix.Recvfrom(p.S, buf, unix.MSG_DONTWAIT)
+				if err == nil && early&unix.POLLIN != 0 {
+					err = read()
+				}
+				close(looked)
 				if err != nil {
 					return err
+				}
+				if early&unix.POLLIN == 0 {
+					if _, err = waitReadable(p.S, 2*time.Second); err != nil {
+						return err
+					}
+					if err = read(); err != nil {
+						return err
+					}
 				}
 				_, err = readN(p.S, 1000-n)
 				return err
@@ -618,7 +700,7 @@ func tcpInqRounds(p *Pair) (string, error) {
 		if err := writeAll(p.C, pattern(11, 100)); err != nil {
 			return "", err
 		}
-		if err := settle(p.S); err != nil {
+		if err := settle(p.S, 100); err != nil {
 			return "", err
 		}
 		buf := make([]byte, 60)
@@ -668,20 +750,32 @@ func sendWithUrgent(fd int) error {
 	return writeAll(fd, []byte("de"))
 }
 
-// drain reads what arrives within a short quiet period.
-func drain(fd int) []byte {
+// drain reads fd until everything its peer writer wrote has been
+// delivered (see delivered) and nothing is left to read in line, or EOF,
+// an error, or opTimeout.
+func drain(fd, writer int) []byte {
 	var out []byte
 	buf := make([]byte, 64)
-	for {
-		if re, _ := waitReadable(fd, 100*time.Millisecond); re&unix.POLLIN == 0 {
-			return out
-		}
+	deadline := time.Now().Add(opTimeout)
+	for time.Now().Before(deadline) {
 		n, _, err := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
-		if n <= 0 || err != nil {
+		if n > 0 {
+			out = append(out, buf[:n]...)
+			continue
+		}
+		if !retry(err) {
 			return out
 		}
-		out = append(out, buf[:n]...)
+		// Nothing in line: done once nothing is on its way either.
+		if unsent, err := unix.IoctlGetInt(writer, unix.SIOCOUTQ); err != nil || unsent == 0 {
+			if re, err := waitReadable(fd, 0); err != nil || re&unix.POLLIN == 0 {
+				return out
+			}
+			continue
+		}
+		waitReadable(fd, time.Millisecond)
 	}
+	return out
 }
 
 func caseOOBInline(env *Env) (string, error) {
@@ -693,8 +787,7 @@ func caseOOBInline(env *Env) (string, error) {
 		if err := sendWithUrgent(p.C); err != nil {
 			return "", err
 		}
-		time.Sleep(50 * time.Millisecond)
-		return fmt.Sprintf("stream=%q", drain(p.S)), nil
+		return fmt.Sprintf("stream=%q", drain(p.S, p.C)), nil
 	})
 }
 
@@ -706,8 +799,7 @@ func caseOOB(env *Env) (string, error) {
 		if err := sendWithUrgent(p.C); err != nil {
 			return "", err
 		}
-		time.Sleep(50 * time.Millisecond)
-		normal := drain(p.S)
+		normal := drain(p.S, p.C)
 		buf := make([]byte, 4)
 		n, _, err := unix.Recvfrom(p.S, buf, unix.MSG_OOB|unix.MSG_DONTWAIT)
 		urgent := "error " + errName(err)
@@ -887,8 +979,7 @@ func caseSlowReaderDisrupt(env *Env) (string, error) {
 			}
 			written <- err
 		}()
-		time.Sleep(200 * time.Millisecond)
-		queued, _ := unix.IoctlGetInt(p.S, unix.SIOCINQ)
+		queued, _ := arrived(p.S, 4<<20)
 		if queued < 4<<20 {
 			got, _ := readToEOF(p.S)
 			<-written

@@ -241,16 +241,29 @@ func fionreadProbe(kind progKind) string {
 	if n, err := unix.Write(client, make([]byte, probeBytes)); err != nil || n != probeBytes {
 		return fmt.Sprintf("error: write %d: %v", n, err)
 	}
+	waitDelivered(client)
 	return fionreadAfterWrite(server, probeBytes)
 }
 
-// fionreadAfterWrite waits until fd is readable, settles, and reports
-// FIONREAD and what one non-blocking read returns.
+// waitDelivered waits (at most 5 s: qemu without KVM is slow) until
+// nothing written to fd is unacknowledged (SIOCOUTQ 0): every byte that
+// took the stack is queued at the reader. Redirected bytes never enter
+// the send queue; they are queued at the reader when write returns.
+func waitDelivered(fd int) {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		if n, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ); err != nil || n == 0 {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// fionreadAfterWrite reports whether fd is readable, FIONREAD and what one
+// non-blocking read returns, once what was written to fd was delivered.
 func fionreadAfterWrite(fd, wrote int) string {
 	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	n, err := unix.Poll(fds, 2000)
 	readable := err == nil && n == 1
-	time.Sleep(50 * time.Millisecond) // loopback delivery settles
 	inq, ierr := unix.IoctlGetInt(fd, unix.SIOCINQ)
 	buf := make([]byte, 4*wrote)
 	got, _, rerr := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
@@ -280,17 +293,33 @@ func errnoName(err error) string {
 }
 
 // waitInRead waits (at most 3 s) until thread tid sleeps in read(2) on
-// fd, as /proc/self/task/TID/syscall tells, then a little longer.
+// fd: /proc/self/task/TID/syscall names the read, and its state is S
+// (sleeping, not still on its way in).
 func waitInRead(tid, fd int) {
-	path := fmt.Sprintf("/proc/self/task/%d/syscall", tid)
+	path := fmt.Sprintf("/proc/self/task/%d/", tid)
 	want := fmt.Sprintf("%d 0x%x ", unix.SYS_READ, fd)
 	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
-		if b, err := os.ReadFile(path); err != nil || strings.HasPrefix(string(b), want) {
-			break
+		call, err := os.ReadFile(path + "syscall")
+		if err != nil {
+			return
 		}
-		time.Sleep(10 * time.Millisecond)
+		if strings.HasPrefix(string(call), want) && taskSleeping(path+"stat") {
+			return
+		}
+		time.Sleep(time.Millisecond)
 	}
-	time.Sleep(100 * time.Millisecond)
+}
+
+// taskSleeping reports whether the task whose stat file is path is in
+// state S (interruptible sleep).
+func taskSleeping(path string) bool {
+	stat, err := os.ReadFile(path)
+	if err != nil {
+		return false
+	}
+	// "TID (COMM) STATE ...": COMM may hold spaces and parentheses.
+	i := strings.LastIndexByte(string(stat), ')')
+	return i >= 0 && i+2 < len(stat) && stat[i+2] == 'S'
 }
 
 // mixedProbe puts stack bytes (500, sent first) and then redirected bytes
@@ -306,13 +335,11 @@ func mixedProbe() string {
 	if n, err := unix.Write(client, make([]byte, stackBytes)); err != nil || n != stackBytes {
 		return fmt.Sprintf("error: write %d: %v", n, err)
 	}
-	fds := []unix.PollFd{{Fd: int32(server), Events: unix.POLLIN}}
-	unix.Poll(fds, 2000)
-	time.Sleep(50 * time.Millisecond)
+	waitDelivered(client)
 	if n, err := unix.Write(client, make([]byte, probeBytes)); err != nil || n != probeBytes {
 		return fmt.Sprintf("error: write %d: %v", n, err)
 	}
-	time.Sleep(50 * time.Millisecond)
+	waitDelivered(client)
 	parts := []string{fmt.Sprintf("stack=%d redirected=%d", stackBytes, probeBytes)}
 	if inq, err := unix.IoctlGetInt(server, unix.SIOCINQ); err != nil {
 		parts = append(parts, "fionread_error="+errnoName(err))

@@ -220,6 +220,11 @@ func fionreadSockbypass() string {
 	if _, err := client.Write(make([]byte, probeBytes)); err != nil {
 		return "error: write: " + err.Error()
 	}
+	craw, err := client.SyscallConn()
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	craw.Control(func(fd uintptr) { waitDelivered(int(fd)) })
 	raw, err := server.SyscallConn()
 	if err != nil {
 		return "error: " + err.Error()
