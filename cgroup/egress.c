@@ -23,13 +23,15 @@ volatile const __u64 enabled_cgroup_id = 0;
 
 /* dst_local reports whether a socket that sock_ops has not classified
  * (before ESTABLISHED, or established before the cgroup was enabled) sends
- * to a local peer: loopback, its own address, or a node address. */
+ * to a local peer: either end on loopback, its own address, or a node
+ * address (as sock_ops's classify_peer decides). */
 static __always_inline int dst_local(struct bpf_sock *sk)
 {
 	struct node_addr_key k = {};
 
 	if (sk->family == AF_INET) {
-		if ((bpf_ntohl(sk->dst_ip4) >> 24) == 127 || sk->dst_ip4 == sk->src_ip4)
+		if ((bpf_ntohl(sk->dst_ip4) >> 24) == 127 || (bpf_ntohl(sk->src_ip4) >> 24) == 127 ||
+		    sk->dst_ip4 == sk->src_ip4)
 			return 1;
 		set_v4mapped(k.ip, sk->dst_ip4);
 	} else {
@@ -40,6 +42,10 @@ static __always_inline int dst_local(struct bpf_sock *sk)
 		if (k.ip[0] == 0 && k.ip[1] == 0 && k.ip[2] == 0 && k.ip[3] == bpf_htonl(1))
 			return 1;
 		if (is_v4mapped(k.ip) && (bpf_ntohl(k.ip[3]) >> 24) == 127)
+			return 1;
+		if ((sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 && sk->src_ip6[2] == 0 && sk->src_ip6[3] == bpf_htonl(1)) ||
+		    (sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 && sk->src_ip6[2] == bpf_htonl(0xffff) &&
+		     (bpf_ntohl(sk->src_ip6[3]) >> 24) == 127))
 			return 1;
 		if (k.ip[0] == sk->src_ip6[0] && k.ip[1] == sk->src_ip6[1] && k.ip[2] == sk->src_ip6[2] &&
 		    k.ip[3] == sk->src_ip6[3])

@@ -24,7 +24,11 @@ func TestAccountOnlyShowsWhatWouldBeRedirected(t *testing.T) {
 		t.Fatal(errOut)
 	}
 	const size = 4 << 20
-	trafficIn(t, cg, size)
+	// The dry pair forms at ESTABLISHED; send once stats counts it.
+	transferWhen(t, cg, size, "the dry pair was not counted", func() bool {
+		r := statsJSON(t, pinDir)
+		return len(r.Cgroups) == 1 && r.Cgroups[0].WouldPairs >= 1
+	})
 	r := statsJSON(t, pinDir)
 	if len(r.Cgroups) != 1 {
 		t.Fatalf("stats: %+v", r.Cgroups)

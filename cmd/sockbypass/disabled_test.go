@@ -189,7 +189,7 @@ func TestStatusJSONIsASupersetOfStatsJSON(t *testing.T) {
 			t.Fatal(errOut)
 		}
 	}
-	trafficIn(t, a, 1<<20)
+	trafficIn(t, pinDir, a, 1<<20)
 	lc := openLiveConn(t, b)
 	lc.send(t, 1<<20)
 	if code, _, errOut := sockbypass(t, "disable", "--cgroup", b.Path, "--bpffs-dir", pinDir); code != 0 {

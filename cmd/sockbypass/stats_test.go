@@ -28,6 +28,19 @@ import (
 func trafficIn(t *testing.T, pinDir string, cg cgroup.Cgroup, n int) {
 	t.Helper()
 	inserted := insertedIn(t, pinDir, cg)
+	// Both ends join at ESTABLISHED (the server before it is accepted),
+	// and a client that sends before its server joined gives the pair
+	// up: send once stats counts both.
+	transferWhen(t, cg, n, "the connection's two sockets did not join the sockhash", func() bool {
+		return insertedIn(t, pinDir, cg) >= inserted+2
+	})
+}
+
+// transferWhen makes a connection in cg, waits (at most 5 s) until ready
+// says the datapath has seen it, then sends n bytes and checks the digest
+// the server answers.
+func transferWhen(t *testing.T, cg cgroup.Cgroup, n int, notReady string, ready func() bool) {
+	t.Helper()
 	var l net.Listener
 	var err error
 	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
@@ -51,13 +64,10 @@ func trafficIn(t *testing.T, pinDir string, cg cgroup.Cgroup, n int) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	// Both ends join at ESTABLISHED (the server before it is accepted),
-	// and a client that sends before its server joined gives the pair
-	// up: wait until stats counts both.
 	deadline := time.Now().Add(5 * time.Second)
-	for insertedIn(t, pinDir, cg) < inserted+2 {
+	for !ready() {
 		if time.Now().After(deadline) {
-			t.Fatalf("the connection's two sockets did not join the sockhash: %d inserted before it, %d now", inserted, insertedIn(t, pinDir, cg))
+			t.Fatal(notReady)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -127,7 +137,7 @@ func TestStatsShowsRedirectedAndStackBytes(t *testing.T) {
 	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir); code != 0 {
 		t.Fatal(errOut)
 	}
-	trafficIn(t, cg, 1<<20)
+	trafficIn(t, pinDir, cg, 1<<20)
 	if r := statsJSON(t, pinDir); len(r.TCDevices) != 1 || r.TCDevices[0].Name != "lo" || r.Cgroups[0].TCEgressPackets == 0 {
 		t.Errorf("with --tc-dev lo: tc devices %+v, cgroups %+v", r.TCDevices, r.Cgroups)
 	}

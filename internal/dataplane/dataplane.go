@@ -476,11 +476,15 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 
 	_, statErr := os.Stat(d.cgroupLinkPin(cg.ID))
 	already := statErr == nil
+	// Every program of the table; sidecar-mode ones follow the mode. This
+	// also completes a cgroup enabled before a program was added.
 	for _, p := range cgroupPrograms {
-		if p.SidecarOnly {
+		if p.SidecarOnly && opts.Mesh == nil {
+			if err := d.detachCgroupProgram(cg.ID, p); err != nil {
+				return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+			}
 			continue
 		}
-		// Also completes a cgroup enabled before a program was added.
 		undoAttach, err := d.attachCgroupProgram(cg, p)
 		if err != nil {
 			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
@@ -516,26 +520,6 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		tcAdded = append(tcAdded, dev.String())
 		key := tcUserKey{CgroupID: cg.ID, Dev: dev.key}
 		undo = append(undo, func() { d.maps[PinTCUsers].Delete(key) })
-	}
-
-	// Sidecar-mode programs follow the mode.
-	for _, p := range cgroupPrograms {
-		if !p.SidecarOnly {
-			continue
-		}
-		if opts.Mesh == nil {
-			if err := d.detachCgroupProgram(cg.ID, p); err != nil {
-				return false, fmt.Errorf("enable %s: %w", cg.Path, err)
-			}
-			continue
-		}
-		undoAttach, err := d.attachCgroupProgram(cg, p)
-		if err != nil {
-			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
-		}
-		if undoAttach != nil {
-			undo = append(undo, undoAttach)
-		}
 	}
 
 	// The devices are exactly those given: the cgroup stops asking for
