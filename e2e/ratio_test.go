@@ -55,8 +55,10 @@ func TestSidecarBypassRatioMatchesTheHops(t *testing.T) {
 	if f.RedirectedBytes != size+32 {
 		t.Errorf("redirected %d bytes, want the body and the digest (%d)", f.RedirectedBytes, size+32)
 	}
-	if f.StackEgressBytes != size {
-		t.Errorf("stack bytes to local peers %d, want the body once (%d): the sidecar -> server hop", f.StackEgressBytes, size)
+	// The body once; retransmissions (counted: they crossed the stack
+	// again) stay within 1%.
+	if f.StackEgressBytes < size || f.StackEgressBytes > size+size/100 {
+		t.Errorf("stack bytes to local peers %d, want the body once (%d, + at most 1%% of retransmissions): the sidecar -> server hop", f.StackEgressBytes, size)
 	}
 	if r := ratioOf(f); r < 0.45 || r > 0.55 {
 		t.Errorf("bypass ratio %.3f, want about 0.5: one hop of two was bypassed", r)

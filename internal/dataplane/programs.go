@@ -78,14 +78,29 @@ func (d *Dataplane) attachCgroupProgram(cg cgroup.Cgroup, p cgroupProgram) (func
 	if err := l.Pin(pin); err != nil {
 		return nil, fmt.Errorf("pin %s link (this kernel needs bpf_link support for cgroups, Linux 5.7+): %w", p.What, err)
 	}
-	return func() { os.Remove(pin) }, nil
+	return func() { unpinLink(pin) }, nil
 }
 
 // detachCgroupProgram unpins (so detaches) p's link of the cgroup id, if
 // it is pinned.
 func (d *Dataplane) detachCgroupProgram(id uint64, p cgroupProgram) error {
-	if err := os.Remove(d.cgroupPin(id, p)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := unpinLink(d.cgroupPin(id, p)); err != nil {
 		return fmt.Errorf("unpin %s link: %w", p.What, err)
 	}
 	return nil
+}
+
+// unpinLink removes the pin of a link and detaches it before returning
+// (nothing when there is no pin). Removing the pin file alone would leave
+// the detach to a kernel work item, after the caller has returned.
+func unpinLink(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer l.Close() // the last reference: detaches now
+	return l.Unpin()
 }
