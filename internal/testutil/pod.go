@@ -1,11 +1,13 @@
 package testutil
 
 import (
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
@@ -41,6 +43,24 @@ func NewPod(tb testing.TB) *Pod {
 		cmd.Process.Kill()
 		cmd.Wait()
 	})
+	// nsenter starts in the cgroup but in this namespace: until it has
+	// entered the pod's, a scan of the cgroup's processes would find the
+	// host's addresses.
+	want, err := os.Stat(p.Netns.Path())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got, err := os.Stat(fmt.Sprintf("/proc/%d/ns/net", cmd.Process.Pid))
+		if err == nil && os.SameFile(got, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("the pod's process did not enter its network namespace within 5 s")
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 	return p
 }
 
