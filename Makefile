@@ -46,11 +46,13 @@ demo: deps build
 # accelerated, alternating, median of 3 runs (e2e/results/suite/), then the
 # cost benchmarks (plain / minimal redirector / sockbypass per message and per
 # short connection; what a cgroup that is not enabled pays) and the Go-native
-# loopback comparison (e2e/results/*.md); benchreport writes them all into
+# loopback comparison and the sockperf bystander rounds (e2e/bystander.sh)
+# (e2e/results/*.md); benchreport writes them all into
 # README.md between its bench markers, with the machine and the revision.
 bench: deps build
 	$(GO) run ./e2e/cmd/sockbypass-e2e -out e2e/results/suite
 	$(GO) test -count=1 -run '^$$' -bench 'PerMessageCost|BystanderCost|LoopbackPlainVsAccelerated|PodToPod|Sidecar' -benchtime 1x -timeout 30m ./e2e/ -args -runs 5 -duration 1s -out results
+	./e2e/bystander.sh
 	$(GO) run ./e2e/cmd/benchreport -results e2e/results -readme README.md
 
 bench-quick: deps build

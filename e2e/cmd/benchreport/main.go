@@ -29,7 +29,8 @@ const (
 var sections = []struct{ file, heading string }{
 	{"suite/results.md", "Real programs (the e2e suite)"},
 	{"cost-per-message.md", "Per-message cost: plain TCP, the minimal redirector, sockbypass"},
-	{"cost-bystander.md", "Bystander cost: a cgroup that is not enabled, while another one is"},
+	{"bystander-sockperf.md", "Bystander cost with sockperf: a cgroup that is not enabled, while another one is"},
+	{"cost-bystander.md", "Bystander cost, Go-native non-blocking workload"},
 	{"loopback.md", "Go-native loopback"},
 	{"pod-to-pod.md", "Pod to pod over a veth"},
 	{"sidecar.md", "Sidecar: app -> HAProxy -> server pod"},
