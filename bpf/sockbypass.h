@@ -5,8 +5,10 @@
  *
  * Every program declares the same maps; the Go loader creates them once and
  * hands the same map to each program (MapReplacements), so a change here must
- * be mirrored in internal/dataplane/types.go (a test round-trips each struct
- * through a real map).
+ * be mirrored by the Go types that read the maps (internal/dataplane:
+ * TestGoMirrorsMatchTheCStructs compares each with this file's BTF, field by
+ * field), and a change of any shared map's layout needs a new LayoutVersion
+ * (TestLayoutVersionFollowsTheMaps fails until it has one).
  */
 #ifndef __SOCKBYPASS_H
 #define __SOCKBYPASS_H

@@ -18,7 +18,8 @@ import (
 )
 
 // LayoutVersion is the version of the pin layout and map formats this
-// binary writes and reads: bump it whenever a shared struct or map changes. Open refuses any other version with an error
+// binary writes and reads: bump it whenever a shared struct or map changes
+// (TestLayoutVersionFollowsTheMaps checks it against the maps' BTF). Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
 const LayoutVersion = 4 // 4: cgroup_counters (tc_egress_*, would_*), sock_state, shared map sizes
 
