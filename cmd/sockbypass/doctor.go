@@ -8,12 +8,9 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
-
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/bpffs"
+	"github.com/sockbypass/sockbypass/internal/netnsutil"
 	"github.com/sockbypass/sockbypass/internal/privilege"
 	"github.com/sockbypass/sockbypass/internal/semantics"
 )
@@ -134,20 +131,11 @@ func doctorProbe(pinDir string, each func(semantics.Result)) (results []semantic
 	if err != nil {
 		return nil, err
 	}
-	netns, err := testutils.NewNS()
+	netns, removeNetns, err := netnsutil.New("sockbypass-doctor")
 	if err != nil {
 		return nil, fmt.Errorf("create a private network namespace: %w", err)
 	}
-	cleanups = append(cleanups, func() { netns.Close(); testutils.UnmountNS(netns) })
-	if err := netns.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	}); err != nil {
-		return nil, err
-	}
+	cleanups = append(cleanups, func() { removeNetns() })
 
 	setup, uninstall, err := semantics.Install(privatePins, plain, accel, netns)
 	if err != nil {

@@ -5,8 +5,9 @@ import (
 	"net"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
+
+	"github.com/sockbypass/sockbypass/internal/netnsutil"
 )
 
 // Topology names.
@@ -35,27 +36,11 @@ type Topology struct {
 
 // newNetNS creates a network namespace with lo up; undo deletes it.
 func newNetNS(undo *cleanups) (ns.NetNS, error) {
-	netns, err := testutils.NewNS()
+	netns, remove, err := netnsutil.New("sockbypass-e2e")
 	if err != nil {
-		return nil, fmt.Errorf("create network namespace: %w", err)
+		return nil, err
 	}
-	undo.push(func() error {
-		netns.Close()
-		if err := testutils.UnmountNS(netns); err != nil {
-			return fmt.Errorf("remove network namespace %s: %w", netns.Path(), err)
-		}
-		return nil
-	})
-	err = netns.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
-	if err != nil {
-		return nil, fmt.Errorf("bring up lo in %s: %w", netns.Path(), err)
-	}
+	undo.push(remove)
 	return netns, nil
 }
 

@@ -5,8 +5,8 @@ import (
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
+
+	"github.com/sockbypass/sockbypass/internal/netnsutil"
 )
 
 // NewNetNS creates a network namespace with its loopback up, and deletes it
@@ -14,26 +14,15 @@ import (
 func NewNetNS(tb testing.TB) ns.NetNS {
 	tb.Helper()
 	RequirePrivileged(tb)
-	netns, err := testutils.NewNS()
+	netns, remove, err := netnsutil.New("sockbypass-test")
 	if err != nil {
-		tb.Fatalf("create network namespace: %v", err)
+		tb.Fatal(err)
 	}
 	tb.Cleanup(func() {
-		netns.Close()
-		if err := testutils.UnmountNS(netns); err != nil {
+		if err := remove(); err != nil {
 			tb.Errorf("remove network namespace %s: %v", netns.Path(), err)
 		}
 	})
-	err = netns.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
-	if err != nil {
-		tb.Fatalf("bring up lo in %s: %v", netns.Path(), err)
-	}
 	return netns
 }
 
