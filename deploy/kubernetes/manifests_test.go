@@ -445,8 +445,11 @@ func TestProbesAndMetrics(t *testing.T) {
 			continue
 		}
 		g := p.HTTPGet
-		if g.Path != "/healthz" {
-			t.Errorf("%s probe path %q, want /healthz", name, g.Path)
+		// Liveness: the pins can be read; readiness: the selection is
+		// applied (a refused reload or an unmatched node is not Ready).
+		wantPath := map[string]string{"liveness": "/healthz", "readiness": "/readyz"}[name]
+		if g.Path != wantPath {
+			t.Errorf("%s probe path %q, want %s", name, g.Path, wantPath)
 		}
 		probed := g.Port.IntValue()
 		if g.Port.Type == intstr.String {
@@ -535,6 +538,9 @@ func TestConfigGlobs(t *testing.T) {
 	}
 	if cfg.AccountOnly.Value {
 		t.Error("accountOnly: the deployment should accelerate")
+	}
+	if !cfg.RequireMatch.Value {
+		t.Error("requireMatch: a node whose cgroups the globs do not fit must not be Ready")
 	}
 	devs := cfg.TCDevicesOrDefault()
 	if len(devs) != 0 {

@@ -75,6 +75,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	  inboundPort: 15006
 //	  excludePorts: [15090]
 //	  excludeCIDRs: [169.254.0.0/16]
+//	requireMatch: false # true: not Ready while the cgroups match nothing
 type Config struct {
 	Cgroups        []Field[string]  `yaml:"cgroups"`
 	TCDevices      *[]Field[string] `yaml:"tcDevices"`
@@ -86,6 +87,7 @@ type Config struct {
 	SockhashSize   Field[uint32]    `yaml:"sockhashSize"`
 	ExtraNetns     []Field[string]  `yaml:"extraNetns"`
 	Mesh           *MeshConfig      `yaml:"mesh"`
+	RequireMatch   Field[bool]      `yaml:"requireMatch"`
 
 	// Derived by Parse.
 	mesh    *dataplane.MeshOptions
