@@ -14,11 +14,9 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"sigs.k8s.io/yaml"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/config"
@@ -49,43 +47,6 @@ func mkCgroups(t *testing.T, mounts cgroup.Mounts, rel string) {
 				t.Errorf("remove %s: %v", d, err)
 			}
 		})
-	}
-}
-
-// grantDaemonRBAC applies the ClusterRole of deploy/kubernetes/rbac.yaml
-// to the daemon's user, so the test runs with exactly what the manifests
-// grant.
-func grantDaemonRBAC(t *testing.T, admin kubernetes.Interface) {
-	t.Helper()
-	data, err := os.ReadFile("../../deploy/kubernetes/rbac.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var role *rbacv1.ClusterRole
-	for _, doc := range strings.Split(string(data), "\n---\n") {
-		var meta metav1.TypeMeta
-		if yaml.Unmarshal([]byte(doc), &meta) != nil || meta.Kind != "ClusterRole" {
-			continue
-		}
-		role = &rbacv1.ClusterRole{}
-		if err := yaml.UnmarshalStrict([]byte(doc), role); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if role == nil {
-		t.Fatal("deploy/kubernetes/rbac.yaml has no ClusterRole")
-	}
-	ctx := context.Background()
-	if _, err := admin.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	binding := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "sockbypass-test"},
-		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
-		Subjects:   []rbacv1.Subject{{Kind: "User", APIGroup: "rbac.authorization.k8s.io", Name: "sockbypass-daemon"}},
-	}
-	if _, err := admin.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -171,9 +132,9 @@ func enabledModes(t *testing.T, dp *dataplane.Dataplane, mounts cgroup.Mounts) m
 // Ready and gets an Event, as does a failed enable.
 func TestPodSelectionAgainstARealAPIServer(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	api := startAPIServer(t)
+	api := testutil.StartAPIServer(t)
 	admin := api.Admin(t)
-	grantDaemonRBAC(t, admin)
+	api.GrantDaemon(t, "../../deploy/kubernetes/rbac.yaml")
 	ctx := context.Background()
 
 	mounts, err := cgroup.ReadMounts()

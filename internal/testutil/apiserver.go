@@ -1,6 +1,7 @@
-package k8s
+package testutil
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/tls"
@@ -12,14 +13,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-
-	"github.com/sockbypass/sockbypass/internal/testutil"
+	"sigs.k8s.io/yaml"
 )
 
 // The API server these tests run against is a real kube-apiserver over a
@@ -41,21 +44,21 @@ func kubeAPIServerBinary() string {
 	return filepath.Join(cache, "kube-apiserver-"+kubeVersion)
 }
 
-// apiServer is a running etcd + kube-apiserver.
-type apiServer struct {
+// APIServer is a running etcd + kube-apiserver.
+type APIServer struct {
 	URL         string
 	AdminToken  string
 	DaemonToken string // the user "sockbypass-daemon", authorized by RBAC only
 }
 
 // Admin returns a client with every permission (system:masters).
-func (a *apiServer) Admin(t *testing.T) kubernetes.Interface { return a.client(t, a.AdminToken) }
+func (a *APIServer) Admin(t testing.TB) kubernetes.Interface { return a.client(t, a.AdminToken) }
 
 // Daemon returns a client as the daemon's user, which has only what RBAC
 // grants it.
-func (a *apiServer) Daemon(t *testing.T) kubernetes.Interface { return a.client(t, a.DaemonToken) }
+func (a *APIServer) Daemon(t testing.TB) kubernetes.Interface { return a.client(t, a.DaemonToken) }
 
-func (a *apiServer) client(t *testing.T, token string) kubernetes.Interface {
+func (a *APIServer) client(t testing.TB, token string) kubernetes.Interface {
 	t.Helper()
 	c, err := kubernetes.NewForConfig(&rest.Config{Host: a.URL, BearerToken: token, TLSClientConfig: rest.TLSClientConfig{Insecure: true}, QPS: 100, Burst: 200})
 	if err != nil {
@@ -66,13 +69,13 @@ func (a *apiServer) client(t *testing.T, token string) kubernetes.Interface {
 
 // requireBinaries skips (fails under CI=true) when etcd or the cached
 // kube-apiserver is missing.
-func requireBinaries(t *testing.T) (etcd, apiserver string) {
+func requireBinaries(t testing.TB) (etcd, apiserver string) {
 	t.Helper()
 	etcd, err := exec.LookPath("etcd")
 	if err != nil {
 		// make deps installs etcd-server: in CI its absence is a failure.
 		msg := "no etcd in PATH (Debian's etcd-server; make deps installs it)"
-		if testutil.InCI() {
+		if InCI() {
 			t.Fatal(msg)
 		}
 		t.Skip(msg)
@@ -87,7 +90,7 @@ func requireBinaries(t *testing.T) (etcd, apiserver string) {
 	return etcd, apiserver
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
@@ -99,7 +102,7 @@ func freePort(t *testing.T) int {
 
 // startProcess starts a server and stops it by its PID (SIGTERM, then
 // SIGKILL) when the test ends, even on failure.
-func startProcess(t *testing.T, logPath string, name string, args ...string) *exec.Cmd {
+func startProcess(t testing.TB, logPath string, name string, args ...string) *exec.Cmd {
 	t.Helper()
 	logFile, err := os.Create(logPath)
 	if err != nil {
@@ -133,10 +136,10 @@ func logTail(path string) string {
 	return string(data)
 }
 
-// startAPIServer starts etcd and kube-apiserver for t. Authorization is
+// StartAPIServer starts etcd and kube-apiserver for t. Authorization is
 // RBAC: the admin token is in system:masters, the daemon's token has no
 // group, so the daemon sees only what deploy/kubernetes grants it.
-func startAPIServer(t *testing.T) *apiServer {
+func StartAPIServer(t testing.TB) *APIServer {
 	t.Helper()
 	etcdBin, apiserverBin := requireBinaries(t)
 	dir := t.TempDir()
@@ -160,7 +163,7 @@ func startAPIServer(t *testing.T) *apiServer {
 	if err := os.WriteFile(keyPath, keyPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	a := &apiServer{AdminToken: "admin-" + rand.Text(), DaemonToken: "daemon-" + rand.Text()}
+	a := &APIServer{AdminToken: "admin-" + rand.Text(), DaemonToken: "daemon-" + rand.Text()}
 	tokens := fmt.Sprintf("%s,admin,admin,system:masters\n%s,sockbypass-daemon,sockbypass-daemon\n", a.AdminToken, a.DaemonToken)
 	tokenPath := filepath.Join(dir, "tokens.csv")
 	if err := os.WriteFile(tokenPath, []byte(tokens), 0o600); err != nil {
@@ -209,4 +212,69 @@ func startAPIServer(t *testing.T) *apiServer {
 		}
 	})
 	return a
+}
+
+// Kubeconfig writes a kubeconfig file for the daemon's user and returns its
+// path.
+func (a *APIServer) Kubeconfig(t testing.TB) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	data := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+  - name: test
+    cluster:
+      server: %s
+      insecure-skip-tls-verify: true
+users:
+  - name: daemon
+    user:
+      token: %s
+contexts:
+  - name: test
+    context: {cluster: test, user: daemon}
+current-context: test
+`, a.URL, a.DaemonToken)
+	if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// GrantDaemon applies the ClusterRole of the RBAC manifest at rbacPath
+// (deploy/kubernetes/rbac.yaml) to the daemon's user, so a test runs with
+// exactly what the manifests grant.
+func (a *APIServer) GrantDaemon(t testing.TB, rbacPath string) {
+	t.Helper()
+	admin := a.Admin(t)
+	data, err := os.ReadFile(rbacPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var role *rbacv1.ClusterRole
+	for _, doc := range strings.Split(string(data), "\n---\n") {
+		var meta metav1.TypeMeta
+		if yaml.Unmarshal([]byte(doc), &meta) != nil || meta.Kind != "ClusterRole" {
+			continue
+		}
+		role = &rbacv1.ClusterRole{}
+		if err := yaml.UnmarshalStrict([]byte(doc), role); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if role == nil {
+		t.Fatalf("%s has no ClusterRole", rbacPath)
+	}
+	ctx := context.Background()
+	if _, err := admin.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	binding := &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "sockbypass-test"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: "User", APIGroup: "rbac.authorization.k8s.io", Name: "sockbypass-daemon"}},
+	}
+	if _, err := admin.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
 }
