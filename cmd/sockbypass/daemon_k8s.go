@@ -17,8 +17,9 @@ import (
 )
 
 // attachKubernetes adds the Kubernetes pod source to the daemon when the
-// configuration has a kubernetes section (read at start: adding or
-// removing the section takes a restart). The node is kubernetes.nodeName
+// configuration has a kubernetes section at start (adding or removing the
+// section, nodeName and kubeconfig take a restart; the selection rules are
+// read from the configuration in force at every reconcile). The node is kubernetes.nodeName
 // or $NODE_NAME (the downward API's spec.nodeName); the API server is the
 // in-cluster one unless kubernetes.kubeconfig names a file. An informer
 // that has not synced within 30 s is not fatal: the daemon then changes
