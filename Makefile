@@ -66,6 +66,14 @@ bench-loopback: deps build
 clean:
 	rm -rf bin
 
+# kube-apiserver for internal/k8s's tests against a real API server: built
+# once from the k8s.io/kubernetes module (e2e/kubeapiserver) into
+# /var/cache/sockbypass-k8s (tens of minutes on 2 busy cores; instant once
+# cached). The tests skip, in CI too, while it is not cached.
+.PHONY: kube-apiserver
+kube-apiserver:
+	./e2e/kubeapiserver/build.sh
+
 # The kernel matrix: boots Debian 12's own kernels (6.1, 6.12) under qemu and
 # runs enable, status, a sha256-checked redirected transfer, doctor and
 # uninstall on each, plus kernel probes; compares with e2e/kernels/expected.txt.

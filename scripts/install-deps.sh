@@ -5,7 +5,7 @@
 # everything is already there. Needs root.
 set -euo pipefail
 
-packages=(clang-16 llvm-16 bpftool iproute2 iptables iperf3 sockperf wrk redis-server nginx-light haproxy)
+packages=(clang-16 llvm-16 bpftool iproute2 iptables iperf3 sockperf wrk redis-server nginx-light haproxy etcd-server)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -14,8 +14,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 	echo "install-deps: installing ${missing[*]}"
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -q
-	# Do not start the packaged services (nginx, redis, haproxy): the
-	# benchmarks start their own instances on loopback.
+	# Do not start the packaged services (nginx, redis, haproxy, etcd): the
+	# benchmarks and tests start their own instances on loopback.
 	policy=/usr/sbin/policy-rc.d
 	created_policy=0
 	if [ ! -e "$policy" ]; then

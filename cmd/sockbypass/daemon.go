@@ -37,7 +37,7 @@ func runDaemon(e *env, args []string) error {
 	var cgroups, tcDevs stringList
 	var cleanupOnExit bool
 	fs := newFlagSet("daemon", e, &pinDir, &logLevel)
-	fs.StringVar(&configPath, "config", "", "YAML configuration (see README); SIGHUP reloads it")
+	fs.StringVar(&configPath, "config", "", "YAML configuration (see README); reloaded when it changes, and on SIGHUP")
 	fs.BoolVar(&cleanupOnExit, "cleanup-on-exit", false, "uninstall everything on SIGTERM/SIGINT (default: leave acceleration in place)")
 	fs.Var(&cgroups, "cgroup", "without --config: cgroup path or glob to keep enabled (repeatable)")
 	fs.Var(&tcDevs, "tc-dev", "without --config: interface whose egress TC also accounts (repeatable; none by default)")
@@ -158,9 +158,25 @@ func runDaemon(e *env, args []string) error {
 		}
 	}()
 
+	// The daemon's readiness and failure counters are served beside the
+	// datapath's metrics; without a configuration (metrics only) Ready is
+	// whether the pins can be read.
+	var dmn *daemon.Daemon
+	if configPath != "" || len(cgroups) > 0 {
+		dmn = daemon.New(dp, cfg, e.log)
+		if err := attachKubernetes(ctx, e, dmn, cfg); err != nil {
+			return err
+		}
+	}
+	if configPath != "" {
+		// A ConfigMap update reaches the file (the kubelet swaps the
+		// volume's ..data symlink) but sends no signal: reload on change.
+		go daemon.WatchFile(ctx, configPath, time.Second, reload)
+	}
+
 	var srv *http.Server
 	if ln := metricsLn; ln != nil {
-		srv = newMetricsServer(dp, mounts.V2)
+		srv = newMetricsServer(dp, mounts.V2, dmn)
 		go func() {
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				e.log.Error("metrics server", zap.Error(err))
@@ -170,11 +186,11 @@ func runDaemon(e *env, args []string) error {
 		fmt.Fprintf(e.stdout, "sockbypass daemon: serving metrics on http://%s/metrics (pin directory %s)\n", ln.Addr(), e.pinDir)
 	}
 
-	if configPath == "" && len(cgroups) == 0 {
+	if dmn == nil {
 		// Metrics only: leave the cgroups enabled by hand alone.
 		<-ctx.Done()
 	} else {
-		daemon.New(dp, cfg, e.log).Run(ctx, reload, load)
+		dmn.Run(ctx, reload, load)
 	}
 
 	if srv != nil {
@@ -209,9 +225,11 @@ func flagsConfig(cgroups, tcDevs []string, metricsAddr string) ([]byte, error) {
 	return yaml.Marshal(doc)
 }
 
-// newMetricsServer serves /metrics (read from dp at each scrape) and
-// /healthz (200 while the pinned state can be read).
-func newMetricsServer(dp *dataplane.Dataplane, cgroup2Mount string) *http.Server {
+// newMetricsServer serves /metrics (read from dp at each scrape, and the
+// daemon's own counters), /healthz (liveness: 200 while the pinned state
+// can be read) and /readyz (200 only while the daemon's current selection
+// is applied; see daemon.Ready).
+func newMetricsServer(dp *dataplane.Dataplane, cgroup2Mount string, dmn *daemon.Daemon) *http.Server {
 	source := func() (*stats.Report, error) {
 		st, err := dp.Status()
 		if err != nil {
@@ -221,7 +239,21 @@ func newMetricsServer(dp *dataplane.Dataplane, cgroup2Mount string) *http.Server
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(metrics.NewCollector(source))
+	if dmn != nil {
+		reg.MustRegister(dmn.Collectors()...)
+	}
 	mux := http.NewServeMux()
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		_, err := dp.Status()
+		if err == nil && dmn != nil {
+			err = dmn.Ready()
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		if _, err := dp.Status(); err != nil {

@@ -35,9 +35,19 @@ type daemonProc struct {
 // stops it (SIGTERM, then SIGKILL) when the test ends.
 func startDaemon(t *testing.T, pinDir, configPath string, extra ...string) *daemonProc {
 	t.Helper()
+	return startDaemonEnv(t, pinDir, configPath, "", extra...)
+}
+
+// startDaemonEnv is startDaemon with one more environment variable
+// (KEY=VALUE, "" for none).
+func startDaemonEnv(t *testing.T, pinDir, configPath, env string, extra ...string) *daemonProc {
+	t.Helper()
 	args := append([]string{"daemon", "--config", configPath, "--bpffs-dir", pinDir}, extra...)
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "SOCKBYPASS_TEST_MAIN=1")
+	if env != "" {
+		cmd.Env = append(cmd.Env, env)
+	}
 	logs := &testutil.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {

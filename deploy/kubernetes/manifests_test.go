@@ -19,6 +19,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
@@ -81,6 +82,9 @@ func decodeStrict(t *testing.T, file string, doc []byte, apiVersion, kind string
 type manifests struct {
 	ns        corev1.Namespace
 	sa        corev1.ServiceAccount
+	role      rbacv1.ClusterRole
+	binding   rbacv1.ClusterRoleBinding
+	quota     corev1.ResourceQuota
 	cm        corev1.ConfigMap
 	ds        appsv1.DaemonSet
 	container corev1.Container
@@ -96,6 +100,19 @@ func load(t *testing.T) *manifests {
 	}
 	decodeStrict(t, "namespace.yaml", docs[0], "v1", "Namespace", &m.ns)
 	decodeStrict(t, "namespace.yaml", docs[1], "v1", "ServiceAccount", &m.sa)
+
+	docs = documents(t, "rbac.yaml")
+	if len(docs) != 2 {
+		t.Fatalf("rbac.yaml: %d documents, want a ClusterRole and a ClusterRoleBinding", len(docs))
+	}
+	decodeStrict(t, "rbac.yaml", docs[0], "rbac.authorization.k8s.io/v1", "ClusterRole", &m.role)
+	decodeStrict(t, "rbac.yaml", docs[1], "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", &m.binding)
+
+	docs = documents(t, "resourcequota.yaml")
+	if len(docs) != 1 {
+		t.Fatalf("resourcequota.yaml: %d documents, want 1", len(docs))
+	}
+	decodeStrict(t, "resourcequota.yaml", docs[0], "v1", "ResourceQuota", &m.quota)
 
 	docs = documents(t, "configmap.yaml")
 	if len(docs) != 1 {
@@ -156,11 +173,14 @@ func TestNamespaceAndServiceAccount(t *testing.T) {
 	if spec.ServiceAccountName != m.sa.Name {
 		t.Errorf("serviceAccountName %q, want %q", spec.ServiceAccountName, m.sa.Name)
 	}
-	// The daemon never talks to the API server.
-	if m.sa.AutomountServiceAccountToken == nil || *m.sa.AutomountServiceAccountToken ||
-		spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken {
-		t.Error("the service account token must not be mounted")
+	// The daemon watches pods and namespaces: its token is mounted.
+	if (m.sa.AutomountServiceAccountToken != nil && !*m.sa.AutomountServiceAccountToken) ||
+		(spec.AutomountServiceAccountToken != nil && !*spec.AutomountServiceAccountToken) {
+		t.Error("the service account token must be mounted: the daemon selects pods from the API server")
 	}
+	checkRBAC(t, m.role, m.binding, m.sa)
+	checkNodeName(t, m.container)
+	checkQuota(t, m.quota, spec.PriorityClassName, namespace)
 }
 
 func TestDaemonSetScheduling(t *testing.T) {
@@ -445,8 +465,11 @@ func TestProbesAndMetrics(t *testing.T) {
 			continue
 		}
 		g := p.HTTPGet
-		if g.Path != "/healthz" {
-			t.Errorf("%s probe path %q, want /healthz", name, g.Path)
+		// Liveness: the pins can be read; readiness: the selection is
+		// applied (a refused reload or an unmatched node is not Ready).
+		wantPath := map[string]string{"liveness": "/healthz", "readiness": "/readyz"}[name]
+		if g.Path != wantPath {
+			t.Errorf("%s probe path %q, want %s", name, g.Path, wantPath)
 		}
 		probed := g.Port.IntValue()
 		if g.Port.Type == intstr.String {
@@ -469,77 +492,16 @@ func TestProbesAndMetrics(t *testing.T) {
 	}
 }
 
-// TestConfigGlobs checks the ConfigMap's cgroups against the cgroup paths
-// kubelet creates with either driver.
-func TestConfigGlobs(t *testing.T) {
+// TestConfigSelection checks that the ConfigMap selects pods from the API
+// server (not by cgroup globs, which would take every pod of every
+// namespace), never kube-system, with the daemon's own parser.
+func TestConfigSelection(t *testing.T) {
 	m := load(t)
 	cfg, err := config.Parse([]byte(m.cm.Data[configKey]))
 	if err != nil {
 		t.Fatalf("ConfigMap %s: %v", configKey, err)
 	}
-	var globs []string
-	for _, c := range cfg.Cgroups {
-		if !strings.ContainsAny(c.Value, `*?[`) {
-			t.Errorf("cgroups entry %q is not a glob: Parse would require it to exist on every node", c.Value)
-		}
-		globs = append(globs, c.Value)
-	}
-	const uid = "0b3c1d2e_4f5a_6b7c_8d9e_0f1a2b3c4d5e"
-	const uidDash = "0b3c1d2e-4f5a-6b7c-8d9e-0f1a2b3c4d5e"
-	const ctr = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
-	pods := []string{
-		// systemd cgroup driver
-		"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + uid + ".slice",
-		"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod" + uid + ".slice",
-		"kubepods.slice/kubepods-pod" + uid + ".slice",
-		// cgroupfs cgroup driver
-		"kubepods/burstable/pod" + uidDash,
-		"kubepods/besteffort/pod" + uidDash,
-		"kubepods/pod" + uidDash,
-	}
-	notPods := []string{
-		"kubepods.slice",
-		"kubepods.slice/kubepods-burstable.slice",
-		"kubepods.slice/kubepods-besteffort.slice",
-		"kubepods",
-		"kubepods/burstable",
-		"kubepods/besteffort",
-		// containers: covered by their pod's attachment, not attached again
-		"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + uid + ".slice/cri-containerd-" + ctr + ".scope",
-		"kubepods.slice/kubepods-pod" + uid + ".slice/crio-" + ctr + ".scope",
-		"kubepods/burstable/pod" + uidDash + "/" + ctr,
-		"kubepods/pod" + uidDash + "/" + ctr,
-		"system.slice/containerd.service",
-		"system.slice/kubelet.service",
-		"user.slice",
-	}
-	matches := func(p string) bool {
-		for _, g := range globs {
-			if ok, err := filepath.Match(g, p); err != nil {
-				t.Fatalf("glob %q: %v", g, err)
-			} else if ok {
-				return true
-			}
-		}
-		return false
-	}
-	for _, p := range pods {
-		if !matches(p) {
-			t.Errorf("pod cgroup %s matches no glob", p)
-		}
-	}
-	for _, p := range notPods {
-		if matches(p) {
-			t.Errorf("%s is not a pod cgroup but matches a glob", p)
-		}
-	}
-	if cfg.AccountOnly.Value {
-		t.Error("accountOnly: the deployment should accelerate")
-	}
-	devs := cfg.TCDevicesOrDefault()
-	if len(devs) != 0 {
-		t.Errorf("tcDevices = %+v, want none: pods are accounted at their sockets, and a TC program would run for every packet of the node", devs)
-	}
+	checkSelection(t, cfg)
 }
 
 // TestKustomization checks that kustomization.yaml lists every manifest of
@@ -580,7 +542,11 @@ func TestKustomization(t *testing.T) {
 		if img.Name != m.container.Image && !strings.HasPrefix(m.container.Image, img.Name+":") {
 			t.Errorf("kustomization image %q does not match the container image %q", img.Name, m.container.Image)
 		}
+		if img.NewTag == "" || img.NewTag == "latest" {
+			t.Errorf("kustomization image tag %q: use the release's tag", img.NewTag)
+		}
 	}
+	checkImage(t, m.container)
 }
 
 // TestPodToPodOverlay checks the opt-in overlay in ../kubernetes-pod-to-pod:

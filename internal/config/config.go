@@ -18,6 +18,7 @@ import (
 
 	"go.uber.org/zap/zapcore"
 	"gopkg.in/yaml.v3"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
@@ -77,22 +78,56 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	  inboundPort: 15006
 //	  excludePorts: [15090]
 //	  excludeCIDRs: [169.254.0.0/16]
+//	requireMatch: false # true: not Ready while the cgroups match nothing
+//	kubernetes:         # select this node's pods from the API server (internal/k8s)
+//	  namespaceSelectors: [sockbypass.io/accelerate=enabled]  # label selectors, any one
+//	  allPods: false    # true: every pod not opted out (kube-system never)
+//	  excludeNamespaces: [kube-system, kube-node-lease, kube-public]
+//	  kubepods: []      # kubelet pod cgroup roots (default: found below the mount)
+//	  nodeName: ""      # default: $NODE_NAME
 type Config struct {
-	Cgroups        []Field[string]  `yaml:"cgroups"`
-	TCDevices      *[]Field[string] `yaml:"tcDevices"`
-	AccountOnly    Field[bool]      `yaml:"accountOnly"`
-	StackPorts     []Field[uint16]  `yaml:"stackPorts"`
-	MetricsAddr    *Field[string]   `yaml:"metricsAddr"`
-	LogLevel       Field[string]    `yaml:"logLevel"`
-	RescanInterval Field[Duration]  `yaml:"rescanInterval"`
-	SockhashSize   Field[uint32]    `yaml:"sockhashSize"`
-	ExtraNetns     []Field[string]  `yaml:"extraNetns"`
-	Mesh           *MeshConfig      `yaml:"mesh"`
+	Cgroups        []Field[string]   `yaml:"cgroups"`
+	TCDevices      *[]Field[string]  `yaml:"tcDevices"`
+	AccountOnly    Field[bool]       `yaml:"accountOnly"`
+	StackPorts     []Field[uint16]   `yaml:"stackPorts"`
+	MetricsAddr    *Field[string]    `yaml:"metricsAddr"`
+	LogLevel       Field[string]     `yaml:"logLevel"`
+	RescanInterval Field[Duration]   `yaml:"rescanInterval"`
+	SockhashSize   Field[uint32]     `yaml:"sockhashSize"`
+	ExtraNetns     []Field[string]   `yaml:"extraNetns"`
+	Mesh           *MeshConfig       `yaml:"mesh"`
+	RequireMatch   Field[bool]       `yaml:"requireMatch"`
+	Kubernetes     *KubernetesConfig `yaml:"kubernetes"`
 
 	// Derived by Parse.
 	mesh    *dataplane.MeshOptions
 	devices []dataplane.TCDevice
 	level   zapcore.Level
+}
+
+// KubernetesConfig is the kubernetes section: pods are selected from the
+// API server by their namespace's labels and their annotations. Its mere
+// presence turns it on.
+type KubernetesConfig struct {
+	NamespaceSelectors []Field[string]  `yaml:"namespaceSelectors"`
+	AllPods            Field[bool]      `yaml:"allPods"`
+	ExcludeNamespaces  *[]Field[string] `yaml:"excludeNamespaces"`
+	Kubepods           []Field[string]  `yaml:"kubepods"`
+	NodeName           Field[string]    `yaml:"nodeName"`
+	Kubeconfig         Field[string]    `yaml:"kubeconfig"`
+
+	selectors []labels.Selector
+}
+
+// Selectors returns the parsed namespaceSelectors (nil: the default).
+func (k *KubernetesConfig) Selectors() []labels.Selector { return k.selectors }
+
+// MeshName returns the mesh the mesh section is for ("" without one).
+func (c *Config) MeshName() string {
+	if c.Mesh == nil {
+		return ""
+	}
+	return c.Mesh.Name.Value
 }
 
 // MeshConfig is the sidecar-mode section.
@@ -254,6 +289,20 @@ func (c *Config) validate() error {
 			return fmt.Errorf("line %d: mesh: %w", m.Name.Line, err)
 		}
 		c.mesh = opts
+	}
+	if k := c.Kubernetes; k != nil {
+		for _, sel := range k.NamespaceSelectors {
+			parsed, err := labels.Parse(sel.Value)
+			if err != nil || sel.Value == "" {
+				return fmt.Errorf("line %d: kubernetes.namespaceSelectors: %q: %v (write it as sockbypass.io/accelerate=enabled)", sel.Line, sel.Value, err)
+			}
+			k.selectors = append(k.selectors, parsed)
+		}
+		for _, p := range k.Kubepods {
+			if filepath.IsAbs(p.Value) || p.Value == "" || strings.HasPrefix(filepath.Clean(p.Value), "..") {
+				return fmt.Errorf("line %d: kubernetes.kubepods: %q must be relative to the cgroup v2 mount, such as kubepods.slice", p.Line, p.Value)
+			}
+		}
 	}
 	if v := c.SockhashSize.Value; c.SockhashSize.Line != 0 && (v == 0 || v > 1<<20) {
 		return fmt.Errorf("line %d: sockhashSize %d: use a value between 1 and %d", c.SockhashSize.Line, v, 1<<20)

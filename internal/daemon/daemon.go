@@ -41,11 +41,17 @@ type Daemon struct {
 	// lastInsertFailures is the total of insert failures at the last
 	// check, to report a full sockhash once per increase.
 	lastInsertFailures uint64
+
+	// source, when set, selects cgroups beside the configuration's globs
+	// (the pods of a Kubernetes node); see SetSource.
+	source Source
+	// health is what Ready reports, and the failure counters.
+	health health
 }
 
 // New returns a daemon over dp with the configuration cfg.
 func New(dp *dataplane.Dataplane, cfg *config.Config, log *zap.Logger) *Daemon {
-	return &Daemon{log: log, dp: dp, cfg: cfg}
+	return &Daemon{log: log, dp: dp, cfg: cfg, health: newHealth()}
 }
 
 // Config returns the configuration in force.
@@ -81,10 +87,17 @@ func (d *Daemon) Reconcile() (Result, error) {
 	}
 	desired, err := cfg.Expand(mounts)
 	if err != nil {
+		d.health.reconciled(err, nil, 0)
+		return res, err
+	}
+	targets, pending, err := d.targets(cfg, mounts, desired)
+	if err != nil {
+		d.health.reconciled(err, nil, 0)
 		return res, err
 	}
 	enabled, err := d.dp.EnabledCgroupIDs()
 	if err != nil {
+		d.health.reconciled(err, nil, 0)
 		return res, err
 	}
 	isEnabled := map[uint64]bool{}
@@ -92,14 +105,20 @@ func (d *Daemon) Reconcile() (Result, error) {
 		isEnabled[id] = true
 	}
 	want := map[uint64]bool{}
-	opts := dataplane.EnableOptions{TCDevices: cfg.TCDevicesOrDefault(), AccountOnly: cfg.AccountOnly.Value, Mesh: cfg.MeshOptions(), StackPorts: cfg.StackPortValues()}
 	var firstErr error
-	for _, cg := range desired {
+	for _, t := range targets {
+		cg := t.Cgroup
 		want[cg.ID] = true
+		opts := dataplane.EnableOptions{TCDevices: cfg.TCDevicesOrDefault(), AccountOnly: cfg.AccountOnly.Value, Mesh: t.Mesh, StackPorts: cfg.StackPortValues()}
 		changed, err := d.dp.Enable(cg, opts)
 		if err != nil {
 			// The cgroup may have gone between the glob and the attach.
-			d.log.Warn("enable failed", zap.String("cgroup", cg.Path), zap.Error(err))
+			err = fmt.Errorf("enable %s: %w", cg.Path, err)
+			d.log.Warn("enable failed", zap.String("cgroup", cg.Path), zap.String("owner", t.Owner), zap.Error(err))
+			d.health.enableFailures.Inc()
+			if d.source != nil {
+				d.source.EnableFailed(t, err)
+			}
 			if firstErr == nil {
 				firstErr = err
 			}
@@ -144,6 +163,7 @@ func (d *Daemon) Reconcile() (Result, error) {
 	if err := d.dp.ReleaseIdle(); err != nil {
 		d.log.Warn("release idle programs", zap.Error(err))
 	}
+	d.health.reconciled(firstErr, pending, len(targets))
 	return res, firstErr
 }
 
@@ -173,6 +193,10 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}, load func() (*
 	if _, err := d.Reconcile(); err != nil {
 		d.log.Warn("reconcile", zap.Error(err))
 	}
+	var changed <-chan struct{}
+	if d.source != nil {
+		changed = d.source.Changed()
+	}
 	for {
 		timer := time.NewTimer(d.Config().Rescan())
 		select {
@@ -183,11 +207,16 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}, load func() (*
 			timer.Stop()
 			cfg, err := load()
 			if err != nil {
+				d.health.reloadFailures.Inc()
+				d.health.configRefused(err)
 				d.log.Error("config reload refused; keeping the previous configuration", zap.Error(err))
 				continue
 			}
+			d.health.configRefused(nil)
 			d.SetConfig(cfg)
 			d.log.Info("config reloaded")
+		case <-changed:
+			timer.Stop()
 		case <-timer.C:
 		}
 		if _, err := d.Reconcile(); err != nil {

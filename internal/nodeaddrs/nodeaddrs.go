@@ -11,9 +11,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"runtime"
 	"strconv"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -65,10 +66,16 @@ var ErrPermission = errors.New("cannot enter the network namespaces of pod proce
 // Collect gathers the addresses of the network namespaces of every process
 // in cgroups (and the cgroups below them). Processes and namespaces that
 // vanish meanwhile are skipped; a namespace that cannot be entered for lack
-// of privileges makes Collect return ErrPermission with what it found.
+// of privileges makes Collect return ErrPermission (wrapping the first such
+// namespace's path and errno) with what it found.
 func Collect(cgroups []cgroup.Cgroup) (Owners, error) {
 	owners := Owners{}
 	var permErr error
+	denied := func(err error) {
+		if permErr == nil {
+			permErr = fmt.Errorf("%w: %w", ErrPermission, err)
+		}
+	}
 	seen := map[uint64]bool{} // namespace inode
 	for _, cg := range cgroups {
 		pids, err := cg.Procs()
@@ -79,8 +86,8 @@ func Collect(cgroups []cgroup.Cgroup) (Owners, error) {
 			path := "/proc/" + strconv.Itoa(pid) + "/ns/net"
 			var st unix.Stat_t
 			if err := unix.Stat(path, &st); err != nil {
-				if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
-					permErr = ErrPermission
+				if isPermission(err) {
+					denied(&os.PathError{Op: "stat", Path: path, Err: err})
 				}
 				continue
 			}
@@ -89,14 +96,18 @@ func Collect(cgroups []cgroup.Cgroup) (Owners, error) {
 			}
 			seen[st.Ino] = true
 			if err := collectNetns(path, owners); err != nil {
-				if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
-					permErr = ErrPermission
+				if isPermission(err) {
+					denied(err)
 				}
 				continue // or the process exited while we looked
 			}
 		}
 	}
 	return owners, permErr
+}
+
+func isPermission(err error) bool {
+	return errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM)
 }
 
 // CollectNetns adds to owners the addresses of the network namespaces at
@@ -108,14 +119,11 @@ func CollectNetns(owners Owners, paths []string) {
 	}
 }
 
-// collectNetns adds the addresses of the namespace at path.
+// collectNetns adds the addresses of the namespace at path. Its errors
+// wrap the errno (EPERM, EACCES, ENOENT), so that callers can tell a
+// namespace they may not enter from one that went away.
 func collectNetns(path string, owners Owners) error {
-	netns, err := ns.GetNS(path)
-	if err != nil {
-		return err
-	}
-	defer netns.Close()
-	return netns.Do(func(ns.NetNS) error {
+	return inNetns(path, func() error {
 		cookie, err := NetnsCookie()
 		if err != nil {
 			return err
@@ -131,6 +139,43 @@ func collectNetns(path string, owners Owners) error {
 		}
 		return nil
 	})
+}
+
+// inNetns runs fn on a locked OS thread inside the network namespace at
+// path, then returns the thread to its namespace. If the thread cannot go
+// back, it stays locked so that the runtime ends it with its goroutine.
+// (containernetworking's ns package wraps setns errors with %v, losing the
+// errno.)
+func inNetns(path string, fn func() error) error {
+	target, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(target)
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		self, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- &os.PathError{Op: "open", Path: "/proc/thread-self/ns/net", Err: err}
+			return
+		}
+		defer unix.Close(self)
+		if err := unix.Setns(target, unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			done <- &os.PathError{Op: "setns", Path: path, Err: err}
+			return
+		}
+		ferr := fn()
+		if err := unix.Setns(self, unix.CLONE_NEWNET); err != nil {
+			done <- errors.Join(ferr, fmt.Errorf("return from network namespace %s: %w", path, err))
+			return // the thread stays locked and ends with this goroutine
+		}
+		runtime.UnlockOSThread()
+		done <- ferr
+	}()
+	return <-done
 }
 
 // NetnsCookie returns the cookie of the calling thread's network namespace.
