@@ -119,7 +119,7 @@ func TestDisabledCgroupWithLiveSocketsStaysVisible(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := newMetricsServer(dp, mounts.V2)
+	srv := newMetricsServer(dp, mounts.V2, nil)
 	go srv.Serve(ln)
 	defer srv.Close()
 	resp, err := http.Get("http://" + ln.Addr().String() + "/metrics")
