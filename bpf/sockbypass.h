@@ -806,6 +806,22 @@ static __always_inline int same_ip(const __u32 *a, const __u32 *b)
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
+/*
+ * peer_local reports whether the peer of a socket with this key is local,
+ * for the egress accounting (what acceleration could have taken off the
+ * stack): either end on loopback (a loopback socket only reaches its own
+ * namespace), the socket's own address, or a node address.
+ */
+static __always_inline int peer_local(const struct sock_key *key)
+{
+	struct node_addr_key rk = {};
+
+	if (is_loopback(key, key->remote_ip) || is_loopback(key, key->local_ip) || same_ip(key->local_ip, key->remote_ip))
+		return 1;
+	__builtin_memcpy(rk.ip, key->remote_ip, sizeof(rk.ip));
+	return bpf_map_lookup_elem(&node_addrs, &rk) != 0;
+}
+
 /* Scopes a socket key can have. */
 enum key_scope {
 	/* The peer cannot be local: leave the socket out. */

@@ -23,35 +23,16 @@ volatile const __u64 enabled_cgroup_id = 0;
 
 /* dst_local reports whether a socket that sock_ops has not classified
  * (before ESTABLISHED, or established before the cgroup was enabled) sends
- * to a local peer: either end on loopback, its own address, or a node
- * address (as sock_ops's classify_peer decides). */
+ * to a local peer, by the rule sock_ops classifies with (peer_local). */
 static __always_inline int dst_local(struct bpf_sock *sk)
 {
-	struct node_addr_key k = {};
+	__u32 src6[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+	__u32 dst6[4] = {sk->dst_ip6[0], sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]};
+	struct sock_key key = {};
 
-	if (sk->family == AF_INET) {
-		if ((bpf_ntohl(sk->dst_ip4) >> 24) == 127 || (bpf_ntohl(sk->src_ip4) >> 24) == 127 ||
-		    sk->dst_ip4 == sk->src_ip4)
-			return 1;
-		set_v4mapped(k.ip, sk->dst_ip4);
-	} else {
-		k.ip[0] = sk->dst_ip6[0];
-		k.ip[1] = sk->dst_ip6[1];
-		k.ip[2] = sk->dst_ip6[2];
-		k.ip[3] = sk->dst_ip6[3];
-		if (k.ip[0] == 0 && k.ip[1] == 0 && k.ip[2] == 0 && k.ip[3] == bpf_htonl(1))
-			return 1;
-		if (is_v4mapped(k.ip) && (bpf_ntohl(k.ip[3]) >> 24) == 127)
-			return 1;
-		if ((sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 && sk->src_ip6[2] == 0 && sk->src_ip6[3] == bpf_htonl(1)) ||
-		    (sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 && sk->src_ip6[2] == bpf_htonl(0xffff) &&
-		     (bpf_ntohl(sk->src_ip6[3]) >> 24) == 127))
-			return 1;
-		if (k.ip[0] == sk->src_ip6[0] && k.ip[1] == sk->src_ip6[1] && k.ip[2] == sk->src_ip6[2] &&
-		    k.ip[3] == sk->src_ip6[3])
-			return 1;
-	}
-	return bpf_map_lookup_elem(&node_addrs, &k) != 0;
+	if (fill_key(&key, sk->family, sk->src_ip4, sk->dst_ip4, src6, dst6, sk->src_port, 0) < 0)
+		return 0;
+	return peer_local(&key);
 }
 
 SEC("cgroup_skb/egress")

@@ -420,7 +420,6 @@ static __noinline void classify_peer(struct bpf_sock_ops *skops)
 {
 	struct sock_state *state;
 	struct sock_key key = {};
-	struct node_addr_key rk = {};
 
 	if (!skops->sk)
 		return;
@@ -432,11 +431,7 @@ static __noinline void classify_peer(struct bpf_sock_ops *skops)
 		return;
 	if (own_key(skops, &key) < 0)
 		return;
-	/* Local: either end on loopback (a loopback socket only reaches
-	 * its own namespace), the socket's own address, or a node address. */
-	__builtin_memcpy(rk.ip, key.remote_ip, sizeof(rk.ip));
-	if (is_loopback(&key, key.remote_ip) || is_loopback(&key, key.local_ip) || same_ip(key.local_ip, key.remote_ip) ||
-	    bpf_map_lookup_elem(&node_addrs, &rk))
+	if (peer_local(&key))
 		state->flags |= SOCK_FLAG_LOCAL_PEER;
 	else
 		state->flags |= SOCK_FLAG_REMOTE_PEER;
