@@ -282,9 +282,12 @@ struct cgroup_counters {
 	__u64 passed_bytes;
 	/* Messages of a redirecting socket whose peer was gone: passed on. */
 	__u64 redirect_failures;
-	/* TCP packets and payload bytes the cgroup's sockets sent through the
-	 * stack to a local peer, on whatever device they left by (counted at
-	 * the socket, by the cgroup_skb/egress program of the cgroup). */
+	/* TCP packets with payload, and their payload bytes, that the
+	 * cgroup's sockets sent through the stack to a local peer, on
+	 * whatever device they left by (counted at the socket, by the
+	 * cgroup_skb/egress program of the cgroup). Packets without payload
+	 * (handshakes, ACKs, FINs) are not counted: they cost the egress
+	 * program two loads and nothing else. */
 	__u64 stack_egress_packets;
 	__u64 stack_egress_bytes;
 	/* Of passed_msgs: the peer had earlier stack bytes of ours unread. */

@@ -3,8 +3,8 @@
 
 /*
  * cgroup_skb/egress accounting, one instance per enabled cgroup: counts the
- * TCP packets and payload bytes that the cgroup's sockets send through the
- * stack to a local peer (stack_egress_*), whatever device they leave by:
+ * TCP packets with payload, and their payload bytes, that the cgroup's
+ * sockets send through the stack to a local peer (stack_egress_*), whatever device they leave by:
  * loopback, a pod's veth, a bridge. With redirected_bytes this gives each
  * enabled cgroup a true bypass ratio without naming devices, and since it
  * runs only for the cgroup's own packets, sockets of other cgroups never
@@ -46,6 +46,26 @@ int sockbypass_account_egress(struct __sk_buff *skb)
 
 	if (!sk)
 		return 1;
+	/* Payload first: most packets of a connection carry none (SYN, ACK,
+	 * FIN) and cost two loads here, nothing more. The packet starts at
+	 * the IP header. */
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 0, &b, 1) < 0)
+			return 1;
+		off = (b & 0x0f) * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		off = 40;
+	} else {
+		return 1;
+	}
+	/* TCP data offset: high nibble of byte 12 of the TCP header (a
+	 * packet of another protocol is dropped below, by its socket). */
+	if (bpf_skb_load_bytes(skb, off + 12, &b, 1) < 0)
+		return 1;
+	off += (b >> 4) * 4;
+	if (skb->len <= off)
+		return 1;
+
 	sk = bpf_sk_fullsock(sk);
 	if (!sk || sk->protocol != IPPROTO_TCP)
 		return 1;
@@ -58,29 +78,12 @@ int sockbypass_account_egress(struct __sk_buff *skb)
 		return 1;
 	}
 
-	/* Payload: the packet starts at the IP header. */
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, 0, &b, 1) < 0)
-			return 1;
-		off = (b & 0x0f) * 4;
-	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		off = 40;
-	} else {
-		return 1;
-	}
-	/* TCP data offset: high nibble of byte 12 of the TCP header. */
-	if (bpf_skb_load_bytes(skb, off + 12, &b, 1) < 0)
-		return 1;
-	off += (b >> 4) * 4;
-
 	c = counters_for(enabled_cgroup_id);
 	if (!c)
 		return 1;
 	/* Process context, preemptible: another task on this CPU may count
 	 * meanwhile, so the per-CPU values are added atomically. */
 	__sync_fetch_and_add(&c->stack_egress_packets, skb->gso_segs ? skb->gso_segs : 1);
-	if (skb->len <= off)
-		return 1;
 	__sync_fetch_and_add(&c->stack_egress_bytes, skb->len - off);
 	/* Account-only: bytes of a pair that would have joined, what
 	 * acceleration would take off the stack. */

@@ -20,6 +20,7 @@ var (
 	benchRuns     = flag.Int("runs", 5, "alternating runs per case and mode (median reported)")
 	benchDuration = flag.Duration("duration", time.Second, "length of one run")
 	benchOut      = flag.String("out", "results", "directory for results.json and results.md")
+	benchCases    = flag.String("cases", "", "run only the cost cases whose name matches this regular expression")
 )
 
 // BenchmarkLoopbackPlainVsAccelerated measures request/response latency and

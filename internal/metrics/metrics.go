@@ -56,7 +56,7 @@ func NewCollector(source Source) *Collector {
 			counter("mesh_intercepted_total", "Sidecar mode: app connects sent to the sidecar (intercept mode).", func(f stats.Figures) uint64 { return f.MeshIntercepted }),
 			counter("mesh_orig_dst_answers_total", "Sidecar mode: SO_ORIGINAL_DST answered for the sidecar (intercept mode).", func(f stats.Figures) uint64 { return f.MeshOrigDstAnswers }),
 			counter("stack_egress_bytes_total", "TCP payload bytes the cgroup's sockets sent through the stack to local peers, on any device.", func(f stats.Figures) uint64 { return f.StackEgressBytes }),
-			counter("stack_egress_packets_total", "TCP packets the cgroup's sockets sent through the stack to local peers, on any device.", func(f stats.Figures) uint64 { return f.StackEgressPackets }),
+			counter("stack_egress_packets_total", "TCP packets with payload the cgroup's sockets sent through the stack to local peers, on any device.", func(f stats.Figures) uint64 { return f.StackEgressPackets }),
 			counter("tc_egress_bytes_total", "TCP payload bytes seen leaving the interfaces with TC accounting (--tc-dev).", func(f stats.Figures) uint64 { return f.TCEgressBytes }),
 			counter("tc_egress_packets_total", "TCP packets seen leaving the interfaces with TC accounting (--tc-dev).", func(f stats.Figures) uint64 { return f.TCEgressPackets }),
 			counter("passed_bytes_total", "Bytes of accelerated sockets passed to the stack (no local peer).", func(f stats.Figures) uint64 { return f.PassedBytes }),
