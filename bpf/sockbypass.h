@@ -99,7 +99,10 @@ struct sock_state {
 	/* copied_seq at the last read (to tell stack bytes from redirected
 	 * bytes in what a read returned). */
 	__u32 last_copied_seq;
-	__u32 pad3;
+	/* Messages (sk_msg runs) this member sent, redirected or not: at
+	 * close, a server end tells its listener whether its connection was
+	 * short-lived (see "Short-lived listeners"). */
+	__u32 msgs_sent;
 	/* Bytes read from the redirected queue, and bytes this socket
 	 * redirected to its peer. */
 	__u64 redirected_read;
@@ -168,6 +171,9 @@ struct sock_state {
  * dry join, confirmed by its pair's PAIR_DRY_JOINED). TC counts its bytes
  * as would_redirect_bytes. */
 #define SOCK_FLAG_WOULD_PAIR (1U << 19)
+/* Joined a pair as the server (accepted) end: at close it reports to its
+ * listener whether the connection was short-lived. */
+#define SOCK_FLAG_ACCEPTED (1U << 20)
 
 /*
  * Redirect targets: sock_key of a socket that may receive redirected bytes
@@ -348,6 +354,10 @@ struct cgroup_counters {
 	 * acceleration would take off the stack. */
 	__u64 would_pairs;
 	__u64 would_redirect_bytes;
+	/* Connections to the cgroup's listeners left plain because the
+	 * listener's connections are short-lived (see "Short-lived
+	 * listeners"), counted by the server's cgroup. */
+	__u64 connections_short_lived;
 };
 
 struct {
@@ -374,6 +384,9 @@ struct {
 /* Per enabled cgroup settings, written by user space (cgroup id -> config).
  * A cgroup without an entry is accelerated. */
 #define CGROUP_ACCOUNT_ONLY (1U << 0)
+/* Pair every connection to the cgroup's listeners, short-lived ones too
+ * (see "Short-lived listeners"). */
+#define CGROUP_ALL_CONNECTIONS (1U << 1)
 
 /* cgroup_config.mesh_mode */
 #define MESH_NONE 0
@@ -660,7 +673,7 @@ struct {
 
 /*
  * Listeners of enabled cgroups: (netns cookie, local address, port) ->
- * LISTENER_* flags. Written by sock_ops when a socket listens, and by user
+ * LISTENER_* flags (a u64: bits 0-7 flags, the rest below). Written by sock_ops when a socket listens, and by user
  * space for listeners that existed before `enable` and whose flags changed
  * after listen() (a server that makes its listener non-blocking after
  * listen(), as redis does). An accepted socket joins a pair only when its
@@ -669,11 +682,37 @@ struct {
  */
 #define LISTENER_NONBLOCK (1U << 0)
 
+/*
+ * Short-lived listeners. Pairing costs a connection a few microseconds
+ * (storage, the pair handshake, two sockhash inserts) and pays back per
+ * message; a connection that carries one request and one response (HTTP
+ * with Connection: close) only pays. So the server end of each pair tells
+ * its listener at close whether its connection was short: at most
+ * SHORT_CONN_MSGS messages sent by the server and under SHORT_CONN_BYTES
+ * moved both ways. After SHORT_STREAK short connections in a row (a long
+ * one resets the count), the listener's new connections are not offered a
+ * pair: they stay plain TCP and cost next to nothing
+ * (connections_short_lived). One in SHORT_PROBE_EVERY is still paired, so
+ * a listener whose connections grow long is noticed. A cgroup enabled
+ * with CGROUP_ALL_CONNECTIONS pairs every connection. The count lives in
+ * the listener's flags: bits 8-15 the short streak (capped at
+ * SHORT_STREAK_MAX), bits 56-63 a wrapping count of connections not
+ * offered; user space keeps them when it rewrites LISTENER_NONBLOCK.
+ */
+#define LISTENER_SHORT_ONE (1ULL << 8)
+#define LISTENER_SHORT_MASK (0xffULL << 8)
+#define LISTENER_SKIP_ONE (1ULL << 56)
+#define SHORT_STREAK 8
+#define SHORT_STREAK_MAX 64
+#define SHORT_PROBE_EVERY 16
+#define SHORT_CONN_MSGS 4
+#define SHORT_CONN_BYTES (64U << 10)
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct endpoint_key);
-	__type(value, __u32);
+	__type(value, __u64);
 } listeners SEC(".maps");
 
 /* Minimal views of the kernel's file, socket and sock, relocated against

@@ -33,6 +33,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	c = counters_for(cgroup_id);
 	if (!state || !(state->flags & SOCK_FLAG_INSERTED))
 		goto pass;
+	state->msgs_sent++; /* under the socket lock */
 
 	/* A client learns here that its server joined too. Until then its
 	 * bytes cannot be redirected: it gives the pair up (exactly one of

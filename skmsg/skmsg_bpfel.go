@@ -69,6 +69,7 @@ type skmsgCgroupCounters struct {
 	TcEgressBytes          uint64
 	WouldPairs             uint64
 	WouldRedirectBytes     uint64
+	ConnectionsShortLived  uint64
 }
 
 type skmsgEndpointKey struct {
@@ -165,7 +166,7 @@ type skmsgSockState struct {
 	NatDstIp        [4]uint32
 	PublishedSeq    uint32
 	LastCopiedSeq   uint32
-	Pad3            uint32
+	MsgsSent        uint32
 	_               [4]byte
 	RedirectedRead  uint64
 	RedirectedSent  uint64

@@ -329,13 +329,13 @@ static __always_inline int local_scope(struct sock_key *key, const struct pairin
 	return 0;
 }
 
-/* listener_nonblocking reports whether the listener that accepted a socket
- * with this key is known to be non-blocking (exact address, then the IPv4
- * and IPv6 wildcards). */
-static __noinline int listener_nonblocking(const struct sock_key *key, __u64 netns)
+/* listener_flags returns the flags of the listener of a socket with this
+ * key (exact address, then the IPv4 and IPv6 wildcards), or NULL when it is
+ * not known. */
+static __noinline __u64 *listener_flags(const struct sock_key *key, __u64 netns)
 {
 	struct endpoint_key ek = {};
-	__u32 *flags;
+	__u64 *flags;
 
 	ek.netns_cookie = netns;
 	__builtin_memcpy(ek.ip, key->local_ip, sizeof(ek.ip));
@@ -349,7 +349,51 @@ static __noinline int listener_nonblocking(const struct sock_key *key, __u64 net
 		__builtin_memset(ek.ip, 0, sizeof(ek.ip));
 		flags = bpf_map_lookup_elem(&listeners, &ek);
 	}
+	return flags;
+}
+
+/* listener_nonblocking reports whether the listener that accepted a socket
+ * with this key is known to be non-blocking. */
+static __always_inline int listener_nonblocking(const struct sock_key *key, __u64 netns)
+{
+	__u64 *flags = listener_flags(key, netns);
+
 	return flags && (*flags & LISTENER_NONBLOCK);
+}
+
+/*
+ * short_lived reports whether a connection reaching the listener of key
+ * should stay plain because the listener's connections are short-lived
+ * (see "Short-lived listeners" in sockbypass.h); every SHORT_PROBE_EVERY-th
+ * such connection is still offered a pair, as a probe.
+ */
+static __always_inline int short_lived(const struct sock_key *key, __u64 netns)
+{
+	__u64 *flags = listener_flags(key, netns);
+	__u64 skipped;
+
+	if (!flags || (*flags & LISTENER_SHORT_MASK) < SHORT_STREAK * LISTENER_SHORT_ONE)
+		return 0;
+	skipped = __sync_fetch_and_add(flags, LISTENER_SKIP_ONE) / LISTENER_SKIP_ONE;
+	return skipped % SHORT_PROBE_EVERY != SHORT_PROBE_EVERY - 1;
+}
+
+/*
+ * report_to_listener: the server end of a pair closes and tells its
+ * listener whether the connection was short-lived.
+ */
+static __always_inline void report_to_listener(const struct sock_state *state)
+{
+	__u64 *flags = listener_flags(&state->key, state->netns_cookie);
+
+	if (!flags)
+		return;
+	if (state->msgs_sent <= SHORT_CONN_MSGS && state->redirected_sent + state->redirected_read < SHORT_CONN_BYTES) {
+		if ((*flags & LISTENER_SHORT_MASK) < SHORT_STREAK_MAX * LISTENER_SHORT_ONE)
+			__sync_fetch_and_add(flags, LISTENER_SHORT_ONE);
+	} else if (*flags & LISTENER_SHORT_MASK) {
+		__sync_fetch_and_and(flags, ~LISTENER_SHORT_MASK);
+	}
 }
 
 /*
@@ -397,10 +441,13 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 
 /* leave undoes join for a socket whose pair did not form (nothing was
  * redirected to it, so nothing is discarded). */
-static __noinline void leave(struct sock_state *state, const struct sock_key *key)
+static __noinline void leave(struct bpf_sock_ops *skops, struct sock_state *state, const struct sock_key *key)
 {
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
 	bpf_map_delete_elem(&sockhash, (void *)key);
 	bpf_map_delete_elem(&receivers, (void *)key);
+	bpf_map_delete_elem(&socket_cgroups, &cookie);
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER);
 }
 
@@ -460,7 +507,8 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER |
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
 			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED |
-			  SOCK_FLAG_WOULD_PAIR);
+			  SOCK_FLAG_WOULD_PAIR | SOCK_FLAG_ACCEPTED);
+	state->msgs_sent = 0;
 	if (passive)
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED |
 				  SOCK_FLAG_ORIG_DST | SOCK_FLAG_ENDPOINT_COUNTED);
@@ -508,6 +556,12 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 		set_mirror(&p, &key, own_netns);
 	if (p.scope == SCOPE_REMOTE)
 		return;
+	if (!(cfg && (cfg->flags & CGROUP_ALL_CONNECTIONS)) && short_lived(&key, own_netns)) {
+		struct cgroup_counters *c = counters_for(cgroup_id);
+
+		COUNT(c, connections_short_lived);
+		return;
+	}
 	bpf_map_update_elem(&pairs, &p.peer, &offer, BPF_ANY);
 }
 
@@ -555,6 +609,44 @@ static __noinline void dry_passive(struct bpf_sock_ops *skops, struct sock_state
 	COUNT(c, would_pairs);
 }
 
+/*
+ * offered: for a client with no storage (no sidecar mode, no stack-reader
+ * option, so it pairs with its mirror), whether its server offered a pair
+ * or a dry run. A client that was not offered one stays plain without
+ * storage: connections to servers outside enabled cgroups or to
+ * short-lived listeners cost next to nothing. Counts the client when not.
+ */
+static __noinline int offered(struct bpf_sock_ops *skops)
+{
+	__u64 cgroup_id;
+	struct cgroup_counters *c;
+	struct pairing p = {};
+	struct sock_key key = {};
+
+	if (own_key(skops, &key) < 0)
+		return 0;
+	p.own_netns = bpf_get_netns_cookie(skops);
+	set_mirror(&p, &key, p.own_netns);
+	if (p.scope != SCOPE_REMOTE) {
+		key.netns_cookie = p.scope == SCOPE_NODE ? 0 : p.own_netns;
+		if (bpf_map_lookup_elem(&pairs, &key))
+			return 1;
+	}
+	c = counters_for(enabled_cgroup_id);
+	if (p.scope == SCOPE_REMOTE) {
+		COUNT(c, sockets_remote);
+		return 0;
+	}
+	if (p.scope == SCOPE_AMBIGUOUS)
+		COUNT(c, sockets_ambiguous);
+	cgroup_id = enabled_cgroup_id;
+	if (stack_port(bpf_map_lookup_elem(&cgroup_config, &cgroup_id), key.remote_port))
+		COUNT(c, sockets_stack_port);
+	else
+		COUNT(c, sockets_unpaired);
+	return 0;
+}
+
 /* join_active: the client's half of the pair handshake, at ACTIVE_ESTABLISHED. */
 static __noinline void join_active(struct bpf_sock_ops *skops)
 {
@@ -566,6 +658,10 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 	struct pair *pair;
 	__u64 own_netns;
 
+	if (!skops->sk)
+		return;
+	if (!bpf_sk_storage_get(&sock_state, skops->sk, 0, 0) && !offered(skops))
+		return;
 	state = prepare(skops, 0, &cfg, &c);
 	if (!state || own_key(skops, &key) < 0)
 		return;
@@ -613,7 +709,7 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 		return;
 	}
 	if (__sync_val_compare_and_swap(&pair->state, PAIR_OFFERED, PAIR_CLIENT_JOINED) != PAIR_OFFERED) {
-		leave(state, &key);
+		leave(skops, state, &key);
 		COUNT(c, sockets_unpaired);
 		return;
 	}
@@ -634,8 +730,9 @@ static __noinline void decline_client(struct pair *pair, const struct sock_key *
 	bpf_map_delete_elem(&pairs, (void *)client);
 }
 
-/* join_passive: the server's half of the pair handshake, at PASSIVE_ESTABLISHED. */
-static __noinline void join_passive(struct bpf_sock_ops *skops)
+/* join_passive: the server's half of the pair handshake, at
+ * PASSIVE_ESTABLISHED. Returns 1 when the socket joined its pair. */
+static __noinline int join_passive(struct bpf_sock_ops *skops)
 {
 	struct cgroup_counters *c = 0;
 	struct cgroup_config *cfg = 0;
@@ -647,64 +744,65 @@ static __noinline void join_passive(struct bpf_sock_ops *skops)
 
 	state = prepare(skops, 1, &cfg, &c);
 	if (!state || own_key(skops, &key) < 0)
-		return;
+		return 0;
 	own_netns = bpf_get_netns_cookie(skops);
 	p.own_netns = own_netns;
 	if (passive_pairing(cfg, &key, &p, c))
 		set_mirror(&p, &key, own_netns);
 	if (local_scope(&key, &p, c) < 0)
-		return;
+		return 0;
 
 	if (stack_port(cfg, key.local_port)) {
 		COUNT(c, sockets_stack_port);
-		return;
+		return 0;
 	}
 	if (dry_run(cfg)) {
 		if (!p.explicit_peer) /* sidecar pairs: no dry run */
 			dry_passive(skops, state, &p.peer,
 				    !(state->flags & SOCK_FLAG_STACK_READER) && listener_nonblocking(&key, own_netns), c);
-		return;
+		return 0;
 	}
 	pair = bpf_map_lookup_elem(&pairs, &p.peer);
 	if (!pair) {
 		COUNT(c, sockets_unpaired);
-		return;
+		return 0;
 	}
 	if (pair->state != PAIR_CLIENT_JOINED) {
 		/* The client is in no enabled cgroup, declined, or sent
 		 * first (then it is still in the sockhash). */
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_unpaired);
-		return;
+		return 0;
 	}
 	if (pair->client_snd_nxt != skops->rcv_nxt || pair->client_rcv_nxt != skops->snd_nxt) {
 		decline_client(pair, &p.peer);
 		COUNT(c, pairs_mismatched);
-		return;
+		return 0;
 	}
 	if (state->flags & SOCK_FLAG_STACK_READER) {
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_unpaired);
-		return;
+		return 0;
 	}
 	if (!listener_nonblocking(&key, own_netns)) {
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_blocking);
-		return;
+		return 0;
 	}
 	if (join(skops, state, &key, &p, c) < 0) {
 		decline_client(pair, &p.peer);
-		return;
+		return 0;
 	}
 	if (__sync_val_compare_and_swap(&pair->state, PAIR_CLIENT_JOINED, PAIR_JOINED) != PAIR_CLIENT_JOINED) {
 		/* The client sent before we joined: its bytes are on their
 		 * way through the stack. */
-		leave(state, &key);
+		leave(skops, state, &key);
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_unpaired);
-		return;
+		return 0;
 	}
-	state->flags |= SOCK_FLAG_PAIRED;
+	state->flags |= SOCK_FLAG_PAIRED | SOCK_FLAG_ACCEPTED;
+	return 1;
 }
 
 /*
@@ -764,7 +862,7 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	struct sock_state *state;
 	struct endpoint_key ek = {};
 	struct sock_key key = {};
-	__u32 flags = 0;
+	__u64 flags = 0;
 
 	/* Account-only cgroups too: their dry pair handshake needs it. */
 	if (!skops->sk)
@@ -788,14 +886,21 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 static __noinline void forget_socket(struct bpf_sock_ops *skops)
 {
 	struct sock_state *state;
-	__u64 cookie = bpf_get_socket_cookie(skops);
 
-	bpf_map_delete_elem(&socket_cgroups, &cookie);
 	if (!skops->sk)
 		return;
 	state = bpf_sk_storage_get(&sock_state, skops->sk, 0, 0);
 	if (!state)
 		return;
+	if (state->flags & SOCK_FLAG_INSERTED) {
+		__u64 cookie = bpf_get_socket_cookie(skops);
+
+		bpf_map_delete_elem(&socket_cgroups, &cookie);
+	}
+	if (state->flags & SOCK_FLAG_ACCEPTED) {
+		report_to_listener(state);
+		state->flags &= ~SOCK_FLAG_ACCEPTED;
+	}
 	if (state->flags & SOCK_FLAG_PUBLISHED) {
 		bpf_map_delete_elem(&receivers, &state->key);
 		state->flags &= ~SOCK_FLAG_PUBLISHED;
@@ -831,6 +936,8 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 SEC("sockops")
 int sockbypass_sockops(struct bpf_sock_ops *skops)
 {
+	int joined;
+
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		mesh_connect(skops);
@@ -846,9 +953,13 @@ int sockbypass_sockops(struct bpf_sock_ops *skops)
 		classify_peer(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		join_passive(skops);
+		joined = join_passive(skops);
 		classify_peer(skops);
 		mesh_accept(skops);
+		/* An accepted socket inherits its listener's callbacks; one
+		 * that did not join has nothing to forget at close. */
+		if (!joined && (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		record_listener(skops);

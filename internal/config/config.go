@@ -64,6 +64,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	  - system.slice/redis.service
 //	tcDevices: [lo]     # interfaces whose egress TC also accounts (default none); [NETNS:]DEV
 //	accountOnly: false  # count, do not accelerate
+//	allConnections: false  # true: pair connections to short-lived listeners too
 //	stackPorts: [8081]  # server ports that stay plain TCP (splice readers)
 //	metricsAddr: 127.0.0.1:9464   # "" disables the metrics endpoint
 //	logLevel: info      # debug, info, warn, error
@@ -89,6 +90,7 @@ type Config struct {
 	Cgroups        []Field[string]   `yaml:"cgroups"`
 	TCDevices      *[]Field[string]  `yaml:"tcDevices"`
 	AccountOnly    Field[bool]       `yaml:"accountOnly"`
+	AllConnections Field[bool]       `yaml:"allConnections"`
 	StackPorts     []Field[uint16]   `yaml:"stackPorts"`
 	MetricsAddr    *Field[string]    `yaml:"metricsAddr"`
 	LogLevel       Field[string]     `yaml:"logLevel"`

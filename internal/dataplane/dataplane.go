@@ -381,6 +381,12 @@ type EnableOptions struct {
 	// redirected bytes. A connection is left out when its server port is
 	// listed by the cgroup of either end.
 	StackPorts []uint16
+	// AllConnections pairs every connection to the cgroup's listeners,
+	// including those of listeners whose connections are short-lived
+	// (by default such connections stay plain TCP, where pairing would
+	// cost more than it gains: see "Short-lived listeners" in
+	// bpf/sockbypass.h).
+	AllConnections bool
 }
 
 // cgroupConfig mirrors struct cgroup_config.
@@ -403,7 +409,11 @@ type cidrValue struct {
 	Prefix uint32
 }
 
-const cgroupAccountOnly = 1 << 0
+// cgroup_config.flags (CGROUP_*).
+const (
+	cgroupAccountOnly    = 1 << 0
+	cgroupAllConnections = 1 << 1
+)
 
 // Enable attaches a sock_ops program to cg, so every TCP socket of cg (and
 // of the cgroups below it) that reaches ESTABLISHED from now on is inserted
@@ -443,6 +453,9 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 	cfg := cgroupConfig{}
 	if opts.AccountOnly {
 		cfg.Flags |= cgroupAccountOnly
+	}
+	if opts.AllConnections {
+		cfg.Flags |= cgroupAllConnections
 	}
 	if opts.Mesh != nil {
 		if err := opts.Mesh.fill(&cfg); err != nil {

@@ -27,7 +27,7 @@ var goMirrors = []struct {
 	{PinInboundPods, nodeAddrKey{}, uint32(0)},
 	{PinTCDevices, tcDeviceKey{}, tcDeviceValue{}},
 	{PinTCUsers, tcUserKey{}, uint32(0)},
-	{PinListeners, endpointKey{}, uint32(0)},
+	{PinListeners, endpointKey{}, uint64(0)},
 	{PinSocketCgs, uint64(0), uint64(0)},
 }
 

@@ -194,9 +194,14 @@ func (d *Dataplane) refreshListeners(cgs []cgroup.Cgroup) (int, error) {
 	found, collectErr := listeners.Collect(pids)
 	for _, l := range found {
 		key := endpointKey{NetnsCookie: l.NetnsCookie, IP: l.Addr.As16(), Port: l.Port}
-		var flags uint32
+		var flags, old uint64
 		if l.NonBlocking {
 			flags = listenerNonblock
+		}
+		// Keep what sock_ops learnt about the listener's connections
+		// (the bits above the flags byte: see "Short-lived listeners").
+		if d.maps[PinListeners].Lookup(key, &old) == nil {
+			flags |= old &^ 0xff
 		}
 		if err := d.maps[PinListeners].Put(key, flags); err != nil {
 			return 0, fmt.Errorf("record listener %s: %w", netip.AddrPortFrom(l.Addr, l.Port), err)

@@ -66,6 +66,9 @@ type CgroupCounters struct {
 	TCEgressBytes      uint64 `json:"tc_egress_bytes"`
 	WouldPairs         uint64 `json:"would_pairs"`
 	WouldRedirectBytes uint64 `json:"would_redirect_bytes"`
+	// ConnectionsShortLived counts connections to the cgroup's listeners
+	// left plain because those listeners' connections are short-lived.
+	ConnectionsShortLived uint64 `json:"connections_short_lived"`
 }
 
 // Add adds o to c field by field.
@@ -106,6 +109,7 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.TCEgressBytes += o.TCEgressBytes
 	c.WouldPairs += o.WouldPairs
 	c.WouldRedirectBytes += o.WouldRedirectBytes
+	c.ConnectionsShortLived += o.ConnectionsShortLived
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -147,5 +151,7 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		TCEgressBytes:      c.TCEgressBytes - o.TCEgressBytes,
 		WouldPairs:         c.WouldPairs - o.WouldPairs,
 		WouldRedirectBytes: c.WouldRedirectBytes - o.WouldRedirectBytes,
+
+		ConnectionsShortLived: c.ConnectionsShortLived - o.ConnectionsShortLived,
 	}
 }

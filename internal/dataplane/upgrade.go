@@ -21,7 +21,7 @@ import (
 // binary writes and reads: bump it whenever a shared struct or map changes
 // (TestLayoutVersionFollowsTheMaps checks it against the maps' BTF). Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
-const LayoutVersion = 4 // 4: cgroup_counters (tc_egress_*, would_*), sock_state, shared map sizes
+const LayoutVersion = 5 // 5: listeners values are u64 (short-lived listeners), cgroup_counters.connections_short_lived, sock_state.msgs_sent
 
 // PinLayout is the pin of the one-entry array map that holds the layout
 // version.

@@ -68,6 +68,7 @@ func NewCollector(source Source) *Collector {
 			counter("pairs_abandoned_total", "Pairs given up because the client sent before its server joined.", func(f stats.Figures) uint64 { return f.PairsAbandoned }),
 			counter("pairs_mismatched_total", "Pairs refused because the two ends' sequence numbers did not cross-match (not one connection).", func(f stats.Figures) uint64 { return f.PairsMismatched }),
 			counter("sockets_stack_port_total", "Sockets left on the normal TCP path because their server port is a stack port (--stack-ports).", func(f stats.Figures) uint64 { return f.SocketsStackPort }),
+			counter("connections_short_lived_total", "Connections to the cgroup's listeners left on the normal TCP path because those listeners' connections are short-lived.", func(f stats.Figures) uint64 { return f.ConnectionsShortLived }),
 			counter("late_stack_options_total", "Members that asked for SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE, MSG_WAITALL or MSG_OOB after joining.", func(f stats.Figures) uint64 { return f.LateStackOptions }),
 			counter("redirect_failures_total", "Messages of redirecting sockets whose peer was gone, passed to the stack.", func(f stats.Figures) uint64 { return f.RedirectFailures }),
 			counter("sockets_inserted_total", "Sockets added to the sockhash.", func(f stats.Figures) uint64 { return f.SocketsInserted }),

@@ -103,6 +103,11 @@ type Figures struct {
 	// SocketsStackPort counts sockets left plain TCP because their
 	// connection's server port is a stack port (enable --stack-ports).
 	SocketsStackPort uint64 `json:"sockets_stack_port"`
+	// ConnectionsShortLived counts connections to the cgroup's listeners
+	// left plain TCP because those listeners' connections are
+	// short-lived (pairing would cost more than it gains; enable
+	// --all-connections pairs them too).
+	ConnectionsShortLived uint64 `json:"connections_short_lived"`
 	// LateStackOptions counts members that asked for SO_RCVLOWAT, TCP_INQ,
 	// SO_OOBINLINE, MSG_WAITALL or MSG_OOB after joining (the pair stays
 	// redirected).
@@ -156,6 +161,7 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		PairsAbandoned:            c.PairsAbandoned,
 		PairsMismatched:           c.PairsMismatched,
 		SocketsStackPort:          c.SocketsStackPort,
+		ConnectionsShortLived:     c.ConnectionsShortLived,
 		LateStackOptions:          c.LateStackOptions,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
