@@ -53,6 +53,12 @@ type Case struct {
 	// redirected / (redirected + TCP payload through the stack), per
 	// case from measured values (see the case constructors).
 	MinRedirected float64
+	// ShortLived, for a workload of short connections (one request per
+	// connection): its listener learns that its connections are
+	// short-lived and leaves most of them plain, where pairing would cost
+	// more than it gains. The accelerated runs must have left at least
+	// MinShortLived of their connections plain that way.
+	ShortLived bool
 	// start starts the servers of one mode and returns the instance that
 	// runs the clients.
 	start func(ctx context.Context, rc *runContext) (instance, error)

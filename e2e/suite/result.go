@@ -62,6 +62,9 @@ type Traffic struct {
 	// SocketsBlocking counts the connections left plain because an end
 	// blocks.
 	SocketsBlocking uint64 `json:"sockets_blocking"`
+	// ConnectionsShortLived counts the connections left plain because
+	// their listener's connections are short-lived.
+	ConnectionsShortLived uint64 `json:"connections_short_lived"`
 }
 
 // RedirectedShare is the part of the payload that was redirected:

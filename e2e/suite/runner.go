@@ -149,6 +149,16 @@ func (c Case) verdict(res *CaseResult, runs int) error {
 	case c.Blocking != "":
 		res.Note = "not accelerated: " + c.Blocking
 		return nil
+	case c.ShortLived:
+		// Each connection inserts two sockets when it pairs.
+		paired := accel.SocketsInserted / 2
+		left := accel.ConnectionsShortLived
+		if left == 0 || float64(left) < MinShortLived*float64(left+paired) {
+			return fmt.Errorf("accelerated runs of short connections left %d of %d connections plain as short-lived, want at least %.0f%%: the listener did not learn that its connections are short (%+v)",
+				left, left+paired, 100*MinShortLived, accel)
+		}
+		res.Note = fmt.Sprintf("short-lived: %.0f%% of connections left plain", 100*float64(left)/float64(left+paired))
+		return nil
 	}
 	share := accel.RedirectedShare()
 	if accel.RedirectedBytes == 0 || share < c.MinRedirected {
@@ -176,6 +186,7 @@ func addTraffic(t *Traffic, before, after map[uint64]dataplane.CgroupCounters, m
 	t.StackEgressBytes += d.StackEgressBytes
 	t.SocketsInserted += d.SocketsInserted
 	t.SocketsBlocking += d.SocketsBlocking
+	t.ConnectionsShortLived += d.ConnectionsShortLived
 }
 
 func values(samples []Sample, metric string) []float64 {
