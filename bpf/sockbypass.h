@@ -728,7 +728,7 @@ struct socket {
 } __attribute__((preserve_access_index));
 
 /* And of the user namespace that owns a socket's network namespace, with
- * its uid map (see ns_kuid in internal/mesh/mesh.c). */
+ * its uid map (see ns_kuid in cgroup/sidecar.c). */
 struct uid_gid_extent {
 	__u32 first;
 	__u32 lower_first;

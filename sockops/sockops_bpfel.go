@@ -14,18 +14,14 @@ import (
 )
 
 type sockopsCgroupConfig struct {
-	_            structs.HostLayout
-	Flags        uint32
-	MeshMode     uint32
-	SidecarUid   uint32
-	OutboundPort uint16
-	InboundPort  uint16
-	ExcludePorts [16]uint16
-	ExcludeCidrs [8]struct {
-		_      structs.HostLayout
-		Ip     [4]uint32
-		Prefix uint32
-	}
+	_              structs.HostLayout
+	Flags          uint32
+	MeshMode       uint32
+	SidecarUid     uint32
+	OutboundPort   uint16
+	InboundPort    uint16
+	ExcludePorts   [16]uint16
+	ExcludeCidrs   [8]sockopsCidr
 	N_excludeCidrs uint32
 	Pad            uint32
 	StackPorts     [16]uint16
@@ -70,6 +66,12 @@ type sockopsCgroupCounters struct {
 	WouldPairs             uint64
 	WouldRedirectBytes     uint64
 	ConnectionsShortLived  uint64
+}
+
+type sockopsCidr struct {
+	_      structs.HostLayout
+	Ip     [4]uint32
+	Prefix uint32
 }
 
 type sockopsEndpointKey struct {

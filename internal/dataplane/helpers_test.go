@@ -12,6 +12,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/sockops"
 )
 
 // install creates a pinned dataplane of the test's own and uninstalls it at
@@ -136,7 +137,7 @@ func waitPeerPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 	waitFor(t, 5*time.Second, func() bool {
 		for _, c := range conns {
 			k := keyOf(c)
-			k.LocalIP, k.RemoteIP = k.RemoteIP, k.LocalIP
+			k.LocalIp, k.RemoteIp = k.RemoteIp, k.LocalIp
 			k.LocalPort, k.RemotePort = k.RemotePort, k.LocalPort
 			if !published(dp, k) {
 				return false
@@ -151,8 +152,8 @@ func waitPeerPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 func published(dp *Dataplane, k SockKey) bool {
 	for _, cookie := range []uint64{k.NetnsCookie, 0} {
 		k.NetnsCookie = cookie
-		var v [3]uint64 // struct receiver: netns cookie, eligible|seq, redirected read
-		if dp.maps[PinReceivers].Lookup(k, &v) == nil && v[1]&(1<<32) != 0 {
+		var v sockops.Receiver
+		if dp.maps[PinReceivers].Lookup(k, &v) == nil && v.EligibleSeq&(1<<32) != 0 {
 			return true
 		}
 	}
@@ -170,7 +171,7 @@ func keyOf(c net.Conn) SockKey {
 	raw, _ := c.(*net.TCPConn).SyscallConn()
 	var cookie uint64
 	raw.Control(func(fd uintptr) { cookie, _ = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_NETNS_COOKIE) })
-	return SockKey{NetnsCookie: cookie, LocalIP: local.Addr().As16(), RemoteIP: remote.Addr().As16(),
+	return SockKey{NetnsCookie: cookie, LocalIp: sockops.AddrToC(local.Addr()), RemoteIp: sockops.AddrToC(remote.Addr()),
 		LocalPort: local.Port(), RemotePort: remote.Port(), Family: family}
 }
 

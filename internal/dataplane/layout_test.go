@@ -9,19 +9,28 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/readtrace"
+	"github.com/sockbypass/sockbypass/skmsg"
 	"github.com/sockbypass/sockbypass/sockops"
+	"github.com/sockbypass/sockbypass/tc"
 )
 
 // goMirrors are the Go types that read and write the pinned maps, by map:
-// each must lay out exactly as the C struct the map declares.
+// every map the loader or the tests read or write, each with the type it
+// is read with (for a per-CPU map, one CPU's value). Most are bpf2go's
+// (sockops/types.go, tc/types.go); each must lay out exactly as the C
+// struct the map declares.
 var goMirrors = []struct {
 	Map        string
 	Key, Value any
 }{
 	{PinSockhash, SockKey{}, uint64(0)},
-	{PinCounters, uint64(0), CgroupCounters{}},
+	{PinCounters, uint64(0), sockops.CgroupCounters{}},
+	{PinCounters, uint64(0), CgroupCounters{}}, // fields by position: countersFromC
 	{PinCgroupConfig, uint64(0), cgroupConfig{}},
 	{PinNodeAddrs, nodeAddrKey{}, nodeAddrValue{}},
 	{PinInboundPods, nodeAddrKey{}, uint32(0)},
@@ -29,31 +38,104 @@ var goMirrors = []struct {
 	{PinTCUsers, tcUserKey{}, uint32(0)},
 	{PinListeners, endpointKey{}, uint64(0)},
 	{PinSocketCgs, uint64(0), uint64(0)},
+	{PinReceivers, SockKey{}, sockops.Receiver{}},
+	{PinMeshEndpoints, endpointKey{}, uint64(0)},
+	{PinPairs, SockKey{}, sockops.Pair{}},
+	{PinSockState, int32(0), sockops.SockState{}},
+}
+
+// objectSpecs are the compiled objects whose maps are replaced by the
+// pinned ones, by package: each declares the shared maps with the same
+// types.
+var objectSpecs = map[string]func() (*ebpf.CollectionSpec, error){
+	"sockops": sockops.LoadSpec, "skmsg": skmsg.LoadSpec, "tc": tc.LoadSpec, "readtrace": readtrace.LoadSpec,
+	"cgroup egress": cgroup.LoadEgressSpec, "cgroup setsockopt": cgroup.LoadSetsockoptSpec, "cgroup sidecar": cgroup.LoadSidecarSpec,
 }
 
 // TestGoMirrorsMatchTheCStructs compares every Go type the loader reads or
-// writes a map with against the BTF of the map in the compiled object:
+// writes a map with against the BTF of the map in each compiled object:
 // sizes, and each field's offset, size and name. A field added on one
 // side only fails here, not in a counter that reads the wrong bytes.
 func TestGoMirrorsMatchTheCStructs(t *testing.T) {
-	spec, err := sockops.LoadSpec()
-	if err != nil {
-		t.Fatal(err)
+	for obj, load := range objectSpecs {
+		spec, err := load()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range goMirrors {
+			ms, ok := spec.Maps[m.Map]
+			if !ok {
+				if obj == "skmsg" {
+					t.Errorf("map %s: not in the object the maps are created from", m.Map)
+				}
+				continue
+			}
+			compareMapTypes(t, obj, ms.Key, ms.Value, m.Map, m.Key, m.Value)
+		}
 	}
+}
+
+// TestGoMirrorsMatchTheLoadedMaps compares the same Go types with the BTF
+// the kernel holds for the maps of a real install: what Open adopts.
+func TestGoMirrorsMatchTheLoadedMaps(t *testing.T) {
+	dp := install(t)
 	for _, m := range goMirrors {
-		ms, ok := spec.Maps[m.Map]
+		info, err := dp.maps[m.Map].Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, ok := info.BTFID()
 		if !ok {
-			t.Errorf("map %s: not in the compiled object", m.Map)
+			// The kernel keeps no BTF for a sockhash: its key is checked
+			// against what sock_ops writes (TestSockKeyMatchesWhatBPFWrites).
+			t.Logf("map %s: no BTF in the kernel", m.Map)
 			continue
 		}
-		for _, side := range []struct {
-			what string
-			typ  btf.Type
-			val  any
-		}{{"key", ms.Key, m.Key}, {"value", ms.Value, m.Value}} {
-			for _, problem := range compareLayout(side.typ, reflect.TypeOf(side.val), m.Map+" "+side.what) {
-				t.Error(problem)
-			}
+		h, err := btf.NewHandleFromID(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kspec, err := h.Spec(nil)
+		h.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The BTF of a map created from a MapSpec holds its key and value
+		// types: look up those of the compiled object by name there.
+		spec, err := skmsg.LoadSpec()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ms := spec.Maps[m.Map]
+		key, value := loadedType(t, kspec, ms.Key), loadedType(t, kspec, ms.Value)
+		compareMapTypes(t, "kernel", key, value, m.Map, m.Key, m.Value)
+	}
+}
+
+// loadedType finds compiled in the loaded BTF by kind and name (scalars
+// compare by size, so compiled itself serves).
+func loadedType(t *testing.T, loaded *btf.Spec, compiled btf.Type) btf.Type {
+	s, ok := btf.UnderlyingType(compiled).(*btf.Struct)
+	if !ok {
+		return compiled
+	}
+	var found *btf.Struct
+	if err := loaded.TypeByName(s.Name, &found); err != nil {
+		t.Errorf("struct %s: not in the loaded map's BTF: %v", s.Name, err)
+		return compiled
+	}
+	return found
+}
+
+func compareMapTypes(t *testing.T, obj string, key, value btf.Type, mapName string, goKey, goValue any) {
+	t.Helper()
+	for _, side := range []struct {
+		what string
+		typ  btf.Type
+		val  any
+	}{{"key", key, goKey}, {"value", value, goValue}} {
+		for _, problem := range compareLayout(side.typ, reflect.TypeOf(side.val), obj+": "+mapName+" "+side.what) {
+			t.Error(problem)
 		}
 	}
 }
@@ -75,12 +157,18 @@ func compareLayout(b btf.Type, g reflect.Type, where string) []string {
 	if g.Kind() != reflect.Struct {
 		return []string{fmt.Sprintf("%s: C struct %s, Go %s", where, s.Name, g)}
 	}
-	var problems []string
-	if len(s.Members) != g.NumField() {
-		problems = append(problems, fmt.Sprintf("%s: C struct %s has %d fields, Go %s has %d", where, s.Name, len(s.Members), g, g.NumField()))
+	var fields []reflect.StructField
+	for i := 0; i < g.NumField(); i++ {
+		if f := g.Field(i); f.Name != "_" { // bpf2go's layout marker and padding
+			fields = append(fields, f)
+		}
 	}
-	for i := 0; i < len(s.Members) && i < g.NumField(); i++ {
-		cm, gf := s.Members[i], g.Field(i)
+	var problems []string
+	if len(s.Members) != len(fields) {
+		problems = append(problems, fmt.Sprintf("%s: C struct %s has %d fields, Go %s has %d", where, s.Name, len(s.Members), g, len(fields)))
+	}
+	for i := 0; i < len(s.Members) && i < len(fields); i++ {
+		cm, gf := s.Members[i], fields[i]
 		at := fmt.Sprintf("%s.%s", where, cm.Name)
 		if uintptr(cm.Offset.Bytes()) != gf.Offset {
 			problems = append(problems, fmt.Sprintf("%s: at offset %d in C, Go %s at %d", at, cm.Offset.Bytes(), gf.Name, gf.Offset))

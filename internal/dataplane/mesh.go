@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+
+	"github.com/sockbypass/sockbypass/sockops"
 )
 
 // Mesh modes (struct cgroup_config.mesh_mode).
@@ -49,14 +51,14 @@ func (m *MeshOptions) fill(cfg *cgroupConfig) error {
 	if len(m.ExcludePorts) > len(cfg.ExcludePorts) {
 		return fmt.Errorf("at most %d excluded ports", len(cfg.ExcludePorts))
 	}
-	if len(m.ExcludeCIDRs) > len(cfg.ExcludeCIDRs) {
-		return fmt.Errorf("at most %d excluded CIDRs", len(cfg.ExcludeCIDRs))
+	if len(m.ExcludeCIDRs) > len(cfg.ExcludeCidrs) {
+		return fmt.Errorf("at most %d excluded CIDRs", len(cfg.ExcludeCidrs))
 	}
 	cfg.MeshMode = MeshRedirect
 	if m.Intercept {
 		cfg.MeshMode = MeshIntercept
 	}
-	cfg.SidecarUID = m.SidecarUID
+	cfg.SidecarUid = m.SidecarUID
 	cfg.OutboundPort = m.OutboundPort
 	cfg.InboundPort = m.InboundPort
 	copy(cfg.ExcludePorts[:], m.ExcludePorts)
@@ -66,9 +68,9 @@ func (m *MeshOptions) fill(cfg *cgroupConfig) error {
 		if p.Addr().Is4() {
 			bits += 96
 		}
-		cfg.ExcludeCIDRs[i] = cidrValue{IP: p.Addr().As16(), Prefix: uint32(bits)}
+		cfg.ExcludeCidrs[i] = sockops.Cidr{Ip: sockops.AddrToC(p.Addr()), Prefix: uint32(bits)}
 	}
-	cfg.NExcludeCIDRs = uint32(len(m.ExcludeCIDRs))
+	cfg.N_excludeCidrs = uint32(len(m.ExcludeCIDRs))
 	return nil
 }
 

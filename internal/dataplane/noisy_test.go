@@ -177,7 +177,7 @@ func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
 		t.Errorf("SO_ORIGINAL_DST after the noisy pod: %v (%v), want 10.77.0.1:8080", got, err)
 	}
 	// The app's endpoint is still counted (one app socket uses it).
-	ek := endpointKey{NetnsCookie: keyOf(app).NetnsCookie, IP: keyOf(app).LocalIP, Port: keyOf(app).LocalPort}
+	ek := endpointKey{NetnsCookie: keyOf(app).NetnsCookie, Ip: keyOf(app).LocalIp, Port: keyOf(app).LocalPort}
 	var users uint64
 	if err := dp.maps[PinMeshEndpoints].Lookup(ek, &users); err != nil || users != 1 {
 		t.Errorf("the app endpoint's count after the noisy pod: %d (%v), want 1", users, err)

@@ -11,51 +11,135 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sockbypass/sockbypass/cgroup"
-	"github.com/sockbypass/sockbypass/internal/fallback"
-	"github.com/sockbypass/sockbypass/internal/mesh"
+	"github.com/sockbypass/sockbypass/readtrace"
+	"github.com/sockbypass/sockbypass/skmsg"
 	"github.com/sockbypass/sockbypass/sockops"
+	"github.com/sockbypass/sockbypass/tc"
 )
 
 // cgroupProgram is one row of the table of programs attached to an enabled
-// cgroup. Enable, disable, Upgrade and status all walk cgroupPrograms:
-// adding a program is one row.
+// cgroup. Enable, disable, Upgrade, status and Uninstall (through disable)
+// all walk cgroupPrograms: adding a program is one row.
 type cgroupProgram struct {
 	// What names the program in errors and logs.
 	What string
+	// Program is its name in its collection; Spec loads that collection.
+	Program string
+	Spec    func() (*ebpf.CollectionSpec, error)
 	// Suffix names its link pin: cgroups/<id><Suffix>.
 	Suffix string
 	Attach ebpf.AttachType
 	// SidecarOnly: attached only to cgroups in sidecar mode.
 	SidecarOnly bool
-	// Load loads the cgroup's instance over the pinned maps.
-	Load func(cgroupID uint64, maps map[string]*ebpf.Map) (*ebpf.Program, error)
-}
-
-// loadMesh loads a sidecar-mode program of internal/mesh by name.
-func loadMesh(name string) func(uint64, map[string]*ebpf.Map) (*ebpf.Program, error) {
-	return func(id uint64, maps map[string]*ebpf.Map) (*ebpf.Program, error) { return mesh.Load(name, id, maps) }
 }
 
 // cgroupPrograms are the per-cgroup programs. The sock_ops program comes
 // first: its link pin (no suffix) is what marks a cgroup enabled.
 var cgroupPrograms = []cgroupProgram{
-	{What: "sock_ops", Suffix: "", Attach: ebpf.AttachCGroupSockOps, Load: sockops.Load},
-	{What: "cgroup/setsockopt", Suffix: "-setsockopt", Attach: ebpf.AttachCGroupSetsockopt, Load: fallback.LoadSetsockopt},
-	{What: "cgroup_skb/egress accounting", Suffix: "-account", Attach: ebpf.AttachCGroupInetEgress, Load: cgroup.LoadEgress},
-	{What: "cgroup/connect4", Suffix: "-connect4", Attach: ebpf.AttachCGroupInet4Connect, SidecarOnly: true, Load: loadMesh(mesh.Connect4Program)},
-	{What: "cgroup/connect6", Suffix: "-connect6", Attach: ebpf.AttachCGroupInet6Connect, SidecarOnly: true, Load: loadMesh(mesh.Connect6Program)},
-	{What: "cgroup/getsockopt", Suffix: "-getsockopt", Attach: ebpf.AttachCGroupGetsockopt, SidecarOnly: true, Load: loadMesh(mesh.GetsockoptProgram)},
-	{What: "cgroup_skb/egress (sidecar SYNs)", Suffix: "-egress", Attach: ebpf.AttachCGroupInetEgress, SidecarOnly: true, Load: loadMesh(mesh.EgressProgram)},
+	{What: "sock_ops", Program: sockops.ProgramName, Spec: sockops.LoadSpec, Suffix: "", Attach: ebpf.AttachCGroupSockOps},
+	{What: "cgroup/setsockopt", Program: cgroup.SetsockoptProgram, Spec: cgroup.LoadSetsockoptSpec, Suffix: "-setsockopt", Attach: ebpf.AttachCGroupSetsockopt},
+	{What: "cgroup_skb/egress accounting", Program: cgroup.EgressProgram, Spec: cgroup.LoadEgressSpec, Suffix: "-account", Attach: ebpf.AttachCGroupInetEgress},
+	{What: "cgroup/connect4", Program: cgroup.Connect4Program, Spec: cgroup.LoadSidecarSpec, Suffix: "-connect4", Attach: ebpf.AttachCGroupInet4Connect, SidecarOnly: true},
+	{What: "cgroup/connect6", Program: cgroup.Connect6Program, Spec: cgroup.LoadSidecarSpec, Suffix: "-connect6", Attach: ebpf.AttachCGroupInet6Connect, SidecarOnly: true},
+	{What: "cgroup/getsockopt", Program: cgroup.GetsockoptProgram, Spec: cgroup.LoadSidecarSpec, Suffix: "-getsockopt", Attach: ebpf.AttachCGroupGetsockopt, SidecarOnly: true},
+	{What: "cgroup_skb/egress (sidecar SYNs)", Program: cgroup.SidecarEgressProgram, Spec: cgroup.LoadSidecarSpec, Suffix: "-egress", Attach: ebpf.AttachCGroupInetEgress, SidecarOnly: true},
 }
+
+// load loads p's instance for the cgroup id over the pinned maps. The
+// caller owns the program.
+func (p cgroupProgram) load(id uint64, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+	return loadProgram(p.What, p.Spec, p.Program, map[string]any{sockops.CgroupIDConstant: id}, maps)
+}
+
+// The node-wide programs, loaded by create, Upgrade and Enable (the read
+// tracer, while needed) and the TC attachment.
+func loadSkMsg(maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+	return loadProgram("sk_msg", skmsg.LoadSpec, skmsg.ProgramName, nil, maps)
+}
+
+func loadReadTrace(maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+	return loadProgram("tp_btf/sock_recv_length", readtrace.LoadSpec, readtrace.ProgramName, nil, maps)
+}
+
+func loadTC(l2Len uint32, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+	return loadProgram("tc", tc.LoadSpec, tc.ProgramName, map[string]any{tc.L2LenConstant: l2Len}, maps)
+}
+
+// loadProgram loads the program name of the collection loadSpec returns,
+// with its constants set to consts and its maps replaced by the pinned
+// maps (by name). The caller owns the program.
+func loadProgram(what string, loadSpec func() (*ebpf.CollectionSpec, error), name string, consts map[string]any, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+	spec, err := loadSpec()
+	if err != nil {
+		return nil, err
+	}
+	for c, v := range consts {
+		vs, ok := spec.Variables[c]
+		if !ok {
+			return nil, fmt.Errorf("load %s program: no constant %s", what, c)
+		}
+		if err := vs.Set(v); err != nil {
+			return nil, fmt.Errorf("load %s program: set %s: %w", what, c, err)
+		}
+	}
+	if _, ok := spec.Programs[name]; !ok {
+		return nil, fmt.Errorf("load %s program: no program %s in its object", what, name)
+	}
+	for n := range spec.Programs {
+		if n != name {
+			delete(spec.Programs, n)
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: fitReplacements(spec, maps)})
+	if err != nil {
+		return nil, fmt.Errorf("load %s program: %w", what, err)
+	}
+	defer coll.Close()
+	return coll.DetachProgram(name), nil
+}
+
+// fitReplacements makes spec's maps agree with the pinned maps that will
+// replace them, in the property the user may size (max_entries), and
+// drops the replacements spec does not declare. cilium/ebpf refuses a
+// replacement whose spec differs; the sizes are decided once, when the
+// pinned maps are created.
+func fitReplacements(spec *ebpf.CollectionSpec, maps map[string]*ebpf.Map) map[string]*ebpf.Map {
+	out := make(map[string]*ebpf.Map, len(maps))
+	for name, m := range maps {
+		ms, ok := spec.Maps[name]
+		if !ok {
+			continue
+		}
+		ms.MaxEntries = m.MaxEntries()
+		out[name] = m
+	}
+	return out
+}
+
+// pinPath is the pin of name (one of the Pin* and Dir* names) in the pin
+// directory dir, or below it with more path elements. Every pin is built
+// here or by the helpers below.
+func pinPath(dir, name string, below ...string) string {
+	return filepath.Join(append([]string{dir, name}, below...)...)
+}
+
+// pin is the pin of name in d's pin directory.
+func (d *Dataplane) pin(name string) string { return pinPath(d.pinDir, name) }
 
 // cgroupPin is the link pin of program p for the cgroup id.
 func (d *Dataplane) cgroupPin(id uint64, p cgroupProgram) string {
-	return filepath.Join(d.pinDir, DirCgroups, strconv.FormatUint(id, 10)+p.Suffix)
+	return pinPath(d.pinDir, DirCgroups, strconv.FormatUint(id, 10)+p.Suffix)
 }
 
 // cgroupLinkPin is the sock_ops link pin of the cgroup id: it exists while
 // the cgroup is enabled.
 func (d *Dataplane) cgroupLinkPin(id uint64) string { return d.cgroupPin(id, cgroupPrograms[0]) }
+
+// tcPin is the pin of the TC attachment of a device: its tcx link, or with
+// clsact the program: tc/<netns inode>-<ifindex>.
+func (d *Dataplane) tcPin(key tcDeviceKey) string {
+	return pinPath(d.pinDir, DirTC, strconv.FormatUint(key.NetnsIno, 10)+"-"+strconv.FormatUint(uint64(key.Ifindex), 10))
+}
 
 // attachCgroupProgram attaches p to cg and pins its link, unless it is
 // pinned already. It returns how to undo what it did (nil when nothing was
@@ -65,7 +149,7 @@ func (d *Dataplane) attachCgroupProgram(cg cgroup.Cgroup, p cgroupProgram) (func
 	if _, err := os.Stat(pin); err == nil {
 		return nil, nil
 	}
-	prog, err := p.Load(cg.ID, d.maps)
+	prog, err := p.load(cg.ID, d.maps)
 	if err != nil {
 		return nil, err
 	}

@@ -3,7 +3,6 @@ package dataplane
 import (
 	"errors"
 	"fmt"
-	"path/filepath"
 	"sort"
 
 	"github.com/cilium/ebpf"
@@ -11,6 +10,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/lock"
+	"github.com/sockbypass/sockbypass/sockops"
 )
 
 // Status is a snapshot of the pinned state.
@@ -112,13 +112,13 @@ func (d *Dataplane) Counters() (map[uint64]CgroupCounters, error) {
 	out := map[uint64]CgroupCounters{}
 	var (
 		id     uint64
-		perCPU []CgroupCounters
+		perCPU []sockops.CgroupCounters
 	)
 	it := d.maps[PinCounters].Iterate()
 	for it.Next(&id, &perCPU) {
 		var sum CgroupCounters
 		for _, c := range perCPU {
-			sum.Add(c)
+			sum.Add(countersFromC(c))
 		}
 		out[id] = sum
 	}
@@ -162,7 +162,7 @@ func (d *Dataplane) Status() (*Status, error) {
 			st.SockhashMapID = uint32(id)
 		}
 	}
-	if prog, err := ebpf.LoadPinnedProgram(filepath.Join(d.pinDir, PinSkMsg), nil); err == nil {
+	if prog, err := ebpf.LoadPinnedProgram(d.pin(PinSkMsg), nil); err == nil {
 		if info, err := prog.Info(); err == nil {
 			if id, ok := info.ID(); ok {
 				st.SkMsgProgramID = uint32(id)
@@ -171,7 +171,7 @@ func (d *Dataplane) Status() (*Status, error) {
 		prog.Close()
 	}
 	st.SkMsgAttach = attachLegacy
-	if l, err := link.LoadPinnedLink(filepath.Join(d.pinDir, PinSkMsgLink), nil); err == nil {
+	if l, err := link.LoadPinnedLink(d.pin(PinSkMsgLink), nil); err == nil {
 		st.SkMsgAttach = attachLink
 		l.Close()
 	}

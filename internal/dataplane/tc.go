@@ -1,12 +1,10 @@
 package dataplane
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -63,35 +61,18 @@ func ParseTCDevice(s string) (TCDevice, error) {
 	return d, nil
 }
 
-// tcDeviceKey mirrors struct tc_device_key.
-type tcDeviceKey struct {
-	NetnsIno uint64
-	Ifindex  uint32
-	Pad      uint32
-}
-
-func (k tcDeviceKey) pinName() string {
-	return strconv.FormatUint(k.NetnsIno, 10) + "-" + strconv.FormatUint(uint64(k.Ifindex), 10)
-}
-
-// tcDeviceValue mirrors struct tc_device.
-type tcDeviceValue struct {
-	Mode         uint32
-	CreatedQdisc uint32
-	NetnsPath    [112]byte
-	Ifname       [16]byte
-}
+// The TC registry's structs, as bpf2go generates them: struct
+// tc_device_key, tc_device and tc_user_key.
+type (
+	tcDeviceKey   = tc.DeviceKey
+	tcDeviceValue = tc.Device
+	tcUserKey     = tc.UserKey
+)
 
 const (
 	tcAttachTCX    = 1
 	tcAttachClsact = 2
 )
-
-// tcUserKey mirrors struct tc_user_key.
-type tcUserKey struct {
-	CgroupID uint64
-	Dev      tcDeviceKey
-}
 
 // resolvedDevice is a TCDevice found in its namespace.
 type resolvedDevice struct {
@@ -168,11 +149,24 @@ func resolveTCDevice(d TCDevice) (resolvedDevice, error) {
 	return r, err
 }
 
-func cString(b []byte) string {
-	if i := bytes.IndexByte(b, 0); i >= 0 {
-		b = b[:i]
+// cString returns the NUL-terminated string in a C char array.
+func cString(c []int8) string {
+	b := make([]byte, 0, len(c))
+	for _, ch := range c {
+		if ch == 0 {
+			break
+		}
+		b = append(b, byte(ch))
 	}
 	return string(b)
+}
+
+// putCString copies s into the C char array c, NUL-terminated (s is
+// checked to fit before).
+func putCString(c []int8, s string) {
+	for i := 0; i < len(s) && i < len(c)-1; i++ {
+		c[i] = int8(s[i])
+	}
 }
 
 // attachTC attaches the TC program to dev unless sockbypass already did.
@@ -182,18 +176,18 @@ func (d *Dataplane) attachTC(dev resolvedDevice) (bool, error) {
 	if err := d.maps[PinTCDevices].Lookup(dev.key, &existing); err == nil {
 		return false, nil
 	}
-	if err := os.MkdirAll(filepath.Join(d.pinDir, DirTC), 0o700); err != nil {
+	if err := os.MkdirAll(d.pin(DirTC), 0o700); err != nil {
 		return false, err
 	}
-	prog, err := tc.Load(dev.l2Len, d.maps)
+	prog, err := loadTC(dev.l2Len, d.maps)
 	if err != nil {
 		return false, err
 	}
 	defer prog.Close()
-	pin := filepath.Join(d.pinDir, DirTC, dev.key.pinName())
+	pin := d.tcPin(dev.key)
 	value := tcDeviceValue{Mode: tcAttachTCX}
-	copy(value.NetnsPath[:], dev.NetnsPath)
-	copy(value.Ifname[:], dev.Name)
+	putCString(value.NetnsPath[:], dev.NetnsPath)
+	putCString(value.Ifname[:], dev.Name)
 
 	err = inNetns(dev.NetnsPath, func() error {
 		if !d.legacyTC {
@@ -229,7 +223,7 @@ func (d *Dataplane) attachTC(dev resolvedDevice) (bool, error) {
 
 // detachTC removes the TC program from a device and forgets the device.
 func (d *Dataplane) detachTC(key tcDeviceKey, value tcDeviceValue) error {
-	pin := filepath.Join(d.pinDir, DirTC, key.pinName())
+	pin := d.tcPin(key)
 	switch value.Mode {
 	case tcAttachTCX:
 		l, err := link.LoadPinnedLink(pin, nil)
@@ -249,7 +243,7 @@ func (d *Dataplane) detachTC(key tcDeviceKey, value tcDeviceValue) error {
 			return tc.DetachClsact(int(key.Ifindex), value.CreatedQdisc == 1)
 		})
 		if err != nil && !errors.Is(err, os.ErrNotExist) && !isNetnsGone(err) {
-			return fmt.Errorf("detach tc filter from %s: %w", value.device(), err)
+			return fmt.Errorf("detach tc filter from %s: %w", deviceOf(value), err)
 		}
 		if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
@@ -258,7 +252,7 @@ func (d *Dataplane) detachTC(key tcDeviceKey, value tcDeviceValue) error {
 	if err := d.maps[PinTCDevices].Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return err
 	}
-	d.log.Info("detached tc egress accounting", zap.String("device", value.device().String()))
+	d.log.Info("detached tc egress accounting", zap.String("device", deviceOf(value).String()))
 	return nil
 }
 
@@ -279,7 +273,7 @@ func tcModeName(mode uint32) string {
 
 // addTCUser records that cgroupID uses dev.
 func (d *Dataplane) addTCUser(cgroupID uint64, dev tcDeviceKey) error {
-	return d.maps[PinTCUsers].Put(tcUserKey{CgroupID: cgroupID, Dev: dev}, uint32(1))
+	return d.maps[PinTCUsers].Put(tcUserKey{CgroupId: cgroupID, Dev: dev}, uint32(1))
 }
 
 // releaseTCUsers forgets the tc_users entries drop selects and detaches
@@ -319,7 +313,7 @@ func (d *Dataplane) releaseTCUsers(drop func(tcUserKey) bool) ([]TCDevice, error
 		if err := d.detachTC(k, v); err != nil {
 			return detached, err
 		}
-		detached = append(detached, v.device())
+		detached = append(detached, deviceOf(v))
 	}
 	return detached, nil
 }
@@ -327,11 +321,11 @@ func (d *Dataplane) releaseTCUsers(drop func(tcUserKey) bool) ([]TCDevice, error
 // isTCUser reports whether cgroupID asked for dev.
 func (d *Dataplane) isTCUser(cgroupID uint64, dev tcDeviceKey) bool {
 	var v uint32
-	return d.maps[PinTCUsers].Lookup(tcUserKey{CgroupID: cgroupID, Dev: dev}, &v) == nil
+	return d.maps[PinTCUsers].Lookup(tcUserKey{CgroupId: cgroupID, Dev: dev}, &v) == nil
 }
 
-// device returns the device spec v was attached for ([NETNS_PATH:]DEV).
-func (v tcDeviceValue) device() TCDevice {
+// deviceOf returns the device spec v was attached for ([NETNS_PATH:]DEV).
+func deviceOf(v tcDeviceValue) TCDevice {
 	return TCDevice{NetnsPath: cString(v.NetnsPath[:]), Name: cString(v.Ifname[:])}
 }
 
@@ -373,12 +367,12 @@ func (d *Dataplane) tcDeviceStatus() ([]TCDeviceStatus, error) {
 	out := []TCDeviceStatus{}
 	for k, v := range devices {
 		st := TCDeviceStatus{
-			TCDevice:   v.device(),
+			TCDevice:   deviceOf(v),
 			Ifindex:    k.Ifindex,
 			NetnsInode: k.NetnsIno,
 			Mode:       tcModeName(v.Mode),
 		}
-		pin := filepath.Join(d.pinDir, DirTC, k.pinName())
+		pin := d.tcPin(k)
 		if v.Mode == tcAttachTCX {
 			if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 				if info, err := l.Info(); err == nil {

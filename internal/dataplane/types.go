@@ -1,34 +1,21 @@
 package dataplane
 
 import (
-	"net/netip"
+	"reflect"
+
+	"github.com/sockbypass/sockbypass/sockops"
 )
 
-// SockKey mirrors struct sock_key in bpf/sockbypass.h: the sockhash key of a
-// TCP socket. Addresses are in network byte order, IPv4 stored as
-// IPv4-mapped IPv6 with Family AF_INET; ports in host byte order.
-type SockKey struct {
-	NetnsCookie uint64
-	LocalIP     [16]byte
-	RemoteIP    [16]byte
-	LocalPort   uint16
-	RemotePort  uint16
-	Family      uint16
-	Pad         uint16
-}
+// SockKey is struct sock_key of bpf/sockbypass.h, the sockhash key of a
+// TCP socket, as bpf2go generates it (sockops.SockKey, with Local and
+// Remote).
+type SockKey = sockops.SockKey
 
-// Local returns the socket's local address and port.
-func (k SockKey) Local() netip.AddrPort {
-	return netip.AddrPortFrom(netip.AddrFrom16(k.LocalIP).Unmap(), k.LocalPort)
-}
-
-// Remote returns the socket's remote address and port.
-func (k SockKey) Remote() netip.AddrPort {
-	return netip.AddrPortFrom(netip.AddrFrom16(k.RemoteIP).Unmap(), k.RemotePort)
-}
-
-// CgroupCounters mirrors struct cgroup_counters in bpf/sockbypass.h: what
-// the datapath counted for one enabled cgroup, summed over CPUs.
+// CgroupCounters is what the datapath counted for one enabled cgroup,
+// summed over CPUs, as the CLI, the metrics and JSON output name it: the
+// fields of struct cgroup_counters (sockops.CgroupCounters, what the map
+// holds), in the same order. countersFromC converts; the layout test checks
+// that the fields correspond.
 type CgroupCounters struct {
 	SocketsInserted    uint64 `json:"sockets_inserted"`
 	InsertFailures     uint64 `json:"insert_failures"`
@@ -154,4 +141,21 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 
 		ConnectionsShortLived: c.ConnectionsShortLived - o.ConnectionsShortLived,
 	}
+}
+
+// countersFromC converts the counters of one CPU as the map holds them.
+// The fields correspond by position (TestGoMirrorsMatchTheCStructs checks
+// names and count); the generated struct's blank layout marker is skipped.
+func countersFromC(c sockops.CgroupCounters) CgroupCounters {
+	var out CgroupCounters
+	src, dst := reflect.ValueOf(c), reflect.ValueOf(&out).Elem()
+	j := 0
+	for i := 0; i < src.NumField() && j < dst.NumField(); i++ {
+		if src.Type().Field(i).Name == "_" {
+			continue
+		}
+		dst.Field(j).SetUint(src.Field(i).Uint())
+		j++
+	}
+	return out
 }

@@ -6,9 +6,11 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sockbypass/sockbypass/sockops"
 )
 
-// TestSockKeyMatchesWhatBPFWrites checks the Go mirror of struct sock_key
+// TestSockKeyMatchesWhatBPFWrites checks the Go type of struct sock_key
 // against the keys the sock_ops program really writes: addresses, ports,
 // family and the network namespace cookie of both ends of a connection.
 func TestSockKeyMatchesWhatBPFWrites(t *testing.T) {
@@ -40,8 +42,8 @@ func TestSockKeyMatchesWhatBPFWrites(t *testing.T) {
 		}
 		want := map[SockKey]bool{}
 		for _, k := range []SockKey{
-			{NetnsCookie: cookie, LocalIP: local.Addr().As16(), RemoteIP: remote.Addr().As16(), LocalPort: local.Port(), RemotePort: remote.Port(), Family: family},
-			{NetnsCookie: cookie, LocalIP: remote.Addr().As16(), RemoteIP: local.Addr().As16(), LocalPort: remote.Port(), RemotePort: local.Port(), Family: family},
+			{NetnsCookie: cookie, LocalIp: sockops.AddrToC(local.Addr()), RemoteIp: sockops.AddrToC(remote.Addr()), LocalPort: local.Port(), RemotePort: remote.Port(), Family: family},
+			{NetnsCookie: cookie, LocalIp: sockops.AddrToC(remote.Addr()), RemoteIp: sockops.AddrToC(local.Addr()), LocalPort: remote.Port(), RemotePort: local.Port(), Family: family},
 		} {
 			want[k] = true
 		}

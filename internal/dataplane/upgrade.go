@@ -13,7 +13,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sockbypass/sockbypass/internal/lock"
-	"github.com/sockbypass/sockbypass/skmsg"
 	"github.com/sockbypass/sockbypass/tc"
 )
 
@@ -53,7 +52,7 @@ func createLayoutMap() (*ebpf.Map, error) {
 // checkLayout returns an error unless the state in pinDir has this
 // binary's layout version.
 func checkLayout(pinDir string) error {
-	path := filepath.Join(pinDir, PinLayout)
+	path := pinPath(pinDir, PinLayout)
 	m, err := ebpf.LoadPinnedMap(path, nil)
 	if err != nil {
 		return fmt.Errorf("%w: pinned state in %s has no layout version (%v); this binary cannot adopt it: run that version's uninstall, or `sockbypass uninstall --bpffs-dir %s` (live connections stay accelerated until they close)", ErrIncompatible, pinDir, err, pinDir)
@@ -96,7 +95,7 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 	}
 	for _, id := range ids {
 		for _, p := range cgroupPrograms {
-			err := updateLink(d.cgroupPin(id, p), func() (*ebpf.Program, error) { return p.Load(id, d.maps) })
+			err := updateLink(d.cgroupPin(id, p), func() (*ebpf.Program, error) { return p.load(id, d.maps) })
 			if err != nil && (p.Suffix == "" || !errors.Is(err, os.ErrNotExist)) {
 				return rep, fmt.Errorf("upgrade cgroup id %d: %s: %w", id, p.What, err)
 			}
@@ -105,12 +104,12 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 	}
 
 	// sk_msg: the sockmap link, or the legacy attachment.
-	newSkMsg, err := skmsg.Load(d.maps)
+	newSkMsg, err := loadSkMsg(d.maps)
 	if err != nil {
 		return rep, err
 	}
 	defer newSkMsg.Close()
-	linkPin := filepath.Join(d.pinDir, PinSkMsgLink)
+	linkPin := d.pin(PinSkMsgLink)
 	if sl, err := link.LoadPinnedLink(linkPin, nil); err == nil {
 		err = sl.Update(newSkMsg)
 		sl.Close()
@@ -122,7 +121,7 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 	}); err != nil {
 		return rep, fmt.Errorf("upgrade sk_msg (legacy attach): %w", err)
 	}
-	if err := repin(newSkMsg, filepath.Join(d.pinDir, PinSkMsg)); err != nil {
+	if err := repin(newSkMsg, d.pin(PinSkMsg)); err != nil {
 		return rep, err
 	}
 
@@ -152,14 +151,14 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 			return nil
 		})
 		if err != nil {
-			d.log.Warn("tc device gone; not upgraded", zap.String("device", v.device().String()), zap.Error(err))
+			d.log.Warn("tc device gone; not upgraded", zap.String("device", deviceOf(v).String()), zap.Error(err))
 			continue
 		}
-		prog, err := tc.Load(l2Len, d.maps)
+		prog, err := loadTC(l2Len, d.maps)
 		if err != nil {
 			return rep, err
 		}
-		pin := filepath.Join(d.pinDir, DirTC, key.pinName())
+		pin := d.tcPin(key)
 		switch v.Mode {
 		case tcAttachTCX:
 			err = updateLink(pin, func() (*ebpf.Program, error) { return prog, nil })

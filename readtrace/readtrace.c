@@ -9,110 +9,15 @@
  * - tp_btf/sock_recv_length publishes each member's copied_seq and the
  *   redirected bytes it has read, for the sender's ordering and
  *   back-pressure checks, and counts MSG_WAITALL and MSG_OOB reads.
- * Each reason is counted per enabled cgroup.
+ * Each reason is counted per enabled cgroup (stack_reader.h). The
+ * setsockopt program is attached per cgroup: cgroup/setsockopt.c.
  */
 #include "sockbypass.h"
+#include "stack_reader.h"
 
-#define SOL_SOCKET 1
-#define SOL_TCP 6
-#define SO_OOBINLINE 10
-#define SO_RCVLOWAT 18
-#define TCP_INQ 36
 #define MSG_OOB 0x01
 #define MSG_PEEK 0x02
 #define MSG_WAITALL 0x100
-#define IPPROTO_TCP 6
-
-enum fallback_reason {
-	REASON_RCVLOWAT,
-	REASON_TCP_INQ,
-	REASON_OOBINLINE,
-	REASON_WAITALL,
-	REASON_OOB_READ,
-};
-
-/* Set by the loader for the cgroup/setsockopt instance of an enabled
- * cgroup (unused by the tracing program). */
-volatile const __u64 enabled_cgroup_id = 0;
-
-static __always_inline void count_reason(__u64 cgroup_id, int reason)
-{
-	struct cgroup_counters *c = counters_for(cgroup_id);
-
-	if (!c)
-		return;
-	switch (reason) {
-	case REASON_RCVLOWAT:
-		__sync_fetch_and_add(&c->fallback_rcvlowat, 1);
-		break;
-	case REASON_TCP_INQ:
-		__sync_fetch_and_add(&c->fallback_tcp_inq, 1);
-		break;
-	case REASON_OOBINLINE:
-		__sync_fetch_and_add(&c->fallback_oobinline, 1);
-		break;
-	case REASON_WAITALL:
-		__sync_fetch_and_add(&c->fallback_waitall, 1);
-		break;
-	case REASON_OOB_READ:
-		__sync_fetch_and_add(&c->fallback_oob_read, 1);
-		break;
-	}
-}
-
-/*
- * mark_stack_reader records that the socket's reader needs plain-TCP
- * semantics. Before the socket joins a pair this keeps it (and so its
- * connection) off the sockhash. A member cannot leave safely (deleting it
- * would discard redirected bytes it has not read, and bytes sent through
- * the stack to it would be invisible to FIONREAD), so after joining the
- * option is only counted (late_stack_options) and the pair stays redirected.
- */
-static __always_inline void mark_stack_reader(struct sock_state *state, __u64 cgroup_id, int reason)
-{
-	if (state->flags & SOCK_FLAG_INSERTED) {
-		struct cgroup_counters *c;
-
-		if (state->flags & SOCK_FLAG_LATE_OPTION)
-			return;
-		state->flags |= SOCK_FLAG_LATE_OPTION;
-		c = counters_for(cgroup_id);
-		if (c)
-			__sync_fetch_and_add(&c->late_stack_options, 1);
-		return;
-	}
-	if (state->flags & SOCK_FLAG_STACK_READER)
-		return;
-	state->flags |= SOCK_FLAG_STACK_READER;
-	count_reason(cgroup_id, reason);
-}
-
-SEC("cgroup/setsockopt")
-int sockbypass_setsockopt(struct bpf_sockopt *ctx)
-{
-	struct bpf_sock *sk = ctx->sk;
-	struct sock_state *state;
-	int reason;
-
-	if (!sk)
-		return 1;
-	if (ctx->level == SOL_SOCKET && ctx->optname == SO_RCVLOWAT)
-		reason = REASON_RCVLOWAT;
-	else if (ctx->level == SOL_SOCKET && ctx->optname == SO_OOBINLINE)
-		reason = REASON_OOBINLINE;
-	else if (ctx->level == SOL_TCP && ctx->optname == TCP_INQ)
-		reason = REASON_TCP_INQ;
-	else
-		return 1;
-	if (sk->protocol != IPPROTO_TCP)
-		return 1;
-
-	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!state)
-		return 1;
-	mark_stack_reader(state, state->cgroup_id ? state->cgroup_id : enabled_cgroup_id, reason);
-	return 1; /* never refuse or change the option */
-}
 
 SEC("tp_btf/sock_recv_length")
 int sockbypass_recv_length(__u64 *ctx)

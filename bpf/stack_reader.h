@@ -1,0 +1,73 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Stack readers (see sockbypass.h, "Pairs"): a socket whose reader needs
+ * plain-TCP semantics, found by cgroup/setsockopt (cgroup/setsockopt.c) or
+ * by the read tracer (readtrace/readtrace.c). Each reason is counted per
+ * enabled cgroup.
+ */
+#ifndef SOCKBYPASS_STACK_READER_H
+#define SOCKBYPASS_STACK_READER_H
+
+#include "sockbypass.h"
+
+enum fallback_reason {
+	REASON_RCVLOWAT,
+	REASON_TCP_INQ,
+	REASON_OOBINLINE,
+	REASON_WAITALL,
+	REASON_OOB_READ,
+};
+
+static __always_inline void count_reason(__u64 cgroup_id, int reason)
+{
+	struct cgroup_counters *c = counters_for(cgroup_id);
+
+	if (!c)
+		return;
+	switch (reason) {
+	case REASON_RCVLOWAT:
+		__sync_fetch_and_add(&c->fallback_rcvlowat, 1);
+		break;
+	case REASON_TCP_INQ:
+		__sync_fetch_and_add(&c->fallback_tcp_inq, 1);
+		break;
+	case REASON_OOBINLINE:
+		__sync_fetch_and_add(&c->fallback_oobinline, 1);
+		break;
+	case REASON_WAITALL:
+		__sync_fetch_and_add(&c->fallback_waitall, 1);
+		break;
+	case REASON_OOB_READ:
+		__sync_fetch_and_add(&c->fallback_oob_read, 1);
+		break;
+	}
+}
+
+/*
+ * mark_stack_reader records that the socket's reader needs plain-TCP
+ * semantics. Before the socket joins a pair this keeps it (and so its
+ * connection) off the sockhash. A member cannot leave safely (deleting it
+ * would discard redirected bytes it has not read, and bytes sent through
+ * the stack to it would be invisible to FIONREAD), so after joining the
+ * option is only counted (late_stack_options) and the pair stays redirected.
+ */
+static __always_inline void mark_stack_reader(struct sock_state *state, __u64 cgroup_id, int reason)
+{
+	if (state->flags & SOCK_FLAG_INSERTED) {
+		struct cgroup_counters *c;
+
+		if (state->flags & SOCK_FLAG_LATE_OPTION)
+			return;
+		state->flags |= SOCK_FLAG_LATE_OPTION;
+		c = counters_for(cgroup_id);
+		if (c)
+			__sync_fetch_and_add(&c->late_stack_options, 1);
+		return;
+	}
+	if (state->flags & SOCK_FLAG_STACK_READER)
+		return;
+	state->flags |= SOCK_FLAG_STACK_READER;
+	count_reason(cgroup_id, reason);
+}
+
+#endif /* SOCKBYPASS_STACK_READER_H */

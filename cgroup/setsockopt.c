@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//go:build ignore
+
+/*
+ * cgroup/setsockopt sees SO_RCVLOWAT, TCP_INQ and SO_OOBINLINE. Set before
+ * a socket joins a pair (on it, or on its listener), they keep its
+ * connection plain TCP; set after, they are counted (stack_reader.h).
+ */
+#include "sockbypass.h"
+#include "stack_reader.h"
+
+#define SOL_SOCKET 1
+#define SOL_TCP 6
+#define SO_OOBINLINE 10
+#define SO_RCVLOWAT 18
+#define TCP_INQ 36
+#define IPPROTO_TCP 6
+
+/* Set by the loader for the instance of an enabled cgroup. */
+volatile const __u64 enabled_cgroup_id = 0;
+
+SEC("cgroup/setsockopt")
+int sockbypass_setsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct sock_state *state;
+	int reason;
+
+	if (!sk)
+		return 1;
+	if (ctx->level == SOL_SOCKET && ctx->optname == SO_RCVLOWAT)
+		reason = REASON_RCVLOWAT;
+	else if (ctx->level == SOL_SOCKET && ctx->optname == SO_OOBINLINE)
+		reason = REASON_OOBINLINE;
+	else if (ctx->level == SOL_TCP && ctx->optname == TCP_INQ)
+		reason = REASON_TCP_INQ;
+	else
+		return 1;
+	if (sk->protocol != IPPROTO_TCP)
+		return 1;
+
+	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return 1;
+	mark_stack_reader(state, state->cgroup_id ? state->cgroup_id : enabled_cgroup_id, reason);
+	return 1; /* never refuse or change the option */
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
