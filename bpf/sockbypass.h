@@ -376,7 +376,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, struct sock_state);
 } sock_state SEC(".maps");
@@ -681,6 +681,11 @@ struct {
  * return EAGAIN. The wildcard addresses are ::ffff:0.0.0.0 and ::.
  */
 #define LISTENER_NONBLOCK (1U << 0)
+/* The listener asked for SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE (its
+ * accepted sockets inherit them): its connections stay plain TCP. Set by
+ * sock_ops at listen() and by cgroup/setsockopt after it; accepted sockets
+ * do not clone the listener's storage. */
+#define LISTENER_STACK_READER (1U << 1)
 
 /*
  * Short-lived listeners. Pairing costs a connection a few microseconds

@@ -43,6 +43,19 @@ int sockbypass_setsockopt(struct bpf_sockopt *ctx)
 	if (!state)
 		return 1;
 	mark_stack_reader(state, state->cgroup_id ? state->cgroup_id : enabled_cgroup_id, reason);
+	/* A listener already recorded: its accepted sockets inherit the
+	 * option (they do not clone its storage; see LISTENER_STACK_READER). */
+	if (state->flags & SOCK_FLAG_LISTENER) {
+		struct endpoint_key ek = {};
+		__u64 *flags;
+
+		ek.netns_cookie = state->key.netns_cookie;
+		__builtin_memcpy(ek.ip, state->key.local_ip, sizeof(ek.ip));
+		ek.port = state->key.local_port;
+		flags = bpf_map_lookup_elem(&listeners, &ek);
+		if (flags)
+			__sync_fetch_and_or(flags, LISTENER_STACK_READER);
+	}
 	return 1; /* never refuse or change the option */
 }
 

@@ -352,13 +352,13 @@ static __noinline __u64 *listener_flags(const struct sock_key *key, __u64 netns)
 	return flags;
 }
 
-/* listener_nonblocking reports whether the listener that accepted a socket
- * with this key is known to be non-blocking. */
-static __always_inline int listener_nonblocking(const struct sock_key *key, __u64 netns)
+/* listener_eligible reports whether the sockets accepted by the listener
+ * of key may join pairs: it is known non-blocking and no stack reader. */
+static __always_inline int listener_eligible(const struct sock_key *key, __u64 netns)
 {
 	__u64 *flags = listener_flags(key, netns);
 
-	return flags && (*flags & LISTENER_NONBLOCK);
+	return flags && (*flags & (LISTENER_NONBLOCK | LISTENER_STACK_READER)) == LISTENER_NONBLOCK;
 }
 
 /*
@@ -502,8 +502,10 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	if (state->flags & SOCK_FLAG_HANDLED)
 		return 0;
 	state->flags |= SOCK_FLAG_HANDLED;
-	/* Storage cloned from a listener carries the listener's flags (for
-	 * options such as SO_RCVLOWAT) but not its identity. */
+	/* Storage created before ESTABLISHED (by connect or setsockopt)
+	 * holds only what those recorded; accepted sockets do not clone
+	 * their listener's (its options are in `listeners`). Clear any
+	 * identity all the same. */
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER |
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
 			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED |
@@ -730,6 +732,42 @@ static __noinline void decline_client(struct pair *pair, const struct sock_key *
 	bpf_map_delete_elem(&pairs, (void *)client);
 }
 
+/*
+ * offered_passive: for an accepted socket with no storage, outside sidecar
+ * mode, whether a client joined (or dry-ran) the pair its listener offered.
+ * One that was not stays plain without storage (connections to short-lived
+ * listeners, from clients outside enabled cgroups). Counts it when not, as
+ * join_passive would.
+ */
+static __noinline int offered_passive(struct bpf_sock_ops *skops, struct sock_key *key, struct pairing *p)
+{
+	__u64 cgroup_id = enabled_cgroup_id;
+	struct cgroup_counters *c;
+	struct cgroup_config *cfg;
+
+	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	if (cfg && cfg->mesh_mode != MESH_NONE)
+		return 1; /* the sidecar pairings consume their records */
+	if (own_key(skops, key) < 0)
+		return 0;
+	p->own_netns = bpf_get_netns_cookie(skops);
+	set_mirror(p, key, p->own_netns);
+	if (p->scope != SCOPE_REMOTE && !stack_port(cfg, key->local_port) && bpf_map_lookup_elem(&pairs, &p->peer))
+		return 1;
+	c = counters_for(cgroup_id);
+	if (p->scope == SCOPE_REMOTE) {
+		COUNT(c, sockets_remote);
+		return 0;
+	}
+	if (p->scope == SCOPE_AMBIGUOUS)
+		COUNT(c, sockets_ambiguous);
+	if (stack_port(cfg, key->local_port))
+		COUNT(c, sockets_stack_port);
+	else if (!dry_run(cfg))
+		COUNT(c, sockets_unpaired);
+	return 0;
+}
+
 /* join_passive: the server's half of the pair handshake, at
  * PASSIVE_ESTABLISHED. Returns 1 when the socket joined its pair. */
 static __noinline int join_passive(struct bpf_sock_ops *skops)
@@ -740,8 +778,13 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	struct pairing p = {};
 	struct sock_key key = {};
 	struct pair *pair;
-	__u64 own_netns;
+	__u64 own_netns, *lflags;
 
+	if (!skops->sk)
+		return 0;
+	/* key and p are filled again below. */
+	if (!bpf_sk_storage_get(&sock_state, skops->sk, 0, 0) && !offered_passive(skops, &key, &p))
+		return 0;
 	state = prepare(skops, 1, &cfg, &c);
 	if (!state || own_key(skops, &key) < 0)
 		return 0;
@@ -758,8 +801,7 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	}
 	if (dry_run(cfg)) {
 		if (!p.explicit_peer) /* sidecar pairs: no dry run */
-			dry_passive(skops, state, &p.peer,
-				    !(state->flags & SOCK_FLAG_STACK_READER) && listener_nonblocking(&key, own_netns), c);
+			dry_passive(skops, state, &p.peer, listener_eligible(&key, own_netns), c);
 		return 0;
 	}
 	pair = bpf_map_lookup_elem(&pairs, &p.peer);
@@ -779,12 +821,13 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		COUNT(c, pairs_mismatched);
 		return 0;
 	}
-	if (state->flags & SOCK_FLAG_STACK_READER) {
+	lflags = listener_flags(&key, own_netns);
+	if (lflags && (*lflags & LISTENER_STACK_READER)) {
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_unpaired);
 		return 0;
 	}
-	if (!listener_nonblocking(&key, own_netns)) {
+	if (!lflags || !(*lflags & LISTENER_NONBLOCK)) {
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_blocking);
 		return 0;
@@ -876,6 +919,8 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	ek.port = key.local_port;
 	if (sock_nonblocking(skops->sk) == 1)
 		flags = LISTENER_NONBLOCK;
+	if (state->flags & SOCK_FLAG_STACK_READER)
+		flags |= LISTENER_STACK_READER;
 	bpf_map_update_elem(&listeners, &ek, &flags, BPF_ANY);
 	state->key = key;
 	state->cgroup_id = cgroup_id;

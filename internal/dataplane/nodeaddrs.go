@@ -197,10 +197,11 @@ func (d *Dataplane) refreshListeners(cgs []cgroup.Cgroup) (int, error) {
 		if l.NonBlocking {
 			flags = listenerNonblock
 		}
-		// Keep what sock_ops learnt about the listener's connections
-		// (the bits above the flags byte: see "Short-lived listeners").
+		// Keep what the datapath recorded of the listener (stack-reader
+		// options, what it learnt of its connections: see "Short-lived
+		// listeners"); only whether it blocks is refreshed here.
 		if d.maps[PinListeners].Lookup(key, &old) == nil {
-			flags |= old &^ 0xff
+			flags |= old &^ listenerNonblock
 		}
 		if err := d.maps[PinListeners].Put(key, flags); err != nil {
 			return 0, fmt.Errorf("record listener %s: %w", netip.AddrPortFrom(l.Addr, l.Port), err)

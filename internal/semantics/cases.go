@@ -64,7 +64,7 @@ type Case struct {
 
 const (
 	howJoined       = "both ends join the sockhash at ESTABLISHED or neither does (pair handshake); a member redirects every byte from the first one, so it never holds stack bytes"
-	howStackOptions = "cgroup/setsockopt marks the listener a stack reader before listen(); the accepted socket inherits it and declines the pair handshake: the connection stays plain TCP"
+	howStackOptions = "cgroup/setsockopt marks the listener a stack reader, before or after listen(), in its listeners entry; its accepted sockets inherit the option and decline the pair handshake: the connection stays plain TCP"
 	howWaitall      = "members are non-blocking (blocking sockets never join): recv(MSG_WAITALL) on a non-blocking socket returns what is queued, as on plain TCP; the read is counted (late_stack_options), the pair stays redirected"
 )
 
@@ -89,6 +89,7 @@ func Cases() []Case {
 		{Name: "short connections writing right after connect, records in order", Expect: FastPath, How: "the pair handshake: a client that writes before its server joined gives the pair up atomically and the server stays out; otherwise every byte is redirected from the first", Run: caseShortConns},
 		{Name: "MSG_WAITALL from the first read", Expect: FastPath, How: howWaitall, Counter: "late_stack_options", Run: caseWaitallFirst},
 		{Name: "SO_RCVLOWAT set on the listener", Expect: Fallback, How: howStackOptions, Counter: "rcvlowat", Run: caseRcvlowat},
+		{Name: "SO_RCVLOWAT set on the listener after listen()", Expect: Fallback, How: howStackOptions, Counter: "rcvlowat", Run: caseRcvlowatAfterListen},
 		{Name: "TCP_INQ set on the listener", Expect: Fallback, How: howStackOptions, Counter: "tcp_inq", Run: caseTCPInq},
 		{Name: "MSG_OOB with SO_OOBINLINE set on the listener", Expect: Fallback, How: howStackOptions, Counter: "oobinline", Run: caseOOBInline},
 		{Name: "splice(2) from the socket (never read with recvmsg)", Expect: Limitation, How: howSplice("HAProxy in splice mode"), Run: caseSpliceOnly,
@@ -679,6 +680,10 @@ func rcvlowatRounds(p *Pair) (string, error) {
 
 func caseRcvlowat(env *Env) (string, error) {
 	return run(env, ConnOpts{Listener: setRcvlowat}, rcvlowatRounds)
+}
+
+func caseRcvlowatAfterListen(env *Env) (string, error) {
+	return run(env, ConnOpts{AfterListen: setRcvlowat}, rcvlowatRounds)
 }
 
 func caseRcvlowatLate(env *Env) (string, error) {

@@ -60,6 +60,9 @@ type ConnOpts struct {
 	// Listener is called on the listening socket before listen(); the
 	// accepted socket inherits what it sets.
 	Listener func(fd int) error
+	// AfterListen, when set, is applied to the listening socket after
+	// listen() and before the client connects.
+	AfterListen func(fd int) error
 	// Client is called on the connecting socket before connect().
 	Client func(fd int) error
 	// Connected is called on the connecting socket once it is connected,
@@ -106,6 +109,11 @@ func ConnectLoopback(mode Mode, o ConnOpts) (Pair, error) {
 	}
 	if err := unix.Listen(lfd, 16); err != nil {
 		return Pair{}, err
+	}
+	if o.AfterListen != nil {
+		if err := o.AfterListen(lfd); err != nil {
+			return Pair{}, fmt.Errorf("listener after listen: %w", err)
+		}
 	}
 	sa, err := unix.Getsockname(lfd)
 	if err != nil {

@@ -38,6 +38,7 @@ var pinned = map[string][2]string{
 	"short connections writing right after connect, records in order":    {VerdictNotAccelerated, VerdictPreserved},
 	"MSG_WAITALL from the first read":                                    {VerdictNotAccelerated, VerdictPreserved},
 	"SO_RCVLOWAT set on the listener":                                    {VerdictNotAccelerated, VerdictFallback},
+	"SO_RCVLOWAT set on the listener after listen()":                     {VerdictNotAccelerated, VerdictFallback},
 	"TCP_INQ set on the listener":                                        {VerdictNotAccelerated, VerdictFallback},
 	"MSG_OOB with SO_OOBINLINE set on the listener":                      {VerdictNotAccelerated, VerdictFallback},
 	"splice(2) from the socket (never read with recvmsg)":                {VerdictNotAccelerated, VerdictKnown},
