@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"sort"
 	"testing"
 	"time"
@@ -23,6 +24,27 @@ var costCases = []workload.Case{
 	{Name: "rr 64B 1cpu", Kind: workload.KindRR, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}},
 	{Name: "rr 64B", Kind: workload.KindRR, Size: 64, CPUs: workload.Unpinned},
 	{Name: "short connections 64B 1cpu", Kind: workload.KindConnRate, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}},
+}
+
+// selectedCostCases is costCases filtered by -cases.
+func selectedCostCases(tb testing.TB) []workload.Case {
+	if *benchCases == "" {
+		return costCases
+	}
+	re, err := regexp.Compile(*benchCases)
+	if err != nil {
+		tb.Fatalf("-cases %q: %v", *benchCases, err)
+	}
+	var cases []workload.Case
+	for _, c := range costCases {
+		if re.MatchString(c.Name) {
+			cases = append(cases, c)
+		}
+	}
+	if len(cases) == 0 {
+		tb.Fatalf("-cases %q matches none of the cost cases; pick from rr 64B 1cpu, rr 64B, short connections 64B 1cpu", *benchCases)
+	}
+	return cases
 }
 
 // costReport is what a cost comparison measured.
@@ -118,7 +140,7 @@ func comparePerMessage(tb testing.TB, cases []workload.Case, runs int, dur time.
 // rr 64B 1cpu.
 func BenchmarkPerMessageCost(b *testing.B) {
 	for i := 0; i < b.N; i++ {
-		r := comparePerMessage(b, costCases, *benchRuns, *benchDuration)
+		r := comparePerMessage(b, selectedCostCases(b), *benchRuns, *benchDuration)
 		ratios := [][2]int{{modeMinimal, modePlain}, {modeSockbypass, modePlain}, {modeSockbypass, modeMinimal}}
 		title := "Per-message cost: plain TCP, the minimal redirector, sockbypass"
 		printCost(os.Stdout, title, r, *benchRuns, ratios)
@@ -248,7 +270,7 @@ func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.D
 // cost per run. Target: at most 1% slower.
 func BenchmarkBystanderCost(b *testing.B) {
 	for i := 0; i < b.N; i++ {
-		r := compareBystander(b, costCases, *benchRuns, *benchDuration)
+		r := compareBystander(b, selectedCostCases(b), *benchRuns, *benchDuration)
 		ratios := [][2]int{{modeOtherEnabled, modeIdle}, {modeOtherEnabledTC, modeIdle}}
 		title := "Bystander cost: a cgroup that is not enabled, while another one is"
 		printCost(os.Stdout, title, r, *benchRuns, ratios)
