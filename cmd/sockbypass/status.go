@@ -151,6 +151,13 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 			mode += ", sidecar mode " + cg.Mesh
 		}
 		fmt.Fprintf(w, "  %s  cgroup id %d, %s, sock_ops program %d, link %d, %d live socket(s)\n", path, cg.ID, mode, cg.SockOpsProgramID, cg.LinkID, cg.LiveSockets)
+		var progs []string
+		for _, p := range cg.Programs {
+			progs = append(progs, fmt.Sprintf("%s %d (link %d)", p.Program, p.ProgramID, p.LinkID))
+		}
+		if len(progs) > 0 {
+			fmt.Fprintf(w, "    programs: %s\n", strings.Join(progs, ", "))
+		}
 		if c := cg.Counters; cg.Mesh != "" {
 			fmt.Fprintf(w, "    sidecar: paired %d, unpaired %d, ambiguous %d, connects intercepted %d, SO_ORIGINAL_DST answered %d\n",
 				c.MeshPaired, c.MeshUnpaired, c.MeshAmbiguous, c.MeshIntercepted, c.MeshOrigDstAnswers)

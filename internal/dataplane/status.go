@@ -3,6 +3,7 @@ package dataplane
 import (
 	"errors"
 	"fmt"
+	"os"
 	"sort"
 
 	"github.com/cilium/ebpf"
@@ -104,6 +105,47 @@ type CgroupStatus struct {
 	Mesh string `json:"mesh,omitempty"`
 	// Counters are its counters, summed over CPUs.
 	Counters CgroupCounters `json:"counters"`
+	// Programs are the programs attached to it, one per row of the
+	// program table that applies to its mode, sock_ops first.
+	Programs []CgroupProgramStatus `json:"programs,omitempty"`
+}
+
+// CgroupProgramStatus is one program attached to an enabled cgroup.
+type CgroupProgramStatus struct {
+	// Program names it as the program table does ("sock_ops",
+	// "cgroup/setsockopt", ...).
+	Program string `json:"program"`
+	// Attach is its attach type, as bpftool cgroup show prints it.
+	Attach string `json:"attach"`
+	// ProgramID and LinkID are the kernel ids of the program and its link.
+	ProgramID uint32 `json:"program_id"`
+	LinkID    uint32 `json:"link_id"`
+	// Pin is its link's pin.
+	Pin string `json:"pin"`
+}
+
+// cgroupProgramStatus walks the program table for the cgroup id: each
+// program whose link is pinned, with its ids.
+func (d *Dataplane) cgroupProgramStatus(id uint64) ([]CgroupProgramStatus, error) {
+	var out []CgroupProgramStatus
+	for _, p := range cgroupPrograms {
+		pin := d.cgroupPin(id, p)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // not attached in this mode
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open the %s link of cgroup id %d: %w", p.What, id, err)
+		}
+		ps := CgroupProgramStatus{Program: p.What, Attach: p.Attach.String(), Pin: pin}
+		if info, err := l.Info(); err == nil {
+			ps.LinkID = uint32(info.ID)
+			ps.ProgramID = uint32(info.Program)
+		}
+		l.Close()
+		out = append(out, ps)
+	}
+	return out, nil
 }
 
 // Counters returns the counters of every cgroup id that has any, summed over
@@ -234,6 +276,9 @@ func (d *Dataplane) Status() (*Status, error) {
 			l.Close()
 		} else if !errors.Is(err, ebpf.ErrNotSupported) {
 			return nil, fmt.Errorf("open link of cgroup id %d: %w", id, err)
+		}
+		if cs.Programs, err = d.cgroupProgramStatus(id); err != nil {
+			return nil, err
 		}
 		cs.Path = paths[id]
 		st.Cgroups = append(st.Cgroups, cs)
