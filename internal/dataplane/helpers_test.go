@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"io"
 	"net"
 	"net/netip"
 	"testing"
@@ -51,53 +50,6 @@ func counterOf(t *testing.T, dp *Dataplane, id uint64) CgroupCounters {
 		t.Fatal(err)
 	}
 	return c[id]
-}
-
-// sendAndSum sends payload over c, half-closes, and returns the digest the
-// server sent back.
-func sendAndSum(t *testing.T, c net.Conn, payload []byte) []byte {
-	t.Helper()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.Write(payload)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatalf("read digest: %v", err)
-	}
-	if err := <-errc; err != nil {
-		t.Fatalf("write %d bytes: %v", len(payload), err)
-	}
-	return got
-}
-
-func listenIn(t *testing.T, cg cgroup.Cgroup, network, addr string) net.Listener {
-	t.Helper()
-	var l net.Listener
-	var err error
-	testutil.InCgroup(t, cg, func() { l, err = net.Listen(network, addr) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	return l
-}
-
-func dialIn(t *testing.T, cg cgroup.Cgroup, network, addr string) net.Conn {
-	t.Helper()
-	var c net.Conn
-	var err error
-	testutil.InCgroup(t, cg, func() { c, err = net.DialTimeout(network, addr, 5*time.Second) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
 }
 
 // prime makes c's socket read once without blocking (recv with
@@ -178,7 +130,7 @@ func keyOf(c net.Conn) SockKey {
 // accepted server side.
 func acceptedPair(t *testing.T, cg cgroup.Cgroup, network, addr string) (client, server net.Conn) {
 	t.Helper()
-	l := listenIn(t, cg, network, addr)
+	l := testutil.ListenIn(t, cg, network, addr)
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
@@ -188,7 +140,7 @@ func acceptedPair(t *testing.T, cg cgroup.Cgroup, network, addr string) (client,
 		}
 		accepted <- c
 	}()
-	client = dialIn(t, cg, network, l.Addr().String())
+	client = testutil.DialIn(t, cg, network, l.Addr().String())
 	server = <-accepted
 	if server == nil {
 		t.Fatal("accept failed")

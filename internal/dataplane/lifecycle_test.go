@@ -10,6 +10,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // TestDisableAndUninstallDuringTraffic disables the cgroup and then
@@ -19,14 +22,14 @@ import (
 func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	echoServer(t, l)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
 
 	// The slow reader, in a cgroup of its own (so its counters are its
 	// own): a second listener whose server does not read until told to.
 	slowCg := enabledCgroup(t, dp)
-	slowL := listenIn(t, slowCg, "tcp4", "127.0.0.1:0")
-	slowPayload := pattern(99, 6<<20)
+	slowL := testutil.ListenIn(t, slowCg, "tcp4", "127.0.0.1:0")
+	slowPayload := transfer.Pattern(99, 6<<20)
 	startReading := make(chan struct{})
 	slowDigest := make(chan []byte, 1)
 	go func() {
@@ -41,7 +44,7 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 		io.Copy(h, c)
 		slowDigest <- h.Sum(nil)
 	}()
-	slow := dialIn(t, slowCg, "tcp4", slowL.Addr().String())
+	slow := testutil.DialIn(t, slowCg, "tcp4", slowL.Addr().String())
 	slowWritten := make(chan error, 1)
 	go func() {
 		_, err := slow.Write(slowPayload) // redirected into the reader's queue
@@ -56,11 +59,11 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 	errs := make([]error, streams)
 	stop := make(chan struct{})
 	for i := range streams {
-		c := dialIn(t, cg, "tcp4", l.Addr().String())
+		c := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = streamUntil(c, stop, pattern(uint64(100+i), 1<<20), 16384)
+			errs[i] = streamUntil(c, stop, transfer.Pattern(uint64(100+i), 1<<20), 16384)
 		}()
 	}
 

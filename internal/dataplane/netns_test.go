@@ -1,9 +1,6 @@
 package dataplane
 
 import (
-	"bytes"
-	"fmt"
-	"io"
 	"net"
 	"sync"
 	"testing"
@@ -13,6 +10,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // TestIdenticalTuplesInTwoNamespacesNeverCross runs the same 4-tuple
@@ -53,30 +51,12 @@ func TestIdenticalTuplesInTwoNamespacesNeverCross(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			c, err := p.l.Accept()
+			if err == nil {
+				err = transfer.LetterSink(c, p.name, p.letter)
+			}
 			if err != nil {
 				errs <- err
-				return
 			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(60 * time.Second))
-			buf := make([]byte, 64<<10)
-			n := 0
-			for {
-				m, err := c.Read(buf)
-				if i := bytes.IndexFunc(buf[:m], func(r rune) bool { return byte(r) != p.letter }); i >= 0 {
-					errs <- fmt.Errorf("%s received %q at offset %d: bytes crossed namespaces", p.name, buf[i], n+i)
-					return
-				}
-				n += m
-				if err == io.EOF {
-					break
-				}
-				if err != nil {
-					errs <- fmt.Errorf("%s server: %w", p.name, err)
-					return
-				}
-			}
-			fmt.Fprintf(c, "%s:%d", p.name, n)
 		}()
 	}
 
@@ -101,22 +81,8 @@ func TestIdenticalTuplesInTwoNamespacesNeverCross(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			chunk := bytes.Repeat([]byte{p.letter}, 32<<10)
-			p.c.SetDeadline(time.Now().Add(60 * time.Second))
-			for sent := 0; sent < perConn; sent += len(chunk) {
-				if _, err := p.c.Write(chunk); err != nil {
-					errs <- fmt.Errorf("%s client: %w", p.name, err)
-					return
-				}
-			}
-			p.c.(*net.TCPConn).CloseWrite()
-			reply, err := io.ReadAll(p.c)
-			if err != nil {
-				errs <- fmt.Errorf("%s client: %w", p.name, err)
-				return
-			}
-			if want := fmt.Sprintf("%s:%d", p.name, perConn); string(reply) != want {
-				errs <- fmt.Errorf("client of %s got reply %q, want %q", p.name, reply, want)
+			if err := transfer.SendLetters(p.c, p.name, p.letter, perConn, 32<<10); err != nil {
+				errs <- err
 			}
 		}()
 	}

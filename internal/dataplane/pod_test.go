@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"golang.org/x/sys/unix"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // enablePods enables the pods' cgroups and refreshes the node addresses.
@@ -41,15 +41,15 @@ func TestPodToPodAcrossNamespaces(t *testing.T) {
 	}
 
 	l := b.Listen(t, "10.9.1.2:8080")
-	echoServer(t, l)
+	transfer.ServeEcho(l)
 	c := a.Dial(t, nil, "10.9.1.2:8080")
 	prime(t, c)
 	waitPublished(t, dp, c)
 	waitPeerPublished(t, dp, c)
 
 	beforeA, beforeB := counterOf(t, dp, a.Cgroup.ID), counterOf(t, dp, b.Cgroup.ID)
-	payload := pattern(77, 8<<20)
-	if err := echoRoundTrip(c, payload, 16384); err != nil {
+	payload := transfer.Pattern(77, 8<<20)
+	if err := transfer.RoundTrip(c, payload, transfer.Options{WriteSize: 16384}); err != nil {
 		t.Fatal(err)
 	}
 	dA := counterOf(t, dp, a.Cgroup.ID).Sub(beforeA)
@@ -101,30 +101,12 @@ func TestReusedAddressesNeverCross(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			c, err := p.l.Accept()
+			if err == nil {
+				err = transfer.LetterSink(c, p.name, p.letter)
+			}
 			if err != nil {
 				errs <- err
-				return
 			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(60 * time.Second))
-			buf := make([]byte, 64<<10)
-			n := 0
-			for {
-				m, err := c.Read(buf)
-				if i := bytes.IndexFunc(buf[:m], func(r rune) bool { return byte(r) != p.letter }); i >= 0 {
-					errs <- fmt.Errorf("%s received %q: bytes crossed pod pairs", p.name, buf[i])
-					return
-				}
-				n += m
-				if err == io.EOF {
-					break
-				}
-				if err != nil {
-					errs <- err
-					return
-				}
-			}
-			fmt.Fprintf(c, "%s:%d", p.name, n)
 		}()
 		p.c = p.client.Dial(t, &net.TCPAddr{IP: net.IPv4(10, 9, 2, 1), Port: 40123}, "10.9.2.2:7777")
 	}
@@ -132,22 +114,8 @@ func TestReusedAddressesNeverCross(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			chunk := bytes.Repeat([]byte{p.letter}, 16<<10)
-			p.c.SetDeadline(time.Now().Add(60 * time.Second))
-			for sent := 0; sent < perConn; sent += len(chunk) {
-				if _, err := p.c.Write(chunk); err != nil {
-					errs <- err
-					return
-				}
-			}
-			p.c.(*net.TCPConn).CloseWrite()
-			reply, err := io.ReadAll(p.c)
-			if err != nil {
+			if err := transfer.SendLetters(p.c, p.name, p.letter, perConn, 16<<10); err != nil {
 				errs <- err
-				return
-			}
-			if want := fmt.Sprintf("%s:%d", p.name, perConn); string(reply) != want {
-				errs <- fmt.Errorf("client of %s got %q, want %q", p.name, reply, want)
 			}
 		}()
 	}

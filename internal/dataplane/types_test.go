@@ -6,6 +6,9 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // TestSockKeyMatchesWhatBPFWrites checks the Go mirror of struct sock_key
@@ -19,9 +22,9 @@ func TestSockKeyMatchesWhatBPFWrites(t *testing.T) {
 		if network == "tcp6" {
 			addr = "[::1]:0"
 		}
-		l := listenIn(t, cg, network, addr)
-		echoServer(t, l)
-		c := dialIn(t, cg, network, l.Addr().String())
+		l := testutil.ListenIn(t, cg, network, addr)
+		transfer.ServeEcho(l)
+		c := testutil.DialIn(t, cg, network, l.Addr().String())
 		// One byte there and back, keeping both sockets open.
 		buf := []byte("x")
 		if _, err := c.Write(buf); err != nil {

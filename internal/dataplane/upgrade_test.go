@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // TestUpgradeDuringTransfers replaces every program while connections
@@ -25,8 +26,8 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	if _, err := dp.Enable(cg, EnableOptions{TCDevices: []TCDevice{{NetnsPath: netns.Path(), Name: "lo"}}}); err != nil {
 		t.Fatal(err)
 	}
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	echoServer(t, l)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
 
 	// Every per-cgroup program of the table (not in sidecar mode).
 	pins := []string{filepath.Join(dp.pinDir, PinSkMsgLink), filepath.Join(dp.pinDir, PinRecvLink)}
@@ -51,11 +52,11 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	errs := make([]error, streams)
 	var wg sync.WaitGroup
 	for i := range streams {
-		c := dialIn(t, cg, "tcp4", l.Addr().String())
+		c := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = streamUntil(c, stop, pattern(uint64(200+i), 1<<20), 16384)
+			errs[i] = streamUntil(c, stop, transfer.Pattern(uint64(200+i), 1<<20), 16384)
 		}()
 	}
 	// Traffic is redirected before the upgrade...
@@ -89,7 +90,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	}
 	// A new connection with the new programs.
 	mid := counterOf(t, dp, cg.ID)
-	if err := echoRoundTrip(dialIn(t, cg, "tcp4", l.Addr().String()), pattern(9, 1<<20), 16384); err != nil {
+	if err := transfer.RoundTrip(testutil.DialIn(t, cg, "tcp4", l.Addr().String()), transfer.Pattern(9, 1<<20), transfer.Options{WriteSize: 16384}); err != nil {
 		t.Fatal(err)
 	}
 	if d := counterOf(t, dp, cg.ID).Sub(mid); d.SocketsInserted != 2 || d.RedirectedBytes == 0 {

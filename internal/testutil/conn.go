@@ -1,0 +1,38 @@
+package testutil
+
+import (
+	"net"
+	"testing"
+	"time"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+)
+
+// ListenIn listens on addr (network "tcp4", "tcp6" or "tcp") with a socket
+// created in cg, so that the sockets it accepts belong to cg too. It fails tb
+// on error and closes the listener when tb ends.
+func ListenIn(tb testing.TB, cg cgroup.Cgroup, network, addr string) net.Listener {
+	tb.Helper()
+	var l net.Listener
+	var err error
+	InCgroup(tb, cg, func() { l, err = net.Listen(network, addr) })
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { l.Close() })
+	return l
+}
+
+// DialIn connects to addr with a socket created in cg, within 5 s. It fails
+// tb on error and closes the connection when tb ends.
+func DialIn(tb testing.TB, cg cgroup.Cgroup, network, addr string) net.Conn {
+	tb.Helper()
+	var c net.Conn
+	var err error
+	InCgroup(tb, cg, func() { c, err = net.DialTimeout(network, addr, 5*time.Second) })
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c
+}
