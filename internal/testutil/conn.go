@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"net"
+	"strconv"
 	"testing"
 	"time"
 
@@ -35,4 +36,23 @@ func DialIn(tb testing.TB, cg cgroup.Cgroup, network, addr string) net.Conn {
 	}
 	tb.Cleanup(func() { c.Close() })
 	return c
+}
+
+// FreePort returns a TCP port that is free on 127.0.0.1 now (the kernel
+// picked it for a listener that is closed again). It fails tb on error.
+func FreePort(tb testing.TB) int {
+	tb.Helper()
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// FreeAddr returns "127.0.0.1:PORT" with a port that is free now (see
+// FreePort).
+func FreeAddr(tb testing.TB) string {
+	tb.Helper()
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(FreePort(tb)))
 }

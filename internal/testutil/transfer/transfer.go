@@ -245,3 +245,21 @@ func SendLetters(c net.Conn, name string, letter byte, total, chunk int) error {
 	}
 	return nil
 }
+
+// ServeDiscard accepts connections on l until it is closed and reads each
+// to its end, discarding what it reads, in a goroutine of its own. It
+// returns at once.
+func ServeDiscard(l net.Listener) {
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.Copy(io.Discard, c)
+				c.Close()
+			}()
+		}
+	}()
+}
