@@ -7,6 +7,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/stats"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 // TestSidecarBypassRatioMatchesTheHops: with a sidecar (HAProxy, iptables
@@ -17,7 +18,7 @@ import (
 // about half. Once the server pod is enabled, both hops are redirected.
 func TestSidecarBypassRatioMatchesTheHops(t *testing.T) {
 	s := newSidecarPods(t)
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	s.redirectOn(t)
 	mesh := dataplane.MeshPresets["istio"]
 	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {

@@ -25,6 +25,8 @@ import (
 
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // The sidecar topology: an app pod (app + HAProxy as the sidecar, uid
@@ -106,41 +108,28 @@ func (s *sidecarPods) boundRoundTrip(t *testing.T, gate *joinGate) {
 // checks the sha256 it answers; it closes c.
 func (s *sidecarPods) digestRoundTrip(c net.Conn, body []byte, timeout time.Duration) error {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(timeout))
-	go func() {
-		c.Write(body)
-		c.(*net.TCPConn).CloseWrite()
-	}()
-	got, err := io.ReadAll(c)
-	want := sha256.Sum256(body)
-	if err != nil || !bytes.Equal(got, want[:]) {
-		return fmt.Errorf("%d-byte body: digest %x (%v), want %x; sidecar log:\n%s", len(body), got, err, want, s.logs.String())
+	if err := transfer.DigestRoundTrip(c, body, transfer.Options{Timeout: timeout}); err != nil {
+		return fmt.Errorf("%w; sidecar log:\n%s", err, s.logs.String())
 	}
 	return nil
 }
 
 // serveDigests answers each connection with the sha256 of what it read.
 func (s *sidecarPods) serveDigests(t testing.TB, addr string) {
-	l := s.server.Listen(t, addr)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			s.accepted.Add(1)
-			go func() {
-				defer c.Close()
-				h := sha256.New()
-				io.Copy(h, c)
-				c.Write(h.Sum(nil))
-			}()
-		}
-	}()
+	s.serve(t, addr, transfer.Digest)
 }
 
 // serveEcho echoes with blocking reads and writes on a locked thread.
 func (s *sidecarPods) serveEcho(t testing.TB, addr string) {
+	s.serve(t, addr, func(c net.Conn) error {
+		runtime.LockOSThread()
+		return transfer.Echo(c)
+	})
+}
+
+// serve listens on addr in the server pod and runs handle on each
+// connection it accepts, counting them in s.accepted.
+func (s *sidecarPods) serve(t testing.TB, addr string, handle func(net.Conn) error) {
 	l := s.server.Listen(t, addr)
 	go func() {
 		for {
@@ -149,22 +138,7 @@ func (s *sidecarPods) serveEcho(t testing.TB, addr string) {
 				return
 			}
 			s.accepted.Add(1)
-			go func() {
-				runtime.LockOSThread()
-				defer c.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if _, err := c.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
+			go handle(c)
 		}
 	}()
 }
@@ -587,7 +561,7 @@ func TestSidecarModes(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			s := newSidecarPodsFamily(t, c.v6)
-			dp := installForBench(t)
+			dp := dptest.Install(t)
 
 			// Plain: iptables REDIRECT and the sidecar, no sockbypass.
 			s.redirectOn(t)
@@ -667,7 +641,7 @@ func TestSidecarModes(t *testing.T) {
 // second appears), and both still work through the sidecar.
 func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
 	s := newSidecarPods(t)
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	s.redirectOn(t)
 	mesh := dataplane.MeshPresets["istio"]
 	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
@@ -722,7 +696,7 @@ func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
 // alternating, runs times each; it returns p50 and p99 medians.
 func compareSidecar(t testing.TB, intercept bool, runs int, dur time.Duration) (plain, accel [2]time.Duration) {
 	s := newSidecarPodsTB(t)
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	mesh := dataplane.MeshPresets["istio"]
 	mesh.Intercept = intercept
 	redirecting := false
@@ -800,7 +774,7 @@ func BenchmarkSidecar(b *testing.B) {
 // the stack.
 func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	s := newSidecarPods(t)
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	startHAProxy(t, s.server, s.dir, "inbound", 15006)
 	iptablesIn(t, s.server, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-i", "sbxmb", "-j", "REDIRECT", "--to-ports", "15006")
 	s.redirectOn(t)
@@ -862,7 +836,7 @@ func TestInterceptIPv6AnswersOriginalDestination(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	app, server := testutil.NewPod(t), testutil.NewPod(t)
 	testutil.Link(t, app, "fd00:9:8::1/64", server, "fd00:9:8::2/64", "sbxva", "sbxvb")
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	mesh := dataplane.MeshPresets["istio"]
 	mesh.Intercept = true
 	if _, err := dp.Enable(app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {

@@ -17,20 +17,7 @@ import (
 // the end of the test.
 func install(t *testing.T) *Dataplane {
 	t.Helper()
-	pinDir := testutil.NewPinDir(t)
-	dp, err := OpenOrCreate(Options{PinDir: pinDir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if d, err := Open(Options{PinDir: pinDir}); err == nil {
-			if err := d.Uninstall(); err != nil {
-				t.Errorf("uninstall: %v", err)
-			}
-		}
-		dp.Close()
-	})
-	return dp
+	return installSized(t, 0)
 }
 
 // enabledCgroup creates a cgroup and enables it in dp.

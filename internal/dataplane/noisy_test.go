@@ -205,7 +205,8 @@ func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
 	}
 }
 
-// installSized is install with a sockhash of the given capacity.
+// installSized is install with a sockhash of the given capacity (0: the
+// default).
 func installSized(t *testing.T, capacity uint32) *Dataplane {
 	t.Helper()
 	pinDir := testutil.NewPinDir(t)
