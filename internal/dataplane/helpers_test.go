@@ -136,6 +136,18 @@ func acceptedPair(t *testing.T, cg cgroup.Cgroup, network, addr string) (client,
 	return client, server
 }
 
+// publishedPair is acceptedPair over 127.0.0.1 whose two ends have been
+// seen reading (see prime) and are redirect targets: from the first byte
+// on, everything is redirected.
+func publishedPair(t *testing.T, dp *Dataplane, cg cgroup.Cgroup) (client, server net.Conn) {
+	t.Helper()
+	client, server = acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
+	prime(t, client)
+	prime(t, server)
+	waitPublished(t, dp, client, server)
+	return client, server
+}
+
 // checkAccounted checks that every byte sent is counted once, as
 // redirected or passed, and that at least minRedirected took the fast path.
 func checkAccounted(t *testing.T, d CgroupCounters, sent, minRedirected uint64) {

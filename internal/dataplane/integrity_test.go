@@ -60,10 +60,7 @@ func TestIntegrityBothDirections64Connections(t *testing.T) {
 func TestHalfCloseReplyArrives(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	c, srv := acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
-	prime(t, c)
-	prime(t, srv)
-	waitPublished(t, dp, c, srv)
+	c, srv := publishedPair(t, dp, cg)
 
 	payload := transfer.Pattern(42, 3<<20+1)
 	serverErr := make(chan error, 1)

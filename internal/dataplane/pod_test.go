@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -67,13 +66,10 @@ func TestPodToPodAcrossNamespaces(t *testing.T) {
 func TestReusedAddressesNeverCross(t *testing.T) {
 	dp := install(t)
 	type pair struct {
-		name           string
-		letter         byte
 		client, server *testutil.Pod
-		l              net.Listener
-		c              net.Conn
+		*transfer.LetterStream
 	}
-	pairs := []*pair{{name: "pair-1", letter: '1'}, {name: "pair-2", letter: '2'}}
+	pairs := []*pair{{LetterStream: &transfer.LetterStream{Name: "pair-1", Letter: '1'}}, {LetterStream: &transfer.LetterStream{Name: "pair-2", Letter: '2'}}}
 	var pods []*testutil.Pod
 	for i, p := range pairs {
 		p.client, p.server = testutil.NewPod(t), testutil.NewPod(t)
@@ -93,35 +89,16 @@ func TestReusedAddressesNeverCross(t *testing.T) {
 	}
 
 	const perConn = 8 << 20
-	errs := make(chan error, 4)
-	var wg sync.WaitGroup
+	var streams []*transfer.LetterStream
 	for _, p := range pairs {
-		p.l = p.server.Listen(t, "10.9.2.2:7777")
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c, err := p.l.Accept()
-			if err == nil {
-				err = transfer.LetterSink(c, p.name, p.letter)
-			}
-			if err != nil {
-				errs <- err
-			}
-		}()
-		p.c = p.client.Dial(t, &net.TCPAddr{IP: net.IPv4(10, 9, 2, 1), Port: 40123}, "10.9.2.2:7777")
+		p.Listener = p.server.Listen(t, "10.9.2.2:7777")
+		streams = append(streams, p.LetterStream)
 	}
+	send := transfer.ServeLetters(streams)
 	for _, p := range pairs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := transfer.SendLetters(p.c, p.name, p.letter, perConn, 16<<10); err != nil {
-				errs <- err
-			}
-		}()
+		p.Client = p.client.Dial(t, &net.TCPAddr{IP: net.IPv4(10, 9, 2, 1), Port: 40123}, "10.9.2.2:7777")
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	for _, err := range send(perConn, 16<<10) {
 		t.Error(err)
 	}
 	for _, pod := range pods {

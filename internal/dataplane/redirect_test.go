@@ -17,12 +17,7 @@ import (
 func TestRedirectCountsExactlyTheBytesSent(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	c, srv := acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
-	// Both ends have been seen reading (as an event loop does at once):
-	// from the first byte on, everything is redirected.
-	prime(t, c)
-	prime(t, srv)
-	waitPublished(t, dp, c, srv)
+	c, srv := publishedPair(t, dp, cg)
 
 	before := counterOf(t, dp, cg.ID)
 	payload := transfer.Pattern(1, 1<<20+7)

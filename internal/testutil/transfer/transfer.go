@@ -18,6 +18,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"sync"
 	"time"
 )
 
@@ -262,4 +263,57 @@ func ServeDiscard(l net.Listener) {
 			}()
 		}
 	}()
+}
+
+// LetterStream is one connection of a test that streams single letters:
+// its server accepts on Listener and runs LetterSink; its client, Client,
+// sends Letter (see SendLetters). Name names both in errors.
+type LetterStream struct {
+	Name     string
+	Letter   byte
+	Listener net.Listener
+	Client   net.Conn
+}
+
+// ServeLetters runs LetterSink on the next connection each stream's
+// Listener accepts, in goroutines of their own, and returns at once. The
+// function it returns sends total bytes of each stream's letter from its
+// Client in writes of chunk bytes, all streams at once, waits for every
+// client and server, and returns their errors.
+func ServeLetters(streams []*LetterStream) (send func(total, chunk int) []error) {
+	errs := make(chan error, 2*len(streams))
+	var servers sync.WaitGroup
+	for _, s := range streams {
+		servers.Add(1)
+		go func() {
+			defer servers.Done()
+			c, err := s.Listener.Accept()
+			if err == nil {
+				err = LetterSink(c, s.Name, s.Letter)
+			}
+			if err != nil {
+				errs <- err
+			}
+		}()
+	}
+	return func(total, chunk int) []error {
+		var clients sync.WaitGroup
+		for _, s := range streams {
+			clients.Add(1)
+			go func() {
+				defer clients.Done()
+				if err := SendLetters(s.Client, s.Name, s.Letter, total, chunk); err != nil {
+					errs <- err
+				}
+			}()
+		}
+		clients.Wait()
+		servers.Wait()
+		close(errs)
+		var out []error
+		for err := range errs {
+			out = append(out, err)
+		}
+		return out
+	}
 }
