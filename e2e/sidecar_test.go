@@ -54,6 +54,21 @@ type sidecarPods struct {
 
 func newSidecarPods(t *testing.T) *sidecarPods { return newSidecarPodsTB(t) }
 
+// newIstioSidecarPods makes sidecar pods with the istio-init redirect on
+// and the app pod's cgroup enabled, with the istio preset, in a dataplane
+// of the test's own.
+func newIstioSidecarPods(t *testing.T) (*sidecarPods, *dataplane.Dataplane) {
+	t.Helper()
+	s := newSidecarPods(t)
+	dp := dptest.Install(t)
+	s.redirectOn(t)
+	mesh := dataplane.MeshPresets["istio"]
+	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+		t.Fatal(err)
+	}
+	return s, dp
+}
+
 func newSidecarPodsTB(t testing.TB) *sidecarPods { return newSidecarPodsFamily(t, false) }
 
 // newSidecarPodsFamily makes the topology over IPv4, or IPv6 (on the veth,
@@ -640,13 +655,7 @@ func TestSidecarModes(t *testing.T) {
 // redirected to the sidecar while they share it (the first stops when the
 // second appears), and both still work through the sidecar.
 func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
-	s := newSidecarPods(t)
-	dp := dptest.Install(t)
-	s.redirectOn(t)
-	mesh := dataplane.MeshPresets["istio"]
-	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
-		t.Fatal(err)
-	}
+	s, dp := newIstioSidecarPods(t)
 	var conns []net.Conn
 	for _, port := range []int{8080, 8081} {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(appAddr), Port: 41234},
