@@ -341,23 +341,37 @@ func readN(fd int, n int) ([]byte, error) {
 func readToEOF(fd int) ([]byte, string) {
 	var out []byte
 	buf := make([]byte, 64<<10)
+	end := untilEOF(fd, func() (int, error) {
+		m, err := unix.Read(fd, buf)
+		if m > 0 {
+			out = append(out, buf[:m]...)
+		}
+		return m, err
+	})
+	return out, end
+}
+
+// untilEOF calls read, which reads from fd, until it returns 0 bytes (EOF),
+// waiting for fd between the retries of a call that would block, within
+// opTimeout of the last progress (see waiter). It returns "" at EOF, or
+// the error that ended the reading ("timed out" at the deadline).
+func untilEOF(fd int, read func() (int, error)) string {
 	w := newWaiter()
 	for {
-		m, err := unix.Read(fd, buf)
+		n, err := read()
 		if retry(err) {
 			if werr := w.wait(fd, unix.POLLIN); werr != nil {
-				return out, werr.Error()
+				return werr.Error()
 			}
 			continue
 		}
 		if err != nil {
-			return out, errName(err)
+			return errName(err)
 		}
-		if m == 0 {
-			return out, ""
+		if n == 0 {
+			return ""
 		}
 		w.progress()
-		out = append(out, buf[:m]...)
 	}
 }
 
