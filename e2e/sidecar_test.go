@@ -190,18 +190,29 @@ listen `+name+`
     bind :::`+fmt.Sprint(port)+` v6only
     server orig 0.0.0.0:0
 `), 0o644)
+	// startSidecar waits for the listener. Not by connecting: a
+	// connection that was not redirected has no original destination,
+	// and HAProxy would forward it to itself.
+	return startSidecar(t, pod, "haproxy", port, "haproxy", "-f", cfg, "-db")
+}
+
+// startSidecar runs args as the sidecar of pod (uid 1337, in the pod's
+// cgroup and network namespace), kills it when t ends, and waits until it
+// listens on port (it fails t, naming the sidecar name, when it does not
+// within 5 s).
+func startSidecar(t testing.TB, pod *testutil.Pod, name string, port int, args ...string) (*exec.Cmd, *testutil.SyncBuffer) {
+	t.Helper()
 	cg, err := os.Open(pod.Cgroup.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cg.Close()
-	cmd := exec.Command("nsenter", "--net="+pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
-		"haproxy", "-f", cfg, "-db")
+	cmd := exec.Command("nsenter", append([]string{"--net=" + pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID)}, args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	logs := &testutil.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("start haproxy: %v", err)
+		t.Fatalf("start %s: %v", name, err)
 	}
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
@@ -209,10 +220,7 @@ listen `+name+`
 			cmd.Wait()
 		}
 	})
-	// Wait for the listener. Not by connecting: a connection that was not
-	// redirected has no original destination, and HAProxy would forward
-	// it to itself.
-	waitSidecar(t, "haproxy", cmd, port, logs)
+	waitSidecar(t, name, cmd, port, logs)
 	return cmd, logs
 }
 
@@ -286,27 +294,7 @@ func startPySidecar(t testing.TB, pod *testutil.Pod, dir string, port int) (*exe
 	if err := os.WriteFile(script, []byte(pySidecar), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cg, err := os.Open(pod.Cgroup.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cg.Close()
-	cmd := exec.Command("nsenter", "--net="+pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
-		pythonBin, script, fmt.Sprint(port))
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
-	logs := &testutil.SyncBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start the IPv6 sidecar: %v", err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
-	waitSidecar(t, "the IPv6 sidecar", cmd, port, logs)
-	return cmd, logs
+	return startSidecar(t, pod, "the IPv6 sidecar", port, pythonBin, script, fmt.Sprint(port))
 }
 
 // listening reports whether the network namespace of pid has a TCP socket
