@@ -49,17 +49,7 @@ func Echo(c net.Conn) error {
 
 // ServeEcho accepts connections on l until it is closed and runs Echo on
 // each in a goroutine of its own. It returns at once.
-func ServeEcho(l net.Listener) {
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go Echo(c)
-		}
-	}()
-}
+func ServeEcho(l net.Listener) { Serve(l, func(c net.Conn) { Echo(c) }) }
 
 // Digest reads c until the peer half-closes, answers the sha256 of what it
 // read (32 bytes), and closes c. It returns the read or write error, if any.
@@ -83,17 +73,7 @@ func Digest(c net.Conn) error {
 
 // ServeDigest accepts connections on l until it is closed and runs Digest
 // on each in a goroutine of its own. It returns at once.
-func ServeDigest(l net.Listener) {
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go Digest(c)
-		}
-	}()
-}
+func ServeDigest(l net.Listener) { Serve(l, func(c net.Conn) { Digest(c) }) }
 
 // Pattern returns n pseudo-random bytes derived from seed: the same seed
 // gives the same bytes.
@@ -251,16 +231,22 @@ func SendLetters(c net.Conn, name string, letter byte, total, chunk int) error {
 // to its end, discarding what it reads, in a goroutine of its own. It
 // returns at once.
 func ServeDiscard(l net.Listener) {
+	Serve(l, func(c net.Conn) {
+		io.Copy(io.Discard, c)
+		c.Close()
+	})
+}
+
+// Serve accepts connections on l until it is closed and runs handle on
+// each in a goroutine of its own. It returns at once.
+func Serve(l net.Listener, handle func(net.Conn)) {
 	go func() {
 		for {
 			c, err := l.Accept()
 			if err != nil {
 				return
 			}
-			go func() {
-				io.Copy(io.Discard, c)
-				c.Close()
-			}()
+			go handle(c)
 		}
 	}()
 }
