@@ -118,6 +118,14 @@ func keyOf(c net.Conn) SockKey {
 func acceptedPair(t *testing.T, cg cgroup.Cgroup, network, addr string) (client, server net.Conn) {
 	t.Helper()
 	l := testutil.ListenIn(t, cg, network, addr)
+	return acceptDialed(t, l, "the server", func() net.Conn { return testutil.DialIn(t, cg, network, l.Addr().String()) })
+}
+
+// acceptDialed calls dial, which connects to l, and returns its connection
+// and the one l accepted (closed when t ends). It fails t, saying that
+// server accepted nothing, when the accept fails.
+func acceptDialed(t *testing.T, l net.Listener, server string, dial func() net.Conn) (net.Conn, net.Conn) {
+	t.Helper()
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
@@ -127,13 +135,13 @@ func acceptedPair(t *testing.T, cg cgroup.Cgroup, network, addr string) (client,
 		}
 		accepted <- c
 	}()
-	client = testutil.DialIn(t, cg, network, l.Addr().String())
-	server = <-accepted
-	if server == nil {
-		t.Fatal("accept failed")
+	client := dial()
+	s := <-accepted
+	if s == nil {
+		t.Fatalf("%s accepted nothing", server)
 	}
-	t.Cleanup(func() { server.Close() })
-	return client, server
+	t.Cleanup(func() { s.Close() })
+	return client, s
 }
 
 // publishedPair is acceptedPair over 127.0.0.1 whose two ends have been

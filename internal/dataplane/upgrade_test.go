@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -48,17 +47,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	}
 
 	const streams = 8
-	stop := make(chan struct{})
-	errs := make([]error, streams)
-	var wg sync.WaitGroup
-	for i := range streams {
-		c := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = streamUntil(c, stop, transfer.Pattern(uint64(200+i), 1<<20), 16384)
-		}()
-	}
+	stopStreams := startStreams(t, cg, l.Addr().String(), streams, 200)
 	// Traffic is redirected before the upgrade...
 	waitFor(t, 5*time.Second, func() bool { return counterOf(t, dp, cg.ID).RedirectedBytes >= 8<<20 })
 	countersBefore := counterOf(t, dp, cg.ID)
@@ -73,9 +62,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	waitFor(t, 5*time.Second, func() bool {
 		return counterOf(t, dp, cg.ID).RedirectedBytes >= countersBefore.RedirectedBytes+8<<20
 	})
-	close(stop)
-	wg.Wait()
-	for i, err := range errs {
+	for i, err := range stopStreams() {
 		if err != nil {
 			t.Errorf("stream %d across the upgrade: %v", i, err)
 		}
