@@ -28,12 +28,7 @@ var (
 // one run, and prints a table (medians of alternating runs, with spread).
 // Run it with make bench; timings are reported, never asserted.
 func BenchmarkLoopbackPlainVsAccelerated(b *testing.B) {
-	dp := dptest.Install(b)
-	plain := testutil.NewCgroup(b)
-	accel := testutil.NewCgroup(b)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
-		b.Fatal(err)
-	}
+	_, plain, accel := plainAndAccelerated(b)
 	for i := 0; i < b.N; i++ {
 		results, err := workload.Compare(plain, accel, workload.DefaultCases, *benchRuns, *benchDuration, nil)
 		if err != nil {
@@ -45,6 +40,18 @@ func BenchmarkLoopbackPlainVsAccelerated(b *testing.B) {
 			workload.PrintTable(w, results, *benchRuns)
 		})
 	}
+}
+
+// plainAndAccelerated installs a dataplane of tb's own and makes two
+// cgroups: plain, not enabled, and accel, enabled (default options).
+func plainAndAccelerated(tb testing.TB) (dp *dataplane.Dataplane, plain, accel cgroup.Cgroup) {
+	tb.Helper()
+	dp = dptest.Install(tb)
+	plain, accel = testutil.NewCgroup(tb), testutil.NewCgroup(tb)
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
+		tb.Fatal(err)
+	}
+	return dp, plain, accel
 }
 
 // writeResults writes name.json (v) and name.md (what md prints) into

@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"github.com/sockbypass/sockbypass/e2e/workload"
-	"github.com/sockbypass/sockbypass/internal/dataplane"
-	"github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
@@ -16,12 +14,7 @@ import (
 // one must take the fast path (redirect counters move) while the plain one
 // must not. Timings are printed, never asserted.
 func TestWorkloadsQuick(t *testing.T) {
-	dp := dptest.Install(t)
-	plain := testutil.NewCgroup(t)
-	accel := testutil.NewCgroup(t)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dp, plain, accel := plainAndAccelerated(t)
 	for _, c := range workload.DefaultCases {
 		t.Run(c.Name, func(t *testing.T) {
 			before, err := dp.Counters()
