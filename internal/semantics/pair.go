@@ -139,28 +139,24 @@ func listenFD(flags int, mode Mode, tv unix.Timeval, o ConnOpts) (int, error) {
 	if err != nil {
 		return -1, err
 	}
-	fail := func(err error) (int, error) {
-		unix.Close(lfd)
-		return -1, err
-	}
 	if mode == Blocking {
 		unix.SetsockoptTimeval(lfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) // bounds accept
 	}
 	if o.Port != 0 {
 		if err := unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-			return fail(err)
+			return closeFail(lfd, err)
 		}
 	}
 	if err := unix.Bind(lfd, &unix.SockaddrInet4{Port: o.Port, Addr: o.Addr}); err != nil {
-		return fail(err)
+		return closeFail(lfd, err)
 	}
 	if o.Listener != nil {
 		if err := o.Listener(lfd); err != nil {
-			return fail(fmt.Errorf("listener: %w", err))
+			return closeFail(lfd, fmt.Errorf("listener: %w", err))
 		}
 	}
 	if err := unix.Listen(lfd, 16); err != nil {
-		return fail(err)
+		return closeFail(lfd, err)
 	}
 	return lfd, nil
 }
@@ -172,24 +168,26 @@ func dialFD(flags int, sa unix.Sockaddr, o ConnOpts) (int, error) {
 	if err != nil {
 		return -1, err
 	}
-	fail := func(err error) (int, error) {
-		unix.Close(cfd)
-		return -1, err
-	}
 	if o.Client != nil {
 		if err := o.Client(cfd); err != nil {
-			return fail(fmt.Errorf("client: %w", err))
+			return closeFail(cfd, fmt.Errorf("client: %w", err))
 		}
 	}
 	if err := connectFD(cfd, sa); err != nil {
-		return fail(err)
+		return closeFail(cfd, err)
 	}
 	if o.Connected != nil {
 		if err := o.Connected(cfd); err != nil {
-			return fail(fmt.Errorf("connected: %w", err))
+			return closeFail(cfd, fmt.Errorf("connected: %w", err))
 		}
 	}
 	return cfd, nil
+}
+
+// closeFail closes fd, a socket that could not be set up, and returns err.
+func closeFail(fd int, err error) (int, error) {
+	unix.Close(fd)
+	return -1, err
 }
 
 func connectFD(fd int, sa unix.Sockaddr) error {
