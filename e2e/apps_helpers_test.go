@@ -3,8 +3,6 @@ package e2e
 import (
 	"bufio"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +17,7 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 // Helpers of the application-level regression tests in apps_test.go.
@@ -47,7 +46,7 @@ func appsDataplane(t *testing.T) *dataplane.Dataplane {
 	if plainMode() {
 		t.Logf("%s=1: acceleration is NOT enabled, this is the plain-TCP reference run", plainEnv)
 	}
-	return installForBench(t)
+	return dptest.Install(t)
 }
 
 // enable enables cgs in dp, unless in plain mode.
@@ -257,29 +256,6 @@ func writeScript(t testing.TB, dir, name, src string) string {
 	return path
 }
 
-// freePort returns a TCP port that is free on 127.0.0.1 now.
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// patternBytes returns n pseudo-random bytes, the same for the same seed.
-func patternBytes(seed uint64, n int) []byte {
-	var s [32]byte
-	for i := range s {
-		s[i] = byte(seed >> (8 * (i % 8)))
-	}
-	s[31] ^= 0x5b
-	b := make([]byte, n)
-	rand.NewChaCha8(s).Read(b)
-	return b
-}
-
 // requireTool skips (fails under CI=true) when bin is not installed.
 func requireTool(t testing.TB, bin string) {
 	t.Helper()
@@ -289,18 +265,4 @@ func requireTool(t testing.TB, bin string) {
 		}
 		t.Skipf("%s is not installed", bin)
 	}
-}
-
-// listenInCgroup listens on 127.0.0.1 with a socket of cg (its accepted
-// sockets belong to cg too) and closes it when t ends.
-func listenInCgroup(t testing.TB, cg cgroup.Cgroup) net.Listener {
-	t.Helper()
-	var l net.Listener
-	var err error
-	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	return l
 }

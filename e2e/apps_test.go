@@ -26,6 +26,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // digestServerPy is an HTTP/1.1 server (blocking sockets, a thread per
@@ -136,7 +137,7 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 	bodies := map[int]string{}  // size -> file
 	digests := map[int]string{} // size -> "sha256 length"
 	for i, s := range sizes {
-		body := patternBytes(uint64(1000+i), s.n)
+		body := transfer.Pattern(uint64(1000+i), s.n)
 		path := filepath.Join(dir, "body-"+s.name)
 		if err := os.WriteFile(path, body, 0o644); err != nil {
 			t.Fatal(err)
@@ -171,7 +172,7 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 						enable(t, dp, enabled...)
 					}
 					rdir := t.TempDir()
-					portC, portB, portA := freePort(t), freePort(t), freePort(t)
+					portC, portB, portA := testutil.FreePort(t), testutil.FreePort(t), testutil.FreePort(t)
 					py := startChild(t, "digest server", servers, nil, rdir, pythonBin, server, strconv.Itoa(portC))
 					py.waitListening(t, portC, 10*time.Second)
 					_, logB := startNginxProxy(t, servers, rdir, "nginx-b", portB, portC)
@@ -539,7 +540,7 @@ func TestBlockingEchoesOverVeth(t *testing.T) {
 func TestFIONREADAfterFirstBytes(t *testing.T) {
 	dp := appsDataplane(t)
 	const conns, size = 20, 1000
-	payload := patternBytes(4, size)
+	payload := transfer.Pattern(4, size)
 	for _, peerEnabled := range []bool{true, false} {
 		for _, readerAccepts := range []bool{true, false} {
 			name := map[bool]string{true: "peer-member", false: "peer-not-enabled"}[peerEnabled] + "/" +
@@ -554,7 +555,7 @@ func TestFIONREADAfterFirstBytes(t *testing.T) {
 				if !readerAccepts {
 					listenCg, dialCg = peerCg, readerCg
 				}
-				l := listenInCgroup(t, listenCg)
+				l := testutil.ListenIn(t, listenCg, "tcp4", "127.0.0.1:0")
 				var bad []string
 				for i := 0; i < conns; i++ {
 					accepted := make(chan net.Conn, 1)
@@ -675,14 +676,14 @@ func pollThenInq(c net.Conn, timeout time.Duration) (int, error) {
 func TestSenderFirstStreamIsRedirected(t *testing.T) {
 	dp := appsDataplane(t)
 	const size, minRedirected = 32 << 20, 30 << 20
-	payload := patternBytes(5, size)
+	payload := transfer.Pattern(5, size)
 	want := sha256.Sum256(payload)
 	for _, waitForRead := range []bool{false, true} {
 		name := map[bool]string{false: "write-right-after-connect", true: "write-once-server-blocks-in-read"}[waitForRead]
 		t.Run(name, func(t *testing.T) {
 			clientCg, serverCg := testutil.NewCgroup(t), testutil.NewCgroup(t)
 			enable(t, dp, clientCg, serverCg)
-			l := listenInCgroup(t, serverCg)
+			l := testutil.ListenIn(t, serverCg, "tcp4", "127.0.0.1:0")
 			for round := 1; round <= 2; round++ {
 				type result struct {
 					n      int64

@@ -14,6 +14,7 @@ import (
 	"github.com/sockbypass/sockbypass/e2e/workload"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 var (
@@ -28,12 +29,7 @@ var (
 // one run, and prints a table (medians of alternating runs, with spread).
 // Run it with make bench; timings are reported, never asserted.
 func BenchmarkLoopbackPlainVsAccelerated(b *testing.B) {
-	dp := installForBench(b)
-	plain := testutil.NewCgroup(b)
-	accel := testutil.NewCgroup(b)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
-		b.Fatal(err)
-	}
+	_, plain, accel := plainAndAccelerated(b)
 	for i := 0; i < b.N; i++ {
 		results, err := workload.Compare(plain, accel, workload.DefaultCases, *benchRuns, *benchDuration, nil)
 		if err != nil {
@@ -47,19 +43,16 @@ func BenchmarkLoopbackPlainVsAccelerated(b *testing.B) {
 	}
 }
 
-func installForBench(tb testing.TB) *dataplane.Dataplane {
+// plainAndAccelerated installs a dataplane of tb's own and makes two
+// cgroups: plain, not enabled, and accel, enabled (default options).
+func plainAndAccelerated(tb testing.TB) (dp *dataplane.Dataplane, plain, accel cgroup.Cgroup) {
 	tb.Helper()
-	pinDir := testutil.NewPinDir(tb)
-	dp, err := dataplane.OpenOrCreate(dataplane.Options{PinDir: pinDir})
-	if err != nil {
+	dp = dptest.Install(tb)
+	plain, accel = testutil.NewCgroup(tb), testutil.NewCgroup(tb)
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() {
-		if err := dp.Uninstall(); err != nil {
-			tb.Errorf("uninstall: %v", err)
-		}
-	})
-	return dp
+	return dp, plain, accel
 }
 
 // writeResults writes name.json (v) and name.md (what md prints) into
@@ -113,7 +106,7 @@ func compareTCCost(tb testing.TB, dp *dataplane.Dataplane, runs int, dur time.Du
 // TC accounting attached against no programs at all ("accelerated" is the
 // run with TC). Target: at most 3% slower.
 func BenchmarkTCAccountingCost(b *testing.B) {
-	dp := installForBench(b)
+	dp := dptest.Install(b)
 	for i := 0; i < b.N; i++ {
 		results := compareTCCost(b, dp, *benchRuns, *benchDuration)
 		fmt.Println("TC accounting cost (plain = no programs, accelerated = TC egress program on lo):")

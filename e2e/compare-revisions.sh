@@ -11,12 +11,7 @@
 # Needs root and the programs of scripts/install-deps.sh.
 set -euo pipefail
 
-if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-	sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
-	exit 2
-fi
-cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/go/bin"
+. "$(dirname "$0")/lib.sh" "$@"
 rev="$1"
 shift
 cases="sockperf-64B-1cpu iperf3-16KiB iperf3-128KiB redis-P1 redis-P16 nginx-1KiB-sendfile nginx-100KiB-nosendfile connrate-wrk-nginx"

@@ -15,6 +15,7 @@ import (
 	"github.com/sockbypass/sockbypass/e2e/workload"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 // costCases are the cases of the cost benchmarks: request/response at 64 B
@@ -70,7 +71,7 @@ const (
 // every byte, and the plain cgroup nothing.
 func comparePerMessage(tb testing.TB, cases []workload.Case, runs int, dur time.Duration) costReport {
 	tb.Helper()
-	dp := installForBench(tb)
+	dp := dptest.Install(tb)
 	plain, minCg, accel := testutil.NewCgroup(tb), testutil.NewCgroup(tb), testutil.NewCgroup(tb)
 	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
 		tb.Fatal(err)
@@ -167,7 +168,7 @@ const (
 // programs attached.
 func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.Duration) costReport {
 	tb.Helper()
-	dp := installForBench(tb)
+	dp := dptest.Install(tb)
 	bystander, other := testutil.NewCgroup(tb), testutil.NewCgroup(tb)
 	tb.Cleanup(func() { dp.Disable(other.ID) })
 	stats, err := bpfstats.Enable()

@@ -10,6 +10,7 @@ import (
 	"github.com/sockbypass/sockbypass/e2e/workload"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 // podCases are the pod-to-pod request/response cases: both ends on CPU 0,
@@ -26,7 +27,7 @@ var podCases = []workload.Case{
 // the sum of the two pods' counters.
 func comparePods(tb testing.TB, runs int, dur time.Duration) ([]workload.Result, dataplane.CgroupCounters) {
 	tb.Helper()
-	dp := installForBench(tb)
+	dp := dptest.Install(tb)
 	a, b := testutil.NewPod(tb), testutil.NewPod(tb)
 	testutil.Link(tb, a, "10.9.5.1/24", b, "10.9.5.2/24", "sbxpa", "sbxpb")
 	for _, p := range []*testutil.Pod{a, b} {

@@ -6,8 +6,7 @@ import (
 	"time"
 
 	"github.com/sockbypass/sockbypass/e2e/workload"
-	"github.com/sockbypass/sockbypass/internal/dataplane"
-	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 // TestWorkloadsQuick is the CI subset of the benchmark: every workload runs
@@ -15,12 +14,7 @@ import (
 // one must take the fast path (redirect counters move) while the plain one
 // must not. Timings are printed, never asserted.
 func TestWorkloadsQuick(t *testing.T) {
-	dp := installForBench(t)
-	plain := testutil.NewCgroup(t)
-	accel := testutil.NewCgroup(t)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	dp, plain, accel := plainAndAccelerated(t)
 	for _, c := range workload.DefaultCases {
 		t.Run(c.Name, func(t *testing.T) {
 			before, err := dp.Counters()
@@ -60,7 +54,7 @@ func TestWorkloadsQuick(t *testing.T) {
 // TestTCCostQuick runs the TC cost comparison once, briefly: it must attach
 // and detach cleanly and verify its bytes. Timings are printed only.
 func TestTCCostQuick(t *testing.T) {
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	for _, r := range compareTCCost(t, dp, 1, 150*time.Millisecond) {
 		t.Logf("%s: no programs %.2f %s, TC on lo %.2f %s (%.2fx)", r.Case, r.PlainMedian, r.Unit, r.AccelMedian, r.Unit, r.Ratio)
 	}

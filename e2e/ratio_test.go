@@ -16,13 +16,7 @@ import (
 // hop is redirected and the sidecar -> server hop crosses the veth's stack:
 // about half. Once the server pod is enabled, both hops are redirected.
 func TestSidecarBypassRatioMatchesTheHops(t *testing.T) {
-	s := newSidecarPods(t)
-	dp := installForBench(t)
-	s.redirectOn(t)
-	mesh := dataplane.MeshPresets["istio"]
-	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
-		t.Fatal(err)
-	}
+	s, dp := newIstioSidecarPods(t)
 	// The server pod is a pod of the node (as the daemon's extraNetns
 	// would say) but not enabled: the sidecar's connections to it take
 	// the stack, and they are local traffic.

@@ -10,12 +10,7 @@
 # programs of scripts/install-deps.sh.
 set -euo pipefail
 
-if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-	sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
-	exit 2
-fi
-cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/go/bin"
+. "$(dirname "$0")/lib.sh" "$@"
 
 bin="$(mktemp -d)"
 trap 'rm -rf "$bin"' EXIT

@@ -25,6 +25,8 @@ import (
 
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // The sidecar topology: an app pod (app + HAProxy as the sidecar, uid
@@ -51,6 +53,21 @@ type sidecarPods struct {
 }
 
 func newSidecarPods(t *testing.T) *sidecarPods { return newSidecarPodsTB(t) }
+
+// newIstioSidecarPods makes sidecar pods with the istio-init redirect on
+// and the app pod's cgroup enabled, with the istio preset, in a dataplane
+// of the test's own.
+func newIstioSidecarPods(t *testing.T) (*sidecarPods, *dataplane.Dataplane) {
+	t.Helper()
+	s := newSidecarPods(t)
+	dp := dptest.Install(t)
+	s.redirectOn(t)
+	mesh := dataplane.MeshPresets["istio"]
+	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+		t.Fatal(err)
+	}
+	return s, dp
+}
 
 func newSidecarPodsTB(t testing.TB) *sidecarPods { return newSidecarPodsFamily(t, false) }
 
@@ -106,41 +123,28 @@ func (s *sidecarPods) boundRoundTrip(t *testing.T, gate *joinGate) {
 // checks the sha256 it answers; it closes c.
 func (s *sidecarPods) digestRoundTrip(c net.Conn, body []byte, timeout time.Duration) error {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(timeout))
-	go func() {
-		c.Write(body)
-		c.(*net.TCPConn).CloseWrite()
-	}()
-	got, err := io.ReadAll(c)
-	want := sha256.Sum256(body)
-	if err != nil || !bytes.Equal(got, want[:]) {
-		return fmt.Errorf("%d-byte body: digest %x (%v), want %x; sidecar log:\n%s", len(body), got, err, want, s.logs.String())
+	if err := transfer.DigestRoundTrip(c, body, transfer.Options{Timeout: timeout}); err != nil {
+		return fmt.Errorf("%w; sidecar log:\n%s", err, s.logs.String())
 	}
 	return nil
 }
 
 // serveDigests answers each connection with the sha256 of what it read.
 func (s *sidecarPods) serveDigests(t testing.TB, addr string) {
-	l := s.server.Listen(t, addr)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			s.accepted.Add(1)
-			go func() {
-				defer c.Close()
-				h := sha256.New()
-				io.Copy(h, c)
-				c.Write(h.Sum(nil))
-			}()
-		}
-	}()
+	s.serve(t, addr, transfer.Digest)
 }
 
 // serveEcho echoes with blocking reads and writes on a locked thread.
 func (s *sidecarPods) serveEcho(t testing.TB, addr string) {
+	s.serve(t, addr, func(c net.Conn) error {
+		runtime.LockOSThread()
+		return transfer.Echo(c)
+	})
+}
+
+// serve listens on addr in the server pod and runs handle on each
+// connection it accepts, counting them in s.accepted.
+func (s *sidecarPods) serve(t testing.TB, addr string, handle func(net.Conn) error) {
 	l := s.server.Listen(t, addr)
 	go func() {
 		for {
@@ -149,22 +153,7 @@ func (s *sidecarPods) serveEcho(t testing.TB, addr string) {
 				return
 			}
 			s.accepted.Add(1)
-			go func() {
-				runtime.LockOSThread()
-				defer c.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if _, err := c.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
+			go handle(c)
 		}
 	}()
 }
@@ -201,18 +190,29 @@ listen `+name+`
     bind :::`+fmt.Sprint(port)+` v6only
     server orig 0.0.0.0:0
 `), 0o644)
+	// startSidecar waits for the listener. Not by connecting: a
+	// connection that was not redirected has no original destination,
+	// and HAProxy would forward it to itself.
+	return startSidecar(t, pod, "haproxy", port, "haproxy", "-f", cfg, "-db")
+}
+
+// startSidecar runs args as the sidecar of pod (uid 1337, in the pod's
+// cgroup and network namespace), kills it when t ends, and waits until it
+// listens on port (it fails t, naming the sidecar name, when it does not
+// within 5 s).
+func startSidecar(t testing.TB, pod *testutil.Pod, name string, port int, args ...string) (*exec.Cmd, *testutil.SyncBuffer) {
+	t.Helper()
 	cg, err := os.Open(pod.Cgroup.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cg.Close()
-	cmd := exec.Command("nsenter", "--net="+pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
-		"haproxy", "-f", cfg, "-db")
+	cmd := exec.Command("nsenter", append([]string{"--net=" + pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID)}, args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	logs := &testutil.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("start haproxy: %v", err)
+		t.Fatalf("start %s: %v", name, err)
 	}
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
@@ -220,10 +220,7 @@ listen `+name+`
 			cmd.Wait()
 		}
 	})
-	// Wait for the listener. Not by connecting: a connection that was not
-	// redirected has no original destination, and HAProxy would forward
-	// it to itself.
-	waitSidecar(t, "haproxy", cmd, port, logs)
+	waitSidecar(t, name, cmd, port, logs)
 	return cmd, logs
 }
 
@@ -297,27 +294,7 @@ func startPySidecar(t testing.TB, pod *testutil.Pod, dir string, port int) (*exe
 	if err := os.WriteFile(script, []byte(pySidecar), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cg, err := os.Open(pod.Cgroup.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cg.Close()
-	cmd := exec.Command("nsenter", "--net="+pod.Netns.Path(), "-S", fmt.Sprint(sidecarUID), "-G", fmt.Sprint(sidecarUID),
-		pythonBin, script, fmt.Sprint(port))
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
-	logs := &testutil.SyncBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start the IPv6 sidecar: %v", err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
-	waitSidecar(t, "the IPv6 sidecar", cmd, port, logs)
-	return cmd, logs
+	return startSidecar(t, pod, "the IPv6 sidecar", port, pythonBin, script, fmt.Sprint(port))
 }
 
 // listening reports whether the network namespace of pid has a TCP socket
@@ -587,7 +564,7 @@ func TestSidecarModes(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			s := newSidecarPodsFamily(t, c.v6)
-			dp := installForBench(t)
+			dp := dptest.Install(t)
 
 			// Plain: iptables REDIRECT and the sidecar, no sockbypass.
 			s.redirectOn(t)
@@ -666,13 +643,7 @@ func TestSidecarModes(t *testing.T) {
 // redirected to the sidecar while they share it (the first stops when the
 // second appears), and both still work through the sidecar.
 func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
-	s := newSidecarPods(t)
-	dp := installForBench(t)
-	s.redirectOn(t)
-	mesh := dataplane.MeshPresets["istio"]
-	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
-		t.Fatal(err)
-	}
+	s, dp := newIstioSidecarPods(t)
 	var conns []net.Conn
 	for _, port := range []int{8080, 8081} {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(appAddr), Port: 41234},
@@ -722,7 +693,7 @@ func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
 // alternating, runs times each; it returns p50 and p99 medians.
 func compareSidecar(t testing.TB, intercept bool, runs int, dur time.Duration) (plain, accel [2]time.Duration) {
 	s := newSidecarPodsTB(t)
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	mesh := dataplane.MeshPresets["istio"]
 	mesh.Intercept = intercept
 	redirecting := false
@@ -800,7 +771,7 @@ func BenchmarkSidecar(b *testing.B) {
 // the stack.
 func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	s := newSidecarPods(t)
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	startHAProxy(t, s.server, s.dir, "inbound", 15006)
 	iptablesIn(t, s.server, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-i", "sbxmb", "-j", "REDIRECT", "--to-ports", "15006")
 	s.redirectOn(t)
@@ -862,7 +833,7 @@ func TestInterceptIPv6AnswersOriginalDestination(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	app, server := testutil.NewPod(t), testutil.NewPod(t)
 	testutil.Link(t, app, "fd00:9:8::1/64", server, "fd00:9:8::2/64", "sbxva", "sbxvb")
-	dp := installForBench(t)
+	dp := dptest.Install(t)
 	mesh := dataplane.MeshPresets["istio"]
 	mesh.Intercept = true
 	if _, err := dp.Enable(app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -20,9 +19,7 @@ func TestAccountOnlyShowsWhatWouldBeRedirected(t *testing.T) {
 	cg := testutil.NewCgroup(t)
 	outside := testutil.NewCgroup(t)
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	if code, _, errOut := sockbypass(t, "enable", "--account-only", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	mustSockbypass(t, "enable", "--account-only", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	const size = 4 << 20
 	// The dry pair forms at ESTABLISHED; send once stats counts it.
 	transferWhen(t, cg, size, "the dry pair was not counted", func() bool {
@@ -48,13 +45,7 @@ func TestAccountOnlyShowsWhatWouldBeRedirected(t *testing.T) {
 
 	// A peer in no enabled cgroup would not pair: nothing more counted.
 	before := c
-	var l net.Listener
-	var err error
-	testutil.InCgroup(t, outside, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := testutil.ListenIn(t, outside, "tcp4", "127.0.0.1:0")
 	var read atomic.Int64
 	go func() {
 		s, err := l.Accept()
@@ -70,11 +61,7 @@ func TestAccountOnlyShowsWhatWouldBeRedirected(t *testing.T) {
 			}
 		}
 	}()
-	var conn net.Conn
-	testutil.InCgroup(t, cg, func() { conn, err = net.Dial("tcp4", l.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 	if _, err := conn.Write(make([]byte, 1<<20)); err != nil {
 		t.Fatal(err)
 	}

@@ -74,7 +74,7 @@ func TestDaemonSelectsPodsFromTheAPIServer(t *testing.T) {
 	}
 
 	pinDir := testutil.NewPinDir(t)
-	addr := freeAddr(t)
+	addr := testutil.FreeAddr(t)
 	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
 	writeConfig(t, cfgPath, fmt.Sprintf(`cgroups: []
 metricsAddr: %s

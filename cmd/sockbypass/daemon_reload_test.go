@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -51,16 +50,6 @@ func (c *configMapDir) update(t *testing.T, content string) {
 
 func (c *configMapDir) path() string { return filepath.Join(c.dir, "config.yaml") }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 func httpGet(url string) (int, string) {
 	c := http.Client{Timeout: 2 * time.Second}
 	resp, err := c.Get(url)
@@ -98,7 +87,7 @@ func TestDaemonReloadsConfigMapSwapAndReadinessTellsTheTruth(t *testing.T) {
 	pinDir := testutil.NewPinDir(t)
 	a := testutil.NewCgroup(t)
 	b := testutil.NewCgroup(t)
-	addr := freeAddr(t)
+	addr := testutil.FreeAddr(t)
 	conf := func(cgroups string) string {
 		return fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: %s\nrescanInterval: 200ms\nrequireMatch: true\n", cgroups, addr)
 	}

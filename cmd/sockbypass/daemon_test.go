@@ -1,12 +1,9 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -22,11 +19,13 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // daemonProc is a sockbypass daemon running as a child process.
 type daemonProc struct {
 	cmd    *exec.Cmd
+	config string // the config file's path
 	logs   *testutil.SyncBuffer
 	exited chan error
 }
@@ -53,7 +52,7 @@ func startDaemonEnv(t *testing.T, pinDir, configPath, env string, extra ...strin
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemonProc{cmd: cmd, logs: logs, exited: make(chan error, 1)}
+	d := &daemonProc{cmd: cmd, config: configPath, logs: logs, exited: make(chan error, 1)}
 	go func() { d.exited <- cmd.Wait() }()
 	t.Cleanup(func() { d.stop(t) })
 	return d
@@ -77,6 +76,18 @@ func writeConfig(t *testing.T, path, content string) {
 	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// startDaemonWith writes config to a file of the test's own, starts the
+// daemon on it (see startDaemon) and waits until exactly the cgroups want
+// are enabled.
+func startDaemonWith(t *testing.T, pinDir, config string, want ...cgroup.Cgroup) *daemonProc {
+	t.Helper()
+	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
+	writeConfig(t, cfgPath, config)
+	d := startDaemon(t, pinDir, cfgPath)
+	waitEnabled(t, pinDir, d, want...)
+	return d
 }
 
 // waitEnabled waits until exactly the cgroups want are enabled.
@@ -111,74 +122,17 @@ func waitEnabled(t *testing.T, pinDir string, d *daemonProc, want ...cgroup.Cgro
 // echoListener serves echo connections (read/write loop) in cg.
 func echoListener(t *testing.T, cg cgroup.Cgroup) net.Listener {
 	t.Helper()
-	var l net.Listener
-	var err error
-	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 32<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if _, err := c.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-					if err != nil {
-						c.(*net.TCPConn).CloseWrite()
-						return
-					}
-				}
-			}()
-		}
-	}()
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
 	return l
 }
 
-// echoTransfer sends size bytes through conn in 16 KiB writes, reading the
-// echo concurrently, and fails unless the echo is identical.
+// echoTransfer sends size bytes through conn in 16 KiB writes, pausing at
+// each MiB (long enough to span a daemon kill), reads the echo
+// concurrently, and fails unless the echo is identical.
 func echoTransfer(c net.Conn, seed, size int) error {
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	payload := make([]byte, size)
-	for i := range payload {
-		payload[i] = byte(i*seed + i>>9)
-	}
-	werr := make(chan error, 1)
-	go func() {
-		for off := 0; off < size; off += 16 << 10 {
-			if _, err := c.Write(payload[off:min(off+16<<10, size)]); err != nil {
-				werr <- err
-				return
-			}
-			if off%(1<<20) == 0 {
-				time.Sleep(2 * time.Millisecond) // long enough to span a daemon kill
-			}
-		}
-		werr <- c.(*net.TCPConn).CloseWrite()
-	}()
-	h := sha256.New()
-	n, err := io.Copy(h, c)
-	if err != nil {
-		return fmt.Errorf("after %d bytes: %w", n, err)
-	}
-	if err := <-werr; err != nil {
-		return err
-	}
-	want := sha256.Sum256(payload)
-	if n != int64(size) || !bytes.Equal(h.Sum(nil), want[:]) {
-		return fmt.Errorf("echo of %d bytes came back as %d bytes with another sha256", size, n)
-	}
-	return nil
+	return transfer.RoundTrip(c, transfer.Pattern(uint64(seed), size),
+		transfer.Options{WriteSize: 16 << 10, PauseEvery: 1 << 20, Pause: 2 * time.Millisecond})
 }
 
 func redirectedOf(t *testing.T, pinDir string, id uint64) uint64 {
@@ -194,24 +148,14 @@ func redirectedOf(t *testing.T, pinDir string, id uint64) uint64 {
 func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) }
 
 func TestDaemonKill9DuringTransfersLosesNothingAndRestartAdopts(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
-	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", cg.Path))
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	d := startDaemon(t, pinDir, cfgPath)
-	waitEnabled(t, pinDir, d, cg)
+	pinDir, cg := newInstallDir(t)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", cg.Path), cg)
 
 	l := echoListener(t, cg)
 	const conns = 32
 	clients := make([]net.Conn, conns)
 	for i := range clients {
-		var err error
-		testutil.InCgroup(t, cg, func() { clients[i], err = net.Dial("tcp4", l.Addr().String()) })
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer clients[i].Close()
+		clients[i] = testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 	}
 	errs := make([]error, conns)
 	var wg sync.WaitGroup
@@ -243,12 +187,7 @@ func TestDaemonKill9DuringTransfersLosesNothingAndRestartAdopts(t *testing.T) {
 		t.Errorf("only %d bytes redirected after kill -9 (%d at the kill): the datapath stopped with the daemon", before-atKill, atKill)
 	}
 	// New connections too, before any daemon is back.
-	var nc net.Conn
-	var nerr error
-	testutil.InCgroup(t, cg, func() { nc, nerr = net.Dial("tcp4", l.Addr().String()) })
-	if nerr != nil {
-		t.Fatal(nerr)
-	}
+	nc := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 	if err := echoTransfer(nc, 98, 1<<20); err != nil {
 		t.Fatal(err)
 	}
@@ -258,7 +197,7 @@ func TestDaemonKill9DuringTransfersLosesNothingAndRestartAdopts(t *testing.T) {
 	}
 	before = redirectedOf(t, pinDir, cg.ID)
 
-	d2 := startDaemon(t, pinDir, cfgPath)
+	d2 := startDaemon(t, pinDir, d.config)
 	waitEnabled(t, pinDir, d2, cg)
 	deadline = time.Now().Add(10 * time.Second)
 	for !strings.Contains(d2.logs.String(), "adopted pinned state") && time.Now().Before(deadline) {
@@ -267,13 +206,7 @@ func TestDaemonKill9DuringTransfersLosesNothingAndRestartAdopts(t *testing.T) {
 	if !strings.Contains(d2.logs.String(), "adopted pinned state") {
 		t.Errorf("restarted daemon did not say it adopted the pins:\n%s", d2.logs.String())
 	}
-	var c net.Conn
-	var err error
-	testutil.InCgroup(t, cg, func() { c, err = net.Dial("tcp4", l.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 	if err := echoTransfer(c, 99, 4<<20); err != nil {
 		t.Fatal(err)
 	}
@@ -299,11 +232,8 @@ func TestDaemonNoticesRemovedCgroupAndKeepsServing(t *testing.T) {
 		}
 		pods = append(pods, cg)
 	}
-	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
-	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: ['%s/pod-*']\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", parent.Path))
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	d := startDaemon(t, pinDir, cfgPath)
-	waitEnabled(t, pinDir, d, pods...)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: ['%s/pod-*']\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", parent.Path), pods...)
 
 	if err := os.Remove(pods[1].Path); err != nil {
 		t.Fatal(err)
@@ -317,13 +247,7 @@ func TestDaemonNoticesRemovedCgroupAndKeepsServing(t *testing.T) {
 	}
 	// The rest keeps working, and a new pod matching the glob is picked up.
 	l := echoListener(t, pods[0])
-	var c net.Conn
-	var err error
-	testutil.InCgroup(t, pods[0], func() { c, err = net.Dial("tcp4", l.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := testutil.DialIn(t, pods[0], "tcp4", l.Addr().String())
 	if err := echoTransfer(c, 3, 1<<20); err != nil {
 		t.Fatal(err)
 	}
@@ -340,24 +264,13 @@ func TestDaemonNoticesRemovedCgroupAndKeepsServing(t *testing.T) {
 }
 
 func TestDaemonSockhashFullFallsBackAndSaysSo(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
-	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\nsockhashSize: 4\n", cg.Path))
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	d := startDaemon(t, pinDir, cfgPath)
-	waitEnabled(t, pinDir, d, cg)
+	pinDir, cg := newInstallDir(t)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\nsockhashSize: 4\n", cg.Path), cg)
 
 	l := echoListener(t, cg)
 	var conns []net.Conn
 	for i := 0; i < 6; i++ { // 12 sockets for 4 places
-		var c net.Conn
-		var err error
-		testutil.InCgroup(t, cg, func() { c, err = net.Dial("tcp4", l.Addr().String()) })
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		c := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 		conns = append(conns, c)
 	}
 	for i, c := range conns {
@@ -382,31 +295,13 @@ func TestDaemonSockhashFullFallsBackAndSaysSo(t *testing.T) {
 }
 
 func TestTenThousandShortConnectionsLeakNothing(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	pinDir, cg := newInstallDir(t)
 	// --all-connections: every one of these short connections pairs
 	// (by default the listener would soon leave them plain), so each
 	// goes through the whole insert and remove bookkeeping.
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--all-connections", "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
-	var l net.Listener
-	var err error
-	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(io.Discard, c); c.Close() }()
-		}
-	}()
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--all-connections", "--bpffs-dir", pinDir)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeDiscard(l)
 	const n = 10000
 	failures, done := 0, 0
 	start := time.Now()
@@ -518,12 +413,8 @@ func TestDaemonRefusesBadConfigsAndKeepsThePreviousOnReload(t *testing.T) {
 }
 
 func TestUpgradeCommand(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	pinDir, cg := newInstallDir(t)
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir)
 	before := statusOf(t, pinDir)
 	code, out, errOut := sockbypass(t, "upgrade", "--bpffs-dir", pinDir)
 	if code != 0 || !strings.Contains(out, "upgraded: programs of 1 cgroup(s), 1 TC device(s)") {
@@ -555,12 +446,8 @@ func TestDaemonFlagsAndFailuresBeforeState(t *testing.T) {
 		t.Errorf("--config with --metrics-addr: exit %d, output %q; want %d naming both", code, out, exitUsage)
 	}
 
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	pinDir, cg := newInstallDir(t)
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir)
 	pin := filepath.Join(pinDir, "cgroups", strconv.FormatUint(cg.ID, 10))
 	before := testutil.LinkProgramID(t, pin)
 	busy, err := net.Listen("tcp4", "127.0.0.1:0")

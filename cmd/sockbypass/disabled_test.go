@@ -28,13 +28,7 @@ type liveConn struct {
 
 func openLiveConn(t *testing.T, cg cgroup.Cgroup) *liveConn {
 	t.Helper()
-	var l net.Listener
-	var err error
-	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
 	lc := &liveConn{}
 	go func() {
 		s, err := l.Accept()
@@ -51,11 +45,7 @@ func openLiveConn(t *testing.T, cg cgroup.Cgroup) *liveConn {
 			}
 		}
 	}()
-	testutil.InCgroup(t, cg, func() { lc.c, err = net.Dial("tcp4", l.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lc.c.Close() })
+	lc.c = testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 	time.Sleep(50 * time.Millisecond) // the server's first read: a redirect target
 	return lc
 }
@@ -81,17 +71,11 @@ func (lc *liveConn) send(t *testing.T, n int) {
 // closes, its cgroup's counters count as no enabled cgroup. Rows and
 // unattributed always add up to the status totals.
 func TestDisabledCgroupWithLiveSocketsStaysVisible(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	pinDir, cg := newInstallDir(t)
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	lc := openLiveConn(t, cg)
 	lc.send(t, 1<<20)
-	if code, _, errOut := sockbypass(t, "disable", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	mustSockbypass(t, "disable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	lc.send(t, 3<<20)
 
 	r := statsJSON(t, pinDir)
@@ -185,16 +169,12 @@ func TestStatusJSONIsASupersetOfStatsJSON(t *testing.T) {
 	a, b := testutil.NewCgroup(t), testutil.NewCgroup(t)
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
 	for _, cg := range []cgroup.Cgroup{a, b} {
-		if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
-			t.Fatal(errOut)
-		}
+		mustSockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	}
 	trafficIn(t, pinDir, a, 1<<20)
 	lc := openLiveConn(t, b)
 	lc.send(t, 1<<20)
-	if code, _, errOut := sockbypass(t, "disable", "--cgroup", b.Path, "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	mustSockbypass(t, "disable", "--cgroup", b.Path, "--bpffs-dir", pinDir)
 	decode := func(args ...string) map[string]any {
 		code, out, errOut := sockbypass(t, append(args, "--json", "--bpffs-dir", pinDir)...)
 		if code != 0 {

@@ -174,9 +174,7 @@ func TestDoctorPrintsEachCaseAsItFinishes(t *testing.T) {
 }
 
 func TestEnableWarnsAboutKnownLimitations(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	pinDir, cg := newInstallDir(t)
 	code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir)
 	if code != 0 {
 		t.Fatal(errOut)

@@ -221,12 +221,8 @@ func worldExecutableCopy(t *testing.T) string {
 }
 
 func TestDisableRemovedCgroupByID(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	pinDir, cg := newInstallDir(t)
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir)
 	if err := os.Remove(cg.Path); err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,9 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
 // TestMain lets tests run this binary's main in a child process (for
@@ -23,6 +26,28 @@ func sockbypass(t *testing.T, args ...string) (code int, stdout, stderr string) 
 	var out, errOut bytes.Buffer
 	code = run(args, &out, &errOut)
 	return code, out.String(), errOut.String()
+}
+
+// mustSockbypass runs the command line in-process like sockbypass and fails
+// t with its stderr unless it exits 0; it returns its stdout.
+func mustSockbypass(t *testing.T, args ...string) string {
+	t.Helper()
+	code, out, errOut := sockbypass(t, args...)
+	if code != 0 {
+		t.Fatal(errOut)
+	}
+	return out
+}
+
+// newInstallDir returns a pin directory of the test's own and a fresh
+// cgroup, and runs `sockbypass uninstall` on the directory when the test
+// ends (before the cgroup and the directory are removed).
+func newInstallDir(t *testing.T) (pinDir string, cg cgroup.Cgroup) {
+	t.Helper()
+	pinDir = testutil.NewPinDir(t)
+	cg = testutil.NewCgroup(t)
+	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	return pinDir, cg
 }
 
 func TestHelpListsEveryCommand(t *testing.T) {

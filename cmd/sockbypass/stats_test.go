@@ -1,10 +1,7 @@
 package main
 
 import (
-	"crypto/sha256"
 	"encoding/json"
-	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,6 +16,7 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/stats"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // trafficIn sends n bytes over a loopback connection whose two ends are in
@@ -41,29 +39,9 @@ func trafficIn(t *testing.T, pinDir string, cg cgroup.Cgroup, n int) {
 // the server answers.
 func transferWhen(t *testing.T, cg cgroup.Cgroup, n int, notReady string, ready func() bool) {
 	t.Helper()
-	var l net.Listener
-	var err error
-	testutil.InCgroup(t, cg, func() { l, err = net.Listen("tcp4", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		h := sha256.New()
-		io.Copy(h, c)
-		c.Write(h.Sum(nil))
-	}()
-	var c net.Conn
-	testutil.InCgroup(t, cg, func() { c, err = net.Dial("tcp4", l.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeDigest(l)
+	c := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
 	deadline := time.Now().Add(5 * time.Second)
 	for !ready() {
 		if time.Now().After(deadline) {
@@ -75,13 +53,7 @@ func transferWhen(t *testing.T, cg cgroup.Cgroup, n int, notReady string, ready 
 	for i := range payload {
 		payload[i] = byte(i * 7)
 	}
-	go func() {
-		c.Write(payload)
-		c.(*net.TCPConn).CloseWrite()
-	}()
-	got, err := io.ReadAll(c)
-	want := sha256.Sum256(payload)
-	if err != nil || string(got) != string(want[:]) {
+	if err := transfer.DigestRoundTrip(c, payload, transfer.Options{}); err != nil {
 		t.Fatalf("transfer of %d bytes: digest mismatch (%v)", n, err)
 	}
 }
@@ -112,12 +84,8 @@ func statsJSON(t *testing.T, pinDir string) stats.Report {
 }
 
 func TestStatsShowsRedirectedAndStackBytes(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	pinDir, cg := newInstallDir(t)
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	trafficIn(t, pinDir, cg, 4<<20)
 	r := statsJSON(t, pinDir)
 	// No TC device by default: the stack side is counted at the
@@ -135,9 +103,7 @@ func TestStatsShowsRedirectedAndStackBytes(t *testing.T) {
 		t.Errorf("human stats: exit %d\n%s", code, out)
 	}
 	// A TC device adds its view.
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir)
 	trafficIn(t, pinDir, cg, 1<<20)
 	if r := statsJSON(t, pinDir); len(r.TCDevices) != 1 || r.TCDevices[0].Name != "lo" || r.Cgroups[0].TCEgressPackets == 0 {
 		t.Errorf("with --tc-dev lo: tc devices %+v, cgroups %+v", r.TCDevices, r.Cgroups)
@@ -155,16 +121,9 @@ func TestStatsShowsRedirectedAndStackBytes(t *testing.T) {
 }
 
 func TestMetricsEndpointMatchesStats(t *testing.T) {
-	pinDir := testutil.NewPinDir(t)
-	cg := testutil.NewCgroup(t)
-	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
+	pinDir, cg := newInstallDir(t)
 
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := testutil.FreeAddr(t)
 	daemon := exec.Command(os.Args[0], "daemon", "--metrics-addr", addr, "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	daemon.Env = append(os.Environ(), "SOCKBYPASS_TEST_MAIN=1")
 	daemon.Stderr = os.Stderr

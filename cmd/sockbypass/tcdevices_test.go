@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
@@ -83,10 +82,7 @@ func TestDaemonLogsOnlyChangesAtInfo(t *testing.T) {
 	netns := testutil.NewNetNS(t)
 	podLo := netns.Path() + ":lo"
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
-	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: [%q]\nmetricsAddr: ''\nrescanInterval: 100ms\n", cg.Path, podLo))
-	d := startDaemon(t, pinDir, cfgPath)
-	waitEnabled(t, pinDir, d, cg)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: [%q]\nmetricsAddr: ''\nrescanInterval: 100ms\n", cg.Path, podLo), cg)
 	time.Sleep(time.Second) // about ten rescans
 	d.stop(t)
 	logs := d.logs.String()
@@ -112,13 +108,8 @@ func TestDaemonConvergesOnItsTCDevices(t *testing.T) {
 	netns := testutil.NewNetNS(t)
 	podLo := netns.Path() + ":lo"
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
-	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: [lo]\nmetricsAddr: ''\nrescanInterval: 100ms\n", cg.Path))
-	d := startDaemon(t, pinDir, cfgPath)
-	waitEnabled(t, pinDir, d, cg)
-	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--tc-dev", podLo, "--bpffs-dir", pinDir); code != 0 {
-		t.Fatal(errOut)
-	}
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: [lo]\nmetricsAddr: ''\nrescanInterval: 100ms\n", cg.Path), cg)
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--tc-dev", podLo, "--bpffs-dir", pinDir)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		got := tcDevicesOf(t, pinDir)

@@ -42,15 +42,11 @@ func startIperf(ctx context.Context, rc *runContext, size int) (instance, error)
 	if err != nil {
 		return nil, err
 	}
-	srv, err := start(procSpec{
+	srv, err := startListening(ctx, procSpec{
 		args:  []string{"iperf3", "-s", "-B", rc.topo.ServerIP, "-p", strconv.Itoa(port)},
 		netns: rc.topo.Server, mode: rc.mode, dir: rc.dir,
-	})
+	}, port)
 	if err != nil {
-		return nil, err
-	}
-	if err := waitListening(ctx, srv, port); err != nil {
-		srv.stop()
 		return nil, err
 	}
 	return &iperfInstance{rc: rc, server: srv, port: port, size: size}, nil

@@ -85,15 +85,11 @@ func startNginx(ctx context.Context, rc *runContext, bodySize int, sendfile bool
 	if err != nil {
 		return nil, err
 	}
-	p, err := start(procSpec{
+	p, err := startListening(ctx, procSpec{
 		args:  []string{"nginx", "-c", conf, "-p", rc.dir, "-e", filepath.Join(rc.dir, "error.log")},
 		netns: rc.topo.Server, mode: rc.mode, dir: rc.dir,
-	})
+	}, port)
 	if err != nil {
-		return nil, err
-	}
-	if err := waitListening(ctx, p, port); err != nil {
-		p.stop()
 		errLog, _ := os.ReadFile(filepath.Join(rc.dir, "error.log"))
 		return nil, fmt.Errorf("%w; error.log: %s", err, tail(string(errLog), 2000))
 	}

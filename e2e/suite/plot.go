@@ -115,7 +115,7 @@ func throughputChart(topo string, cases []CaseResult, file string) error {
 		x := math.Log2(float64(c.Size))
 		ticks = append(ticks, plot.Tick{Value: x, Label: sizeLabel(c.Size)})
 		for _, m := range c.Metrics {
-			if m.Name == "throughput" {
+			if m.Metric == "throughput" {
 				plain = append(plain, plotter.XY{X: x, Y: m.PlainMedian})
 				accel = append(accel, plotter.XY{X: x, Y: m.AccelMedian})
 			}

@@ -30,6 +30,21 @@ func freePort(netns ns.NetNS, ip string) (int, error) {
 	return port, nil
 }
 
+// startListening starts the server that spec describes and waits until it
+// listens on port (see waitListening); on failure it stops the server and
+// returns the error.
+func startListening(ctx context.Context, spec procSpec, port int) (*proc, error) {
+	p, err := start(spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := waitListening(ctx, p, port); err != nil {
+		p.stop()
+		return nil, err
+	}
+	return p, nil
+}
+
 // waitListening waits until a socket listens on port in the network
 // namespace of p, reading /proc/PID/net/tcp{,6}: no probe connection
 // disturbs the server.

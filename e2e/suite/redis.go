@@ -47,16 +47,12 @@ func startRedis(ctx context.Context, rc *runContext, pipeline int) (instance, er
 	if err != nil {
 		return nil, err
 	}
-	srv, err := start(procSpec{
+	srv, err := startListening(ctx, procSpec{
 		args: []string{"redis-server", "--port", strconv.Itoa(port), "--bind", rc.topo.ServerIP,
 			"--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no", "--dir", rc.dir},
 		netns: rc.topo.Server, mode: rc.mode, dir: rc.dir,
-	})
+	}, port)
 	if err != nil {
-		return nil, err
-	}
-	if err := waitListening(ctx, srv, port); err != nil {
-		srv.stop()
 		return nil, err
 	}
 	return &redisInstance{rc: rc, server: srv, port: port, pipeline: pipeline}, nil

@@ -96,7 +96,7 @@ func (r *Report) WriteMarkdown(w io.Writer) {
 					redirected = redirectedCell(c)
 				}
 				fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %.0f%% / %.0f%% | %s |\n",
-					short, m.Name, formatValue(m.PlainMedian, m.Unit), formatValue(m.AccelMedian, m.Unit),
+					short, m.Metric, formatValue(m.PlainMedian, m.Unit), formatValue(m.AccelMedian, m.Unit),
 					ratioCell(m), m.PlainSpread, m.AccelSpread, redirected)
 			}
 		}

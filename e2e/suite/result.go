@@ -34,20 +34,7 @@ type Sample struct {
 }
 
 // MetricResult compares one metric, plain vs accelerated.
-type MetricResult struct {
-	Name          string    `json:"metric"`
-	Unit          string    `json:"unit"`
-	LowerIsBetter bool      `json:"lower_is_better"`
-	Plain         []float64 `json:"plain"`
-	Accelerated   []float64 `json:"accelerated"`
-	PlainMedian   float64   `json:"plain_median"`
-	AccelMedian   float64   `json:"accelerated_median"`
-	// Ratio is accelerated / plain (medians).
-	Ratio float64 `json:"ratio"`
-	// Spreads are (max-min)/median of the runs, in percent.
-	PlainSpread float64 `json:"plain_spread_pct"`
-	AccelSpread float64 `json:"accelerated_spread_pct"`
-}
+type MetricResult = workload.Comparison
 
 // Traffic is what the sockbypass counters saw during the runs of one mode.
 type Traffic struct {
@@ -108,13 +95,7 @@ type CaseResult struct {
 
 // newMetricResult summarises the runs of one metric.
 func newMetricResult(spec MetricSpec, plain, accel []float64) MetricResult {
-	r := MetricResult{Name: spec.Name, Unit: spec.Unit, LowerIsBetter: spec.LowerIsBetter, Plain: plain, Accelerated: accel}
-	r.PlainMedian, r.PlainSpread = workload.MedianSpread(plain)
-	r.AccelMedian, r.AccelSpread = workload.MedianSpread(accel)
-	if r.PlainMedian > 0 {
-		r.Ratio = r.AccelMedian / r.PlainMedian
-	}
-	return r
+	return workload.NewComparison(spec.Name, spec.Unit, spec.LowerIsBetter, plain, accel)
 }
 
 // medianRun returns the index of the run whose value of metric is the

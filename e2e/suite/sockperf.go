@@ -59,15 +59,11 @@ func startSockperf(ctx context.Context, rc *runContext, size int, cpus cpuPlacem
 	if err != nil {
 		return nil, err
 	}
-	srv, err := start(procSpec{
+	srv, err := startListening(ctx, procSpec{
 		args:  []string{"sockperf", "server", "--tcp", "-i", rc.topo.ServerIP, "-p", strconv.Itoa(port)},
 		netns: rc.topo.Server, mode: rc.mode, cpus: cpus.Server, dir: rc.dir,
-	})
+	}, port)
 	if err != nil {
-		return nil, err
-	}
-	if err := waitListening(ctx, srv, port); err != nil {
-		srv.stop()
 		return nil, err
 	}
 	return &sockperfInstance{rc: rc, server: srv, port: port, size: size, cpus: cpus}, nil

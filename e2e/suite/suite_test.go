@@ -65,7 +65,7 @@ func TestSuiteQuick(t *testing.T) {
 				}
 			}
 			for _, m := range res.Metrics {
-				t.Logf("%s: plain %s, accelerated %s (%.2fx)", m.Name, formatValue(m.PlainMedian, m.Unit), formatValue(m.AccelMedian, m.Unit), m.Ratio)
+				t.Logf("%s: plain %s, accelerated %s (%.2fx)", m.Metric, formatValue(m.PlainMedian, m.Unit), formatValue(m.AccelMedian, m.Unit), m.Ratio)
 			}
 			t.Logf("accelerated traffic %+v (%.3f%% redirected), checks %q, note %q", res.AccelTraffic, 100*res.AccelTraffic.RedirectedShare(), res.Checks, res.Note)
 		})

@@ -44,22 +44,40 @@ var DefaultCases = []Case{
 	{Name: "stream 128KiB", Kind: KindStream, Size: 128 << 10, CPUs: Unpinned},
 }
 
-// Result compares one metric, plain vs accelerated.
-type Result struct {
-	Case   string `json:"case"`
+// Comparison compares the runs of one metric, plain vs accelerated. The e2e
+// suite's cases and these workloads report it alike.
+type Comparison struct {
 	Metric string `json:"metric"`
 	Unit   string `json:"unit"`
-	// LowerIsBetter is true for latencies.
+	// LowerIsBetter is true for latencies and costs.
 	LowerIsBetter bool      `json:"lower_is_better"`
 	Plain         []float64 `json:"plain"`
 	Accelerated   []float64 `json:"accelerated"`
 	PlainMedian   float64   `json:"plain_median"`
 	AccelMedian   float64   `json:"accelerated_median"`
-	// Ratio is accelerated / plain.
+	// Ratio is accelerated / plain (medians; 0 when plain's is 0).
 	Ratio float64 `json:"ratio"`
 	// Spreads are (max-min)/median of the runs, in percent.
 	PlainSpread float64 `json:"plain_spread_pct"`
 	AccelSpread float64 `json:"accelerated_spread_pct"`
+}
+
+// NewComparison summarises the plain and accelerated runs of metric
+// (measured in unit): their medians, spreads and ratio.
+func NewComparison(metric, unit string, lowerIsBetter bool, plain, accel []float64) Comparison {
+	c := Comparison{Metric: metric, Unit: unit, LowerIsBetter: lowerIsBetter, Plain: plain, Accelerated: accel}
+	c.PlainMedian, c.PlainSpread = MedianSpread(plain)
+	c.AccelMedian, c.AccelSpread = MedianSpread(accel)
+	if c.PlainMedian > 0 {
+		c.Ratio = c.AccelMedian / c.PlainMedian
+	}
+	return c
+}
+
+// Result compares one metric of a case, plain vs accelerated.
+type Result struct {
+	Case string `json:"case"`
+	Comparison
 }
 
 // Progress, when set, receives a line per measurement.
@@ -104,12 +122,8 @@ func CompareConnect(cases []Case, runs int, dur time.Duration, progress Progress
 	var out []Result
 	for _, m := range multi {
 		plain, accel := m.Modes[0], m.Modes[1]
-		out = append(out, Result{
-			Case: m.Case, Metric: m.Metric, Unit: m.Unit, LowerIsBetter: m.LowerIsBetter,
-			Plain: plain.Values, Accelerated: accel.Values,
-			PlainMedian: plain.Median, AccelMedian: accel.Median, Ratio: m.Ratio(1, 0),
-			PlainSpread: plain.Spread, AccelSpread: accel.Spread,
-		})
+		out = append(out, Result{Case: m.Case,
+			Comparison: NewComparison(m.Metric, m.Unit, m.LowerIsBetter, plain.Values, accel.Values)})
 	}
 	return out, nil
 }

@@ -19,32 +19,23 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/semantics"
 )
 
-// Pair is a connected TCP socket pair made of non-blocking file descriptors.
-type Pair struct {
-	Client, Server int
-}
-
-// Close closes both sockets.
-func (p Pair) Close() {
-	unix.Close(p.Client)
-	unix.Close(p.Server)
-}
+// Pair is a connected TCP socket pair made of non-blocking file
+// descriptors: C the connecting side, S the accepted one. It is the socket
+// pair of the transparency cases (internal/semantics), made the same way.
+type Pair = semantics.Pair
 
 // Connect makes a TCP connection over 127.0.0.1 whose two sockets belong to
 // cg (the listener is created in cg, so the accepted socket is in cg too).
 func Connect(cg cgroup.Cgroup) (Pair, error) {
 	var p Pair
 	var err error
-	if rerr := cg.RunIn(func() { p, err = connectLoopback() }); rerr != nil {
+	if rerr := cg.RunIn(func() { p, err = semantics.Connect(semantics.NonBlocking, semantics.ConnOpts{}) }); rerr != nil {
 		return Pair{}, rerr
 	}
 	return p, err
-}
-
-func connectLoopback() (Pair, error) {
-	return ConnectTo(nil, [4]byte{127, 0, 0, 1}, func(fn func()) { fn() })
 }
 
 // ConnectTo makes a TCP connection whose listening side is created by
@@ -52,58 +43,11 @@ func connectLoopback() (Pair, error) {
 // namespace) on addr, and whose connecting side is created by the calling
 // context, or by dialIn when it is not nil.
 func ConnectTo(dialIn func(func()), addr [4]byte, listenIn func(func())) (Pair, error) {
-	var lfd, cfd int
-	var err error
-	listenIn(func() { lfd, err = listenOn(addr) })
-	if err != nil {
-		return Pair{}, err
-	}
-	defer unix.Close(lfd)
-	sa, err := unix.Getsockname(lfd)
-	if err != nil {
-		return Pair{}, err
-	}
-	dial := func() {
-		cfd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
-		if err != nil {
-			return
-		}
-		if err = unix.Connect(cfd, sa); err == unix.EINPROGRESS {
-			err = waitFD(cfd, unix.POLLOUT)
-			if err == nil {
-				var soerr int
-				if soerr, err = unix.GetsockoptInt(cfd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soerr != 0 {
-					err = unix.Errno(soerr)
-				}
-			}
-		}
-		if err != nil {
-			unix.Close(cfd)
-		}
-	}
-	if dialIn != nil {
-		dialIn(dial)
-	} else {
-		dial()
-	}
-	if err != nil {
-		return Pair{}, err
-	}
-	err = waitFD(lfd, unix.POLLIN)
-	var sfd int
-	if err == nil {
-		sfd, _, err = unix.Accept4(lfd, unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
-	}
-	if err != nil {
-		unix.Close(cfd)
-		return Pair{}, err
-	}
-	for _, fd := range []int{cfd, sfd} {
-		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-	}
-	return Pair{Client: cfd, Server: sfd}, nil
+	return semantics.Connect(semantics.NonBlocking, semantics.ConnOpts{Addr: addr, ListenIn: listenIn, DialIn: dialIn})
 }
 
+// listenOn makes a non-blocking listening socket on addr (any port) for
+// ConnRate, which connects to it again and again in the measured path.
 func listenOn(addr [4]byte) (int, error) {
 	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
@@ -212,13 +156,13 @@ func RR(p Pair, msgSize int, dur time.Duration, cpus CPUs) ([]time.Duration, err
 	server := onThread(cpus.Server, func() error {
 		buf := make([]byte, msgSize)
 		for {
-			if err := readFull(p.Server, buf); err != nil {
+			if err := readFull(p.S, buf); err != nil {
 				if err.Error() == "unexpected EOF" {
 					return nil // client finished
 				}
 				return fmt.Errorf("server read: %w", err)
 			}
-			if err := writeFull(p.Server, buf); err != nil {
+			if err := writeFull(p.S, buf); err != nil {
 				return fmt.Errorf("server write: %w", err)
 			}
 		}
@@ -232,10 +176,10 @@ func RR(p Pair, msgSize int, dur time.Duration, cpus CPUs) ([]time.Duration, err
 		for i := 0; ; i++ {
 			msg[0] = byte(i)
 			t0 := time.Now()
-			if err := writeFull(p.Client, msg); err != nil {
+			if err := writeFull(p.C, msg); err != nil {
 				return fmt.Errorf("client write: %w", err)
 			}
-			if err := readFull(p.Client, reply); err != nil {
+			if err := readFull(p.C, reply); err != nil {
 				return fmt.Errorf("client read: %w", err)
 			}
 			t1 := time.Now()
@@ -247,12 +191,12 @@ func RR(p Pair, msgSize int, dur time.Duration, cpus CPUs) ([]time.Duration, err
 				break
 			}
 		}
-		return unix.Shutdown(p.Client, unix.SHUT_WR)
+		return unix.Shutdown(p.C, unix.SHUT_WR)
 	})
 	select {
 	case err := <-client:
 		if err != nil {
-			unix.Shutdown(p.Client, unix.SHUT_RDWR)
+			unix.Shutdown(p.C, unix.SHUT_RDWR)
 			<-server
 			return nil, err
 		}
@@ -262,7 +206,7 @@ func RR(p Pair, msgSize int, dur time.Duration, cpus CPUs) ([]time.Duration, err
 	case err := <-server:
 		if err != nil {
 			// The server failed: unblock the client and report.
-			unix.Shutdown(p.Client, unix.SHUT_RDWR)
+			unix.Shutdown(p.C, unix.SHUT_RDWR)
 			<-client
 			return nil, err
 		}
@@ -288,8 +232,8 @@ func Stream(p Pair, writeSize int, dur time.Duration, cpus CPUs) (float64, error
 	reader := onThread(cpus.Server, func() error {
 		buf := make([]byte, 256<<10)
 		for {
-			n, err := unix.Read(p.Server, buf)
-			if retryable(err, p.Server, unix.POLLIN) {
+			n, err := unix.Read(p.S, buf)
+			if retryable(err, p.S, unix.POLLIN) {
 				continue
 			}
 			if err != nil {
@@ -314,17 +258,17 @@ func Stream(p Pair, writeSize int, dur time.Duration, cpus CPUs) (float64, error
 			for j := range chunk {
 				chunk[j] = byte(i)
 			}
-			if err := writeFull(p.Client, chunk); err != nil {
+			if err := writeFull(p.C, chunk); err != nil {
 				return fmt.Errorf("writer: %w", err)
 			}
 			sent += int64(writeSize)
 		}
-		return unix.Shutdown(p.Client, unix.SHUT_WR)
+		return unix.Shutdown(p.C, unix.SHUT_WR)
 	})
 	select {
 	case err := <-writer:
 		if err != nil {
-			unix.Shutdown(p.Server, unix.SHUT_RDWR)
+			unix.Shutdown(p.S, unix.SHUT_RDWR)
 			<-reader
 			return 0, err
 		}
@@ -334,7 +278,7 @@ func Stream(p Pair, writeSize int, dur time.Duration, cpus CPUs) (float64, error
 	case err := <-reader:
 		if err != nil {
 			// The reader failed: unblock the writer and report.
-			unix.Shutdown(p.Client, unix.SHUT_RDWR)
+			unix.Shutdown(p.C, unix.SHUT_RDWR)
 			<-writer
 			return 0, err
 		}

@@ -12,8 +12,8 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/config"
-	"github.com/sockbypass/sockbypass/internal/dataplane"
 	tu "github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 // listSource is a Source with a fixed selection, recording failures.
@@ -36,21 +36,6 @@ func (s *listSource) EnableFailed(t Target, err error) {
 
 func (s *listSource) Changed() <-chan struct{} { return nil }
 
-func newDataplane(t *testing.T) *dataplane.Dataplane {
-	t.Helper()
-	dp, err := dataplane.OpenOrCreate(dataplane.Options{PinDir: tu.NewPinDir(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := dp.Uninstall(); err != nil {
-			t.Error(err)
-		}
-		dp.Close()
-	})
-	return dp
-}
-
 // TestEnableFailureIsCountedReportedAndNotReady: a selected cgroup that
 // cannot be enabled (here: removed after it was resolved, as a pod that
 // goes away between the informer and the attach) is counted in
@@ -58,7 +43,7 @@ func newDataplane(t *testing.T) *dataplane.Dataplane {
 // Event) and keeps the daemon from being Ready; the others are enabled.
 func TestEnableFailureIsCountedReportedAndNotReady(t *testing.T) {
 	tu.RequirePrivileged(t)
-	dp := newDataplane(t)
+	dp := dptest.Install(t)
 	cfg, err := config.Parse([]byte("cgroups: []\n"))
 	if err != nil {
 		t.Fatal(err)

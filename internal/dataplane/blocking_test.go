@@ -13,6 +13,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // blockingListener listens on 127.0.0.1:0 with a blocking socket created in
@@ -89,7 +90,7 @@ func exchange(t *testing.T, dial func() net.Conn, lfd int, nonblocking bool) {
 	defer s.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	s.SetDeadline(time.Now().Add(5 * time.Second))
-	msg := pattern(3, 4096)
+	msg := transfer.Pattern(3, 4096)
 	buf := make([]byte, len(msg))
 	if _, err := c.Write(msg); err != nil {
 		t.Fatal(err)
@@ -115,7 +116,7 @@ func TestBlockingListenerStaysPlainUntilNonBlocking(t *testing.T) {
 	cg := enabledCgroup(t, dp)
 	lfd, port := blockingListener(t, cg)
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	dial := func() net.Conn { return dialIn(t, cg, "tcp4", addr) }
+	dial := func() net.Conn { return testutil.DialIn(t, cg, "tcp4", addr) }
 
 	before := counterOf(t, dp, cg.ID)
 	exchange(t, dial, lfd, false)
@@ -161,8 +162,8 @@ func TestBlockingListenerStaysPlainUntilNonBlocking(t *testing.T) {
 func TestBlockingClientStaysPlain(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	echoServer(t, l)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
 	port := l.Addr().(*net.TCPAddr).Port
 	before := counterOf(t, dp, cg.ID)
 	var fd int
@@ -182,7 +183,7 @@ func TestBlockingClientStaysPlain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := echoRoundTrip(c, pattern(5, 100000), 16384); err != nil {
+	if err := transfer.RoundTrip(c, transfer.Pattern(5, 100000), transfer.Options{WriteSize: 16384}); err != nil {
 		t.Fatal(err)
 	}
 	d := counterOf(t, dp, cg.ID).Sub(before)

@@ -2,11 +2,11 @@ package dataplane
 
 import (
 	"bytes"
-	"io"
 	"testing"
 	"time"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // TestStackEgressCountedOnAnyDevice: an enabled cgroup's stack bytes to a
@@ -27,15 +27,7 @@ func TestStackEgressCountedOnAnyDevice(t *testing.T) {
 		t.Fatalf("TC devices %+v, %v: want none by default", st, err)
 	}
 	l := b.Listen(t, "10.9.7.2:0")
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(io.Discard, c); c.Close() }()
-		}
-	}()
+	transfer.ServeDiscard(l)
 	const size = 4 << 20
 	send := func() CgroupCounters {
 		t.Helper()

@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"io"
 	"net"
 	"net/netip"
 	"testing"
@@ -19,20 +18,7 @@ import (
 // the end of the test.
 func install(t *testing.T) *Dataplane {
 	t.Helper()
-	pinDir := testutil.NewPinDir(t)
-	dp, err := OpenOrCreate(Options{PinDir: pinDir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if d, err := Open(Options{PinDir: pinDir}); err == nil {
-			if err := d.Uninstall(); err != nil {
-				t.Errorf("uninstall: %v", err)
-			}
-		}
-		dp.Close()
-	})
-	return dp
+	return installSized(t, 0)
 }
 
 // enabledCgroup creates a cgroup and enables it in dp.
@@ -52,53 +38,6 @@ func counterOf(t *testing.T, dp *Dataplane, id uint64) CgroupCounters {
 		t.Fatal(err)
 	}
 	return c[id]
-}
-
-// sendAndSum sends payload over c, half-closes, and returns the digest the
-// server sent back.
-func sendAndSum(t *testing.T, c net.Conn, payload []byte) []byte {
-	t.Helper()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.Write(payload)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatalf("read digest: %v", err)
-	}
-	if err := <-errc; err != nil {
-		t.Fatalf("write %d bytes: %v", len(payload), err)
-	}
-	return got
-}
-
-func listenIn(t *testing.T, cg cgroup.Cgroup, network, addr string) net.Listener {
-	t.Helper()
-	var l net.Listener
-	var err error
-	testutil.InCgroup(t, cg, func() { l, err = net.Listen(network, addr) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	return l
-}
-
-func dialIn(t *testing.T, cg cgroup.Cgroup, network, addr string) net.Conn {
-	t.Helper()
-	var c net.Conn
-	var err error
-	testutil.InCgroup(t, cg, func() { c, err = net.DialTimeout(network, addr, 5*time.Second) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
 }
 
 // prime makes c's socket read once without blocking (recv with
@@ -179,7 +118,15 @@ func keyOf(c net.Conn) SockKey {
 // accepted server side.
 func acceptedPair(t *testing.T, cg cgroup.Cgroup, network, addr string) (client, server net.Conn) {
 	t.Helper()
-	l := listenIn(t, cg, network, addr)
+	l := testutil.ListenIn(t, cg, network, addr)
+	return acceptDialed(t, l, "the server", func() net.Conn { return testutil.DialIn(t, cg, network, l.Addr().String()) })
+}
+
+// acceptDialed calls dial, which connects to l, and returns its connection
+// and the one l accepted (closed when t ends). It fails t, saying that
+// server accepted nothing, when the accept fails.
+func acceptDialed(t *testing.T, l net.Listener, server string, dial func() net.Conn) (net.Conn, net.Conn) {
+	t.Helper()
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
@@ -189,12 +136,24 @@ func acceptedPair(t *testing.T, cg cgroup.Cgroup, network, addr string) (client,
 		}
 		accepted <- c
 	}()
-	client = dialIn(t, cg, network, l.Addr().String())
-	server = <-accepted
-	if server == nil {
-		t.Fatal("accept failed")
+	client := dial()
+	s := <-accepted
+	if s == nil {
+		t.Fatalf("%s accepted nothing", server)
 	}
-	t.Cleanup(func() { server.Close() })
+	t.Cleanup(func() { s.Close() })
+	return client, s
+}
+
+// publishedPair is acceptedPair over 127.0.0.1 whose two ends have been
+// seen reading (see prime) and are redirect targets: from the first byte
+// on, everything is redirected.
+func publishedPair(t *testing.T, dp *Dataplane, cg cgroup.Cgroup) (client, server net.Conn) {
+	t.Helper()
+	client, server = acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
+	prime(t, client)
+	prime(t, server)
+	waitPublished(t, dp, client, server)
 	return client, server
 }
 

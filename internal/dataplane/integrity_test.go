@@ -2,96 +2,16 @@ package dataplane
 
 import (
 	"bytes"
-	"crypto/sha256"
-	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
-
-// echoServer accepts connections on l and echoes every byte back with a
-// plain read/write loop (not io.Copy between two TCPConns, which splices),
-// half-closing its side when the client half-closes.
-func echoServer(t *testing.T, l net.Listener) {
-	t.Helper()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if _, werr := c.Write(buf[:n]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						if errors.Is(err, io.EOF) {
-							c.(*net.TCPConn).CloseWrite()
-						}
-						return
-					}
-				}
-			}()
-		}
-	}()
-}
-
-// pattern returns n pseudo-random bytes derived from seed.
-func pattern(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	b := make([]byte, n)
-	for i := 0; i+8 <= n; i += 8 {
-		v := r.Uint64()
-		for j := 0; j < 8; j++ {
-			b[i+j] = byte(v >> (8 * j))
-		}
-	}
-	for i := n &^ 7; i < n; i++ {
-		b[i] = byte(r.Uint32())
-	}
-	return b
-}
-
-// echoRoundTrip writes payload in chunks of writeSize while reading the
-// echo concurrently, and returns an error unless every byte came back in
-// order.
-func echoRoundTrip(c net.Conn, payload []byte, writeSize int) error {
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	werr := make(chan error, 1)
-	go func() {
-		for off := 0; off < len(payload); off += writeSize {
-			end := min(off+writeSize, len(payload))
-			if _, err := c.Write(payload[off:end]); err != nil {
-				werr <- err
-				return
-			}
-		}
-		werr <- c.(*net.TCPConn).CloseWrite()
-	}()
-	h := sha256.New()
-	n, err := io.Copy(h, c)
-	if err != nil {
-		return fmt.Errorf("read echo after %d bytes: %w", n, err)
-	}
-	if err := <-werr; err != nil {
-		return fmt.Errorf("write: %w", err)
-	}
-	want := sha256.Sum256(payload)
-	if n != int64(len(payload)) || !bytes.Equal(h.Sum(nil), want[:]) {
-		return fmt.Errorf("echo of %d bytes came back as %d bytes with a different sha256", len(payload), n)
-	}
-	return nil
-}
 
 var integritySizes = []int{1, 2, 3, 7, 64, 1000, 1023, 1024, 1025, 4095, 4096, 4097, 16383, 16384,
 	65535, 65536, 65537, 100_003, 1<<20 - 1, 1 << 20, 1<<20 + 13, 3<<20 + 5, 8<<20 - 3, 8 << 20}
@@ -99,8 +19,8 @@ var integritySizes = []int{1, 2, 3, 7, 64, 1000, 1023, 1024, 1025, 4095, 4096, 4
 func TestIntegrityBothDirections64Connections(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	echoServer(t, l)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
 
 	const conns = 64
 	var total uint64
@@ -108,8 +28,8 @@ func TestIntegrityBothDirections64Connections(t *testing.T) {
 	payloads := make([][]byte, conns)
 	writeSizes := []int{1, 1000, 4096, 16384, 65536, 128 << 10}
 	for i := range clients {
-		clients[i] = dialIn(t, cg, "tcp4", l.Addr().String())
-		payloads[i] = pattern(uint64(i), integritySizes[i%len(integritySizes)])
+		clients[i] = testutil.DialIn(t, cg, "tcp4", l.Addr().String())
+		payloads[i] = transfer.Pattern(uint64(i), integritySizes[i%len(integritySizes)])
 		total += uint64(len(payloads[i]))
 	}
 	before := counterOf(t, dp, cg.ID)
@@ -124,7 +44,7 @@ func TestIntegrityBothDirections64Connections(t *testing.T) {
 			if len(payloads[i]) < 1024 {
 				ws = len(payloads[i])
 			}
-			errs[i] = echoRoundTrip(clients[i], payloads[i], ws)
+			errs[i] = transfer.RoundTrip(clients[i], payloads[i], transfer.Options{WriteSize: ws})
 		}()
 	}
 	wg.Wait()
@@ -140,12 +60,9 @@ func TestIntegrityBothDirections64Connections(t *testing.T) {
 func TestHalfCloseReplyArrives(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	c, srv := acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
-	prime(t, c)
-	prime(t, srv)
-	waitPublished(t, dp, c, srv)
+	c, srv := publishedPair(t, dp, cg)
 
-	payload := pattern(42, 3<<20+1)
+	payload := transfer.Pattern(42, 3<<20+1)
 	serverErr := make(chan error, 1)
 	go func() {
 		defer srv.Close()
@@ -199,12 +116,12 @@ func TestPeerOutsideEnabledCgroupStaysPlain(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	echoServer(t, l)
+	transfer.ServeEcho(l)
 
 	before := counterOf(t, dp, cg.ID)
-	payload := pattern(7, 1<<20+3)
-	c := dialIn(t, cg, "tcp4", l.Addr().String())
-	if err := echoRoundTrip(c, payload, 16384); err != nil {
+	payload := transfer.Pattern(7, 1<<20+3)
+	c := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
+	if err := transfer.RoundTrip(c, payload, transfer.Options{WriteSize: 16384}); err != nil {
 		t.Fatal(err)
 	}
 	delta := counterOf(t, dp, cg.ID).Sub(before)

@@ -9,16 +9,17 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 func TestIPv6Loopback(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	l := listenIn(t, cg, "tcp6", "[::1]:0")
-	echoServer(t, l)
+	l := testutil.ListenIn(t, cg, "tcp6", "[::1]:0")
+	transfer.ServeEcho(l)
 	before := counterOf(t, dp, cg.ID)
-	payload := pattern(6, 2<<20+1)
-	if err := echoRoundTrip(dialIn(t, cg, "tcp6", l.Addr().String()), payload, 16384); err != nil {
+	payload := transfer.Pattern(6, 2<<20+1)
+	if err := transfer.RoundTrip(testutil.DialIn(t, cg, "tcp6", l.Addr().String()), payload, transfer.Options{WriteSize: 16384}); err != nil {
 		t.Fatal(err)
 	}
 	checkAccounted(t, counterOf(t, dp, cg.ID).Sub(before), 2*uint64(len(payload)), uint64(len(payload)))
@@ -30,28 +31,28 @@ func TestIPv6Loopback(t *testing.T) {
 func TestIPv4MappedPairsWithIPv4(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	payload := pattern(4, 1<<20+5)
+	payload := transfer.Pattern(4, 1<<20+5)
 
 	t.Run("dual-stack server, IPv4 client", func(t *testing.T) {
-		l := listenIn(t, cg, "tcp", "[::]:0") // dual stack: accepts IPv4 as ::ffff:x
-		echoServer(t, l)
+		l := testutil.ListenIn(t, cg, "tcp", "[::]:0") // dual stack: accepts IPv4 as ::ffff:x
+		transfer.ServeEcho(l)
 		port := l.Addr().(*net.TCPAddr).Port
 		before := counterOf(t, dp, cg.ID)
-		if err := echoRoundTrip(dialIn(t, cg, "tcp4", net.JoinHostPort("127.0.0.1", strconv.Itoa(port))), payload, 16384); err != nil {
+		if err := transfer.RoundTrip(testutil.DialIn(t, cg, "tcp4", net.JoinHostPort("127.0.0.1", strconv.Itoa(port))), payload, transfer.Options{WriteSize: 16384}); err != nil {
 			t.Fatal(err)
 		}
 		checkAccounted(t, counterOf(t, dp, cg.ID).Sub(before), 2*uint64(len(payload)), uint64(len(payload)))
 	})
 
 	t.Run("IPv6 client to ::ffff:127.0.0.1, IPv4 server", func(t *testing.T) {
-		l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-		echoServer(t, l)
+		l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+		transfer.ServeEcho(l)
 		port := l.Addr().(*net.TCPAddr).Port
 		before := counterOf(t, dp, cg.ID)
 		var c net.Conn
 		testutil.InCgroup(t, cg, func() { c = dialMapped(t, port) })
 		defer c.Close()
-		if err := echoRoundTrip(c, payload, 16384); err != nil {
+		if err := transfer.RoundTrip(c, payload, transfer.Options{WriteSize: 16384}); err != nil {
 			t.Fatal(err)
 		}
 		checkAccounted(t, counterOf(t, dp, cg.ID).Sub(before), 2*uint64(len(payload)), uint64(len(payload)))

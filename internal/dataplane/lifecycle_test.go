@@ -10,6 +10,10 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // TestDisableAndUninstallDuringTraffic disables the cgroup and then
@@ -19,14 +23,14 @@ import (
 func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	echoServer(t, l)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
 
 	// The slow reader, in a cgroup of its own (so its counters are its
 	// own): a second listener whose server does not read until told to.
 	slowCg := enabledCgroup(t, dp)
-	slowL := listenIn(t, slowCg, "tcp4", "127.0.0.1:0")
-	slowPayload := pattern(99, 6<<20)
+	slowL := testutil.ListenIn(t, slowCg, "tcp4", "127.0.0.1:0")
+	slowPayload := transfer.Pattern(99, 6<<20)
 	startReading := make(chan struct{})
 	slowDigest := make(chan []byte, 1)
 	go func() {
@@ -41,7 +45,7 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 		io.Copy(h, c)
 		slowDigest <- h.Sum(nil)
 	}()
-	slow := dialIn(t, slowCg, "tcp4", slowL.Addr().String())
+	slow := testutil.DialIn(t, slowCg, "tcp4", slowL.Addr().String())
 	slowWritten := make(chan error, 1)
 	go func() {
 		_, err := slow.Write(slowPayload) // redirected into the reader's queue
@@ -52,17 +56,7 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 	}()
 
 	const streams = 4
-	var wg sync.WaitGroup
-	errs := make([]error, streams)
-	stop := make(chan struct{})
-	for i := range streams {
-		c := dialIn(t, cg, "tcp4", l.Addr().String())
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = streamUntil(c, stop, pattern(uint64(100+i), 1<<20), 16384)
-		}()
-	}
+	stopStreams := startStreams(t, cg, l.Addr().String(), streams, 100)
 
 	// Let the slow writer fill the reader's queue: a pair redirects
 	// from the first byte, so all 6 MiB sit redirected and unread in the
@@ -116,10 +110,8 @@ func TestDisableAndUninstallDuringTraffic(t *testing.T) {
 	}
 
 	keepsRedirecting("uninstall")
-	close(stop)
 	close(startReading)
-	wg.Wait()
-	for i, err := range errs {
+	for i, err := range stopStreams() {
 		if err != nil {
 			t.Errorf("stream %d: %v", i, err)
 		}
@@ -138,6 +130,30 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() bool) {
 			t.Fatalf("condition not met within %v", timeout)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// startStreams dials n connections to addr in cg and streams over each
+// (see streamUntil; stream i repeats transfer.Pattern(seed+i, 1 MiB) in
+// 16 KiB writes). The function it returns stops the streams, waits for
+// them and returns each one's error.
+func startStreams(t *testing.T, cg cgroup.Cgroup, addr string, n int, seed uint64) (stop func() []error) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	done := make(chan struct{})
+	for i := range n {
+		c := testutil.DialIn(t, cg, "tcp4", addr)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = streamUntil(c, done, transfer.Pattern(seed+uint64(i), 1<<20), 16384)
+		}()
+	}
+	return func() []error {
+		close(done)
+		wg.Wait()
+		return errs
 	}
 }
 

@@ -205,7 +205,8 @@ func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
 	}
 }
 
-// installSized is install with a sockhash of the given capacity.
+// installSized is install with a sockhash of the given capacity (0: the
+// default).
 func installSized(t *testing.T, capacity uint32) *Dataplane {
 	t.Helper()
 	pinDir := testutil.NewPinDir(t)
@@ -241,21 +242,7 @@ func interceptPod(t *testing.T, dp *Dataplane) (*testutil.Pod, net.Listener) {
 // and returns the app's connection and the sidecar's accepted one.
 func intercepted(t *testing.T, pod *testutil.Pod, sidecars net.Listener, dst string) (app, sidecar net.Conn) {
 	t.Helper()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := sidecars.Accept()
-		if err != nil {
-			accepted <- nil
-			return
-		}
-		accepted <- c
-	}()
-	app = pod.Dial(t, nil, dst)
-	sidecar = <-accepted
-	if sidecar == nil {
-		t.Fatal("the sidecar accepted nothing")
-	}
-	t.Cleanup(func() { sidecar.Close() })
+	app, sidecar = acceptDialed(t, sidecars, "the sidecar", func() net.Conn { return pod.Dial(t, nil, dst) })
 	if got := app.RemoteAddr().String(); got != "127.0.0.1:15001" {
 		t.Fatalf("the app's connect to %s went to %s, not to the sidecar", dst, got)
 	}

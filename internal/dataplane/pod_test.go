@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"golang.org/x/sys/unix"
@@ -9,11 +8,11 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // enablePods enables the pods' cgroups and refreshes the node addresses.
@@ -41,15 +40,15 @@ func TestPodToPodAcrossNamespaces(t *testing.T) {
 	}
 
 	l := b.Listen(t, "10.9.1.2:8080")
-	echoServer(t, l)
+	transfer.ServeEcho(l)
 	c := a.Dial(t, nil, "10.9.1.2:8080")
 	prime(t, c)
 	waitPublished(t, dp, c)
 	waitPeerPublished(t, dp, c)
 
 	beforeA, beforeB := counterOf(t, dp, a.Cgroup.ID), counterOf(t, dp, b.Cgroup.ID)
-	payload := pattern(77, 8<<20)
-	if err := echoRoundTrip(c, payload, 16384); err != nil {
+	payload := transfer.Pattern(77, 8<<20)
+	if err := transfer.RoundTrip(c, payload, transfer.Options{WriteSize: 16384}); err != nil {
 		t.Fatal(err)
 	}
 	dA := counterOf(t, dp, a.Cgroup.ID).Sub(beforeA)
@@ -67,13 +66,10 @@ func TestPodToPodAcrossNamespaces(t *testing.T) {
 func TestReusedAddressesNeverCross(t *testing.T) {
 	dp := install(t)
 	type pair struct {
-		name           string
-		letter         byte
 		client, server *testutil.Pod
-		l              net.Listener
-		c              net.Conn
+		*transfer.LetterStream
 	}
-	pairs := []*pair{{name: "pair-1", letter: '1'}, {name: "pair-2", letter: '2'}}
+	pairs := []*pair{{LetterStream: &transfer.LetterStream{Name: "pair-1", Letter: '1'}}, {LetterStream: &transfer.LetterStream{Name: "pair-2", Letter: '2'}}}
 	var pods []*testutil.Pod
 	for i, p := range pairs {
 		p.client, p.server = testutil.NewPod(t), testutil.NewPod(t)
@@ -93,67 +89,16 @@ func TestReusedAddressesNeverCross(t *testing.T) {
 	}
 
 	const perConn = 8 << 20
-	errs := make(chan error, 4)
-	var wg sync.WaitGroup
+	var streams []*transfer.LetterStream
 	for _, p := range pairs {
-		p.l = p.server.Listen(t, "10.9.2.2:7777")
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c, err := p.l.Accept()
-			if err != nil {
-				errs <- err
-				return
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(60 * time.Second))
-			buf := make([]byte, 64<<10)
-			n := 0
-			for {
-				m, err := c.Read(buf)
-				if i := bytes.IndexFunc(buf[:m], func(r rune) bool { return byte(r) != p.letter }); i >= 0 {
-					errs <- fmt.Errorf("%s received %q: bytes crossed pod pairs", p.name, buf[i])
-					return
-				}
-				n += m
-				if err == io.EOF {
-					break
-				}
-				if err != nil {
-					errs <- err
-					return
-				}
-			}
-			fmt.Fprintf(c, "%s:%d", p.name, n)
-		}()
-		p.c = p.client.Dial(t, &net.TCPAddr{IP: net.IPv4(10, 9, 2, 1), Port: 40123}, "10.9.2.2:7777")
+		p.Listener = p.server.Listen(t, "10.9.2.2:7777")
+		streams = append(streams, p.LetterStream)
 	}
+	send := transfer.ServeLetters(streams)
 	for _, p := range pairs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			chunk := bytes.Repeat([]byte{p.letter}, 16<<10)
-			p.c.SetDeadline(time.Now().Add(60 * time.Second))
-			for sent := 0; sent < perConn; sent += len(chunk) {
-				if _, err := p.c.Write(chunk); err != nil {
-					errs <- err
-					return
-				}
-			}
-			p.c.(*net.TCPConn).CloseWrite()
-			reply, err := io.ReadAll(p.c)
-			if err != nil {
-				errs <- err
-				return
-			}
-			if want := fmt.Sprintf("%s:%d", p.name, perConn); string(reply) != want {
-				errs <- fmt.Errorf("client of %s got %q, want %q", p.name, reply, want)
-			}
-		}()
+		p.Client = p.client.Dial(t, &net.TCPAddr{IP: net.IPv4(10, 9, 2, 1), Port: 40123}, "10.9.2.2:7777")
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	for _, err := range send(perConn, 16<<10) {
 		t.Error(err)
 	}
 	for _, pod := range pods {

@@ -5,35 +5,25 @@ import (
 	"crypto/sha256"
 	"io"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 func TestRedirectCountsExactlyTheBytesSent(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	c, srv := acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
-	// Both ends have been seen reading (as an event loop does at once):
-	// from the first byte on, everything is redirected.
-	prime(t, c)
-	prime(t, srv)
-	waitPublished(t, dp, c, srv)
+	c, srv := publishedPair(t, dp, cg)
 
 	before := counterOf(t, dp, cg.ID)
-	payload := pattern(1, 1<<20+7)
-	go func() {
-		h := sha256.New()
-		io.Copy(h, srv)
-		srv.Write(h.Sum(nil))
-		srv.Close()
-	}()
-	got := sendAndSum(t, c, payload)
-	want := sha256.Sum256(payload)
-	if !bytes.Equal(got, want[:]) {
-		t.Fatalf("digest mismatch: got %x want %x", got, want)
+	payload := transfer.Pattern(1, 1<<20+7)
+	go transfer.Digest(srv)
+	if err := transfer.DigestRoundTrip(c, payload, transfer.Options{Timeout: 30 * time.Second}); err != nil {
+		t.Fatalf("digest mismatch: %v", err)
 	}
 	delta := counterOf(t, dp, cg.ID).Sub(before)
 	if want := uint64(len(payload) + sha256.Size); delta.RedirectedBytes != want {
@@ -52,7 +42,7 @@ func TestFirstBytesAreRedirected(t *testing.T) {
 	cg := enabledCgroup(t, dp)
 	c, srv := acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
 	before := counterOf(t, dp, cg.ID)
-	first := pattern(10, 1000)
+	first := transfer.Pattern(10, 1000)
 	if _, err := c.Write(first); err != nil {
 		t.Fatal(err)
 	}
@@ -83,10 +73,10 @@ func TestLegacySkMsgAttach(t *testing.T) {
 	if st.SkMsgAttach != "legacy" {
 		t.Fatalf("sk_msg attach = %q, want legacy", st.SkMsgAttach)
 	}
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	echoServer(t, l)
-	payload := pattern(3, 1<<20)
-	if err := echoRoundTrip(dialIn(t, cg, "tcp4", l.Addr().String()), payload, 16384); err != nil {
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
+	payload := transfer.Pattern(3, 1<<20)
+	if err := transfer.RoundTrip(testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, transfer.Options{WriteSize: 16384}); err != nil {
 		t.Fatal(err)
 	}
 	checkAccounted(t, counterOf(t, dp, cg.ID), 2*uint64(len(payload)), uint64(len(payload)))

@@ -8,6 +8,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // TestOnlyPeersThatMayBeLocalAreInserted: a connection between two
@@ -54,9 +55,9 @@ func TestOnlyPeersThatMayBeLocalAreInserted(t *testing.T) {
 		}
 		defer l.Close()
 		defer c.Close()
-		echoServer(t, l)
+		transfer.ServeEcho(l)
 		before := counterOf(t, dp, cg.ID)
-		if err := echoRoundTrip(c, pattern(21, 256<<10), 4096); err != nil {
+		if err := transfer.RoundTrip(c, transfer.Pattern(21, 256<<10), transfer.Options{WriteSize: 4096}); err != nil {
 			t.Fatal(err)
 		}
 		return counterOf(t, dp, cg.ID).Sub(before)

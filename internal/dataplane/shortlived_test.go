@@ -3,50 +3,19 @@ package dataplane
 import (
 	"bytes"
 	"io"
-	"net"
 	"testing"
 	"time"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
-
-// exchangeServer serves l until it is closed: on each connection it echoes
-// every message back until the client closes, then closes.
-func exchangeServer(t *testing.T, l net.Listener) {
-	t.Helper()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				// Read and write, not io.Copy: it would splice, which
-				// sees nothing of what was redirected.
-				buf := make([]byte, 4096)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if _, err := c.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-}
 
 // exchanges opens a connection to addr from cg, sends n messages of 64 B
 // one at a time, checks each echo, and closes.
 func exchanges(t *testing.T, cg cgroup.Cgroup, addr string, n int) {
 	t.Helper()
-	c := dialIn(t, cg, "tcp4", addr)
+	c := testutil.DialIn(t, cg, "tcp4", addr)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	msg, got := bytes.Repeat([]byte{'s'}, 64), make([]byte, 64)
@@ -71,8 +40,8 @@ func exchanges(t *testing.T, cg cgroup.Cgroup, addr string, n int) {
 func TestShortLivedListenerLeftPlain(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	exchangeServer(t, l)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
 	addr := l.Addr().String()
 
 	before := counterOf(t, dp, cg.ID)

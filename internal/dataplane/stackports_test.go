@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // spliceProxy forwards every connection accepted on l to upstream with
@@ -58,16 +59,16 @@ func roundTripWithin(c net.Conn, payload []byte, d time.Duration) ([]byte, error
 func TestStackPortsKeepSpliceProxiesWorking(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	upstream := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	echoServer(t, upstream)
-	proxy := listenIn(t, cg, "tcp4", "127.0.0.1:0")
+	upstream := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(upstream)
+	proxy := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
 	// The proxy dials upstream from the enabled cgroup too: both hops
 	// are between members.
 	spliceProxy(t, proxy, func() (c net.Conn, err error) {
 		testutil.InCgroup(t, cg, func() { c, err = net.DialTimeout("tcp4", upstream.Addr().String(), 5*time.Second) })
 		return c, err
 	})
-	payload := pattern(21, 1<<20)
+	payload := transfer.Pattern(21, 1<<20)
 
 	// With the proxy's and upstream's ports listed, everything is plain.
 	ports := []uint16{uint16(proxy.Addr().(*net.TCPAddr).Port), uint16(upstream.Addr().(*net.TCPAddr).Port)}
@@ -75,7 +76,7 @@ func TestStackPortsKeepSpliceProxiesWorking(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := counterOf(t, dp, cg.ID)
-	got, err := roundTripWithin(dialIn(t, cg, "tcp4", proxy.Addr().String()), payload, 10*time.Second)
+	got, err := roundTripWithin(testutil.DialIn(t, cg, "tcp4", proxy.Addr().String()), payload, 10*time.Second)
 	if err != nil || !bytes.Equal(got, payload) {
 		t.Fatalf("through the splice proxy with stack ports: got %d of %d bytes, %v", len(got), len(payload), err)
 	}
@@ -90,7 +91,7 @@ func TestStackPortsKeepSpliceProxiesWorking(t *testing.T) {
 		t.Fatal(err)
 	}
 	before = counterOf(t, dp, cg.ID)
-	got, _ = roundTripWithin(dialIn(t, cg, "tcp4", proxy.Addr().String()), payload, 2*time.Second)
+	got, _ = roundTripWithin(testutil.DialIn(t, cg, "tcp4", proxy.Addr().String()), payload, 2*time.Second)
 	if bytes.Equal(got, payload) {
 		t.Fatalf("the splice proxy forwarded everything without stack ports: the limitation this setting exists for is gone; update README and doctor (counters %+v)", counterOf(t, dp, cg.ID).Sub(before))
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 	"github.com/sockbypass/sockbypass/tc"
 )
 
@@ -67,7 +68,7 @@ func transferInPod(t *testing.T, cg cgroup.Cgroup, netns ns.NetNS, n int) {
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(60 * time.Second))
-	payload := pattern(uint64(n), n)
+	payload := transfer.Pattern(uint64(n), n)
 	ack := make([]byte, 1)
 	for off := 0; off < n; off += window {
 		if _, err := c.Write(payload[off:min(off+window, n)]); err != nil {

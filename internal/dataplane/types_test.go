@@ -7,6 +7,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 	"github.com/sockbypass/sockbypass/sockops"
 )
 
@@ -21,9 +23,9 @@ func TestSockKeyMatchesWhatBPFWrites(t *testing.T) {
 		if network == "tcp6" {
 			addr = "[::1]:0"
 		}
-		l := listenIn(t, cg, network, addr)
-		echoServer(t, l)
-		c := dialIn(t, cg, network, l.Addr().String())
+		l := testutil.ListenIn(t, cg, network, addr)
+		transfer.ServeEcho(l)
+		c := testutil.DialIn(t, cg, network, l.Addr().String())
 		// One byte there and back, keeping both sockets open.
 		buf := []byte("x")
 		if _, err := c.Write(buf); err != nil {

@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -13,6 +12,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // TestUpgradeDuringTransfers replaces every program while connections
@@ -25,8 +25,8 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	if _, err := dp.Enable(cg, EnableOptions{TCDevices: []TCDevice{{NetnsPath: netns.Path(), Name: "lo"}}}); err != nil {
 		t.Fatal(err)
 	}
-	l := listenIn(t, cg, "tcp4", "127.0.0.1:0")
-	echoServer(t, l)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeEcho(l)
 
 	// Every per-cgroup program of the table (not in sidecar mode).
 	pins := []string{filepath.Join(dp.pinDir, PinSkMsgLink), filepath.Join(dp.pinDir, PinRecvLink)}
@@ -47,17 +47,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	}
 
 	const streams = 8
-	stop := make(chan struct{})
-	errs := make([]error, streams)
-	var wg sync.WaitGroup
-	for i := range streams {
-		c := dialIn(t, cg, "tcp4", l.Addr().String())
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = streamUntil(c, stop, pattern(uint64(200+i), 1<<20), 16384)
-		}()
-	}
+	stopStreams := startStreams(t, cg, l.Addr().String(), streams, 200)
 	// Traffic is redirected before the upgrade...
 	waitFor(t, 5*time.Second, func() bool { return counterOf(t, dp, cg.ID).RedirectedBytes >= 8<<20 })
 	countersBefore := counterOf(t, dp, cg.ID)
@@ -72,9 +62,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	waitFor(t, 5*time.Second, func() bool {
 		return counterOf(t, dp, cg.ID).RedirectedBytes >= countersBefore.RedirectedBytes+8<<20
 	})
-	close(stop)
-	wg.Wait()
-	for i, err := range errs {
+	for i, err := range stopStreams() {
 		if err != nil {
 			t.Errorf("stream %d across the upgrade: %v", i, err)
 		}
@@ -89,7 +77,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	}
 	// A new connection with the new programs.
 	mid := counterOf(t, dp, cg.ID)
-	if err := echoRoundTrip(dialIn(t, cg, "tcp4", l.Addr().String()), pattern(9, 1<<20), 16384); err != nil {
+	if err := transfer.RoundTrip(testutil.DialIn(t, cg, "tcp4", l.Addr().String()), transfer.Pattern(9, 1<<20), transfer.Options{WriteSize: 16384}); err != nil {
 		t.Fatal(err)
 	}
 	if d := counterOf(t, dp, cg.ID).Sub(mid); d.SocketsInserted != 2 || d.RedirectedBytes == 0 {

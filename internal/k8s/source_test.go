@@ -23,6 +23,7 @@ import (
 	"github.com/sockbypass/sockbypass/internal/daemon"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 const node = "node-a"
@@ -192,16 +193,7 @@ kubernetes:
 	if err != nil {
 		t.Fatal(err)
 	}
-	dp, err := dataplane.OpenOrCreate(dataplane.Options{PinDir: testutil.NewPinDir(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := dp.Uninstall(); err != nil {
-			t.Error(err)
-		}
-		dp.Close()
-	})
+	dp := dptest.Install(t)
 	runCtx, cancel := context.WithCancel(ctx)
 	t.Cleanup(cancel)
 	log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))

@@ -825,31 +825,19 @@ func spliceAll(fd int) ([]byte, string) {
 	defer unix.Close(pipe[1])
 	var out []byte
 	buf := make([]byte, 64<<10)
-	w := newWaiter()
-	for {
+	end := untilEOF(fd, func() (int, error) {
 		n, err := unix.Splice(fd, nil, pipe[1], nil, 64<<10, unix.SPLICE_F_MOVE)
-		if retry(err) {
-			if werr := w.wait(fd, unix.POLLIN); werr != nil {
-				return out, werr.Error()
-			}
-			continue
-		}
-		if err != nil {
-			return out, errName(err)
-		}
-		if n == 0 {
-			return out, ""
-		}
-		w.progress()
-		for n > 0 {
-			m, err := unix.Read(pipe[0], buf[:min(int(n), len(buf))])
+		for left := n; left > 0; {
+			m, err := unix.Read(pipe[0], buf[:min(int(left), len(buf))])
 			if err != nil {
-				return out, errName(err)
+				return 0, err // a failed drain of the pipe ends the read
 			}
 			out = append(out, buf[:m]...)
-			n -= int64(m)
+			left -= int64(m)
 		}
-	}
+		return int(n), err
+	})
+	return out, end
 }
 
 func caseSpliceOnly(env *Env) (string, error) {

@@ -251,7 +251,7 @@ func Install(pinDir string, plain, accel cgroup.Cgroup, netns ns.NetNS) (s Setup
 		return func(mode Mode, o ConnOpts) (p Pair, err error) {
 			rerr := cg.RunIn(func() {
 				err = netns.Do(func(ns.NetNS) error {
-					p, err = ConnectLoopback(mode, o)
+					p, err = Connect(mode, o)
 					return err
 				})
 			})

@@ -68,6 +68,12 @@ type ConnOpts struct {
 	// Connected is called on the connecting socket once it is connected,
 	// before the server accepts.
 	Connected func(fd int) error
+	// Addr is the IPv4 address to listen on; zero means 127.0.0.1.
+	Addr [4]byte
+	// ListenIn and DialIn, when set, run the function that creates the
+	// listening socket, or the connecting one, where that side lives (a
+	// cgroup, a network namespace); unset, it runs in the calling context.
+	ListenIn, DialIn func(func())
 }
 
 // opTimeout bounds every blocking call or wait of a case.
@@ -76,69 +82,44 @@ const opTimeout = 5 * time.Second
 // errTimedOut is what a wait returns at its deadline.
 var errTimedOut = errors.New("timed out")
 
-// ConnectLoopback makes a TCP connection over 127.0.0.1 in mode, in the
-// calling thread's network namespace and this process's cgroup (the caller
-// moves the process into the cgroup under test). Blocking sockets get send
-// and receive timeouts so that no case can hang.
-func ConnectLoopback(mode Mode, o ConnOpts) (Pair, error) {
+// Connect makes a TCP connection in mode over o.Addr (127.0.0.1 by
+// default), both sides in the calling thread's network namespace and this
+// process's cgroup (the caller moves the process into the cgroup under
+// test) unless o.ListenIn or o.DialIn put a side elsewhere. Blocking
+// sockets get send and receive timeouts so that no case can hang; every
+// wait of the connection itself is bounded too.
+func Connect(mode Mode, o ConnOpts) (Pair, error) {
+	if o.Addr == ([4]byte{}) {
+		o.Addr = [4]byte{127, 0, 0, 1}
+	}
+	here := func(fn func()) { fn() }
+	if o.ListenIn == nil {
+		o.ListenIn = here
+	}
+	if o.DialIn == nil {
+		o.DialIn = here
+	}
+
 	flags := unix.SOCK_STREAM | unix.SOCK_CLOEXEC
 	if mode == NonBlocking {
 		flags |= unix.SOCK_NONBLOCK
 	}
 	tv := unix.NsecToTimeval(opTimeout.Nanoseconds())
-	lfd, err := unix.Socket(unix.AF_INET, flags, 0)
+	lfd := -1
+	var err error
+	o.ListenIn(func() { lfd, err = listenFD(flags, mode, tv, o) })
 	if err != nil {
 		return Pair{}, err
 	}
 	defer unix.Close(lfd)
-	if mode == Blocking {
-		unix.SetsockoptTimeval(lfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) // bounds accept
-	}
-	if o.Port != 0 {
-		if err := unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-			return Pair{}, err
-		}
-	}
-	if err := unix.Bind(lfd, &unix.SockaddrInet4{Port: o.Port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		return Pair{}, err
-	}
-	if o.Listener != nil {
-		if err := o.Listener(lfd); err != nil {
-			return Pair{}, fmt.Errorf("listener: %w", err)
-		}
-	}
-	if err := unix.Listen(lfd, 16); err != nil {
-		return Pair{}, err
-	}
-	if o.AfterListen != nil {
-		if err := o.AfterListen(lfd); err != nil {
-			return Pair{}, fmt.Errorf("listener after listen: %w", err)
-		}
-	}
 	sa, err := unix.Getsockname(lfd)
 	if err != nil {
 		return Pair{}, err
 	}
-	cfd, err := unix.Socket(unix.AF_INET, flags, 0)
+	p := Pair{C: -1, S: -1, Mode: mode}
+	o.DialIn(func() { p.C, err = dialFD(flags, sa, o) })
 	if err != nil {
 		return Pair{}, err
-	}
-	p := Pair{C: cfd, S: -1, Mode: mode}
-	if o.Client != nil {
-		if err := o.Client(cfd); err != nil {
-			p.Close()
-			return Pair{}, fmt.Errorf("client: %w", err)
-		}
-	}
-	if err := connectFD(cfd, sa); err != nil {
-		p.Close()
-		return Pair{}, err
-	}
-	if o.Connected != nil {
-		if err := o.Connected(cfd); err != nil {
-			p.Close()
-			return Pair{}, fmt.Errorf("connected: %w", err)
-		}
 	}
 	if p.S, err = acceptFD(lfd, mode); err != nil {
 		p.Close()
@@ -152,6 +133,69 @@ func ConnectLoopback(mode Mode, o ConnOpts) (Pair, error) {
 		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	}
 	return p, nil
+}
+
+// listenFD makes Connect's listening socket on o.Addr and o.Port (with
+// o.Listener applied before listen), and returns it.
+func listenFD(flags int, mode Mode, tv unix.Timeval, o ConnOpts) (int, error) {
+	lfd, err := unix.Socket(unix.AF_INET, flags, 0)
+	if err != nil {
+		return -1, err
+	}
+	if mode == Blocking {
+		unix.SetsockoptTimeval(lfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) // bounds accept
+	}
+	if o.Port != 0 {
+		if err := unix.SetsockoptInt(lfd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return closeFail(lfd, err)
+		}
+	}
+	if err := unix.Bind(lfd, &unix.SockaddrInet4{Port: o.Port, Addr: o.Addr}); err != nil {
+		return closeFail(lfd, err)
+	}
+	if o.Listener != nil {
+		if err := o.Listener(lfd); err != nil {
+			return closeFail(lfd, fmt.Errorf("listener: %w", err))
+		}
+	}
+	if err := unix.Listen(lfd, 16); err != nil {
+		return closeFail(lfd, err)
+	}
+	if o.AfterListen != nil {
+		if err := o.AfterListen(lfd); err != nil {
+			return closeFail(lfd, fmt.Errorf("listener after listen: %w", err))
+		}
+	}
+	return lfd, nil
+}
+
+// dialFD makes Connect's connecting socket (with o.Client applied before
+// connect and o.Connected after), connects it to sa and returns it.
+func dialFD(flags int, sa unix.Sockaddr, o ConnOpts) (int, error) {
+	cfd, err := unix.Socket(unix.AF_INET, flags, 0)
+	if err != nil {
+		return -1, err
+	}
+	if o.Client != nil {
+		if err := o.Client(cfd); err != nil {
+			return closeFail(cfd, fmt.Errorf("client: %w", err))
+		}
+	}
+	if err := connectFD(cfd, sa); err != nil {
+		return closeFail(cfd, err)
+	}
+	if o.Connected != nil {
+		if err := o.Connected(cfd); err != nil {
+			return closeFail(cfd, fmt.Errorf("connected: %w", err))
+		}
+	}
+	return cfd, nil
+}
+
+// closeFail closes fd, a socket that could not be set up, and returns err.
+func closeFail(fd int, err error) (int, error) {
+	unix.Close(fd)
+	return -1, err
 }
 
 func connectFD(fd int, sa unix.Sockaddr) error {
@@ -303,23 +347,37 @@ func readN(fd int, n int) ([]byte, error) {
 func readToEOF(fd int) ([]byte, string) {
 	var out []byte
 	buf := make([]byte, 64<<10)
+	end := untilEOF(fd, func() (int, error) {
+		m, err := unix.Read(fd, buf)
+		if m > 0 {
+			out = append(out, buf[:m]...)
+		}
+		return m, err
+	})
+	return out, end
+}
+
+// untilEOF calls read, which reads from fd, until it returns 0 bytes (EOF),
+// waiting for fd between the retries of a call that would block, within
+// opTimeout of the last progress (see waiter). It returns "" at EOF, or
+// the error that ended the reading ("timed out" at the deadline).
+func untilEOF(fd int, read func() (int, error)) string {
 	w := newWaiter()
 	for {
-		m, err := unix.Read(fd, buf)
+		n, err := read()
 		if retry(err) {
 			if werr := w.wait(fd, unix.POLLIN); werr != nil {
-				return out, werr.Error()
+				return werr.Error()
 			}
 			continue
 		}
 		if err != nil {
-			return out, errName(err)
+			return errName(err)
 		}
-		if m == 0 {
-			return out, ""
+		if n == 0 {
+			return ""
 		}
 		w.progress()
-		out = append(out, buf[:m]...)
 	}
 }
 

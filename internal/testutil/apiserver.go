@@ -8,7 +8,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -90,16 +89,6 @@ func requireBinaries(t testing.TB) (etcd, apiserver string) {
 	return etcd, apiserver
 }
 
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // startProcess starts a server and stops it by its PID (SIGTERM, then
 // SIGKILL) when the test ends, even on failure.
 func startProcess(t testing.TB, logPath string, name string, args ...string) *exec.Cmd {
@@ -144,7 +133,7 @@ func StartAPIServer(t testing.TB) *APIServer {
 	etcdBin, apiserverBin := requireBinaries(t)
 	dir := t.TempDir()
 
-	clientPort, peerPort := freePort(t), freePort(t)
+	clientPort, peerPort := FreePort(t), FreePort(t)
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", clientPort)
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
 	etcdLog := filepath.Join(dir, "etcd.log")
@@ -169,7 +158,7 @@ func StartAPIServer(t testing.TB) *APIServer {
 	if err := os.WriteFile(tokenPath, []byte(tokens), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	port := freePort(t)
+	port := FreePort(t)
 	a.URL = fmt.Sprintf("https://127.0.0.1:%d", port)
 	apiLog := filepath.Join(dir, "kube-apiserver.log")
 	startProcess(t, apiLog, apiserverBin,

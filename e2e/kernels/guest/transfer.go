@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -15,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // cgroupFigures are the fields of `sockbypass stats --json` this reads.
@@ -145,66 +146,20 @@ func accepted() (client, server *net.TCPConn, err error) {
 	}
 }
 
-// echo sends data to an echo server and returns what came back. Both ends
-// read and write with Read/Write (never io.Copy between two TCPConns,
-// which splices).
+// echo sends data to an echo server and returns what came back (see
+// internal/testutil/transfer: both ends read and write with Read/Write,
+// never io.Copy between two TCPConns, which splices).
 func echo(data []byte) ([]byte, error) {
 	client, server, err := accepted()
 	if err != nil {
 		return nil, err
 	}
 	defer client.Close()
-	deadline := time.Now().Add(60 * time.Second)
-	client.SetDeadline(deadline)
-	server.SetDeadline(deadline)
+	server.SetDeadline(time.Now().Add(60 * time.Second))
 	srvErr := make(chan error, 1)
-	go func() {
-		defer server.Close()
-		buf := make([]byte, 64<<10)
-		for {
-			n, err := server.Read(buf)
-			if n > 0 {
-				if _, werr := server.Write(buf[:n]); werr != nil {
-					srvErr <- fmt.Errorf("server write: %w", werr)
-					return
-				}
-			}
-			if err == io.EOF {
-				srvErr <- nil
-				return
-			}
-			if err != nil {
-				srvErr <- fmt.Errorf("server read: %w", err)
-				return
-			}
-		}
-	}()
-	wErr := make(chan error, 1)
-	go func() {
-		for off := 0; off < len(data); off += 64 << 10 {
-			end := min(off+64<<10, len(data))
-			if _, err := client.Write(data[off:end]); err != nil {
-				wErr <- fmt.Errorf("client write: %w", err)
-				return
-			}
-		}
-		wErr <- client.CloseWrite()
-	}()
-	var got bytes.Buffer
-	buf := make([]byte, 64<<10)
-	var rerr error
-	for {
-		n, err := client.Read(buf)
-		got.Write(buf[:n])
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			rerr = fmt.Errorf("client read: %w", err)
-			break
-		}
-	}
-	return got.Bytes(), errors.Join(rerr, <-wErr, <-srvErr)
+	go func() { srvErr <- transfer.Echo(server) }()
+	got, err := transfer.Exchange(client, data, transfer.Options{WriteSize: 64 << 10})
+	return got, errors.Join(err, <-srvErr)
 }
 
 // fionreadSockbypass asks FIONREAD on the server end of a fresh connection

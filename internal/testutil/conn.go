@@ -1,0 +1,58 @@
+package testutil
+
+import (
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/sockbypass/sockbypass/cgroup"
+)
+
+// ListenIn listens on addr (network "tcp4", "tcp6" or "tcp") with a socket
+// created in cg, so that the sockets it accepts belong to cg too. It fails tb
+// on error and closes the listener when tb ends.
+func ListenIn(tb testing.TB, cg cgroup.Cgroup, network, addr string) net.Listener {
+	tb.Helper()
+	var l net.Listener
+	var err error
+	InCgroup(tb, cg, func() { l, err = net.Listen(network, addr) })
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { l.Close() })
+	return l
+}
+
+// DialIn connects to addr with a socket created in cg, within 5 s. It fails
+// tb on error and closes the connection when tb ends.
+func DialIn(tb testing.TB, cg cgroup.Cgroup, network, addr string) net.Conn {
+	tb.Helper()
+	var c net.Conn
+	var err error
+	InCgroup(tb, cg, func() { c, err = net.DialTimeout(network, addr, 5*time.Second) })
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c
+}
+
+// FreePort returns a TCP port that is free on 127.0.0.1 now (the kernel
+// picked it for a listener that is closed again). It fails tb on error.
+func FreePort(tb testing.TB) int {
+	tb.Helper()
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// FreeAddr returns "127.0.0.1:PORT" with a port that is free now (see
+// FreePort).
+func FreeAddr(tb testing.TB) string {
+	tb.Helper()
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(FreePort(tb)))
+}
