@@ -126,7 +126,8 @@ struct sock_state {
 /* The socket's reader needs plain-TCP semantics the redirected queue does
  * not keep: it never becomes a redirect target. */
 #define SOCK_FLAG_STACK_READER (1U << 3)
-/* The socket has published itself as a redirect target. */
+/* The socket has an entry in `receivers': its read progress, published by
+ * readtrace once a sender may need it (see there). */
 #define SOCK_FLAG_PUBLISHED (1U << 4)
 /* The socket pairs with state->peer_key, never with its mirror. */
 #define SOCK_FLAG_EXPLICIT_PEER (1U << 5)
@@ -176,11 +177,16 @@ struct sock_state {
 #define SOCK_FLAG_ACCEPTED (1U << 20)
 
 /*
- * Redirect targets: sock_key of a socket that may receive redirected bytes
- * -> its network namespace and RECEIVER_ELIGIBLE | its copied_seq at its
- * last read (one u64, written and read with single aligned 64-bit
- * accesses). Entries are removed when the socket closes or falls back; LRU
- * bounds leftovers. One entry per sockhash member: user space sizes it at
+ * Read progress of redirect targets: sock_key of a member -> its network
+ * namespace and RECEIVER_ELIGIBLE | its copied_seq at its last read (one
+ * u64, written and read with single aligned 64-bit accesses), and the
+ * redirected bytes it has read. Only a sender that passed a message (it
+ * waits until the reader consumed its stack bytes) or nears the
+ * back-pressure limit needs it, so a member writes its entry only once it
+ * consumed stack bytes or read READ_PUBLISH_STEP redirected bytes: most
+ * pairs never write one. Entries are removed when the socket closes or
+ * falls back, and by join for a key an earlier socket left; LRU bounds
+ * leftovers. At most one entry per sockhash member: user space sizes it at
  * twice the sockhash capacity, so live members never evict one another.
  * (The peer's own storage would be better, but neither sk_msg nor sock_ops
  * may look a socket up in the sockhash: they lack bpf_sk_release.)

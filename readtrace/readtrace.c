@@ -65,12 +65,11 @@ int sockbypass_recv_length(__u64 *ctx)
 	/* Publish when stack bytes were consumed (a sender that passed one
 	 * waits for them), and every READ_PUBLISH_STEP redirected bytes
 	 * (back-pressure); most reads of a pair touch no map. */
-	if ((state->flags & SOCK_FLAG_PUBLISHED) && state->published_seq == seq &&
-	    state->redirected_read - state->published_read < READ_PUBLISH_STEP)
+	if (state->published_seq == seq && state->redirected_read - state->published_read < READ_PUBLISH_STEP)
 		return 0;
 
 	target = bpf_map_lookup_elem(&receivers, &state->key);
-	if (target && target->netns_cookie == state->netns_cookie) {
+	if (target && (state->flags & SOCK_FLAG_PUBLISHED) && target->netns_cookie == state->netns_cookie) {
 		*(volatile __u64 *)&target->redirected_read = state->redirected_read;
 		state->published_read = state->redirected_read;
 		if ((state->flags & SOCK_FLAG_PUBLISHED) && state->published_seq == seq)

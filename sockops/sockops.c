@@ -397,15 +397,16 @@ static __always_inline void report_to_listener(const struct sock_state *state)
 }
 
 /*
- * join inserts the socket into the sockhash under key and publishes it as
- * a redirect target (nothing read yet: its copied_seq is rcv_nxt). Returns
- * 0, or -1 when the sockhash refused it.
+ * join inserts the socket into the sockhash under key. It is a redirect
+ * target from then on; its read progress is published to `receivers' only
+ * once a sender may need it (readtrace: after it consumed stack bytes, or
+ * every READ_PUBLISH_STEP), so most pairs never write an entry. Returns 0,
+ * or -1 when the sockhash refused it.
  */
 static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state, const struct sock_key *key,
 			   const struct pairing *p, struct cgroup_counters *c)
 {
 	__u64 own_netns = p->own_netns;
-	struct receiver r = {};
 
 	if (bpf_sock_hash_update(skops, &sockhash, (void *)key, BPF_NOEXIST) != 0) {
 		COUNT(c, insert_failures);
@@ -425,10 +426,10 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 	state->redirected_sent = 0;
 	state->peer_read_seen = 0;
 	state->published_read = 0;
-	state->flags |= SOCK_FLAG_INSERTED | SOCK_FLAG_PUBLISHED;
-	r.netns_cookie = own_netns;
-	r.eligible_seq = RECEIVER_ELIGIBLE | skops->rcv_nxt;
-	bpf_map_update_elem(&receivers, key, &r, BPF_ANY);
+	state->flags |= SOCK_FLAG_INSERTED;
+	/* An entry left by an earlier socket with this key (one that closed
+	 * while its cgroup was disabled) must not speak for this one. */
+	bpf_map_delete_elem(&receivers, (void *)key);
 	COUNT(c, sockets_inserted);
 
 	/* Remember the socket's cgroup for per-cgroup live counts, and ask

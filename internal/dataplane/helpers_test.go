@@ -56,12 +56,13 @@ func prime(t *testing.T, c net.Conn) {
 	})
 }
 
-// waitPublished waits until every conn's socket is a redirect target.
-func waitPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
+// waitJoined waits until every conn's socket is in the sockhash: a member
+// of a joined pair, a redirect target from then on.
+func waitJoined(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 	t.Helper()
 	waitFor(t, 5*time.Second, func() bool {
 		for _, c := range conns {
-			if !published(dp, keyOf(c)) {
+			if !joined(dp, keyOf(c)) {
 				return false
 			}
 		}
@@ -69,16 +70,16 @@ func waitPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 	})
 }
 
-// waitPeerPublished waits until the peer of each conn (the accepted side,
-// possibly owned by another goroutine) is a redirect target.
-func waitPeerPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
+// waitPeerJoined waits until the peer of each conn (the accepted side,
+// possibly owned by another goroutine) is in the sockhash.
+func waitPeerJoined(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 	t.Helper()
 	waitFor(t, 5*time.Second, func() bool {
 		for _, c := range conns {
 			k := keyOf(c)
 			k.LocalIp, k.RemoteIp = k.RemoteIp, k.LocalIp
 			k.LocalPort, k.RemotePort = k.RemotePort, k.LocalPort
-			if !published(dp, k) {
+			if !joined(dp, k) {
 				return false
 			}
 		}
@@ -86,13 +87,13 @@ func waitPeerPublished(t *testing.T, dp *Dataplane, conns ...net.Conn) {
 	})
 }
 
-// published reports whether the socket with key k (namespace-scope, or
-// node-scope with cookie 0) is a redirect target.
-func published(dp *Dataplane, k SockKey) bool {
+// joined reports whether the socket with key k (namespace-scope, or
+// node-scope with cookie 0) is in the sockhash.
+func joined(dp *Dataplane, k SockKey) bool {
 	for _, cookie := range []uint64{k.NetnsCookie, 0} {
 		k.NetnsCookie = cookie
-		var v sockops.Receiver
-		if dp.maps[PinReceivers].Lookup(k, &v) == nil && v.EligibleSeq&(1<<32) != 0 {
+		var socketCookie uint64
+		if dp.maps[PinSockhash].Lookup(k, &socketCookie) == nil {
 			return true
 		}
 	}
@@ -145,15 +146,15 @@ func acceptDialed(t *testing.T, l net.Listener, server string, dial func() net.C
 	return client, s
 }
 
-// publishedPair is acceptedPair over 127.0.0.1 whose two ends have been
-// seen reading (see prime) and are redirect targets: from the first byte
-// on, everything is redirected.
-func publishedPair(t *testing.T, dp *Dataplane, cg cgroup.Cgroup) (client, server net.Conn) {
+// joinedPair is acceptedPair over 127.0.0.1 whose two ends have been seen
+// reading (see prime) and joined their pair: from the first byte on,
+// everything is redirected.
+func joinedPair(t *testing.T, dp *Dataplane, cg cgroup.Cgroup) (client, server net.Conn) {
 	t.Helper()
 	client, server = acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
 	prime(t, client)
 	prime(t, server)
-	waitPublished(t, dp, client, server)
+	waitJoined(t, dp, client, server)
 	return client, server
 }
 

@@ -60,7 +60,7 @@ func TestIntegrityBothDirections64Connections(t *testing.T) {
 func TestHalfCloseReplyArrives(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	c, srv := publishedPair(t, dp, cg)
+	c, srv := joinedPair(t, dp, cg)
 
 	payload := transfer.Pattern(42, 3<<20+1)
 	serverErr := make(chan error, 1)

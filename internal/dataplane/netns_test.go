@@ -58,7 +58,7 @@ func TestIdenticalTuplesInTwoNamespacesNeverCross(t *testing.T) {
 	// accept): wait until they are redirect targets, so the whole stream
 	// takes the fast path.
 	for _, p := range pods {
-		waitPeerPublished(t, dp, p.Client)
+		waitPeerJoined(t, dp, p.Client)
 	}
 
 	for _, err := range send(perConn, 32<<10) {

@@ -43,8 +43,8 @@ func TestPodToPodAcrossNamespaces(t *testing.T) {
 	transfer.ServeEcho(l)
 	c := a.Dial(t, nil, "10.9.1.2:8080")
 	prime(t, c)
-	waitPublished(t, dp, c)
-	waitPeerPublished(t, dp, c)
+	waitJoined(t, dp, c)
+	waitPeerJoined(t, dp, c)
 
 	beforeA, beforeB := counterOf(t, dp, a.Cgroup.ID), counterOf(t, dp, b.Cgroup.ID)
 	payload := transfer.Pattern(77, 8<<20)
@@ -133,7 +133,7 @@ func TestReusedAddressOfDeletedPodGetsNothing(t *testing.T) {
 	srv := <-accepted
 	defer srv.Close()
 	prime(t, old)
-	waitPublished(t, dp, old)
+	waitJoined(t, dp, old)
 	oldPort := old.LocalAddr().(*net.TCPAddr).Port
 
 	// Pod A is deleted: its link (and so B's end) goes; a new pod A2 gets

@@ -12,12 +12,13 @@ import (
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
+	"github.com/sockbypass/sockbypass/sockops"
 )
 
 func TestRedirectCountsExactlyTheBytesSent(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
-	c, srv := publishedPair(t, dp, cg)
+	c, srv := joinedPair(t, dp, cg)
 
 	before := counterOf(t, dp, cg.ID)
 	payload := transfer.Pattern(1, 1<<20+7)
@@ -100,5 +101,49 @@ func TestLegacySkMsgAttach(t *testing.T) {
 	res, err = link.QueryPrograms(link.QueryOptions{Target: sockhash.FD(), Attach: ebpf.AttachSkMsgVerdict})
 	if err != nil || len(res.Programs) != 0 {
 		t.Errorf("sk_msg still attached after uninstall: %v, %v", res, err)
+	}
+}
+
+// TestReadProgressIsPublishedOnlyWhenNeeded: a pair that only redirects
+// writes nothing to `receivers' (its senders never look), until a reader
+// has read READ_PUBLISH_STEP (1 MiB) of redirected bytes: then its
+// progress is there for the sender's back-pressure check.
+func TestReadProgressIsPublishedOnlyWhenNeeded(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	c, srv := joinedPair(t, dp, cg)
+	go transfer.Echo(srv)
+	progress := func() (found bool, read uint64) {
+		k := keyOf(c)
+		k.LocalIp, k.RemoteIp = k.RemoteIp, k.LocalIp
+		k.LocalPort, k.RemotePort = k.RemotePort, k.LocalPort
+		var r sockops.Receiver
+		if dp.maps[PinReceivers].Lookup(k, &r) != nil {
+			return false, 0
+		}
+		return true, r.RedirectedRead
+	}
+	exchange := func(size int) {
+		t.Helper()
+		msg, got := transfer.Pattern(3, size), make([]byte, size)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		go c.Write(msg)
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("echo of %d bytes: %v", size, err)
+		}
+	}
+
+	for i := 0; i < 100; i++ {
+		exchange(1000)
+	}
+	if found, _ := progress(); found {
+		t.Errorf("the server wrote its read progress after 100 kB of redirected reads; want no entry before 1 MiB")
+	}
+	exchange(2 << 20)
+	if found, read := progress(); !found || read < 1<<20 {
+		t.Errorf("after 2 MiB more: the server's read progress found %v, %d bytes read; want an entry with at least 1 MiB", found, read)
+	}
+	if d := counterOf(t, dp, cg.ID); d.PassedBytes != 0 || d.RedirectedBytes == 0 {
+		t.Errorf("counters %+v: want everything redirected", d)
 	}
 }
