@@ -613,39 +613,43 @@ static __noinline void dry_passive(struct bpf_sock_ops *skops, struct sock_state
 }
 
 /*
- * offered: for a client with no storage (no sidecar mode, no stack-reader
- * option, so it pairs with its mirror), whether its server offered a pair
- * or a dry run. A client that was not offered one stays plain without
- * storage: connections to servers outside enabled cgroups or to
- * short-lived listeners cost next to nothing. Counts the client when not.
+ * offered: for a socket with no storage, outside sidecar mode (so it pairs
+ * with its mirror), whether its connection was offered a pair or a dry run:
+ * the client looks its own key up in `pairs', the server its client's. A
+ * socket that was not stays plain and gets no storage: connections to
+ * short-lived listeners, or between an enabled cgroup and another one, cost
+ * next to nothing. Counts it when not, as the full path would. Fills key
+ * and p; the caller fills them again.
  */
-static __noinline int offered(struct bpf_sock_ops *skops)
+static __noinline int offered(struct bpf_sock_ops *skops, struct sock_key *key, struct pairing *p, int passive)
 {
-	__u64 cgroup_id;
+	__u64 cgroup_id = enabled_cgroup_id;
 	struct cgroup_counters *c;
-	struct pairing p = {};
-	struct sock_key key = {};
+	struct cgroup_config *cfg;
+	__u16 server_port;
 
-	if (own_key(skops, &key) < 0)
+	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	if (cfg && cfg->mesh_mode != MESH_NONE)
+		return 1; /* the sidecar pairings consume their records */
+	if (own_key(skops, key) < 0)
 		return 0;
-	p.own_netns = bpf_get_netns_cookie(skops);
-	set_mirror(&p, &key, p.own_netns);
-	if (p.scope != SCOPE_REMOTE) {
-		key.netns_cookie = p.scope == SCOPE_NODE ? 0 : p.own_netns;
-		if (bpf_map_lookup_elem(&pairs, &key))
-			return 1;
-	}
-	c = counters_for(enabled_cgroup_id);
-	if (p.scope == SCOPE_REMOTE) {
+	p->own_netns = bpf_get_netns_cookie(skops);
+	set_mirror(p, key, p->own_netns);
+	key->netns_cookie = p->scope == SCOPE_NODE ? 0 : p->own_netns;
+	server_port = passive ? key->local_port : key->remote_port;
+	if (p->scope != SCOPE_REMOTE && !stack_port(cfg, server_port) &&
+	    bpf_map_lookup_elem(&pairs, passive ? &p->peer : key))
+		return 1;
+	c = counters_for(cgroup_id);
+	if (p->scope == SCOPE_REMOTE) {
 		COUNT(c, sockets_remote);
 		return 0;
 	}
-	if (p.scope == SCOPE_AMBIGUOUS)
+	if (p->scope == SCOPE_AMBIGUOUS)
 		COUNT(c, sockets_ambiguous);
-	cgroup_id = enabled_cgroup_id;
-	if (stack_port(bpf_map_lookup_elem(&cgroup_config, &cgroup_id), key.remote_port))
+	if (stack_port(cfg, server_port))
 		COUNT(c, sockets_stack_port);
-	else
+	else if (!dry_run(cfg))
 		COUNT(c, sockets_unpaired);
 	return 0;
 }
@@ -663,7 +667,8 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 
 	if (!skops->sk)
 		return;
-	if (!bpf_sk_storage_get(&sock_state, skops->sk, 0, 0) && !offered(skops))
+	/* key and p are filled again below. */
+	if (!bpf_sk_storage_get(&sock_state, skops->sk, 0, 0) && !offered(skops, &key, &p, 0))
 		return;
 	state = prepare(skops, 0, &cfg, &c);
 	if (!state || own_key(skops, &key) < 0)
@@ -733,42 +738,6 @@ static __noinline void decline_client(struct pair *pair, const struct sock_key *
 	bpf_map_delete_elem(&pairs, (void *)client);
 }
 
-/*
- * offered_passive: for an accepted socket with no storage, outside sidecar
- * mode, whether a client joined (or dry-ran) the pair its listener offered.
- * One that was not stays plain without storage (connections to short-lived
- * listeners, from clients outside enabled cgroups). Counts it when not, as
- * join_passive would.
- */
-static __noinline int offered_passive(struct bpf_sock_ops *skops, struct sock_key *key, struct pairing *p)
-{
-	__u64 cgroup_id = enabled_cgroup_id;
-	struct cgroup_counters *c;
-	struct cgroup_config *cfg;
-
-	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
-	if (cfg && cfg->mesh_mode != MESH_NONE)
-		return 1; /* the sidecar pairings consume their records */
-	if (own_key(skops, key) < 0)
-		return 0;
-	p->own_netns = bpf_get_netns_cookie(skops);
-	set_mirror(p, key, p->own_netns);
-	if (p->scope != SCOPE_REMOTE && !stack_port(cfg, key->local_port) && bpf_map_lookup_elem(&pairs, &p->peer))
-		return 1;
-	c = counters_for(cgroup_id);
-	if (p->scope == SCOPE_REMOTE) {
-		COUNT(c, sockets_remote);
-		return 0;
-	}
-	if (p->scope == SCOPE_AMBIGUOUS)
-		COUNT(c, sockets_ambiguous);
-	if (stack_port(cfg, key->local_port))
-		COUNT(c, sockets_stack_port);
-	else if (!dry_run(cfg))
-		COUNT(c, sockets_unpaired);
-	return 0;
-}
-
 /* join_passive: the server's half of the pair handshake, at
  * PASSIVE_ESTABLISHED. Returns 1 when the socket joined its pair. */
 static __noinline int join_passive(struct bpf_sock_ops *skops)
@@ -784,7 +753,7 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	if (!skops->sk)
 		return 0;
 	/* key and p are filled again below. */
-	if (!bpf_sk_storage_get(&sock_state, skops->sk, 0, 0) && !offered_passive(skops, &key, &p))
+	if (!bpf_sk_storage_get(&sock_state, skops->sk, 0, 0) && !offered(skops, &key, &p, 1))
 		return 0;
 	state = prepare(skops, 1, &cfg, &c);
 	if (!state || own_key(skops, &key) < 0)
