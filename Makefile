@@ -2,7 +2,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 BIN := bin/sockbypass
-BPF_PKGS := ./sockops ./skmsg ./tc ./cgroup ./readtrace ./e2e/minimal
+BPF_PKGS := ./sockops ./skmsg ./tc ./cgroup ./e2e/minimal
 GENERATED := $(wildcard */*_bpfel.* internal/*/*_bpfel.*)
 
 .PHONY: all deps build generate check-generated vet test demo bench bench-quick bench-loopback clean

@@ -94,24 +94,22 @@ struct sock_state {
 	__u16 orig_dst_family;
 	__u32 nat_src_ip[4];
 	__u32 nat_dst_ip[4];
-	/* copied_seq last published to the receivers map. */
-	__u32 published_seq;
-	/* copied_seq at the last read (to tell stack bytes from redirected
-	 * bytes in what a read returned). */
-	__u32 last_copied_seq;
 	/* Messages (sk_msg runs) this member sent, redirected or not: at
-	 * close, a server end tells its listener whether its connection was
-	 * short-lived (see "Short-lived listeners"). */
+	 * close, each end tells the server's listener whether its connection
+	 * was short-lived (see "Short-lived listeners"). */
 	__u32 msgs_sent;
-	/* Bytes read from the redirected queue, and bytes this socket
-	 * redirected to its peer. */
-	__u64 redirected_read;
+	__u32 pad3;
+	/* Bytes this socket redirected to its peer. */
 	__u64 redirected_sent;
-	/* The peer's redirected_read as this sender last saw it in
-	 * `receivers` (back-pressure is checked against it first). */
+	/* Of those, what the peer had read when this sender last looked
+	 * (back-pressure is checked against it first, see peer_progress). */
 	__u64 peer_read_seen;
-	/* redirected_read as last published to `receivers`. */
-	__u64 published_read;
+	/* The peer socket (its struct sock's address) and its cookie,
+	 * exchanged through `pairs' when the pair joins: the sender reads the
+	 * peer's progress from it (peer_progress). The cookie proves the
+	 * address still holds that socket (cookies are never reused). */
+	__u64 peer_sk;
+	__u64 peer_cookie;
 	/* SOCK_FLAG_* */
 	__u32 flags;
 };
@@ -126,9 +124,8 @@ struct sock_state {
 /* The socket's reader needs plain-TCP semantics the redirected queue does
  * not keep: it never becomes a redirect target. */
 #define SOCK_FLAG_STACK_READER (1U << 3)
-/* The socket has an entry in `receivers': its read progress, published by
- * readtrace once a sender may need it (see there). */
-#define SOCK_FLAG_PUBLISHED (1U << 4)
+/* Bit 4 is unused (it marked the read-progress entries of an earlier
+ * layout). */
 /* The socket pairs with state->peer_key, never with its mirror. */
 #define SOCK_FLAG_EXPLICIT_PEER (1U << 5)
 /* Sidecar mode: connect() was sent to the sidecar (orig_dst is set). */
@@ -177,37 +174,16 @@ struct sock_state {
 #define SOCK_FLAG_ACCEPTED (1U << 20)
 
 /*
- * Read progress of redirect targets: sock_key of a member -> its network
- * namespace and RECEIVER_ELIGIBLE | its copied_seq at its last read (one
- * u64, written and read with single aligned 64-bit accesses), and the
- * redirected bytes it has read. Only a sender that passed a message (it
- * waits until the reader consumed its stack bytes) or nears the
- * back-pressure limit needs it, so a member writes its entry only once it
- * consumed stack bytes or read READ_PUBLISH_STEP redirected bytes: most
- * pairs never write one. Entries are removed when the socket closes or
- * falls back, and by join for a key an earlier socket left; LRU bounds
- * leftovers. At most one entry per sockhash member: user space sizes it at
- * twice the sockhash capacity, so live members never evict one another.
- * (The peer's own storage would be better, but neither sk_msg nor sock_ops
- * may look a socket up in the sockhash: they lack bpf_sk_release.)
- */
-#define RECEIVER_ELIGIBLE (1ULL << 32)
-
-struct receiver {
-	__u64 netns_cookie;
-	__u64 eligible_seq;
-	/* Bytes the socket has read from its redirected queue. */
-	__u64 redirected_read;
-};
-
-/*
  * Back-pressure: the redirected queue is charged to the kernel's global TCP
  * memory, not to the reader's receive buffer, so a reader that stops
  * reading would let its peer queue without bound. A sender stops
  * redirecting when this many redirected bytes are unread, and its next
  * bytes take the stack, where TCP flow control blocks it as it would
  * without sockbypass; it redirects again once the reader has read every
- * byte (stack bytes included). This is the one path that puts stack bytes
+ * byte (stack bytes included). The sender reads the peer's progress from
+ * the peer socket itself (peer_progress): the unread redirected bytes are
+ * its psock's msg_tot_len (what FIONREAD reports), the stack bytes it has
+ * read its copied_seq. This is the one path that puts stack bytes
  * on a member, and then FIONREAD (which counts the redirected queue only)
  * undercounts until the reader has caught up: so the limit is far above
  * what plain TCP holds in flight (tcp_rmem plus tcp_wmem maxima, about
@@ -216,29 +192,6 @@ struct receiver {
  * 8 MiB hung nginx reverse-proxy POSTs of 16 MiB.
  */
 #define REDIRECT_UNREAD_LIMIT (64ULL << 20)
-
-/* A reader publishes its redirected_read at least every this many bytes
- * (and whenever it consumed stack bytes): senders see its progress at most
- * this late, far below REDIRECT_UNREAD_LIMIT, and most reads touch no map. */
-#define READ_PUBLISH_STEP (1ULL << 20)
-
-/*
- * Streams of small writes: over loopback the stack coalesces them into
- * large segments (autocorking), the redirected path hands each one over on
- * its own. A socket that has sent this many messages smaller than
- * SMALL_MSG to a peer in its own namespace without reading in between is
- * streaming, not in request/response: its small messages take the stack
- * until it reads again. (Across a veth the redirect stays far ahead.)
- */
-#define SMALL_MSG 4096
-#define SMALL_STREAM_SENDS 64
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 131072);
-	__type(key, struct sock_key);
-	__type(value, struct receiver);
-} receivers SEC(".maps");
 
 /*
  * Node addresses, written by user space: every non-loopback, non-link-local
@@ -308,6 +261,8 @@ struct cgroup_counters {
 	__u64 fallback_rcvlowat;
 	__u64 fallback_tcp_inq;
 	__u64 fallback_oobinline;
+	/* Reads with MSG_WAITALL and MSG_OOB: no longer counted (reads are
+	 * not traced since layout 5), kept for the layout and stats --json. */
 	__u64 fallback_waitall;
 	__u64 fallback_oob_read;
 	/* Sockets left out because their peer cannot be local (the remote
@@ -347,8 +302,8 @@ struct cgroup_counters {
 	/* Connections left plain because their server port is a stack port. */
 	__u64 sockets_stack_port;
 	/* Members that asked for semantics the redirected queue does not keep
-	 * after they joined (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE, MSG_WAITALL,
-	 * MSG_OOB): counted, the pair stays redirected. */
+	 * after they joined (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE): counted, the
+	 * pair stays redirected. */
 	__u64 late_stack_options;
 	/* TCP packets and payload bytes seen leaving the interfaces with TC
 	 * accounting (--tc-dev), local or not: the device view. */
@@ -668,6 +623,13 @@ struct pair {
 	 * key while a handshake is in flight). */
 	__u32 client_snd_nxt;
 	__u32 client_rcv_nxt;
+	/* Each end's socket (struct sock address) and cookie, for its peer's
+	 * sock_state (peer_sk, peer_cookie): the client's written with its
+	 * sequence numbers, the server's before it marks the pair JOINED. */
+	__u64 client_sk;
+	__u64 client_cookie;
+	__u64 server_sk;
+	__u64 server_cookie;
 };
 
 struct {
@@ -697,11 +659,11 @@ struct {
  * Short-lived listeners. Pairing costs a connection a few microseconds
  * (storage, the pair handshake, two sockhash inserts) and pays back per
  * message; a connection that carries one request and one response (HTTP
- * with Connection: close) only pays. So the server end of each pair tells
- * its listener at close whether its connection was short: at most
- * SHORT_CONN_MSGS messages sent by the server and under SHORT_CONN_BYTES
- * moved both ways. After SHORT_STREAK short connections in a row (a long
- * one resets the count), the listener's new connections are not offered a
+ * with Connection: close) only pays. So each end of a pair tells the
+ * server's listener at close whether its side was short: at most
+ * SHORT_CONN_MSGS messages and under SHORT_CONN_BYTES sent. The server's
+ * short side counts a short connection, either end's long side resets the
+ * count. After SHORT_STREAK short connections in a row, the listener's new connections are not offered a
  * pair: they stay plain TCP and cost next to nothing
  * (connections_short_lived). One in SHORT_PROBE_EVERY is still paired, so
  * a listener whose connections grow long is noticed. A cgroup enabled
@@ -763,14 +725,64 @@ typedef struct {
 	struct net *net;
 } __attribute__((preserve_access_index)) possible_net_t;
 
+typedef struct {
+	__s64 counter;
+} __attribute__((preserve_access_index)) atomic64_t;
+
 struct sock_common {
 	possible_net_t skc_net;
+	atomic64_t skc_cookie;
 } __attribute__((preserve_access_index));
 
 struct sock {
 	struct sock_common __sk_common;
 	struct socket *sk_socket;
+	void *sk_user_data;
 } __attribute__((preserve_access_index));
+
+/* A sockhash member's psock (sk_user_data, tagged SK_USER_DATA_PSOCK):
+ * msg_tot_len is the length of its redirected queue, unread. */
+struct sk_psock {
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+#define SK_USER_DATA_PSOCK 4ULL
+#define SK_USER_DATA_PTRMASK (~7ULL)
+
+/*
+ * peer_progress reads what a sender needs of its peer from the peer socket
+ * itself (state->peer_sk, learned when the pair joined): its copied_seq,
+ * and its redirected bytes not yet read (*unread). Returns -1 when the
+ * address no longer holds the peer (it closed: its cookie is gone) or
+ * cannot be read; the caller then takes the stack. The cookie is read last,
+ * so the other reads were of the peer. TCP sockets are freed by RCU and
+ * their memory stays sockets, and bpf_probe_read_kernel never faults.
+ */
+static __always_inline int peer_progress(const struct sock_state *state, __u32 *copied_seq, __u64 *unread)
+{
+	struct sock *sk = (struct sock *)state->peer_sk;
+	struct tcp_sock *tp = (struct tcp_sock *)state->peer_sk;
+	struct sk_psock *psock;
+	__u64 user_data = 0;
+	__s64 cookie = 0;
+	__u32 queued = 0;
+
+	if (!sk)
+		return -1;
+	if (bpf_probe_read_kernel(copied_seq, sizeof(*copied_seq), &tp->copied_seq) ||
+	    bpf_probe_read_kernel(&user_data, sizeof(user_data), &sk->sk_user_data) ||
+	    !(user_data & SK_USER_DATA_PSOCK))
+		return -1;
+	psock = (struct sk_psock *)(user_data & SK_USER_DATA_PTRMASK);
+	if (bpf_probe_read_kernel(&queued, sizeof(queued), &psock->msg_tot_len))
+		return -1;
+	asm volatile("" ::: "memory");
+	if (bpf_probe_read_kernel(&cookie, sizeof(cookie), &sk->__sk_common.skc_cookie.counter) ||
+	    (__u64)cookie != state->peer_cookie)
+		return -1;
+	*unread = queued;
+	return 0;
+}
 
 /* The initial value of a cgroup's counters: a global (in .rodata), so that
  * no program puts a struct cgroup_counters on its stack (sock_ops's deepest

@@ -1,9 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * Stack readers (see sockbypass.h, "Pairs"): a socket whose reader needs
- * plain-TCP semantics, found by cgroup/setsockopt (cgroup/setsockopt.c) or
- * by the read tracer (readtrace/readtrace.c). Each reason is counted per
- * enabled cgroup.
+ * plain-TCP semantics, found by cgroup/setsockopt (cgroup/setsockopt.c).
+ * Each reason is counted per enabled cgroup.
  */
 #ifndef SOCKBYPASS_STACK_READER_H
 #define SOCKBYPASS_STACK_READER_H
@@ -14,8 +13,6 @@ enum fallback_reason {
 	REASON_RCVLOWAT,
 	REASON_TCP_INQ,
 	REASON_OOBINLINE,
-	REASON_WAITALL,
-	REASON_OOB_READ,
 };
 
 static __always_inline void count_reason(__u64 cgroup_id, int reason)
@@ -33,12 +30,6 @@ static __always_inline void count_reason(__u64 cgroup_id, int reason)
 		break;
 	case REASON_OOBINLINE:
 		__sync_fetch_and_add(&c->fallback_oobinline, 1);
-		break;
-	case REASON_WAITALL:
-		__sync_fetch_and_add(&c->fallback_waitall, 1);
-		break;
-	case REASON_OOB_READ:
-		__sync_fetch_and_add(&c->fallback_oob_read, 1);
 		break;
 	}
 }

@@ -129,13 +129,10 @@ type sidecarPair struct {
 	State        uint64
 	ClientSndNxt uint32
 	ClientRcvNxt uint32
-}
-
-type sidecarReceiver struct {
-	_              structs.HostLayout
-	NetnsCookie    uint64
-	EligibleSeq    uint64
-	RedirectedRead uint64
+	ClientSk     uint64
+	ClientCookie uint64
+	ServerSk     uint64
+	ServerCookie uint64
 }
 
 type sidecarSockKey struct {
@@ -164,14 +161,12 @@ type sidecarSockState struct {
 	OrigDstFamily   uint16
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
-	PublishedSeq    uint32
-	LastCopiedSeq   uint32
 	MsgsSent        uint32
-	_               [4]byte
-	RedirectedRead  uint64
+	Pad3            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
-	PublishedRead   uint64
+	PeerSk          uint64
+	PeerCookie      uint64
 	Flags           uint32
 	_               [4]byte
 }
@@ -211,7 +206,6 @@ const (
 	sidecarMapNodeAddrs             = "node_addrs"
 	sidecarMapOrigDsts              = "orig_dsts"
 	sidecarMapPairs                 = "pairs"
-	sidecarMapReceivers             = "receivers"
 	sidecarMapSockState             = "sock_state"
 	sidecarMapSocketCgroups         = "socket_cgroups"
 	sidecarMapSockhash              = "sockhash"
@@ -286,7 +280,6 @@ type sidecarMapSpecs struct {
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
-	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
@@ -331,7 +324,6 @@ type sidecarMaps struct {
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
-	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
@@ -351,7 +343,6 @@ func (m *sidecarMaps) Close() error {
 		m.NodeAddrs,
 		m.OrigDsts,
 		m.Pairs,
-		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The bystander benchmark of issue 13, with a real client: sockperf
 # ping-pong, 64 B, both ends on CPU 0, in a cgroup that is NOT enabled,
-# rotating four modes in one run: nothing enabled (the install idle),
-# another cgroup enabled (the default: no TC), the same without the read
-# tracer (to attribute its cost), and another cgroup enabled with
-# --tc-dev lo. Prints, and writes to OUT (default
+# rotating three modes in one run: nothing enabled (the install idle),
+# another cgroup enabled (the default: no TC; nothing node-wide runs), and
+# another cgroup enabled with --tc-dev lo. Prints, and writes to OUT (default
 # e2e/results/bystander-sockperf.md), the median p50 of each mode with its
 # spread and its ratio to the idle install.
 #
@@ -44,8 +43,8 @@ p50() {
 	(echo $BASHPID >"$by/cgroup.procs"; exec taskset -c 0 sockperf ping-pong --tcp -i 127.0.0.1 -p "$port" -m 64 -t "$secs" 2>&1) |
 		awk '/percentile 50.000/ {print $NF}'
 }
-modes=(idle enabled notrace tc)
-declare -A label=([idle]="nothing enabled" [enabled]="another cgroup enabled (default)" [notrace]="another cgroup enabled, read tracer detached" [tc]="another cgroup enabled, --tc-dev lo")
+modes=(idle enabled tc)
+declare -A label=([idle]="nothing enabled" [enabled]="another cgroup enabled (default)" [tc]="another cgroup enabled, --tc-dev lo")
 declare -A vals
 for r in $(seq "$rounds"); do
 	for i in "${!modes[@]}"; do
@@ -53,11 +52,6 @@ for r in $(seq "$rounds"); do
 		case $m in
 		idle) "$bin" disable --bpffs-dir "$pin" --cgroup "$other" >/dev/null ;;
 		enabled) "$bin" enable --bpffs-dir "$pin" --cgroup "$other" --no-tc >/dev/null ;;
-		notrace)
-			"$bin" enable --bpffs-dir "$pin" --cgroup "$other" --no-tc >/dev/null
-			"$bin" status --bpffs-dir "$pin" --json >/dev/null # the tracer is attached now
-			rm -f "$pin/recv_trace_link"
-			;;
 		tc) "$bin" enable --bpffs-dir "$pin" --cgroup "$other" --tc-dev lo >/dev/null ;;
 		esac
 		v=$(p50)

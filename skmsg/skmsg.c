@@ -18,11 +18,11 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	struct sock_state *state;
 	struct cgroup_counters *c;
 	struct tcp_sock *tp;
-	struct receiver *target;
 	struct sock_key peer;
 	__u64 size = msg->size;
 	__u64 cgroup_id = 0;
-	__u64 published;
+	__u64 unread = 0;
+	__u32 copied_seq = 0;
 
 	if (!msg->sk)
 		return SK_PASS;
@@ -57,6 +57,8 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		if (old != PAIR_JOINED)
 			goto pass;
 		/* Final: the entry has done its job, free its slot. */
+		state->peer_sk = pair->server_sk;
+		state->peer_cookie = pair->server_cookie;
 		state->flags |= SOCK_FLAG_PAIRED;
 		state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
 		bpf_map_delete_elem(&pairs, &state->key);
@@ -95,28 +97,23 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	    state->redirected_sent - state->peer_read_seen + size <= REDIRECT_UNREAD_LIMIT)
 		goto redirect;
 
-	/* Is the peer a redirect target, in the namespace it must be in? A
-	 * socket of an earlier owner of the address never is. */
-	target = bpf_map_lookup_elem(&receivers, &peer);
-	if (!target || target->netns_cookie != state->peer_netns_cookie)
+	/* The slow path: read the peer's progress from the peer itself. Is
+	 * it still the socket we paired with, and has it read every byte we
+	 * sent through the stack (its copied_seq has reached our write_seq)? */
+	if (peer_progress(state, &copied_seq, &unread) < 0)
 		goto pass;
-	published = *(volatile __u64 *)&target->eligible_seq;
-	if (!(published & RECEIVER_ELIGIBLE))
-		goto pass;
-
-	/* Has it read every byte we sent through the stack? */
 	tp = bpf_skc_to_tcp_sock(msg->sk);
 	if (!tp)
 		goto pass;
-	if (tp->write_seq != (__u32)published) {
+	if (tp->write_seq != copied_seq) {
 		if (c)
 			__sync_fetch_and_add(&c->passed_unread_msgs, 1);
 		goto pass;
 	}
 
 	/* Back-pressure: too much redirected and still unread. */
-	state->peer_read_seen = *(volatile __u64 *)&target->redirected_read;
-	if (state->redirected_sent - state->peer_read_seen + size > REDIRECT_UNREAD_LIMIT) {
+	state->peer_read_seen = state->redirected_sent - unread;
+	if (unread + size > REDIRECT_UNREAD_LIMIT) {
 		if (c)
 			__sync_fetch_and_add(&c->passed_backpressure_msgs, 1);
 		goto pass;

@@ -129,13 +129,10 @@ type skmsgPair struct {
 	State        uint64
 	ClientSndNxt uint32
 	ClientRcvNxt uint32
-}
-
-type skmsgReceiver struct {
-	_              structs.HostLayout
-	NetnsCookie    uint64
-	EligibleSeq    uint64
-	RedirectedRead uint64
+	ClientSk     uint64
+	ClientCookie uint64
+	ServerSk     uint64
+	ServerCookie uint64
 }
 
 type skmsgSockKey struct {
@@ -164,14 +161,12 @@ type skmsgSockState struct {
 	OrigDstFamily   uint16
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
-	PublishedSeq    uint32
-	LastCopiedSeq   uint32
 	MsgsSent        uint32
-	_               [4]byte
-	RedirectedRead  uint64
+	Pad3            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
-	PublishedRead   uint64
+	PeerSk          uint64
+	PeerCookie      uint64
 	Flags           uint32
 	_               [4]byte
 }
@@ -211,7 +206,6 @@ const (
 	skmsgMapNodeAddrs        = "node_addrs"
 	skmsgMapOrigDsts         = "orig_dsts"
 	skmsgMapPairs            = "pairs"
-	skmsgMapReceivers        = "receivers"
 	skmsgMapSockState        = "sock_state"
 	skmsgMapSocketCgroups    = "socket_cgroups"
 	skmsgMapSockhash         = "sockhash"
@@ -279,7 +273,6 @@ type skmsgMapSpecs struct {
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
-	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
@@ -323,7 +316,6 @@ type skmsgMaps struct {
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
-	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
@@ -343,7 +335,6 @@ func (m *skmsgMaps) Close() error {
 		m.NodeAddrs,
 		m.OrigDsts,
 		m.Pairs,
-		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,

@@ -329,17 +329,17 @@ static __always_inline int local_scope(struct sock_key *key, const struct pairin
 	return 0;
 }
 
-/* listener_flags returns the flags of the listener of a socket with this
- * key (exact address, then the IPv4 and IPv6 wildcards), or NULL when it is
- * not known. */
-static __noinline __u64 *listener_flags(const struct sock_key *key, __u64 netns)
+/* listener_flags returns the flags of the listener of ip and port in the
+ * network namespace netns (exact address, then the IPv4 and IPv6
+ * wildcards), or NULL when it is not known. */
+static __noinline __u64 *listener_flags(const __u32 *ip, __u16 port, __u64 netns)
 {
 	struct endpoint_key ek = {};
 	__u64 *flags;
 
 	ek.netns_cookie = netns;
-	__builtin_memcpy(ek.ip, key->local_ip, sizeof(ek.ip));
-	ek.port = key->local_port;
+	__builtin_memcpy(ek.ip, ip, sizeof(ek.ip));
+	ek.port = port;
 	flags = bpf_map_lookup_elem(&listeners, &ek);
 	if (!flags) {
 		set_v4mapped(ek.ip, 0);
@@ -356,7 +356,7 @@ static __noinline __u64 *listener_flags(const struct sock_key *key, __u64 netns)
  * of key may join pairs: it is known non-blocking and no stack reader. */
 static __always_inline int listener_eligible(const struct sock_key *key, __u64 netns)
 {
-	__u64 *flags = listener_flags(key, netns);
+	__u64 *flags = listener_flags(key->local_ip, key->local_port, netns);
 
 	return flags && (*flags & (LISTENER_NONBLOCK | LISTENER_STACK_READER)) == LISTENER_NONBLOCK;
 }
@@ -369,7 +369,7 @@ static __always_inline int listener_eligible(const struct sock_key *key, __u64 n
  */
 static __always_inline int short_lived(const struct sock_key *key, __u64 netns)
 {
-	__u64 *flags = listener_flags(key, netns);
+	__u64 *flags = listener_flags(key->local_ip, key->local_port, netns);
 	__u64 skipped;
 
 	if (!flags || (*flags & LISTENER_SHORT_MASK) < SHORT_STREAK * LISTENER_SHORT_ONE)
@@ -379,16 +379,27 @@ static __always_inline int short_lived(const struct sock_key *key, __u64 netns)
 }
 
 /*
- * report_to_listener: the server end of a pair closes and tells its
- * listener whether the connection was short-lived.
+ * report_to_listener: an end of a pair closes and tells the server's
+ * listener whether its side of the connection was short-lived (at most
+ * SHORT_CONN_MSGS messages and SHORT_CONN_BYTES sent). The server's report
+ * counts a short connection; either end's long side resets the count, so a
+ * connection is short only when neither end sent much (an upload of many
+ * bytes answered once is long).
  */
-static __always_inline void report_to_listener(const struct sock_state *state)
+static __always_inline void report_to_listener(const struct sock_state *state, int server)
 {
-	__u64 *flags = listener_flags(&state->key, state->netns_cookie);
+	int is_short = state->msgs_sent <= SHORT_CONN_MSGS && state->redirected_sent < SHORT_CONN_BYTES;
+	__u64 *flags;
 
+	if (!server && is_short)
+		return; /* the server's report counts it */
+	if (server)
+		flags = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);
+	else
+		flags = listener_flags(state->key.remote_ip, state->key.remote_port, state->peer_netns_cookie);
 	if (!flags)
 		return;
-	if (state->msgs_sent <= SHORT_CONN_MSGS && state->redirected_sent + state->redirected_read < SHORT_CONN_BYTES) {
+	if (is_short) {
 		if ((*flags & LISTENER_SHORT_MASK) < SHORT_STREAK_MAX * LISTENER_SHORT_ONE)
 			__sync_fetch_and_add(flags, LISTENER_SHORT_ONE);
 	} else if (*flags & LISTENER_SHORT_MASK) {
@@ -397,11 +408,8 @@ static __always_inline void report_to_listener(const struct sock_state *state)
 }
 
 /*
- * join inserts the socket into the sockhash under key. It is a redirect
- * target from then on; its read progress is published to `receivers' only
- * once a sender may need it (readtrace: after it consumed stack bytes, or
- * every READ_PUBLISH_STEP), so most pairs never write an entry. Returns 0,
- * or -1 when the sockhash refused it.
+ * join inserts the socket into the sockhash under key: a redirect target
+ * from then on. Returns 0, or -1 when the sockhash refused it.
  */
 static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state, const struct sock_key *key,
 			   const struct pairing *p, struct cgroup_counters *c)
@@ -420,16 +428,11 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 		state->app_endpoint = p->app_endpoint;
 		state->flags |= SOCK_FLAG_EXPLICIT_PEER;
 	}
-	state->last_copied_seq = skops->rcv_nxt;
-	state->published_seq = skops->rcv_nxt;
-	state->redirected_read = 0;
 	state->redirected_sent = 0;
 	state->peer_read_seen = 0;
-	state->published_read = 0;
+	state->peer_sk = 0;
+	state->peer_cookie = 0;
 	state->flags |= SOCK_FLAG_INSERTED;
-	/* An entry left by an earlier socket with this key (one that closed
-	 * while its cgroup was disabled) must not speak for this one. */
-	bpf_map_delete_elem(&receivers, (void *)key);
 	COUNT(c, sockets_inserted);
 
 	/* Remember the socket's cgroup for per-cgroup live counts, and ask
@@ -447,9 +450,8 @@ static __noinline void leave(struct bpf_sock_ops *skops, struct sock_state *stat
 	__u64 cookie = bpf_get_socket_cookie(skops);
 
 	bpf_map_delete_elem(&sockhash, (void *)key);
-	bpf_map_delete_elem(&receivers, (void *)key);
 	bpf_map_delete_elem(&socket_cgroups, &cookie);
-	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER);
+	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_EXPLICIT_PEER);
 }
 
 /* dry_run reports whether cfg's cgroup is account-only: its sockets run
@@ -507,7 +509,7 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	 * holds only what those recorded; accepted sockets do not clone
 	 * their listener's (its options are in `listeners`). Clear any
 	 * identity all the same. */
-	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_PUBLISHED | SOCK_FLAG_EXPLICIT_PEER |
+	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_EXPLICIT_PEER |
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
 			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED |
 			  SOCK_FLAG_WOULD_PAIR | SOCK_FLAG_ACCEPTED);
@@ -724,6 +726,8 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 	/* Before our ACK leaves, so before the server can look. */
 	pair->client_snd_nxt = skops->snd_nxt;
 	pair->client_rcv_nxt = skops->rcv_nxt;
+	pair->client_sk = (__u64)(long)skops->sk;
+	pair->client_cookie = bpf_get_socket_cookie(skops);
 	state->flags |= SOCK_FLAG_PAIR_CLIENT;
 }
 
@@ -791,7 +795,7 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		COUNT(c, pairs_mismatched);
 		return 0;
 	}
-	lflags = listener_flags(&key, own_netns);
+	lflags = listener_flags(key.local_ip, key.local_port, own_netns);
 	if (lflags && (*lflags & LISTENER_STACK_READER)) {
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_unpaired);
@@ -806,6 +810,12 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		decline_client(pair, &p.peer);
 		return 0;
 	}
+	/* Each end learns the other's socket (see peer_progress); ours
+	 * before JOINED, which the client reads it after. */
+	state->peer_sk = pair->client_sk;
+	state->peer_cookie = pair->client_cookie;
+	pair->server_sk = (__u64)(long)skops->sk;
+	pair->server_cookie = bpf_get_socket_cookie(skops);
 	if (__sync_val_compare_and_swap(&pair->state, PAIR_CLIENT_JOINED, PAIR_JOINED) != PAIR_CLIENT_JOINED) {
 		/* The client sent before we joined: its bytes are on their
 		 * way through the stack. */
@@ -913,12 +923,11 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 		bpf_map_delete_elem(&socket_cgroups, &cookie);
 	}
 	if (state->flags & SOCK_FLAG_ACCEPTED) {
-		report_to_listener(state);
+		report_to_listener(state, 1);
 		state->flags &= ~SOCK_FLAG_ACCEPTED;
-	}
-	if (state->flags & SOCK_FLAG_PUBLISHED) {
-		bpf_map_delete_elem(&receivers, &state->key);
-		state->flags &= ~SOCK_FLAG_PUBLISHED;
+	} else if ((state->flags & (SOCK_FLAG_PAIRED | SOCK_FLAG_EXPLICIT_PEER)) == SOCK_FLAG_PAIRED) {
+		report_to_listener(state, 0);
+		state->flags &= ~SOCK_FLAG_PAIRED;
 	}
 	if (state->flags & SOCK_FLAG_PAIR_CLIENT) {
 		bpf_map_delete_elem(&pairs, &state->key);

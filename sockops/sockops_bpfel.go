@@ -131,13 +131,10 @@ type sockopsPair struct {
 	State        uint64
 	ClientSndNxt uint32
 	ClientRcvNxt uint32
-}
-
-type sockopsReceiver struct {
-	_              structs.HostLayout
-	NetnsCookie    uint64
-	EligibleSeq    uint64
-	RedirectedRead uint64
+	ClientSk     uint64
+	ClientCookie uint64
+	ServerSk     uint64
+	ServerCookie uint64
 }
 
 type sockopsSockKey struct {
@@ -166,14 +163,12 @@ type sockopsSockState struct {
 	OrigDstFamily   uint16
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
-	PublishedSeq    uint32
-	LastCopiedSeq   uint32
 	MsgsSent        uint32
-	_               [4]byte
-	RedirectedRead  uint64
+	Pad3            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
-	PublishedRead   uint64
+	PeerSk          uint64
+	PeerCookie      uint64
 	Flags           uint32
 	_               [4]byte
 }
@@ -213,7 +208,6 @@ const (
 	sockopsMapNodeAddrs          = "node_addrs"
 	sockopsMapOrigDsts           = "orig_dsts"
 	sockopsMapPairs              = "pairs"
-	sockopsMapReceivers          = "receivers"
 	sockopsMapSockState          = "sock_state"
 	sockopsMapSocketCgroups      = "socket_cgroups"
 	sockopsMapSockhash           = "sockhash"
@@ -282,7 +276,6 @@ type sockopsMapSpecs struct {
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
-	Receivers      *ebpf.MapSpec `ebpf:"receivers"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
@@ -327,7 +320,6 @@ type sockopsMaps struct {
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
-	Receivers      *ebpf.Map `ebpf:"receivers"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
@@ -347,7 +339,6 @@ func (m *sockopsMaps) Close() error {
 		m.NodeAddrs,
 		m.OrigDsts,
 		m.Pairs,
-		m.Receivers,
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,

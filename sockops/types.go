@@ -32,8 +32,6 @@ type (
 	// EndpointKey is struct endpoint_key: {netns, address, port}, the key
 	// of listeners and mesh_endpoints.
 	EndpointKey = sockopsEndpointKey
-	// Receiver is struct receiver, a redirect target's read progress.
-	Receiver = sockopsReceiver
 	// Pair is struct pair, a pair handshake's state.
 	Pair = sockopsPair
 )

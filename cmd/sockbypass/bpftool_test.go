@@ -75,8 +75,7 @@ func TestReadmeBpftoolTableMatchesBpftool(t *testing.T) {
 	}
 	mode := statusOf(t, pinDir).TCDevices[0].Mode
 	links := map[string]string{
-		"bpftool link show pinned /sys/fs/bpf/sockbypass/sk_msg_link":     filepath.Join(pinDir, "sk_msg_link"),
-		"bpftool link show pinned /sys/fs/bpf/sockbypass/recv_trace_link": filepath.Join(pinDir, "recv_trace_link"),
+		"bpftool link show pinned /sys/fs/bpf/sockbypass/sk_msg_link": filepath.Join(pinDir, "sk_msg_link"),
 	}
 	if mode == "tcx" {
 		links["bpftool link show pinned /sys/fs/bpf/sockbypass/tc/"] = tcPins[0]

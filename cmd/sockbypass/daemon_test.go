@@ -339,7 +339,7 @@ func TestTenThousandShortConnectionsLeakNothing(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		left := map[string]int{}
-		for _, name := range []string{"sockhash", "socket_cgroups", "receivers"} {
+		for _, name := range []string{"sockhash", "socket_cgroups", "pairs"} {
 			m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), nil)
 			if err != nil {
 				t.Fatal(err)
@@ -353,7 +353,7 @@ func TestTenThousandShortConnectionsLeakNothing(t *testing.T) {
 			}
 			m.Close()
 		}
-		if left["sockhash"] == 0 && left["socket_cgroups"] == 0 && left["receivers"] == 0 {
+		if left["sockhash"] == 0 && left["socket_cgroups"] == 0 && left["pairs"] == 0 {
 			break
 		}
 		if time.Now().After(deadline) {

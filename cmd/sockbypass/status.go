@@ -123,15 +123,8 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 	fmt.Fprintf(w, "  sk_msg program %d (attached by %s) on sockhash map %d: %d live socket(s), capacity %d\n",
 		st.SkMsgProgramID, st.SkMsgAttach, st.SockhashMapID, st.LiveSockets, st.SockhashCapacity)
 	fmt.Fprintln(w, "node-wide programs (they run for every process of the node):")
-	switch {
-	case !st.RecvTraceAttached:
-		fmt.Fprintln(w, "  read-progress tracer (tp_btf/sock_recv_length): detached (no cgroup enabled, no accelerated socket left)")
-	case len(st.Cgroups) == 0:
-		fmt.Fprintf(w, "  read-progress tracer (tp_btf/sock_recv_length, every recvmsg): attached for %d live accelerated socket(s) of disabled cgroups; %s\n",
-			st.LiveSockets, costText(st.RecvTraceCost))
-		fmt.Fprintln(w, "    it is detached once they close, at the daemon's next rescan or the next sockbypass disable")
-	default:
-		fmt.Fprintf(w, "  read-progress tracer (tp_btf/sock_recv_length, every recvmsg): attached; %s\n", costText(st.RecvTraceCost))
+	if len(st.TCDevices) == 0 {
+		fmt.Fprintln(w, "  none (sk_msg runs for sockhash members only, the cgroup programs for their cgroups)")
 	}
 	for _, d := range st.TCDevices {
 		fmt.Fprintf(w, "  tc egress on %s (every packet leaving it): %s\n", d.TCDevice, costText(d.Cost))

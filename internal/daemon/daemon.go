@@ -159,10 +159,6 @@ func (d *Daemon) Reconcile() (Result, error) {
 		}
 	}
 	d.checkSockhash()
-	// Nothing node-wide keeps running once nothing needs it.
-	if err := d.dp.ReleaseIdle(); err != nil {
-		d.log.Warn("release idle programs", zap.Error(err))
-	}
 	d.health.reconciled(firstErr, pending, len(targets))
 	return res, firstErr
 }

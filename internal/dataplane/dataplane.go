@@ -14,14 +14,12 @@
 //	<pin dir>/socket_cgroups    BPF_MAP_TYPE_LRU_HASH socket cookie -> cgroup id
 //	<pin dir>/tc_devices        BPF_MAP_TYPE_HASH registry of TC attachments
 //	<pin dir>/tc_users          BPF_MAP_TYPE_HASH which cgroup uses which TC device
-//	<pin dir>/receivers         BPF_MAP_TYPE_LRU_HASH redirect targets: key -> eligible|copied_seq
 //	<pin dir>/node_addrs        BPF_MAP_TYPE_HASH unique node addresses -> owning netns (pod-to-pod pairing)
 //	<pin dir>/orig_dsts         BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> original destination (handshakes in flight)
 //	<pin dir>/mesh_endpoints    BPF_MAP_TYPE_HASH sidecar mode: app endpoint -> sockets using it
 //	<pin dir>/mesh_syns         BPF_MAP_TYPE_LRU_HASH sidecar mode: SYN tuple after NAT -> app socket key
 //	<pin dir>/mesh_clients      BPF_MAP_TYPE_LRU_HASH sidecar mode: connecting endpoint -> socket key (pod to pod)
 //	<pin dir>/inbound_pods      BPF_MAP_TYPE_HASH sidecar mode: pod address -> its sidecar's inbound port
-//	<pin dir>/recv_trace_link   tp_btf/sock_recv_length link (publishes redirect targets)
 //	<pin dir>/layout_version    BPF_MAP_TYPE_ARRAY the pin layout version (LayoutVersion)
 //	<pin dir>/cgroups/<id>      cgroup link of the sock_ops program of cgroup <id>
 //	<pin dir>/cgroups/<id>-<program>  cgroup links of its other programs (cgroupPrograms)
@@ -62,28 +60,31 @@ const (
 	PinSkMsg         = "sk_msg"
 	PinSkMsgLink     = "sk_msg_link"
 	PinSocketCgs     = "socket_cgroups"
-	PinReceivers     = "receivers"
 	PinNodeAddrs     = "node_addrs"
 	PinOrigDsts      = "orig_dsts"
 	PinMeshEndpoints = "mesh_endpoints"
 	PinMeshSyns      = "mesh_syns"
 	PinMeshClients   = "mesh_clients"
 	PinInboundPods   = "inbound_pods"
-	PinRecvLink      = "recv_trace_link"
 	PinCgroupConfig  = "cgroup_config"
 	PinPairs         = "pairs"
 	PinListeners     = "listeners"
 	DirCgroups       = "cgroups"
+
+	// legacyPinRecvLink is the read-progress tracer's link of layouts 4
+	// and before (senders now read their peer's progress themselves):
+	// uninstall still removes it.
+	legacyPinRecvLink = "recv_trace_link"
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinReceivers, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners}
 
 // SizesFor returns the capacity of the shared maps whose entries follow
 // sockets, for a sockhash of capacity n, so that no pod's live sockets can
 // evict another pod's entries:
 //
-//   - receivers, socket_cgroups: one entry per sockhash member, twice n;
+//   - socket_cgroups: one entry per sockhash member, twice n;
 //   - pairs: one per handshake in flight and per joined pair whose client
 //     has not sent yet, twice n (at least 65536);
 //   - mesh_endpoints (a hash: one per app socket of a sidecar-mode pod,
@@ -93,7 +94,6 @@ var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, Pi
 func SizesFor(n uint32) map[string]uint32 {
 	atLeast := func(v, min uint32) uint32 { return max(v, min) }
 	return map[string]uint32{
-		PinReceivers:     atLeast(2*n, 4096),
 		PinSocketCgs:     atLeast(2*n, 4096),
 		PinPairs:         atLeast(2*n, 65536),
 		PinMeshEndpoints: atLeast(2*n, 65536),
@@ -267,20 +267,6 @@ func create(opts Options) (err error) {
 		if err := os.Mkdir(pinPath(tmp, dir), 0o700); err != nil {
 			return fmt.Errorf("create %s: %w", dir, err)
 		}
-	}
-
-	recvProg, err := loadReadTrace(maps)
-	if err != nil {
-		return err
-	}
-	defer recvProg.Close()
-	recvLink, err := link.AttachTracing(link.TracingOptions{Program: recvProg})
-	if err != nil {
-		return fmt.Errorf("attach tp_btf/sock_recv_length: %w", err)
-	}
-	defer recvLink.Close()
-	if err := recvLink.Pin(pinPath(tmp, PinRecvLink)); err != nil {
-		return fmt.Errorf("pin tp_btf link: %w", err)
 	}
 
 	attach, err := attachSkMsg(maps[PinSockhash], prog, pinPath(tmp, PinSkMsgLink), opts.LegacySkMsgAttach)
@@ -462,14 +448,6 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		}
 	})
 
-	// The read-progress tracer runs on every recvmsg of the node: it is
-	// attached only while a cgroup is enabled or a member still needs it.
-	if attached, err := d.ensureRecvTrace(); err != nil {
-		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
-	} else if attached {
-		undo = append(undo, func() { d.releaseIdleRecvTrace() })
-	}
-
 	_, statErr := os.Stat(d.cgroupLinkPin(cg.ID))
 	already := statErr == nil
 	// Every program of the table; sidecar-mode ones follow the mode. This
@@ -565,91 +543,7 @@ func (d *Dataplane) Disable(cgroupID uint64) (bool, error) {
 		return false, err
 	}
 	defer l.Unlock()
-	changed, err := d.disableLocked(cgroupID)
-	if err != nil {
-		return changed, err
-	}
-	if _, err := d.releaseIdleRecvTrace(); err != nil {
-		return changed, err
-	}
-	return changed, nil
-}
-
-// RecvTracePin is the pin of the tp_btf/sock_recv_length link.
-func (d *Dataplane) recvTracePin() string { return d.pin(PinRecvLink) }
-
-// RecvTraceAttached reports whether the read-progress tracer (which runs
-// on every recvmsg of the node) is attached.
-func (d *Dataplane) RecvTraceAttached() bool {
-	_, err := os.Stat(d.recvTracePin())
-	return err == nil
-}
-
-// ensureRecvTrace attaches the read-progress tracer when it is not, and
-// reports whether it did.
-func (d *Dataplane) ensureRecvTrace() (bool, error) {
-	if d.RecvTraceAttached() {
-		return false, nil
-	}
-	return true, d.attachRecvTrace()
-}
-
-// attachRecvTrace loads the tp_btf/sock_recv_length program, attaches it
-// and pins the link, over an older one if there is one (a tracing link
-// cannot be updated in place).
-func (d *Dataplane) attachRecvTrace() error {
-	recv, err := loadReadTrace(d.maps)
-	if err != nil {
-		return err
-	}
-	defer recv.Close()
-	recvLink, err := link.AttachTracing(link.TracingOptions{Program: recv})
-	if err != nil {
-		return fmt.Errorf("attach tp_btf/sock_recv_length: %w", err)
-	}
-	defer recvLink.Close()
-	return repinLink(recvLink, d.recvTracePin())
-}
-
-// releaseIdleRecvTrace detaches the read-progress tracer when no cgroup
-// is enabled and no socket is in the sockhash (nobody needs it: members
-// need it for back-pressure until they close). It reports whether it
-// detached it.
-func (d *Dataplane) releaseIdleRecvTrace() (bool, error) {
-	if !d.RecvTraceAttached() {
-		return false, nil
-	}
-	ids, err := d.EnabledCgroupIDs()
-	if err != nil || len(ids) > 0 {
-		return false, err
-	}
-	socks, err := d.Sockets()
-	if err != nil || len(socks) > 0 {
-		return false, err
-	}
-	l, err := link.LoadPinnedLink(d.recvTracePin(), nil)
-	if err != nil {
-		return false, fmt.Errorf("open %s: %w", PinRecvLink, err)
-	}
-	defer l.Close()
-	if err := l.Unpin(); err != nil {
-		return false, fmt.Errorf("unpin %s: %w", PinRecvLink, err)
-	}
-	d.log.Info("detached the read-progress tracer: no cgroup enabled, no accelerated socket left")
-	return true, nil
-}
-
-// ReleaseIdle detaches what runs node-wide and nothing needs any more (the
-// read-progress tracer, once no cgroup is enabled and the last accelerated
-// socket has closed). The daemon calls it at every rescan.
-func (d *Dataplane) ReleaseIdle() error {
-	l, err := lock.Exclusive(d.pinDir)
-	if err != nil {
-		return err
-	}
-	defer l.Unlock()
-	_, err = d.releaseIdleRecvTrace()
-	return err
+	return d.disableLocked(cgroupID)
 }
 
 func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
@@ -716,11 +610,12 @@ func (d *Dataplane) Uninstall() error {
 		return fmt.Errorf("uninstall: %w", err)
 	}
 
-	if l, err := link.LoadPinnedLink(d.recvTracePin(), nil); err == nil {
+	// Installs of layout 4 and before pinned a read-progress tracer.
+	if l, err := link.LoadPinnedLink(d.pin(legacyPinRecvLink), nil); err == nil {
 		err = l.Unpin()
 		l.Close()
 		if err != nil {
-			return fmt.Errorf("uninstall: unpin %s: %w", PinRecvLink, err)
+			return fmt.Errorf("uninstall: unpin %s: %w", legacyPinRecvLink, err)
 		}
 	}
 

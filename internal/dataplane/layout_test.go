@@ -13,7 +13,6 @@ import (
 	"github.com/cilium/ebpf/btf"
 
 	"github.com/sockbypass/sockbypass/cgroup"
-	"github.com/sockbypass/sockbypass/readtrace"
 	"github.com/sockbypass/sockbypass/skmsg"
 	"github.com/sockbypass/sockbypass/sockops"
 	"github.com/sockbypass/sockbypass/tc"
@@ -38,7 +37,6 @@ var goMirrors = []struct {
 	{PinTCUsers, tcUserKey{}, uint32(0)},
 	{PinListeners, endpointKey{}, uint64(0)},
 	{PinSocketCgs, uint64(0), uint64(0)},
-	{PinReceivers, SockKey{}, sockops.Receiver{}},
 	{PinMeshEndpoints, endpointKey{}, uint64(0)},
 	{PinPairs, SockKey{}, sockops.Pair{}},
 	{PinSockState, int32(0), sockops.SockState{}},
@@ -48,7 +46,7 @@ var goMirrors = []struct {
 // pinned ones, by package: each declares the shared maps with the same
 // types.
 var objectSpecs = map[string]func() (*ebpf.CollectionSpec, error){
-	"sockops": sockops.LoadSpec, "skmsg": skmsg.LoadSpec, "tc": tc.LoadSpec, "readtrace": readtrace.LoadSpec,
+	"sockops": sockops.LoadSpec, "skmsg": skmsg.LoadSpec, "tc": tc.LoadSpec,
 	"cgroup egress": cgroup.LoadEgressSpec, "cgroup setsockopt": cgroup.LoadSetsockoptSpec, "cgroup sidecar": cgroup.LoadSidecarSpec,
 }
 

@@ -143,9 +143,9 @@ func origDst(c net.Conn) (netip.AddrPort, error) {
 //
 // The noisy pod is mimicked with direct map updates, as many as it can
 // cause: more than the capacity of the maps its app sockets fill, however
-// many (orig_dsts, mesh_endpoints), and as many receivers and pairs as the
-// sockhash has members. The sockhash is sized at twice the fixed size
-// receivers and pairs had before (131072), as --sockhash-size allows.
+// many (orig_dsts, mesh_endpoints), and as many pairs as the sockhash has
+// members. The sockhash is sized at twice the fixed size pairs had before
+// (131072), as --sockhash-size allows.
 func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
 	const capacity = 262144
 	dp := installSized(t, capacity)
@@ -163,10 +163,9 @@ func TestNoisyPodCannotBreakAnotherPod(t *testing.T) {
 	}{
 		{PinOrigDsts, int(dp.maps[PinOrigDsts].MaxEntries()) + 1024, false, []byte{10, 0, 0, 1}},
 		{PinMeshEndpoints, int(dp.maps[PinMeshEndpoints].MaxEntries()) + 1024, false, []byte{1}},
-		// One receiver per member, and fewer pairs (one per handshake in
-		// flight or silent joined client): at most the sockhash's capacity.
+		// Pairs: one per handshake in flight or silent joined client, at
+		// most the sockhash's capacity.
 		{PinPairs, capacity / runtime.NumCPU(), true, []byte{1}}, // PAIR_OFFERED
-		{PinReceivers, capacity / runtime.NumCPU(), true, nil},
 	} {
 		took := fillLike(t, dp, f.name, f.n, f.used, f.value)
 		t.Logf("noisy pod: %s (max %d) took %d of %d entries", f.name, dp.maps[f.name].MaxEntries(), took, runtime.NumCPU()*f.n)

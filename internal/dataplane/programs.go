@@ -11,7 +11,6 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sockbypass/sockbypass/cgroup"
-	"github.com/sockbypass/sockbypass/readtrace"
 	"github.com/sockbypass/sockbypass/skmsg"
 	"github.com/sockbypass/sockbypass/sockops"
 	"github.com/sockbypass/sockbypass/tc"
@@ -51,14 +50,10 @@ func (p cgroupProgram) load(id uint64, maps map[string]*ebpf.Map) (*ebpf.Program
 	return loadProgram(p.What, p.Spec, p.Program, map[string]any{sockops.CgroupIDConstant: id}, maps)
 }
 
-// The node-wide programs, loaded by create, Upgrade and Enable (the read
-// tracer, while needed) and the TC attachment.
+// The node-wide programs, loaded by create and Upgrade, and the TC
+// attachment.
 func loadSkMsg(maps map[string]*ebpf.Map) (*ebpf.Program, error) {
 	return loadProgram("sk_msg", skmsg.LoadSpec, skmsg.ProgramName, nil, maps)
-}
-
-func loadReadTrace(maps map[string]*ebpf.Map) (*ebpf.Program, error) {
-	return loadProgram("tp_btf/sock_recv_length", readtrace.LoadSpec, readtrace.ProgramName, nil, maps)
 }
 
 func loadTC(l2Len uint32, maps map[string]*ebpf.Map) (*ebpf.Program, error) {

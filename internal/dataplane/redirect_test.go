@@ -3,16 +3,19 @@ package dataplane
 import (
 	"bytes"
 	"crypto/sha256"
+	"fmt"
 	"io"
+	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
-	"github.com/sockbypass/sockbypass/sockops"
 )
 
 func TestRedirectCountsExactlyTheBytesSent(t *testing.T) {
@@ -104,46 +107,110 @@ func TestLegacySkMsgAttach(t *testing.T) {
 	}
 }
 
-// TestReadProgressIsPublishedOnlyWhenNeeded: a pair that only redirects
-// writes nothing to `receivers' (its senders never look), until a reader
-// has read READ_PUBLISH_STEP (1 MiB) of redirected bytes: then its
-// progress is there for the sender's back-pressure check.
-func TestReadProgressIsPublishedOnlyWhenNeeded(t *testing.T) {
+// TestBackPressureThenRedirectAgain: a sender whose reader stalls stops
+// redirecting once 64 MiB are unread (the peer's redirected queue, read
+// from the peer socket) and its next bytes take the stack, where TCP flow
+// control blocks it. Once the reader has read everything, in order, the
+// sender redirects again (the peer's copied_seq has reached its
+// write_seq).
+func TestBackPressureThenRedirectAgain(t *testing.T) {
 	dp := install(t)
 	cg := enabledCgroup(t, dp)
 	c, srv := joinedPair(t, dp, cg)
-	go transfer.Echo(srv)
-	progress := func() (found bool, read uint64) {
-		k := keyOf(c)
-		k.LocalIp, k.RemoteIp = k.RemoteIp, k.LocalIp
-		k.LocalPort, k.RemotePort = k.RemotePort, k.LocalPort
-		var r sockops.Receiver
-		if dp.maps[PinReceivers].Lookup(k, &r) != nil {
-			return false, 0
+	before := counterOf(t, dp, cg.ID)
+
+	// The stream: byte i is byte(i % 251), so a reordering shows.
+	var sent int
+	chunk := make([]byte, 64<<10)
+	fill := func() {
+		for i := range chunk {
+			chunk[i] = byte((sent + i) % 251)
 		}
-		return true, r.RedirectedRead
 	}
-	exchange := func(size int) {
-		t.Helper()
-		msg, got := transfer.Pattern(3, size), make([]byte, size)
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		go c.Write(msg)
-		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
-			t.Fatalf("echo of %d bytes: %v", size, err)
+	raw, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	blocked := false
+	for sent < 256<<20 && time.Now().Before(deadline) && !blocked {
+		fill()
+		var n int
+		var werr error
+		raw.Control(func(fd uintptr) { n, werr = unix.SendmsgN(int(fd), chunk, nil, nil, unix.MSG_DONTWAIT) })
+		switch {
+		case werr == unix.EAGAIN:
+			blocked = true
+		case werr == unix.EINTR:
+		case werr != nil:
+			t.Fatal(werr)
+		default:
+			sent += n
 		}
+	}
+	d := counterOf(t, dp, cg.ID).Sub(before)
+	t.Logf("stalled reader: %d MiB sent before the writer would block; redirected %d MiB, passed %d KiB in %d back-pressure messages",
+		sent>>20, d.RedirectedBytes>>20, d.PassedBytes>>10, d.PassedBackpressure)
+	if !blocked || d.RedirectedBytes < 64<<20-64<<10 || d.RedirectedBytes > 64<<20 || d.PassedBytes == 0 || d.PassedBackpressure == 0 {
+		t.Fatalf("stalled reader: blocked %v after %d bytes; redirected %d, passed %d (%d back-pressure messages); want about 64 MiB redirected, then the stack until the writer blocks",
+			blocked, sent, d.RedirectedBytes, d.PassedBytes, d.PassedBackpressure)
 	}
 
-	for i := 0; i < 100; i++ {
-		exchange(1000)
+	// The reader drains everything, in order, and the writer sends 4 MiB
+	// more, redirected again once the reader has caught up.
+	const more = 4 << 20
+	total := sent + more
+	readErr := make(chan error, 1)
+	var read atomic.Int64
+	go func() {
+		buf := make([]byte, 256<<10)
+		got := 0
+		srv.SetReadDeadline(time.Now().Add(60 * time.Second))
+		for got < total {
+			n, err := srv.Read(buf)
+			for i := 0; i < n; i++ {
+				if buf[i] != byte((got+i)%251) {
+					readErr <- fmt.Errorf("byte %d is %d, want %d: the stream was reordered", got+i, buf[i], byte((got+i)%251))
+					return
+				}
+			}
+			got += n
+			read.Store(int64(got))
+			if err != nil {
+				readErr <- fmt.Errorf("read after %d of %d bytes: %w", got, total, err)
+				return
+			}
+		}
+		readErr <- nil
+	}()
+	write := func() {
+		t.Helper()
+		fill()
+		n, err := c.Write(chunk)
+		if err != nil {
+			t.Fatalf("write after the stall: %v", err)
+		}
+		sent += n
 	}
-	if found, _ := progress(); found {
-		t.Errorf("the server wrote its read progress after 100 kB of redirected reads; want no entry before 1 MiB")
+	// The reader catches up first (while a writer keeps passing bytes
+	// through the stack, its reader is always behind). The first write
+	// after the stall takes the stack without running sk_msg: the kernel
+	// keeps the pass verdict of the send that failed with EAGAIN.
+	c.SetWriteDeadline(time.Now().Add(60 * time.Second))
+	waitFor(t, 20*time.Second, func() bool { return read.Load() == int64(sent) })
+	write()
+	waitFor(t, 20*time.Second, func() bool { return read.Load() == int64(sent) })
+	afterStall := counterOf(t, dp, cg.ID)
+	rest := total - sent
+	for sent < total {
+		write()
 	}
-	exchange(2 << 20)
-	if found, read := progress(); !found || read < 1<<20 {
-		t.Errorf("after 2 MiB more: the server's read progress found %v, %d bytes read; want an entry with at least 1 MiB", found, read)
+	if err := <-readErr; err != nil {
+		t.Fatal(err)
 	}
-	if d := counterOf(t, dp, cg.ID); d.PassedBytes != 0 || d.RedirectedBytes == 0 {
-		t.Errorf("counters %+v: want everything redirected", d)
+	d = counterOf(t, dp, cg.ID).Sub(afterStall)
+	if d.RedirectedBytes != uint64(rest) || d.PassedBytes != 0 {
+		t.Errorf("after the reader caught up: redirected %d of %d bytes, passed %d (%d messages while the peer had stack bytes unread, %d under back-pressure); want every byte redirected again",
+			d.RedirectedBytes, rest, d.PassedBytes, d.PassedUnreadMsgs, d.PassedBackpressure)
 	}
 }

@@ -28,13 +28,6 @@ type Status struct {
 	SockhashCapacity uint32 `json:"sockhash_capacity"`
 	// LiveSockets is the number of sockets in the sockhash now.
 	LiveSockets int `json:"live_sockets"`
-	// RecvTraceAttached reports whether the read-progress tracer
-	// (tp_btf/sock_recv_length, which runs on every recvmsg of the node) is
-	// attached: while a cgroup is enabled or an accelerated socket lives.
-	RecvTraceAttached bool `json:"recv_trace_attached"`
-	// RecvTraceCost is what the read-progress tracer has cost so far
-	// (nil when detached).
-	RecvTraceCost *ProgramCost `json:"recv_trace_cost,omitempty"`
 	// Cgroups lists the enabled cgroups.
 	Cgroups []CgroupStatus `json:"cgroups"`
 	// TCDevices lists the interfaces with TC egress accounting.
@@ -223,13 +216,6 @@ func (d *Dataplane) Status() (*Status, error) {
 		return nil, err
 	}
 	st.LiveSockets = len(socks)
-	st.RecvTraceAttached = d.RecvTraceAttached()
-	if l, err := link.LoadPinnedLink(d.recvTracePin(), nil); err == nil {
-		if info, err := l.Info(); err == nil {
-			st.RecvTraceCost = programCost(info.Program)
-		}
-		l.Close()
-	}
 	live, err := d.liveSocketsByCgroup(socks)
 	if err != nil {
 		return nil, err

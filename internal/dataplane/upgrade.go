@@ -125,11 +125,13 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 		return rep, err
 	}
 
-	// The tracing link cannot be updated: pin a new one over the old
-	// (when it is attached at all: it is detached while idle).
-	if d.RecvTraceAttached() {
-		if err := d.attachRecvTrace(); err != nil {
-			return rep, err
+	// Builds before this one attached a read-progress tracer: senders
+	// now read their peer's progress themselves, so it goes.
+	if l, err := link.LoadPinnedLink(d.pin(legacyPinRecvLink), nil); err == nil {
+		err = l.Unpin()
+		l.Close()
+		if err != nil {
+			return rep, fmt.Errorf("upgrade: unpin %s: %w", legacyPinRecvLink, err)
 		}
 	}
 

@@ -29,7 +29,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	transfer.ServeEcho(l)
 
 	// Every per-cgroup program of the table (not in sidecar mode).
-	pins := []string{filepath.Join(dp.pinDir, PinSkMsgLink), filepath.Join(dp.pinDir, PinRecvLink)}
+	pins := []string{filepath.Join(dp.pinDir, PinSkMsgLink)}
 	for _, p := range cgroupPrograms {
 		if !p.SidecarOnly {
 			pins = append(pins, dp.cgroupPin(cg.ID, p))

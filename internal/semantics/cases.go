@@ -65,7 +65,7 @@ type Case struct {
 const (
 	howJoined       = "both ends join the sockhash at ESTABLISHED or neither does (pair handshake); a member redirects every byte from the first one, so it never holds stack bytes"
 	howStackOptions = "cgroup/setsockopt marks the listener a stack reader, before or after listen(), in its listeners entry; its accepted sockets inherit the option and decline the pair handshake: the connection stays plain TCP"
-	howWaitall      = "members are non-blocking (blocking sockets never join): recv(MSG_WAITALL) on a non-blocking socket returns what is queued, as on plain TCP; the read is counted (late_stack_options), the pair stays redirected"
+	howWaitall      = "members are non-blocking (blocking sockets never join): recv(MSG_WAITALL) on a non-blocking socket returns what is queued, as on plain TCP; the pair stays redirected"
 )
 
 // howSplice says why the splice readers of what cannot be kept.
@@ -87,7 +87,7 @@ func Cases() []Case {
 		{Name: "close right after a large write", Expect: FastPath, How: "redirected bytes stay queued at the reader after the writer closes", Run: caseCloseAfterWrite},
 		{Name: "sendfile into the socket", Expect: FastPath, How: "sendfile pages go through sk_msg like sendmsg", Run: caseSendfile},
 		{Name: "short connections writing right after connect, records in order", Expect: FastPath, How: "the pair handshake: a client that writes before its server joined gives the pair up atomically and the server stays out; otherwise every byte is redirected from the first", Run: caseShortConns},
-		{Name: "MSG_WAITALL from the first read", Expect: FastPath, How: howWaitall, Counter: "late_stack_options", Run: caseWaitallFirst},
+		{Name: "MSG_WAITALL from the first read", Expect: FastPath, How: howWaitall, Run: caseWaitallFirst},
 		{Name: "SO_RCVLOWAT set on the listener", Expect: Fallback, How: howStackOptions, Counter: "rcvlowat", Run: caseRcvlowat},
 		{Name: "SO_RCVLOWAT set on the listener after listen()", Expect: Fallback, How: howStackOptions, Counter: "rcvlowat", Run: caseRcvlowatAfterListen},
 		{Name: "TCP_INQ set on the listener", Expect: Fallback, How: howStackOptions, Counter: "tcp_inq", Run: caseTCPInq},
@@ -99,7 +99,7 @@ func Cases() []Case {
 		{Name: "Go io.Copy TCP->TCP proxy (splice) with its ports in --stack-ports", Expect: Fallback, How: "sock_ops leaves a connection whose server port the cgroup of either end lists in --stack-ports out of the pair handshake: it stays plain TCP, and splice reads it", Counter: "stack_port", Run: caseGoProxyStackPort},
 		{Name: "a stalled reader makes its writer block (flow control)", Expect: FastPath, How: "a sender stops redirecting when 64 MiB it redirected are unread; its next bytes take the stack, whose flow control blocks it", Run: caseStalledReader},
 		{Name: "slow reader holding 4+ MiB across disable and uninstall", Expect: FastPath, How: "sockets are never removed from the sockhash; they leave it when they close", Run: caseSlowReaderDisrupt},
-		{Name: "MSG_WAITALL after plain reads", Expect: FastPath, How: howWaitall, Counter: "late_stack_options", Run: caseWaitallLater},
+		{Name: "MSG_WAITALL after plain reads", Expect: FastPath, How: howWaitall, Run: caseWaitallLater},
 		{Name: "SO_RCVLOWAT set after the connection is established", Expect: Limitation, How: "set after the pair joined: counted (late_stack_options), the pair stays redirected; a non-blocking recv returns what is queued as on plain TCP, but poll and epoll report the socket readable below the low-water mark", Counter: "late_stack_options", Run: caseRcvlowatLate,
 			Limit: `readable with 600 of 1000 bytes=true, first read=600; readable with 600 of 1000 bytes=true, first read=600`},
 		{Name: "TCP_INQ set after the connection is established", Expect: Limitation, How: "set after the pair joined: counted (late_stack_options), the pair stays redirected; reads from the redirected queue carry no TCP_CM_INQ", Counter: "late_stack_options", Run: caseTCPInqLate,
