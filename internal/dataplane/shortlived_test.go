@@ -91,3 +91,28 @@ func TestShortLivedListenerLeftPlain(t *testing.T) {
 		t.Errorf("with AllConnections, 20 one-exchange connections: %d inserted, %d left plain as short-lived; want 40 and 0", d.SocketsInserted, d.ConnectionsShortLived)
 	}
 }
+
+// TestUploadsKeepTheirListenerPaired: a connection that uploads much and
+// is answered once is long on its client's side: the client's report at
+// close keeps its listener from being taken for short-lived, and every
+// upload stays paired.
+func TestUploadsKeepTheirListenerPaired(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	transfer.ServeDigest(l)
+	before := counterOf(t, dp, cg.ID)
+	const uploads = 24
+	for i := 0; i < uploads; i++ {
+		c := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
+		if err := transfer.DigestRoundTrip(c, transfer.Pattern(uint64(i), 256<<10), transfer.Options{Timeout: 10 * time.Second}); err != nil {
+			t.Fatalf("upload %d: %v", i, err)
+		}
+		c.Close()
+		time.Sleep(20 * time.Millisecond) // both ends' close reports land in order
+	}
+	if d := counterOf(t, dp, cg.ID).Sub(before); d.ConnectionsShortLived != 0 || d.SocketsInserted != 2*uploads {
+		t.Errorf("%d uploads of 256 KiB answered by one digest each: %d sockets inserted, %d connections left plain as short-lived; want %d and 0",
+			uploads, d.SocketsInserted, d.ConnectionsShortLived, 2*uploads)
+	}
+}
