@@ -62,4 +62,28 @@ int minimal_skmsg(struct sk_msg_md *msg)
 	return SK_PASS;
 }
 
+/*
+ * The empty hooks: the floor under any design that attaches, as sockbypass
+ * does, a sock_ops, a cgroup_skb/egress and a cgroup/setsockopt program to a
+ * cgroup. They return at once; what a connection of their cgroup still pays
+ * is the kernel calling them.
+ */
+SEC("sockops")
+int empty_sockops(struct bpf_sock_ops *skops)
+{
+	return 1;
+}
+
+SEC("cgroup_skb/egress")
+int empty_egress(struct __sk_buff *skb)
+{
+	return 1;
+}
+
+SEC("cgroup/setsockopt")
+int empty_setsockopt(struct bpf_sockopt *ctx)
+{
+	return 1;
+}
+
 char _license[] SEC("license") = "Dual BSD/GPL";

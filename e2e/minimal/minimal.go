@@ -1,10 +1,12 @@
-// Package minimal is the minimal redirector, the yardstick of the
-// per-message cost benchmark: a sock_ops program that inserts every
+// Package minimal holds the yardsticks of the per-message cost benchmark.
+// The minimal redirector is a sock_ops program that inserts every
 // established IPv4 socket of one cgroup into a private sockhash, and an
 // sk_msg program that redirects each message to the socket with the
 // mirrored 4-tuple. It has none of sockbypass's rules (pairing, blocking
 // readers, back-pressure, accounting), so it shows the lowest cost a
-// sockmap redirect can have on this machine and kernel. Benchmarks only.
+// sockmap redirect can have on this machine and kernel. The empty hooks
+// are programs that return at once on the hooks sockbypass attaches to a
+// cgroup: the floor under any design that uses them. Benchmarks only.
 package minimal
 
 import (
@@ -82,4 +84,55 @@ func (r *Redirector) SocketsInserted() (int, error) {
 // Programs are the redirector's programs by hook, for cost statistics.
 func (r *Redirector) Programs() map[string]*ebpf.Program {
 	return map[string]*ebpf.Program{"minimal sock_ops": r.objs.MinimalSockops, "minimal sk_msg": r.objs.MinimalSkmsg}
+}
+
+// EmptyHooks are the empty hooks attached to one cgroup: sock_ops,
+// cgroup_skb/egress and cgroup/setsockopt programs that return at once.
+type EmptyHooks struct {
+	objs  minimalObjects
+	links []link.Link
+}
+
+// AttachEmptyHooks loads the empty hooks and attaches them to the cgroup v2
+// directory cgroupPath.
+func AttachEmptyHooks(cgroupPath string) (h *EmptyHooks, err error) {
+	h = &EmptyHooks{}
+	if err := loadMinimalObjects(&h.objs, nil); err != nil {
+		return nil, fmt.Errorf("load the empty hooks: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			h.Close()
+		}
+	}()
+	for _, a := range []struct {
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+	}{
+		{h.objs.EmptySockops, ebpf.AttachCGroupSockOps},
+		{h.objs.EmptyEgress, ebpf.AttachCGroupInetEgress},
+		{h.objs.EmptySetsockopt, ebpf.AttachCGroupSetsockopt},
+	} {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: a.attach, Program: a.prog})
+		if err != nil {
+			return nil, fmt.Errorf("attach the empty %s program to %s: %w", a.attach, cgroupPath, err)
+		}
+		h.links = append(h.links, l)
+	}
+	return h, nil
+}
+
+// Close detaches and frees the empty hooks.
+func (h *EmptyHooks) Close() error {
+	var errs []error
+	for _, l := range h.links {
+		errs = append(errs, l.Close())
+	}
+	errs = append(errs, h.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Programs are the empty hooks' programs by hook, for cost statistics.
+func (h *EmptyHooks) Programs() map[string]*ebpf.Program {
+	return map[string]*ebpf.Program{"empty sock_ops": h.objs.EmptySockops, "empty cgroup_skb/egress": h.objs.EmptyEgress}
 }

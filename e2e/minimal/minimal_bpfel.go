@@ -25,9 +25,12 @@ type minimalTuple struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	minimalMapMinimalSockhash = "minimal_sockhash"
-	minimalProgMinimalSkmsg   = "minimal_skmsg"
-	minimalProgMinimalSockops = "minimal_sockops"
+	minimalMapMinimalSockhash  = "minimal_sockhash"
+	minimalProgEmptyEgress     = "empty_egress"
+	minimalProgEmptySetsockopt = "empty_setsockopt"
+	minimalProgEmptySockops    = "empty_sockops"
+	minimalProgMinimalSkmsg    = "minimal_skmsg"
+	minimalProgMinimalSockops  = "minimal_sockops"
 )
 
 // loadMinimal returns the embedded CollectionSpec for minimal.
@@ -72,8 +75,11 @@ type minimalSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type minimalProgramSpecs struct {
-	MinimalSkmsg   *ebpf.ProgramSpec `ebpf:"minimal_skmsg"`
-	MinimalSockops *ebpf.ProgramSpec `ebpf:"minimal_sockops"`
+	EmptyEgress     *ebpf.ProgramSpec `ebpf:"empty_egress"`
+	EmptySetsockopt *ebpf.ProgramSpec `ebpf:"empty_setsockopt"`
+	EmptySockops    *ebpf.ProgramSpec `ebpf:"empty_sockops"`
+	MinimalSkmsg    *ebpf.ProgramSpec `ebpf:"minimal_skmsg"`
+	MinimalSockops  *ebpf.ProgramSpec `ebpf:"minimal_sockops"`
 }
 
 // minimalMapSpecs contains maps before they are loaded into the kernel.
@@ -128,12 +134,18 @@ type minimalVariables struct {
 //
 // It can be passed to loadMinimalObjects or ebpf.CollectionSpec.LoadAndAssign.
 type minimalPrograms struct {
-	MinimalSkmsg   *ebpf.Program `ebpf:"minimal_skmsg"`
-	MinimalSockops *ebpf.Program `ebpf:"minimal_sockops"`
+	EmptyEgress     *ebpf.Program `ebpf:"empty_egress"`
+	EmptySetsockopt *ebpf.Program `ebpf:"empty_setsockopt"`
+	EmptySockops    *ebpf.Program `ebpf:"empty_sockops"`
+	MinimalSkmsg    *ebpf.Program `ebpf:"minimal_skmsg"`
+	MinimalSockops  *ebpf.Program `ebpf:"minimal_sockops"`
 }
 
 func (p *minimalPrograms) Close() error {
 	return _MinimalClose(
+		p.EmptyEgress,
+		p.EmptySetsockopt,
+		p.EmptySockops,
 		p.MinimalSkmsg,
 		p.MinimalSockops,
 	)

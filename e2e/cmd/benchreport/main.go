@@ -28,7 +28,7 @@ const (
 // sections are the result files, in README order, with their heading.
 var sections = []struct{ file, heading string }{
 	{"suite/results.md", "Real programs (the e2e suite)"},
-	{"cost-per-message.md", "Per-message cost: plain TCP, the minimal redirector, sockbypass"},
+	{"cost-per-message.md", "Per-message cost: plain TCP, the minimal redirector, sockbypass, the empty hooks"},
 	{"bystander-sockperf.md", "Bystander cost with sockperf: a cgroup that is not enabled, while another one is"},
 	{"cost-bystander.md", "Bystander cost, Go-native non-blocking workload"},
 	{"loopback.md", "Go-native loopback"},
