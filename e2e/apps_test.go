@@ -221,9 +221,13 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 					t.Logf("servers' cgroup: %s", counterSummary(d))
 					// nginx A -> nginx B pairs (both non-blocking, in the
 					// enabled cgroup) whether nginx started before or after
-					// enable: every body crossed that hop redirected.
-					if !plainMode() && d.RedirectedBytes < uint64(posts*s.n) {
-						t.Errorf("round %s: the servers' cgroup redirected %d bytes, want at least %d (every body on the nginx A -> nginx B hop)", round, d.RedirectedBytes, posts*s.n)
+					// enable: every body crossed that hop redirected, but
+					// for a connection whose client sent before its server
+					// joined (the pair is given up, and it stays plain TCP:
+					// pairs_abandoned, rare under load).
+					if paired := posts - int(min(d.PairsAbandoned, uint64(posts))); !plainMode() && (paired == 0 || d.RedirectedBytes < uint64(paired*s.n)) {
+						t.Errorf("round %s: the servers' cgroup redirected %d bytes with %d pair(s) given up, want at least %d (every body on the nginx A -> nginx B hop of the %d connections that paired, and at least one)",
+							round, d.RedirectedBytes, d.PairsAbandoned, paired*s.n, paired)
 					}
 				})
 			}
