@@ -133,7 +133,7 @@ redirect:
 		}
 		return SK_PASS;
 	}
-	/* Published but not in the sockhash any more: it is closing. */
+	/* The peer is not in the sockhash any more: it is closing. */
 	if ((state->flags & SOCK_FLAG_REDIRECTING) && c)
 		__sync_fetch_and_add(&c->redirect_failures, 1);
 pass:
