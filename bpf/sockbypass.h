@@ -688,6 +688,16 @@ struct {
 	__type(value, __u64);
 } listeners SEC(".maps");
 
+/* listener_endpoint fills ek (zeroed by the caller) with the `listeners'
+ * key of a listener on ip and port in the network namespace netns: the one
+ * shape sock_ops, cgroup/setsockopt and user space all write and read. */
+static __always_inline void listener_endpoint(struct endpoint_key *ek, __u64 netns, const __u32 *ip, __u16 port)
+{
+	ek->netns_cookie = netns;
+	__builtin_memcpy(ek->ip, ip, sizeof(ek->ip));
+	ek->port = port;
+}
+
 /* Minimal views of the kernel's file, socket and sock, relocated against
  * the running kernel's BTF: enough to read a socket's O_NONBLOCK. */
 #define O_NONBLOCK 04000

@@ -49,9 +49,7 @@ int sockbypass_setsockopt(struct bpf_sockopt *ctx)
 		struct endpoint_key ek = {};
 		__u64 *flags;
 
-		ek.netns_cookie = state->key.netns_cookie;
-		__builtin_memcpy(ek.ip, state->key.local_ip, sizeof(ek.ip));
-		ek.port = state->key.local_port;
+		listener_endpoint(&ek, state->key.netns_cookie, state->key.local_ip, state->key.local_port);
 		flags = bpf_map_lookup_elem(&listeners, &ek);
 		if (flags)
 			__sync_fetch_and_or(flags, LISTENER_STACK_READER);

@@ -337,9 +337,7 @@ static __noinline __u64 *listener_flags(const __u32 *ip, __u16 port, __u64 netns
 	struct endpoint_key ek = {};
 	__u64 *flags;
 
-	ek.netns_cookie = netns;
-	__builtin_memcpy(ek.ip, ip, sizeof(ek.ip));
-	ek.port = port;
+	listener_endpoint(&ek, netns, ip, port);
 	flags = bpf_map_lookup_elem(&listeners, &ek);
 	if (!flags) {
 		set_v4mapped(ek.ip, 0);
@@ -894,9 +892,7 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	if (!state || own_key(skops, &key) < 0)
 		return;
 	key.netns_cookie = bpf_get_netns_cookie(skops);
-	ek.netns_cookie = key.netns_cookie;
-	__builtin_memcpy(ek.ip, key.local_ip, sizeof(ek.ip));
-	ek.port = key.local_port;
+	listener_endpoint(&ek, key.netns_cookie, key.local_ip, key.local_port);
 	if (sock_nonblocking(skops->sk) == 1)
 		flags = LISTENER_NONBLOCK;
 	if (state->flags & SOCK_FLAG_STACK_READER)
@@ -936,9 +932,7 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 	if (state->flags & SOCK_FLAG_LISTENER) {
 		struct endpoint_key ek = {};
 
-		ek.netns_cookie = state->key.netns_cookie;
-		__builtin_memcpy(ek.ip, state->key.local_ip, sizeof(ek.ip));
-		ek.port = state->key.local_port;
+		listener_endpoint(&ek, state->key.netns_cookie, state->key.local_ip, state->key.local_port);
 		bpf_map_delete_elem(&listeners, &ek);
 		state->flags &= ~SOCK_FLAG_LISTENER;
 	}
