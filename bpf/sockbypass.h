@@ -43,18 +43,20 @@ struct sock_key {
 
 /*
  * How bytes may travel between two sockets without a reader ever seeing them
- * out of order or with other semantics than plain TCP:
+ * out of order or with other semantics than plain TCP (see "Pairs" below):
  *
- * - A socket becomes a redirect *target* only once it has been seen reading
- *   with recvmsg (tp_btf/sock_recv_length), without MSG_WAITALL or MSG_OOB,
- *   and without SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE set (cgroup/setsockopt).
- *   A splice reader never calls recvmsg, so it never receives redirected
- *   bytes (splice cannot read them).
- * - A sender redirects a message only when every byte it sent through the
- *   stack has been read by the peer: the peer's copied_seq, recorded at its
- *   last read, equals the sender's write_seq. The peer reads its redirected
- *   queue before its stack receive queue, so moving from the stack to
- *   redirect is safe only then; moving back is always safe.
+ * - Both ends of a connection join the sockhash at ESTABLISHED, before any
+ *   byte moved, or neither does; an end whose reader needs plain-TCP
+ *   semantics the redirected queue does not keep (a blocking socket, or
+ *   SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE set: cgroup/setsockopt) keeps its
+ *   connection out.
+ * - A joined pair redirects every message from the first byte. A sender
+ *   that had to pass a message to the stack (back-pressure, or its peer is
+ *   gone) redirects again only once the peer has read every byte it sent
+ *   through the stack (the peer's copied_seq equals the sender's
+ *   write_seq, read from the peer socket: peer_progress): the peer reads
+ *   its redirected queue before its stack receive queue, so moving from
+ *   the stack to redirect is safe only then; moving back is always safe.
  */
 
 /* An app socket's local endpoint in its network namespace. */
@@ -66,8 +68,8 @@ struct endpoint_key {
 	__u32 pad2;
 };
 
-/* Per-socket state, in socket local storage (cloned to accepted sockets,
- * so options set on a listener carry over). */
+/* Per-socket state, in socket local storage (not cloned to accepted
+ * sockets: a listener's options are in `listeners'). */
 struct sock_state {
 	/* cgroup id of the enabled cgroup whose program handled the socket. */
 	__u64 cgroup_id;
@@ -98,7 +100,9 @@ struct sock_state {
 	 * close, each end tells the server's listener whether its connection
 	 * was short-lived (see "Short-lived listeners"). */
 	__u32 msgs_sent;
-	__u32 pad3;
+	/* The slot of cgroup_id in cgroup_counters and cgroup_config (see
+	 * "Slots"). */
+	__u32 slot;
 	/* Bytes this socket redirected to its peer. */
 	__u64 redirected_sent;
 	/* Of those, what the peer had read when this sender last looked
@@ -229,8 +233,7 @@ struct tcp_sock {
 } __attribute__((preserve_access_index));
 
 /*
- * Counters per enabled cgroup (key: cgroup id), per CPU. Key 0 collects what
- * cannot be attributed to an enabled cgroup.
+ * Counters per enabled cgroup (by its slot, see "Slots"), per CPU.
  */
 struct cgroup_counters {
 	/* Sockets added to the sockhash at ESTABLISHED. */
@@ -328,12 +331,34 @@ struct {
 	__type(value, __u64);
 } sockhash SEC(".maps");
 
+/*
+ * Slots. Each enabled cgroup has a slot, 1 to MAX_SLOTS - 1, that user
+ * space assigns when it first enables the cgroup (cgroup_slots) and hands
+ * to the cgroup's programs as a constant (cgroup_slot): the index of its
+ * counters and its settings in two array maps, whose lookups the verifier
+ * inlines (a hash lookup by cgroup id cost 100-160 ns, several times per
+ * connection). A socket's storage keeps its cgroup's slot for the programs
+ * shared by all cgroups (sk_msg, TC). Slot 0 collects what cannot be
+ * attributed to an enabled cgroup. A disabled cgroup keeps its slot (its
+ * live sockets still count there) until user space needs the slot for
+ * another cgroup and the disabled one has no live socket left.
+ */
+#define MAX_SLOTS 4096
+
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_SLOTS);
+	__type(key, __u32);
 	__type(value, struct cgroup_counters);
 } cgroup_counters SEC(".maps");
+
+/* Enabled cgroup id -> its slot. Written and read by user space only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SLOTS);
+	__type(key, __u64);
+	__type(value, __u32);
+} cgroup_slots SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -342,8 +367,7 @@ struct {
 	__type(value, struct sock_state);
 } sock_state SEC(".maps");
 
-/* Per enabled cgroup settings, written by user space (cgroup id -> config).
- * A cgroup without an entry is accelerated. */
+/* Per enabled cgroup settings, written by user space (slot -> config). */
 #define CGROUP_ACCOUNT_ONLY (1U << 0)
 /* Pair every connection to the cgroup's listeners, short-lived ones too
  * (see "Short-lived listeners"). */
@@ -401,12 +425,20 @@ static __always_inline int stack_port(const struct cgroup_config *cfg, __u16 por
 	return 0;
 }
 
+/* By slot; a slot's settings are zero (accelerate, no sidecar) until user
+ * space writes them. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SLOTS);
+	__type(key, __u32);
 	__type(value, struct cgroup_config);
 } cgroup_config SEC(".maps");
+
+/* config_for returns the settings of the cgroup in slot. */
+static __always_inline struct cgroup_config *config_for(__u32 slot)
+{
+	return bpf_map_lookup_elem(&cgroup_config, &slot);
+}
 
 /*
  * Socket cookie -> id of the enabled cgroup the socket belongs to, for the
@@ -794,22 +826,10 @@ static __always_inline int peer_progress(const struct sock_state *state, __u32 *
 	return 0;
 }
 
-/* The initial value of a cgroup's counters: a global (in .rodata), so that
- * no program puts a struct cgroup_counters on its stack (sock_ops's deepest
- * call chain is close to the verifier's 512-byte limit). */
-static const struct cgroup_counters zero_counters __attribute__((unused));
-
-/* counters_for returns the counters of cgroup_id, creating them if needed. */
-static __always_inline struct cgroup_counters *counters_for(__u64 cgroup_id)
+/* counters_for returns this CPU's counters of the cgroup in slot. */
+static __always_inline struct cgroup_counters *counters_for(__u32 slot)
 {
-	struct cgroup_counters *c;
-
-	c = bpf_map_lookup_elem(&cgroup_counters, &cgroup_id);
-	if (c)
-		return c;
-
-	bpf_map_update_elem(&cgroup_counters, &cgroup_id, &zero_counters, BPF_NOEXIST);
-	return bpf_map_lookup_elem(&cgroup_counters, &cgroup_id);
+	return bpf_map_lookup_elem(&cgroup_counters, &slot);
 }
 
 /* set_v4mapped stores an IPv4 address (network order) as ::ffff:a.b.c.d. */

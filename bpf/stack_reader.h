@@ -15,9 +15,9 @@ enum fallback_reason {
 	REASON_OOBINLINE,
 };
 
-static __always_inline void count_reason(__u64 cgroup_id, int reason)
+static __always_inline void count_reason(__u32 slot, int reason)
 {
-	struct cgroup_counters *c = counters_for(cgroup_id);
+	struct cgroup_counters *c = counters_for(slot);
 
 	if (!c)
 		return;
@@ -42,7 +42,7 @@ static __always_inline void count_reason(__u64 cgroup_id, int reason)
  * the stack to it would be invisible to FIONREAD), so after joining the
  * option is only counted (late_stack_options) and the pair stays redirected.
  */
-static __always_inline void mark_stack_reader(struct sock_state *state, __u64 cgroup_id, int reason)
+static __always_inline void mark_stack_reader(struct sock_state *state, __u32 slot, int reason)
 {
 	if (state->flags & SOCK_FLAG_INSERTED) {
 		struct cgroup_counters *c;
@@ -50,7 +50,7 @@ static __always_inline void mark_stack_reader(struct sock_state *state, __u64 cg
 		if (state->flags & SOCK_FLAG_LATE_OPTION)
 			return;
 		state->flags |= SOCK_FLAG_LATE_OPTION;
-		c = counters_for(cgroup_id);
+		c = counters_for(slot);
 		if (c)
 			__sync_fetch_and_add(&c->late_stack_options, 1);
 		return;
@@ -58,7 +58,7 @@ static __always_inline void mark_stack_reader(struct sock_state *state, __u64 cg
 	if (state->flags & SOCK_FLAG_STACK_READER)
 		return;
 	state->flags |= SOCK_FLAG_STACK_READER;
-	count_reason(cgroup_id, reason);
+	count_reason(slot, reason);
 }
 
 #endif /* SOCKBYPASS_STACK_READER_H */

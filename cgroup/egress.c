@@ -20,6 +20,8 @@
 
 /* Set by the loader: the enabled cgroup this instance is attached to. */
 volatile const __u64 enabled_cgroup_id = 0;
+/* And its slot (see "Slots" in sockbypass.h). */
+volatile const __u32 cgroup_slot = 0;
 
 /* dst_local reports whether a socket that sock_ops has not classified
  * (before ESTABLISHED, or established before the cgroup was enabled) sends
@@ -78,7 +80,7 @@ int sockbypass_account_egress(struct __sk_buff *skb)
 		return 1;
 	}
 
-	c = counters_for(enabled_cgroup_id);
+	c = counters_for(cgroup_slot);
 	if (!c)
 		return 1;
 	/* Process context, preemptible: another task on this CPU may count

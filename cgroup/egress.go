@@ -13,10 +13,6 @@ import (
 // stack to a local peer, on any device.
 const EgressProgram = "sockbypass_account_egress"
 
-// CgroupIDConstant is the name of the constant that holds the enabled
-// cgroup's id in every program of this package.
-const CgroupIDConstant = "enabled_cgroup_id"
-
 // LoadEgressSpec returns the collection spec of the accounting program. It
 // fails only when the embedded object cannot be parsed.
 func LoadEgressSpec() (*ebpf.CollectionSpec, error) {

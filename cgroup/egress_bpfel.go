@@ -162,7 +162,7 @@ type egressSockState struct {
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	MsgsSent        uint32
-	Pad3            uint32
+	Slot            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
 	PeerSk          uint64
@@ -198,6 +198,7 @@ type egressTcUserKey struct {
 const (
 	egressMapCgroupConfig             = "cgroup_config"
 	egressMapCgroupCounters           = "cgroup_counters"
+	egressMapCgroupSlots              = "cgroup_slots"
 	egressMapInboundPods              = "inbound_pods"
 	egressMapListeners                = "listeners"
 	egressMapMeshClients              = "mesh_clients"
@@ -212,6 +213,7 @@ const (
 	egressMapTcDevices                = "tc_devices"
 	egressMapTcUsers                  = "tc_users"
 	egressProgSockbypassAccountEgress = "sockbypass_account_egress"
+	egressVarCgroupSlot               = "cgroup_slot"
 	egressVarEnabledCgroupId          = "enabled_cgroup_id"
 )
 
@@ -266,6 +268,7 @@ type egressProgramSpecs struct {
 type egressMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -285,6 +288,7 @@ type egressMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type egressVariableSpecs struct {
+	CgroupSlot      *ebpf.VariableSpec `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.VariableSpec `ebpf:"enabled_cgroup_id"`
 }
 
@@ -310,6 +314,7 @@ func (o *egressObjects) Close() error {
 type egressMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -329,6 +334,7 @@ func (m *egressMaps) Close() error {
 	return _EgressClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.CgroupSlots,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,
@@ -349,6 +355,7 @@ func (m *egressMaps) Close() error {
 //
 // It can be passed to loadEgressObjects or ebpf.CollectionSpec.LoadAndAssign.
 type egressVariables struct {
+	CgroupSlot      *ebpf.Variable `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.Variable `ebpf:"enabled_cgroup_id"`
 }
 

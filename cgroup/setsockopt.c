@@ -18,6 +18,8 @@
 
 /* Set by the loader for the instance of an enabled cgroup. */
 volatile const __u64 enabled_cgroup_id = 0;
+/* And its slot (see "Slots" in sockbypass.h). */
+volatile const __u32 cgroup_slot = 0;
 
 SEC("cgroup/setsockopt")
 int sockbypass_setsockopt(struct bpf_sockopt *ctx)
@@ -42,7 +44,7 @@ int sockbypass_setsockopt(struct bpf_sockopt *ctx)
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)
 		return 1;
-	mark_stack_reader(state, state->cgroup_id ? state->cgroup_id : enabled_cgroup_id, reason);
+	mark_stack_reader(state, state->cgroup_id ? state->slot : cgroup_slot, reason);
 	/* A listener already recorded: its accepted sockets inherit the
 	 * option (they do not clone its storage; see LISTENER_STACK_READER). */
 	if (state->flags & SOCK_FLAG_LISTENER) {

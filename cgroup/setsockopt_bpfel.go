@@ -162,7 +162,7 @@ type setsockoptSockState struct {
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	MsgsSent        uint32
-	Pad3            uint32
+	Slot            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
 	PeerSk          uint64
@@ -198,6 +198,7 @@ type setsockoptTcUserKey struct {
 const (
 	setsockoptMapCgroupConfig          = "cgroup_config"
 	setsockoptMapCgroupCounters        = "cgroup_counters"
+	setsockoptMapCgroupSlots           = "cgroup_slots"
 	setsockoptMapInboundPods           = "inbound_pods"
 	setsockoptMapListeners             = "listeners"
 	setsockoptMapMeshClients           = "mesh_clients"
@@ -212,6 +213,7 @@ const (
 	setsockoptMapTcDevices             = "tc_devices"
 	setsockoptMapTcUsers               = "tc_users"
 	setsockoptProgSockbypassSetsockopt = "sockbypass_setsockopt"
+	setsockoptVarCgroupSlot            = "cgroup_slot"
 	setsockoptVarEnabledCgroupId       = "enabled_cgroup_id"
 )
 
@@ -266,6 +268,7 @@ type setsockoptProgramSpecs struct {
 type setsockoptMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -285,6 +288,7 @@ type setsockoptMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type setsockoptVariableSpecs struct {
+	CgroupSlot      *ebpf.VariableSpec `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.VariableSpec `ebpf:"enabled_cgroup_id"`
 }
 
@@ -310,6 +314,7 @@ func (o *setsockoptObjects) Close() error {
 type setsockoptMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -329,6 +334,7 @@ func (m *setsockoptMaps) Close() error {
 	return _SetsockoptClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.CgroupSlots,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,
@@ -349,6 +355,7 @@ func (m *setsockoptMaps) Close() error {
 //
 // It can be passed to loadSetsockoptObjects or ebpf.CollectionSpec.LoadAndAssign.
 type setsockoptVariables struct {
+	CgroupSlot      *ebpf.Variable `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.Variable `ebpf:"enabled_cgroup_id"`
 }
 

@@ -31,6 +31,8 @@
 
 /* Set by the loader: the enabled cgroup this instance is attached to. */
 volatile const __u64 enabled_cgroup_id = 0;
+/* And its slot (see "Slots" in sockbypass.h). */
+volatile const __u32 cgroup_slot = 0;
 
 static __always_inline int excluded(const struct cgroup_config *cfg, const __u32 *ip, __u16 port)
 {
@@ -114,12 +116,11 @@ static __always_inline __u16 intercept(struct bpf_sock_addr *ctx, const __u32 *i
 	struct cgroup_config *cfg;
 	struct sock_state *state;
 	struct cgroup_counters *c;
-	__u64 cgroup_id = enabled_cgroup_id;
 	int mapped = is_v4mapped(ip);
 
 	if (ctx->type != SOCK_STREAM || !ctx->sk)
 		return 0;
-	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	cfg = config_for(cgroup_slot);
 	if (!cfg || cfg->mesh_mode != MESH_INTERCEPT || cfg->outbound_port == 0)
 		return 0;
 	/* The sidecar's own connects go where they asked: its uid is
@@ -141,7 +142,7 @@ static __always_inline __u16 intercept(struct bpf_sock_addr *ctx, const __u32 *i
 	state->orig_dst_port = port;
 	state->orig_dst_family = mapped ? AF_INET : AF_INET6;
 	state->flags |= SOCK_FLAG_INTERCEPTED;
-	c = counters_for(cgroup_id);
+	c = counters_for(cgroup_slot);
 	if (c)
 		__sync_fetch_and_add(&c->mesh_intercepted, 1);
 	return cfg->outbound_port;
@@ -272,7 +273,7 @@ answer:
 		*(volatile __s32 *)&ctx->optlen = 16;
 	}
 	*(volatile __s32 *)&ctx->retval = 0;
-	c = counters_for(enabled_cgroup_id);
+	c = counters_for(cgroup_slot);
 	if (c)
 		__sync_fetch_and_add(&c->mesh_orig_dst_answers, 1);
 	return 1;
@@ -325,7 +326,7 @@ int sockbypass_mesh_egress(struct __sk_buff *skb)
 	/* A SYN without ACK: the app's connection request. */
 	if (!(tcph[13] & 0x02) || (tcph[13] & 0x10))
 		return 1;
-	cfg = bpf_map_lookup_elem(&cgroup_config, &state->cgroup_id);
+	cfg = config_for(state->slot);
 	if (!cfg || cfg->mesh_mode != MESH_REDIRECT)
 		return 1;
 

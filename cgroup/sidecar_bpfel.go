@@ -162,7 +162,7 @@ type sidecarSockState struct {
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	MsgsSent        uint32
-	Pad3            uint32
+	Slot            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
 	PeerSk          uint64
@@ -198,6 +198,7 @@ type sidecarTcUserKey struct {
 const (
 	sidecarMapCgroupConfig          = "cgroup_config"
 	sidecarMapCgroupCounters        = "cgroup_counters"
+	sidecarMapCgroupSlots           = "cgroup_slots"
 	sidecarMapInboundPods           = "inbound_pods"
 	sidecarMapListeners             = "listeners"
 	sidecarMapMeshClients           = "mesh_clients"
@@ -215,6 +216,7 @@ const (
 	sidecarProgSockbypassConnect6   = "sockbypass_connect6"
 	sidecarProgSockbypassGetsockopt = "sockbypass_getsockopt"
 	sidecarProgSockbypassMeshEgress = "sockbypass_mesh_egress"
+	sidecarVarCgroupSlot            = "cgroup_slot"
 	sidecarVarEnabledCgroupId       = "enabled_cgroup_id"
 )
 
@@ -272,6 +274,7 @@ type sidecarProgramSpecs struct {
 type sidecarMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -291,6 +294,7 @@ type sidecarMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sidecarVariableSpecs struct {
+	CgroupSlot      *ebpf.VariableSpec `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.VariableSpec `ebpf:"enabled_cgroup_id"`
 }
 
@@ -316,6 +320,7 @@ func (o *sidecarObjects) Close() error {
 type sidecarMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -335,6 +340,7 @@ func (m *sidecarMaps) Close() error {
 	return _SidecarClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.CgroupSlots,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,
@@ -355,6 +361,7 @@ func (m *sidecarMaps) Close() error {
 //
 // It can be passed to loadSidecarObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sidecarVariables struct {
+	CgroupSlot      *ebpf.Variable `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.Variable `ebpf:"enabled_cgroup_id"`
 }
 

@@ -20,7 +20,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	struct tcp_sock *tp;
 	struct sock_key peer;
 	__u64 size = msg->size;
-	__u64 cgroup_id = 0;
+	__u32 slot = 0;
 	__u64 unread = 0;
 	__u32 copied_seq = 0;
 
@@ -29,8 +29,8 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 
 	state = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
 	if (state)
-		cgroup_id = state->cgroup_id;
-	c = counters_for(cgroup_id);
+		slot = state->slot;
+	c = counters_for(slot);
 	if (!state || !(state->flags & SOCK_FLAG_INSERTED))
 		goto pass;
 	state->msgs_sent++; /* under the socket lock */

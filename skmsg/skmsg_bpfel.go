@@ -162,7 +162,7 @@ type skmsgSockState struct {
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	MsgsSent        uint32
-	Pad3            uint32
+	Slot            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
 	PeerSk          uint64
@@ -198,6 +198,7 @@ type skmsgTcUserKey struct {
 const (
 	skmsgMapCgroupConfig     = "cgroup_config"
 	skmsgMapCgroupCounters   = "cgroup_counters"
+	skmsgMapCgroupSlots      = "cgroup_slots"
 	skmsgMapInboundPods      = "inbound_pods"
 	skmsgMapListeners        = "listeners"
 	skmsgMapMeshClients      = "mesh_clients"
@@ -265,6 +266,7 @@ type skmsgProgramSpecs struct {
 type skmsgMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -308,6 +310,7 @@ func (o *skmsgObjects) Close() error {
 type skmsgMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -327,6 +330,7 @@ func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.CgroupSlots,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

@@ -10,8 +10,10 @@
  */
 #include "sockbypass.h"
 
-/* Set by the loader: the id of the cgroup this instance is attached to. */
+/* Set by the loader: the id of the cgroup this instance is attached to,
+ * and its slot (see "Slots" in sockbypass.h). */
 volatile const __u64 enabled_cgroup_id = 0;
+volatile const __u32 cgroup_slot = 0;
 
 /* own_key builds the socket's key (without netns_cookie). */
 static __always_inline int own_key(struct bpf_sock_ops *skops, struct sock_key *key)
@@ -81,7 +83,7 @@ static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 	struct sock_key key = {};
 	__u64 one = 1, *users;
 
-	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	cfg = config_for(cgroup_slot);
 	if (!cfg || cfg->mesh_mode == MESH_NONE || !skops->sk)
 		return;
 	state = bpf_sk_storage_get(&sock_state, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -93,6 +95,7 @@ static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 	state->key = key;
 	state->netns_cookie = key.netns_cookie;
 	state->cgroup_id = cgroup_id;
+	state->slot = cgroup_slot;
 	state->flags |= SOCK_FLAG_MESH_APP;
 
 	endpoint_of(&key, key.netns_cookie, &ek);
@@ -516,9 +519,10 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED |
 				  SOCK_FLAG_ORIG_DST | SOCK_FLAG_ENDPOINT_COUNTED);
 	state->cgroup_id = enabled_cgroup_id;
+	state->slot = cgroup_slot;
 
-	*c = counters_for(state->cgroup_id);
-	*cfg = bpf_map_lookup_elem(&cgroup_config, &state->cgroup_id);
+	*c = counters_for(cgroup_slot);
+	*cfg = config_for(cgroup_slot);
 	/* Account-only (dry_run): counted (TC finds the cgroup in
 	 * sock_state), never accelerated; the caller runs the pair
 	 * handshake as a dry run. Data that moved before ESTABLISHED (TCP
@@ -539,14 +543,13 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
  */
 static __noinline void offer_pair(struct bpf_sock_ops *skops)
 {
-	__u64 cgroup_id = enabled_cgroup_id;
 	struct cgroup_config *cfg;
 	struct pairing p = {};
 	struct sock_key key = {};
 	struct pair offer = {.state = PAIR_OFFERED};
 	__u64 own_netns;
 
-	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	cfg = config_for(cgroup_slot);
 	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY))
 		offer.state = PAIR_DRY_OFFERED; /* account-only: a dry run */
 	if (own_key(skops, &key) < 0)
@@ -560,7 +563,7 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 	if (p.scope == SCOPE_REMOTE)
 		return;
 	if (!(cfg && (cfg->flags & CGROUP_ALL_CONNECTIONS)) && short_lived(&key, own_netns)) {
-		struct cgroup_counters *c = counters_for(cgroup_id);
+		struct cgroup_counters *c = counters_for(cgroup_slot);
 
 		COUNT(c, connections_short_lived);
 		return;
@@ -623,12 +626,11 @@ static __noinline void dry_passive(struct bpf_sock_ops *skops, struct sock_state
  */
 static __noinline int offered(struct bpf_sock_ops *skops, struct sock_key *key, struct pairing *p, int passive)
 {
-	__u64 cgroup_id = enabled_cgroup_id;
 	struct cgroup_counters *c;
 	struct cgroup_config *cfg;
 	__u16 server_port;
 
-	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	cfg = config_for(cgroup_slot);
 	if (cfg && cfg->mesh_mode != MESH_NONE)
 		return 1; /* the sidecar pairings consume their records */
 	if (own_key(skops, key) < 0)
@@ -640,7 +642,7 @@ static __noinline int offered(struct bpf_sock_ops *skops, struct sock_key *key, 
 	if (p->scope != SCOPE_REMOTE && !stack_port(cfg, server_port) &&
 	    bpf_map_lookup_elem(&pairs, passive ? &p->peer : key))
 		return 1;
-	c = counters_for(cgroup_id);
+	c = counters_for(cgroup_slot);
 	if (p->scope == SCOPE_REMOTE) {
 		COUNT(c, sockets_remote);
 		return 0;
@@ -835,7 +837,6 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
  */
 static __noinline void mesh_accept(struct bpf_sock_ops *skops)
 {
-	__u64 cgroup_id = enabled_cgroup_id;
 	struct cgroup_config *cfg;
 	struct sock_state *state;
 	struct endpoint_key ek = {};
@@ -843,7 +844,7 @@ static __noinline void mesh_accept(struct bpf_sock_ops *skops)
 	struct orig_dst *od;
 	struct bpf_sock *sk;
 
-	cfg = bpf_map_lookup_elem(&cgroup_config, &cgroup_id);
+	cfg = config_for(cgroup_slot);
 	if (!cfg || cfg->mesh_mode != MESH_INTERCEPT)
 		return;
 	if (own_key(skops, &key) < 0 || key.local_port != cfg->outbound_port)
@@ -900,6 +901,7 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	bpf_map_update_elem(&listeners, &ek, &flags, BPF_ANY);
 	state->key = key;
 	state->cgroup_id = cgroup_id;
+	state->slot = cgroup_slot;
 	state->flags |= SOCK_FLAG_LISTENER;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }

@@ -24,9 +24,14 @@ import (
 // ProgramName is the name of the sock_ops program in its collection.
 const ProgramName = "sockbypass_sockops"
 
-// CgroupIDConstant is the name of the constant that holds the enabled
-// cgroup's id.
-const CgroupIDConstant = "enabled_cgroup_id"
+// CgroupIDConstant and CgroupSlotConstant are the names of the constants
+// that hold the enabled cgroup's id and its slot (the index of its counters
+// and settings, see "Slots" in bpf/sockbypass.h), in every per-cgroup
+// program (sock_ops and the cgroup package's).
+const (
+	CgroupIDConstant   = "enabled_cgroup_id"
+	CgroupSlotConstant = "cgroup_slot"
+)
 
 // LoadSpec returns the collection spec of the sock_ops program and the
 // maps it declares (every shared map of bpf/sockbypass.h). It fails only

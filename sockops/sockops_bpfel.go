@@ -164,7 +164,7 @@ type sockopsSockState struct {
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	MsgsSent        uint32
-	Pad3            uint32
+	Slot            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
 	PeerSk          uint64
@@ -200,6 +200,7 @@ type sockopsTcUserKey struct {
 const (
 	sockopsMapCgroupConfig       = "cgroup_config"
 	sockopsMapCgroupCounters     = "cgroup_counters"
+	sockopsMapCgroupSlots        = "cgroup_slots"
 	sockopsMapInboundPods        = "inbound_pods"
 	sockopsMapListeners          = "listeners"
 	sockopsMapMeshClients        = "mesh_clients"
@@ -214,6 +215,7 @@ const (
 	sockopsMapTcDevices          = "tc_devices"
 	sockopsMapTcUsers            = "tc_users"
 	sockopsProgSockbypassSockops = "sockbypass_sockops"
+	sockopsVarCgroupSlot         = "cgroup_slot"
 	sockopsVarEnabledCgroupId    = "enabled_cgroup_id"
 )
 
@@ -268,6 +270,7 @@ type sockopsProgramSpecs struct {
 type sockopsMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -287,6 +290,7 @@ type sockopsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsVariableSpecs struct {
+	CgroupSlot      *ebpf.VariableSpec `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.VariableSpec `ebpf:"enabled_cgroup_id"`
 }
 
@@ -312,6 +316,7 @@ func (o *sockopsObjects) Close() error {
 type sockopsMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -331,6 +336,7 @@ func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.CgroupSlots,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,
@@ -351,6 +357,7 @@ func (m *sockopsMaps) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsVariables struct {
+	CgroupSlot      *ebpf.Variable `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.Variable `ebpf:"enabled_cgroup_id"`
 }
 

@@ -52,7 +52,7 @@ int sockbypass_tc_egress(struct __sk_buff *skb)
 	off += (b >> 4) * 4;
 
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	c = counters_for(state ? state->cgroup_id : 0);
+	c = counters_for(state ? state->slot : 0);
 	if (!c)
 		return TC_ACT_UNSPEC;
 	/* Per-CPU values, and TC runs with bottom halves disabled: nothing

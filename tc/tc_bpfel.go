@@ -162,7 +162,7 @@ type tcSockState struct {
 	NatSrcIp        [4]uint32
 	NatDstIp        [4]uint32
 	MsgsSent        uint32
-	Pad3            uint32
+	Slot            uint32
 	RedirectedSent  uint64
 	PeerReadSeen    uint64
 	PeerSk          uint64
@@ -198,6 +198,7 @@ type tcTcUserKey struct {
 const (
 	tcMapCgroupConfig        = "cgroup_config"
 	tcMapCgroupCounters      = "cgroup_counters"
+	tcMapCgroupSlots         = "cgroup_slots"
 	tcMapInboundPods         = "inbound_pods"
 	tcMapListeners           = "listeners"
 	tcMapMeshClients         = "mesh_clients"
@@ -266,6 +267,7 @@ type tcProgramSpecs struct {
 type tcMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -310,6 +312,7 @@ func (o *tcObjects) Close() error {
 type tcMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
+	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -329,6 +332,7 @@ func (m *tcMaps) Close() error {
 	return _TcClose(
 		m.CgroupConfig,
 		m.CgroupCounters,
+		m.CgroupSlots,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

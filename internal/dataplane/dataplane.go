@@ -7,7 +7,9 @@
 // up and can be inspected with bpftool:
 //
 //	<pin dir>/sockhash          BPF_MAP_TYPE_SOCKHASH  struct sock_key -> socket
-//	<pin dir>/cgroup_counters   BPF_MAP_TYPE_PERCPU_HASH cgroup id -> struct cgroup_counters
+//	<pin dir>/cgroup_counters   BPF_MAP_TYPE_PERCPU_ARRAY slot -> struct cgroup_counters
+//	<pin dir>/cgroup_config     BPF_MAP_TYPE_ARRAY slot -> struct cgroup_config (an enabled cgroup's settings)
+//	<pin dir>/cgroup_slots      BPF_MAP_TYPE_HASH enabled cgroup id -> its slot (see slots.go)
 //	<pin dir>/sock_state        BPF_MAP_TYPE_SK_STORAGE  socket -> struct sock_state
 //	<pin dir>/sk_msg            the sk_msg program
 //	<pin dir>/sk_msg_link       its sockmap link (absent on kernels without one)
@@ -67,6 +69,7 @@ const (
 	PinMeshClients   = "mesh_clients"
 	PinInboundPods   = "inbound_pods"
 	PinCgroupConfig  = "cgroup_config"
+	PinCgroupSlots   = "cgroup_slots"
 	PinPairs         = "pairs"
 	PinListeners     = "listeners"
 	DirCgroups       = "cgroups"
@@ -78,7 +81,7 @@ const (
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinCgroupSlots, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners}
 
 // SizesFor returns the capacity of the shared maps whose entries follow
 // sockets, for a sockhash of capacity n, so that no pod's live sockets can
@@ -435,18 +438,21 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 		return false, fmt.Errorf("enable %s: %d stack ports given, at most %d", cg.Path, len(opts.StackPorts), len(cfg.StackPorts))
 	}
 	copy(cfg.StackPorts[:], opts.StackPorts)
+	slot, fresh, err := d.assignSlot(cg.ID)
+	if err != nil {
+		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
+	}
+	if fresh {
+		undo = append(undo, func() { d.releaseSlot(cg.ID) })
+	}
 	var oldCfg cgroupConfig
-	hadCfg := d.maps[PinCgroupConfig].Lookup(cg.ID, &oldCfg) == nil
-	if err := d.maps[PinCgroupConfig].Put(cg.ID, cfg); err != nil {
+	if err := d.maps[PinCgroupConfig].Lookup(slot, &oldCfg); err != nil {
+		return false, fmt.Errorf("enable %s: read cgroup config: %w", cg.Path, err)
+	}
+	if err := d.maps[PinCgroupConfig].Put(slot, cfg); err != nil {
 		return false, fmt.Errorf("enable %s: write cgroup config: %w", cg.Path, err)
 	}
-	undo = append(undo, func() {
-		if hadCfg {
-			d.maps[PinCgroupConfig].Put(cg.ID, oldCfg)
-		} else {
-			d.maps[PinCgroupConfig].Delete(cg.ID)
-		}
-	})
+	undo = append(undo, func() { d.maps[PinCgroupConfig].Put(slot, oldCfg) })
 
 	_, statErr := os.Stat(d.cgroupLinkPin(cg.ID))
 	already := statErr == nil
@@ -459,7 +465,7 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 			}
 			continue
 		}
-		undoAttach, err := d.attachCgroupProgram(cg, p)
+		undoAttach, err := d.attachCgroupProgram(cg, slot, p)
 		if err != nil {
 			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
 		}
@@ -520,12 +526,12 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 	if already {
 		// Info shows what changed; an enable that changes nothing (the
 		// daemon's every rescan) is debug.
-		if hadCfg && oldCfg == cfg && len(tcAdded) == 0 && tcDropped == 0 {
+		if oldCfg == cfg && len(tcAdded) == 0 && tcDropped == 0 {
 			d.log.Debug("cgroup already enabled, nothing changed", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID))
 			return false, nil
 		}
 		d.log.Info("cgroup settings changed", zap.String("cgroup", cg.Path), zap.Uint64("cgroup_id", cg.ID),
-			zap.Bool("settings_changed", !hadCfg || oldCfg != cfg), zap.Strings("tc_devices_added", tcAdded),
+			zap.Bool("settings_changed", oldCfg != cfg), zap.Strings("tc_devices_added", tcAdded),
 			zap.Int("tc_devices_dropped", tcDropped), zap.Stringers("tc_devices_detached", detached))
 		return false, nil
 	}
@@ -560,8 +566,13 @@ func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
 	if _, err := d.releaseTCUsers(func(k tcUserKey) bool { return k.CgroupId == cgroupID }); err != nil {
 		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 	}
-	if err := d.maps[PinCgroupConfig].Delete(cgroupID); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	// The cgroup keeps its slot: its live sockets still count there.
+	if slot, ok, err := d.slotOf(cgroupID); err != nil {
 		return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
+	} else if ok {
+		if err := d.maps[PinCgroupConfig].Put(slot, cgroupConfig{}); err != nil {
+			return false, fmt.Errorf("disable cgroup id %d: clear its settings: %w", cgroupID, err)
+		}
 	}
 	d.log.Info("disabled cgroup", zap.Uint64("cgroup_id", cgroupID))
 	return true, nil

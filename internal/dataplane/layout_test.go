@@ -28,9 +28,10 @@ var goMirrors = []struct {
 	Key, Value any
 }{
 	{PinSockhash, SockKey{}, uint64(0)},
-	{PinCounters, uint64(0), sockops.CgroupCounters{}},
-	{PinCounters, uint64(0), CgroupCounters{}}, // fields by position: countersFromC
-	{PinCgroupConfig, uint64(0), cgroupConfig{}},
+	{PinCounters, uint32(0), sockops.CgroupCounters{}},
+	{PinCounters, uint32(0), CgroupCounters{}}, // fields by position: countersFromC
+	{PinCgroupConfig, uint32(0), cgroupConfig{}},
+	{PinCgroupSlots, uint64(0), uint32(0)},
 	{PinNodeAddrs, nodeAddrKey{}, nodeAddrValue{}},
 	{PinInboundPods, nodeAddrKey{}, uint32(0)},
 	{PinTCDevices, tcDeviceKey{}, tcDeviceValue{}},

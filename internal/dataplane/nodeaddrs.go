@@ -145,8 +145,7 @@ func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
 		}
 		collectErr = errors.Join(collectErr, err)
 		owners.Merge(found)
-		var cfg cgroupConfig
-		if d.maps[PinCgroupConfig].Lookup(cg.ID, &cfg) == nil && cfg.MeshMode == MeshRedirect && cfg.InboundPort != 0 {
+		if cfg, ok := d.configOf(cg.ID); ok && cfg.MeshMode == MeshRedirect && cfg.InboundPort != 0 {
 			for addr := range found {
 				inbound[addr] = cfg.InboundPort
 			}

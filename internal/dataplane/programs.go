@@ -44,10 +44,10 @@ var cgroupPrograms = []cgroupProgram{
 	{What: "cgroup_skb/egress (sidecar SYNs)", Program: cgroup.SidecarEgressProgram, Spec: cgroup.LoadSidecarSpec, Suffix: "-egress", Attach: ebpf.AttachCGroupInetEgress, SidecarOnly: true},
 }
 
-// load loads p's instance for the cgroup id over the pinned maps. The
-// caller owns the program.
-func (p cgroupProgram) load(id uint64, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
-	return loadProgram(p.What, p.Spec, p.Program, map[string]any{sockops.CgroupIDConstant: id}, maps)
+// load loads p's instance for the cgroup id, whose slot is slot, over the
+// pinned maps. The caller owns the program.
+func (p cgroupProgram) load(id uint64, slot uint32, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+	return loadProgram(p.What, p.Spec, p.Program, map[string]any{sockops.CgroupIDConstant: id, sockops.CgroupSlotConstant: slot}, maps)
 }
 
 // The node-wide programs, loaded by create and Upgrade, and the TC
@@ -136,15 +136,15 @@ func (d *Dataplane) tcPin(key tcDeviceKey) string {
 	return pinPath(d.pinDir, DirTC, strconv.FormatUint(key.NetnsIno, 10)+"-"+strconv.FormatUint(uint64(key.Ifindex), 10))
 }
 
-// attachCgroupProgram attaches p to cg and pins its link, unless it is
+// attachCgroupProgram attaches p (for slot) to cg and pins its link, unless it is
 // pinned already. It returns how to undo what it did (nil when nothing was
 // done).
-func (d *Dataplane) attachCgroupProgram(cg cgroup.Cgroup, p cgroupProgram) (func(), error) {
+func (d *Dataplane) attachCgroupProgram(cg cgroup.Cgroup, slot uint32, p cgroupProgram) (func(), error) {
 	pin := d.cgroupPin(cg.ID, p)
 	if _, err := os.Stat(pin); err == nil {
 		return nil, nil
 	}
-	prog, err := p.load(cg.ID, d.maps)
+	prog, err := p.load(cg.ID, slot, d.maps)
 	if err != nil {
 		return nil, err
 	}

@@ -141,24 +141,26 @@ func (d *Dataplane) cgroupProgramStatus(id uint64) ([]CgroupProgramStatus, error
 	return out, nil
 }
 
-// Counters returns the counters of every cgroup id that has any, summed over
-// CPUs. Id 0 holds what could not be attributed to an enabled cgroup.
+// Counters returns the counters of every cgroup id that has a slot
+// (enabled, or disabled and not yet replaced), summed over CPUs. Id 0 holds
+// what could not be attributed to an enabled cgroup.
 func (d *Dataplane) Counters() (map[uint64]CgroupCounters, error) {
-	out := map[uint64]CgroupCounters{}
-	var (
-		id     uint64
-		perCPU []sockops.CgroupCounters
-	)
-	it := d.maps[PinCounters].Iterate()
-	for it.Next(&id, &perCPU) {
+	slots, err := d.slots()
+	if err != nil {
+		return nil, err
+	}
+	slots[0] = 0
+	out := make(map[uint64]CgroupCounters, len(slots))
+	for id, slot := range slots {
+		var perCPU []sockops.CgroupCounters
+		if err := d.maps[PinCounters].Lookup(slot, &perCPU); err != nil {
+			return nil, fmt.Errorf("read the counters of cgroup id %d (slot %d): %w", id, slot, err)
+		}
 		var sum CgroupCounters
 		for _, c := range perCPU {
 			sum.Add(countersFromC(c))
 		}
 		out[id] = sum
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read counters: %w", err)
 	}
 	return out, nil
 }
@@ -242,8 +244,7 @@ func (d *Dataplane) Status() (*Status, error) {
 	}
 	for _, id := range ids {
 		cs := CgroupStatus{ID: id, Counters: counters[id], LiveSockets: live[id], Mode: "accelerate"}
-		var cfg cgroupConfig
-		if d.maps[PinCgroupConfig].Lookup(id, &cfg) == nil {
+		if cfg, ok := d.configOf(id); ok {
 			if cfg.Flags&cgroupAccountOnly != 0 {
 				cs.Mode = "account-only"
 			}

@@ -20,7 +20,7 @@ import (
 // binary writes and reads: bump it whenever a shared struct or map changes
 // (TestLayoutVersionFollowsTheMaps checks it against the maps' BTF). Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
-const LayoutVersion = 5 // 5: listeners values are u64 (short-lived listeners), cgroup_counters.connections_short_lived, sock_state.msgs_sent
+const LayoutVersion = 6 // 6: cgroup_counters and cgroup_config are arrays indexed by slot (cgroup_slots), sock_state.slot; 5: listeners values are u64 (short-lived listeners), cgroup_counters.connections_short_lived, sock_state.msgs_sent
 
 // PinLayout is the pin of the one-entry array map that holds the layout
 // version.
@@ -94,8 +94,15 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 		return rep, err
 	}
 	for _, id := range ids {
+		slot, ok, err := d.slotOf(id)
+		if err != nil {
+			return rep, fmt.Errorf("upgrade cgroup id %d: %w", id, err)
+		}
+		if !ok {
+			return rep, fmt.Errorf("upgrade cgroup id %d: it has no slot in %s; disable and enable it again", id, d.pin(PinCgroupSlots))
+		}
 		for _, p := range cgroupPrograms {
-			err := updateLink(d.cgroupPin(id, p), func() (*ebpf.Program, error) { return p.load(id, d.maps) })
+			err := updateLink(d.cgroupPin(id, p), func() (*ebpf.Program, error) { return p.load(id, slot, d.maps) })
 			if err != nil && (p.Suffix == "" || !errors.Is(err, os.ErrNotExist)) {
 				return rep, fmt.Errorf("upgrade cgroup id %d: %s: %w", id, p.What, err)
 			}
