@@ -172,7 +172,10 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 						enable(t, dp, enabled...)
 					}
 					rdir := t.TempDir()
-					portC, portB, portA := testutil.FreePort(t), testutil.FreePort(t), testutil.FreePort(t)
+					// Distinct ports: with two equal ones, nginx A cannot bind
+					// and curl talks to nginx B (a round with one hop less).
+					ports := testutil.FreePorts(t, 3)
+					portC, portB, portA := ports[0], ports[1], ports[2]
 					py := startChild(t, "digest server", servers, nil, rdir, pythonBin, server, strconv.Itoa(portC))
 					py.waitListening(t, portC, 10*time.Second)
 					_, logB := startNginxProxy(t, servers, rdir, "nginx-b", portB, portC)

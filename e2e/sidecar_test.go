@@ -297,9 +297,23 @@ func startPySidecar(t testing.TB, pod *testutil.Pod, dir string, port int) (*exe
 	return startSidecar(t, pod, "the IPv6 sidecar", port, pythonBin, script, fmt.Sprint(port))
 }
 
-// listening reports whether the network namespace of pid has a TCP socket
-// listening on port.
+// listening reports whether pid itself has a TCP socket listening on port
+// (in its network namespace).
 func listening(pid, port int) bool {
+	// /proc/PID/net lists every socket of the process's network
+	// namespace: the listener must also be one of the process's own
+	// descriptors, or another process on the port (one that took the
+	// port first) would pass for it.
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return false
+	}
+	own := map[string]bool{}
+	for _, fd := range fds {
+		if target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil {
+			own[target] = true
+		}
+	}
 	for _, f := range []string{"tcp", "tcp6"} {
 		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, f))
 		if err != nil {
@@ -307,7 +321,8 @@ func listening(pid, port int) bool {
 		}
 		for _, line := range strings.Split(string(data), "\n") {
 			fields := strings.Fields(line)
-			if len(fields) > 3 && strings.HasSuffix(fields[1], fmt.Sprintf(":%04X", port)) && fields[3] == "0A" {
+			if len(fields) > 9 && strings.HasSuffix(fields[1], fmt.Sprintf(":%04X", port)) && fields[3] == "0A" &&
+				own["socket:["+fields[9]+"]"] {
 				return true
 			}
 		}

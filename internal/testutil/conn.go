@@ -50,6 +50,23 @@ func FreePort(tb testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// FreePorts returns n distinct TCP ports that are free on 127.0.0.1 now:
+// all n listeners are open at once, so the kernel cannot hand out one port
+// twice (FreePort called n times can). It fails tb on error.
+func FreePorts(tb testing.TB, n int) []int {
+	tb.Helper()
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports
+}
+
 // FreeAddr returns "127.0.0.1:PORT" with a port that is free now (see
 // FreePort).
 func FreeAddr(tb testing.TB) string {
