@@ -80,9 +80,9 @@ struct sock_state {
 	 * for node-scope keys; the socket's own namespace otherwise). */
 	__u64 netns_cookie;
 	__u64 peer_netns_cookie;
-	/* With SOCK_FLAG_EXPLICIT_PEER: the peer's key (the sidecar's
-	 * accepted socket, or the app's socket), instead of the mirror of
-	 * our own key. */
+	/* The peer's sockhash key, set when the socket joins: the mirror of
+	 * our own key, or with SOCK_FLAG_EXPLICIT_PEER the sidecar's
+	 * accepted socket or the app's socket. sk_msg redirects to it. */
 	struct sock_key peer_key;
 	/* With SOCK_FLAG_EXPLICIT_PEER: the app side's endpoint; the pair
 	 * redirects only while no other app socket shares it. */

@@ -40,21 +40,23 @@ static __always_inline int dst_local(struct bpf_sock *sk)
 SEC("cgroup_skb/egress")
 int sockbypass_account_egress(struct __sk_buff *skb)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
 	struct bpf_sock *sk = skb->sk;
 	struct sock_state *state;
 	struct cgroup_counters *c;
+	__u8 *ip = data, *tcp;
 	__u32 off;
-	__u8 b;
 
 	if (!sk)
 		return 1;
 	/* Payload first: most packets of a connection carry none (SYN, ACK,
-	 * FIN) and cost two loads here, nothing more. The packet starts at
-	 * the IP header. */
+	 * FIN) and cost a few loads here, nothing more. The packet starts at
+	 * the IP header, read in place (its headers are in the linear part). */
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, 0, &b, 1) < 0)
+		if ((void *)(ip + 1) > data_end)
 			return 1;
-		off = (b & 0x0f) * 4;
+		off = (ip[0] & 0x0f) * 4;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		off = 40;
 	} else {
@@ -62,9 +64,10 @@ int sockbypass_account_egress(struct __sk_buff *skb)
 	}
 	/* TCP data offset: high nibble of byte 12 of the TCP header (a
 	 * packet of another protocol is dropped below, by its socket). */
-	if (bpf_skb_load_bytes(skb, off + 12, &b, 1) < 0)
+	tcp = ip + off;
+	if ((void *)(tcp + 13) > data_end)
 		return 1;
-	off += (b >> 4) * 4;
+	off += (tcp[12] >> 4) * 4;
 	if (skb->len <= off)
 		return 1;
 

@@ -18,7 +18,6 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	struct sock_state *state;
 	struct cgroup_counters *c;
 	struct tcp_sock *tp;
-	struct sock_key peer;
 	__u64 size = msg->size;
 	__u32 slot = 0;
 	__u64 unread = 0;
@@ -75,14 +74,6 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 				__sync_fetch_and_add(&c->mesh_ambiguous, 1);
 			goto pass;
 		}
-		peer = state->peer_key;
-	} else {
-		/* The peer's key: our key with local and remote swapped. */
-		peer = state->key;
-		__builtin_memcpy(peer.local_ip, state->key.remote_ip, sizeof(peer.local_ip));
-		__builtin_memcpy(peer.remote_ip, state->key.local_ip, sizeof(peer.remote_ip));
-		peer.local_port = state->key.remote_port;
-		peer.remote_port = state->key.local_port;
 	}
 
 	/* The fast path. A pair is one connection, proven at the handshake
@@ -120,7 +111,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	}
 
 redirect:
-	if (bpf_msg_redirect_hash(msg, &sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
+	if (bpf_msg_redirect_hash(msg, &sockhash, &state->peer_key, BPF_F_INGRESS) == SK_PASS) {
 		state->flags |= SOCK_FLAG_REDIRECTING;
 		state->redirected_sent += size;
 		if (c) {

@@ -424,8 +424,8 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 	state->key = *key;
 	state->netns_cookie = own_netns;
 	state->peer_netns_cookie = p->peer_netns;
+	state->peer_key = p->peer;
 	if (p->explicit_peer) {
-		state->peer_key = p->peer;
 		state->app_endpoint = p->app_endpoint;
 		state->flags |= SOCK_FLAG_EXPLICIT_PEER;
 	}
