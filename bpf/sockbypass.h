@@ -698,7 +698,9 @@ struct {
  * count. After SHORT_STREAK short connections in a row, the listener's new connections are not offered a
  * pair: they stay plain TCP and cost next to nothing
  * (connections_short_lived). One in SHORT_PROBE_EVERY is still paired, so
- * a listener whose connections grow long is noticed. A cgroup enabled
+ * a listener whose connections grow long is noticed; a probe pays the whole
+ * pairing (storage, two psocks, two sockhash inserts), which the skipped
+ * connections share on average. A cgroup enabled
  * with CGROUP_ALL_CONNECTIONS pairs every connection. The count lives in
  * the listener's flags: bits 8-15 the short streak (capped at
  * SHORT_STREAK_MAX), bits 56-63 a wrapping count of connections not
@@ -709,7 +711,7 @@ struct {
 #define LISTENER_SKIP_ONE (1ULL << 56)
 #define SHORT_STREAK 8
 #define SHORT_STREAK_MAX 64
-#define SHORT_PROBE_EVERY 16
+#define SHORT_PROBE_EVERY 64
 #define SHORT_CONN_MSGS 4
 #define SHORT_CONN_BYTES (64U << 10)
 

@@ -84,7 +84,7 @@ const minRedirected = 0.99
 
 // MinShortLived is the smallest share of a short-connection case's
 // accelerated connections that must stay plain as short-lived: after the
-// first 8, one in 16 is still paired as a probe (about 94%).
+// first 8, one in 64 is still paired as a probe (about 98%).
 const MinShortLived = 0.85
 
 // AllCases is every case the suite knows, full and smoke, without

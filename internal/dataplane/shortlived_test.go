@@ -52,7 +52,7 @@ func TestShortLivedListenerLeftPlain(t *testing.T) {
 	t.Logf("40 one-exchange connections: %d sockets inserted, %d connections left plain as short-lived, %d bytes redirected, %d passed",
 		d.SocketsInserted, d.ConnectionsShortLived, d.RedirectedBytes, d.PassedBytes)
 	// The first SHORT_STREAK (8) connections pair (one more may, while
-	// the last close is on its way), then about 15 in 16 stay plain.
+	// the last close is on its way), then about 63 in 64 stay plain.
 	if d.SocketsInserted < 2*8 || d.SocketsInserted > 2*(9+3) || d.ConnectionsShortLived < 25 {
 		t.Errorf("40 one-exchange connections: %d sockets inserted, %d left plain as short-lived; want 16 to 24 inserted, at least 25 left plain",
 			d.SocketsInserted, d.ConnectionsShortLived)
@@ -63,14 +63,14 @@ func TestShortLivedListenerLeftPlain(t *testing.T) {
 		t.Errorf("redirected %d + stack egress %d bytes, want %d in all, %d of them redirected", d.RedirectedBytes, d.StackEgressBytes, 40*2*64, d.SocketsInserted*64)
 	}
 
-	// Long connections: the probe (one in 16) pairs, and its close
+	// Long connections: the probe (one in 64) pairs, and its close
 	// tells the listener; from then on every connection pairs again.
 	before = counterOf(t, dp, cg.ID)
-	for i := 0; i < 2*16 && counterOf(t, dp, cg.ID).Sub(before).SocketsInserted == 0; i++ {
+	for i := 0; i < 2*64 && counterOf(t, dp, cg.ID).Sub(before).SocketsInserted == 0; i++ {
 		exchanges(t, cg, addr, 20)
 	}
 	if d := counterOf(t, dp, cg.ID).Sub(before); d.SocketsInserted == 0 {
-		t.Fatalf("32 connections of 20 exchanges each, none paired: the probe did not happen (%+v)", d)
+		t.Fatalf("128 connections of 20 exchanges each, none paired: the probe did not happen (%+v)", d)
 	}
 	time.Sleep(100 * time.Millisecond) // the probe's server end closes
 	before = counterOf(t, dp, cg.ID)
