@@ -40,6 +40,7 @@ type statusJSON struct {
 // statusCgroup is a cgroup of stats --json with what status adds.
 type statusCgroup struct {
 	stats.Cgroup
+	Slot             uint32                   `json:"slot"`
 	SockOpsProgramID uint32                   `json:"sock_ops_program_id"`
 	LinkID           uint32                   `json:"link_id"`
 	Mesh             string                   `json:"mesh,omitempty"`
@@ -69,10 +70,10 @@ func newStatusJSON(st *dataplane.Status, cgroup2Mount string, now time.Time) sta
 		Cgroups: []statusCgroup{}, DisabledCgroups: []statusCgroup{},
 		Unattributed: newCountersAndFigures(st.Unattributed), Totals: newCountersAndFigures(st.Totals)}
 	for i, cg := range st.Cgroups {
-		doc.Cgroups = append(doc.Cgroups, statusCgroup{Cgroup: r.Cgroups[i], SockOpsProgramID: cg.SockOpsProgramID, LinkID: cg.LinkID, Mesh: cg.Mesh, Counters: cg.Counters})
+		doc.Cgroups = append(doc.Cgroups, statusCgroup{Cgroup: r.Cgroups[i], Slot: cg.Slot, SockOpsProgramID: cg.SockOpsProgramID, LinkID: cg.LinkID, Mesh: cg.Mesh, Counters: cg.Counters})
 	}
 	for i, cg := range st.DisabledCgroups {
-		doc.DisabledCgroups = append(doc.DisabledCgroups, statusCgroup{Cgroup: r.DisabledCgroups[i], Counters: cg.Counters})
+		doc.DisabledCgroups = append(doc.DisabledCgroups, statusCgroup{Cgroup: r.DisabledCgroups[i], Slot: cg.Slot, Counters: cg.Counters})
 	}
 	return doc
 }
@@ -143,7 +144,7 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 		if cg.Mesh != "" {
 			mode += ", sidecar mode " + cg.Mesh
 		}
-		fmt.Fprintf(w, "  %s  cgroup id %d, %s, sock_ops program %d, link %d, %d live socket(s)\n", path, cg.ID, mode, cg.SockOpsProgramID, cg.LinkID, cg.LiveSockets)
+		fmt.Fprintf(w, "  %s  cgroup id %d (slot %d), %s, sock_ops program %d, link %d, %d live socket(s)\n", path, cg.ID, cg.Slot, mode, cg.SockOpsProgramID, cg.LinkID, cg.LiveSockets)
 		var progs []string
 		for _, p := range cg.Programs {
 			progs = append(progs, fmt.Sprintf("%s %d (link %d)", p.Program, p.ProgramID, p.LinkID))
@@ -165,7 +166,7 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 		if path == "" {
 			path = "(removed)"
 		}
-		fmt.Fprintf(w, "  %s  cgroup id %d, disabled, %d live socket(s)\n    %s\n", path, cg.ID, cg.LiveSockets, formatCounters(cg.Counters))
+		fmt.Fprintf(w, "  %s  cgroup id %d (slot %d), disabled, %d live socket(s)\n    %s\n", path, cg.ID, cg.Slot, cg.LiveSockets, formatCounters(cg.Counters))
 	}
 	if len(st.TCDevices) == 0 {
 		fmt.Fprintln(w, "tc egress accounting: none")

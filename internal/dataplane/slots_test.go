@@ -40,6 +40,16 @@ func TestSlotsKeepCgroupsApart(t *testing.T) {
 		t.Fatalf("slots: a %d (%v, %v), b %d (%v, %v); want two distinct non-zero slots", slotA, okA, errA, slotB, okB, errB)
 	}
 
+	st, err := dp.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cs := range st.Cgroups {
+		if want := map[uint64]uint32{a.ID: slotA, b.ID: slotB}[cs.ID]; cs.Slot != want {
+			t.Errorf("status shows cgroup id %d in slot %d, want %d", cs.ID, cs.Slot, want)
+		}
+	}
+
 	const n = 100 << 10
 	redirectSome(t, dp, a, n)
 	want := uint64(n + sha256.Size)

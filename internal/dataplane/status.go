@@ -85,6 +85,9 @@ type CgroupStatus struct {
 	ID uint64 `json:"id"`
 	// Path is the cgroup's directory, "" when the cgroup was removed.
 	Path string `json:"path"`
+	// Slot indexes its counters and settings in cgroup_counters and
+	// cgroup_config (see "Slots" in bpf/sockbypass.h).
+	Slot uint32 `json:"slot"`
 	// SockOpsProgramID is the kernel id of its sock_ops program.
 	SockOpsProgramID uint32 `json:"sock_ops_program_id"`
 	// LinkID is the kernel id of its cgroup link.
@@ -242,8 +245,12 @@ func (d *Dataplane) Status() (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
+	slots, err := d.slots()
+	if err != nil {
+		return nil, err
+	}
 	for _, id := range ids {
-		cs := CgroupStatus{ID: id, Counters: counters[id], LiveSockets: live[id], Mode: "accelerate"}
+		cs := CgroupStatus{ID: id, Slot: slots[id], Counters: counters[id], LiveSockets: live[id], Mode: "accelerate"}
 		if cfg, ok := d.configOf(id); ok {
 			if cfg.Flags&cgroupAccountOnly != 0 {
 				cs.Mode = "account-only"
@@ -299,7 +306,7 @@ func (d *Dataplane) Status() (*Status, error) {
 			return nil, err
 		}
 		for _, id := range disabled {
-			st.DisabledCgroups = append(st.DisabledCgroups, CgroupStatus{ID: id, Path: paths[id], Mode: "disabled", LiveSockets: live[id], Counters: counters[id]})
+			st.DisabledCgroups = append(st.DisabledCgroups, CgroupStatus{ID: id, Slot: slots[id], Path: paths[id], Mode: "disabled", LiveSockets: live[id], Counters: counters[id]})
 		}
 		sort.Slice(st.DisabledCgroups, func(i, j int) bool { return st.DisabledCgroups[i].ID < st.DisabledCgroups[j].ID })
 	}
