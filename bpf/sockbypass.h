@@ -413,15 +413,20 @@ struct cgroup_config {
 	__u16 stack_ports[MAX_STACK_PORTS];
 };
 
-/* stack_port reports whether cfg lists port as a stack-only server port. */
+/* stack_port reports whether cfg lists port as a stack-only server port.
+ * User space packs the list from the start, so the first 0 ends it (most
+ * cgroups list none: one load). */
 static __always_inline int stack_port(const struct cgroup_config *cfg, __u16 port)
 {
-	if (!cfg)
+	if (!cfg || port == 0)
 		return 0;
 #pragma unroll
-	for (int i = 0; i < MAX_STACK_PORTS; i++)
-		if (cfg->stack_ports[i] == port && port != 0)
+	for (int i = 0; i < MAX_STACK_PORTS; i++) {
+		if (cfg->stack_ports[i] == 0)
+			return 0;
+		if (cfg->stack_ports[i] == port)
 			return 1;
+	}
 	return 0;
 }
 

@@ -437,6 +437,12 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 	if len(opts.StackPorts) > len(cfg.StackPorts) {
 		return false, fmt.Errorf("enable %s: %d stack ports given, at most %d", cg.Path, len(opts.StackPorts), len(cfg.StackPorts))
 	}
+	for _, p := range opts.StackPorts {
+		if p == 0 {
+			// The datapath reads the list up to its first 0.
+			return false, fmt.Errorf("enable %s: stack port 0 is not a port; list server ports from 1 to 65535", cg.Path)
+		}
+	}
 	copy(cfg.StackPorts[:], opts.StackPorts)
 	slot, fresh, err := d.assignSlot(cg.ID)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,5 +98,20 @@ func TestStackPortsKeepSpliceProxiesWorking(t *testing.T) {
 	}
 	if d := counterOf(t, dp, cg.ID).Sub(before); d.RedirectedBytes == 0 {
 		t.Fatalf("without stack ports nothing was redirected: %+v", d)
+	}
+}
+
+// TestStackPortZeroIsRefused: the datapath reads the stack ports up to the
+// first 0, so 0 among them would hide the ports after it: enable refuses
+// it, names it, and attaches nothing.
+func TestStackPortZeroIsRefused(t *testing.T) {
+	dp := install(t)
+	cg := testutil.NewCgroup(t)
+	_, err := dp.Enable(cg, EnableOptions{StackPorts: []uint16{8080, 0, 9090}})
+	if err == nil || !strings.Contains(err.Error(), "stack port 0") || !strings.Contains(err.Error(), cg.Path) {
+		t.Fatalf("enable with stack ports 8080,0,9090: %v; want an error naming the cgroup and stack port 0", err)
+	}
+	if ids, _ := dp.EnabledCgroupIDs(); len(ids) != 0 {
+		t.Errorf("after the refused enable, enabled cgroups: %v", ids)
 	}
 }
