@@ -73,6 +73,21 @@ func (d *Dataplane) syncNodeAddrs(owners nodeaddrs.Owners, inbound map[netip.Add
 	return d.nodeAddrs()
 }
 
+// readMap returns every entry of m (the pinned map name).
+func readMap[K comparable, V any](m *ebpf.Map, name string) (map[K]V, error) {
+	out := map[K]V{}
+	var k K
+	var v V
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read %s: %w", name, err)
+	}
+	return out, nil
+}
+
 // syncMap makes m hold exactly want, writing only what differs, and says
 // how many entries it wrote and removed.
 func syncMap[K, V comparable](m *ebpf.Map, want map[K]V) (changed, removed int, err error) {

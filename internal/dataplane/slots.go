@@ -33,19 +33,7 @@ func (d *Dataplane) slotOf(id uint64) (uint32, bool, error) {
 
 // slots returns every cgroup id that has a slot, with its slot.
 func (d *Dataplane) slots() (map[uint64]uint32, error) {
-	out := map[uint64]uint32{}
-	var (
-		id   uint64
-		slot uint32
-	)
-	it := d.maps[PinCgroupSlots].Iterate()
-	for it.Next(&id, &slot) {
-		out[id] = slot
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read %s: %w", PinCgroupSlots, err)
-	}
-	return out, nil
+	return readMap[uint64, uint32](d.maps[PinCgroupSlots], PinCgroupSlots)
 }
 
 // assignSlot returns the slot of the cgroup id, giving it a free one (with

@@ -171,19 +171,7 @@ func (d *Dataplane) Counters() (map[uint64]CgroupCounters, error) {
 // Sockets returns the keys of the sockets in the sockhash, with their
 // socket cookies.
 func (d *Dataplane) Sockets() (map[SockKey]uint64, error) {
-	out := map[SockKey]uint64{}
-	var (
-		key    SockKey
-		cookie uint64
-	)
-	it := d.maps[PinSockhash].Iterate()
-	for it.Next(&key, &cookie) {
-		out[key] = cookie
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read sockhash: %w", err)
-	}
-	return out, nil
+	return readMap[SockKey, uint64](d.maps[PinSockhash], PinSockhash)
 }
 
 // Status returns a snapshot of the pinned state.

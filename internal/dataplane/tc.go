@@ -330,17 +330,7 @@ func deviceOf(v tcDeviceValue) TCDevice {
 }
 
 func (d *Dataplane) tcDevices() (map[tcDeviceKey]tcDeviceValue, error) {
-	out := map[tcDeviceKey]tcDeviceValue{}
-	var k tcDeviceKey
-	var v tcDeviceValue
-	it := d.maps[PinTCDevices].Iterate()
-	for it.Next(&k, &v) {
-		out[k] = v
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read tc devices: %w", err)
-	}
-	return out, nil
+	return readMap[tcDeviceKey, tcDeviceValue](d.maps[PinTCDevices], PinTCDevices)
 }
 
 // TCDeviceStatus describes one interface with TC accounting attached.
