@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +22,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/internal/dataplane"
@@ -438,10 +440,53 @@ func (g *joinGate) wait(t testing.TB, before map[uint64]dataplane.CgroupCounters
 			for id := range g.inserts {
 				got = append(got, fmt.Sprintf("cgroup %d: %+v", id, now[id].Sub(before[id])))
 			}
-			t.Fatalf("the hops of the connection did not all join the sockhash within 5 s (sockets inserted %s)", strings.Join(got, ", "))
+			t.Fatalf("the hops of the connection did not all join the sockhash within 5 s (sockets inserted %s)\nsidecar maps: %s", strings.Join(got, ", "), meshMaps(g.dp))
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+// meshMaps describes the pinned maps the sidecar pairing reads (node
+// addresses, inbound pods, connecting endpoints and their users), for a
+// failure message: which record a hop that did not join was missing.
+func meshMaps(dp *dataplane.Dataplane) string {
+	ip := func(b []byte) string { return netip.AddrFrom16([16]byte(b[:16])).Unmap().String() }
+	endpoint := func(k []byte) string { // struct endpoint_key
+		return fmt.Sprintf("netns %d %s", binary.LittleEndian.Uint64(k), net.JoinHostPort(ip(k[8:24]), strconv.Itoa(int(binary.LittleEndian.Uint16(k[24:])))))
+	}
+	describe := map[string]func(k, v []byte) string{
+		dataplane.PinNodeAddrs: func(k, v []byte) string {
+			return fmt.Sprintf("%s: netns %d flags %d", ip(k), binary.LittleEndian.Uint64(v), binary.LittleEndian.Uint32(v[8:]))
+		},
+		dataplane.PinInboundPods: func(k, v []byte) string {
+			return fmt.Sprintf("%s: port %d", ip(k), binary.LittleEndian.Uint32(v))
+		},
+		dataplane.PinMeshClients: func(k, v []byte) string { return endpoint(k) },
+		dataplane.PinMeshEndpoints: func(k, v []byte) string {
+			return fmt.Sprintf("%s: %d users", endpoint(k), binary.LittleEndian.Uint64(v))
+		},
+	}
+	var out []string
+	for _, name := range []string{dataplane.PinNodeAddrs, dataplane.PinInboundPods, dataplane.PinMeshClients, dataplane.PinMeshEndpoints} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dp.PinDir(), name), nil)
+		if err != nil {
+			out = append(out, fmt.Sprintf("%s: %v", name, err))
+			continue
+		}
+		var entries []string
+		var k, v []byte
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			entries = append(entries, describe[name](k, v))
+		}
+		if err := it.Err(); err != nil {
+			entries = append(entries, err.Error())
+		}
+		m.Close()
+		sort.Strings(entries)
+		out = append(out, fmt.Sprintf("%s [%s]", name, strings.Join(entries, "; ")))
+	}
+	return strings.Join(out, "\n  ")
 }
 
 // integrity sends bodies from 1 KiB to 5 MiB from the app to the server
