@@ -46,7 +46,7 @@ func openLiveConn(t *testing.T, cg cgroup.Cgroup) *liveConn {
 		}
 	}()
 	lc.c = testutil.DialIn(t, cg, "tcp4", l.Addr().String())
-	time.Sleep(50 * time.Millisecond) // the server's first read: a redirect target
+	time.Sleep(50 * time.Millisecond) // the server end joins the pair before the first byte
 	return lc
 }
 

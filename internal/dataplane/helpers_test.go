@@ -40,22 +40,6 @@ func counterOf(t *testing.T, dp *Dataplane, id uint64) CgroupCounters {
 	return c[id]
 }
 
-// prime makes c's socket read once without blocking (recv with
-// MSG_DONTWAIT returns EAGAIN), the way an event-loop reader does right
-// after connect or accept: it is then seen reading with recvmsg and
-// publishes itself as a redirect target.
-func prime(t *testing.T, c net.Conn) {
-	t.Helper()
-	raw, err := c.(*net.TCPConn).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw.Control(func(fd uintptr) {
-		buf := make([]byte, 1)
-		unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT|unix.MSG_PEEK)
-	})
-}
-
 // waitJoined waits until every conn's socket is in the sockhash: a member
 // of a joined pair, a redirect target from then on.
 func waitJoined(t *testing.T, dp *Dataplane, conns ...net.Conn) {
@@ -146,14 +130,11 @@ func acceptDialed(t *testing.T, l net.Listener, server string, dial func() net.C
 	return client, s
 }
 
-// joinedPair is acceptedPair over 127.0.0.1 whose two ends have been seen
-// reading (see prime) and joined their pair: from the first byte on,
-// everything is redirected.
+// joinedPair is acceptedPair over 127.0.0.1 whose two ends have joined
+// their pair: from the first byte on, everything is redirected.
 func joinedPair(t *testing.T, dp *Dataplane, cg cgroup.Cgroup) (client, server net.Conn) {
 	t.Helper()
 	client, server = acceptedPair(t, cg, "tcp4", "127.0.0.1:0")
-	prime(t, client)
-	prime(t, server)
 	waitJoined(t, dp, client, server)
 	return client, server
 }

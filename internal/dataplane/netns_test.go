@@ -54,9 +54,9 @@ func TestIdenticalTuplesInTwoNamespacesNeverCross(t *testing.T) {
 		}
 		t.Cleanup(func() { p.Client.Close() })
 	}
-	// The servers read at once (Go's reader tries a read right after
-	// accept): wait until they are redirect targets, so the whole stream
-	// takes the fast path.
+	// The servers join their pairs at PASSIVE_ESTABLISHED, which may come
+	// after the client's connect returned: wait until they have, so the
+	// whole stream takes the fast path.
 	for _, p := range pods {
 		waitPeerJoined(t, dp, p.Client)
 	}

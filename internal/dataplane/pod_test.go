@@ -42,7 +42,6 @@ func TestPodToPodAcrossNamespaces(t *testing.T) {
 	l := b.Listen(t, "10.9.1.2:8080")
 	transfer.ServeEcho(l)
 	c := a.Dial(t, nil, "10.9.1.2:8080")
-	prime(t, c)
 	waitJoined(t, dp, c)
 	waitPeerJoined(t, dp, c)
 
@@ -132,7 +131,6 @@ func TestReusedAddressOfDeletedPodGetsNothing(t *testing.T) {
 	old := a.Dial(t, nil, "10.9.3.2:9000")
 	srv := <-accepted
 	defer srv.Close()
-	prime(t, old)
 	waitJoined(t, dp, old)
 	oldPort := old.LocalAddr().(*net.TCPAddr).Port
 
