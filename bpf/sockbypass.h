@@ -114,8 +114,15 @@ struct sock_state {
 	 * address still holds that socket (cookies are never reused). */
 	__u64 peer_sk;
 	__u64 peer_cookie;
-	/* SOCK_FLAG_* */
-	__u32 flags;
+	/* The peer's sock_state (its address, exchanged through `pairs' like
+	 * peer_sk), and the peer's struct file once it has one (a server end
+	 * gets its file at accept()): the sender reads from them whether the
+	 * peer is leaving (see "Leaving"). */
+	__u64 peer_state;
+	__u64 peer_file;
+	/* SOCK_FLAG_* (64 bits: BPF's atomic or has no 32-bit form before
+	 * cpu v3, and leaving sets its flag with a full barrier). */
+	__u64 flags;
 };
 
 /* sock_state.flags */
@@ -176,6 +183,13 @@ struct sock_state {
 /* Joined a pair as the server (accepted) end: at close it reports to its
  * listener whether the connection was short-lived. */
 #define SOCK_FLAG_ACCEPTED (1U << 20)
+/* A member that stopped being safe as a redirect target (it turned
+ * blocking, or asked for a stack-reader option or a ULP after it joined):
+ * its peer stops redirecting to it and it leaves the sockhash once its
+ * redirected queue is read (see "Leaving"). */
+#define SOCK_FLAG_LEAVING (1U << 21)
+/* This member removed its peer from the sockhash (see "Leaving"). */
+#define SOCK_FLAG_PEER_REMOVED (1U << 22)
 
 /*
  * Back-pressure: the redirected queue is charged to the kernel's global TCP
@@ -305,8 +319,8 @@ struct cgroup_counters {
 	/* Connections left plain because their server port is a stack port. */
 	__u64 sockets_stack_port;
 	/* Members that asked for semantics the redirected queue does not keep
-	 * after they joined (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE): counted, the
-	 * pair stays redirected. */
+	 * after they joined (SO_RCVLOWAT, TCP_INQ, SO_OOBINLINE): they leave
+	 * the sockhash (see "Leaving"). */
 	__u64 late_stack_options;
 	/* TCP packets and payload bytes seen leaving the interfaces with TC
 	 * accounting (--tc-dev), local or not: the device view. */
@@ -322,6 +336,13 @@ struct cgroup_counters {
 	 * listener's connections are short-lived (see "Short-lived
 	 * listeners"), counted by the server's cgroup. */
 	__u64 connections_short_lived;
+	/* Members that turned blocking after they joined (fcntl, ioctl
+	 * FIONBIO, an accepted socket made blocking): they leave the
+	 * sockhash (see "Leaving"). */
+	__u64 late_blocking;
+	/* Members that left the sockhash while open (see "Leaving"), counted
+	 * by the cgroup of the socket that left. */
+	__u64 members_left;
 };
 
 struct {
@@ -667,6 +688,9 @@ struct pair {
 	__u64 client_cookie;
 	__u64 server_sk;
 	__u64 server_cookie;
+	/* And each end's sock_state (peer_state). */
+	__u64 client_state;
+	__u64 server_state;
 };
 
 struct {
@@ -691,6 +715,10 @@ struct {
  * sock_ops at listen() and by cgroup/setsockopt after it; accepted sockets
  * do not clone the listener's storage. */
 #define LISTENER_STACK_READER (1U << 1)
+/* An accepted socket of the listener turned blocking after it joined
+ * (see "Leaving"): the listener's later connections stay plain TCP
+ * (counted in sockets_blocking). */
+#define LISTENER_BLOCKING_CHILDREN (1U << 2)
 
 /*
  * Short-lived listeners. Pairing costs a connection a few microseconds
@@ -789,10 +817,21 @@ struct sock {
 	void *sk_user_data;
 } __attribute__((preserve_access_index));
 
+typedef struct {
+	int counter;
+} __attribute__((preserve_access_index)) atomic_t;
+
+typedef struct refcount_struct {
+	atomic_t refs;
+} __attribute__((preserve_access_index)) refcount_t;
+
 /* A sockhash member's psock (sk_user_data, tagged SK_USER_DATA_PSOCK):
- * msg_tot_len is the length of its redirected queue, unread. */
+ * msg_tot_len is the length of its redirected queue, unread; refcnt holds
+ * one reference per map the socket is in, and one for each sendmsg,
+ * recvmsg or redirect into it under way (see "Leaving"). */
 struct sk_psock {
 	__u32 msg_tot_len;
+	refcount_t refcnt;
 } __attribute__((preserve_access_index));
 
 #define SK_USER_DATA_PSOCK 4ULL
@@ -831,6 +870,102 @@ static __always_inline int peer_progress(const struct sock_state *state, __u32 *
 		return -1;
 	*unread = queued;
 	return 0;
+}
+
+/*
+ * Leaving. Membership changes a socket's receive path (see the top of this
+ * file): it is safe only for a non-blocking reader that reads with recvmsg
+ * and set no stack-reader option. A member that stops being one after it
+ * joined (made blocking by fcntl or ioctl, as a client that connects with a
+ * timeout and then blocks, or a server that makes its accepted sockets
+ * blocking; SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE set late) is LEAVING, and
+ * its pair dissolves:
+ *
+ * 1. Nothing more is redirected into it: its peer's sk_msg reads its flags
+ *    and its file's O_NONBLOCK before each message (peer_leaving) and
+ *    passes, and its own sk_msg passes too.
+ * 2. It leaves the sockhash once nothing redirected to it is unread and no
+ *    redirect into it is under way: deleting a member discards its
+ *    redirected queue, and a redirect decided before step 1 is enqueued
+ *    after its sender released its own lock. Only sock_ops may delete, so
+ *    both ends of a pair watch their stack packets (HDR_OPT_LEN_CB for each
+ *    one sent, PARSE_HDR_OPT_CB for each one received; a member sends
+ *    almost none) and settle there (settle in sockops.c):
+ *    - an end removes its leaving peer when the peer's queue is empty and
+ *      it has no redirect into it under way: its own psock holds only the
+ *      map's reference, or one more for a syscall whose last verdict was
+ *      not a redirect (verdicts run under the socket lock the callback
+ *      holds or waits for);
+ *    - an end removes itself when its own queue is empty and its peer can
+ *      start no redirect into it (the peer is gone, or one of the two is
+ *      leaving, which the peer's sk_msg sees) and has none under way (the
+ *      peer's psock holds the map's reference only: a sendmsg takes its
+ *      reference before its verdict reads the leaving flag).
+ * 3. The end that stays leaves too, once its peer has no psock left: it
+ *    would otherwise receive stack bytes as a member.
+ *
+ * A blocking member whose reader waits before either step could run (a
+ * server that makes an accepted socket blocking and reads before its
+ * client sent anything) is still exposed to the EAGAIN; so a listener
+ * whose accepted sockets turned blocking is marked
+ * LISTENER_BLOCKING_CHILDREN and its later connections stay plain.
+ */
+
+/* read_psock reads the psock of a socket whose sk_user_data is at
+ * user_data (a kernel address): its unread redirected bytes and its
+ * reference count. Returns 0, or -1 when the socket has no psock (it is in
+ * no sockhash, or never was). */
+static __always_inline int read_psock(const void *user_data, __u32 *queued, __s32 *refs)
+{
+	struct sk_psock *psock;
+	__u64 ud = 0;
+
+	if (bpf_probe_read_kernel(&ud, sizeof(ud), user_data) || !(ud & SK_USER_DATA_PSOCK))
+		return -1;
+	psock = (struct sk_psock *)(ud & SK_USER_DATA_PTRMASK);
+	if (bpf_probe_read_kernel(queued, sizeof(*queued), &psock->msg_tot_len) ||
+	    bpf_probe_read_kernel(refs, sizeof(*refs), &psock->refcnt.refs.counter))
+		return -1;
+	return 0;
+}
+
+/* peer_state_flags returns the peer's sock_state flags (0 when unknown). */
+static __always_inline __u64 peer_state_flags(const struct sock_state *state)
+{
+	__u64 flags = 0;
+
+	if (state->peer_state)
+		bpf_probe_read_kernel(&flags, sizeof(flags), &((struct sock_state *)state->peer_state)->flags);
+	return flags;
+}
+
+/* peer_blocking reports whether the peer's file is blocking (0 while it
+ * has none: a server end not accepted yet). The file is looked up once. */
+static __always_inline int peer_blocking(struct sock_state *state)
+{
+	unsigned int f_flags = O_NONBLOCK;
+
+	if (!state->peer_file) {
+		struct socket *so = 0;
+		struct file *f = 0;
+
+		if (!state->peer_sk ||
+		    bpf_probe_read_kernel(&so, sizeof(so), &((struct sock *)state->peer_sk)->sk_socket) || !so ||
+		    bpf_probe_read_kernel(&f, sizeof(f), &so->file) || !f)
+			return 0;
+		state->peer_file = (__u64)(long)f;
+	}
+	bpf_probe_read_kernel(&f_flags, sizeof(f_flags), &((struct file *)state->peer_file)->f_flags);
+	return !(f_flags & O_NONBLOCK);
+}
+
+/* peer_leaving reports whether the peer is leaving (step 1 of "Leaving"):
+ * it says so, or its file turned blocking. A peer that closed may read as
+ * leaving (its memory is reused): its messages take the stack, as they
+ * would anyway. */
+static __always_inline int peer_leaving(struct sock_state *state)
+{
+	return (peer_state_flags(state) & SOCK_FLAG_LEAVING) || peer_blocking(state);
 }
 
 /* counters_for returns this CPU's counters of the cgroup in slot. */

@@ -37,10 +37,10 @@ static __always_inline void count_reason(__u32 slot, int reason)
 /*
  * mark_stack_reader records that the socket's reader needs plain-TCP
  * semantics. Before the socket joins a pair this keeps it (and so its
- * connection) off the sockhash. A member cannot leave safely (deleting it
- * would discard redirected bytes it has not read, and bytes sent through
- * the stack to it would be invisible to FIONREAD), so after joining the
- * option is only counted (late_stack_options) and the pair stays redirected.
+ * connection) off the sockhash. A member is marked leaving: its peer
+ * stops redirecting to it, and it leaves the sockhash once it has read
+ * what was redirected to it (see "Leaving" in sockbypass.h); counted in
+ * late_stack_options.
  */
 static __always_inline void mark_stack_reader(struct sock_state *state, __u32 slot, int reason)
 {
@@ -49,7 +49,7 @@ static __always_inline void mark_stack_reader(struct sock_state *state, __u32 sl
 
 		if (state->flags & SOCK_FLAG_LATE_OPTION)
 			return;
-		state->flags |= SOCK_FLAG_LATE_OPTION;
+		__sync_fetch_and_or(&state->flags, SOCK_FLAG_LEAVING | SOCK_FLAG_LATE_OPTION);
 		c = counters_for(slot);
 		if (c)
 			__sync_fetch_and_add(&c->late_stack_options, 1);

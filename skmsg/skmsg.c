@@ -8,7 +8,8 @@
  * node-scope keys in the namespace that owned the peer's address when the
  * connection was established), from the first byte on. A message takes the
  * stack only when the peer is gone, or under back-pressure (the peer has
- * REDIRECT_UNREAD_LIMIT redirected bytes unread). It never drops.
+ * REDIRECT_UNREAD_LIMIT redirected bytes unread), or when either end is
+ * leaving (see "Leaving" in sockbypass.h). It never drops.
  */
 #include "sockbypass.h"
 
@@ -24,6 +25,10 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	__u32 copied_seq = 0;
 
 	if (!msg->sk)
+		return SK_PASS;
+	/* After shutdown(SHUT_WR) (or a reset) plain TCP refuses to send: the
+	 * stack says so (EPIPE), and no byte reaches the peer after our FIN. */
+	if (msg->sk->state != BPF_TCP_ESTABLISHED && msg->sk->state != BPF_TCP_CLOSE_WAIT)
 		return SK_PASS;
 
 	state = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
@@ -58,6 +63,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		/* Final: the entry has done its job, free its slot. */
 		state->peer_sk = pair->server_sk;
 		state->peer_cookie = pair->server_cookie;
+		state->peer_state = pair->server_state;
 		state->flags |= SOCK_FLAG_PAIRED;
 		state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
 		bpf_map_delete_elem(&pairs, &state->key);
@@ -75,6 +81,20 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 			goto pass;
 		}
 	}
+
+	/* A pair that dissolves (see "Leaving" in sockbypass.h): this end
+	 * turned blocking, or either end is leaving. Its messages take the
+	 * stack, where sock_ops sees them and settles the pair. */
+	if (state->flags & (SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED))
+		goto pass;
+	if (sock_nonblocking(msg->sk) == 0) {
+		__sync_fetch_and_or(&state->flags, SOCK_FLAG_LEAVING);
+		if (c)
+			__sync_fetch_and_add(&c->late_blocking, 1);
+		goto pass;
+	}
+	if (peer_leaving(state))
+		goto pass;
 
 	/* The fast path. A pair is one connection, proven at the handshake
 	 * (sequence numbers cross-matched), joined before any byte moved; the

@@ -146,6 +146,10 @@ static __always_inline int endpoint_shared(struct endpoint_key *ek)
 	return !users || *users != 1;
 }
 
+/* The callbacks a member asks for to settle a dissolving pair: one for
+ * each packet it sends and receives through the stack. */
+#define WATCH_CB_FLAGS (BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+
 #define COUNT(c, field)                                   \
 	do {                                              \
 		if (c)                                    \
@@ -359,7 +363,8 @@ static __always_inline int listener_eligible(const struct sock_key *key, __u64 n
 {
 	__u64 *flags = listener_flags(key->local_ip, key->local_port, netns);
 
-	return flags && (*flags & (LISTENER_NONBLOCK | LISTENER_STACK_READER)) == LISTENER_NONBLOCK;
+	return flags && (*flags & (LISTENER_NONBLOCK | LISTENER_STACK_READER | LISTENER_BLOCKING_CHILDREN)) ==
+				LISTENER_NONBLOCK;
 }
 
 /*
@@ -433,14 +438,17 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 	state->peer_read_seen = 0;
 	state->peer_sk = 0;
 	state->peer_cookie = 0;
+	state->peer_state = 0;
+	state->peer_file = 0;
 	state->flags |= SOCK_FLAG_INSERTED;
 	COUNT(c, sockets_inserted);
 
 	/* Remember the socket's cgroup for per-cgroup live counts, and ask
-	 * for a callback when it closes to forget it again. */
+	 * for a callback when it closes to forget it again, and for each
+	 * packet it sends or receives through the stack (see "Leaving"). */
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	bpf_map_update_elem(&socket_cgroups, &cookie, &state->cgroup_id, BPF_ANY);
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG | WATCH_CB_FLAGS);
 	return 0;
 }
 
@@ -728,6 +736,7 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 	pair->client_rcv_nxt = skops->rcv_nxt;
 	pair->client_sk = (__u64)(long)skops->sk;
 	pair->client_cookie = bpf_get_socket_cookie(skops);
+	pair->client_state = (__u64)(long)state;
 	state->flags |= SOCK_FLAG_PAIR_CLIENT;
 }
 
@@ -801,7 +810,7 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		COUNT(c, sockets_unpaired);
 		return 0;
 	}
-	if (!lflags || !(*lflags & LISTENER_NONBLOCK)) {
+	if (!lflags || (*lflags & (LISTENER_NONBLOCK | LISTENER_BLOCKING_CHILDREN)) != LISTENER_NONBLOCK) {
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_blocking);
 		return 0;
@@ -814,8 +823,10 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	 * before JOINED, which the client reads it after. */
 	state->peer_sk = pair->client_sk;
 	state->peer_cookie = pair->client_cookie;
+	state->peer_state = pair->client_state;
 	pair->server_sk = (__u64)(long)skops->sk;
 	pair->server_cookie = bpf_get_socket_cookie(skops);
+	pair->server_state = (__u64)(long)state;
 	if (__sync_val_compare_and_swap(&pair->state, PAIR_CLIENT_JOINED, PAIR_JOINED) != PAIR_CLIENT_JOINED) {
 		/* The client sent before we joined: its bytes are on their
 		 * way through the stack. */
@@ -906,6 +917,133 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/* unwatch stops the per-packet callbacks of a socket that left. */
+static __always_inline void unwatch(struct bpf_sock_ops *skops)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~WATCH_CB_FLAGS);
+}
+
+/* count_left counts a member that left the sockhash, in its cgroup's slot. */
+static __always_inline void count_left(__u32 slot)
+{
+	struct cgroup_counters *c = counters_for(slot);
+
+	if (c)
+		__sync_fetch_and_add(&c->members_left, 1);
+}
+
+/*
+ * settle runs steps 2 and 3 of "Leaving" (sockbypass.h) for a member, on
+ * each packet it sends or receives through the stack: it removes its
+ * leaving peer, then itself, each once the rules there allow it.
+ */
+static __noinline void settle(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *state;
+	struct tcp_sock *tp;
+	__u32 queued = 0, peer_queued = 0, peer_slot = 0;
+	__u64 peer_flags;
+	__s32 refs = 0, peer_refs = 0;
+	int peer_psock, peer_in_map, peer_unsafe, peer_gone;
+	__s64 cookie = 0;
+
+	if (!skops->is_fullsock || !sk)
+		return;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (!state || !(state->flags & SOCK_FLAG_INSERTED)) {
+		unwatch(skops);
+		return;
+	}
+	/* A client learns its server's socket at its first message; one that
+	 * has not sent yet learns it here. */
+	if (!(state->flags & SOCK_FLAG_PAIRED)) {
+		struct pair *pair = bpf_map_lookup_elem(&pairs, &state->key);
+
+		if (!pair || pair->state != PAIR_JOINED)
+			return;
+		state->peer_sk = pair->server_sk;
+		state->peer_cookie = pair->server_cookie;
+		state->peer_state = pair->server_state;
+		state->flags |= SOCK_FLAG_PAIRED;
+		state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
+		bpf_map_delete_elem(&pairs, &state->key);
+	}
+	if (!state->peer_sk || !state->peer_state)
+		return; /* sidecar pairs do not exchange their sockets */
+
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return;
+	if (read_psock(&((struct sock *)tp)->sk_user_data, &queued, &refs) < 0) {
+		/* Our peer removed us and our psock is gone. */
+		__u64 own_cookie = bpf_get_socket_cookie(skops);
+
+		bpf_map_delete_elem(&socket_cgroups, &own_cookie);
+		state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PAIRED | SOCK_FLAG_EXPLICIT_PEER);
+		unwatch(skops);
+		return;
+	}
+	if (sock_nonblocking(sk) == 0) {
+		if (!(state->flags & SOCK_FLAG_LEAVING)) {
+			struct cgroup_counters *c = counters_for(state->slot);
+
+			__sync_fetch_and_or(&state->flags, SOCK_FLAG_LEAVING);
+			if (c)
+				__sync_fetch_and_add(&c->late_blocking, 1);
+		}
+		/* An accepted socket turned blocking: its listener's next
+		 * connections stay plain. */
+		if (state->flags & SOCK_FLAG_ACCEPTED) {
+			__u64 *lflags = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);
+
+			if (lflags && !(*lflags & LISTENER_BLOCKING_CHILDREN))
+				__sync_fetch_and_or(lflags, LISTENER_BLOCKING_CHILDREN);
+		}
+	}
+
+	/* What the peer is: read its flags and psock, then prove by its
+	 * cookie that the address still holds it. */
+	peer_flags = peer_state_flags(state);
+	bpf_probe_read_kernel(&peer_slot, sizeof(peer_slot), &((struct sock_state *)state->peer_state)->slot);
+	peer_psock = read_psock(&((struct sock *)state->peer_sk)->sk_user_data, &peer_queued, &peer_refs) == 0;
+	peer_unsafe = (peer_flags & SOCK_FLAG_LEAVING) || peer_blocking(state);
+	asm volatile("" ::: "memory");
+	peer_gone = bpf_probe_read_kernel(&cookie, sizeof(cookie), &((struct sock *)state->peer_sk)->__sk_common.skc_cookie.counter) ||
+		    (__u64)cookie != state->peer_cookie || !peer_psock;
+	peer_in_map = !peer_gone && !(state->flags & SOCK_FLAG_PEER_REMOVED) && (peer_flags & SOCK_FLAG_INSERTED);
+
+	if (!peer_gone && !peer_unsafe && !(state->flags & (SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED)))
+		return; /* a healthy pair: nothing to settle */
+
+	/* Remove the leaving peer: we are the only socket that redirects to
+	 * it, and we have no redirect into it under way. */
+	if (peer_in_map && peer_unsafe && peer_queued == 0 &&
+	    (refs == 1 || (refs == 2 && !(state->flags & SOCK_FLAG_REDIRECTING)))) {
+		if (bpf_map_delete_elem(&sockhash, &state->peer_key) == 0)
+			count_left(peer_slot);
+		state->flags |= SOCK_FLAG_PEER_REMOVED;
+		peer_in_map = 0;
+	}
+
+	/* Remove ourselves: nothing of ours unread, and the peer can start no
+	 * redirect into us (gone, or one of us is leaving: its sk_msg passes)
+	 * and has none under way (its psock holds the map's reference only). */
+	if (queued != 0)
+		return;
+	if (!peer_gone && !(peer_in_map && peer_refs == 1))
+		return;
+	if (bpf_map_delete_elem(&sockhash, &state->key) == 0)
+		count_left(state->slot);
+	{
+		__u64 own_cookie = bpf_get_socket_cookie(skops);
+
+		bpf_map_delete_elem(&socket_cgroups, &own_cookie);
+	}
+	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PAIRED | SOCK_FLAG_EXPLICIT_PEER);
+	unwatch(skops);
+}
+
 static __noinline void forget_socket(struct bpf_sock_ops *skops)
 {
 	struct sock_state *state;
@@ -983,6 +1121,10 @@ int sockbypass_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		record_listener(skops);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		settle(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)

@@ -66,6 +66,8 @@ type sockopsCgroupCounters struct {
 	WouldPairs             uint64
 	WouldRedirectBytes     uint64
 	ConnectionsShortLived  uint64
+	LateBlocking           uint64
+	MembersLeft            uint64
 }
 
 type sockopsCidr struct {
@@ -135,6 +137,8 @@ type sockopsPair struct {
 	ClientCookie uint64
 	ServerSk     uint64
 	ServerCookie uint64
+	ClientState  uint64
+	ServerState  uint64
 }
 
 type sockopsSockKey struct {
@@ -169,8 +173,9 @@ type sockopsSockState struct {
 	PeerReadSeen    uint64
 	PeerSk          uint64
 	PeerCookie      uint64
-	Flags           uint32
-	_               [4]byte
+	PeerState       uint64
+	PeerFile        uint64
+	Flags           uint64
 }
 
 type sockopsTcDevice struct {

@@ -70,6 +70,8 @@ type tcCgroupCounters struct {
 	WouldPairs             uint64
 	WouldRedirectBytes     uint64
 	ConnectionsShortLived  uint64
+	LateBlocking           uint64
+	MembersLeft            uint64
 }
 
 type tcEndpointKey struct {
@@ -133,6 +135,8 @@ type tcPair struct {
 	ClientCookie uint64
 	ServerSk     uint64
 	ServerCookie uint64
+	ClientState  uint64
+	ServerState  uint64
 }
 
 type tcSockKey struct {
@@ -167,8 +171,9 @@ type tcSockState struct {
 	PeerReadSeen    uint64
 	PeerSk          uint64
 	PeerCookie      uint64
-	Flags           uint32
-	_               [4]byte
+	PeerState       uint64
+	PeerFile        uint64
+	Flags           uint64
 }
 
 type tcTcDevice struct {

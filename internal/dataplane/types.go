@@ -56,6 +56,12 @@ type CgroupCounters struct {
 	// ConnectionsShortLived counts connections to the cgroup's listeners
 	// left plain because those listeners' connections are short-lived.
 	ConnectionsShortLived uint64 `json:"connections_short_lived"`
+	// LateBlocking counts members that turned blocking after they
+	// joined; MembersLeft members that left the sockhash while open
+	// (they or their peer turned blocking or set a stack-reader option
+	// late, and the pair dissolved).
+	LateBlocking uint64 `json:"late_blocking"`
+	MembersLeft  uint64 `json:"members_left"`
 }
 
 // Add adds o to c field by field.
@@ -97,6 +103,8 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.WouldPairs += o.WouldPairs
 	c.WouldRedirectBytes += o.WouldRedirectBytes
 	c.ConnectionsShortLived += o.ConnectionsShortLived
+	c.LateBlocking += o.LateBlocking
+	c.MembersLeft += o.MembersLeft
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -140,6 +148,8 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		WouldRedirectBytes: c.WouldRedirectBytes - o.WouldRedirectBytes,
 
 		ConnectionsShortLived: c.ConnectionsShortLived - o.ConnectionsShortLived,
+		LateBlocking:          c.LateBlocking - o.LateBlocking,
+		MembersLeft:           c.MembersLeft - o.MembersLeft,
 	}
 }
 

@@ -20,7 +20,7 @@ import (
 // binary writes and reads: bump it whenever a shared struct or map changes
 // (TestLayoutVersionFollowsTheMaps checks it against the maps' BTF). Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
-const LayoutVersion = 6 // 6: cgroup_counters and cgroup_config are arrays indexed by slot (cgroup_slots), sock_state.slot; 5: listeners values are u64 (short-lived listeners), cgroup_counters.connections_short_lived, sock_state.msgs_sent
+const LayoutVersion = 7 // 7: sock_state.peer_state, peer_file and 64-bit flags, pair.client_state and server_state, cgroup_counters.late_blocking and members_left (leaving members); 6: cgroup_counters and cgroup_config are arrays indexed by slot (cgroup_slots), sock_state.slot; 5: listeners values are u64 (short-lived listeners), cgroup_counters.connections_short_lived, sock_state.msgs_sent
 
 // PinLayout is the pin of the one-entry array map that holds the layout
 // version.

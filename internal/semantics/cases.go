@@ -68,6 +68,11 @@ const (
 	howWaitall      = "members are non-blocking (blocking sockets never join): recv(MSG_WAITALL) on a non-blocking socket returns what is queued, as on plain TCP; the pair stays redirected"
 )
 
+// howLeaving says how a member that stops being safe leaves, found by how.
+func howLeaving(how string) string {
+	return how + ": its peer stops redirecting to it, and once it has read what was redirected to it, it and its peer leave the sockhash (the member's later bytes are plain TCP's)"
+}
+
 // howSplice says why the splice readers of what cannot be kept.
 func howSplice(what string) string {
 	return "no hook sees splice(2) before it reads: a member's bytes are all redirected, and splice, which reads only the stack queue, sees the FIN and no data (" + what + "); list the server port in --stack-ports to keep such connections plain TCP"
@@ -100,10 +105,12 @@ func Cases() []Case {
 		{Name: "a stalled reader makes its writer block (flow control)", Expect: FastPath, How: "a sender stops redirecting when 64 MiB it redirected are unread; its next bytes take the stack, whose flow control blocks it", Run: caseStalledReader},
 		{Name: "slow reader holding 4+ MiB across disable and uninstall", Expect: FastPath, How: "sockets are never removed from the sockhash; they leave it when they close", Run: caseSlowReaderDisrupt},
 		{Name: "MSG_WAITALL after plain reads", Expect: FastPath, How: howWaitall, Run: caseWaitallLater},
-		{Name: "SO_RCVLOWAT set after the connection is established", Expect: Limitation, How: "set after the pair joined: counted (late_stack_options), the pair stays redirected; a non-blocking recv returns what is queued as on plain TCP, but poll and epoll report the socket readable below the low-water mark", Counter: "late_stack_options", Run: caseRcvlowatLate,
-			Limit: `readable with 600 of 1000 bytes=true, first read=600; readable with 600 of 1000 bytes=true, first read=600`},
-		{Name: "TCP_INQ set after the connection is established", Expect: Limitation, How: "set after the pair joined: counted (late_stack_options), the pair stays redirected; reads from the redirected queue carry no TCP_CM_INQ", Counter: "late_stack_options", Run: caseTCPInqLate,
-			Limit: `read=60 inq=absent; read=60 inq=absent`},
+		{Name: "SO_RCVLOWAT set after the connection is established", Expect: Fallback, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "late_stack_options", Run: caseRcvlowatLate},
+		{Name: "SO_RCVLOWAT set after bytes were redirected", Expect: FastPath, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "members_left", Run: caseRcvlowatAfterBytes},
+		{Name: "TCP_INQ set after the connection is established", Expect: Fallback, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "late_stack_options", Run: caseTCPInqLate},
+		{Name: "write after shutdown(SHUT_WR)", Expect: FastPath, How: "sk_msg passes every message of a socket that is not ESTABLISHED or CLOSE_WAIT: the stack refuses it with EPIPE, as plain TCP does, and nothing reaches the peer after the FIN", Run: caseWriteAfterShutdown},
+		{Name: "server made blocking after bytes were redirected, FIONREAD on later bytes", Expect: FastPath, How: howLeaving("the client's sk_msg sees the server's file turn blocking"), Counter: "members_left", Run: caseServerBlockingLater},
+		{Name: "client made blocking after bytes were redirected, sends, then FIONREAD on the reply", Expect: FastPath, How: howLeaving("the client's own sk_msg sees its file turn blocking"), Counter: "late_blocking", Run: caseClientBlockingLater},
 		{Name: "MSG_OOB without SO_OOBINLINE", Expect: Limitation, How: "no hook sees send flags before sk_msg: the urgent byte is redirected inline", Run: caseOOB,
 			Limit: `stream="abcde" urgent=error EAGAIN`},
 		{Name: "recv, then splice(2) on the same socket", Expect: Limitation, How: howSplice("a Go proxy that reads, then io.Copy; HAProxy splicing after its first recv"), Run: caseRecvThenSplice,
@@ -692,6 +699,97 @@ func caseRcvlowatLate(env *Env) (string, error) {
 			return "", err
 		}
 		return rcvlowatRounds(p)
+	})
+}
+
+// caseRcvlowatAfterBytes: bytes are redirected both ways, then the
+// reader sets SO_RCVLOWAT.
+func caseRcvlowatAfterBytes(env *Env) (string, error) {
+	return run(env, ConnOpts{}, func(p *Pair) (string, error) {
+		if err := WarmUp(*p); err != nil {
+			return "", err
+		}
+		if err := setRcvlowat(p.S); err != nil {
+			return "", err
+		}
+		return rcvlowatRounds(p)
+	})
+}
+
+// caseWriteAfterShutdown: the client writes, shuts its side down and
+// writes again; the server reads to EOF, then once more.
+func caseWriteAfterShutdown(env *Env) (string, error) {
+	return run(env, ConnOpts{}, func(p *Pair) (string, error) {
+		if err := writeAll(p.C, []byte("before-fin")); err != nil {
+			return "", err
+		}
+		if err := unix.Shutdown(p.C, unix.SHUT_WR); err != nil {
+			return "", err
+		}
+		got, end := readToEOF(p.S)
+		_, werr := unix.SendmsgN(p.C, []byte("after-fin"), nil, nil, unix.MSG_NOSIGNAL)
+		time.Sleep(20 * time.Millisecond)
+		buf := make([]byte, 64)
+		n, rerr := unix.Read(p.S, buf)
+		return fmt.Sprintf("server got %q then EOF%q; write after SHUT_WR: %v; server then read %q (%v)", got, end, werr, buf[:max(n, 0)], rerr), nil
+	})
+}
+
+// fionreadRounds: the writer sends 1000 bytes three times; the reader
+// asks FIONREAD once they arrived, then reads them.
+func fionreadRounds(writer, reader int) (string, error) {
+	var out []string
+	for round := 0; round < 3; round++ {
+		data := pattern(byte(40+round), 1000)
+		if err := writeAll(writer, data); err != nil {
+			return "", err
+		}
+		n, err := fionread(reader, len(data))
+		if err != nil {
+			return "", err
+		}
+		got, err := readN(reader, len(data))
+		if err != nil {
+			return "", err
+		}
+		out = append(out, fmt.Sprintf("%s, read equal=%v", n, bytes.Equal(got, data)))
+	}
+	return strings.Join(out, "; "), nil
+}
+
+// caseServerBlockingLater: bytes are redirected both ways, then the
+// server's socket is made blocking (as a server that makes its accepted
+// sockets blocking) and the client sends.
+func caseServerBlockingLater(env *Env) (string, error) {
+	return run(env, ConnOpts{}, func(p *Pair) (string, error) {
+		if err := WarmUp(*p); err != nil {
+			return "", err
+		}
+		if err := unix.SetNonblock(p.S, false); err != nil {
+			return "", err
+		}
+		return fionreadRounds(p.C, p.S)
+	})
+}
+
+// caseClientBlockingLater: bytes are redirected both ways, then the
+// client's socket is made blocking (as a client that connects with a
+// timeout, then blocks); it sends a request and reads the reply.
+func caseClientBlockingLater(env *Env) (string, error) {
+	return run(env, ConnOpts{}, func(p *Pair) (string, error) {
+		if err := WarmUp(*p); err != nil {
+			return "", err
+		}
+		if err := unix.SetNonblock(p.C, false); err != nil {
+			return "", err
+		}
+		if err := writeAll(p.C, []byte("request")); err != nil {
+			return "", err
+		}
+		if _, err := readN(p.S, 7); err != nil {
+			return "", err
+		}
+		return fionreadRounds(p.S, p.C)
 	})
 }
 

@@ -125,6 +125,10 @@ func CounterValue(c dataplane.CgroupCounters, name string) uint64 {
 		return c.LateStackOptions
 	case "stack_port":
 		return c.SocketsStackPort
+	case "late_blocking":
+		return c.LateBlocking
+	case "members_left":
+		return c.MembersLeft
 	}
 	return 0
 }
