@@ -244,18 +244,24 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 	}
 }
 
-// signalsPy is a blocking request/response peer (plain blocking sockets),
-// optionally with a 10 ms ITIMER_REAL and a no-op SIGALRM handler, so
-// that its blocking calls are interrupted all the time, and optionally
-// delaying its own messages by 20-30 ms, so that the peer's recv blocks.
-// Usage: signals.py server|client PORT ROUNDS delay|nodelay signals|nosignals.
+// signalsPy is a request/response peer, optionally with a 10 ms
+// ITIMER_REAL and a no-op SIGALRM handler, so that its blocking calls are
+// interrupted all the time, and optionally delaying its own messages by
+// 20-30 ms, so that the peer's recv blocks (a client sends its first
+// request at once, as clients do). Its socket is blocking, non-blocking
+// (select before each call), or late: non-blocking when the connection
+// is established, then blocking (a client connects with a timeout, then
+// clears it, as every hiredis blocking context does; a server's listener
+// is non-blocking and it makes each accepted socket blocking, as
+// gunicorn's sync worker does).
+// Usage: signals.py server|client PORT ROUNDS delay|nodelay signals|nosignals blocking|nonblocking|late.
 // A server listens on PORT (0: any) and prints "LISTENING port". It prints
 // "OK ..." at the end, or "FAIL ..." with the round, the step and the
 // exception, and exits 1.
-const signalsPy = `import hashlib, random, signal, socket, sys, time
+const signalsPy = `import hashlib, random, select, signal, socket, sys, time
 
 role, port, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-delayed, signalled = sys.argv[4] == "delay", sys.argv[5] == "signals"
+delayed, signalled, mode = sys.argv[4] == "delay", sys.argv[5] == "signals", sys.argv[6]
 REQ, REPLY = 64, 4096
 signals = 0
 
@@ -272,11 +278,20 @@ def reply(i):
 def recv_exact(s, n):
     buf = bytearray()
     while len(buf) < n:
+        if mode == "nonblocking":
+            select.select([s], [], [])
         chunk = s.recv(n - len(buf))
         if not chunk:
             raise EOFError("peer closed after %d of %d bytes" % (len(buf), n))
         buf += chunk
     return bytes(buf)
+
+def send_all(s, b):
+    if mode != "nonblocking":
+        return s.sendall(b)
+    while b:
+        select.select([], [s], [])
+        b = b[s.send(b):]
 
 def first_diff(a, b):
     return next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
@@ -291,10 +306,15 @@ try:
         l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         l.bind(("127.0.0.1", port))
+        if mode != "blocking":
+            l.setblocking(False)
         l.listen(4)
         print("LISTENING %d" % l.getsockname()[1], flush=True)
         step = "accept"
+        if mode != "blocking":
+            select.select([l], [], [])
         s, _ = l.accept()
+        s.setblocking(mode != "nonblocking")
         for i in range(rounds):
             step = "recv request"
             got = recv_exact(s, REQ)
@@ -304,21 +324,27 @@ try:
                 step = "delay"
                 time.sleep(rng.uniform(0.020, 0.030))
             step = "send reply"
-            s.sendall(reply(i))
+            send_all(s, reply(i))
         step = "recv EOF"
         i = rounds
+        if mode == "nonblocking":
+            select.select([s], [], [])
         extra = s.recv(1)
         if extra:
             raise ValueError("unexpected bytes after the last round: %r" % extra)
     else:
         step = "connect"
-        s = socket.create_connection(("127.0.0.1", port))
+        if mode == "blocking":
+            s = socket.create_connection(("127.0.0.1", port))
+        else:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.settimeout(None if mode == "late" else 0)
         for i in range(rounds):
-            if delayed:
+            if delayed and i > 0:
                 step = "delay"
                 time.sleep(rng.uniform(0.020, 0.030))
             step = "send request"
-            s.sendall(request(i))
+            send_all(s, request(i))
             step = "recv reply"
             got = recv_exact(s, REPLY)
             if got != reply(i):
@@ -352,9 +378,14 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 	for _, v := range []struct {
 		name                         string
 		serverDelays, clientSignaled bool
+		serverMode, clientMode       string
 	}{
-		{"client-under-signals", true, true},
-		{"server-under-signals", false, false},
+		{"client-under-signals", true, true, "blocking", "blocking"},
+		{"server-under-signals", false, false, "blocking", "blocking"},
+		// Non-blocking when the pair joins, blocking after: the pair
+		// joins, then dissolves (see "Leaving" in bpf/sockbypass.h).
+		{"client-made-blocking-under-signals", true, true, "nonblocking", "late"},
+		{"server-made-blocking-under-signals", false, false, "late", "nonblocking"},
 	} {
 		t.Run(v.name, func(t *testing.T) {
 			servers, clients := testutil.NewCgroup(t), testutil.NewCgroup(t)
@@ -372,7 +403,7 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 			rs := make([]run, runs)
 			for i := range rs {
 				rs[i].server = startChild(t, fmt.Sprintf("server %d", i), servers, nil, "", pythonBin, script, "server", "0",
-					strconv.Itoa(rounds), flag(v.serverDelays, "delay", "nodelay"), flag(!v.clientSignaled, "signals", "nosignals"))
+					strconv.Itoa(rounds), flag(v.serverDelays, "delay", "nodelay"), flag(!v.clientSignaled, "signals", "nosignals"), v.serverMode)
 			}
 			for i := range rs {
 				port, err := rs[i].server.waitLine("LISTENING ", 10*time.Second)
@@ -381,7 +412,7 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 				}
 				rs[i].port, _ = strconv.Atoi(port)
 				rs[i].client = startChild(t, fmt.Sprintf("client %d", i), clients, nil, "", pythonBin, script, "client", port,
-					strconv.Itoa(rounds), flag(!v.serverDelays, "delay", "nodelay"), flag(v.clientSignaled, "signals", "nosignals"))
+					strconv.Itoa(rounds), flag(!v.serverDelays, "delay", "nodelay"), flag(v.clientSignaled, "signals", "nosignals"), v.clientMode)
 			}
 			failures := 0
 			var sigs []int
@@ -414,13 +445,31 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 			cc, sc := counters(t, dp, clients), counters(t, dp, servers)
 			t.Logf("clients' cgroup: %s", counterSummary(cc))
 			t.Logf("servers' cgroup: %s", counterSummary(sc))
-			// The rule that keeps these programs working: blocking sockets
-			// never join the sockhash (there, a blocking recv interrupted by a
-			// signal returns EAGAIN). Should someone accelerate them, this
-			// test must exercise the fast path, not pass by accident.
-			if !plainMode() && (cc.RedirectedBytes+sc.RedirectedBytes != 0 || cc.SocketsBlocking != runs) {
-				t.Errorf("blocking Python clients: redirected %d bytes, %d counted blocking; want 0 and %d (blocking sockets stay plain TCP)",
-					cc.RedirectedBytes+sc.RedirectedBytes, cc.SocketsBlocking, runs)
+			if plainMode() {
+				return
+			}
+			switch {
+			case v.clientMode == "blocking":
+				// The rule that keeps these programs working: blocking
+				// sockets never join the sockhash (there, a blocking recv
+				// interrupted by a signal returns EAGAIN). Should someone
+				// accelerate them, this test must exercise the fast path,
+				// not pass by accident.
+				if cc.RedirectedBytes+sc.RedirectedBytes != 0 || cc.SocketsBlocking != runs {
+					t.Errorf("blocking Python clients: redirected %d bytes, %d counted blocking; want 0 and %d (blocking sockets stay plain TCP)",
+						cc.RedirectedBytes+sc.RedirectedBytes, cc.SocketsBlocking, runs)
+				}
+			default:
+				// Each connection joined non-blocking, then one end turned
+				// blocking: that end was counted, and both ends left.
+				late := cc.LateBlocking
+				if v.serverMode == "late" {
+					late = sc.LateBlocking
+				}
+				if cc.SocketsInserted != runs || late != runs || cc.MembersLeft != runs || sc.MembersLeft != runs {
+					t.Errorf("%d connections: clients inserted %d, %d ends counted turning blocking, clients left %d, servers left %d; want %d each (each pair joins, then dissolves)",
+						runs, cc.SocketsInserted, late, cc.MembersLeft, sc.MembersLeft, runs)
+				}
 			}
 		})
 	}

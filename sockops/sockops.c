@@ -972,18 +972,6 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 	if (!state->peer_sk || !state->peer_state)
 		return; /* sidecar pairs do not exchange their sockets */
 
-	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return;
-	if (read_psock(&((struct sock *)tp)->sk_user_data, &queued, &refs) < 0) {
-		/* Our peer removed us and our psock is gone. */
-		__u64 own_cookie = bpf_get_socket_cookie(skops);
-
-		bpf_map_delete_elem(&socket_cgroups, &own_cookie);
-		state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PAIRED | SOCK_FLAG_EXPLICIT_PEER);
-		unwatch(skops);
-		return;
-	}
 	if (sock_nonblocking(sk) == 0) {
 		if (!(state->flags & SOCK_FLAG_LEAVING)) {
 			struct cgroup_counters *c = counters_for(state->slot);
@@ -1002,6 +990,18 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 		}
 	}
 
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return;
+	if (read_psock(&((struct sock *)tp)->sk_user_data, &queued, &refs) < 0) {
+		/* Our peer removed us and our psock is gone. */
+		__u64 own_cookie = bpf_get_socket_cookie(skops);
+
+		bpf_map_delete_elem(&socket_cgroups, &own_cookie);
+		state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PAIRED | SOCK_FLAG_EXPLICIT_PEER);
+		unwatch(skops);
+		return;
+	}
 	/* What the peer is: read its flags and psock, then prove by its
 	 * cookie that the address still holds it. */
 	peer_flags = peer_state_flags(state);
