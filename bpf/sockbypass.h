@@ -120,6 +120,9 @@ struct sock_state {
 	 * peer is leaving (see "Leaving"). */
 	__u64 peer_state;
 	__u64 peer_file;
+	/* A listener on a stack port: its process (a key of stack_procs). */
+	__u32 stack_tgid;
+	__u32 pad;
 	/* SOCK_FLAG_* (64 bits: BPF's atomic or has no 32-bit form before
 	 * cpu v3, and leaving sets its flag with a full barrier). */
 	__u64 flags;
@@ -190,6 +193,8 @@ struct sock_state {
 #define SOCK_FLAG_LEAVING (1U << 21)
 /* This member removed its peer from the sockhash (see "Leaving"). */
 #define SOCK_FLAG_PEER_REMOVED (1U << 22)
+/* Made by a stack process (see stack_procs): never joins. */
+#define SOCK_FLAG_STACK_PROCESS (1U << 23)
 
 /*
  * Back-pressure: the redirected queue is charged to the kernel's global TCP
@@ -430,9 +435,28 @@ struct cgroup_config {
 	 * unused): for readers that splice (a Go io.Copy TCP proxy, HAProxy
 	 * in splice mode), which cannot read redirected bytes. A connection
 	 * is left out when its server port is listed by the cgroup of either
-	 * end. */
+	 * end, and so is every connection a process of the cgroup makes while
+	 * it listens on one of its stack ports (a proxy's upstream
+	 * connections: see stack_procs). */
 	__u16 stack_ports[MAX_STACK_PORTS];
 };
+
+/*
+ * Stack processes: a process of an enabled cgroup that listens on one of
+ * its cgroup's stack ports is a proxy that splices; the connections it
+ * makes (to its upstreams, whose replies it splices too) and those it
+ * accepts on its other listeners stay plain TCP while it listens there.
+ * Process id (tgid, as the kernel's initial namespace numbers it) -> its
+ * stack-port listeners open. sock_ops counts them up at listen() (in the
+ * process's context) and down when such a listener closes; LRU bounds what
+ * a listener closed without its callback would leave.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} stack_procs SEC(".maps");
 
 /* stack_port reports whether cfg lists port as a stack-only server port.
  * User space packs the list from the start, so the first 0 ends it (most
@@ -809,6 +833,7 @@ typedef struct {
 struct sock_common {
 	possible_net_t skc_net;
 	atomic64_t skc_cookie;
+	unsigned char skc_state;
 } __attribute__((preserve_access_index));
 
 struct sock {

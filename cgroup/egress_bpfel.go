@@ -173,6 +173,8 @@ type egressSockState struct {
 	PeerCookie      uint64
 	PeerState       uint64
 	PeerFile        uint64
+	StackTgid       uint32
+	Pad             uint32
 	Flags           uint64
 }
 
@@ -215,6 +217,7 @@ const (
 	egressMapSockState                = "sock_state"
 	egressMapSocketCgroups            = "socket_cgroups"
 	egressMapSockhash                 = "sockhash"
+	egressMapStackProcs               = "stack_procs"
 	egressMapTcDevices                = "tc_devices"
 	egressMapTcUsers                  = "tc_users"
 	egressProgSockbypassAccountEgress = "sockbypass_account_egress"
@@ -285,6 +288,7 @@ type egressMapSpecs struct {
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
+	StackProcs     *ebpf.MapSpec `ebpf:"stack_procs"`
 	TcDevices      *ebpf.MapSpec `ebpf:"tc_devices"`
 	TcUsers        *ebpf.MapSpec `ebpf:"tc_users"`
 }
@@ -331,6 +335,7 @@ type egressMaps struct {
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
+	StackProcs     *ebpf.Map `ebpf:"stack_procs"`
 	TcDevices      *ebpf.Map `ebpf:"tc_devices"`
 	TcUsers        *ebpf.Map `ebpf:"tc_users"`
 }
@@ -351,6 +356,7 @@ func (m *egressMaps) Close() error {
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,
+		m.StackProcs,
 		m.TcDevices,
 		m.TcUsers,
 	)

@@ -173,6 +173,8 @@ type sidecarSockState struct {
 	PeerCookie      uint64
 	PeerState       uint64
 	PeerFile        uint64
+	StackTgid       uint32
+	Pad             uint32
 	Flags           uint64
 }
 
@@ -215,6 +217,7 @@ const (
 	sidecarMapSockState             = "sock_state"
 	sidecarMapSocketCgroups         = "socket_cgroups"
 	sidecarMapSockhash              = "sockhash"
+	sidecarMapStackProcs            = "stack_procs"
 	sidecarMapTcDevices             = "tc_devices"
 	sidecarMapTcUsers               = "tc_users"
 	sidecarProgSockbypassConnect4   = "sockbypass_connect4"
@@ -291,6 +294,7 @@ type sidecarMapSpecs struct {
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
+	StackProcs     *ebpf.MapSpec `ebpf:"stack_procs"`
 	TcDevices      *ebpf.MapSpec `ebpf:"tc_devices"`
 	TcUsers        *ebpf.MapSpec `ebpf:"tc_users"`
 }
@@ -337,6 +341,7 @@ type sidecarMaps struct {
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
+	StackProcs     *ebpf.Map `ebpf:"stack_procs"`
 	TcDevices      *ebpf.Map `ebpf:"tc_devices"`
 	TcUsers        *ebpf.Map `ebpf:"tc_users"`
 }
@@ -357,6 +362,7 @@ func (m *sidecarMaps) Close() error {
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,
+		m.StackProcs,
 		m.TcDevices,
 		m.TcUsers,
 	)

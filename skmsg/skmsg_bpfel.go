@@ -173,6 +173,8 @@ type skmsgSockState struct {
 	PeerCookie      uint64
 	PeerState       uint64
 	PeerFile        uint64
+	StackTgid       uint32
+	Pad             uint32
 	Flags           uint64
 }
 
@@ -215,6 +217,7 @@ const (
 	skmsgMapSockState        = "sock_state"
 	skmsgMapSocketCgroups    = "socket_cgroups"
 	skmsgMapSockhash         = "sockhash"
+	skmsgMapStackProcs       = "stack_procs"
 	skmsgMapTcDevices        = "tc_devices"
 	skmsgMapTcUsers          = "tc_users"
 	skmsgProgSockbypassSkmsg = "sockbypass_skmsg"
@@ -283,6 +286,7 @@ type skmsgMapSpecs struct {
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
+	StackProcs     *ebpf.MapSpec `ebpf:"stack_procs"`
 	TcDevices      *ebpf.MapSpec `ebpf:"tc_devices"`
 	TcUsers        *ebpf.MapSpec `ebpf:"tc_users"`
 }
@@ -327,6 +331,7 @@ type skmsgMaps struct {
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
+	StackProcs     *ebpf.Map `ebpf:"stack_procs"`
 	TcDevices      *ebpf.Map `ebpf:"tc_devices"`
 	TcUsers        *ebpf.Map `ebpf:"tc_users"`
 }
@@ -347,6 +352,7 @@ func (m *skmsgMaps) Close() error {
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,
+		m.StackProcs,
 		m.TcDevices,
 		m.TcUsers,
 	)

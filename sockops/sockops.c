@@ -74,6 +74,26 @@ static __always_inline __u64 unique_owner(const __u32 *ip)
  * sockets sharing its local endpoint, and remembers the original
  * destination of an intercepted connect for SO_ORIGINAL_DST.
  */
+/* stack_process_connect marks a socket that a stack process connects (see
+ * stack_procs): connect() runs in the process's context. Cgroups without
+ * stack ports pay one load. */
+static __noinline void stack_process_connect(struct bpf_sock_ops *skops)
+{
+	struct cgroup_config *cfg = config_for(cgroup_slot);
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *state;
+	__u32 tgid;
+
+	if (!cfg || !cfg->stack_ports[0] || !sk)
+		return;
+	tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!bpf_map_lookup_elem(&stack_procs, &tgid))
+		return;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (state)
+		state->flags |= SOCK_FLAG_STACK_PROCESS;
+}
+
 static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 {
 	__u64 cgroup_id = enabled_cgroup_id;
@@ -521,7 +541,7 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_EXPLICIT_PEER |
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
 			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED |
-			  SOCK_FLAG_WOULD_PAIR | SOCK_FLAG_ACCEPTED);
+			  SOCK_FLAG_WOULD_PAIR | SOCK_FLAG_ACCEPTED | SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED);
 	state->msgs_sent = 0;
 	if (passive)
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED |
@@ -701,6 +721,12 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 
 	pair = bpf_map_lookup_elem(&pairs, &key);
 	if (stack_port(cfg, key.remote_port)) {
+		if (pair)
+			pair->state = PAIR_DECLINED;
+		COUNT(c, sockets_stack_port);
+		return;
+	}
+	if (state->flags & SOCK_FLAG_STACK_PROCESS) {
 		if (pair)
 			pair->state = PAIR_DECLINED;
 		COUNT(c, sockets_stack_port);
@@ -909,6 +935,24 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 		flags = LISTENER_NONBLOCK;
 	if (state->flags & SOCK_FLAG_STACK_READER)
 		flags |= LISTENER_STACK_READER;
+	/* listen() runs in its process's context: a listener on a stack port
+	 * makes its process a stack process, and the other listeners of a
+	 * stack process keep their connections plain. */
+	{
+		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+		__u64 one = 1, *n;
+
+		if (stack_port(config_for(cgroup_slot), key.local_port)) {
+			n = bpf_map_lookup_elem(&stack_procs, &tgid);
+			if (n)
+				__sync_fetch_and_add(n, 1);
+			else
+				bpf_map_update_elem(&stack_procs, &tgid, &one, BPF_ANY);
+			state->stack_tgid = tgid;
+		} else if (bpf_map_lookup_elem(&stack_procs, &tgid)) {
+			flags |= LISTENER_STACK_READER;
+		}
+	}
 	bpf_map_update_elem(&listeners, &ek, &flags, BPF_ANY);
 	state->key = key;
 	state->cgroup_id = cgroup_id;
@@ -1015,6 +1059,19 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 
 	if (!peer_gone && !peer_unsafe && !(state->flags & (SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED)))
 		return; /* a healthy pair: nothing to settle */
+	if (peer_gone && !peer_unsafe && !(state->flags & (SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED))) {
+		/* The peer left the sockhash because it closed (or shut its
+		 * side down): it sends nothing more, so we stay a member until
+		 * we close, as any pair does. */
+		unsigned char peer_tcp_state = 0;
+
+		bpf_probe_read_kernel(&peer_tcp_state, sizeof(peer_tcp_state), &((struct sock *)state->peer_sk)->__sk_common.skc_state);
+		if ((__u64)cookie != state->peer_cookie ||
+		    (peer_tcp_state != BPF_TCP_ESTABLISHED && peer_tcp_state != BPF_TCP_CLOSE_WAIT)) {
+			unwatch(skops);
+			return;
+		}
+	}
 
 	/* Remove the leaving peer: we are the only socket that redirects to
 	 * it, and we have no redirect into it under way. */
@@ -1069,6 +1126,14 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 		bpf_map_delete_elem(&pairs, &state->key);
 		state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
 	}
+	if (state->stack_tgid) {
+		__u32 tgid = state->stack_tgid;
+		__u64 *n = bpf_map_lookup_elem(&stack_procs, &tgid);
+
+		state->stack_tgid = 0;
+		if (n && __sync_fetch_and_add(n, -1) <= 1)
+			bpf_map_delete_elem(&stack_procs, &tgid);
+	}
 	if (state->flags & SOCK_FLAG_LISTENER) {
 		struct endpoint_key ek = {};
 
@@ -1098,6 +1163,7 @@ int sockbypass_sockops(struct bpf_sock_ops *skops)
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		stack_process_connect(skops);
 		mesh_connect(skops);
 		break;
 	case BPF_SOCK_OPS_RWND_INIT:

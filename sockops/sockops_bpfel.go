@@ -175,6 +175,8 @@ type sockopsSockState struct {
 	PeerCookie      uint64
 	PeerState       uint64
 	PeerFile        uint64
+	StackTgid       uint32
+	Pad             uint32
 	Flags           uint64
 }
 
@@ -217,6 +219,7 @@ const (
 	sockopsMapSockState          = "sock_state"
 	sockopsMapSocketCgroups      = "socket_cgroups"
 	sockopsMapSockhash           = "sockhash"
+	sockopsMapStackProcs         = "stack_procs"
 	sockopsMapTcDevices          = "tc_devices"
 	sockopsMapTcUsers            = "tc_users"
 	sockopsProgSockbypassSockops = "sockbypass_sockops"
@@ -287,6 +290,7 @@ type sockopsMapSpecs struct {
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
+	StackProcs     *ebpf.MapSpec `ebpf:"stack_procs"`
 	TcDevices      *ebpf.MapSpec `ebpf:"tc_devices"`
 	TcUsers        *ebpf.MapSpec `ebpf:"tc_users"`
 }
@@ -333,6 +337,7 @@ type sockopsMaps struct {
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
+	StackProcs     *ebpf.Map `ebpf:"stack_procs"`
 	TcDevices      *ebpf.Map `ebpf:"tc_devices"`
 	TcUsers        *ebpf.Map `ebpf:"tc_users"`
 }
@@ -353,6 +358,7 @@ func (m *sockopsMaps) Close() error {
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,
+		m.StackProcs,
 		m.TcDevices,
 		m.TcUsers,
 	)

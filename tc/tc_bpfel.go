@@ -173,6 +173,8 @@ type tcSockState struct {
 	PeerCookie      uint64
 	PeerState       uint64
 	PeerFile        uint64
+	StackTgid       uint32
+	Pad             uint32
 	Flags           uint64
 }
 
@@ -215,6 +217,7 @@ const (
 	tcMapSockState           = "sock_state"
 	tcMapSocketCgroups       = "socket_cgroups"
 	tcMapSockhash            = "sockhash"
+	tcMapStackProcs          = "stack_procs"
 	tcMapTcDevices           = "tc_devices"
 	tcMapTcUsers             = "tc_users"
 	tcProgSockbypassTcEgress = "sockbypass_tc_egress"
@@ -284,6 +287,7 @@ type tcMapSpecs struct {
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.MapSpec `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.MapSpec `ebpf:"sockhash"`
+	StackProcs     *ebpf.MapSpec `ebpf:"stack_procs"`
 	TcDevices      *ebpf.MapSpec `ebpf:"tc_devices"`
 	TcUsers        *ebpf.MapSpec `ebpf:"tc_users"`
 }
@@ -329,6 +333,7 @@ type tcMaps struct {
 	SockState      *ebpf.Map `ebpf:"sock_state"`
 	SocketCgroups  *ebpf.Map `ebpf:"socket_cgroups"`
 	Sockhash       *ebpf.Map `ebpf:"sockhash"`
+	StackProcs     *ebpf.Map `ebpf:"stack_procs"`
 	TcDevices      *ebpf.Map `ebpf:"tc_devices"`
 	TcUsers        *ebpf.Map `ebpf:"tc_users"`
 }
@@ -349,6 +354,7 @@ func (m *tcMaps) Close() error {
 		m.SockState,
 		m.SocketCgroups,
 		m.Sockhash,
+		m.StackProcs,
 		m.TcDevices,
 		m.TcUsers,
 	)

@@ -101,7 +101,7 @@ func Cases() []Case {
 			Limit: `spliced 0 bytes sha256:e3b0c44298fc, equal=false, end""`},
 		{Name: "Go io.Copy TCP->TCP proxy (splice)", Expect: Limitation, How: howSplice("Go's io.Copy between two TCPConns splices"), Run: caseGoProxy,
 			Limit: `proxy copied 0; server got 0 bytes sha256:e3b0c44298fc, equal=false, end""`},
-		{Name: "Go io.Copy TCP->TCP proxy (splice) with its ports in --stack-ports", Expect: Fallback, How: "sock_ops leaves a connection whose server port the cgroup of either end lists in --stack-ports out of the pair handshake: it stays plain TCP, and splice reads it", Counter: "stack_port", Run: caseGoProxyStackPort},
+		{Name: "Go io.Copy TCP->TCP proxy (splice) with its port in --stack-ports", Expect: Fallback, How: "sock_ops leaves out of the pair handshake a connection whose server port the cgroup of either end lists in --stack-ports, and every connection a process makes while it listens on a stack port of its cgroup (the proxy's to its server): they stay plain TCP, and splice reads them", Counter: "stack_port", Run: caseGoProxyStackPort},
 		{Name: "a stalled reader makes its writer block (flow control)", Expect: FastPath, How: "a sender stops redirecting when 64 MiB it redirected are unread; its next bytes take the stack, whose flow control blocks it", Run: caseStalledReader},
 		{Name: "slow reader holding 4+ MiB across disable and uninstall", Expect: FastPath, How: "sockets are never removed from the sockhash; they leave it when they close", Run: caseSlowReaderDisrupt},
 		{Name: "MSG_WAITALL after plain reads", Expect: FastPath, How: howWaitall, Run: caseWaitallLater},
@@ -997,24 +997,33 @@ func fileConn(fd int) (*net.TCPConn, error) {
 	return c.(*net.TCPConn), nil
 }
 
-func caseGoProxy(env *Env) (string, error) { return goProxy(env, ConnOpts{}) }
+func caseGoProxy(env *Env) (string, error) {
+	return goProxy(env, ConnOpts{}, func() (Pair, error) { return env.Connect(ConnOpts{}) })
+}
 
-// caseGoProxyStackPort: the proxy and its server listen on the stack port
-// (one after the other).
+// caseGoProxyStackPort: only the proxy's own port is a stack port, and the
+// proxy connects to its server while it listens there, as a real proxy
+// does.
 func caseGoProxyStackPort(env *Env) (string, error) {
-	return goProxy(env, ConnOpts{Port: env.StackPort})
+	var out Pair
+	var outErr error
+	in := ConnOpts{Port: env.StackPort, Connected: func(int) error {
+		out, outErr = env.Connect(ConnOpts{})
+		return outErr
+	}}
+	return goProxy(env, in, func() (Pair, error) { return out, outErr })
 }
 
 // goProxy: a client sends 1 MiB through a Go proxy (io.Copy between the
-// socket it accepted and its socket to the server); both connections are
-// made with o.
-func goProxy(env *Env, o ConnOpts) (string, error) {
+// socket it accepted and its socket to the server): the client's
+// connection is made with o, then dial returns the proxy's to the server.
+func goProxy(env *Env, o ConnOpts, dial func() (Pair, error)) (string, error) {
 	in, err := env.Connect(o) // client -> proxy
 	if err != nil {
 		return "", err
 	}
 	defer in.Close()
-	out, err := env.Connect(o) // proxy -> server
+	out, err := dial() // proxy -> server
 	if err != nil {
 		return "", err
 	}

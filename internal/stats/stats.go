@@ -108,10 +108,14 @@ type Figures struct {
 	// short-lived (pairing would cost more than it gains; enable
 	// --all-connections pairs them too).
 	ConnectionsShortLived uint64 `json:"connections_short_lived"`
-	// LateStackOptions counts members that asked for SO_RCVLOWAT, TCP_INQ,
-	// SO_OOBINLINE, MSG_WAITALL or MSG_OOB after joining (the pair stays
-	// redirected).
+	// LateStackOptions counts members that asked for SO_RCVLOWAT, TCP_INQ
+	// or SO_OOBINLINE after joining; LateBlocking members that turned
+	// blocking after joining. Such a member and its peer leave the
+	// sockhash once it has read what was redirected to it: MembersLeft
+	// counts the sockets that left while open.
 	LateStackOptions uint64 `json:"late_stack_options"`
+	LateBlocking     uint64 `json:"late_blocking"`
+	MembersLeft      uint64 `json:"members_left"`
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
@@ -163,6 +167,8 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SocketsStackPort:          c.SocketsStackPort,
 		ConnectionsShortLived:     c.ConnectionsShortLived,
 		LateStackOptions:          c.LateStackOptions,
+		LateBlocking:              c.LateBlocking,
+		MembersLeft:               c.MembersLeft,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
