@@ -936,6 +936,47 @@ static __always_inline int peer_progress(const struct sock_state *state, __u32 *
  * LISTENER_BLOCKING_CHILDREN and its later connections stay plain.
  */
 
+/*
+ * Fallback events: what changes a connection's path after it was
+ * accelerated (a member turned blocking or set a stack-reader option, a
+ * listener learnt that its accepted sockets turn blocking), one record
+ * each, for the daemon to log with the socket's addresses and to report on
+ * the pod. They are rare (once per socket at most); when nobody reads, the
+ * ring fills and later events are dropped (the counters still count).
+ */
+enum fallback_event_reason {
+	EVENT_LATE_BLOCKING = 1,
+	EVENT_LATE_STACK_OPTION = 2,
+	EVENT_LISTENER_BLOCKING_CHILDREN = 3,
+};
+
+struct fallback_event {
+	__u64 cgroup_id;
+	/* The socket's key (for a listener: its endpoint, remote zero). */
+	struct sock_key key;
+	__u32 reason;
+	/* EVENT_LATE_STACK_OPTION: the option (SOL_SOCKET/SOL_TCP optname). */
+	__u32 detail;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+/* emit_event writes a fallback event about the socket of state. */
+static __always_inline void emit_event(const struct sock_state *state, __u32 reason, __u32 detail)
+{
+	struct fallback_event ev = {
+		.cgroup_id = state->cgroup_id,
+		.key = state->key,
+		.reason = reason,
+		.detail = detail,
+	};
+
+	bpf_ringbuf_output(&events, &ev, sizeof(ev), 0);
+}
+
 /* read_psock reads the psock of a socket whose sk_user_data is at
  * user_data (a kernel address): its unread redirected bytes and its
  * reference count. Returns 0, or -1 when the socket has no psock (it is in

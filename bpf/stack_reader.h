@@ -42,7 +42,7 @@ static __always_inline void count_reason(__u32 slot, int reason)
  * what was redirected to it (see "Leaving" in sockbypass.h); counted in
  * late_stack_options.
  */
-static __always_inline void mark_stack_reader(struct sock_state *state, __u32 slot, int reason)
+static __always_inline void mark_stack_reader(struct sock_state *state, __u32 slot, int reason, __u32 optname)
 {
 	if (state->flags & SOCK_FLAG_INSERTED) {
 		struct cgroup_counters *c;
@@ -50,6 +50,7 @@ static __always_inline void mark_stack_reader(struct sock_state *state, __u32 sl
 		if (state->flags & SOCK_FLAG_LATE_OPTION)
 			return;
 		__sync_fetch_and_or(&state->flags, SOCK_FLAG_LEAVING | SOCK_FLAG_LATE_OPTION);
+		emit_event(state, EVENT_LATE_STACK_OPTION, optname);
 		c = counters_for(slot);
 		if (c)
 			__sync_fetch_and_add(&c->late_stack_options, 1);

@@ -206,6 +206,7 @@ const (
 	egressMapCgroupConfig             = "cgroup_config"
 	egressMapCgroupCounters           = "cgroup_counters"
 	egressMapCgroupSlots              = "cgroup_slots"
+	egressMapEvents                   = "events"
 	egressMapInboundPods              = "inbound_pods"
 	egressMapListeners                = "listeners"
 	egressMapMeshClients              = "mesh_clients"
@@ -277,6 +278,7 @@ type egressMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
+	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -324,6 +326,7 @@ type egressMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
+	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -345,6 +348,7 @@ func (m *egressMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.CgroupSlots,
+		m.Events,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

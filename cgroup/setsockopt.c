@@ -44,7 +44,7 @@ int sockbypass_setsockopt(struct bpf_sockopt *ctx)
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)
 		return 1;
-	mark_stack_reader(state, state->cgroup_id ? state->slot : cgroup_slot, reason);
+	mark_stack_reader(state, state->cgroup_id ? state->slot : cgroup_slot, reason, ctx->optname);
 	/* A listener already recorded: its accepted sockets inherit the
 	 * option (they do not clone its storage; see LISTENER_STACK_READER). */
 	if (state->flags & SOCK_FLAG_LISTENER) {

@@ -206,6 +206,7 @@ const (
 	setsockoptMapCgroupConfig          = "cgroup_config"
 	setsockoptMapCgroupCounters        = "cgroup_counters"
 	setsockoptMapCgroupSlots           = "cgroup_slots"
+	setsockoptMapEvents                = "events"
 	setsockoptMapInboundPods           = "inbound_pods"
 	setsockoptMapListeners             = "listeners"
 	setsockoptMapMeshClients           = "mesh_clients"
@@ -277,6 +278,7 @@ type setsockoptMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
+	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -324,6 +326,7 @@ type setsockoptMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
+	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -345,6 +348,7 @@ func (m *setsockoptMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.CgroupSlots,
+		m.Events,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

@@ -206,6 +206,7 @@ const (
 	sidecarMapCgroupConfig          = "cgroup_config"
 	sidecarMapCgroupCounters        = "cgroup_counters"
 	sidecarMapCgroupSlots           = "cgroup_slots"
+	sidecarMapEvents                = "events"
 	sidecarMapInboundPods           = "inbound_pods"
 	sidecarMapListeners             = "listeners"
 	sidecarMapMeshClients           = "mesh_clients"
@@ -283,6 +284,7 @@ type sidecarMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
+	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -330,6 +332,7 @@ type sidecarMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
+	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -351,6 +354,7 @@ func (m *sidecarMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.CgroupSlots,
+		m.Events,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

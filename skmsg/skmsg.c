@@ -91,6 +91,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		__sync_fetch_and_or(&state->flags, SOCK_FLAG_LEAVING);
 		if (c)
 			__sync_fetch_and_add(&c->late_blocking, 1);
+		emit_event(state, EVENT_LATE_BLOCKING, 0);
 		goto pass;
 	}
 	if (peer_leaving(state))

@@ -1023,14 +1023,17 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 			__sync_fetch_and_or(&state->flags, SOCK_FLAG_LEAVING);
 			if (c)
 				__sync_fetch_and_add(&c->late_blocking, 1);
+			emit_event(state, EVENT_LATE_BLOCKING, 0);
 		}
 		/* An accepted socket turned blocking: its listener's next
 		 * connections stay plain. */
 		if (state->flags & SOCK_FLAG_ACCEPTED) {
 			__u64 *lflags = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);
 
-			if (lflags && !(*lflags & LISTENER_BLOCKING_CHILDREN))
+			if (lflags && !(*lflags & LISTENER_BLOCKING_CHILDREN)) {
 				__sync_fetch_and_or(lflags, LISTENER_BLOCKING_CHILDREN);
+				emit_event(state, EVENT_LISTENER_BLOCKING_CHILDREN, 0);
+			}
 		}
 	}
 
@@ -1155,6 +1158,9 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 			bpf_map_delete_elem(&mesh_clients, &ek);
 	}
 }
+
+/* Keeps struct fallback_event in the object's BTF for bpf2go (-type). */
+const struct fallback_event *unused_fallback_event __attribute__((unused));
 
 SEC("sockops")
 int sockbypass_sockops(struct bpf_sock_ops *skops)

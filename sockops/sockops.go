@@ -19,7 +19,7 @@ import (
 // (cgroup_counters, cgroup_config, sock_state, ...: -type cannot name
 // these, a map has the same name) and of those named with -type.
 //
-//go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel -type sock_key -type cidr -type node_addr_key -type node_addr -type endpoint_key -type pair sockops sockops.c -- -I../bpf -I../bpf/include
+//go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel -type sock_key -type cidr -type node_addr_key -type node_addr -type endpoint_key -type pair -type fallback_event sockops sockops.c -- -I../bpf -I../bpf/include
 
 // ProgramName is the name of the sock_ops program in its collection.
 const ProgramName = "sockbypass_sockops"

@@ -85,6 +85,14 @@ type sockopsEndpointKey struct {
 	Pad2        uint32
 }
 
+type sockopsFallbackEvent struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Key      sockopsSockKey
+	Reason   uint32
+	Detail   uint32
+}
+
 type sockopsMeshClient struct {
 	_           structs.HostLayout
 	ClientKey   sockopsSockKey
@@ -205,26 +213,28 @@ type sockopsTcUserKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockopsMapCgroupConfig       = "cgroup_config"
-	sockopsMapCgroupCounters     = "cgroup_counters"
-	sockopsMapCgroupSlots        = "cgroup_slots"
-	sockopsMapInboundPods        = "inbound_pods"
-	sockopsMapListeners          = "listeners"
-	sockopsMapMeshClients        = "mesh_clients"
-	sockopsMapMeshEndpoints      = "mesh_endpoints"
-	sockopsMapMeshSyns           = "mesh_syns"
-	sockopsMapNodeAddrs          = "node_addrs"
-	sockopsMapOrigDsts           = "orig_dsts"
-	sockopsMapPairs              = "pairs"
-	sockopsMapSockState          = "sock_state"
-	sockopsMapSocketCgroups      = "socket_cgroups"
-	sockopsMapSockhash           = "sockhash"
-	sockopsMapStackProcs         = "stack_procs"
-	sockopsMapTcDevices          = "tc_devices"
-	sockopsMapTcUsers            = "tc_users"
-	sockopsProgSockbypassSockops = "sockbypass_sockops"
-	sockopsVarCgroupSlot         = "cgroup_slot"
-	sockopsVarEnabledCgroupId    = "enabled_cgroup_id"
+	sockopsMapCgroupConfig        = "cgroup_config"
+	sockopsMapCgroupCounters      = "cgroup_counters"
+	sockopsMapCgroupSlots         = "cgroup_slots"
+	sockopsMapEvents              = "events"
+	sockopsMapInboundPods         = "inbound_pods"
+	sockopsMapListeners           = "listeners"
+	sockopsMapMeshClients         = "mesh_clients"
+	sockopsMapMeshEndpoints       = "mesh_endpoints"
+	sockopsMapMeshSyns            = "mesh_syns"
+	sockopsMapNodeAddrs           = "node_addrs"
+	sockopsMapOrigDsts            = "orig_dsts"
+	sockopsMapPairs               = "pairs"
+	sockopsMapSockState           = "sock_state"
+	sockopsMapSocketCgroups       = "socket_cgroups"
+	sockopsMapSockhash            = "sockhash"
+	sockopsMapStackProcs          = "stack_procs"
+	sockopsMapTcDevices           = "tc_devices"
+	sockopsMapTcUsers             = "tc_users"
+	sockopsProgSockbypassSockops  = "sockbypass_sockops"
+	sockopsVarCgroupSlot          = "cgroup_slot"
+	sockopsVarEnabledCgroupId     = "enabled_cgroup_id"
+	sockopsVarUnusedFallbackEvent = "unused_fallback_event"
 )
 
 // loadSockops returns the embedded CollectionSpec for sockops.
@@ -279,6 +289,7 @@ type sockopsMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
+	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -299,8 +310,9 @@ type sockopsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsVariableSpecs struct {
-	CgroupSlot      *ebpf.VariableSpec `ebpf:"cgroup_slot"`
-	EnabledCgroupId *ebpf.VariableSpec `ebpf:"enabled_cgroup_id"`
+	CgroupSlot          *ebpf.VariableSpec `ebpf:"cgroup_slot"`
+	EnabledCgroupId     *ebpf.VariableSpec `ebpf:"enabled_cgroup_id"`
+	UnusedFallbackEvent *ebpf.VariableSpec `ebpf:"unused_fallback_event"`
 }
 
 // sockopsObjects contains all objects after they have been loaded into the kernel.
@@ -326,6 +338,7 @@ type sockopsMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
+	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -347,6 +360,7 @@ func (m *sockopsMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.CgroupSlots,
+		m.Events,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,
@@ -368,8 +382,9 @@ func (m *sockopsMaps) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsVariables struct {
-	CgroupSlot      *ebpf.Variable `ebpf:"cgroup_slot"`
-	EnabledCgroupId *ebpf.Variable `ebpf:"enabled_cgroup_id"`
+	CgroupSlot          *ebpf.Variable `ebpf:"cgroup_slot"`
+	EnabledCgroupId     *ebpf.Variable `ebpf:"enabled_cgroup_id"`
+	UnusedFallbackEvent *ebpf.Variable `ebpf:"unused_fallback_event"`
 }
 
 // sockopsPrograms contains all programs after they have been loaded into the kernel.

@@ -34,6 +34,8 @@ type (
 	EndpointKey = sockopsEndpointKey
 	// Pair is struct pair, a pair handshake's state.
 	Pair = sockopsPair
+	// FallbackEvent is struct fallback_event, a record of the events ring.
+	FallbackEvent = sockopsFallbackEvent
 )
 
 // AddrToC returns a as the C structs hold an address: its 16 bytes (IPv4

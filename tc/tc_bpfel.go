@@ -206,6 +206,7 @@ const (
 	tcMapCgroupConfig        = "cgroup_config"
 	tcMapCgroupCounters      = "cgroup_counters"
 	tcMapCgroupSlots         = "cgroup_slots"
+	tcMapEvents              = "events"
 	tcMapInboundPods         = "inbound_pods"
 	tcMapListeners           = "listeners"
 	tcMapMeshClients         = "mesh_clients"
@@ -276,6 +277,7 @@ type tcMapSpecs struct {
 	CgroupConfig   *ebpf.MapSpec `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.MapSpec `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
+	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
@@ -322,6 +324,7 @@ type tcMaps struct {
 	CgroupConfig   *ebpf.Map `ebpf:"cgroup_config"`
 	CgroupCounters *ebpf.Map `ebpf:"cgroup_counters"`
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
+	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
@@ -343,6 +346,7 @@ func (m *tcMaps) Close() error {
 		m.CgroupConfig,
 		m.CgroupCounters,
 		m.CgroupSlots,
+		m.Events,
 		m.InboundPods,
 		m.Listeners,
 		m.MeshClients,

@@ -75,6 +75,14 @@ type runContext struct {
 }
 
 // instance is a case started in one mode: servers up, ready for runs.
+// runChecker is an instance with an integrity check after each run, which
+// runs after the run's counters were read: its own clients (redis-cli, a
+// blocking client that leaves the fast path) are not the benchmark's
+// traffic.
+type runChecker interface {
+	check(ctx context.Context) (string, error)
+}
+
 type instance interface {
 	// run runs the client once, verifies what it can, and returns the
 	// measurements.

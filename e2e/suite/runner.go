@@ -83,6 +83,13 @@ func (env *Env) RunCase(ctx context.Context, c Case, cfg Config) (res CaseResult
 				return res, err
 			}
 			addTraffic(traffic[m], before, after, m)
+			if rc, ok := insts[m].(runChecker); ok {
+				check, err := rc.check(ctx)
+				if err != nil {
+					return res, fmt.Errorf("%s run %d: %w", m.Label(), r+1, err)
+				}
+				s.Checks = append(s.Checks, check)
+			}
 			samples[m] = append(samples[m], s)
 			for _, ch := range s.Checks {
 				checks[m.Label()+": "+ch] = true

@@ -37,6 +37,9 @@ type Daemon struct {
 
 	mu  sync.Mutex
 	cfg *config.Config
+	// owners are the targets of the last reconcile by cgroup id, for
+	// the fallback events (watchEvents).
+	owners map[uint64]Target
 
 	// lastInsertFailures is the total of insert failures at the last
 	// check, to report a full sockhash once per increase.
@@ -105,6 +108,13 @@ func (d *Daemon) Reconcile() (Result, error) {
 		isEnabled[id] = true
 	}
 	want := map[uint64]bool{}
+	owners := make(map[uint64]Target, len(targets))
+	for _, t := range targets {
+		owners[t.Cgroup.ID] = t
+	}
+	d.mu.Lock()
+	d.owners = owners
+	d.mu.Unlock()
 	var firstErr error
 	for _, t := range targets {
 		cg := t.Cgroup
@@ -184,8 +194,10 @@ func (d *Daemon) checkSockhash() {
 // Run reconciles now and then every rescan interval, and reloads the
 // configuration with load whenever reload receives; a configuration that
 // fails to load is logged with its line and the previous one stays in
-// force. Run returns when ctx is done.
+// force. Meanwhile it logs the datapath's fallback events (watchEvents).
+// Run returns when ctx is done.
 func (d *Daemon) Run(ctx context.Context, reload <-chan struct{}, load func() (*config.Config, error)) {
+	go d.watchEvents(ctx)
 	if _, err := d.Reconcile(); err != nil {
 		d.log.Warn("reconcile", zap.Error(err))
 	}

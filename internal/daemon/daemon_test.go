@@ -1,27 +1,34 @@
 package daemon
 
 import (
+	"context"
 	"errors"
+	"net"
 	"os"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/config"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
 	tu "github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 // listSource is a Source with a fixed selection, recording failures.
 type listSource struct {
-	targets []Target
-	pending []string
-	mu      sync.Mutex
-	failed  map[string]error
+	targets   []Target
+	pending   []string
+	mu        sync.Mutex
+	failed    map[string]error
+	fallbacks []string
 }
 
 func (s *listSource) Targets(cgroup.Mounts, *config.Config) ([]Target, []string, error) {
@@ -92,5 +99,83 @@ func TestEnableFailureIsCountedReportedAndNotReady(t *testing.T) {
 	d.Reconcile()
 	if err := d.Ready(); err == nil || !strings.Contains(err.Error(), "default/nowhere") {
 		t.Errorf("Ready with a pending pod: %v", err)
+	}
+}
+
+// Fallback implements FallbackReporter.
+func (s *listSource) Fallback(t Target, e dataplane.FallbackEvent) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.fallbacks = append(s.fallbacks, t.Owner+": "+e.String())
+}
+
+// TestFallbackEventsAreLoggedAndReported: a member that sets SO_RCVLOWAT
+// after it joined is logged with its ports, cgroup and owner, and reported
+// to the source (the pod's Event), within seconds.
+func TestFallbackEventsAreLoggedAndReported(t *testing.T) {
+	tu.RequirePrivileged(t)
+	dp := dptest.Install(t)
+	cfg, err := config.Parse([]byte("cgroups: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := tu.NewCgroup(t)
+	src := &listSource{failed: map[string]error{}, targets: []Target{{Cgroup: cg, Owner: "default/app"}}}
+	core, logs := observer.New(zap.InfoLevel)
+	d := New(dp, cfg, zap.New(core))
+	d.SetSource(src)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { d.Run(ctx, nil, nil); close(done) }()
+	defer func() { cancel(); <-done }()
+	waitUntil(t, 5*time.Second, func() bool { return d.Ready() == nil })
+
+	l := tu.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	accepted := make(chan net.Conn, 1)
+	go func() { c, _ := l.Accept(); accepted <- c }()
+	c := tu.DialIn(t, cg, "tcp4", l.Addr().String())
+	defer c.Close()
+	s := <-accepted
+	if s == nil {
+		t.Fatal("accept failed")
+	}
+	defer s.Close()
+	// Both ends join at ESTABLISHED; one byte each way proves it.
+	if _, err := c.Write([]byte{1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Read(make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	rc, _ := c.(*net.TCPConn).SyscallConn()
+	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, 10) })
+
+	local := c.LocalAddr().String()
+	var line observer.LoggedEntry
+	waitUntil(t, 5*time.Second, func() bool {
+		for _, e := range logs.FilterField(zap.String("reason", dataplane.EventLateStackOption)).All() {
+			line = e
+			return true
+		}
+		return false
+	})
+	fields := line.ContextMap()
+	if fields["local"] != local || fields["owner"] != "default/app" || fields["option"] != "SO_RCVLOWAT" || fields["cgroup"] != cg.Path {
+		t.Errorf("logged %q %v; want local %s, owner default/app, option SO_RCVLOWAT, cgroup %s", line.Message, fields, local, cg.Path)
+	}
+	src.mu.Lock()
+	defer src.mu.Unlock()
+	if len(src.fallbacks) != 1 || !strings.HasPrefix(src.fallbacks[0], "default/app: connection "+local) {
+		t.Errorf("reported to the source: %q; want one report on default/app naming %s", src.fallbacks, local)
+	}
+}
+
+// waitUntil polls cond every 10 ms until it holds or timeout passes.
+func waitUntil(t *testing.T, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(timeout); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("condition not met within %v", timeout)
+		}
 	}
 }

@@ -73,6 +73,7 @@ const (
 	PinPairs         = "pairs"
 	PinListeners     = "listeners"
 	PinStackProcs    = "stack_procs"
+	PinEvents        = "events"
 	DirCgroups       = "cgroups"
 
 	// legacyPinRecvLink is the read-progress tracer's link of layouts 4
@@ -82,7 +83,7 @@ const (
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinCgroupSlots, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners, PinStackProcs}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinCgroupSlots, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners, PinStackProcs, PinEvents}
 
 // SizesFor returns the capacity of the shared maps whose entries follow
 // sockets, for a sockhash of capacity n, so that no pod's live sockets can

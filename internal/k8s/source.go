@@ -22,6 +22,7 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/config"
 	"github.com/sockbypass/sockbypass/internal/daemon"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
 )
 
 // Event reasons, on the pod concerned.
@@ -29,7 +30,15 @@ const (
 	ReasonEnableFailed   = "SockbypassEnableFailed"
 	ReasonCgroupNotFound = "SockbypassCgroupNotFound"
 	ReasonBadSidecar     = "SockbypassBadSidecar"
+	// ReasonFallback: a connection of the pod left the fast path after
+	// it was accelerated, or a listener's new connections stay plain (a
+	// Normal Event: the application keeps working on plain TCP).
+	ReasonFallback = "SockbypassFallback"
 )
+
+// fallbackEventEvery is how often at most a pod gets a ReasonFallback
+// Event of one kind; the events in between are counted in the next one.
+const fallbackEventEvery = time.Minute
 
 // ErrNotSynced is returned by Targets until the informers have listed
 // the node's pods and the namespaces.
@@ -56,6 +65,14 @@ type Source struct {
 	reported map[types.UID]string
 	// events counts the Events written (for tests and logs).
 	events int
+	// fallbacks holds, per pod and fallback reason, when the last
+	// ReasonFallback Event was written and how many were not since.
+	fallbacks map[string]*fallbackWindow
+}
+
+type fallbackWindow struct {
+	at      time.Time
+	skipped int
 }
 
 // NewSource returns a source for the pods of node; call Start before the
@@ -217,6 +234,44 @@ func (s *Source) EnableFailed(t daemon.Target, err error) {
 	s.report(o.(*corev1.Pod), corev1.EventTypeWarning, ReasonEnableFailed, err.Error())
 }
 
+// Fallback implements daemon.FallbackReporter: a Normal Event on the pod
+// that owns the connection, at most one per fallback reason every
+// fallbackEventEvery (the next one says how many were not written).
+func (s *Source) Fallback(t daemon.Target, e dataplane.FallbackEvent) {
+	ns, name, ok := strings.Cut(t.Owner, "/")
+	if !ok {
+		return
+	}
+	o, exists, _ := s.pods.GetStore().GetByKey(ns + "/" + name)
+	if !exists {
+		return
+	}
+	pod := o.(*corev1.Pod)
+	key := string(pod.UID) + "/" + e.Reason
+	now := time.Now()
+	s.mu.Lock()
+	if s.fallbacks == nil {
+		s.fallbacks = map[string]*fallbackWindow{}
+	}
+	w := s.fallbacks[key]
+	if w != nil && now.Sub(w.at) < fallbackEventEvery {
+		w.skipped++
+		s.mu.Unlock()
+		return
+	}
+	skipped := 0
+	if w != nil {
+		skipped = w.skipped
+	}
+	s.fallbacks[key] = &fallbackWindow{at: now}
+	s.mu.Unlock()
+	msg := e.String()
+	if skipped > 0 {
+		msg += fmt.Sprintf(" (and %d more like it since the last such Event)", skipped)
+	}
+	s.report(pod, corev1.EventTypeNormal, ReasonFallback, msg)
+}
+
 // report writes an Event on pod unless the same one was the last written
 // for it.
 func (s *Source) report(pod *corev1.Pod, kind, reason, msg string) {
@@ -229,6 +284,10 @@ func (s *Source) report(pod *corev1.Pod, kind, reason, msg string) {
 	s.reported[pod.UID] = key
 	s.mu.Unlock()
 	now := metav1.Now()
+	action := "Enable"
+	if reason == ReasonFallback {
+		action = "Accelerate"
+	}
 	ev := &corev1.Event{
 		ObjectMeta: metav1.ObjectMeta{GenerateName: pod.Name + ".sockbypass.", Namespace: pod.Namespace},
 		InvolvedObject: corev1.ObjectReference{
@@ -238,7 +297,7 @@ func (s *Source) report(pod *corev1.Pod, kind, reason, msg string) {
 		Source:         corev1.EventSource{Component: "sockbypass", Host: s.node},
 		FirstTimestamp: now, LastTimestamp: now, Count: 1,
 		ReportingController: "sockbypass.io/daemon", ReportingInstance: "sockbypass-" + s.node,
-		Action: "Enable",
+		Action: action,
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path"
 	"path/filepath"
@@ -17,6 +18,9 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/config"
@@ -281,6 +285,10 @@ kubernetes:
 	// internal/daemon).
 	src.EnableFailed(daemon.Target{Owner: "apps/meshed"}, errors.New("enable /sys/fs/cgroup/x: attach sock_ops: operation not permitted"))
 	waitEvent(t, admin, meshed.pod, ReasonEnableFailed, "operation not permitted")
+	// A connection of the pod that left the fast path: a Normal Event.
+	src.Fallback(daemon.Target{Owner: "apps/meshed"}, dataplane.FallbackEvent{Reason: dataplane.EventLateBlocking,
+		Local: netip.MustParseAddrPort("127.0.0.1:6379"), Remote: netip.MustParseAddrPort("127.0.0.1:40000")})
+	waitEvent(t, admin, meshed.pod, ReasonFallback, "127.0.0.1:6379 -> 127.0.0.1:40000 turned blocking")
 
 	if err := admin.CoreV1().Pods("apps").Delete(ctx, "lost", metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
 		t.Fatal(err)
@@ -312,4 +320,53 @@ func waitEvent(t *testing.T, c kubernetes.Interface, pod *corev1.Pod, reason, te
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// TestFallbackEventsOnThePod: a fallback event of a pod's cgroup becomes a
+// Normal Event on the pod naming the connection; a second one of the same
+// kind within a minute is not written but counted in the next.
+func TestFallbackEventsOnThePod(t *testing.T) {
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "web", UID: "uid-web"}}
+	client := fake.NewSimpleClientset(pod)
+	// The fake API server does not implement generateName.
+	names := 0
+	client.PrependReactor("create", "events", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if ev := a.(k8stesting.CreateAction).GetObject().(*corev1.Event); ev.Name == "" {
+			names++
+			ev.Name = fmt.Sprintf("%s%d", ev.GenerateName, names)
+		}
+		return false, nil, nil
+	})
+	src := NewSource(client, "node-a", zaptest.NewLogger(t))
+	if err := src.pods.GetStore().Add(pod); err != nil {
+		t.Fatal(err)
+	}
+	target := daemon.Target{Owner: "apps/web"}
+	ev := dataplane.FallbackEvent{Reason: dataplane.EventLateBlocking,
+		Local: netip.MustParseAddrPort("127.0.0.1:6379"), Remote: netip.MustParseAddrPort("127.0.0.1:40000")}
+	src.Fallback(target, ev)
+	ev.Remote = netip.MustParseAddrPort("127.0.0.1:40002")
+	src.Fallback(target, ev) // within the minute: counted, not written
+	evs, err := client.CoreV1().Events("apps").List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(evs.Items) != 1 {
+		t.Fatalf("%d Events, want 1: %+v", len(evs.Items), evs.Items)
+	}
+	e := evs.Items[0]
+	if e.Reason != ReasonFallback || e.Type != corev1.EventTypeNormal || e.InvolvedObject.UID != pod.UID ||
+		!strings.Contains(e.Message, "127.0.0.1:6379 -> 127.0.0.1:40000 turned blocking") {
+		t.Errorf("Event %s %s on %s: %q", e.Type, e.Reason, e.InvolvedObject.UID, e.Message)
+	}
+	src.mu.Lock()
+	src.fallbacks[string(pod.UID)+"/"+ev.Reason].at = time.Now().Add(-2 * fallbackEventEvery)
+	src.mu.Unlock()
+	src.Fallback(target, ev)
+	evs, _ = client.CoreV1().Events("apps").List(context.Background(), metav1.ListOptions{})
+	if len(evs.Items) != 2 || !strings.Contains(evs.Items[1].Message, "and 1 more like it") {
+		t.Errorf("after the minute: %d Events, last %q; want 2, the last counting 1 more", len(evs.Items), evs.Items[len(evs.Items)-1].Message)
+	}
+	// A target that is no pod (a cgroup named by the configuration): nothing.
+	src.Fallback(daemon.Target{}, ev)
 }

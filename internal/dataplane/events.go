@@ -1,0 +1,119 @@
+package dataplane
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/sockbypass/sockbypass/sockops"
+)
+
+// Fallback event reasons (enum fallback_event_reason of bpf/sockbypass.h).
+const (
+	// EventLateBlocking: a member turned blocking after it joined; it and
+	// its peer leave the sockhash (see "Leaving" in bpf/sockbypass.h).
+	EventLateBlocking = "late_blocking"
+	// EventLateStackOption: a member set SO_RCVLOWAT, TCP_INQ or
+	// SO_OOBINLINE after it joined; it and its peer leave the sockhash.
+	EventLateStackOption = "late_stack_option"
+	// EventListenerBlockingChildren: an accepted socket turned blocking,
+	// so its listener's later connections stay plain TCP.
+	EventListenerBlockingChildren = "listener_blocking_children"
+)
+
+var eventReasons = map[uint32]string{1: EventLateBlocking, 2: EventLateStackOption, 3: EventListenerBlockingChildren}
+
+// optionNames names the options of EventLateStackOption (their optname;
+// SOL_SOCKET's and SOL_TCP's numbers do not collide for these three).
+var optionNames = map[uint32]string{18: "SO_RCVLOWAT", 10: "SO_OOBINLINE", 36: "TCP_INQ"}
+
+// FallbackEvent is a change of a connection's path after it was
+// accelerated, as the datapath reports it (struct fallback_event).
+type FallbackEvent struct {
+	// CgroupID is the enabled cgroup of the socket.
+	CgroupID uint64
+	// Local and Remote are the socket's addresses (a listener's Remote is
+	// the zero value).
+	Local, Remote netip.AddrPort
+	// Reason is one of the Event* constants.
+	Reason string
+	// Option names the option of an EventLateStackOption.
+	Option string
+}
+
+// String describes the event for a person.
+func (e FallbackEvent) String() string {
+	switch e.Reason {
+	case EventLateBlocking:
+		return fmt.Sprintf("connection %s -> %s turned blocking after it was accelerated: it and its peer left the fast path (plain TCP from now on)", e.Local, e.Remote)
+	case EventLateStackOption:
+		return fmt.Sprintf("connection %s -> %s set %s after it was accelerated: it and its peer left the fast path (plain TCP from now on)", e.Local, e.Remote, e.Option)
+	case EventListenerBlockingChildren:
+		return fmt.Sprintf("listener %s makes its accepted sockets blocking: its new connections stay plain TCP", e.Local)
+	}
+	return fmt.Sprintf("connection %s -> %s: %s", e.Local, e.Remote, e.Reason)
+}
+
+// EventReader reads the datapath's fallback events (the pinned events
+// ring). Events are consumed: one reader at a time (the daemon).
+type EventReader struct {
+	r *ringbuf.Reader
+}
+
+// ErrEventsClosed is what Read returns once the reader is closed.
+var ErrEventsClosed = errors.New("event reader closed")
+
+// ReadEvents opens a reader of the fallback events. Close it when done.
+func (d *Dataplane) ReadEvents() (*EventReader, error) {
+	m, ok := d.maps[PinEvents]
+	if !ok {
+		return nil, fmt.Errorf("read events: no %s map in %s", PinEvents, d.pinDir)
+	}
+	r, err := ringbuf.NewReader(m)
+	if err != nil {
+		return nil, fmt.Errorf("read events: %w", err)
+	}
+	return &EventReader{r: r}, nil
+}
+
+// Read blocks until the next event (ErrEventsClosed after Close).
+func (r *EventReader) Read() (FallbackEvent, error) {
+	for {
+		rec, err := r.r.Read()
+		if errors.Is(err, ringbuf.ErrClosed) {
+			return FallbackEvent{}, ErrEventsClosed
+		}
+		if err != nil {
+			return FallbackEvent{}, fmt.Errorf("read events: %w", err)
+		}
+		var raw sockops.FallbackEvent
+		if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &raw); err != nil {
+			continue // a record of another layout: skip it
+		}
+		return fallbackEventFromC(raw), nil
+	}
+}
+
+// Close stops the reader; a blocked Read returns ErrEventsClosed.
+func (r *EventReader) Close() error { return r.r.Close() }
+
+func fallbackEventFromC(raw sockops.FallbackEvent) FallbackEvent {
+	e := FallbackEvent{CgroupID: raw.CgroupId, Local: raw.Key.Local(), Reason: eventReasons[raw.Reason]}
+	if e.Reason == "" {
+		e.Reason = fmt.Sprintf("reason %d", raw.Reason)
+	}
+	if e.Reason != EventListenerBlockingChildren {
+		e.Remote = raw.Key.Remote()
+	}
+	if e.Reason == EventLateStackOption {
+		e.Option = optionNames[raw.Detail]
+		if e.Option == "" {
+			e.Option = fmt.Sprintf("option %d", raw.Detail)
+		}
+	}
+	return e
+}
