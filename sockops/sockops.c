@@ -1014,7 +1014,7 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 		bpf_map_delete_elem(&pairs, &state->key);
 	}
 	if (!state->peer_sk || !state->peer_state)
-		return; /* sidecar pairs do not exchange their sockets */
+		return; /* the peer is not known (yet) */
 
 	if (sock_nonblocking(sk) == 0) {
 		if (!(state->flags & SOCK_FLAG_LEAVING)) {

@@ -118,28 +118,42 @@ func CheckKernel() error {
 	return checkBehaviour(spec)
 }
 
-// Kernel behaviours sockbypass's transparency rests on, found by name in
-// the kernel's BTF (measured under qemu: Debian 12's 6.1.0-56 has neither,
-// Debian's 6.12 and 6.18 have both).
+// Kernel behaviours sockbypass's transparency rests on, found in the
+// kernel's BTF (measured under qemu: Debian 12's 6.1.0-56 has neither,
+// Debian's 6.12 and 6.18 have both): a function by name, or a field of a
+// struct that the programs read through BTF.
 var behaviours = []struct {
-	btfName, kind, why string
+	btfName, member, kind, why string
 }{
-	{"tcp_bpf_ioctl", "function",
+	{"tcp_bpf_ioctl", "", "function",
 		"FIONREAD on an accelerated socket counts only the bytes that came through the stack, so a reader that trusts it (nginx) stalls on redirected bytes"},
-	{"btf_trace_sock_recv_length", "tracepoint",
-		"no tracepoint sock_recv_length: a writer cannot see how far its reader has read, so a stalled reader would let it queue without bound"},
+	{"sk_psock", "msg_tot_len", "field",
+		"a sender cannot read how many redirected bytes its reader has not read yet, so a stalled reader would let it queue without bound and a leaving member could not be removed without discarding them"},
 }
 
 // checkBehaviour returns ErrKernelUnsupported naming the first missing
 // behaviour, the kernel to install instead, and what doctor would show.
 func checkBehaviour(spec *btf.Spec) error {
 	for _, b := range behaviours {
-		if _, err := spec.AnyTypeByName(b.btfName); err != nil {
+		name := b.btfName
+		typ, err := spec.AnyTypeByName(b.btfName)
+		if err == nil && b.member != "" {
+			name = b.btfName + "." + b.member
+			err = btf.ErrNotFound
+			if st, ok := typ.(*btf.Struct); ok {
+				for _, m := range st.Members {
+					if m.Name == b.member {
+						err = nil
+					}
+				}
+			}
+		}
+		if err != nil {
 			if !errors.Is(err, btf.ErrNotFound) {
 				return fmt.Errorf("look up %s in the kernel's BTF: %w", b.btfName, err)
 			}
 			return fmt.Errorf("%w: this kernel (%s) lacks %s %s: %s; sockbypass accelerates nothing here. Use a kernel that has it, such as Debian's 6.12 (apt-get install -t bookworm-backports linux-image-cloud-amd64 on Debian 12)",
-				ErrKernelUnsupported, kernelRelease(), b.kind, strings.TrimPrefix(b.btfName, "btf_trace_"), b.why)
+				ErrKernelUnsupported, kernelRelease(), b.kind, name, b.why)
 		}
 	}
 	return nil

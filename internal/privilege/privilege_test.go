@@ -63,10 +63,17 @@ func TestThisKernelIsSupported(t *testing.T) {
 	}
 }
 
-// specWith builds a BTF spec holding a function for each name.
-func specWith(t *testing.T, names ...string) *btf.Spec {
+// specWith builds a BTF spec holding a function for each name, and struct
+// sk_psock with msg_tot_len when withMsgTotLen (with another field
+// otherwise).
+func specWith(t *testing.T, withMsgTotLen bool, names ...string) *btf.Spec {
 	t.Helper()
-	var types []btf.Type
+	u32 := &btf.Int{Name: "unsigned int", Size: 4}
+	field := "apply_bytes"
+	if withMsgTotLen {
+		field = "msg_tot_len"
+	}
+	types := []btf.Type{&btf.Struct{Name: "sk_psock", Size: 4, Members: []btf.Member{{Name: field, Type: u32}}}}
 	for _, n := range names {
 		types = append(types, &btf.Func{Name: n, Type: &btf.FuncProto{Return: &btf.Int{Name: "int", Size: 4, Encoding: btf.Signed}}, Linkage: btf.GlobalFunc})
 	}
@@ -86,31 +93,23 @@ func specWith(t *testing.T, names ...string) *btf.Spec {
 }
 
 // TestBehaviourChecksNameWhatIsMissing: a kernel without tcp_bpf_ioctl (6.1)
-// or without the sock_recv_length tracepoint is refused with the missing
-// piece, its consequence and the kernel to use instead.
+// or whose psock has no msg_tot_len (what sk_msg and sock_ops read) is
+// refused with the missing piece, its consequence and the kernel to use
+// instead.
 func TestBehaviourChecksNameWhatIsMissing(t *testing.T) {
-	if err := checkBehaviour(specWith(t, "tcp_bpf_ioctl", "btf_trace_sock_recv_length")); err != nil {
+	if err := checkBehaviour(specWith(t, true, "tcp_bpf_ioctl")); err != nil {
 		t.Fatalf("a kernel with both refused: %v", err)
 	}
-	for missing, want := range map[string][]string{
-		"tcp_bpf_ioctl":              {"tcp_bpf_ioctl", "FIONREAD", "6.12"},
-		"btf_trace_sock_recv_length": {"tracepoint sock_recv_length", "6.12"},
-	} {
-		var have []string
-		for _, n := range []string{"tcp_bpf_ioctl", "btf_trace_sock_recv_length"} {
-			if n != missing {
-				have = append(have, n)
-			}
+	err := checkBehaviour(specWith(t, true))
+	for _, w := range []string{"function tcp_bpf_ioctl", "FIONREAD", "6.12"} {
+		if !errors.Is(err, ErrKernelUnsupported) || !strings.Contains(err.Error(), w) {
+			t.Errorf("without tcp_bpf_ioctl: %v, want ErrKernelUnsupported mentioning %q", err, w)
 		}
-		err := checkBehaviour(specWith(t, have...))
-		if !errors.Is(err, ErrKernelUnsupported) {
-			t.Errorf("without %s: %v, want ErrKernelUnsupported", missing, err)
-			continue
-		}
-		for _, w := range want {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("without %s: %q does not mention %q", missing, err, w)
-			}
+	}
+	err = checkBehaviour(specWith(t, false, "tcp_bpf_ioctl"))
+	for _, w := range []string{"field sk_psock.msg_tot_len", "not read yet", "6.12"} {
+		if !errors.Is(err, ErrKernelUnsupported) || !strings.Contains(err.Error(), w) {
+			t.Errorf("without sk_psock.msg_tot_len: %v, want ErrKernelUnsupported mentioning %q", err, w)
 		}
 	}
 }
