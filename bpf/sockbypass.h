@@ -1034,6 +1034,19 @@ static __always_inline int peer_leaving(struct sock_state *state)
 	return (peer_state_flags(state) & SOCK_FLAG_LEAVING) || peer_blocking(state);
 }
 
+/* adopt_server: a client whose pair is JOINED takes its server's socket,
+ * cookie and sock_state from the pair entry, and frees the entry (it has
+ * done its job). */
+static __always_inline void adopt_server(struct sock_state *state, const struct pair *pair)
+{
+	state->peer_sk = pair->server_sk;
+	state->peer_cookie = pair->server_cookie;
+	state->peer_state = pair->server_state;
+	state->flags |= SOCK_FLAG_PAIRED;
+	state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
+	bpf_map_delete_elem(&pairs, &state->key);
+}
+
 /* counters_for returns this CPU's counters of the cgroup in slot. */
 static __always_inline struct cgroup_counters *counters_for(__u32 slot)
 {

@@ -60,13 +60,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		}
 		if (old != PAIR_JOINED)
 			goto pass;
-		/* Final: the entry has done its job, free its slot. */
-		state->peer_sk = pair->server_sk;
-		state->peer_cookie = pair->server_cookie;
-		state->peer_state = pair->server_state;
-		state->flags |= SOCK_FLAG_PAIRED;
-		state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
-		bpf_map_delete_elem(&pairs, &state->key);
+		adopt_server(state, pair);
 	}
 
 	if (state->flags & SOCK_FLAG_EXPLICIT_PEER) {

@@ -1006,12 +1006,7 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 
 		if (!pair || pair->state != PAIR_JOINED)
 			return;
-		state->peer_sk = pair->server_sk;
-		state->peer_cookie = pair->server_cookie;
-		state->peer_state = pair->server_state;
-		state->flags |= SOCK_FLAG_PAIRED;
-		state->flags &= ~SOCK_FLAG_PAIR_CLIENT;
-		bpf_map_delete_elem(&pairs, &state->key);
+		adopt_server(state, pair);
 	}
 	if (!state->peer_sk || !state->peer_state)
 		return; /* the peer is not known (yet) */

@@ -221,32 +221,35 @@ func (s *Source) Targets(mounts cgroup.Mounts, cfg *config.Config) ([]daemon.Tar
 	return targets, pending, nil
 }
 
-// EnableFailed implements daemon.Source: a Warning Event on the pod.
-func (s *Source) EnableFailed(t daemon.Target, err error) {
+// podOf returns the pod a target's owner ("namespace/name") names, if the
+// informer knows it.
+func (s *Source) podOf(t daemon.Target) (*corev1.Pod, bool) {
 	ns, name, ok := strings.Cut(t.Owner, "/")
 	if !ok {
-		return
+		return nil, false
 	}
 	o, exists, _ := s.pods.GetStore().GetByKey(ns + "/" + name)
 	if !exists {
-		return
+		return nil, false
 	}
-	s.report(o.(*corev1.Pod), corev1.EventTypeWarning, ReasonEnableFailed, err.Error())
+	return o.(*corev1.Pod), true
+}
+
+// EnableFailed implements daemon.Source: a Warning Event on the pod.
+func (s *Source) EnableFailed(t daemon.Target, err error) {
+	if pod, ok := s.podOf(t); ok {
+		s.report(pod, corev1.EventTypeWarning, ReasonEnableFailed, err.Error())
+	}
 }
 
 // Fallback implements daemon.FallbackReporter: a Normal Event on the pod
 // that owns the connection, at most one per fallback reason every
 // fallbackEventEvery (the next one says how many were not written).
 func (s *Source) Fallback(t daemon.Target, e dataplane.FallbackEvent) {
-	ns, name, ok := strings.Cut(t.Owner, "/")
+	pod, ok := s.podOf(t)
 	if !ok {
 		return
 	}
-	o, exists, _ := s.pods.GetStore().GetByKey(ns + "/" + name)
-	if !exists {
-		return
-	}
-	pod := o.(*corev1.Pod)
 	key := string(pod.UID) + "/" + e.Reason
 	now := time.Now()
 	s.mu.Lock()
