@@ -13,6 +13,9 @@ enum fallback_reason {
 	REASON_RCVLOWAT,
 	REASON_TCP_INQ,
 	REASON_OOBINLINE,
+	/* TCP_ULP: only a member is concerned (a ULP needs an established
+	 * socket, which joins at ESTABLISHED or never). */
+	REASON_ULP,
 };
 
 static __always_inline void count_reason(__u32 slot, int reason)
@@ -56,7 +59,7 @@ static __always_inline void mark_stack_reader(struct sock_state *state, __u32 sl
 			__sync_fetch_and_add(&c->late_stack_options, 1);
 		return;
 	}
-	if (state->flags & SOCK_FLAG_STACK_READER)
+	if (reason == REASON_ULP || (state->flags & SOCK_FLAG_STACK_READER))
 		return;
 	state->flags |= SOCK_FLAG_STACK_READER;
 	count_reason(slot, reason);

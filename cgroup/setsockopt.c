@@ -4,7 +4,10 @@
 /*
  * cgroup/setsockopt sees SO_RCVLOWAT, TCP_INQ and SO_OOBINLINE. Set before
  * a socket joins a pair (on it, or on its listener), they keep its
- * connection plain TCP; set after, they are counted (stack_reader.h).
+ * connection plain TCP; set after, the member leaves the sockhash with its
+ * pair (stack_reader.h). So does a member that asks for a ULP (TCP_ULP
+ * "tls": kernel TLS runs the sk_msg verdict on plaintext, which must never
+ * be redirected, and its receive side reads only the stack queue).
  */
 #include "sockbypass.h"
 #include "stack_reader.h"
@@ -14,6 +17,7 @@
 #define SO_OOBINLINE 10
 #define SO_RCVLOWAT 18
 #define TCP_INQ 36
+#define TCP_ULP 31
 #define IPPROTO_TCP 6
 
 /* Set by the loader for the instance of an enabled cgroup. */
@@ -36,6 +40,8 @@ int sockbypass_setsockopt(struct bpf_sockopt *ctx)
 		reason = REASON_OOBINLINE;
 	else if (ctx->level == SOL_TCP && ctx->optname == TCP_INQ)
 		reason = REASON_TCP_INQ;
+	else if (ctx->level == SOL_TCP && ctx->optname == TCP_ULP)
+		reason = REASON_ULP;
 	else
 		return 1;
 	if (sk->protocol != IPPROTO_TCP)

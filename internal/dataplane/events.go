@@ -29,7 +29,7 @@ var eventReasons = map[uint32]string{1: EventLateBlocking, 2: EventLateStackOpti
 
 // optionNames names the options of EventLateStackOption (their optname;
 // SOL_SOCKET's and SOL_TCP's numbers do not collide for these three).
-var optionNames = map[uint32]string{18: "SO_RCVLOWAT", 10: "SO_OOBINLINE", 36: "TCP_INQ"}
+var optionNames = map[uint32]string{18: "SO_RCVLOWAT", 10: "SO_OOBINLINE", 36: "TCP_INQ", 31: "TCP_ULP"}
 
 // FallbackEvent is a change of a connection's path after it was
 // accelerated, as the datapath reports it (struct fallback_event).

@@ -117,6 +117,19 @@ func TestFallbackEventsNameTheSocket(t *testing.T) {
 	if s := evs[0].String(); s == "" {
 		t.Error("event has no description")
 	}
+
+	// A member that asks for kernel TLS (whether or not this kernel has
+	// the tls ULP): it leaves, never redirecting what kTLS would see.
+	c4, srv4 := acceptDialed(t, l3, "the server", func() net.Conn { return testutil.DialIn(t, cg, "tcp4", l3.Addr().String()) })
+	waitJoined(t, dp, c4, srv4)
+	control(t, c4, func(fd int) error {
+		unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_ULP, "tls") // ENOENT without the tls module
+		return nil
+	})
+	evs = nextEvents(t, events, 1, 5*time.Second)
+	if evs[0].Reason != EventLateStackOption || evs[0].Option != "TCP_ULP" || evs[0].Local != addrPort(c4.LocalAddr()) {
+		t.Errorf("event %+v, want a late TCP_ULP of %s", evs[0], c4.LocalAddr())
+	}
 }
 
 func addrPort(a net.Addr) netip.AddrPort { return a.(*net.TCPAddr).AddrPort() }
