@@ -74,10 +74,12 @@ clean:
 kube-apiserver:
 	./e2e/kubeapiserver/build.sh
 
-# The kernel matrix: boots Debian 12's own kernels (6.1, 6.12) under qemu and
-# runs enable, status, a sha256-checked redirected transfer, doctor and
-# uninstall on each, plus kernel probes; compares with e2e/kernels/expected.txt.
-# Root; installs qemu and busybox with apt. One kernel: make kernels KERNELS=6.12
+# The kernel matrix: boots Debian's own cloud kernels (6.1, 6.12, 6.12-trixie,
+# sid) under qemu and runs enable, status, a sha256-checked redirected
+# transfer, doctor and uninstall on each, plus kernel probes; compares with
+# e2e/kernels/expected.txt. Root; installs qemu and busybox with apt (trixie
+# and sid come from private apt configurations, never the host's sources).
+# One kernel: make kernels KERNELS=6.12 (or KERNELS="6.12-trixie sid")
 .PHONY: kernels
 kernels:
 	./e2e/kernels/run.sh $(KERNELS)

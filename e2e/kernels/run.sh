@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The kernel matrix: boots Debian 12's own kernels under qemu (TCG, no KVM
+# The kernel matrix: boots Debian's own cloud kernels (Debian 12's 6.1 and
+# 6.12, Debian 13's 6.12, unstable's newest) under qemu (TCG, no KVM
 # needed) and runs sockbypass on each: enable (with TC on lo, else --no-tc),
 # status, a sha256-checked 4 MiB echo inside the enabled cgroup with the
 # redirected bytes from `stats --json`, doctor --json, uninstall and a check
@@ -7,15 +8,33 @@
 # tp_btf sock_recv_length, fentry, FIONREAD and signal behaviour on sockhash
 # members) from e2e/kernels/guest.
 #
-#   e2e/kernels/run.sh [KERNEL...]     KERNEL: 6.1, 6.12 (default: both)
+#   e2e/kernels/run.sh [KERNEL...]
+#
+#   KERNEL       package (the newest version apt knows)       apt sources
+#   6.1          linux-image-6.1.0-*-cloud-amd64-unsigned       the host's
+#   6.12         linux-image-6.12.*+deb12-cloud-amd64-unsigned  the host's
+#   6.12-trixie  linux-image-6.12.*+deb13-cloud-amd64-unsigned  private: trixie, trixie-security
+#   sid          linux-image-*-cloud-amd64-unsigned, or         private: sid
+#                linux-binary-unsigned-*-cloud-amd64 with its
+#                linux-modules-* and linux-base-* (sid splits
+#                the kernel package in three since 7.x)
+#   (default: all four, in this order)
 #
 # Needs root (apt, mknod). Installs with apt what is missing: qemu-system-x86,
-# busybox-static, cpio, xz-utils. The newest matching kernel image package
-# (linux-image-6.1.0-*-cloud-amd64-unsigned, linux-image-6.12.*+deb12-cloud-amd64-unsigned)
-# is fetched with `apt-get download` and unpacked with `dpkg -x`: never
-# installed. When no 6.12 package is known to apt, bookworm-backports is added
-# to /etc/apt/sources.list.d (only if no source names it yet). `apt-get update`
-# runs only when a needed package or kernel is missing.
+# busybox-static, cpio, xz-utils, zstd. Kernel packages are fetched with
+# `apt-get download` and unpacked with `dpkg -x`: never installed. 6.1 and
+# 6.12 come from the host's apt sources; when no 6.12 package is known to apt,
+# bookworm-backports is added to /etc/apt/sources.list.d (only if no source
+# names it yet). 6.12-trixie and sid come from private apt configurations
+# under $KMATRIX_CACHE/apt/<suite>/ (own sources.list, lists, cache and an
+# empty dpkg status, signatures checked with
+# /usr/share/keyrings/debian-archive-keyring.gpg): trixie and sid are never
+# added to the host's sources, so the host's apt never installs from them.
+# `apt-get update` runs only when a needed package or kernel is missing (for
+# a private configuration: not known yet, or not downloaded yet). A private
+# suite's InRelease past its Valid-Until (a stale mirror, which apt takes
+# only when the host's apt configuration turns Acquire::Check-Valid-Until
+# off) gets a WARNING.
 #
 # Everything made at run time lives under $KMATRIX_CACHE
 # (default /var/cache/sockbypass-kernels): kernels, binaries, initramfs, and
@@ -27,8 +46,10 @@
 # KMATRIX_UPDATE=1 writes the measured results into expected.txt instead.
 #
 # Environment: KMATRIX_CACHE, KMATRIX_TIMEOUT (seconds per kernel, default
-# 300), KMATRIX_UPDATE, KMATRIX_PKG_6_1 / KMATRIX_PKG_6_12 (an exact kernel
-# package name instead of the newest).
+# 300), KMATRIX_UPDATE, KMATRIX_PKG_6_1 / KMATRIX_PKG_6_12 /
+# KMATRIX_PKG_6_12_trixie / KMATRIX_PKG_sid (an exact kernel package name
+# instead of the newest; for sid's split packages, the
+# linux-binary-unsigned-* one: its linux-modules-* and linux-base-* follow).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,27 +66,108 @@ die() { printf 'kernels/run.sh: %s\n' "$*" >&2; exit 2; }
 command -v go >/dev/null || die "go not found (PATH=$PATH)"
 
 KERNELS=("$@")
-[ ${#KERNELS[@]} -gt 0 ] || KERNELS=(6.1 6.12)
+[ ${#KERNELS[@]} -gt 0 ] || KERNELS=(6.1 6.12 6.12-trixie sid)
 for k in "${KERNELS[@]}"; do
-	case $k in 6.1 | 6.12) ;; *) die "unknown kernel $k: use 6.1 or 6.12" ;; esac
+	case $k in 6.1 | 6.12 | 6.12-trixie | sid) ;; *) die "unknown kernel $k: use 6.1, 6.12, 6.12-trixie or sid" ;; esac
 done
 
-# --- host packages ---------------------------------------------------------
+# --- apt: the host's sources, or a private configuration per suite ----------
 
-APT_UPDATED=0
+# kernel_suite K: "host" for a kernel of the host's apt sources, else the
+# suite whose private apt configuration carries it.
+kernel_suite() {
+	case $1 in
+	6.12-trixie) echo trixie ;;
+	sid) echo sid ;;
+	*) echo host ;;
+	esac
+}
+
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+
+# suite_sources SUITE: the sources.list of a private configuration.
+suite_sources() {
+	local opts="[arch=amd64 signed-by=$KEYRING]"
+	case $1 in
+	trixie)
+		echo "deb $opts http://deb.debian.org/debian trixie main"
+		echo "deb $opts http://deb.debian.org/debian-security trixie-security main"
+		;;
+	sid) echo "deb $opts http://deb.debian.org/debian sid main" ;;
+	esac
+}
+
+# apt_setup K: sets SUITE and APTO, the options that point apt-get and
+# apt-cache at K's suite: none for the host's sources; for trixie and sid a
+# private configuration under $CACHE/apt/<suite>/ (sources.list, lists,
+# cache, an empty dpkg status, no host sources or preferences). Nothing is
+# ever installed with it: only `apt-get download`.
+SUITE=host
+APTO=()
+apt_setup() {
+	SUITE=$(kernel_suite "$1")
+	APTO=()
+	[ "$SUITE" = host ] && return 0
+	local d=$CACHE/apt/$SUITE
+	mkdir -p "$d/lists/partial" "$d/cache/archives/partial"
+	suite_sources "$SUITE" >"$d/sources.list.new"
+	if cmp -s "$d/sources.list.new" "$d/sources.list"; then
+		rm -f "$d/sources.list.new"
+	else
+		mv "$d/sources.list.new" "$d/sources.list"
+	fi
+	: >"$d/status"
+	APTO=(
+		-o "Dir::Etc::SourceList=$d/sources.list" -o Dir::Etc::SourceParts=/dev/null
+		-o Dir::Etc::Preferences=/dev/null -o Dir::Etc::PreferencesParts=/dev/null
+		-o "Dir::State=$d" -o "Dir::State::Lists=$d/lists" -o "Dir::State::status=$d/status"
+		-o "Dir::State::extended_states=$d/extended_states" -o "Dir::Cache=$d/cache"
+		-o Debug::NoLocking=1 -o APT::Sandbox::User=root
+	)
+}
+
+# apt_update_once: `apt-get update` of SUITE's configuration, once a run.
+declare -A APT_UPDATED
 apt_update_once() {
-	if [ $APT_UPDATED = 0 ]; then
+	[ -z "${APT_UPDATED[$SUITE]:-}" ] || return 0
+	if [ "$SUITE" = host ]; then
 		log "apt-get update"
 		apt-get update -qq
-		APT_UPDATED=1
+	else
+		log "apt-get update of the private $SUITE configuration ($CACHE/apt/$SUITE)"
+		# apt refuses (exit 100) a Release file whose signature it cannot
+		# verify with $KEYRING: the run stops here, nothing is downloaded.
+		apt-get "${APTO[@]}" update -qq ||
+			die "apt-get update of the private $SUITE configuration failed (see above)"
 	fi
+	APT_UPDATED[$SUITE]=1
 }
+
+# warn_stale: warns when a Release file of SUITE's private lists is past
+# its Valid-Until (a stale mirror): apt takes such a file only when
+# Acquire::Check-Valid-Until is off in the host's apt configuration. Its
+# signature was checked all the same.
+warn_stale() {
+	local f vu date
+	[ "$SUITE" != host ] || return 0
+	for f in "$CACHE/apt/$SUITE/lists/"*_InRelease; do
+		[ -f "$f" ] || continue
+		vu=$(sed -n 's/^Valid-Until: //p' "$f" | head -n 1)
+		date=$(sed -n 's/^Date: //p' "$f" | head -n 1)
+		[ -n "$vu" ] || continue
+		if [ "$(date -d "$vu" +%s)" -lt "$(date +%s)" ]; then
+			log "WARNING: $(basename "$f") (Date: $date) expired on $vu: the mirror's $SUITE is stale, so its newest kernel may not be Debian's newest (apt took it because this host's apt configuration sets Acquire::Check-Valid-Until $(apt-config dump Acquire::Check-Valid-Until | sed -n 's/^Acquire::Check-Valid-Until "\(.*\)";/\1/p'))"
+		fi
+	done
+}
+
+# --- host packages ---------------------------------------------------------
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
 ensure_packages() {
 	local missing=() p
-	for p in qemu-system-x86 busybox-static cpio xz-utils; do
+	for p in qemu-system-x86 busybox-static cpio xz-utils zstd; do
 		installed "$p" || missing+=("$p")
 	done
 	[ ${#missing[@]} -eq 0 ] && return 0
@@ -99,21 +201,52 @@ EOF
 	return 0
 }
 
+# --- kernel packages -----------------------------------------------------------
+
 kernel_regex() {
 	case $1 in
 	6.1) echo '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$' ;;
 	6.12) echo '^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$' ;;
+	6.12-trixie) echo '^linux-image-6\.12\.[0-9]+\+deb13(\.[0-9]+)?-cloud-amd64-unsigned$' ;;
+	# sid: the classic image package, or (7.x) the unsigned image of the
+	# split packages (kernel_parts adds its modules and base files).
+	sid) echo '^linux-(image-[0-9]+\.[0-9]+[^ ]*-cloud-amd64-unsigned|binary-unsigned-[0-9]+\.[0-9]+[^ ]*-cloud-amd64)$' ;;
 	esac
 }
 
+# newest_kernel_pkg K: the package matching K's regex whose candidate
+# version is the highest (dpkg's order), from SUITE's lists.
 newest_kernel_pkg() {
-	apt-cache search --names-only "$(kernel_regex "$1")" 2>/dev/null | awk '{print $1}' | sort -V | tail -n 1
+	local names best='' bestv='' p v
+	mapfile -t names < <(apt-cache "${APTO[@]}" search --names-only "$(kernel_regex "$1")" 2>/dev/null | awk '{print $1}')
+	[ ${#names[@]} -gt 0 ] || return 0
+	while read -r p v; do
+		if [ -z "$best" ] || dpkg --compare-versions "$v" gt "$bestv"; then
+			best=$p
+			bestv=$v
+		fi
+	done < <(apt-cache "${APTO[@]}" policy "${names[@]}" 2>/dev/null |
+		awk '/^[^ ]/ { p = $1; sub(/:$/, "", p) } /^  Candidate:/ && $2 != "(none)" { print p, $2 }')
+	echo "$best"
 }
+
+# kernel_parts PKG: the packages that together hold PKG's kernel image,
+# modules and modules.builtin. Since 7.x sid splits a kernel into
+# linux-binary-unsigned-ABI (vmlinuz.unsigned), linux-modules-ABI and
+# linux-base-ABI (System.map, config, modules.builtin), all of one version.
+kernel_parts() {
+	case $1 in
+	linux-binary-unsigned-*) echo "$1 linux-modules-${1#linux-binary-unsigned-} linux-base-${1#linux-binary-unsigned-}" ;;
+	*) echo "$1" ;;
+	esac
+}
+
+deb_path() { echo "$CACHE/debs/${1}_${2//:/%3a}_amd64.deb"; }
 
 # kernel_pkg K: sets KPKG, the package name to use for kernel K.
 kernel_pkg() {
 	local k=$1 var
-	var=KMATRIX_PKG_${k//./_}
+	var=KMATRIX_PKG_${k//[.-]/_}
 	if [ -n "${!var:-}" ]; then
 		KPKG=${!var}
 		return
@@ -124,36 +257,75 @@ kernel_pkg() {
 		apt_update_once
 		KPKG=$(newest_kernel_pkg "$k")
 	fi
-	[ -n "$KPKG" ] || die "no package matches $(kernel_regex "$k") in apt's lists"
+	[ -n "$KPKG" ] || die "no package matches $(kernel_regex "$k") in apt's lists ($SUITE)"
 }
 
-# fetch_kernel K: downloads and unpacks K's image package; sets KDIR, KVER,
-# KPKG, KPKGVER.
-fetch_kernel() {
-	local k=$1 deb
-	kernel_pkg "$k"
-	KPKGVER=$(apt-cache policy "$KPKG" | awk '/Candidate:/ {print $2}')
+# kernel_version: sets KPKGVER, KPKG's candidate version, and KPARTS.
+kernel_version() {
+	KPKGVER=$(apt-cache "${APTO[@]}" policy "$KPKG" | awk '/Candidate:/ {print $2}')
 	if [ -z "$KPKGVER" ] || [ "$KPKGVER" = "(none)" ]; then
 		apt_update_once
-		KPKGVER=$(apt-cache policy "$KPKG" | awk '/Candidate:/ {print $2}')
+		KPKGVER=$(apt-cache "${APTO[@]}" policy "$KPKG" | awk '/Candidate:/ {print $2}')
 	fi
-	[ -n "$KPKGVER" ] && [ "$KPKGVER" != "(none)" ] || die "$KPKG has no candidate version"
+	[ -n "$KPKGVER" ] && [ "$KPKGVER" != "(none)" ] || die "$KPKG has no candidate version ($SUITE)"
+	read -r -a KPARTS <<<"$(kernel_parts "$KPKG")"
+}
+
+# downloaded: whether every part of KPKG=KPKGVER is in $CACHE/debs.
+downloaded() {
+	local p
+	for p in "${KPARTS[@]}"; do [ -s "$(deb_path "$p" "$KPKGVER")" ] || return 1; done
+}
+
+# fetch_kernel K: downloads and unpacks K's kernel package(s); sets SUITE,
+# APTO, KDIR, KVER, MODDIR, VMLINUZ, KPKG, KPKGVER, KPARTS.
+fetch_kernel() {
+	local k=$1 deb p d
+	apt_setup "$k"
+	kernel_pkg "$k"
+	kernel_version
+	if [ "$SUITE" != host ] && ! downloaded && [ -z "${APT_UPDATED[$SUITE]:-}" ]; then
+		# Not downloaded yet: fresh lists first (the newest kernel, and a
+		# file the mirror still has), then choose again.
+		apt_update_once
+		kernel_pkg "$k"
+		kernel_version
+	fi
+	warn_stale
 	mkdir -p "$CACHE/debs"
-	deb=$CACHE/debs/${KPKG}_${KPKGVER//:/%3a}_amd64.deb
-	if [ ! -s "$deb" ]; then
-		log "apt-get download $KPKG=$KPKGVER"
-		(cd "$CACHE/debs" && apt-get download -qq -o APT::Sandbox::User=root "$KPKG=$KPKGVER")
-		[ -s "$deb" ] || die "apt-get download did not leave $deb"
-	fi
-	KDIR=$CACHE/unpacked/$(basename "$deb" .deb)
+	for p in "${KPARTS[@]}"; do
+		deb=$(deb_path "$p" "$KPKGVER")
+		if [ ! -s "$deb" ]; then
+			log "apt-get download $p=$KPKGVER ($SUITE)"
+			(cd "$CACHE/debs" && apt-get "${APTO[@]}" download -qq -o APT::Sandbox::User=root "$p=$KPKGVER")
+			[ -s "$deb" ] || die "apt-get download did not leave $deb"
+		fi
+	done
+	KDIR=$CACHE/unpacked/$(basename "$(deb_path "$KPKG" "$KPKGVER")" .deb)
 	if [ ! -e "$KDIR/.unpacked" ]; then
 		rm -rf "$KDIR"
 		mkdir -p "$KDIR"
-		dpkg -x "$deb" "$KDIR"
+		for p in "${KPARTS[@]}"; do dpkg -x "$(deb_path "$p" "$KPKGVER")" "$KDIR"; done
 		touch "$KDIR/.unpacked"
 	fi
-	KVER=$(ls "$KDIR/lib/modules")
-	[ -f "$KDIR/boot/vmlinuz-$KVER" ] || die "no vmlinuz-$KVER in $deb"
+	# Debian 12 ships /lib/modules, Debian 13 and later /usr/lib/modules.
+	MODDIR=
+	for d in "$KDIR/lib/modules" "$KDIR/usr/lib/modules"; do
+		if [ -d "$d" ] && [ ! -L "$d" ]; then
+			KVER=$(ls "$d")
+			MODDIR=$d/$KVER
+			break
+		fi
+	done
+	[ -n "$MODDIR" ] && [ -d "$MODDIR" ] || die "no lib/modules/<release> in ${KPARTS[*]}"
+	VMLINUZ=
+	for p in "$KDIR/boot/vmlinuz-$KVER" "$MODDIR/vmlinuz" "$MODDIR/vmlinuz.unsigned"; do
+		if [ -f "$p" ]; then
+			VMLINUZ=$p
+			break
+		fi
+	done
+	[ -n "$VMLINUZ" ] || die "no vmlinuz for $KVER in ${KPARTS[*]}"
 }
 
 # --- guest binaries and initramfs -------------------------------------------
@@ -168,28 +340,33 @@ build_binaries() {
 
 MODULES=(sch_ingress cls_bpf veth)
 
-# modinfo_depends KO: the depends= field of a module (.ko or .ko.xz).
-modinfo_depends() {
+# module_cat KO: a module, decompressed (.ko, .ko.xz, .ko.zst, .ko.gz).
+module_cat() {
 	case $1 in
 	*.xz) xz -dc "$1" ;;
+	*.zst) zstd -dcq "$1" ;;
+	*.gz) gzip -dc "$1" ;;
 	*) cat "$1" ;;
-	esac | tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '
+	esac
 }
 
-# add_module NAME: copies NAME.ko (decompressed) after its dependencies.
+# modinfo_depends KO: the depends= field of a module.
+modinfo_depends() {
+	module_cat "$1" | tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '
+}
+
+# add_module NAME: copies NAME.ko (decompressed) after its dependencies;
+# nothing for a module built into the kernel.
 add_module() {
-	local name=$1 src dep
+	local name=$1 alt=${1//_/-} src dep
 	grep -qx "$name" "$STAGE/lib/modules/order" 2>/dev/null && return 0
-	src=$(find "$KDIR/lib/modules/$KVER" \( -name "$name.ko" -o -name "$name.ko.xz" -o -name "${name//_/-}.ko" -o -name "${name//_/-}.ko.xz" \) | head -n 1)
+	src=$(find "$MODDIR" \( -name "$name.ko" -o -name "$name.ko.*" -o -name "$alt.ko" -o -name "$alt.ko.*" \) | head -n 1)
 	if [ -z "$src" ]; then
-		grep -q "/$name.ko" "$KDIR/lib/modules/$KVER/modules.builtin" 2>/dev/null && return 0
-		die "module $name not found for $KVER"
+		grep -q "/$name.ko" "$MODDIR/modules.builtin" 2>/dev/null && return 0
+		die "module $name not found for $KVER (neither a file under $MODDIR nor in its modules.builtin)"
 	fi
 	for dep in $(modinfo_depends "$src"); do add_module "$dep"; done
-	case $src in
-	*.xz) xz -dc "$src" >"$STAGE/lib/modules/$name.ko" ;;
-	*) cp "$src" "$STAGE/lib/modules/$name.ko" ;;
-	esac
+	module_cat "$src" >"$STAGE/lib/modules/$name.ko"
 	echo "$name" >>"$STAGE/lib/modules/order"
 }
 
@@ -223,7 +400,7 @@ boot() {
 	t0=$(date +%s.%N)
 	set +e
 	timeout -k 10 "$TIMEOUT" qemu-system-x86_64 -machine q35 -cpu max -smp 2 -m 2048 \
-		-kernel "$KDIR/boot/vmlinuz-$KVER" -initrd "$INITRD" \
+		-kernel "$VMLINUZ" -initrd "$INITRD" \
 		-append "console=ttyS0 panic=-1 quiet" \
 		-nographic -no-reboot -nic none </dev/null >"$RUNDIR/console.log" 2>&1
 	QEMU_RC=$?
@@ -305,6 +482,7 @@ summarize() {
 	local k=$1 res=$2
 	echo
 	echo "=== kernel $k: $KPKG $KPKGVER ($KVER)"
+	[ ${#KPARTS[@]} -le 1 ] || echo "    packages: ${KPARTS[*]} ($KPKGVER)"
 	echo "    wall ${WALL}s (qemu exit $QEMU_RC$([ "$QEMU_RC" = 124 ] && echo ', TIMED OUT')), log $RUNDIR/console.log"
 	printf '    %-40s %-8s %s\n' STEP SECS RESULT
 	local key v
