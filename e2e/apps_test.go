@@ -254,7 +254,9 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 // clears it, as every hiredis blocking context does; a server's listener
 // is non-blocking and it makes each accepted socket blocking, as
 // gunicorn's sync worker does).
-// Usage: signals.py server|client PORT ROUNDS delay|nodelay signals|nosignals blocking|nonblocking|late.
+// With warmup, a connection of one request and its reply comes first;
+// the server reads it only once it is readable.
+// Usage: signals.py server|client PORT ROUNDS delay|nodelay signals|nosignals blocking|nonblocking|late [warmup].
 // A server listens on PORT (0: any) and prints "LISTENING port". It prints
 // "OK ..." at the end, or "FAIL ..." with the round, the step and the
 // exception, and exits 1.
@@ -262,6 +264,7 @@ const signalsPy = `import hashlib, random, select, signal, socket, sys, time
 
 role, port, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 delayed, signalled, mode = sys.argv[4] == "delay", sys.argv[5] == "signals", sys.argv[6]
+warmup = len(sys.argv) > 7 and sys.argv[7] == "warmup"
 REQ, REPLY = 64, 4096
 signals = 0
 
@@ -310,6 +313,17 @@ try:
             l.setblocking(False)
         l.listen(4)
         print("LISTENING %d" % l.getsockname()[1], flush=True)
+        if warmup:
+            # The listener's first connection, made blocking like the next
+            # one, but read only once it is readable.
+            step = "warm-up"
+            select.select([l], [], [])
+            w, _ = l.accept()
+            w.setblocking(mode != "nonblocking")
+            select.select([w], [], [])
+            got = recv_exact(w, REQ)
+            send_all(w, reply(0))
+            w.close()
         step = "accept"
         if mode != "blocking":
             select.select([l], [], [])
@@ -333,6 +347,13 @@ try:
         if extra:
             raise ValueError("unexpected bytes after the last round: %r" % extra)
     else:
+        if warmup:
+            step = "warm-up"
+            w = socket.create_connection(("127.0.0.1", port), timeout=5)
+            w.settimeout(None if mode == "blocking" else 0)
+            send_all(w, request(0))
+            recv_exact(w, REPLY)
+            w.close()
         step = "connect"
         if mode == "blocking":
             s = socket.create_connection(("127.0.0.1", port))
@@ -379,13 +400,21 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 		name                         string
 		serverDelays, clientSignaled bool
 		serverMode, clientMode       string
+		warmup                       bool
 	}{
-		{"client-under-signals", true, true, "blocking", "blocking"},
-		{"server-under-signals", false, false, "blocking", "blocking"},
+		{"client-under-signals", true, true, "blocking", "blocking", false},
+		{"server-under-signals", false, false, "blocking", "blocking", false},
 		// Non-blocking when the pair joins, blocking after: the pair
 		// joins, then dissolves (see "Leaving" in bpf/sockbypass.h).
-		{"client-made-blocking-under-signals", true, true, "nonblocking", "late"},
-		{"server-made-blocking-under-signals", false, false, "late", "nonblocking"},
+		{"client-made-blocking-under-signals", true, true, "nonblocking", "late", false},
+		// A server's accepted socket made blocking is found when either
+		// end next sends, so the first connection of a listener stays
+		// exposed while its server waits for the client's first byte (a
+		// known limitation, see README "Transparency"): the warm-up
+		// connection pairs, dissolves and marks the listener, which the
+		// server reads only once readable; the measured connection,
+		// whose server waits for each request, stays plain.
+		{"server-made-blocking-under-signals", false, false, "late", "nonblocking", true},
 	} {
 		t.Run(v.name, func(t *testing.T) {
 			servers, clients := testutil.NewCgroup(t), testutil.NewCgroup(t)
@@ -403,7 +432,7 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 			rs := make([]run, runs)
 			for i := range rs {
 				rs[i].server = startChild(t, fmt.Sprintf("server %d", i), servers, nil, "", pythonBin, script, "server", "0",
-					strconv.Itoa(rounds), flag(v.serverDelays, "delay", "nodelay"), flag(!v.clientSignaled, "signals", "nosignals"), v.serverMode)
+					strconv.Itoa(rounds), flag(v.serverDelays, "delay", "nodelay"), flag(!v.clientSignaled, "signals", "nosignals"), v.serverMode, flag(v.warmup, "warmup", "nowarmup"))
 			}
 			for i := range rs {
 				port, err := rs[i].server.waitLine("LISTENING ", 10*time.Second)
@@ -412,7 +441,7 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 				}
 				rs[i].port, _ = strconv.Atoi(port)
 				rs[i].client = startChild(t, fmt.Sprintf("client %d", i), clients, nil, "", pythonBin, script, "client", port,
-					strconv.Itoa(rounds), flag(!v.serverDelays, "delay", "nodelay"), flag(v.clientSignaled, "signals", "nosignals"), v.clientMode)
+					strconv.Itoa(rounds), flag(!v.serverDelays, "delay", "nodelay"), flag(v.clientSignaled, "signals", "nosignals"), v.clientMode, flag(v.warmup, "warmup", "nowarmup"))
 			}
 			failures := 0
 			var sigs []int
@@ -458,6 +487,15 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 				if cc.RedirectedBytes+sc.RedirectedBytes != 0 || cc.SocketsBlocking != runs {
 					t.Errorf("blocking Python clients: redirected %d bytes, %d counted blocking; want 0 and %d (blocking sockets stay plain TCP)",
 						cc.RedirectedBytes+sc.RedirectedBytes, cc.SocketsBlocking, runs)
+				}
+			case v.warmup:
+				// Each warm-up connection joined and its server turned
+				// blocking (whether its ends left the sockhash before
+				// they closed is a race), and the listener learnt: the
+				// measured connection stayed plain (counted blocking).
+				if sc.LateBlocking != runs || sc.SocketsBlocking != runs {
+					t.Errorf("%d servers: %d accepted sockets counted turning blocking, %d connections left plain for a blocking listener; want %d each (warm-up pairs, dissolves and marks its listener)",
+						runs, sc.LateBlocking, sc.SocketsBlocking, runs)
 				}
 			default:
 				// Each connection joined non-blocking, then one end turned
