@@ -81,7 +81,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	 * stack, where sock_ops sees them and settles the pair. */
 	if (state->flags & (SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED))
 		goto pass;
-	if (sock_nonblocking(msg->sk) == 0) {
+	if (own_blocking(msg->sk)) {
 		__sync_fetch_and_or(&state->flags, SOCK_FLAG_LEAVING);
 		if (c)
 			__sync_fetch_and_add(&c->late_blocking, 1);
