@@ -75,7 +75,7 @@ func howLeaving(how string) string {
 
 // howSplice says why the splice readers of what cannot be kept.
 func howSplice(what string) string {
-	return "no hook sees splice(2) before it reads: a member's bytes are all redirected, and splice, which reads only the stack queue, sees the FIN and no data (" + what + "); list the server port in --stack-ports to keep such connections plain TCP"
+	return "no hook sees splice(2) before it reads: a member's bytes are all redirected, and splice, which reads only the stack queue, sees the FIN and no data (" + what + "); list the splicing proxy's own port in --stack-ports: the connections it accepts there and those it makes while it listens there stay plain TCP"
 }
 
 // Cases returns every case, in a stable order.
