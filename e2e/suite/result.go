@@ -52,6 +52,11 @@ type Traffic struct {
 	// ConnectionsShortLived counts the connections left plain because
 	// their listener's connections are short-lived.
 	ConnectionsShortLived uint64 `json:"connections_short_lived"`
+	// LateBlocking counts the members that turned blocking after they
+	// joined (a client that connects non-blocking and then blocks, as
+	// hiredis's blocking context in redis-benchmark's setup does): their
+	// pair dissolves, and their later bytes take the stack.
+	LateBlocking uint64 `json:"late_blocking"`
 }
 
 // RedirectedShare is the part of the payload that was redirected:

@@ -194,6 +194,7 @@ func addTraffic(t *Traffic, before, after map[uint64]dataplane.CgroupCounters, m
 	t.SocketsInserted += d.SocketsInserted
 	t.SocketsBlocking += d.SocketsBlocking
 	t.ConnectionsShortLived += d.ConnectionsShortLived
+	t.LateBlocking += d.LateBlocking
 }
 
 func values(samples []Sample, metric string) []float64 {
