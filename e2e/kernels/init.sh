@@ -87,7 +87,9 @@ check_pins() {
 step pins check_pins
 
 echo "KMATRIX begin step=dmesg"
-dmesg | grep -E 'WARNING|BUG|Oops|Call Trace|segfault|bpf' | head -n 40
+# -B2: a WARN's message (such as fortify's "memcpy: detected field-spanning
+# write") comes on the lines before its WARNING line.
+dmesg | grep -B2 -E 'WARNING|BUG|Oops|Call Trace|segfault|bpf' | head -n 60
 echo "KMATRIX kernel_warnings=$(dmesg | grep -cE 'WARNING:|BUG:|Oops')"
 echo "KMATRIX end step=dmesg rc=0 secs=0"
 

@@ -6,7 +6,8 @@
 # redirected bytes from `stats --json`, doctor --json, uninstall and a check
 # that nothing stays pinned; plus kernel probes (tcx and sockmap links,
 # tp_btf sock_recv_length, fentry, FIONREAD and signal behaviour on sockhash
-# members) from e2e/kernels/guest.
+# members, kernel TLS on plain sockets and sockhash members) from
+# e2e/kernels/guest.
 #
 #   e2e/kernels/run.sh [KERNEL...]
 #
@@ -339,6 +340,16 @@ build_binaries() {
 }
 
 MODULES=(sch_ingress cls_bpf veth)
+# Kernel TLS with AES-GCM for the ktls_* probes: tls (TCP_ULP "tls") and
+# the crypto templates its TLS_TX asks for, "gcm(aes)" = gcm over ctr(aes)
+# and ghash (the guest has no modprobe, so request_module finds nothing:
+# what TLS_TX needs must be loaded first). aes itself is built in
+# (aes_generic, 7.x: aes); ctr is built in on 6.12, a module on 6.1 and
+# 7.x; gcm pulls crypto_null on 6.12. OPTIONAL_MODULES may be absent:
+# ghash-generic (with gf128mul) is a module up to 6.12, gone in 7.x, where
+# gcm calls the built-in GHASH library (CONFIG_CRYPTO_LIB_GF128HASH).
+MODULES+=(tls gcm ctr)
+OPTIONAL_MODULES=(ghash_generic)
 
 # module_cat KO: a module, decompressed (.ko, .ko.xz, .ko.zst, .ko.gz).
 module_cat() {
@@ -355,14 +366,16 @@ modinfo_depends() {
 	module_cat "$1" | tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '
 }
 
-# add_module NAME: copies NAME.ko (decompressed) after its dependencies;
-# nothing for a module built into the kernel.
+# add_module NAME [optional]: copies NAME.ko (decompressed) after its
+# dependencies; nothing for a module built into the kernel, nor for an
+# optional one the kernel does not have.
 add_module() {
 	local name=$1 alt=${1//_/-} src dep
 	grep -qx "$name" "$STAGE/lib/modules/order" 2>/dev/null && return 0
 	src=$(find "$MODDIR" \( -name "$name.ko" -o -name "$name.ko.*" -o -name "$alt.ko" -o -name "$alt.ko.*" \) | head -n 1)
 	if [ -z "$src" ]; then
-		grep -q "/$name.ko" "$MODDIR/modules.builtin" 2>/dev/null && return 0
+		grep -qE "/($name|$alt)\.ko\$" "$MODDIR/modules.builtin" 2>/dev/null && return 0
+		[ "${2:-}" = optional ] && return 0
 		die "module $name not found for $KVER (neither a file under $MODDIR nor in its modules.builtin)"
 	fi
 	for dep in $(modinfo_depends "$src"); do add_module "$dep"; done
@@ -385,6 +398,7 @@ build_initramfs() {
 	: >"$STAGE/lib/modules/order"
 	local m
 	for m in "${MODULES[@]}"; do add_module "$m"; done
+	for m in "${OPTIONAL_MODULES[@]}"; do add_module "$m" optional; done
 	(cd "$STAGE" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) | gzip -1 >"$INITRD"
 }
 

@@ -38,6 +38,11 @@ func runProbes() {
 	report("fionread_member_stack_then_redirected", mixedProbe())
 	report("blocking_recv_signal_plain", signalProbe(false))
 	report("blocking_recv_signal_member", signalProbe(true))
+	report("ktls_plain", ktlsPlainProbe())
+	report("ktls_member", ktlsMemberProbe(progPass, false, false))
+	report("ktls_member_no_prog", ktlsMemberProbe(progNone, false, false))
+	report("ktls_member_removed", ktlsMemberProbe(progPass, false, true))
+	report("ktls_member_removed_before_ulp", ktlsMemberProbe(progPass, true, false))
 }
 
 // probeTCX attaches a pass-through tc program to lo's egress with a tcx
@@ -186,6 +191,12 @@ const (
 // (client at key 0, server at key 1) with the given sk_msg program
 // attached first (legacy attach, every kernel has it). close releases all.
 func memberPair(kind progKind) (client, server int, closeAll func(), err error) {
+	client, server, _, closeAll, err = memberPairMap(kind)
+	return client, server, closeAll, err
+}
+
+// memberPairMap is memberPair that also returns the sockhash.
+func memberPairMap(kind progKind) (client, server int, m *ebpf.Map, closeAll func(), err error) {
 	var closers []func()
 	cleanup := func() {
 		for i := len(closers) - 1; i >= 0; i-- {
@@ -197,20 +208,20 @@ func memberPair(kind progKind) (client, server int, closeAll func(), err error) 
 			cleanup()
 		}
 	}()
-	m, err := newSockhash()
+	m, err = newSockhash()
 	if err != nil {
-		return -1, -1, nil, fmt.Errorf("create sockhash: %w", err)
+		return -1, -1, nil, nil, fmt.Errorf("create sockhash: %w", err)
 	}
 	closers = append(closers, func() { m.Close() })
 	if kind != progNone {
 		prog, err := skMsgProgram(m, kind != progPass, kind == progSplit)
 		if err != nil {
-			return -1, -1, nil, fmt.Errorf("load sk_msg: %w", err)
+			return -1, -1, nil, nil, fmt.Errorf("load sk_msg: %w", err)
 		}
 		closers = append(closers, func() { prog.Close() })
 		opts := link.RawAttachProgramOptions{Target: m.FD(), Program: prog, Attach: ebpf.AttachSkMsgVerdict}
 		if err := link.RawAttachProgram(opts); err != nil {
-			return -1, -1, nil, fmt.Errorf("attach sk_msg: %w", err)
+			return -1, -1, nil, nil, fmt.Errorf("attach sk_msg: %w", err)
 		}
 		closers = append(closers, func() {
 			link.RawDetachProgram(link.RawDetachProgramOptions{Target: m.FD(), Program: prog, Attach: ebpf.AttachSkMsgVerdict})
@@ -218,16 +229,16 @@ func memberPair(kind progKind) (client, server int, closeAll func(), err error) 
 	}
 	client, server, err = tcpPair()
 	if err != nil {
-		return -1, -1, nil, fmt.Errorf("connect: %w", err)
+		return -1, -1, nil, nil, fmt.Errorf("connect: %w", err)
 	}
 	closers = append(closers, func() { unix.Close(client); unix.Close(server) })
 	if err := m.Update(uint32(0), uint32(client), ebpf.UpdateAny); err != nil {
-		return -1, -1, nil, fmt.Errorf("insert client: %w", err)
+		return -1, -1, nil, nil, fmt.Errorf("insert client: %w", err)
 	}
 	if err := m.Update(uint32(1), uint32(server), ebpf.UpdateAny); err != nil {
-		return -1, -1, nil, fmt.Errorf("insert server: %w", err)
+		return -1, -1, nil, nil, fmt.Errorf("insert server: %w", err)
 	}
-	return client, server, cleanup, nil
+	return client, server, m, cleanup, nil
 }
 
 // fionreadProbe writes probeBytes from the client of a member pair and

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
+	"golang.org/x/sys/unix"
 )
 
 // cgroupFigures are the fields of `sockbypass stats --json` this reads.
@@ -30,6 +32,8 @@ type cgroupFigures struct {
 	SocketsBlocking  uint64 `json:"sockets_blocking"`
 	SocketsUnpaired  uint64 `json:"sockets_unpaired"`
 	PairsAbandoned   uint64 `json:"pairs_abandoned"`
+	LateStackOptions uint64 `json:"late_stack_options"`
+	MembersLeft      uint64 `json:"members_left"`
 }
 
 // readStats runs `sockbypass stats --json` and returns cg's figures.
@@ -105,8 +109,16 @@ func runTransfer(cg, bin string, size int) error {
 			v += fmt.Sprintf(" redirected_bytes=%d", a.RedirectedBytes-b.RedirectedBytes)
 		}
 		report("fionread_sockbypass_member", v)
+		b, _ = readStats(bin, cg)
+		v = ktlsSockbypass()
+		if a, err := readStats(bin, cg); err == nil && b != nil {
+			v += fmt.Sprintf(" redirected_bytes=%d late_stack_options=%d members_left=%d",
+				a.RedirectedBytes-b.RedirectedBytes, a.LateStackOptions-b.LateStackOptions, a.MembersLeft-b.MembersLeft)
+		}
+		report("ktls_sockbypass", v)
 	} else {
 		report("fionread_sockbypass_member", "n/a: sockbypass not installed")
+		report("ktls_sockbypass", "n/a: sockbypass not installed")
 	}
 	if err != nil || verdict != "ok" {
 		return fmt.Errorf("transfer failed: sha256 %s, %v", verdict, err)
@@ -186,5 +198,69 @@ func fionreadSockbypass() string {
 	}
 	var out string
 	raw.Control(func(fd uintptr) { out = fionreadAfterWrite(int(fd), probeBytes) })
+	return out
+}
+
+// ktlsSockbypass: a fresh connection of the enabled cgroup (Go's
+// non-blocking sockets, so sockbypass pairs them) first exchanges a request
+// and a reply in the clear (as a TLS handshake in user space would), then
+// the client sets TCP_ULP "tls" and TLS_TX and writes ktlsPlaintext; the
+// server reads what arrives.
+func ktlsSockbypass() string {
+	client, server, err := accepted()
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer client.Close()
+	defer server.Close()
+	server.SetDeadline(time.Now().Add(10 * time.Second))
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 4)
+	if _, err := client.Write([]byte("ping")); err != nil {
+		return "error: write ping: " + err.Error()
+	}
+	if _, err := io.ReadFull(server, buf); err != nil {
+		return "error: read ping: " + err.Error()
+	}
+	if _, err := server.Write([]byte("pong")); err != nil {
+		return "error: write pong: " + err.Error()
+	}
+	if _, err := io.ReadFull(client, buf); err != nil {
+		return "error: read pong: " + err.Error()
+	}
+	read := func(b []byte) (int, error) {
+		server.SetReadDeadline(time.Now().Add(3 * time.Second))
+		n, err := server.Read(b)
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			err = errors.New("timeout")
+		case errors.Is(err, io.EOF):
+			err = errors.New("EOF")
+		}
+		return n, err
+	}
+	raw, err := client.SyscallConn()
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	var out string
+	raw.Control(func(fd uintptr) {
+		out = ktlsExchange(int(fd), read, ktlsProbeSteps{})
+		if !strings.Contains(out, "tls_tx=") || strings.Contains(out, "tls_tx=ok") {
+			return
+		}
+		// TLS_TX failed: once the plaintext went through the stack (the
+		// pair dissolved, the sockets left the sockhash), try again.
+		err := ktlsSetTX(int(fd))
+		out += " | retry tls_tx=" + stepResult(err)
+		if err != nil {
+			return
+		}
+		if n, err := unix.Write(int(fd), []byte(ktlsPlaintext)); err != nil {
+			out += " write=" + errnoName(err)
+		} else {
+			out += fmt.Sprintf(" write=%d %s", n, ktlsDescribe(read))
+		}
+	})
 	return out
 }
