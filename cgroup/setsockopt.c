@@ -32,6 +32,11 @@ int sockbypass_setsockopt(struct bpf_sockopt *ctx)
 	struct sock_state *state;
 	int reason;
 
+	/* The option is never changed: optlen 0 tells the kernel to use the
+	 * application's own buffer (otherwise it hands the handler a kernel
+	 * copy, which costs an allocation and a copy, and which 7.2's
+	 * fortified memcpy flags in kernel TLS's setsockopt). */
+	ctx->optlen = 0;
 	if (!sk)
 		return 1;
 	if (ctx->level == SOL_SOCKET && ctx->optname == SO_RCVLOWAT)
