@@ -22,6 +22,19 @@ import (
 	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
+// installWithoutGlobs installs a dataplane of the test's own and returns
+// it with a configuration that names no cgroup (the source selects).
+func installWithoutGlobs(t *testing.T) (*dataplane.Dataplane, *config.Config) {
+	t.Helper()
+	tu.RequirePrivileged(t)
+	dp := dptest.Install(t)
+	cfg, err := config.Parse([]byte("cgroups: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dp, cfg
+}
+
 // listSource is a Source with a fixed selection, recording failures.
 type listSource struct {
 	targets   []Target
@@ -49,12 +62,7 @@ func (s *listSource) Changed() <-chan struct{} { return nil }
 // sockbypass_enable_failures_total, reported to its source (the pod's
 // Event) and keeps the daemon from being Ready; the others are enabled.
 func TestEnableFailureIsCountedReportedAndNotReady(t *testing.T) {
-	tu.RequirePrivileged(t)
-	dp := dptest.Install(t)
-	cfg, err := config.Parse([]byte("cgroups: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dp, cfg := installWithoutGlobs(t)
 	good := tu.NewCgroup(t)
 	gone := tu.NewCgroup(t)
 	if err := os.Remove(gone.Path); err != nil {
@@ -113,12 +121,7 @@ func (s *listSource) Fallback(t Target, e dataplane.FallbackEvent) {
 // after it joined is logged with its ports, cgroup and owner, and reported
 // to the source (the pod's Event), within seconds.
 func TestFallbackEventsAreLoggedAndReported(t *testing.T) {
-	tu.RequirePrivileged(t)
-	dp := dptest.Install(t)
-	cfg, err := config.Parse([]byte("cgroups: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dp, cfg := installWithoutGlobs(t)
 	cg := tu.NewCgroup(t)
 	src := &listSource{failed: map[string]error{}, targets: []Target{{Cgroup: cg, Owner: "default/app"}}}
 	core, logs := observer.New(zap.InfoLevel)
