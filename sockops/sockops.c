@@ -631,7 +631,16 @@ static __noinline void dry_passive(struct bpf_sock_ops *skops, struct sock_state
 {
 	struct pair *pair = bpf_map_lookup_elem(&pairs, peer);
 
-	if (!pair || pair->state != PAIR_DRY_CLIENT)
+	if (!pair)
+		return;
+	if (pair->state == PAIR_DRY_OFFERED) {
+		/* The client did not take the offer (it is in no enabled
+		 * cgroup, blocks, or lists the port): it has passed its
+		 * ACTIVE_ESTABLISHED, so nobody else will free the entry. */
+		bpf_map_delete_elem(&pairs, (void *)peer);
+		return;
+	}
+	if (pair->state != PAIR_DRY_CLIENT)
 		return;
 	if (pair->client_snd_nxt != skops->rcv_nxt || pair->client_rcv_nxt != skops->snd_nxt || !eligible) {
 		__sync_val_compare_and_swap(&pair->state, PAIR_DRY_CLIENT, PAIR_DECLINED);
