@@ -120,6 +120,11 @@ struct sock_state {
 	 * peer is leaving (see "Leaving"). */
 	__u64 peer_state;
 	__u64 peer_file;
+	/* When this end first found the peer's file (bpf_ktime_get_ns): a
+	 * server that accept()s without SOCK_NONBLOCK and sets O_NONBLOCK
+	 * right after (redis, Python's asyncio) is blocking for a moment;
+	 * see ACCEPT_GRACE_NS. */
+	__u64 peer_file_at;
 	/* A listener on a stack port: its process (a key of stack_procs). */
 	__u32 stack_tgid;
 	__u32 pad;
@@ -1021,9 +1026,18 @@ static __always_inline __u32 peer_state_flags(const struct sock_state *state)
 	return k->refcount.refs.counter;
 }
 
+/* A peer found blocking within this time of its file's discovery is not
+ * taken for blocking yet: servers that accept() and then set O_NONBLOCK
+ * are blocking between the two calls, and a pair must not dissolve for
+ * that (measured: redis and nginx suite runs under load lost their pairs).
+ * A server that stays blocking is found at its own first send, or once
+ * the grace is over. */
+#define ACCEPT_GRACE_NS (10ULL * 1000 * 1000)
+
 /* peer_blocking reports whether the peer's file is blocking (0 while it
- * has none: a server end not accepted yet). The file is looked up once,
- * then its flags are read with one load per message. */
+ * has none: a server end not accepted yet, and during ACCEPT_GRACE_NS
+ * after its file was found). The file is looked up once, then its flags
+ * are read with one load per message. */
 static __always_inline int peer_blocking(struct sock_state *state)
 {
 	struct file *f;
@@ -1037,9 +1051,12 @@ static __always_inline int peer_blocking(struct sock_state *state)
 		    bpf_probe_read_kernel(&f, sizeof(f), &so->file) || !f)
 			return 0;
 		state->peer_file = (__u64)(long)f;
+		state->peer_file_at = bpf_ktime_get_ns();
 	}
 	f = bpf_rdonly_cast((void *)state->peer_file, __builtin_btf_type_id(*(struct file *)0, 1));
-	return !(f->f_flags & O_NONBLOCK);
+	if (f->f_flags & O_NONBLOCK)
+		return 0;
+	return bpf_ktime_get_ns() - state->peer_file_at >= ACCEPT_GRACE_NS;
 }
 
 /* own_blocking reports whether the socket of an sk_msg turned blocking

@@ -173,6 +173,7 @@ type sidecarSockState struct {
 	PeerCookie      uint64
 	PeerState       uint64
 	PeerFile        uint64
+	PeerFileAt      uint64
 	StackTgid       uint32
 	Pad             uint32
 	Flags           uint64

@@ -460,6 +460,7 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 	state->peer_cookie = 0;
 	state->peer_state = 0;
 	state->peer_file = 0;
+	state->peer_file_at = 0;
 	state->flags |= SOCK_FLAG_INSERTED;
 	COUNT(c, sockets_inserted);
 

@@ -183,6 +183,7 @@ type sockopsSockState struct {
 	PeerCookie      uint64
 	PeerState       uint64
 	PeerFile        uint64
+	PeerFileAt      uint64
 	StackTgid       uint32
 	Pad             uint32
 	Flags           uint64

@@ -57,6 +57,12 @@ type Traffic struct {
 	// hiredis's blocking context in redis-benchmark's setup does): their
 	// pair dissolves, and their later bytes take the stack.
 	LateBlocking uint64 `json:"late_blocking"`
+	// PairsAbandoned counts the pairs given up because their client sent
+	// before its server joined: their bytes take the stack by design.
+	PairsAbandoned uint64 `json:"pairs_abandoned"`
+	// RedirectFailures counts the messages of a redirecting socket whose
+	// peer was gone (it closed): passed on.
+	RedirectFailures uint64 `json:"redirect_failures"`
 }
 
 // RedirectedShare is the part of the payload that was redirected:

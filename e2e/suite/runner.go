@@ -195,6 +195,8 @@ func addTraffic(t *Traffic, before, after map[uint64]dataplane.CgroupCounters, m
 	t.SocketsBlocking += d.SocketsBlocking
 	t.ConnectionsShortLived += d.ConnectionsShortLived
 	t.LateBlocking += d.LateBlocking
+	t.PairsAbandoned += d.PairsAbandoned
+	t.RedirectFailures += d.RedirectFailures
 }
 
 func values(samples []Sample, metric string) []float64 {

@@ -76,7 +76,15 @@ func TestFallbackEventsNameTheSocket(t *testing.T) {
 	dial := func() net.Conn { return testutil.DialIn(t, cg, "tcp4", l.Addr().String()) }
 	c, srv := acceptDialed(t, l, "the server", dial)
 	waitJoined(t, dp, c, srv)
+	// A first byte: the client finds its server's file.
+	if _, err := c.Write([]byte{0}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(srv, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
 	control(t, srv, func(fd int) error { return unix.SetNonblock(fd, false) })
+	time.Sleep(20 * time.Millisecond) // past ACCEPT_GRACE_NS (bpf/sockbypass.h)
 	msg := transfer.Pattern(3, 100)
 	if _, err := c.Write(msg); err != nil {
 		t.Fatal(err)
