@@ -38,7 +38,7 @@ func runEnable(e *env, args []string) error {
 	fs.BoolVar(&accountOnly, "account-only", false, "count the cgroup's traffic but do not accelerate it (a dry run; run enable again without it to accelerate)")
 	fs.BoolVar(&allConnections, "all-connections", false, "pair every connection to the cgroup's listeners; by default, once a listener's last 8 connections were each short-lived (at most 4 messages from the server, under 64 KiB both ways), its new connections stay plain TCP, with one in 64 still paired to notice a change")
 	var stackPorts string
-	fs.StringVar(&stackPorts, "stack-ports", "", "server ports whose connections stay on the normal TCP path, comma-separated (at most 16): for servers and proxies that read with splice(2), such as a Go io.Copy TCP proxy or HAProxy in splice mode")
+	fs.StringVar(&stackPorts, "stack-ports", "", "server ports whose connections stay on the normal TCP path, comma-separated (at most 16): for servers and proxies that read with splice(2), such as a Go io.Copy TCP proxy or HAProxy in splice mode. Covers connections to these ports (listed by either end's cgroup), and every connection a process of the cgroup makes, or accepts on another port, while it listens on one of them (a proxy's upstream connections): list the proxy's own port")
 	var meshName, sidecarUID, outboundPort, inboundPort, excludePorts, excludeCIDRs string
 	var intercept bool
 	fs.StringVar(&meshName, "mesh", "", "sidecar mode for a pod with a mesh sidecar: istio (uid 1337, ports 15001/15006), linkerd (2102, 4140/4143) or kuma (5678, 15001/15006)")

@@ -65,7 +65,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	tcDevices: [lo]     # interfaces whose egress TC also accounts (default none); [NETNS:]DEV
 //	accountOnly: false  # count, do not accelerate
 //	allConnections: false  # true: pair connections to short-lived listeners too
-//	stackPorts: [8081]  # server ports that stay plain TCP (splice readers)
+//	stackPorts: [8081]  # server ports that stay plain TCP (splice readers), and all connections of processes listening on them
 //	metricsAddr: 127.0.0.1:9464   # "" disables the metrics endpoint
 //	logLevel: info      # debug, info, warn, error
 //	rescanInterval: 2s  # how often globs are expanded again
