@@ -473,15 +473,25 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 	return 0;
 }
 
-/* leave undoes join for a socket whose pair did not form (nothing was
- * redirected to it, so nothing is discarded). */
-static __noinline void leave(struct bpf_sock_ops *skops, struct sock_state *state, const struct sock_key *key)
+/* unwatch stops the per-packet callbacks of a socket that left. */
+static __always_inline void unwatch(struct bpf_sock_ops *skops)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~WATCH_CB_FLAGS);
+}
+
+/* leave undoes join: for a socket whose pair did not form (nothing was
+ * redirected to it, so nothing is discarded), and for a member of a
+ * dissolving pair once settle found it safe (see "Leaving"). Returns 0 when
+ * it removed the socket from the sockhash (not when the peer already had). */
+static __noinline int leave(struct bpf_sock_ops *skops, struct sock_state *state, const struct sock_key *key)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
+	int err = bpf_map_delete_elem(&sockhash, (void *)key);
 
-	bpf_map_delete_elem(&sockhash, (void *)key);
 	bpf_map_delete_elem(&socket_cgroups, &cookie);
-	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_EXPLICIT_PEER);
+	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_EXPLICIT_PEER | SOCK_FLAG_PAIRED);
+	unwatch(skops);
+	return err;
 }
 
 /* dry_run reports whether cfg's cgroup is account-only: its sockets run
@@ -971,12 +981,6 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/* unwatch stops the per-packet callbacks of a socket that left. */
-static __always_inline void unwatch(struct bpf_sock_ops *skops)
-{
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~WATCH_CB_FLAGS);
-}
-
 /* count_left counts a member that left the sockhash, in its cgroup's slot. */
 static __always_inline void count_left(__u32 slot)
 {
@@ -1021,7 +1025,7 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 	if (!state->peer_sk || !state->peer_state)
 		return; /* the peer is not known (yet) */
 
-	if (sock_nonblocking(sk) == 0) {
+	if (own_blocking(sk)) {
 		if (!(state->flags & SOCK_FLAG_LEAVING)) {
 			struct cgroup_counters *c = counters_for(state->slot);
 
@@ -1046,12 +1050,8 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 	if (!tp)
 		return;
 	if (read_psock(&((struct sock *)tp)->sk_user_data, &queued, &refs) < 0) {
-		/* Our peer removed us and our psock is gone. */
-		__u64 own_cookie = bpf_get_socket_cookie(skops);
-
-		bpf_map_delete_elem(&socket_cgroups, &own_cookie);
-		state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PAIRED | SOCK_FLAG_EXPLICIT_PEER);
-		unwatch(skops);
+		/* Our peer removed us (and counted it), our psock is gone. */
+		leave(skops, state, &state->key);
 		return;
 	}
 	/* What the peer is: read its flags and psock, then prove by its
@@ -1098,15 +1098,8 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 		return;
 	if (!peer_gone && !(peer_in_map && peer_refs == 1))
 		return;
-	if (bpf_map_delete_elem(&sockhash, &state->key) == 0)
+	if (leave(skops, state, &state->key) == 0)
 		count_left(state->slot);
-	{
-		__u64 own_cookie = bpf_get_socket_cookie(skops);
-
-		bpf_map_delete_elem(&socket_cgroups, &own_cookie);
-	}
-	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_PAIRED | SOCK_FLAG_EXPLICIT_PEER);
-	unwatch(skops);
 }
 
 static __noinline void forget_socket(struct bpf_sock_ops *skops)
