@@ -200,6 +200,13 @@ struct sock_state {
 #define SOCK_FLAG_PEER_REMOVED (1U << 22)
 /* Made by a stack process (see stack_procs): never joins. */
 #define SOCK_FLAG_STACK_PROCESS (1U << 23)
+/* Accepted while its listener was on probation (see "Probation"): plain
+ * TCP; its first read through the stack tells the listener how its
+ * accepted sockets are read. key and netns_cookie name the listener. */
+#define SOCK_FLAG_PROBATION (1U << 24)
+/* A splice (or another reader that is not recvmsg) read the socket's stack
+ * queue: acted on once (see "Probation"). */
+#define SOCK_FLAG_SPLICED (1U << 25)
 
 /*
  * Back-pressure: the redirected queue is charged to the kernel's global TCP
@@ -353,6 +360,17 @@ struct cgroup_counters {
 	/* Members that left the sockhash while open (see "Leaving"), counted
 	 * by the cgroup of the socket that left. */
 	__u64 members_left;
+	/* Connections left plain because their listener was on probation
+	 * (see "Probation"), counted by the server's cgroup. */
+	__u64 sockets_probation;
+	/* Members read with splice (or another reader that is not recvmsg)
+	 * with nothing redirected unread: they leave the sockhash (see
+	 * "Probation"). */
+	__u64 splice_readers;
+	/* Members read with splice while redirected bytes were unread: those
+	 * bytes reach the application only through recvmsg, so the
+	 * connection stalls (see "Probation"). */
+	__u64 splice_stalled;
 };
 
 struct {
@@ -403,6 +421,9 @@ struct {
 /* Pair every connection to the cgroup's listeners, short-lived ones too
  * (see "Short-lived listeners"). */
 #define CGROUP_ALL_CONNECTIONS (1U << 1)
+/* Pair connections to the cgroup's listeners from the first one: no
+ * probation (see "Probation"). */
+#define CGROUP_NO_PROBATION (1U << 2)
 
 /* cgroup_config.mesh_mode */
 #define MESH_NONE 0
@@ -448,7 +469,9 @@ struct cgroup_config {
 
 /*
  * Stack processes: a process of an enabled cgroup that listens on one of
- * its cgroup's stack ports is a proxy that splices; the connections it
+ * its cgroup's stack ports, or that was seen splicing a TCP socket of an
+ * enabled cgroup (STACK_PROC_SPLICER, see "Probation"), is a proxy that
+ * splices; the connections it
  * makes (to its upstreams, whose replies it splices too) and those it
  * accepts on its other listeners stay plain TCP while it listens there.
  * Process id (tgid, as the kernel's initial namespace numbers it) -> its
@@ -462,6 +485,10 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } stack_procs SEC(".maps");
+
+/* In a stack_procs value: the process splices (the low bits still count
+ * its stack-port listeners; the entry stays when they reach 0). */
+#define STACK_PROC_SPLICER (1ULL << 63)
 
 /* stack_port reports whether cfg lists port as a stack-only server port.
  * User space packs the list from the start, so the first 0 ends it (most
@@ -748,6 +775,37 @@ struct {
  * (see "Leaving"): the listener's later connections stay plain TCP
  * (counted in sockets_blocking). */
 #define LISTENER_BLOCKING_CHILDREN (1U << 2)
+/* The listener's first accepted socket was read with recvmsg, without
+ * blocking (see "Probation"): its connections may pair. */
+#define LISTENER_PROVEN (1U << 3)
+
+/*
+ * Probation. A member's redirected queue is read by recvmsg alone: splice
+ * (a Go io.Copy proxy, HAProxy in splice mode, sendfile from a socket)
+ * reads only the stack queue and never sees a redirected byte, and a
+ * blocking reader may get EAGAIN. Nothing tells at ESTABLISHED how an
+ * accepted socket will be read, and the first request of a connection is
+ * often redirected before its server reads at all. So a new listener is
+ * on probation: its connections stay plain TCP (sockets_probation) until
+ * one of them is read through the stack. The tracer on the kernel's
+ * tcp_rcv_space_adjust tracepoint (sockops/stackread.c), which fires on
+ * each read of a TCP socket's stack queue, with data, by recvmsg or by
+ * splice (splice fires even when nothing is queued), looks at the
+ * syscall that reads:
+ * - read, readv, recvfrom, recvmsg or recvmmsg on a non-blocking socket
+ *   proves the listener (LISTENER_PROVEN); on a blocking one it marks it
+ *   LISTENER_BLOCKING_CHILDREN;
+ * - anything else (splice, sendfile, io_uring) marks the listener
+ *   LISTENER_STACK_READER and its process a splicer (stack_procs), whose
+ *   later connections stay plain, outgoing ones too.
+ * A member read that way (a program that reads with recvmsg first and
+ * splices later, or a client socket of a process not yet known to splice)
+ * is marked leaving when nothing redirected to it is unread (its peer
+ * stops redirecting, and its later bytes take the stack, where splice
+ * reads them: splice_readers); otherwise those bytes reach the program
+ * only through recvmsg and the connection stalls (splice_stalled, an
+ * event): a known limitation until the kernel can splice from a member.
+ */
 
 /*
  * Short-lived listeners. Pairing costs a connection a few microseconds
@@ -953,6 +1011,12 @@ enum fallback_event_reason {
 	EVENT_LATE_BLOCKING = 1,
 	EVENT_LATE_STACK_OPTION = 2,
 	EVENT_LISTENER_BLOCKING_CHILDREN = 3,
+	/* A member was read with splice and leaves (detail 0), or stalls:
+	 * detail is the number of redirected bytes it cannot read. */
+	EVENT_SPLICE_READER = 4,
+	EVENT_SPLICE_STALLED = 5,
+	/* A listener learnt that its accepted sockets are spliced. */
+	EVENT_LISTENER_SPLICED = 6,
 };
 
 struct fallback_event {
@@ -1254,6 +1318,27 @@ static __always_inline int sock_nonblocking(struct bpf_sock *sk)
 	if (!f)
 		return -1;
 	return (f->f_flags & O_NONBLOCK) ? 1 : 0;
+}
+
+/* listener_flags returns the flags of the listener of ip and port in the
+ * network namespace netns (exact address, then the IPv4 and IPv6
+ * wildcards), or NULL when it is not known. */
+static __noinline __attribute__((unused)) __u64 *listener_flags(const __u32 *ip, __u16 port, __u64 netns)
+{
+	struct endpoint_key ek = {};
+	__u64 *flags;
+
+	listener_endpoint(&ek, netns, ip, port);
+	flags = bpf_map_lookup_elem(&listeners, &ek);
+	if (!flags) {
+		set_v4mapped(ek.ip, 0);
+		flags = bpf_map_lookup_elem(&listeners, &ek);
+	}
+	if (!flags) {
+		__builtin_memset(ek.ip, 0, sizeof(ek.ip));
+		flags = bpf_map_lookup_elem(&listeners, &ek);
+	}
+	return flags;
 }
 
 #endif /* __SOCKBYPASS_H */

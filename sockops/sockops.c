@@ -356,35 +356,15 @@ static __always_inline int local_scope(struct sock_key *key, const struct pairin
 	return 0;
 }
 
-/* listener_flags returns the flags of the listener of ip and port in the
- * network namespace netns (exact address, then the IPv4 and IPv6
- * wildcards), or NULL when it is not known. */
-static __noinline __u64 *listener_flags(const __u32 *ip, __u16 port, __u64 netns)
-{
-	struct endpoint_key ek = {};
-	__u64 *flags;
-
-	listener_endpoint(&ek, netns, ip, port);
-	flags = bpf_map_lookup_elem(&listeners, &ek);
-	if (!flags) {
-		set_v4mapped(ek.ip, 0);
-		flags = bpf_map_lookup_elem(&listeners, &ek);
-	}
-	if (!flags) {
-		__builtin_memset(ek.ip, 0, sizeof(ek.ip));
-		flags = bpf_map_lookup_elem(&listeners, &ek);
-	}
-	return flags;
-}
-
 /* listener_eligible reports whether the sockets accepted by the listener
- * of key may join pairs: it is known non-blocking and no stack reader. */
+ * of key may join pairs: it is known non-blocking, no stack reader, and
+ * past its probation. */
 static __always_inline int listener_eligible(const struct sock_key *key, __u64 netns)
 {
 	__u64 *flags = listener_flags(key->local_ip, key->local_port, netns);
 
-	return flags && (*flags & (LISTENER_NONBLOCK | LISTENER_STACK_READER | LISTENER_BLOCKING_CHILDREN)) ==
-				LISTENER_NONBLOCK;
+	return flags && (*flags & (LISTENER_NONBLOCK | LISTENER_STACK_READER | LISTENER_BLOCKING_CHILDREN |
+				   LISTENER_PROVEN)) == (LISTENER_NONBLOCK | LISTENER_PROVEN);
 }
 
 /*
@@ -552,7 +532,8 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	state->flags &= ~(SOCK_FLAG_INSERTED | SOCK_FLAG_REDIRECTING | SOCK_FLAG_EXPLICIT_PEER |
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
 			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED |
-			  SOCK_FLAG_WOULD_PAIR | SOCK_FLAG_ACCEPTED | SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED);
+			  SOCK_FLAG_WOULD_PAIR | SOCK_FLAG_ACCEPTED | SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED |
+			  SOCK_FLAG_PROBATION | SOCK_FLAG_SPLICED);
 	state->msgs_sent = 0;
 	if (passive)
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED |
@@ -797,6 +778,16 @@ static __noinline void decline_client(struct pair *pair, const struct sock_key *
 	bpf_map_delete_elem(&pairs, (void *)client);
 }
 
+/* probation marks an accepted socket whose listener is on probation (see
+ * "Probation" in sockbypass.h): it stays plain, and its first read through
+ * the stack tells the listener (stackread.c) how its sockets are read. */
+static __always_inline void probation(struct sock_state *state, const struct sock_key *key, __u64 netns)
+{
+	state->key = *key;
+	state->netns_cookie = netns;
+	state->flags |= SOCK_FLAG_PROBATION;
+}
+
 /* join_passive: the server's half of the pair handshake, at
  * PASSIVE_ESTABLISHED. Returns 1 when the socket joined its pair. */
 static __noinline int join_passive(struct bpf_sock_ops *skops)
@@ -828,6 +819,13 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		COUNT(c, sockets_stack_port);
 		return 0;
 	}
+	lflags = listener_flags(key.local_ip, key.local_port, own_netns);
+	if (lflags && !(*lflags & (LISTENER_PROVEN | LISTENER_STACK_READER | LISTENER_BLOCKING_CHILDREN))) {
+		if (cfg && (cfg->flags & CGROUP_NO_PROBATION))
+			__sync_fetch_and_or(lflags, LISTENER_PROVEN);
+		else
+			probation(state, &key, own_netns);
+	}
 	if (dry_run(cfg)) {
 		if (!p.explicit_peer) /* sidecar pairs: no dry run */
 			dry_passive(skops, state, &p.peer, listener_eligible(&key, own_netns), c);
@@ -850,7 +848,6 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		COUNT(c, pairs_mismatched);
 		return 0;
 	}
-	lflags = listener_flags(key.local_ip, key.local_port, own_netns);
 	if (lflags && (*lflags & LISTENER_STACK_READER)) {
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_unpaired);
@@ -859,6 +856,11 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	if (!lflags || (*lflags & (LISTENER_NONBLOCK | LISTENER_BLOCKING_CHILDREN)) != LISTENER_NONBLOCK) {
 		decline_client(pair, &p.peer);
 		COUNT(c, sockets_blocking);
+		return 0;
+	}
+	if (state->flags & SOCK_FLAG_PROBATION) {
+		decline_client(pair, &p.peer);
+		COUNT(c, sockets_probation);
 		return 0;
 	}
 	if (join(skops, state, &key, &p, c) < 0) {

@@ -21,8 +21,16 @@ import (
 //
 //go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel -type sock_key -type cidr -type node_addr_key -type node_addr -type endpoint_key -type pair -type fallback_event sockops sockops.c -- -I../bpf -I../bpf/include
 
+//go:generate go tool bpf2go -cc clang-16 -strip llvm-strip-16 -cflags "-O2 -g -Wall -Werror" -target bpfel stackread stackread.c -- -I../bpf -I../bpf/include
+
 // ProgramName is the name of the sock_ops program in its collection.
 const ProgramName = "sockbypass_sockops"
+
+// StackReadProgramName is the name of the stack-read tracer (stackread.c),
+// one for the node, on the tcp_rcv_space_adjust tracepoint: it ends
+// listeners' probation and learns the processes that splice (see
+// "Probation" in bpf/sockbypass.h).
+const StackReadProgramName = "sockbypass_stack_read"
 
 // CgroupIDConstant and CgroupSlotConstant are the names of the constants
 // that hold the enabled cgroup's id and its slot (the index of its counters
@@ -40,6 +48,17 @@ func LoadSpec() (*ebpf.CollectionSpec, error) {
 	spec, err := loadSockops()
 	if err != nil {
 		return nil, fmt.Errorf("load sock_ops spec: %w", err)
+	}
+	return spec, nil
+}
+
+// LoadStackReadSpec returns the collection spec of the stack-read tracer,
+// which uses the shared maps of bpf/sockbypass.h (replace them with the
+// pinned ones when loading).
+func LoadStackReadSpec() (*ebpf.CollectionSpec, error) {
+	spec, err := loadStackread()
+	if err != nil {
+		return nil, fmt.Errorf("load stack-read tracer spec: %w", err)
 	}
 	return spec, nil
 }

@@ -68,6 +68,9 @@ type sockopsCgroupCounters struct {
 	ConnectionsShortLived  uint64
 	LateBlocking           uint64
 	MembersLeft            uint64
+	SocketsProbation       uint64
+	SpliceReaders          uint64
+	SpliceStalled          uint64
 }
 
 type sockopsCidr struct {

@@ -72,6 +72,9 @@ type tcCgroupCounters struct {
 	ConnectionsShortLived  uint64
 	LateBlocking           uint64
 	MembersLeft            uint64
+	SocketsProbation       uint64
+	SpliceReaders          uint64
+	SpliceStalled          uint64
 }
 
 type tcEndpointKey struct {

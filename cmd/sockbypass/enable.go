@@ -31,12 +31,13 @@ func runEnable(e *env, args []string) error {
 	var cgroups stringList
 	var sockhashSize uint
 	var tcDevs stringList
-	var noTC, accountOnly, allConnections bool
+	var noTC, accountOnly, allConnections, noProbation bool
 	fs := newFlagSet("enable", e, &pinDir, &logLevel)
 	fs.Var(&tcDevs, "tc-dev", "interface whose egress TCP traffic is also accounted by TC (a device view), optionally in another network namespace as /run/netns/NAME:DEV (repeatable; none by default: each enabled cgroup's stack bytes are counted at its sockets, on any device); on an enabled cgroup the list replaces its devices (a device stays while another enabled cgroup asks for it)")
 	fs.BoolVar(&noTC, "no-tc", false, "attach no TC accounting (the default; the per-cgroup stack bytes are still counted); on an enabled cgroup, drops its devices")
 	fs.BoolVar(&accountOnly, "account-only", false, "count the cgroup's traffic but do not accelerate it (a dry run; run enable again without it to accelerate)")
 	fs.BoolVar(&allConnections, "all-connections", false, "pair every connection to the cgroup's listeners; by default, once a listener's last 8 connections were each short-lived (at most 4 messages from the server, under 64 KiB both ways), its new connections stay plain TCP, with one in 64 still paired to notice a change")
+	fs.BoolVar(&noProbation, "no-probation", false, "pair connections to the cgroup's listeners from the first one; by default a new listener's connections stay plain TCP until one of its accepted sockets has been read with recvmsg without blocking (a Go io.Copy proxy splices, which cannot read redirected bytes): set it only when every server of the cgroup reads with recvmsg on non-blocking sockets")
 	var stackPorts string
 	fs.StringVar(&stackPorts, "stack-ports", "", "server ports whose connections stay on the normal TCP path, comma-separated (at most 16): for servers and proxies that read with splice(2), such as a Go io.Copy TCP proxy or HAProxy in splice mode. Covers connections to these ports (listed by either end's cgroup), and every connection a process of the cgroup makes, or accepts on another port, while it listens on one of them (a proxy's upstream connections): list the proxy's own port")
 	var meshName, sidecarUID, outboundPort, inboundPort, excludePorts, excludeCIDRs string
@@ -65,7 +66,7 @@ func runEnable(e *env, args []string) error {
 	if noTC && len(tcDevs) > 0 {
 		return usagef("--no-tc and --tc-dev contradict each other: give one of them")
 	}
-	opts := dataplane.EnableOptions{AccountOnly: accountOnly, AllConnections: allConnections}
+	opts := dataplane.EnableOptions{AccountOnly: accountOnly, AllConnections: allConnections, NoProbation: noProbation}
 	if stackPorts != "" {
 		ports, err := dataplane.ParsePorts(stackPorts)
 		if err != nil {

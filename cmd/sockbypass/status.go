@@ -197,14 +197,14 @@ func costText(c *dataplane.ProgramCost) string {
 
 func formatCounters(c dataplane.CgroupCounters) string {
 	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d, remote peer %d); redirected %d msgs / %s (%d msgs / %s across namespaces); passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
-		"    connections left plain TCP: peer not joining %d, blocking %d, stack port %d, client sent first %d, short-lived listener %d; reader options before joining: rcvlowat %d, tcp_inq %d, oobinline %d\n"+
-		"    members that left the sockhash: %d (after joining, turned blocking %d, set a reader option %d)\n"+
+		"    connections left plain TCP: peer not joining %d, blocking %d, stack port %d, client sent first %d, short-lived listener %d, listener on probation %d; reader options before joining: rcvlowat %d, tcp_inq %d, oobinline %d\n"+
+		"    members that left the sockhash: %d (after joining, turned blocking %d, set a reader option %d, read with splice %d); read with splice while redirected bytes waited (stalled): %d\n"+
 		"    account-only (dry run): %d pairs would have joined, %s of stack egress would have been redirected",
 		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped, c.SocketsRemote,
 		c.RedirectedMsgs, stats.HumanBytes(c.RedirectedBytes), c.RedirectedXnsMsgs, stats.HumanBytes(c.RedirectedXnsBytes), c.PassedMsgs, stats.HumanBytes(c.PassedBytes), c.PassedUnreadMsgs,
 		c.StackEgressPackets, stats.HumanBytes(c.StackEgressBytes), c.RedirectFailures,
-		c.SocketsUnpaired, c.SocketsBlocking, c.SocketsStackPort, c.PairsAbandoned, c.ConnectionsShortLived,
+		c.SocketsUnpaired, c.SocketsBlocking, c.SocketsStackPort, c.PairsAbandoned, c.ConnectionsShortLived, c.SocketsProbation,
 		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline,
-		c.MembersLeft, c.LateBlocking, c.LateStackOptions,
+		c.MembersLeft, c.LateBlocking, c.LateStackOptions, c.SpliceReaders, c.SpliceStalled,
 		c.WouldPairs, stats.HumanBytes(c.WouldRedirectBytes))
 }

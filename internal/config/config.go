@@ -65,6 +65,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 //	tcDevices: [lo]     # interfaces whose egress TC also accounts (default none); [NETNS:]DEV
 //	accountOnly: false  # count, do not accelerate
 //	allConnections: false  # true: pair connections to short-lived listeners too
+//	noProbation: false  # true: pair a new listener's first connections too (servers that never splice nor block)
 //	stackPorts: [8081]  # server ports that stay plain TCP (splice readers), and all connections of processes listening on them
 //	metricsAddr: 127.0.0.1:9464   # "" disables the metrics endpoint
 //	logLevel: info      # debug, info, warn, error
@@ -91,6 +92,7 @@ type Config struct {
 	TCDevices      *[]Field[string]  `yaml:"tcDevices"`
 	AccountOnly    Field[bool]       `yaml:"accountOnly"`
 	AllConnections Field[bool]       `yaml:"allConnections"`
+	NoProbation    Field[bool]       `yaml:"noProbation"`
 	StackPorts     []Field[uint16]   `yaml:"stackPorts"`
 	MetricsAddr    *Field[string]    `yaml:"metricsAddr"`
 	LogLevel       Field[string]     `yaml:"logLevel"`

@@ -119,7 +119,7 @@ func (d *Daemon) Reconcile() (Result, error) {
 	for _, t := range targets {
 		cg := t.Cgroup
 		want[cg.ID] = true
-		opts := dataplane.EnableOptions{TCDevices: cfg.TCDevicesOrDefault(), AccountOnly: cfg.AccountOnly.Value, AllConnections: cfg.AllConnections.Value, Mesh: t.Mesh, StackPorts: cfg.StackPortValues()}
+		opts := dataplane.EnableOptions{TCDevices: cfg.TCDevicesOrDefault(), AccountOnly: cfg.AccountOnly.Value, AllConnections: cfg.AllConnections.Value, NoProbation: cfg.NoProbation.Value, Mesh: t.Mesh, StackPorts: cfg.StackPortValues()}
 		changed, err := d.dp.Enable(cg, opts)
 		if err != nil {
 			// The cgroup may have gone between the glob and the attach.

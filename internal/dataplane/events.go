@@ -23,9 +23,21 @@ const (
 	// EventListenerBlockingChildren: an accepted socket turned blocking,
 	// so its listener's later connections stay plain TCP.
 	EventListenerBlockingChildren = "listener_blocking_children"
+	// EventSpliceReader: a member was read with splice (or sendfile, or
+	// io_uring) with nothing redirected unread: it and its peer leave the
+	// sockhash, and its process's later connections stay plain.
+	EventSpliceReader = "splice_reader"
+	// EventSpliceStalled: a member was read with splice while redirected
+	// bytes (Unread) were waiting: splice cannot read them, so the
+	// connection stalls until the program reads with recvmsg.
+	EventSpliceStalled = "splice_stalled"
+	// EventListenerSpliced: an accepted socket was read with splice, so
+	// its listener's later connections stay plain TCP.
+	EventListenerSpliced = "listener_spliced"
 )
 
-var eventReasons = map[uint32]string{1: EventLateBlocking, 2: EventLateStackOption, 3: EventListenerBlockingChildren}
+var eventReasons = map[uint32]string{1: EventLateBlocking, 2: EventLateStackOption, 3: EventListenerBlockingChildren,
+	4: EventSpliceReader, 5: EventSpliceStalled, 6: EventListenerSpliced}
 
 // optionNames names the options of EventLateStackOption (their optname;
 // SOL_SOCKET's and SOL_TCP's numbers do not collide for these three).
@@ -43,6 +55,9 @@ type FallbackEvent struct {
 	Reason string
 	// Option names the option of an EventLateStackOption.
 	Option string
+	// Unread is the number of redirected bytes an EventSpliceStalled
+	// socket cannot read with splice.
+	Unread uint32
 }
 
 // String describes the event for a person.
@@ -54,6 +69,12 @@ func (e FallbackEvent) String() string {
 		return fmt.Sprintf("connection %s -> %s set %s after it was accelerated: it and its peer left the fast path (plain TCP from now on)", e.Local, e.Remote, e.Option)
 	case EventListenerBlockingChildren:
 		return fmt.Sprintf("listener %s makes its accepted sockets blocking: its new connections stay plain TCP", e.Local)
+	case EventSpliceReader:
+		return fmt.Sprintf("connection %s -> %s is read with splice: it and its peer left the fast path (plain TCP from now on), and so do its process's new connections", e.Local, e.Remote)
+	case EventSpliceStalled:
+		return fmt.Sprintf("connection %s -> %s is read with splice while %d redirected bytes wait, which only recvmsg can read: it stalls until its program reads with recvmsg (its process's new connections stay plain TCP; list the server port in --stack-ports to keep such connections plain from the start)", e.Local, e.Remote, e.Unread)
+	case EventListenerSpliced:
+		return fmt.Sprintf("listener %s splices its accepted sockets: its new connections stay plain TCP", e.Local)
 	}
 	return fmt.Sprintf("connection %s -> %s: %s", e.Local, e.Remote, e.Reason)
 }
@@ -106,8 +127,11 @@ func fallbackEventFromC(raw sockops.FallbackEvent) FallbackEvent {
 	if e.Reason == "" {
 		e.Reason = fmt.Sprintf("reason %d", raw.Reason)
 	}
-	if e.Reason != EventListenerBlockingChildren {
+	if e.Reason != EventListenerBlockingChildren && e.Reason != EventListenerSpliced {
 		e.Remote = raw.Key.Remote()
+	}
+	if e.Reason == EventSpliceStalled {
+		e.Unread = raw.Detail
 	}
 	if e.Reason == EventLateStackOption {
 		e.Option = optionNames[raw.Detail]

@@ -25,7 +25,7 @@ func install(t *testing.T) *Dataplane {
 func enabledCgroup(t *testing.T, dp *Dataplane) cgroup.Cgroup {
 	t.Helper()
 	cg := testutil.NewCgroup(t)
-	if _, err := dp.Enable(cg, EnableOptions{}); err != nil {
+	if _, err := dp.Enable(cg, EnableOptions{NoProbation: true}); err != nil {
 		t.Fatal(err)
 	}
 	return cg

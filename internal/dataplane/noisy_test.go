@@ -231,7 +231,7 @@ func interceptPod(t *testing.T, dp *Dataplane) (*testutil.Pod, net.Listener) {
 	pod := testutil.NewPod(t)
 	mesh := MeshPresets["istio"]
 	mesh.Intercept = true
-	if _, err := dp.Enable(pod.Cgroup, EnableOptions{Mesh: &mesh}); err != nil {
+	if _, err := dp.Enable(pod.Cgroup, EnableOptions{Mesh: &mesh, NoProbation: true}); err != nil {
 		t.Fatal(err)
 	}
 	return pod, pod.Listen(t, "127.0.0.1:15001")

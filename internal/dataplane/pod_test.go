@@ -19,7 +19,7 @@ import (
 func enablePods(t *testing.T, dp *Dataplane, pods ...*testutil.Pod) NodeAddrs {
 	t.Helper()
 	for _, p := range pods {
-		if _, err := dp.Enable(p.Cgroup, EnableOptions{}); err != nil {
+		if _, err := dp.Enable(p.Cgroup, EnableOptions{NoProbation: true}); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -56,6 +56,25 @@ func loadSkMsg(maps map[string]*ebpf.Map) (*ebpf.Program, error) {
 	return loadProgram("sk_msg", skmsg.LoadSpec, skmsg.ProgramName, nil, maps)
 }
 
+// loadStackRead loads the stack-read tracer (see "Probation" in
+// bpf/sockbypass.h) over the pinned maps.
+func loadStackRead(maps map[string]*ebpf.Map) (*ebpf.Program, error) {
+	return loadProgram("stack-read tracer", sockops.LoadStackReadSpec, sockops.StackReadProgramName, nil, maps)
+}
+
+// attachStackRead attaches the stack-read tracer to its tracepoint and pins
+// the link at pin, over whatever link was pinned there: the old one
+// detaches once the new one is attached (the tracer is idempotent, two at a
+// time do no harm, and none would let a splice pass unseen).
+func attachStackRead(prog *ebpf.Program, pin string) error {
+	l, err := link.AttachTracing(link.TracingOptions{Program: prog})
+	if err != nil {
+		return fmt.Errorf("attach stack-read tracer (tp_btf/tcp_rcv_space_adjust): %w", err)
+	}
+	defer l.Close() // detaches unless pinned
+	return repinLink(l, pin)
+}
+
 func loadTC(l2Len uint32, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
 	return loadProgram("tc", tc.LoadSpec, tc.ProgramName, map[string]any{tc.L2LenConstant: l2Len}, maps)
 }

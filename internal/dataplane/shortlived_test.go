@@ -80,7 +80,7 @@ func TestShortLivedListenerLeftPlain(t *testing.T) {
 	}
 
 	// AllConnections pairs short connections too.
-	if _, err := dp.Enable(cg, EnableOptions{AllConnections: true}); err != nil {
+	if _, err := dp.Enable(cg, EnableOptions{AllConnections: true, NoProbation: true}); err != nil {
 		t.Fatal(err)
 	}
 	before = counterOf(t, dp, cg.ID)

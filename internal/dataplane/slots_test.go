@@ -66,7 +66,7 @@ func TestSlotsKeepCgroupsApart(t *testing.T) {
 	if got := counterOf(t, dp, a.ID).RedirectedBytes; got != want {
 		t.Errorf("after disable, cgroup a shows %d redirected bytes, want its %d", got, want)
 	}
-	if _, err := dp.Enable(a, EnableOptions{}); err != nil {
+	if _, err := dp.Enable(a, EnableOptions{NoProbation: true}); err != nil {
 		t.Fatal(err)
 	}
 	if again, _, _ := dp.slotOf(a.ID); again != slotA {
@@ -155,7 +155,7 @@ func TestSlotTakenBackFromADisabledCgroup(t *testing.T) {
 		t.Cleanup(func() { os.Remove(dir) })
 	}
 	other := testutil.NewCgroup(t)
-	_, err = dp.Enable(other, EnableOptions{})
+	_, err = dp.Enable(other, EnableOptions{NoProbation: true})
 	if err == nil || !strings.Contains(err.Error(), other.Path) || !strings.Contains(err.Error(), "slots are in use") || !strings.Contains(err.Error(), "disable a cgroup") {
 		t.Fatalf("enable with every slot in use: %v; want an error naming the cgroup, saying the slots are in use and to disable a cgroup", err)
 	}

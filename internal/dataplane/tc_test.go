@@ -160,7 +160,7 @@ func TestTCAccountsStackEgressPerCgroup(t *testing.T) {
 			}
 
 			// Accelerated: the same transfer leaves the stack nearly idle.
-			if _, err := dp.Enable(cg, EnableOptions{TCDevices: devs}); err != nil {
+			if _, err := dp.Enable(cg, EnableOptions{TCDevices: devs, NoProbation: true}); err != nil {
 				t.Fatal(err)
 			}
 			before = counterOf(t, dp, cg.ID)
@@ -200,7 +200,7 @@ func TestTCAccountsStackEgressPerCgroup(t *testing.T) {
 				t.Errorf("after disable: tcx programs %d, filter %v, clsact qdisc %v", tcx, filter, clsact)
 			}
 			// Uninstall does too.
-			if _, err := dp.Enable(cg, EnableOptions{TCDevices: devs}); err != nil {
+			if _, err := dp.Enable(cg, EnableOptions{TCDevices: devs, NoProbation: true}); err != nil {
 				t.Fatal(err)
 			}
 			d2, err := Open(Options{PinDir: pinDir})

@@ -62,6 +62,15 @@ type CgroupCounters struct {
 	// late, and the pair dissolved).
 	LateBlocking uint64 `json:"late_blocking"`
 	MembersLeft  uint64 `json:"members_left"`
+	// SocketsProbation counts connections left plain because their
+	// listener was on probation (its first accepted socket not yet read:
+	// see "Probation" in bpf/sockbypass.h). SpliceReaders counts members
+	// read with splice that left the sockhash; SpliceStalled members
+	// read with splice while redirected bytes were unread (those bytes
+	// reach the program only through recvmsg).
+	SocketsProbation uint64 `json:"sockets_probation"`
+	SpliceReaders    uint64 `json:"splice_readers"`
+	SpliceStalled    uint64 `json:"splice_stalled"`
 }
 
 // Add adds o to c field by field.
@@ -105,6 +114,9 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.ConnectionsShortLived += o.ConnectionsShortLived
 	c.LateBlocking += o.LateBlocking
 	c.MembersLeft += o.MembersLeft
+	c.SocketsProbation += o.SocketsProbation
+	c.SpliceReaders += o.SpliceReaders
+	c.SpliceStalled += o.SpliceStalled
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -150,6 +162,9 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		ConnectionsShortLived: c.ConnectionsShortLived - o.ConnectionsShortLived,
 		LateBlocking:          c.LateBlocking - o.LateBlocking,
 		MembersLeft:           c.MembersLeft - o.MembersLeft,
+		SocketsProbation:      c.SocketsProbation - o.SocketsProbation,
+		SpliceReaders:         c.SpliceReaders - o.SpliceReaders,
+		SpliceStalled:         c.SpliceStalled - o.SpliceStalled,
 	}
 }
 

@@ -129,6 +129,8 @@ var behaviours = []struct {
 		"FIONREAD on an accelerated socket counts only the bytes that came through the stack, so a reader that trusts it (nginx) stalls on redirected bytes"},
 	{"bpf_rdonly_cast", "", "kfunc",
 		"sk_msg could not read its own and its peer's state with plain loads before every message (whether either turned blocking or is leaving)"},
+	{"btf_trace_tcp_rcv_space_adjust", "", "tracepoint",
+		"nothing could tell how a socket is read (recvmsg, or splice that never sees redirected bytes), so listeners could not end their probation and splice readers would hang"},
 	{"sk_psock", "msg_tot_len", "field",
 		"a sender cannot read how many redirected bytes its reader has not read yet, so a stalled reader would let it queue without bound and a leaving member could not be removed without discarding them"},
 }

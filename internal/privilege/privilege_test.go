@@ -97,22 +97,28 @@ func specWith(t *testing.T, withMsgTotLen bool, names ...string) *btf.Spec {
 // refused with the missing piece, its consequence and the kernel to use
 // instead.
 func TestBehaviourChecksNameWhatIsMissing(t *testing.T) {
-	if err := checkBehaviour(specWith(t, true, "tcp_bpf_ioctl", "bpf_rdonly_cast")); err != nil {
+	if err := checkBehaviour(specWith(t, true, "tcp_bpf_ioctl", "bpf_rdonly_cast", "btf_trace_tcp_rcv_space_adjust")); err != nil {
 		t.Fatalf("a kernel with all three refused: %v", err)
 	}
-	err := checkBehaviour(specWith(t, true, "bpf_rdonly_cast"))
+	err := checkBehaviour(specWith(t, true, "bpf_rdonly_cast", "btf_trace_tcp_rcv_space_adjust"))
 	for _, w := range []string{"function tcp_bpf_ioctl", "FIONREAD", "6.12"} {
 		if !errors.Is(err, ErrKernelUnsupported) || !strings.Contains(err.Error(), w) {
 			t.Errorf("without tcp_bpf_ioctl: %v, want ErrKernelUnsupported mentioning %q", err, w)
 		}
 	}
-	err = checkBehaviour(specWith(t, true, "tcp_bpf_ioctl"))
+	err = checkBehaviour(specWith(t, true, "tcp_bpf_ioctl", "btf_trace_tcp_rcv_space_adjust"))
 	for _, w := range []string{"kfunc bpf_rdonly_cast", "6.12"} {
 		if !errors.Is(err, ErrKernelUnsupported) || !strings.Contains(err.Error(), w) {
 			t.Errorf("without bpf_rdonly_cast: %v, want ErrKernelUnsupported mentioning %q", err, w)
 		}
 	}
-	err = checkBehaviour(specWith(t, false, "tcp_bpf_ioctl", "bpf_rdonly_cast"))
+	err = checkBehaviour(specWith(t, true, "tcp_bpf_ioctl", "bpf_rdonly_cast"))
+	for _, w := range []string{"tracepoint btf_trace_tcp_rcv_space_adjust", "splice", "6.12"} {
+		if !errors.Is(err, ErrKernelUnsupported) || !strings.Contains(err.Error(), w) {
+			t.Errorf("without the tcp_rcv_space_adjust tracepoint: %v, want ErrKernelUnsupported mentioning %q", err, w)
+		}
+	}
+	err = checkBehaviour(specWith(t, false, "tcp_bpf_ioctl", "bpf_rdonly_cast", "btf_trace_tcp_rcv_space_adjust"))
 	for _, w := range []string{"field sk_psock.msg_tot_len", "not read yet", "6.12"} {
 		if !errors.Is(err, ErrKernelUnsupported) || !strings.Contains(err.Error(), w) {
 			t.Errorf("without sk_psock.msg_tot_len: %v, want ErrKernelUnsupported mentioning %q", err, w)

@@ -116,6 +116,16 @@ type Figures struct {
 	LateStackOptions uint64 `json:"late_stack_options"`
 	LateBlocking     uint64 `json:"late_blocking"`
 	MembersLeft      uint64 `json:"members_left"`
+	// SocketsProbation counts connections to the cgroup's listeners left
+	// plain TCP while the listener was on probation (until one of its
+	// accepted sockets is read with recvmsg, without blocking).
+	// SpliceReaders counts members read with splice that left the
+	// sockhash; SpliceStalled members read with splice while redirected
+	// bytes were waiting (those connections stall until their program
+	// reads with recvmsg).
+	SocketsProbation uint64 `json:"sockets_probation"`
+	SpliceReaders    uint64 `json:"splice_readers"`
+	SpliceStalled    uint64 `json:"splice_stalled"`
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
@@ -169,6 +179,9 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		LateStackOptions:          c.LateStackOptions,
 		LateBlocking:              c.LateBlocking,
 		MembersLeft:               c.MembersLeft,
+		SocketsProbation:          c.SocketsProbation,
+		SpliceReaders:             c.SpliceReaders,
+		SpliceStalled:             c.SpliceStalled,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
