@@ -56,7 +56,7 @@ func enable(t testing.TB, dp *dataplane.Dataplane, cgs ...cgroup.Cgroup) {
 		return
 	}
 	for _, cg := range cgs {
-		if _, err := dp.Enable(cg, dataplane.EnableOptions{}); err != nil {
+		if _, err := dp.Enable(cg, dataplane.EnableOptions{NoProbation: true}); err != nil {
 			t.Fatalf("enable %s: %v", cg.Path, err)
 		}
 	}

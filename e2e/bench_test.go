@@ -49,7 +49,7 @@ func plainAndAccelerated(tb testing.TB) (dp *dataplane.Dataplane, plain, accel c
 	tb.Helper()
 	dp = dptest.Install(tb)
 	plain, accel = testutil.NewCgroup(tb), testutil.NewCgroup(tb)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{NoProbation: true}); err != nil {
 		tb.Fatal(err)
 	}
 	return dp, plain, accel
@@ -90,7 +90,7 @@ func compareTCCost(tb testing.TB, dp *dataplane.Dataplane, runs int, dur time.Du
 	tb.Cleanup(func() { dp.Disable(owner.ID) })
 	results, err := workload.CompareModes(tcCostCases, runs, dur, nil, func(withTC bool) (cgroup.Cgroup, error) {
 		if withTC {
-			_, err := dp.Enable(owner, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}})
+			_, err := dp.Enable(owner, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}, NoProbation: true})
 			return plain, err
 		}
 		_, err := dp.Disable(owner.ID)

@@ -76,7 +76,7 @@ func comparePerMessage(tb testing.TB, cases []workload.Case, runs int, dur time.
 	tb.Helper()
 	dp := dptest.Install(tb)
 	plain, minCg, accel, emptyCg := testutil.NewCgroup(tb), testutil.NewCgroup(tb), testutil.NewCgroup(tb), testutil.NewCgroup(tb)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{NoProbation: true}); err != nil {
 		tb.Fatal(err)
 	}
 	min, err := minimal.Attach(minCg.Path)

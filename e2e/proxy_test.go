@@ -36,7 +36,16 @@ func buildSpliceProxy(t *testing.T, dir string) string {
 // port, its upstream connections because the proxy listens on a stack
 // port (see stack_procs in bpf/sockbypass.h), and the nginx A -> nginx B
 // hop is still accelerated.
-func TestGoSpliceProxyWithItsPortAsStackPort(t *testing.T) {
+func TestGoSpliceProxyWithItsPortAsStackPort(t *testing.T) { goSpliceProxy(t, true) }
+
+// TestGoSpliceProxyByDefault runs the same chain with default settings:
+// the proxy's listener is on probation, so its first connection stays
+// plain, and its splice marks the listener and the proxy process, so the
+// later ones do too; nothing stalls, and the nginx A -> nginx B hop is
+// accelerated once nginx B's listener is proven.
+func TestGoSpliceProxyByDefault(t *testing.T) { goSpliceProxy(t, false) }
+
+func goSpliceProxy(t *testing.T, stackPorts bool) {
 	dp := appsDataplane(t)
 	requireTool(t, "nginx")
 	requireTool(t, "curl")
@@ -56,7 +65,11 @@ func TestGoSpliceProxyWithItsPortAsStackPort(t *testing.T) {
 	ports := testutil.FreePorts(t, 4)
 	proxyPort, nginxPort, nginxBPort, digestPort := ports[0], ports[1], ports[2], ports[3]
 	if !plainMode() {
-		if _, err := dp.Enable(cg, dataplane.EnableOptions{StackPorts: []uint16{uint16(proxyPort)}}); err != nil {
+		opts := dataplane.EnableOptions{}
+		if stackPorts {
+			opts.StackPorts = []uint16{uint16(proxyPort)}
+		}
+		if _, err := dp.Enable(cg, opts); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -95,6 +108,13 @@ func TestGoSpliceProxyWithItsPortAsStackPort(t *testing.T) {
 	d := counters(t, dp, cg).Sub(before)
 	t.Logf("cgroup: %s", counterSummary(d))
 	if plainMode() {
+		return
+	}
+	if !stackPorts {
+		if d.SpliceStalled != 0 || d.SocketsProbation == 0 || d.RedirectedBytes < uint64(len(big)) {
+			t.Errorf("%d sessions by default: %d stalled splice readers, %d connections on probation, %d bytes redirected; want none, some, and at least %d (the nginx A -> nginx B hop)",
+				sessions, d.SpliceStalled, d.SocketsProbation, d.RedirectedBytes, len(big))
+		}
 		return
 	}
 	// Each session: curl -> proxy (server port) and proxy -> nginx A (a

@@ -58,7 +58,7 @@ func TestSidecarBypassRatioMatchesTheHops(t *testing.T) {
 		t.Errorf("bypass ratio %.3f, want about 0.5: one hop of two was bypassed", r)
 	}
 
-	if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{}); err != nil {
+	if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{NoProbation: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := dp.RefreshNodeAddrs(); err != nil {

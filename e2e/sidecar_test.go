@@ -65,7 +65,7 @@ func newIstioSidecarPods(t *testing.T) (*sidecarPods, *dataplane.Dataplane) {
 	dp := dptest.Install(t)
 	s.redirectOn(t)
 	mesh := dataplane.MeshPresets["istio"]
-	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+	if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh, NoProbation: true}); err != nil {
 		t.Fatal(err)
 	}
 	return s, dp
@@ -645,10 +645,10 @@ func TestSidecarModes(t *testing.T) {
 			}
 			appDevs := []dataplane.TCDevice{{NetnsPath: s.app.Netns.Path(), Name: "lo"}, {NetnsPath: s.app.Netns.Path(), Name: "sbxma"}}
 			srvDevs := []dataplane.TCDevice{{NetnsPath: s.server.Netns.Path(), Name: "lo"}, {NetnsPath: s.server.Netns.Path(), Name: "sbxmb"}}
-			if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh, TCDevices: appDevs}); err != nil {
+			if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh, TCDevices: appDevs, NoProbation: true}); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{TCDevices: srvDevs}); err != nil {
+			if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{TCDevices: srvDevs, NoProbation: true}); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := dp.RefreshNodeAddrs(); err != nil {
@@ -773,10 +773,10 @@ func compareSidecar(t testing.TB, intercept bool, runs int, dur time.Duration) (
 		}
 		redirecting = wantRedirect
 		if accelerated {
-			if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+			if _, err := dp.Enable(s.app.Cgroup, dataplane.EnableOptions{Mesh: &mesh, NoProbation: true}); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{}); err != nil {
+			if _, err := dp.Enable(s.server.Cgroup, dataplane.EnableOptions{NoProbation: true}); err != nil {
 				t.Fatal(err)
 			}
 			dp.RefreshNodeAddrs()
@@ -849,7 +849,7 @@ func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	mesh := dataplane.MeshPresets["istio"]
 	for p, veth := range map[*testutil.Pod]string{s.app: "sbxma", s.server: "sbxmb"} {
 		devs := []dataplane.TCDevice{{NetnsPath: p.Netns.Path(), Name: "lo"}, {NetnsPath: p.Netns.Path(), Name: veth}}
-		if _, err := dp.Enable(p.Cgroup, dataplane.EnableOptions{Mesh: &mesh, TCDevices: devs}); err != nil {
+		if _, err := dp.Enable(p.Cgroup, dataplane.EnableOptions{Mesh: &mesh, TCDevices: devs, NoProbation: true}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -903,7 +903,7 @@ func TestInterceptIPv6AnswersOriginalDestination(t *testing.T) {
 	dp := dptest.Install(t)
 	mesh := dataplane.MeshPresets["istio"]
 	mesh.Intercept = true
-	if _, err := dp.Enable(app.Cgroup, dataplane.EnableOptions{Mesh: &mesh}); err != nil {
+	if _, err := dp.Enable(app.Cgroup, dataplane.EnableOptions{Mesh: &mesh, NoProbation: true}); err != nil {
 		t.Fatal(err)
 	}
 	// The sidecar lives in the pod's cgroup, as a real one does.

@@ -19,7 +19,7 @@ func TestAccountOnlyShowsWhatWouldBeRedirected(t *testing.T) {
 	cg := testutil.NewCgroup(t)
 	outside := testutil.NewCgroup(t)
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	mustSockbypass(t, "enable", "--account-only", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--account-only", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	const size = 4 << 20
 	// The dry pair forms at ESTABLISHED; send once stats counts it.
 	transferWhen(t, cg, size, "the dry pair was not counted", func() bool {

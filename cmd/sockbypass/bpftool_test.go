@@ -60,7 +60,7 @@ func TestReadmeBpftoolTableMatchesBpftool(t *testing.T) {
 		t.Skipf("bpftool not found: %v", err)
 	}
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir)
 	bt := func(args ...string) string {
 		t.Helper()
 		out, err := exec.Command(bpftool, args...).CombinedOutput()

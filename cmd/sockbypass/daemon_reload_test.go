@@ -89,7 +89,7 @@ func TestDaemonReloadsConfigMapSwapAndReadinessTellsTheTruth(t *testing.T) {
 	b := testutil.NewCgroup(t)
 	addr := testutil.FreeAddr(t)
 	conf := func(cgroups string) string {
-		return fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: %s\nrescanInterval: 200ms\nrequireMatch: true\n", cgroups, addr)
+		return fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nnoProbation: true\nmetricsAddr: %s\nrescanInterval: 200ms\nrequireMatch: true\n", cgroups, addr)
 	}
 	cm := newConfigMapDir(t, conf(a.Path))
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })

@@ -149,7 +149,7 @@ func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) 
 
 func TestDaemonKill9DuringTransfersLosesNothingAndRestartAdopts(t *testing.T) {
 	pinDir, cg := newInstallDir(t)
-	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", cg.Path), cg)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nnoProbation: true\nmetricsAddr: ''\nrescanInterval: 200ms\n", cg.Path), cg)
 
 	l := echoListener(t, cg)
 	const conns = 32
@@ -233,7 +233,7 @@ func TestDaemonNoticesRemovedCgroupAndKeepsServing(t *testing.T) {
 		pods = append(pods, cg)
 	}
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: ['%s/pod-*']\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", parent.Path), pods...)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: ['%s/pod-*']\ntcDevices: []\nnoProbation: true\nmetricsAddr: ''\nrescanInterval: 200ms\n", parent.Path), pods...)
 
 	if err := os.Remove(pods[1].Path); err != nil {
 		t.Fatal(err)
@@ -265,7 +265,7 @@ func TestDaemonNoticesRemovedCgroupAndKeepsServing(t *testing.T) {
 
 func TestDaemonSockhashFullFallsBackAndSaysSo(t *testing.T) {
 	pinDir, cg := newInstallDir(t)
-	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\nsockhashSize: 4\n", cg.Path), cg)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nnoProbation: true\nmetricsAddr: ''\nrescanInterval: 200ms\nsockhashSize: 4\n", cg.Path), cg)
 
 	l := echoListener(t, cg)
 	var conns []net.Conn
@@ -299,7 +299,7 @@ func TestTenThousandShortConnectionsLeakNothing(t *testing.T) {
 	// --all-connections: every one of these short connections pairs
 	// (by default the listener would soon leave them plain), so each
 	// goes through the whole insert and remove bookkeeping.
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--all-connections", "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--no-tc", "--all-connections", "--bpffs-dir", pinDir)
 	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
 	transfer.ServeDiscard(l)
 	const n = 10000
@@ -387,7 +387,7 @@ func TestDaemonRefusesBadConfigsAndKeepsThePreviousOnReload(t *testing.T) {
 	a := testutil.NewCgroup(t)
 	b := testutil.NewCgroup(t)
 	cfgPath := filepath.Join(dir, "config.yaml")
-	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", a.Path))
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nnoProbation: true\nmetricsAddr: ''\nrescanInterval: 200ms\n", a.Path))
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
 	d := startDaemon(t, pinDir, cfgPath)
 	waitEnabled(t, pinDir, d, a)
@@ -404,17 +404,17 @@ func TestDaemonRefusesBadConfigsAndKeepsThePreviousOnReload(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	waitEnabled(t, pinDir, d, a) // the previous configuration stays
 
-	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s, %s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", a.Path, b.Path))
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s, %s]\ntcDevices: []\nnoProbation: true\nmetricsAddr: ''\nrescanInterval: 200ms\n", a.Path, b.Path))
 	d.cmd.Process.Signal(syscall.SIGHUP)
 	waitEnabled(t, pinDir, d, a, b)
-	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\n", b.Path))
+	writeConfig(t, cfgPath, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nnoProbation: true\nmetricsAddr: ''\nrescanInterval: 200ms\n", b.Path))
 	d.cmd.Process.Signal(syscall.SIGHUP)
 	waitEnabled(t, pinDir, d, b) // detaches what the config no longer names
 }
 
 func TestUpgradeCommand(t *testing.T) {
 	pinDir, cg := newInstallDir(t)
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir)
 	before := statusOf(t, pinDir)
 	code, out, errOut := sockbypass(t, "upgrade", "--bpffs-dir", pinDir)
 	if code != 0 || !strings.Contains(out, "upgraded: programs of 1 cgroup(s), 1 TC device(s)") {
@@ -447,7 +447,7 @@ func TestDaemonFlagsAndFailuresBeforeState(t *testing.T) {
 	}
 
 	pinDir, cg := newInstallDir(t)
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir)
 	pin := filepath.Join(pinDir, "cgroups", strconv.FormatUint(cg.ID, 10))
 	before := testutil.LinkProgramID(t, pin)
 	busy, err := net.Listen("tcp4", "127.0.0.1:0")

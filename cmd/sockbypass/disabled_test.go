@@ -72,7 +72,7 @@ func (lc *liveConn) send(t *testing.T, n int) {
 // unattributed always add up to the status totals.
 func TestDisabledCgroupWithLiveSocketsStaysVisible(t *testing.T) {
 	pinDir, cg := newInstallDir(t)
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	lc := openLiveConn(t, cg)
 	lc.send(t, 1<<20)
 	mustSockbypass(t, "disable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
@@ -169,7 +169,7 @@ func TestStatusJSONIsASupersetOfStatsJSON(t *testing.T) {
 	a, b := testutil.NewCgroup(t), testutil.NewCgroup(t)
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
 	for _, cg := range []cgroup.Cgroup{a, b} {
-		mustSockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
+		mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	}
 	trafficIn(t, pinDir, a, 1<<20)
 	lc := openLiveConn(t, b)

@@ -222,7 +222,7 @@ func worldExecutableCopy(t *testing.T) string {
 
 func TestDisableRemovedCgroupByID(t *testing.T) {
 	pinDir, cg := newInstallDir(t)
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--no-tc", "--bpffs-dir", pinDir)
 	if err := os.Remove(cg.Path); err != nil {
 		t.Fatal(err)
 	}

@@ -19,7 +19,7 @@ func TestMessagesNameTheInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	code, _, errOut := sockbypass(t, "daemon", "--config", file)
-	if code == 0 || !strings.Contains(errOut, "line 2: unknown key rescanIntervall (valid keys: cgroups, tcDevices, accountOnly, allConnections, stackPorts, metricsAddr, logLevel, rescanInterval,") ||
+	if code == 0 || !strings.Contains(errOut, "line 2: unknown key rescanIntervall (valid keys: cgroups, tcDevices, accountOnly, allConnections, noProbation, stackPorts, metricsAddr, logLevel, rescanInterval,") ||
 		strings.Contains(errOut, "config.Config") {
 		t.Errorf("unknown key: exit %d, stderr %q", code, errOut)
 	}

@@ -85,7 +85,7 @@ func statsJSON(t *testing.T, pinDir string) stats.Report {
 
 func TestStatsShowsRedirectedAndStackBytes(t *testing.T) {
 	pinDir, cg := newInstallDir(t)
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	trafficIn(t, pinDir, cg, 4<<20)
 	r := statsJSON(t, pinDir)
 	// No TC device by default: the stack side is counted at the
@@ -103,7 +103,7 @@ func TestStatsShowsRedirectedAndStackBytes(t *testing.T) {
 		t.Errorf("human stats: exit %d\n%s", code, out)
 	}
 	// A TC device adds its view.
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--tc-dev", "lo", "--bpffs-dir", pinDir)
 	trafficIn(t, pinDir, cg, 1<<20)
 	if r := statsJSON(t, pinDir); len(r.TCDevices) != 1 || r.TCDevices[0].Name != "lo" || r.Cgroups[0].TCEgressPackets == 0 {
 		t.Errorf("with --tc-dev lo: tc devices %+v, cgroups %+v", r.TCDevices, r.Cgroups)

@@ -109,7 +109,7 @@ func TestDaemonConvergesOnItsTCDevices(t *testing.T) {
 	podLo := netns.Path() + ":lo"
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
 	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: [lo]\nmetricsAddr: ''\nrescanInterval: 100ms\n", cg.Path), cg)
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--tc-dev", podLo, "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--tc-dev", "lo", "--tc-dev", podLo, "--bpffs-dir", pinDir)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		got := tcDevicesOf(t, pinDir)

@@ -81,7 +81,7 @@ func NewEnv() (env *Env, err error) {
 	if env.Accel, err = env.newMode("accel", true); err != nil {
 		return nil, err
 	}
-	if _, err := dp.Enable(env.Accel.Cgroup, dataplane.EnableOptions{}); err != nil {
+	if _, err := dp.Enable(env.Accel.Cgroup, dataplane.EnableOptions{NoProbation: true}); err != nil {
 		return nil, fmt.Errorf("enable %s: %w", env.Accel.Cgroup.Path, err)
 	}
 

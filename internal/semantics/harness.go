@@ -246,7 +246,10 @@ func Install(pinDir string, plain, accel cgroup.Cgroup, netns ns.NetNS) (s Setup
 		}
 		dp.Close()
 	}
-	opts := dataplane.EnableOptions{StackPorts: []uint16{StackPort}}
+	// Each case makes a listener of its own and measures how its first
+	// connection behaves once accelerated: no probation (which would keep
+	// that connection plain; see "Probation" in bpf/sockbypass.h).
+	opts := dataplane.EnableOptions{StackPorts: []uint16{StackPort}, NoProbation: true}
 	if _, err := dp.Enable(accel, opts); err != nil {
 		close()
 		return Setup{}, nil, err
