@@ -41,6 +41,8 @@ func runDaemon(e *env, args []string) error {
 	fs.BoolVar(&cleanupOnExit, "cleanup-on-exit", false, "uninstall everything on SIGTERM/SIGINT (default: leave acceleration in place)")
 	fs.Var(&cgroups, "cgroup", "without --config: cgroup path or glob to keep enabled (repeatable)")
 	fs.Var(&tcDevs, "tc-dev", "without --config: interface whose egress TC also accounts (repeatable; none by default)")
+	var noProbation bool
+	fs.BoolVar(&noProbation, "no-probation", false, "without --config: pair a new listener's first connections too (as enable --no-probation)")
 	fs.StringVar(&metricsAddr, "metrics-addr", config.DefaultMetricsAddr, "without --config: address of /metrics and /healthz; empty disables")
 	// The daemon logs at info unless told otherwise (--log-level, or
 	// logLevel in the file): what it changes is its output.
@@ -62,8 +64,8 @@ func runDaemon(e *env, args []string) error {
 	}
 	load := func() (*config.Config, error) { return config.Load(configPath) }
 	if configPath == "" {
-		if len(tcDevs) > 0 || len(cgroups) > 0 || metricsAddr != config.DefaultMetricsAddr {
-			data, err := flagsConfig(cgroups, tcDevs, metricsAddr)
+		if len(tcDevs) > 0 || len(cgroups) > 0 || metricsAddr != config.DefaultMetricsAddr || noProbation {
+			data, err := flagsConfig(cgroups, tcDevs, metricsAddr, noProbation)
 			if err != nil {
 				return err
 			}
@@ -86,8 +88,8 @@ func runDaemon(e *env, args []string) error {
 		} else {
 			load = func() (*config.Config, error) { return config.Parse([]byte("cgroups: []\n")) }
 		}
-	} else if len(cgroups) > 0 || len(tcDevs) > 0 {
-		return usagef("--config and --cgroup/--tc-dev contradict each other: put the cgroups in the file")
+	} else if len(cgroups) > 0 || len(tcDevs) > 0 || noProbation {
+		return usagef("--config and --cgroup/--tc-dev/--no-probation contradict each other: put the cgroups and settings in the file")
 	} else if flagSet(fs, "metrics-addr") {
 		return usagef("--config and --metrics-addr contradict each other: set metricsAddr in the file")
 	}
@@ -214,8 +216,11 @@ var (
 )
 
 // flagsConfig writes the daemon flags as a configuration file.
-func flagsConfig(cgroups, tcDevs []string, metricsAddr string) ([]byte, error) {
+func flagsConfig(cgroups, tcDevs []string, metricsAddr string, noProbation bool) ([]byte, error) {
 	doc := map[string]any{"cgroups": cgroups, "metricsAddr": metricsAddr}
+	if noProbation {
+		doc["noProbation"] = true
+	}
 	if cgroups == nil {
 		doc["cgroups"] = []string{}
 	}

@@ -104,7 +104,7 @@ func TestDaemonReloadsConfigMapSwapAndReadinessTellsTheTruth(t *testing.T) {
 
 	cm.update(t, conf(b.Path)+"bogus: true\n")
 	body := waitHTTP(t, d, readyz, http.StatusServiceUnavailable, "reload refused")
-	if !strings.Contains(body, "line 6") {
+	if !strings.Contains(body, "line 7") {
 		t.Errorf("/readyz does not name the bad line: %q", body)
 	}
 	waitHTTP(t, d, metricsURL, http.StatusOK, "sockbypass_config_reload_failures_total 1")

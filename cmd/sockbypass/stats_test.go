@@ -124,7 +124,7 @@ func TestMetricsEndpointMatchesStats(t *testing.T) {
 	pinDir, cg := newInstallDir(t)
 
 	addr := testutil.FreeAddr(t)
-	daemon := exec.Command(os.Args[0], "daemon", "--metrics-addr", addr, "--cgroup", cg.Path, "--bpffs-dir", pinDir)
+	daemon := exec.Command(os.Args[0], "daemon", "--metrics-addr", addr, "--no-probation", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	daemon.Env = append(os.Environ(), "SOCKBYPASS_TEST_MAIN=1")
 	daemon.Stderr = os.Stderr
 	if err := daemon.Start(); err != nil {

@@ -256,3 +256,36 @@ func (d *Dataplane) enabledCgroups() ([]cgroup.Cgroup, error) {
 	}
 	return cgs, nil
 }
+
+// stackProcSplicer mirrors STACK_PROC_SPLICER, the splicer bit of a
+// stack_procs value.
+const stackProcSplicer = 1 << 63
+
+// ForgetSplicer makes the datapath forget that the process tgid (as the
+// initial pid namespace numbers it) splices (see "Probation" in
+// bpf/sockbypass.h), so its next connections may pair again. For tools
+// that splice on purpose and then measure pairing in the same process
+// (doctor); nothing to do when the process is not known as a splicer.
+func (d *Dataplane) ForgetSplicer(tgid uint32) error {
+	m := d.maps[PinStackProcs]
+	var v uint64
+	if err := m.Lookup(tgid, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return fmt.Errorf("forget splicer %d: %w", tgid, err)
+	}
+	if v&stackProcSplicer == 0 {
+		return nil
+	}
+	var err error
+	if v &^= stackProcSplicer; v == 0 {
+		err = m.Delete(tgid)
+	} else {
+		err = m.Put(tgid, v)
+	}
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("forget splicer %d: %w", tgid, err)
+	}
+	return nil
+}

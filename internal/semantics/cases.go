@@ -75,7 +75,7 @@ func howLeaving(how string) string {
 
 // howSplice says why the splice readers of what cannot be kept.
 func howSplice(what string) string {
-	return "no hook sees splice(2) before it reads: a member's bytes are all redirected, and splice, which reads only the stack queue, sees the FIN and no data (" + what + "); list the splicing proxy's own port in --stack-ports: the connections it accepts there and those it makes while it listens there stay plain TCP"
+	return "doctor measures a listener's first connection with --no-probation: its bytes are redirected before the first splice, which reads only the stack queue and sees the FIN and no data (" + what + "); by default a new listener's connections stay plain until one is read with recvmsg, and a splice keeps the listener's and the process's later connections plain; list the proxy's own port in --stack-ports to keep them plain from the start"
 }
 
 // Cases returns every case, in a stable order.
@@ -97,8 +97,7 @@ func Cases() []Case {
 		{Name: "SO_RCVLOWAT set on the listener after listen()", Expect: Fallback, How: howStackOptions, Counter: "rcvlowat", Run: caseRcvlowatAfterListen},
 		{Name: "TCP_INQ set on the listener", Expect: Fallback, How: howStackOptions, Counter: "tcp_inq", Run: caseTCPInq},
 		{Name: "MSG_OOB with SO_OOBINLINE set on the listener", Expect: Fallback, How: howStackOptions, Counter: "oobinline", Run: caseOOBInline},
-		{Name: "splice(2) from the socket (never read with recvmsg)", Expect: Limitation, How: howSplice("HAProxy in splice mode"), Run: caseSpliceOnly,
-			Limit: `spliced 0 bytes sha256:e3b0c44298fc, equal=false, end""`},
+		{Name: "splice(2) from the socket (never read with recvmsg)", Expect: Fallback, How: "the stack-read tracer (tp_btf/tcp_rcv_space_adjust) sees the first splice, even of an empty queue: a member with nothing redirected unread leaves the sockhash with its pair, its bytes take the stack and splice reads them (bytes redirected before the first splice stall: see the Go proxy row)", Counter: "splice_readers", Run: caseSpliceOnly},
 		{Name: "Go io.Copy TCP->TCP proxy (splice)", Expect: Limitation, How: howSplice("Go's io.Copy between two TCPConns splices"), Run: caseGoProxy,
 			Limit: `proxy copied 0; server got 0 bytes sha256:e3b0c44298fc, equal=false, end""`},
 		{Name: "Go io.Copy TCP->TCP proxy (splice) with its port in --stack-ports", Expect: Fallback, How: "sock_ops leaves out of the pair handshake a connection whose server port the cgroup of either end lists in --stack-ports, and every connection a process makes while it listens on a stack port of its cgroup (the proxy's to its server): they stay plain TCP, and splice reads them", Counter: "stack_port", Run: caseGoProxyStackPort},
@@ -113,8 +112,7 @@ func Cases() []Case {
 		{Name: "client made blocking after bytes were redirected, sends, then FIONREAD on the reply", Expect: FastPath, How: howLeaving("the client's own sk_msg sees its file turn blocking"), Counter: "late_blocking", Run: caseClientBlockingLater},
 		{Name: "MSG_OOB without SO_OOBINLINE", Expect: Limitation, How: "no hook sees send flags before sk_msg: the urgent byte is redirected inline", Run: caseOOB,
 			Limit: `stream="abcde" urgent=error EAGAIN`},
-		{Name: "recv, then splice(2) on the same socket", Expect: Limitation, How: howSplice("a Go proxy that reads, then io.Copy; HAProxy splicing after its first recv"), Run: caseRecvThenSplice,
-			Limit: `spliced 0 bytes sha256:e3b0c44298fc, equal=false, end""`},
+		{Name: "recv, then splice(2) on the same socket", Expect: Fallback, How: "the stack-read tracer (tp_btf/tcp_rcv_space_adjust) sees the splice: a member with nothing redirected unread leaves the sockhash with its pair, its later bytes take the stack and splice reads them (with redirected bytes unread it would stall: splice_stalled)", Counter: "splice_readers", Run: caseRecvThenSplice},
 	}
 }
 

@@ -3,6 +3,7 @@ package semantics
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -87,6 +88,10 @@ type Setup struct {
 	// Disrupt disables, uninstalls and installs again (an upgrade).
 	Disrupt  func() error
 	Counters func() (dataplane.CgroupCounters, error)
+	// ForgetSplicer, when set, makes the datapath forget that this
+	// process splices (the splice cases teach it; the next case must
+	// start afresh).
+	ForgetSplicer func() error
 }
 
 // Env returns the environment a case gets: plain or accelerated, in mode.
@@ -127,6 +132,8 @@ func CounterValue(c dataplane.CgroupCounters, name string) uint64 {
 		return c.SocketsStackPort
 	case "late_blocking":
 		return c.LateBlocking
+	case "splice_readers":
+		return c.SpliceReaders
 	case "members_left":
 		return c.MembersLeft
 	}
@@ -151,6 +158,11 @@ func RunCase(c Case, mode Mode, s Setup) Result {
 	}
 	accel, err := c.Run(s.Env(true, mode))
 	after, cerr := s.Counters()
+	if s.ForgetSplicer != nil {
+		if ferr := s.ForgetSplicer(); ferr != nil && cerr == nil {
+			cerr = ferr
+		}
+	}
 	r.Accelerated = accel
 	if err != nil {
 		r.Err = fmt.Sprintf("accelerated run: %v", err)
@@ -293,5 +305,6 @@ func Install(pinDir string, plain, accel cgroup.Cgroup, netns ns.NetNS) (s Setup
 			sum.Add(c[accel.ID])
 			return sum, err
 		},
+		ForgetSplicer: func() error { return dp.ForgetSplicer(uint32(os.Getpid())) },
 	}, close, nil
 }

@@ -2,6 +2,7 @@ package semantics
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -41,8 +42,8 @@ var pinned = map[string][2]string{
 	"SO_RCVLOWAT set on the listener after listen()":                                      {VerdictNotAccelerated, VerdictFallback},
 	"TCP_INQ set on the listener":                                                         {VerdictNotAccelerated, VerdictFallback},
 	"MSG_OOB with SO_OOBINLINE set on the listener":                                       {VerdictNotAccelerated, VerdictFallback},
-	"splice(2) from the socket (never read with recvmsg)":                                 {VerdictNotAccelerated, VerdictKnown},
-	"Go io.Copy TCP->TCP proxy (splice)":                                                  {VerdictNotAccelerated, VerdictKnown},
+	"splice(2) from the socket (never read with recvmsg)":                                 {VerdictNotAccelerated, VerdictFallback + "|" + VerdictPreserved},
+	"Go io.Copy TCP->TCP proxy (splice)":                                                  {VerdictNotAccelerated, VerdictKnown + "|" + VerdictPreserved},
 	"Go io.Copy TCP->TCP proxy (splice) with its port in --stack-ports":                   {VerdictNotAccelerated, VerdictFallback},
 	"a stalled reader makes its writer block (flow control)":                              {VerdictNotAccelerated, VerdictPreserved},
 	"slow reader holding 4+ MiB across disable and uninstall":                             {VerdictNotAccelerated, VerdictPreserved},
@@ -54,7 +55,7 @@ var pinned = map[string][2]string{
 	"server made blocking after bytes were redirected, FIONREAD on later bytes":           {VerdictNotAccelerated, VerdictPreserved},
 	"client made blocking after bytes were redirected, sends, then FIONREAD on the reply": {VerdictNotAccelerated, VerdictPreserved},
 	"MSG_OOB without SO_OOBINLINE":                                                        {VerdictNotAccelerated, VerdictKnown},
-	"recv, then splice(2) on the same socket":                                             {VerdictNotAccelerated, VerdictKnown},
+	"recv, then splice(2) on the same socket":                                             {VerdictNotAccelerated, VerdictFallback + "|" + VerdictPreserved},
 }
 
 func pinnedVerdict(t *testing.T, name string, mode Mode) string {
@@ -91,7 +92,10 @@ func TestTransparency(t *testing.T) {
 				if r.Mode != mode {
 					t.Errorf("result mode %q, want %q", r.Mode, mode)
 				}
-				if r.Verdict != want {
+				// "a|b": either (the splice rows: whether the first splice
+				// comes before the first redirected byte is a race the
+				// case does not fix).
+				if !slices.Contains(strings.Split(want, "|"), r.Verdict) {
 					t.Errorf("verdict %q, want %q", r.Verdict, want)
 				}
 				if mode == Blocking {
