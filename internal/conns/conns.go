@@ -105,7 +105,7 @@ type Conn struct {
 	// kubelet pod cgroup.
 	PodUID string `json:"pod_uid,omitempty"`
 	// CgroupID and Cgroup are its cgroup v2 id and path, relative to the
-	// cgroup v2 mount.
+	// cgroup v2 mount ("/app.slice/web", as stats shows it).
 	CgroupID uint64 `json:"cgroup_id"`
 	Cgroup   string `json:"cgroup"`
 	// PID and Comm are the process that holds it (0 and "" when no
@@ -275,13 +275,14 @@ func walkEnabled(mounts cgroup.Mounts, settings map[uint64]dataplane.CgroupSetti
 	return tree, pids, nil
 }
 
-// relPath is path relative to the cgroup v2 mount ("/" for the root).
+// relPath is path relative to the cgroup v2 mount, as stats and status
+// show it: "/app.slice/web" ("/" for the root).
 func relPath(mount, path string) string {
 	rel, err := filepath.Rel(mount, path)
 	if err != nil || rel == "." {
 		return "/"
 	}
-	return rel
+	return "/" + rel
 }
 
 var podRE = regexp.MustCompile(`pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})`)

@@ -10,9 +10,9 @@ var States = []string{StatePaired, StatePairing, StateLeaving, StatePlain}
 
 // Filter selects connections; its zero value selects every one.
 type Filter struct {
-	// Cgroup, a path relative to the cgroup v2 mount, selects the
-	// connections of that cgroup and of the cgroups below it ("" or "/":
-	// all).
+	// Cgroup, a path relative to the cgroup v2 mount (with or without
+	// the leading "/"), selects the connections of that cgroup and of the
+	// cgroups below it ("" or "/": all).
 	Cgroup string
 	// Port selects connections whose local or remote port it is (0: all).
 	Port uint16
@@ -41,7 +41,7 @@ func CheckState(s string) error {
 
 // Match reports whether f selects c.
 func (f Filter) Match(c Conn) bool {
-	if cg := strings.Trim(f.Cgroup, "/"); cg != "" {
+	if cg := "/" + strings.Trim(f.Cgroup, "/"); cg != "/" {
 		if c.Cgroup != cg && !strings.HasPrefix(c.Cgroup, cg+"/") {
 			return false
 		}
