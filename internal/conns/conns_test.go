@@ -1,11 +1,14 @@
 package conns
 
 import (
+	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -279,46 +282,105 @@ func TestCollectWalksTheNamespacesOfTheCgroupsProcesses(t *testing.T) {
 	}
 }
 
+// TestMain lets the benchmark run this binary as the server process that
+// holds the accepted ends (CONNS_BENCH_SERVER=N): one process may not hold
+// 20,000 descriptors here.
+func TestMain(m *testing.M) {
+	if n, err := strconv.Atoi(os.Getenv("CONNS_BENCH_SERVER")); err == nil {
+		benchServer(n)
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// benchServer listens on 127.0.0.1, prints its port, accepts n connections
+// and holds them, says "accepted" and exits when its stdin closes.
+func benchServer(n int) {
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		fmt.Println("error", err)
+		os.Exit(1)
+	}
+	fmt.Println(l.Addr().(*net.TCPAddr).Port)
+	held := make([]net.Conn, 0, n)
+	for range n {
+		c, err := l.Accept()
+		if err != nil {
+			fmt.Println("error", err)
+			os.Exit(1)
+		}
+		held = append(held, c)
+	}
+	fmt.Println("accepted")
+	io.Copy(io.Discard, os.Stdin)
+	for _, c := range held {
+		c.Close()
+	}
+}
+
 // BenchmarkCollect10000Connections times a full collection with 10,000
-// accelerated loopback connections (20,000 sockets) of an enabled cgroup:
-// go test -run '^$' -bench Collect10000 ./internal/conns
+// accelerated loopback connections (20,000 sockets) of an enabled cgroup,
+// their server ends held by a child process in the cgroup, their clients
+// by this one:
+//
+//	go test -run '^$' -bench Collect10000 ./internal/conns
 func BenchmarkCollect10000Connections(b *testing.B) {
 	const n = 10000
 	dp, cg, mounts := setup(b)
-	// 20,000 sockets and then some: raise the descriptor limit (root).
-	var old unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil || lim.Cur < n+1000 {
+		b.Fatalf("descriptor limit %d (%v): the benchmark needs %d", lim.Cur, err, n+1000)
+	}
+	cgfd, err := unix.Open(cg.Path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
 		b.Fatal(err)
 	}
-	if old.Cur < 4*n {
-		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: 4 * n, Max: max(old.Max, 4*n)}); err != nil {
-			b.Fatalf("raise the descriptor limit to %d: %v", 4*n, err)
-		}
-		b.Cleanup(func() { unix.Setrlimit(unix.RLIMIT_NOFILE, &old) })
+	defer unix.Close(cgfd)
+	server := exec.Command(os.Args[0])
+	server.Env = append(os.Environ(), "CONNS_BENCH_SERVER="+strconv.Itoa(n))
+	server.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgfd}
+	server.Stderr = os.Stderr
+	stdin, err := server.StdinPipe()
+	if err != nil {
+		b.Fatal(err)
 	}
-	l := testutil.ListenIn(b, cg, "tcp4", "127.0.0.1:0")
-	servers := make(chan net.Conn, n)
-	go func() {
-		for range n {
-			c, err := l.Accept()
-			if err != nil {
-				close(servers)
-				return
-			}
-			servers <- c
+	stdout, err := server.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := server.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		stdin.Close()
+		done := make(chan error, 1)
+		go func() { done <- server.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			server.Process.Kill()
+			<-done
 		}
-	}()
-	var clients []net.Conn
+	})
+	lines := bufio.NewScanner(stdout)
+	if !lines.Scan() {
+		b.Fatal("the server process said nothing")
+	}
+	port, err := strconv.Atoi(lines.Text())
+	if err != nil {
+		b.Fatalf("server process: %s", lines.Text())
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	clients := make([]net.Conn, 0, n)
 	b.Cleanup(func() {
 		for _, c := range clients {
 			c.Close()
 		}
 	})
-	var err error
 	testutil.InCgroup(b, cg, func() {
 		for range n {
 			var c net.Conn
-			if c, err = net.DialTimeout("tcp4", l.Addr().String(), 5*time.Second); err != nil {
+			if c, err = net.DialTimeout("tcp4", addr, 5*time.Second); err != nil {
 				return
 			}
 			clients = append(clients, c)
@@ -327,12 +389,8 @@ func BenchmarkCollect10000Connections(b *testing.B) {
 	if err != nil {
 		b.Fatalf("connection %d: %v", len(clients), err)
 	}
-	for range n {
-		c, ok := <-servers
-		if !ok {
-			b.Fatal("accept failed")
-		}
-		b.Cleanup(func() { c.Close() })
+	if !lines.Scan() || lines.Text() != "accepted" {
+		b.Fatalf("server process: %q", lines.Text())
 	}
 	list, err := Collect(dp, Options{Mounts: mounts})
 	if err != nil {
@@ -345,7 +403,7 @@ func BenchmarkCollect10000Connections(b *testing.B) {
 		}
 	}
 	if paired < 2*n*99/100 {
-		b.Fatalf("%d of %d connection ends listed, %d paired: want (nearly) all %d paired", len(list), 2*n, paired, 2*n)
+		b.Fatalf("%d connection ends listed, %d paired: want (nearly) all %d paired", len(list), paired, 2*n)
 	}
 	b.ResetTimer()
 	for b.Loop() {
