@@ -53,7 +53,7 @@ func runConns(e *env, args []string) error {
 	var asJSON bool
 	fs := newFlagSet("conns", e, &pinDir, &logLevel)
 	fs.BoolVar(&asJSON, "json", false, "print JSON for machines instead of a table")
-	fs.StringVar(&cgroupArg, "cgroup", "", "only connections of this cgroup and the cgroups below it (relative to the cgroup2 mount, or absolute)")
+	fs.StringVar(&cgroupArg, "cgroup", "", "only connections of this cgroup and the cgroups below it: as conns shows it (/app.slice/web, below the cgroup2 mount), or its absolute path")
 	fs.StringVar(&portArg, "port", "", "only connections whose local or remote port is N (1-65535)")
 	fs.StringVar(&state, "state", "", "only connections in this state ("+strings.Join(conns.States, ", ")+") or with this reason (e.g. blocking)")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
@@ -89,7 +89,13 @@ func runConns(e *env, args []string) error {
 	}
 	defer dp.Close()
 	if cgroupArg != "" {
-		cg, err := mounts.Resolve(cgroupArg)
+		arg := cgroupArg
+		if strings.HasPrefix(arg, "/") && arg != mounts.V2 && !strings.HasPrefix(arg, strings.TrimSuffix(mounts.V2, "/")+"/") {
+			// The form conns and stats print: relative to the mount,
+			// with a leading "/".
+			arg = strings.TrimPrefix(arg, "/")
+		}
+		cg, err := mounts.Resolve(arg)
 		if errors.Is(err, cgroup.ErrNotExist) {
 			return fmt.Errorf("--cgroup %q: no such cgroup below %s; name an enabled cgroup or one below it (see sockbypass status for the enabled cgroups)", cgroupArg, mounts.V2)
 		}
