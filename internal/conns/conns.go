@@ -75,9 +75,9 @@ var Reasons = []Reason{
 	{"left-with-peer", "was paired, left with its peer (which turned blocking or set a reader option)"},
 	{"account-only", "its cgroup is enabled with --account-only: counted, not accelerated (detail: whether it would pair)"},
 	{"mode-change", "made while its cgroup was account-only: it stays as it began"},
-	{"stack-process", "made by a process listening on a stack port (a splicing proxy)"},
+	{"stack-process", "made by a process listening on a stack port (a splicing proxy), or connected to one (detail: the peer)"},
 	{"stack-port", "its server port is a stack port (--stack-ports)"},
-	{"reader-option", "it (or its listener) set SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE"},
+	{"reader-option", "it, its peer or its listener set SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE"},
 	{"shared-endpoint", "sidecar mode: its app endpoint is shared by several sockets"},
 	{"remote-peer", "its peer is not local (another node, or a namespace of no enabled cgroup)"},
 	{"peer-closed", "its peer on this node is gone"},
@@ -723,6 +723,13 @@ func (c *collector) plainReason(r *sockRec) (code, detail string, err error) {
 	}
 	if f&dataplane.SockFlagStackReader != 0 {
 		return "reader-option", "", nil
+	}
+	// The client declines for these; its server only sees the decline.
+	if peerFlags&dataplane.SockFlagStackProcess != 0 {
+		return "stack-process", peerDetail(r.peer), nil
+	}
+	if peerFlags&dataplane.SockFlagStackReader != 0 {
+		return "reader-option", peerDetail(r.peer), nil
 	}
 	if r.peer == nil {
 		if r.s.Remote.Addr().IsLoopback() || r.s.Remote.Addr() == r.s.Local.Addr() {
