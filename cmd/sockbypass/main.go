@@ -39,6 +39,7 @@ var commands = map[string]command{
 	"disable":   disableCommand,
 	"status":    statusCommand,
 	"stats":     statsCommand,
+	"conns":     connsCommand,
 	"daemon":    daemonCommand,
 	"doctor":    doctorCommand,
 	"upgrade":   upgradeCommand,

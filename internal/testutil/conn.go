@@ -2,9 +2,13 @@ package testutil
 
 import (
 	"net"
+	"net/netip"
+	"os"
 	"strconv"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 )
@@ -72,4 +76,32 @@ func FreePorts(tb testing.TB, n int) []int {
 func FreeAddr(tb testing.TB) string {
 	tb.Helper()
 	return net.JoinHostPort("127.0.0.1", strconv.Itoa(FreePort(tb)))
+}
+
+// BlockingDialIn connects to addr ("127.0.0.1:PORT") with a blocking IPv4
+// socket created in cg (as a C client that never sets O_NONBLOCK does),
+// and returns it as a file. It fails tb on error and closes the socket
+// when tb ends.
+func BlockingDialIn(tb testing.TB, cg cgroup.Cgroup, addr string) *os.File {
+	tb.Helper()
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().Is4() {
+		tb.Fatalf("BlockingDialIn %q: want an IPv4 address and port (%v)", addr, err)
+	}
+	fd := -1
+	InCgroup(tb, cg, func() {
+		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return
+		}
+		if err = unix.Connect(fd, &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}); err != nil {
+			unix.Close(fd)
+		}
+	})
+	if err != nil {
+		tb.Fatalf("blocking connect to %s: %v", addr, err)
+	}
+	f := os.NewFile(uintptr(fd), "blocking client")
+	tb.Cleanup(func() { f.Close() })
+	return f
 }
