@@ -125,7 +125,7 @@ func newConnsScene(t *testing.T) *connsScene {
 	t.Helper()
 	s := &connsScene{}
 	s.pinDir, s.cg = newInstallDir(t)
-	mustSockbypass(t, "enable", "--cgroup", s.cg.Path, "--bpffs-dir", s.pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", s.cg.Path, "--bpffs-dir", s.pinDir)
 	l := testutil.ListenIn(t, s.cg, "tcp4", "127.0.0.1:0")
 	l2 := testutil.ListenIn(t, s.cg, "tcp4", "127.0.0.1:0")
 	s.port, s.otherPort = uint16(l.Addr().(*net.TCPAddr).Port), uint16(l2.Addr().(*net.TCPAddr).Port)
@@ -220,7 +220,7 @@ func TestConnsFilters(t *testing.T) {
 	}
 	// Another enabled cgroup: none of these.
 	other := testutil.NewCgroup(t)
-	mustSockbypass(t, "enable", "--cgroup", other.Path, "--bpffs-dir", s.pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", other.Path, "--bpffs-dir", s.pinDir)
 	if got := connsOf(t, s.pinDir, "--cgroup", other.Path); len(got) != 0 {
 		t.Errorf("--cgroup %s (no connections): %s", other.Path, keys(got))
 	}
@@ -249,7 +249,7 @@ func TestConnsRejectsUnknownFilterValues(t *testing.T) {
 
 	// Cgroups are checked against the installed state.
 	pinDir, cg := newInstallDir(t)
-	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
+	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	notEnabled := testutil.NewCgroup(t)
 	for arg, want := range map[string][]string{
 		"no-such-cgroup-for-conns": {`--cgroup "no-such-cgroup-for-conns"`, "no such cgroup", "sockbypass status"},

@@ -78,7 +78,7 @@ func setup(tb testing.TB) (*dataplane.Dataplane, cgroup.Cgroup, cgroup.Mounts) {
 	tb.Helper()
 	dp := dptest.Install(tb)
 	cg := testutil.NewCgroup(tb)
-	if _, err := dp.Enable(cg, dataplane.EnableOptions{}); err != nil {
+	if _, err := dp.Enable(cg, dataplane.EnableOptions{NoProbation: true}); err != nil {
 		tb.Fatal(err)
 	}
 	mounts, err := cgroup.ReadMounts()
