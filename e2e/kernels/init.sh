@@ -57,8 +57,8 @@ CG=/sys/fs/cgroup/t
 # enable with TC accounting on lo (a device view, off by default), and when
 # that fails, once more without TC, so a TC problem is told apart from the
 # rest.
-if ! step enable /bin/sockbypass enable --cgroup $CG --tc-dev lo; then
-	step enable_no_tc /bin/sockbypass enable --cgroup $CG --no-tc
+if ! step enable /bin/sockbypass enable --cgroup $CG --tc-dev lo --no-probation; then
+	step enable_no_tc /bin/sockbypass enable --cgroup $CG --no-tc --no-probation
 fi
 step status /bin/sockbypass status
 step transfer /bin/kguest transfer --cgroup $CG --sockbypass /bin/sockbypass
