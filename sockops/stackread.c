@@ -53,19 +53,6 @@ static __always_inline int recv_syscall(void)
 	return 0;
 }
 
-/* file_blocking reports whether the socket's file is blocking (0 when it
- * has none). */
-static __always_inline int file_blocking(struct sock *sk)
-{
-	struct socket *so = sk->sk_socket;
-	struct file *f;
-
-	if (!so)
-		return 0;
-	f = so->file;
-	return f && !(f->f_flags & O_NONBLOCK);
-}
-
 /* end_probation: the first read of an accepted socket whose listener was
  * on probation, by recvmsg: the listener is proven, or found to have
  * blocking children. */
@@ -77,7 +64,7 @@ static __noinline void end_probation(struct sock_state *state, struct sock *sk)
 	lf = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);
 	if (!lf)
 		return;
-	if (file_blocking(sk)) {
+	if (own_blocking((struct bpf_sock *)sk)) {
 		if (!(*lf & LISTENER_BLOCKING_CHILDREN)) {
 			__sync_fetch_and_or(lf, LISTENER_BLOCKING_CHILDREN);
 			emit_event(state, EVENT_LISTENER_BLOCKING_CHILDREN, 0);
