@@ -16,7 +16,7 @@ import (
 
 var enableCommand = command{
 	summary: "accelerate the TCP sockets of a cgroup (idempotent)",
-	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--stack-ports P,...] [--sockhash-size N]\n         [--mesh istio|linkerd|kuma [--intercept] [--sidecar-uid UID] [--outbound-port N] [--inbound-port N] [--exclude-ports P,...] [--exclude-cidrs CIDR,...]]",
+	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--all-connections] [--stack-ports P,...] [--sockhash-size N]\n         [--mesh istio|linkerd|kuma [--intercept] [--sidecar-uid UID] [--outbound-port N] [--inbound-port N] [--exclude-ports P,...] [--exclude-cidrs CIDR,...]]",
 	run:     runEnable,
 }
 
@@ -114,7 +114,17 @@ func runEnable(e *env, args []string) error {
 		return err
 	}
 	defer dp.Close()
+	if !fresh && flagSet(fs, "sockhash-size") {
+		if capacity, err := dp.SockhashCapacity(); err == nil && capacity != uint32(sockhashSize) {
+			fmt.Fprintf(e.stderr, "warning: --sockhash-size %d ignored: the sockhash in %s exists with capacity %d, and its size is fixed when it is created (sockbypass upgrade keeps it too); to resize it, run sockbypass uninstall, then enable again with --sockhash-size (live connections keep their acceleration until they close, new ones go into the new sockhash)\n",
+				sockhashSize, e.pinDir, capacity)
+		}
+	}
 	for _, cg := range resolved {
+		before, wasEnabled, err := dp.Settings(cg.ID)
+		if err != nil {
+			return err
+		}
 		changed, err := dp.Enable(cg, opts)
 		if err != nil {
 			// A first enable that fails leaves nothing installed (a
@@ -142,10 +152,22 @@ func runEnable(e *env, args []string) error {
 			}
 			devices = strings.Join(names, ", ")
 		}
-		if changed {
-			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s; tc accounting: %s\n", cg.Path, cg.ID, what, devices)
-		} else {
-			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s; tc accounting: %s (its devices now; a device another enabled cgroup asks for stays attached)\n", cg.Path, cg.ID, what, devices)
+		after, _, err := dp.Settings(cg.ID)
+		if err != nil {
+			return err
+		}
+		if changed || !wasEnabled {
+			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s; tc accounting: %s\n  settings: %s\n", cg.Path, cg.ID, what, devices, after)
+			continue
+		}
+		changes := dataplane.SettingsChanges(before, after)
+		if len(changes) == 0 {
+			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled with these settings; nothing changed: %s\n", cg.Path, cg.ID, after)
+			continue
+		}
+		fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; its settings are now those of this command line (flags left out take their defaults), for new connections; a TC device another enabled cgroup asks for stays attached:\n", cg.Path, cg.ID)
+		for _, c := range changes {
+			fmt.Fprintf(e.stdout, "  %s\n", c)
 		}
 	}
 	if _, err := dp.RefreshListeners(); err != nil {
