@@ -10,6 +10,7 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/bpffs"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/internal/nodeaddrs"
 	"github.com/sockbypass/sockbypass/internal/privilege"
 )
@@ -105,6 +106,9 @@ func runEnable(e *env, args []string) error {
 	}
 	resolved, err := resolveAll(cgroups)
 	if err != nil {
+		return err
+	}
+	if err := refuseDaemonOwned(e.pinDir, "enable"); err != nil {
 		return err
 	}
 	_, statErr := os.Stat(e.pinDir)
@@ -274,4 +278,17 @@ func meshSettings(name string, intercept bool, uid, out, in, ports, cidrs string
 		return m, fmt.Errorf("--exclude-cidrs: %w", err)
 	}
 	return m, nil
+}
+
+// refuseDaemonOwned refuses a change a running daemon would undo: a daemon
+// with a configuration owns its pin directory (lock.ClaimDaemon) and, at
+// its next rescan, disables every cgroup its configuration does not name
+// and re-applies its own settings to those it does.
+func refuseDaemonOwned(pinDir, what string) error {
+	info, ok, err := lock.DaemonOwner(pinDir)
+	if err != nil || !ok {
+		return err
+	}
+	return fmt.Errorf("a sockbypass daemon (pid %d, %s) manages %s: it would undo this %s at its next rescan (it disables every cgroup its configuration does not name); add the cgroup to its configuration instead (cgroups in the file, then kill -HUP %d, or restart it with another --cgroup), or use another --bpffs-dir",
+		info.Pid, info.Config, pinDir, what, info.Pid)
 }
