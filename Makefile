@@ -12,8 +12,12 @@ all: build
 deps:
 	./scripts/install-deps.sh
 
+# The git revision goes into the binary (sockbypass version); without it,
+# the binary falls back to the Go build info's vcs.revision.
+REVISION := $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+
 build:
-	$(GO) build -o $(BIN) ./cmd/sockbypass
+	$(GO) build -ldflags "-X main.revision=$(REVISION)" -o $(BIN) ./cmd/sockbypass
 
 # Regenerate the BPF objects and their Go bindings with the pinned clang-16.
 generate:
