@@ -1,6 +1,7 @@
 package main
 
 import (
+	"regexp"
 	"strings"
 	"testing"
 
@@ -22,6 +23,27 @@ func TestStatusCountersNameTheirUnit(t *testing.T) {
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status counters do not say %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestUsageLinesNameEveryFlag: each command's usage line (the first line
+// of --help) names every flag the command takes, but the global ones.
+func TestUsageLinesNameEveryFlag(t *testing.T) {
+	flagLine := regexp.MustCompile(`(?m)^  -([a-z0-9-]+)`)
+	for name, cmd := range commands {
+		code, out, errOut := sockbypass(t, name, "--help")
+		if code != 0 {
+			t.Fatalf("%s --help: exit %d: %s", name, code, errOut)
+		}
+		for _, m := range flagLine.FindAllStringSubmatch(out, -1) {
+			f := m[1]
+			if f == "bpffs-dir" || f == "log-level" {
+				continue
+			}
+			if !strings.Contains(cmd.usage, "--"+f) {
+				t.Errorf("the usage line of %s does not name --%s: %s", name, f, cmd.usage)
+			}
 		}
 	}
 }
