@@ -50,4 +50,4 @@ echo
 echo "== sockbypass uninstall"
 "$bin" uninstall --bpffs-dir "$pins"
 echo
-echo "demo summary: sockbypass redirected ${redirected:-0} bytes socket to socket for $accel (bypass ratio ${ratio:-null}, 1 = nothing left on the stack); $(sed -n 's/^summary: //p' "$bench_out")"
+echo "demo summary: sockbypass redirected $(numfmt --to=iec-i --suffix=B "${redirected:-0}") socket to socket for $accel (bypass ratio ${ratio:-null}, 1 = nothing left on the stack); $(sed -n 's/^summary: //p' "$bench_out")"
