@@ -148,6 +148,12 @@ func runDaemon(e *env, args []string) error {
 			return fmt.Errorf("adopt pinned state in %s: %w", e.pinDir, err)
 		}
 		e.log.Info("adopted pinned state", zap.String("pin_dir", e.pinDir), zap.Int("cgroups", rep.Cgroups), zap.Int("tc_devices", rep.TCDevices))
+		if want := cfg.SockhashSize.Value; cfg.SockhashSize.Line != 0 {
+			if capacity, err := dp.SockhashCapacity(); err == nil && capacity != want {
+				e.log.Warn("sockhashSize ignored: the pinned sockhash keeps the capacity it was created with; to resize it, stop the daemon, run sockbypass uninstall and start it again",
+					zap.Uint32("sockhash_size", want), zap.Uint32("capacity", capacity), zap.String("pin_dir", e.pinDir))
+			}
+		}
 	}
 	mounts, err := cgroup.ReadMounts()
 	if err != nil {

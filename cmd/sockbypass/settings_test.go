@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"reflect"
 	"sort"
 	"strings"
@@ -92,5 +93,20 @@ func TestStatusJSONIsSupersetOfStats(t *testing.T) {
 	data, _ := json.Marshal(newStatusJSON(st, "/sys/fs/cgroup", now))
 	if !strings.Contains(string(data), `"disabled_cgroups":[]`) || !strings.Contains(string(data), `"cgroups":[]`) {
 		t.Errorf("status --json without cgroups: %s", data)
+	}
+}
+
+// TestDaemonSaysSockhashSizeIsIgnoredOnAnInstall: the daemon's
+// sockhashSize, like enable --sockhash-size, only sizes a new sockhash.
+func TestDaemonSaysSockhashSizeIsIgnoredOnAnInstall(t *testing.T) {
+	pinDir, cg := newInstallDir(t)
+	mustSockbypass(t, "enable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: []\nmetricsAddr: ''\nrescanInterval: 200ms\nsockhashSize: 1024\n", cg.Path), cg)
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(d.logs.String(), "sockhashSize ignored") && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(d.logs.String(), "sockhashSize ignored") || !strings.Contains(d.logs.String(), "sockbypass uninstall") {
+		t.Errorf("the daemon does not say its sockhashSize is ignored:\n%s", d.logs.String())
 	}
 }
