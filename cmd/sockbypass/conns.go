@@ -133,7 +133,7 @@ func runConns(e *env, args []string) error {
 // is below, a cgroup that is enabled (or was, and still has accelerated
 // sockets).
 func checkEnabledTree(dp *dataplane.Dataplane, mounts cgroup.Mounts, cg cgroup.Cgroup) error {
-	settings, err := dp.CgroupSettings()
+	settings, err := dp.SlotSettings()
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"regexp"
+	"strings"
 	"syscall"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/sockbypass/sockbypass/internal/config"
 	"github.com/sockbypass/sockbypass/internal/daemon"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/internal/metrics"
 	"github.com/sockbypass/sockbypass/internal/privilege"
 	"github.com/sockbypass/sockbypass/internal/stats"
@@ -28,7 +30,7 @@ import (
 
 var daemonCommand = command{
 	summary: "run in the foreground: keep the configured cgroups enabled, serve metrics",
-	usage:   "daemon --config FILE [--cleanup-on-exit] | daemon [--cgroup PATH ...] [--tc-dev DEV ...] [--metrics-addr HOST:PORT]",
+	usage:   "daemon --config FILE [--cleanup-on-exit] | daemon [--cgroup PATH ...] [--tc-dev DEV ...] [--no-probation] [--metrics-addr HOST:PORT]",
 	run:     runDaemon,
 }
 
@@ -39,7 +41,7 @@ func runDaemon(e *env, args []string) error {
 	fs := newFlagSet("daemon", e, &pinDir, &logLevel)
 	fs.StringVar(&configPath, "config", "", "YAML configuration (see README); reloaded when it changes, and on SIGHUP")
 	fs.BoolVar(&cleanupOnExit, "cleanup-on-exit", false, "uninstall everything on SIGTERM/SIGINT (default: leave acceleration in place)")
-	fs.Var(&cgroups, "cgroup", "without --config: cgroup path or glob to keep enabled (repeatable)")
+	fs.Var(&cgroups, "cgroup", "without --config: cgroup path or glob to keep enabled (repeatable); like cgroups in a config file, the daemon then owns the pin directory: it disables every enabled cgroup that no --cgroup names")
 	fs.Var(&tcDevs, "tc-dev", "without --config: interface whose egress TC also accounts (repeatable; none by default)")
 	var noProbation bool
 	fs.BoolVar(&noProbation, "no-probation", false, "without --config: pair a new listener's first connections too (as enable --no-probation)")
@@ -116,6 +118,20 @@ func runDaemon(e *env, args []string) error {
 		}
 		defer metricsLn.Close()
 	}
+	// A daemon with a selection owns the pin directory: it disables what
+	// its selection does not name, so the CLI's enable refuses to race it
+	// (see lock.DaemonOwner). The marker goes when the daemon exits.
+	if configPath != "" || len(cgroups) > 0 {
+		what := "--config " + configPath
+		if configPath == "" {
+			what = "--cgroup " + strings.Join(cgroups, " --cgroup ")
+		}
+		owner, err := lock.ClaimDaemon(e.pinDir, what)
+		if err != nil {
+			return err
+		}
+		defer owner.Release()
+	}
 	opts := dataplane.Options{PinDir: e.pinDir, Logger: e.log, SockhashMaxEntries: cfg.SockhashSize.Value}
 	dp, err := dataplane.Open(opts)
 	adopted := err == nil
@@ -134,6 +150,12 @@ func runDaemon(e *env, args []string) error {
 			return fmt.Errorf("adopt pinned state in %s: %w", e.pinDir, err)
 		}
 		e.log.Info("adopted pinned state", zap.String("pin_dir", e.pinDir), zap.Int("cgroups", rep.Cgroups), zap.Int("tc_devices", rep.TCDevices))
+		if want := cfg.SockhashSize.Value; cfg.SockhashSize.Line != 0 {
+			if capacity, err := dp.SockhashCapacity(); err == nil && capacity != want {
+				e.log.Warn("sockhashSize ignored: the pinned sockhash keeps the capacity it was created with; to resize it, stop the daemon, run sockbypass uninstall and start it again",
+					zap.Uint32("sockhash_size", want), zap.Uint32("capacity", capacity), zap.String("pin_dir", e.pinDir))
+			}
+		}
 	}
 	mounts, err := cgroup.ReadMounts()
 	if err != nil {
@@ -189,7 +211,8 @@ func runDaemon(e *env, args []string) error {
 	}
 
 	if dmn == nil {
-		// Metrics only: leave the cgroups enabled by hand alone.
+		// Metrics only (neither --config nor --cgroup): leave the cgroups
+		// enabled by hand alone.
 		<-ctx.Done()
 	} else {
 		dmn.Run(ctx, reload, load)

@@ -420,6 +420,9 @@ func TestUpgradeCommand(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "upgraded: programs of 1 cgroup(s), 1 TC device(s)") {
 		t.Fatalf("upgrade: exit %d\n%s%s", code, out, errOut)
 	}
+	if strings.Contains(out, "tracer") {
+		t.Errorf("upgrade of an install without a tracer mentions one: %s", out)
+	}
 	after := statusOf(t, pinDir)
 	if after.SkMsgProgramID == before.SkMsgProgramID || after.Cgroups[0].SockOpsProgramID == before.Cgroups[0].SockOpsProgramID {
 		t.Errorf("programs not replaced: sk_msg %d -> %d, sock_ops %d -> %d", before.SkMsgProgramID, after.SkMsgProgramID,

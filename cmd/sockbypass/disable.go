@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/lock"
 )
 
 var disableCommand = command{
@@ -47,6 +48,9 @@ func runDisable(e *env, args []string) error {
 			return usagef("--cgroup-id %q: use the numeric id that sockbypass status shows", s)
 		}
 		resolved = append(resolved, cgroup.Cgroup{ID: id, Path: "cgroup id " + s})
+	}
+	if info, ok, _ := lock.DaemonOwner(e.pinDir); ok {
+		fmt.Fprintf(e.stderr, "warning: a sockbypass daemon (pid %d, %s) manages %s: a cgroup its configuration names is enabled again at its next rescan; to keep it disabled, take it out of the configuration\n", info.Pid, info.Config, e.pinDir)
 	}
 	dp, err := openDataplane(e, false, 0)
 	if err != nil {

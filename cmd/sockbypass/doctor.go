@@ -27,21 +27,74 @@ type doctorReport struct {
 	// Modes are the socket modes every case ran in.
 	Modes []semantics.Mode `json:"modes"`
 	// Results has one entry per case and mode, each case blocking then
-	// non-blocking.
+	// non-blocking; each result's "expected" is what sockbypass promises
+	// in its mode ("not accelerated" for every blocking run).
 	Results []semantics.Result `json:"results"`
-	// Broken counts results that differ from plain TCP without being a
-	// known limitation (0 on a healthy kernel).
-	Broken int `json:"broken"`
+	// Summary counts the verdicts per mode, as the text and markdown
+	// outputs print them.
+	Summary map[semantics.Mode]map[string]int `json:"summary"`
+	// Broken counts the results that differ from plain TCP unexpectedly
+	// (verdict "BROKEN"; 0 on a healthy kernel). KnownLimitations counts
+	// those that differ exactly as a known limitation says (verdict
+	// "broken: known limitation"): the kernel offers no hook in time.
+	Broken           int `json:"broken"`
+	KnownLimitations int `json:"known_limitations"`
+}
+
+// newDoctorReport counts the results.
+func newDoctorReport(kernel string, results []semantics.Result) doctorReport {
+	rep := doctorReport{Kernel: kernel, Modes: semantics.AllModes(), Results: results, Summary: map[semantics.Mode]map[string]int{}}
+	for _, m := range rep.Modes {
+		rep.Summary[m] = map[string]int{}
+	}
+	for _, r := range results {
+		if rep.Summary[r.Mode] == nil {
+			rep.Summary[r.Mode] = map[string]int{}
+		}
+		rep.Summary[r.Mode][r.Verdict]++
+		switch r.Verdict {
+		case semantics.VerdictBroken:
+			rep.Broken++
+		case semantics.VerdictKnown:
+			rep.KnownLimitations++
+		}
+	}
+	return rep
+}
+
+// verdictOrder is the order the summary lists verdicts in.
+var verdictOrder = []string{semantics.VerdictPreserved, semantics.VerdictFallback, semantics.VerdictNotAccelerated,
+	semantics.VerdictKnown, semantics.VerdictNotMeasured, semantics.VerdictBroken}
+
+// summaryLines are the per-mode counts and the totals, the same in the
+// text and markdown outputs (and in JSON's summary, broken and
+// known_limitations).
+func summaryLines(rep doctorReport) []string {
+	var out []string
+	for _, m := range rep.Modes {
+		var parts []string
+		for _, v := range verdictOrder {
+			if n := rep.Summary[m][v]; n > 0 {
+				parts = append(parts, fmt.Sprintf("%d %s", n, v))
+			}
+		}
+		out = append(out, fmt.Sprintf("%s: %s", m, strings.Join(parts, ", ")))
+	}
+	out = append(out, fmt.Sprintf("broken unexpectedly (BROKEN): %d; known limitations (differ from plain TCP as documented, no kernel hook in time): %d", rep.Broken, rep.KnownLimitations))
+	return out
 }
 
 func runDoctor(e *env, args []string) error {
 	var pinDir, logLevel string
 	var asJSON, asMarkdown bool
 	fs := newFlagSet("doctor", e, &pinDir, &logLevel)
-	fs.BoolVar(&asJSON, "json", false, "print JSON for machines instead of a table")
-	fs.BoolVar(&asMarkdown, "markdown", false, "print the compatibility table as markdown (as in README.md)")
+	fs.BoolVar(&asJSON, "json", false, "print JSON for machines instead of a table (not with --markdown)")
+	fs.BoolVar(&asMarkdown, "markdown", false, "print the compatibility table as markdown, as in README.md (not with --json)")
 	if err := parseFlags(fs, e, args, &pinDir, &logLevel); err != nil {
 		return err
+	}
+	if asJSON && asMarkdown {
+		return usagef("--json and --markdown contradict each other: give one of them (--json for machines, --markdown for README.md's table)")
 	}
 	if err := privilege.Check(); err != nil {
 		return err
@@ -58,25 +111,20 @@ func runDoctor(e *env, args []string) error {
 	if people {
 		// Each case as it finishes: the whole run takes a while.
 		printDoctorHeader(e.stdout, release, e.pinDir)
-		each = func(r semantics.Result) { printDoctorRow(e.stdout, r) }
+		each = doctorRowPrinter(e.stdout)
 	}
 	results, err := doctorProbe(e.pinDir, each)
 	if err != nil {
 		return err
 	}
-	rep := doctorReport{Kernel: release, Modes: semantics.AllModes(), Results: results}
-	for _, r := range results {
-		if r.Verdict == semantics.VerdictBroken {
-			rep.Broken++
-		}
-	}
+	rep := newDoctorReport(release, results)
 	switch {
 	case asJSON:
 		if err := writeJSON(e.stdout, rep); err != nil {
 			return err
 		}
 	case asMarkdown:
-		printDoctorMarkdown(e.stdout, rep.Results)
+		printDoctorMarkdown(e.stdout, rep)
 	default:
 		printDoctorFooter(e.stdout, rep)
 	}
@@ -145,27 +193,27 @@ func doctorProbe(pinDir string, each func(semantics.Result)) (results []semantic
 	return semantics.RunAll(setup, each), nil
 }
 
-// doctorColumns are the widths of the case and mode columns.
-func doctorColumns() (caseWidth, modeWidth int) {
-	for _, c := range semantics.Cases() {
-		caseWidth = max(caseWidth, len(c.Name))
-	}
-	for _, m := range semantics.AllModes() {
-		modeWidth = max(modeWidth, len(m))
-	}
-	return caseWidth, modeWidth
-}
+// doctorWidth is the width the people output wraps its explanations at.
+const doctorWidth = 100
 
-// verdictWidth fits every verdict.
-const verdictWidth = len(semantics.VerdictKnown)
+// Columns of the people output: the blocking and the non-blocking
+// verdict, then the case.
+const (
+	blockingColumn    = len(semantics.VerdictNotAccelerated) + 2 // "not accelerated *"
+	nonBlockingColumn = len(semantics.VerdictFallback)
+)
 
 func printDoctorHeader(w io.Writer, kernel, pinDir string) {
-	fmt.Fprintf(w, "sockbypass doctor: kernel %s, plain TCP vs accelerated, each case with blocking and with non-blocking sockets, in a private install (%s-doctor-*), cgroup and network namespace; rows appear as cases finish\n\n", kernel, pinDir)
-	cw, mw := doctorColumns()
-	fmt.Fprintf(w, "%-*s  %-*s  %-*s  %s\n", cw, "CASE", mw, "MODE", verdictWidth, "RESULT", "HOW")
+	fmt.Fprintf(w, "sockbypass doctor: kernel %s, plain TCP vs accelerated, each case with blocking and with non-blocking sockets,\n", kernel)
+	fmt.Fprintf(w, "in a private install (%s-doctor-*), cgroup and network namespace; rows appear as cases finish\n", pinDir)
+	for _, l := range wrapText("(* "+semantics.WhyBlocking+")", doctorWidth) {
+		fmt.Fprintln(w, l)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "%-*s  %-*s  %s\n", blockingColumn, "BLOCKING", nonBlockingColumn, "NON-BLOCKING", "CASE")
 }
 
-// doctorHow is what a result's last column says: the mechanism, or why the
+// doctorHow is what a result's explanation says: the mechanism, or why the
 // case was not accelerated or measured, or how it failed.
 func doctorHow(r semantics.Result) string {
 	switch {
@@ -177,46 +225,119 @@ func doctorHow(r semantics.Result) string {
 	return r.How
 }
 
-func printDoctorRow(w io.Writer, r semantics.Result) {
-	cw, mw := doctorColumns()
-	fmt.Fprintf(w, "%-*s  %-*s  %-*s  %s\n", cw, r.Case, mw, r.Mode, verdictWidth, r.Verdict, doctorHow(r))
+// blockingAsExpected reports whether r is the blocking run every case has:
+// not accelerated because blocking sockets never are (the footnote).
+func blockingAsExpected(r semantics.Result) bool {
+	return r.Mode == semantics.Blocking && r.Verdict == semantics.VerdictNotAccelerated && r.Why == semantics.WhyBlocking
+}
+
+// doctorRowPrinter returns a callback that prints a case, one line with
+// its verdict in each mode and its explanation wrapped below, once its
+// last mode finished.
+func doctorRowPrinter(w io.Writer) func(semantics.Result) {
+	modes := semantics.AllModes()
+	var pending []semantics.Result
+	return func(r semantics.Result) {
+		pending = append(pending, r)
+		if len(pending) < len(modes) {
+			return
+		}
+		printDoctorCase(w, pending)
+		pending = nil
+	}
+}
+
+// printDoctorCase prints one case's results (blocking, then non-blocking).
+func printDoctorCase(w io.Writer, results []semantics.Result) {
+	var cols [2]string
+	var notes []string
+	for i, r := range results {
+		if i >= len(cols) {
+			break
+		}
+		cols[i] = r.Verdict
+		if blockingAsExpected(r) {
+			cols[i] += " *"
+			continue
+		}
+		prefix := ""
+		if r.Mode == semantics.Blocking {
+			prefix = "blocking: "
+		}
+		notes = append(notes, prefix+doctorHow(r))
+	}
+	fmt.Fprintf(w, "%-*s  %-*s  %s\n", blockingColumn, cols[0], nonBlockingColumn, cols[1], results[0].Case)
+	for _, n := range notes {
+		for _, l := range wrapText(n, doctorWidth-4) {
+			fmt.Fprintf(w, "    %s\n", l)
+		}
+	}
+}
+
+// wrapText breaks s into lines of at most width characters, at spaces.
+func wrapText(s string, width int) []string {
+	var lines []string
+	line := ""
+	for _, word := range strings.Fields(s) {
+		if line != "" && len(line)+1+len(word) > width {
+			lines = append(lines, line)
+			line = ""
+		}
+		if line != "" {
+			line += " "
+		}
+		line += word
+	}
+	if line != "" {
+		lines = append(lines, line)
+	}
+	return lines
 }
 
 func printDoctorFooter(w io.Writer, rep doctorReport) {
 	fmt.Fprintln(w)
+	blockingExpected, blockingRuns := 0, 0
 	for _, r := range rep.Results {
-		if r.Verdict == semantics.VerdictKnown || r.Verdict == semantics.VerdictBroken {
-			fmt.Fprintf(w, "%s (%s):\n  plain:       %s\n  accelerated: %s\n", r.Case, r.Mode, r.Plain, r.Accelerated)
+		if r.Mode == semantics.Blocking {
+			blockingRuns++
+		}
+		if blockingAsExpected(r) {
+			blockingExpected++
 		}
 	}
+	for _, l := range wrapText(fmt.Sprintf("* %d of %d blocking runs: %s", blockingExpected, blockingRuns, semantics.WhyBlocking), doctorWidth) {
+		fmt.Fprintln(w, l)
+	}
+	var differ []semantics.Result
+	for _, r := range rep.Results {
+		if r.Verdict == semantics.VerdictKnown || r.Verdict == semantics.VerdictBroken {
+			differ = append(differ, r)
+		}
+	}
+	if len(differ) > 0 {
+		fmt.Fprintln(w, "\nwhere the accelerated run differs from plain TCP:")
+	}
+	for _, r := range differ {
+		fmt.Fprintf(w, "%s (%s, %s):\n  plain:       %s\n  accelerated: %s\n", r.Case, r.Mode, r.Verdict, r.Plain, r.Accelerated)
+	}
 	fmt.Fprintln(w)
-	for _, m := range rep.Modes {
-		counts := map[string]int{}
-		var order []string
-		for _, r := range rep.Results {
-			if r.Mode != m {
-				continue
-			}
-			if counts[r.Verdict] == 0 {
-				order = append(order, r.Verdict)
-			}
-			counts[r.Verdict]++
-		}
-		var parts []string
-		for _, v := range order {
-			parts = append(parts, fmt.Sprintf("%d %s", counts[v], v))
-		}
-		fmt.Fprintf(w, "%s: %s\n", m, strings.Join(parts, ", "))
+	for _, l := range summaryLines(rep) {
+		fmt.Fprintln(w, l)
 	}
 }
 
-// printDoctorMarkdown prints the compatibility table of README.md.
-func printDoctorMarkdown(w io.Writer, results []semantics.Result) {
+// printDoctorMarkdown prints the compatibility table of README.md, then
+// the same summary as the other outputs.
+func printDoctorMarkdown(w io.Writer, rep doctorReport) {
 	cell := func(s string) string { return strings.ReplaceAll(s, "|", `\|`) }
 	fmt.Fprintln(w, "| case | mode | behaviour | how it is guaranteed |")
 	fmt.Fprintln(w, "|---|---|---|---|")
-	for _, r := range results {
+	for _, r := range rep.Results {
 		fmt.Fprintf(w, "| %s | %s | %s | %s |\n", cell(r.Case), r.Mode, r.Verdict, cell(doctorHow(r)))
+	}
+	fmt.Fprintln(w)
+	for _, l := range summaryLines(rep) {
+		fmt.Fprintf(w, "%s  \n", l)
 	}
 }
 

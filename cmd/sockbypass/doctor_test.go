@@ -76,7 +76,7 @@ wait:
 		t.Fatal(err)
 	}
 	cases := semantics.Cases()
-	if rep.Broken != 0 || len(rep.Results) != len(cases)*len(semantics.AllModes()) || len(rep.Modes) != 2 {
+	if rep.Broken != 0 || rep.KnownLimitations == 0 || len(rep.Results) != len(cases)*len(semantics.AllModes()) || len(rep.Modes) != 2 {
 		t.Fatalf("doctor: %d broken, %d results for %d cases, modes %v", rep.Broken, len(rep.Results), len(cases), rep.Modes)
 	}
 	verdicts := map[semantics.Mode]map[string]int{semantics.Blocking: {}, semantics.NonBlocking: {}}
@@ -86,6 +86,9 @@ wait:
 			t.Errorf("result %d is %q (%s), want %q (%s)", i, r.Case, r.Mode, c.Name, mode)
 		}
 		verdicts[r.Mode][r.Verdict]++
+		if r.Mode == semantics.Blocking && r.Expect != semantics.NotAccelerated {
+			t.Errorf("%s (blocking): expected %q, but blocking sockets are never accelerated", r.Case, r.Expect)
+		}
 		switch {
 		case r.Verdict == semantics.VerdictBroken:
 			t.Errorf("%s (%s): %s: %s", r.Case, r.Mode, r.Verdict, r.Err)
@@ -94,6 +97,18 @@ wait:
 		case r.Verdict == semantics.VerdictPreserved && r.RedirectedBytes == 0:
 			t.Errorf("%s (%s): preserved without redirecting", r.Case, r.Mode)
 		}
+	}
+	// The summary counts what the rows say, and broken/known_limitations
+	// agree with it.
+	for m, counts := range verdicts {
+		for v, n := range counts {
+			if rep.Summary[m][v] != n {
+				t.Errorf("summary %s %q: %d, rows say %d", m, v, rep.Summary[m][v], n)
+			}
+		}
+	}
+	if rep.KnownLimitations != verdicts[semantics.NonBlocking][semantics.VerdictKnown]+verdicts[semantics.Blocking][semantics.VerdictKnown] {
+		t.Errorf("known_limitations %d, rows say %v", rep.KnownLimitations, verdicts)
 	}
 	nb := verdicts[semantics.NonBlocking]
 	if nb[semantics.VerdictPreserved] == 0 || nb[semantics.VerdictFallback] == 0 || nb[semantics.VerdictKnown] == 0 || nb[semantics.VerdictNotAccelerated] != 0 {
@@ -109,8 +124,14 @@ wait:
 
 	// The markdown table (README.md's): a row per case and mode.
 	var md bytes.Buffer
-	printDoctorMarkdown(&md, rep.Results)
-	lines := strings.Split(strings.TrimSpace(md.String()), "\n")
+	printDoctorMarkdown(&md, rep)
+	table, summary, _ := strings.Cut(md.String(), "\n\n")
+	lines := strings.Split(strings.TrimSpace(table), "\n")
+	for _, l := range summaryLines(rep) {
+		if !strings.Contains(summary, l) {
+			t.Errorf("markdown summary lacks %q:\n%s", l, summary)
+		}
+	}
 	if lines[0] != "| case | mode | behaviour | how it is guaranteed |" || len(lines) != 2+len(rep.Results) {
 		t.Errorf("markdown: %d lines:\n%s", len(lines), md.String())
 	}
@@ -122,8 +143,10 @@ wait:
 }
 
 // TestDoctorPrintsEachCaseAsItFinishes: the people format shows a row per
-// case and mode as each finishes (the first long before the run ends),
-// then the details of the known limitations and a summary per mode.
+// case, with its verdict in both modes, as each finishes (the first long
+// before the run ends), its explanation wrapped below (no line much wider
+// than 100 columns), the blocking runs' shared explanation once, then the
+// details of the known limitations and a summary per mode.
 func TestDoctorPrintsEachCaseAsItFinishes(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	pr, pw := io.Pipe()
@@ -139,37 +162,55 @@ func TestDoctorPrintsEachCaseAsItFinishes(t *testing.T) {
 	cases := semantics.Cases()
 	var out strings.Builder
 	var firstRow time.Time
-	rows := 0
+	rows, whyBlocking := 0, 0
 	sc := bufio.NewScanner(pr)
 	for sc.Scan() {
 		line := sc.Text()
 		out.WriteString(line + "\n")
-		if rows < len(cases)*2 {
-			c, mode := cases[rows/2], semantics.AllModes()[rows%2]
-			if strings.HasPrefix(line, c.Name+" ") && strings.Contains(line, " "+string(mode)+" ") {
-				if rows == 0 {
-					firstRow = time.Now()
-				}
-				rows++
+		if len(line) > doctorWidth+blockingColumn+nonBlockingColumn+4 {
+			t.Errorf("doctor line of %d characters: %q", len(line), line)
+		}
+		if strings.Contains(line, "blocking sockets are never accelerated") {
+			whyBlocking++
+		}
+		// One line per case, with both verdicts, in order.
+		if rows < len(cases) && strings.HasSuffix(line, "  "+cases[rows].Name) && strings.HasPrefix(line, semantics.VerdictNotAccelerated+" *") {
+			if rows == 0 {
+				firstRow = time.Now()
 			}
+			rows++
 		}
 	}
 	end := <-ended
 	if code != 0 {
 		t.Fatalf("doctor exited %d: %s\n%s", code, errOut.String(), out.String())
 	}
-	if rows != len(cases)*2 {
-		t.Fatalf("doctor printed %d case rows in order, want %d:\n%s", rows, len(cases)*2, out.String())
+	if rows != len(cases) {
+		t.Fatalf("doctor printed %d case rows in order, want %d:\n%s", rows, len(cases), out.String())
+	}
+	// The blocking runs' one explanation, grouped: in the header and the
+	// footnote, not on every row.
+	if whyBlocking != 2 {
+		t.Errorf("the blocking explanation is printed %d times, want 2 (header and footnote):\n%s", whyBlocking, out.String())
 	}
 	// Printed at the end, the first row would come out just before it.
 	if first, total := firstRow.Sub(start), end.Sub(start); first > total/2 {
 		t.Errorf("the first row came out after %v of %v: rows are not printed as cases finish", first, total)
 	}
 	text := out.String()
-	for _, want := range []string{"CASE", "MODE", "RESULT", semantics.WhyBlocking, "accelerated: ", "\nblocking: ", "\nnon-blocking: "} {
+	for _, want := range []string{"BLOCKING", "NON-BLOCKING", "CASE", "accelerated: ", "\nblocking: ", "\nnon-blocking: ", "\nbroken unexpectedly (BROKEN): 0; known limitations"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("doctor output lacks %q:\n%s", want, text)
 		}
+	}
+}
+
+// TestDoctorJSONAndMarkdownAreExclusive: both at once used to print JSON
+// and exit 0.
+func TestDoctorJSONAndMarkdownAreExclusive(t *testing.T) {
+	code, out, errOut := sockbypass(t, "doctor", "--json", "--markdown")
+	if code != exitUsage || out != "" || !strings.Contains(errOut, "--json and --markdown contradict each other") {
+		t.Errorf("doctor --json --markdown: exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
 }
 

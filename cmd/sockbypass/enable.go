@@ -10,13 +10,14 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/bpffs"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/internal/nodeaddrs"
 	"github.com/sockbypass/sockbypass/internal/privilege"
 )
 
 var enableCommand = command{
 	summary: "accelerate the TCP sockets of a cgroup (idempotent)",
-	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--stack-ports P,...] [--sockhash-size N]\n         [--mesh istio|linkerd|kuma [--intercept] [--sidecar-uid UID] [--outbound-port N] [--inbound-port N] [--exclude-ports P,...] [--exclude-cidrs CIDR,...]]",
+	usage:   "enable --cgroup PATH [--cgroup PATH ...] [--tc-dev [NETNS:]DEV ...] [--no-tc] [--account-only] [--all-connections] [--no-probation] [--stack-ports P,...] [--sockhash-size N]\n         [--mesh istio|linkerd|kuma [--intercept] [--sidecar-uid UID] [--outbound-port N] [--inbound-port N] [--exclude-ports P,...] [--exclude-cidrs CIDR,...]]",
 	run:     runEnable,
 }
 
@@ -108,6 +109,9 @@ func runEnable(e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if err := refuseDaemonOwned(e.pinDir, "enable"); err != nil {
+		return err
+	}
 	_, statErr := os.Stat(e.pinDir)
 	fresh := os.IsNotExist(statErr)
 	dp, err := openDataplane(e, true, uint32(sockhashSize))
@@ -115,7 +119,17 @@ func runEnable(e *env, args []string) error {
 		return err
 	}
 	defer dp.Close()
+	if !fresh && flagSet(fs, "sockhash-size") {
+		if capacity, err := dp.SockhashCapacity(); err == nil && capacity != uint32(sockhashSize) {
+			fmt.Fprintf(e.stderr, "warning: --sockhash-size %d ignored: the sockhash in %s exists with capacity %d, and its size is fixed when it is created (sockbypass upgrade keeps it too); to resize it, run sockbypass uninstall, then enable again with --sockhash-size (live connections keep their acceleration until they close, new ones go into the new sockhash)\n",
+				sockhashSize, e.pinDir, capacity)
+		}
+	}
 	for _, cg := range resolved {
+		before, wasEnabled, err := dp.Settings(cg.ID)
+		if err != nil {
+			return err
+		}
 		changed, err := dp.Enable(cg, opts)
 		if err != nil {
 			// A first enable that fails leaves nothing installed (a
@@ -143,10 +157,22 @@ func runEnable(e *env, args []string) error {
 			}
 			devices = strings.Join(names, ", ")
 		}
-		if changed {
-			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s; tc accounting: %s\n", cg.Path, cg.ID, what, devices)
-		} else {
-			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; settings applied: %s; tc accounting: %s (its devices now; a device another enabled cgroup asks for stays attached)\n", cg.Path, cg.ID, what, devices)
+		after, _, err := dp.Settings(cg.ID)
+		if err != nil {
+			return err
+		}
+		if changed || !wasEnabled {
+			fmt.Fprintf(e.stdout, "enabled %s (cgroup id %d): %s; tc accounting: %s\n  settings: %s\n", cg.Path, cg.ID, what, devices, after)
+			continue
+		}
+		changes := dataplane.SettingsChanges(before, after)
+		if len(changes) == 0 {
+			fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled with these settings; nothing changed: %s\n", cg.Path, cg.ID, after)
+			continue
+		}
+		fmt.Fprintf(e.stdout, "%s (cgroup id %d) was already enabled; its settings are now those of this command line (flags left out take their defaults), for new connections; a TC device another enabled cgroup asks for stays attached:\n", cg.Path, cg.ID)
+		for _, c := range changes {
+			fmt.Fprintf(e.stdout, "  %s\n", c)
 		}
 	}
 	if _, err := dp.RefreshListeners(); err != nil {
@@ -253,4 +279,17 @@ func meshSettings(name string, intercept bool, uid, out, in, ports, cidrs string
 		return m, fmt.Errorf("--exclude-cidrs: %w", err)
 	}
 	return m, nil
+}
+
+// refuseDaemonOwned refuses a change a running daemon would undo: a daemon
+// with a configuration owns its pin directory (lock.ClaimDaemon) and, at
+// its next rescan, disables every cgroup its configuration does not name
+// and re-applies its own settings to those it does.
+func refuseDaemonOwned(pinDir, what string) error {
+	info, ok, err := lock.DaemonOwner(pinDir)
+	if err != nil || !ok {
+		return err
+	}
+	return fmt.Errorf("a sockbypass daemon (pid %d, %s) manages %s: it would undo this %s at its next rescan (it disables every cgroup its configuration does not name); add the cgroup to its configuration instead (cgroups in the file, then kill -HUP %d, or restart it with another --cgroup), or use another --bpffs-dir",
+		info.Pid, info.Config, pinDir, what, info.Pid)
 }

@@ -44,6 +44,7 @@ var commands = map[string]command{
 	"doctor":    doctorCommand,
 	"upgrade":   upgradeCommand,
 	"uninstall": uninstallCommand,
+	"version":   versionCommand,
 }
 
 // env is what every subcommand gets: its output streams and the settings
@@ -81,7 +82,8 @@ Flags every command takes:
                     logs go to stderr, info shows what changed
 
 Run "sockbypass help <command>" or "sockbypass <command> --help" for a
-command's flags. A bad command line exits 2, any other error 1.
+command's flags, "sockbypass --version" for the version. A bad command line
+exits 2, any other error 1.
 `
 
 func printHelp(w io.Writer) {
@@ -165,7 +167,7 @@ func flagSet(fs *flag.FlagSet, name string) bool {
 func splitGlobalFlags(args []string) (global, rest []string, err error) {
 	for len(args) > 0 && strings.HasPrefix(args[0], "-") {
 		a := args[0]
-		if a == "-h" || a == "-help" || a == "--help" {
+		if a == "-h" || a == "-help" || a == "--help" || a == "--version" || a == "-version" {
 			break
 		}
 		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
@@ -206,6 +208,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	name, rest := args[0], args[1:]
 	switch name {
+	case "--version", "-version":
+		name = "version"
 	case "help", "-h", "--help", "-help":
 		if len(rest) == 0 {
 			printHelp(stdout)

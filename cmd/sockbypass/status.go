@@ -30,9 +30,11 @@ type statusJSON struct {
 	*dataplane.Status
 	PinDir string `json:"pin_dir"`
 	// The fields below shadow those of Status with the stats shape.
-	Time            *time.Time          `json:"time,omitempty"`
-	Cgroups         []statusCgroup      `json:"cgroups,omitempty"`
-	DisabledCgroups []statusCgroup      `json:"disabled_cgroups,omitempty"`
+	Time *time.Time `json:"time,omitempty"`
+	// Cgroups and DisabledCgroups are always emitted ([] when empty), as
+	// in stats --json.
+	Cgroups         []statusCgroup      `json:"cgroups"`
+	DisabledCgroups []statusCgroup      `json:"disabled_cgroups"`
 	Unattributed    *countersAndFigures `json:"unattributed,omitempty"`
 	Totals          *countersAndFigures `json:"totals,omitempty"`
 }
@@ -40,11 +42,14 @@ type statusJSON struct {
 // statusCgroup is a cgroup of stats --json with what status adds.
 type statusCgroup struct {
 	stats.Cgroup
-	Slot             uint32                   `json:"slot"`
-	SockOpsProgramID uint32                   `json:"sock_ops_program_id"`
-	LinkID           uint32                   `json:"link_id"`
-	Mesh             string                   `json:"mesh,omitempty"`
-	Counters         dataplane.CgroupCounters `json:"counters"`
+	Slot             uint32 `json:"slot"`
+	SockOpsProgramID uint32 `json:"sock_ops_program_id"`
+	LinkID           uint32 `json:"link_id"`
+	Mesh             string `json:"mesh,omitempty"`
+	// Settings are every setting the cgroup was enabled with (enabled
+	// cgroups only).
+	Settings *dataplane.CgroupSettings `json:"settings,omitempty"`
+	Counters dataplane.CgroupCounters  `json:"counters"`
 }
 
 // countersAndFigures holds the figures of stats --json and the raw counter
@@ -70,7 +75,7 @@ func newStatusJSON(st *dataplane.Status, cgroup2Mount string, now time.Time) sta
 		Cgroups: []statusCgroup{}, DisabledCgroups: []statusCgroup{},
 		Unattributed: newCountersAndFigures(st.Unattributed), Totals: newCountersAndFigures(st.Totals)}
 	for i, cg := range st.Cgroups {
-		doc.Cgroups = append(doc.Cgroups, statusCgroup{Cgroup: r.Cgroups[i], Slot: cg.Slot, SockOpsProgramID: cg.SockOpsProgramID, LinkID: cg.LinkID, Mesh: cg.Mesh, Counters: cg.Counters})
+		doc.Cgroups = append(doc.Cgroups, statusCgroup{Cgroup: r.Cgroups[i], Slot: cg.Slot, SockOpsProgramID: cg.SockOpsProgramID, LinkID: cg.LinkID, Mesh: cg.Mesh, Settings: cg.Settings, Counters: cg.Counters})
 	}
 	for i, cg := range st.DisabledCgroups {
 		doc.DisabledCgroups = append(doc.DisabledCgroups, statusCgroup{Cgroup: r.DisabledCgroups[i], Slot: cg.Slot, Counters: cg.Counters})
@@ -89,7 +94,7 @@ func runStatus(e *env, args []string) error {
 	dp, err := openDataplane(e, false, 0)
 	if errors.Is(err, dataplane.ErrNotInstalled) {
 		if asJSON {
-			return writeJSON(e.stdout, statusJSON{Installed: false, PinDir: e.pinDir})
+			return writeJSON(e.stdout, statusJSON{Installed: false, PinDir: e.pinDir, Cgroups: []statusCgroup{}, DisabledCgroups: []statusCgroup{}})
 		}
 		fmt.Fprintf(e.stdout, "sockbypass is not installed at %s (enable a cgroup with: sockbypass enable --cgroup PATH)\n", e.pinDir)
 		return nil
@@ -152,6 +157,9 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 		if len(progs) > 0 {
 			fmt.Fprintf(w, "    programs: %s\n", strings.Join(progs, ", "))
 		}
+		if cg.Settings != nil {
+			fmt.Fprintf(w, "    settings: %s\n", cg.Settings)
+		}
 		if c := cg.Counters; cg.Mesh != "" {
 			fmt.Fprintf(w, "    sidecar: paired %d, unpaired %d, ambiguous %d, connects intercepted %d, SO_ORIGINAL_DST answered %d\n",
 				c.MeshPaired, c.MeshUnpaired, c.MeshAmbiguous, c.MeshIntercepted, c.MeshOrigDstAnswers)
@@ -195,16 +203,21 @@ func costText(c *dataplane.ProgramCost) string {
 	return fmt.Sprintf("%d runs, %d ns each (counted while BPF statistics are on)", c.Runs, c.PerRunNs())
 }
 
+// formatCounters writes a cgroup's counters with the unit of each: sockets
+// (one per end of a connection, so a connection left plain counts up to
+// twice), connections (pairs), messages, packets or bytes.
 func formatCounters(c dataplane.CgroupCounters) string {
-	return fmt.Sprintf("sockets inserted %d (failed %d, skipped %d, remote peer %d); redirected %d msgs / %s (%d msgs / %s across namespaces); passed to stack %d msgs / %s (%d while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d\n"+
-		"    connections left plain TCP: peer not joining %d, blocking %d, stack port %d, client sent first %d, short-lived listener %d, listener on probation %d; reader options before joining: rcvlowat %d, tcp_inq %d, oobinline %d\n"+
-		"    members that left the sockhash: %d (after joining, turned blocking %d, set a reader option %d, read with splice %d); read with splice while redirected bytes waited (stalled): %d\n"+
-		"    account-only (dry run): %d pairs would have joined, %s of stack egress would have been redirected",
+	return fmt.Sprintf("sockets inserted %d (sockets refused: sockhash full %d, data before ESTABLISHED %d, remote peer %d); redirected %d msgs / %s (%d msgs / %s across namespaces); passed to stack %d msgs / %s (%d msgs while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d msgs\n"+
+		"    left plain TCP, in sockets (both ends of a connection count): peer not joining %d sockets, blocking %d sockets, stack port %d sockets, listener on probation %d sockets, reader option before joining %d sockets (rcvlowat %d, tcp_inq %d, oobinline %d)\n"+
+		"    left plain TCP, in connections: client sent first %d connections, short-lived listener %d connections\n"+
+		"    sockets that left the sockhash: %d sockets (after joining, turned blocking %d sockets, set a reader option %d sockets, read with splice %d sockets); read with splice while redirected bytes waited (stalled): %d sockets\n"+
+		"    account-only (dry run): %d pairs (connections) would have joined, %s of stack egress would have been redirected",
 		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped, c.SocketsRemote,
 		c.RedirectedMsgs, stats.HumanBytes(c.RedirectedBytes), c.RedirectedXnsMsgs, stats.HumanBytes(c.RedirectedXnsBytes), c.PassedMsgs, stats.HumanBytes(c.PassedBytes), c.PassedUnreadMsgs,
 		c.StackEgressPackets, stats.HumanBytes(c.StackEgressBytes), c.RedirectFailures,
-		c.SocketsUnpaired, c.SocketsBlocking, c.SocketsStackPort, c.PairsAbandoned, c.ConnectionsShortLived, c.SocketsProbation,
+		c.SocketsUnpaired, c.SocketsBlocking, c.SocketsStackPort, c.SocketsProbation, c.FallbackRcvlowat+c.FallbackTCPInq+c.FallbackOOBInline,
 		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline,
+		c.PairsAbandoned, c.ConnectionsShortLived,
 		c.MembersLeft, c.LateBlocking, c.LateStackOptions, c.SpliceReaders, c.SpliceStalled,
 		c.WouldPairs, stats.HumanBytes(c.WouldRedirectBytes))
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
@@ -100,7 +101,7 @@ func TestDaemonLogsOnlyChangesAtInfo(t *testing.T) {
 }
 
 // TestDaemonConvergesOnItsTCDevices: a device added to a cgroup the daemon
-// manages (enable --tc-dev by hand) is dropped at the next rescan, since
+// manages (by another tool: the CLI refuses beside a daemon) is dropped at the next rescan, since
 // the daemon's tcDevices say what the cgroup accounts (issue 18 item 6).
 func TestDaemonConvergesOnItsTCDevices(t *testing.T) {
 	pinDir := testutil.NewPinDir(t)
@@ -109,7 +110,20 @@ func TestDaemonConvergesOnItsTCDevices(t *testing.T) {
 	podLo := netns.Path() + ":lo"
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
 	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: [lo]\nmetricsAddr: ''\nrescanInterval: 100ms\n", cg.Path), cg)
-	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--tc-dev", "lo", "--tc-dev", podLo, "--bpffs-dir", pinDir)
+	// The CLI refuses to enable beside the daemon (it owns the pin
+	// directory): drift made by another tool (an older CLI) goes through
+	// the dataplane directly.
+	if code, _, errOut := sockbypass(t, "enable", "--cgroup", cg.Path, "--tc-dev", "lo", "--tc-dev", podLo, "--bpffs-dir", pinDir); code == 0 || !strings.Contains(errOut, "manages "+pinDir) {
+		t.Errorf("enable beside the daemon: exit %d, %s", code, errOut)
+	}
+	dp, err := dataplane.Open(dataplane.Options{PinDir: pinDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dp.Enable(cg, dataplane.EnableOptions{NoProbation: true, TCDevices: []dataplane.TCDevice{{Name: "lo"}, {NetnsPath: netns.Path(), Name: "lo"}}}); err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		got := tcDevicesOf(t, pinDir)

@@ -25,6 +25,9 @@ func runUpgrade(e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(e.stdout, "upgraded: programs of %d cgroup(s), %d TC device(s), sk_msg and the recv tracer replaced; maps and live connections kept\n", rep.Cgroups, rep.TCDevices)
+	fmt.Fprintf(e.stdout, "upgraded: programs of %d cgroup(s), %d TC device(s) and sk_msg replaced; maps and live connections kept\n", rep.Cgroups, rep.TCDevices)
+	if rep.LegacyTracerRemoved {
+		fmt.Fprintln(e.stdout, "removed the read-progress tracer of the older install: senders now read their peer's progress themselves")
+	}
 	return nil
 }

@@ -286,3 +286,72 @@ func PrintTable(w io.Writer, results []Result, runs int) {
 func fmtVal(v float64, unit string) string {
 	return strings.TrimSpace(fmt.Sprintf("%.2f %s", v, unit))
 }
+
+// Verdicts of a demo row (Classify).
+const (
+	// VerdictFaster: accelerated beat plain by more than the runs' spread.
+	VerdictFaster = "faster"
+	// VerdictSlower: accelerated lost by more than the runs' spread.
+	VerdictSlower = "slower"
+	// VerdictNoise: the difference is within the runs' spread.
+	VerdictNoise = "within noise"
+)
+
+// Classify says whether r's accelerated median is better or worse than
+// plain's by more than the half-spread PrintTable shows (±), the larger
+// of the two modes', or within it.
+func Classify(r Result) string {
+	if r.PlainMedian == 0 || r.Ratio == 0 {
+		return VerdictNoise
+	}
+	diff := (r.Ratio - 1) * 100
+	if r.LowerIsBetter {
+		diff = -diff
+	}
+	noise := max(r.PlainSpread, r.AccelSpread) / 2
+	switch {
+	case diff > noise:
+		return VerdictFaster
+	case -diff > noise:
+		return VerdictSlower
+	}
+	return VerdictNoise
+}
+
+// Explain returns a one-line explanation for a row whose ratio reads
+// "slower" in PrintTable, "" for the others.
+func Explain(r Result, runs int) string {
+	if (r.LowerIsBetter && r.Ratio <= 1) || (!r.LowerIsBetter && r.Ratio >= 1) {
+		return ""
+	}
+	what := fmt.Sprintf("%s %s: %.2fx reads slower", r.Case, r.Metric, r.Ratio)
+	if Classify(r) == VerdictNoise {
+		return fmt.Sprintf("%s, but by less than the run-to-run spread (±%.0f%% / ±%.0f%% over %d runs): no measurable difference on this host; more runs (RUNS=7 DURATION=2s) narrow it",
+			what, r.PlainSpread/2, r.AccelSpread/2, runs)
+	}
+	why := "sockbypass's work per message (the sk_msg verdict, the peer's progress read) cost more than the stack it skipped"
+	if strings.Contains(r.Case, "1cpu") {
+		why = "with both ends on one CPU, " + why
+	}
+	return fmt.Sprintf("%s, by more than the run-to-run spread (±%.0f%% / ±%.0f%%): in these runs %s; make bench-loopback measures it with more runs",
+		what, r.PlainSpread/2, r.AccelSpread/2, why)
+}
+
+// Summary returns one line: how many rows were faster, within noise and
+// slower, naming the faster ones.
+func Summary(results []Result) string {
+	var faster []string
+	counts := map[string]int{}
+	for _, r := range results {
+		v := Classify(r)
+		counts[v]++
+		if v == VerdictFaster {
+			faster = append(faster, fmt.Sprintf("%s %s %.2fx", r.Case, r.Metric, r.Ratio))
+		}
+	}
+	s := fmt.Sprintf("accelerated faster beyond the runs' spread in %d of %d rows", counts[VerdictFaster], len(results))
+	if len(faster) > 0 {
+		s += " (" + strings.Join(faster, ", ") + ")"
+	}
+	return s + fmt.Sprintf("; %d within noise, %d slower", counts[VerdictNoise], counts[VerdictSlower])
+}

@@ -35,7 +35,10 @@ type Field[T any] struct {
 func (f *Field[T]) UnmarshalYAML(n *yaml.Node) error {
 	f.Line = n.Line
 	if err := n.Decode(&f.Value); err != nil {
-		return fmt.Errorf("line %d: %w", n.Line, unwrapYAML(err))
+		// yaml.v3 names the line itself ("line 3: cannot unmarshal"):
+		// say it once.
+		msg := linePrefix.ReplaceAllString(unwrapYAML(err).Error(), "")
+		return fmt.Errorf("line %d: %s", n.Line, msg)
 	}
 	return nil
 }
@@ -201,6 +204,9 @@ func unwrapYAML(err error) error {
 	msg = strings.Join(strings.Fields(strings.ReplaceAll(msg, "\n", "; ")), " ")
 	return errors.New(msg)
 }
+
+// linePrefix matches the line yaml.v3 puts before its messages.
+var linePrefix = regexp.MustCompile(`^line \d+: `)
 
 // unknownField matches yaml.v3's error for a key that no field takes.
 var unknownField = regexp.MustCompile(`field (\S+) not found in type config\.(\w+)`)

@@ -96,3 +96,13 @@ func TestMeshSection(t *testing.T) {
 		t.Errorf("mesh options %+v", m)
 	}
 }
+
+// TestConfigErrorsNameTheLineOnce: yaml.v3's own "line N:" is not repeated.
+func TestConfigErrorsNameTheLineOnce(t *testing.T) {
+	for _, c := range []string{"cgroups: []\ntcDevices: []\nsockhashSize: abc\n", "cgroups: []\nrequireMatch: maybe\n", "mesh:\n  name: istio\n  intercept: x\n"} {
+		_, err := Parse([]byte(c))
+		if err == nil || strings.Count(err.Error(), "line ") != 1 {
+			t.Errorf("Parse(%q) = %v, want one line number", c, err)
+		}
+	}
+}

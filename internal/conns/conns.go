@@ -149,7 +149,7 @@ func Collect(dp *dataplane.Dataplane, opts Options) ([]Conn, error) {
 	}
 	defer l.Unlock()
 
-	settings, err := dp.CgroupSettings()
+	settings, err := dp.SlotSettings()
 	if err != nil {
 		return nil, err
 	}
@@ -213,7 +213,7 @@ type cgInfo struct {
 
 // walkEnabled walks the trees of the enabled cgroups: every cgroup in
 // them by id, and the processes in them.
-func walkEnabled(mounts cgroup.Mounts, settings map[uint64]dataplane.CgroupSettings) (map[uint64]cgInfo, []int, error) {
+func walkEnabled(mounts cgroup.Mounts, settings map[uint64]dataplane.SlotSettings) (map[uint64]cgInfo, []int, error) {
 	var ids []uint64
 	for id, s := range settings {
 		if s.Enabled {
@@ -337,7 +337,7 @@ type portKey struct {
 type collector struct {
 	dp       *dataplane.Dataplane
 	log      *zap.Logger
-	settings map[uint64]dataplane.CgroupSettings
+	settings map[uint64]dataplane.SlotSettings
 	tree     map[uint64]cgInfo
 
 	namespaces []*netnsInfo
@@ -581,9 +581,9 @@ func blocking(r *sockRec) bool {
 // cgroupOf returns the settings of the enabled cgroup whose programs
 // handle r's sockets (the one its storage names, else the innermost
 // enabled cgroup it is in).
-func (c *collector) cgroupOf(r *sockRec) (dataplane.CgroupSettings, bool) {
+func (c *collector) cgroupOf(r *sockRec) (dataplane.SlotSettings, bool) {
 	if r == nil {
-		return dataplane.CgroupSettings{}, false
+		return dataplane.SlotSettings{}, false
 	}
 	if r.st != nil && r.st.Flags&dataplane.SockFlagHandled != 0 {
 		if s, ok := c.settings[r.st.CgroupId]; ok {
@@ -594,7 +594,7 @@ func (c *collector) cgroupOf(r *sockRec) (dataplane.CgroupSettings, bool) {
 		s, ok := c.settings[r.cg.enabled]
 		return s, ok
 	}
-	return dataplane.CgroupSettings{}, false
+	return dataplane.SlotSettings{}, false
 }
 
 // isServer reports whether r is the accepted end of its connection.
@@ -714,7 +714,7 @@ func (c *collector) plainReason(r *sockRec) (code, detail string, err error) {
 	if server {
 		serverPort = r.s.Local.Port()
 	}
-	for _, s := range []dataplane.CgroupSettings{own, peerCg} {
+	for _, s := range []dataplane.SlotSettings{own, peerCg} {
 		for _, p := range s.StackPorts {
 			if p == serverPort {
 				return "stack-port", fmt.Sprintf("port %d", p), nil

@@ -7,6 +7,8 @@ import (
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sockbypass/sockbypass/cgroup"
 )
 
 // ErrNotReconciled is returned by Ready before the first reconcile.
@@ -14,7 +16,21 @@ var ErrNotReconciled = errors.New("not ready: the configuration has not been app
 
 // ErrNothingMatched is wrapped by Ready when requireMatch is set and the
 // configured cgroups match nothing on this node.
-var ErrNothingMatched = errors.New("the configured cgroups match no cgroup on this node (requireMatch): check the globs against ls /sys/fs/cgroup, and that the node has cgroup v2")
+var ErrNothingMatched = errors.New("the configured cgroups match no cgroup on this node (requireMatch)")
+
+// nothingMatched says what to check when nothing matched, naming the
+// cgroup2 mount this host really has (/sys/fs/cgroup/unified on a hybrid
+// layout).
+func nothingMatched() error {
+	mounts, err := cgroup.ReadMounts()
+	switch {
+	case err != nil:
+		return fmt.Errorf("%w: check that the node has cgroup v2 (%v)", ErrNothingMatched, err)
+	case mounts.V2 == "":
+		return fmt.Errorf("%w: this node has no cgroup v2 mount (cgroup v1 only): sockbypass needs cgroup v2", ErrNothingMatched)
+	}
+	return fmt.Errorf("%w: check the globs, relative to the cgroup2 mount %s, against ls %s", ErrNothingMatched, mounts.V2, mounts.V2)
+}
 
 // health is what the last reconcile and the last reload left, for Ready
 // and the failure metrics.
@@ -75,7 +91,7 @@ func (d *Daemon) Ready() error {
 	case len(h.pending) > 0:
 		return fmt.Errorf("not ready: %d selected pods have no cgroup on this node: %s", len(h.pending), strings.Join(h.pending, ", "))
 	case require && h.matched == 0:
-		return fmt.Errorf("not ready: %w", ErrNothingMatched)
+		return fmt.Errorf("not ready: %w", nothingMatched())
 	}
 	return nil
 }

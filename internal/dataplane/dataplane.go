@@ -362,6 +362,16 @@ func detachSkMsgLegacy(sockhash *ebpf.Map, prog *ebpf.Program) error {
 // PinDir returns the pin directory of d.
 func (d *Dataplane) PinDir() string { return d.pinDir }
 
+// SockhashCapacity returns the pinned sockhash's max_entries: fixed when
+// the state is created (Options.SockhashMaxEntries), kept by Upgrade.
+func (d *Dataplane) SockhashCapacity() (uint32, error) {
+	m, ok := d.maps[PinSockhash]
+	if !ok {
+		return 0, fmt.Errorf("the sockhash of %s is not open", d.pinDir)
+	}
+	return m.MaxEntries(), nil
+}
+
 // Close releases d's handles. The pinned state stays.
 func (d *Dataplane) Close() error {
 	for _, m := range d.maps {

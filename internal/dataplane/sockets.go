@@ -138,8 +138,8 @@ func (d *Dataplane) ListenerFlags(netns uint64, addr netip.Addr, port uint16) (f
 	return 0, false, nil
 }
 
-// CgroupSettings are the settings of a cgroup that has a slot.
-type CgroupSettings struct {
+// SlotSettings are the settings of a cgroup that has a slot.
+type SlotSettings struct {
 	// ID is the cgroup id.
 	ID uint64
 	// Enabled reports whether the cgroup is enabled now (a disabled
@@ -152,11 +152,14 @@ type CgroupSettings struct {
 	Mesh string
 	// StackPorts are its stack ports (--stack-ports).
 	StackPorts []uint16
+	// NoProbation: its listeners' first connections pair too
+	// (--no-probation).
+	NoProbation bool
 }
 
-// CgroupSettings returns the settings of every cgroup that has a slot,
+// SlotSettings returns the settings of every cgroup that has a slot,
 // by cgroup id.
-func (d *Dataplane) CgroupSettings() (map[uint64]CgroupSettings, error) {
+func (d *Dataplane) SlotSettings() (map[uint64]SlotSettings, error) {
 	slots, err := d.slots()
 	if err != nil {
 		return nil, err
@@ -169,14 +172,14 @@ func (d *Dataplane) CgroupSettings() (map[uint64]CgroupSettings, error) {
 	for _, id := range ids {
 		enabled[id] = true
 	}
-	out := make(map[uint64]CgroupSettings, len(slots))
+	out := make(map[uint64]SlotSettings, len(slots))
 	for id, slot := range slots {
 		var cfg cgroupConfig
 		if err := d.maps[PinCgroupConfig].Lookup(slot, &cfg); err != nil {
 			return nil, fmt.Errorf("read the settings of cgroup id %d (slot %d): %w", id, slot, err)
 		}
-		s := CgroupSettings{ID: id, Enabled: enabled[id], AccountOnly: cfg.Flags&cgroupAccountOnly != 0,
-			AllConnections: cfg.Flags&cgroupAllConnections != 0}
+		s := SlotSettings{ID: id, Enabled: enabled[id], AccountOnly: cfg.Flags&cgroupAccountOnly != 0,
+			AllConnections: cfg.Flags&cgroupAllConnections != 0, NoProbation: cfg.Flags&cgroupNoProbation != 0}
 		switch cfg.MeshMode {
 		case MeshRedirect:
 			s.Mesh = "redirect"
@@ -195,7 +198,7 @@ func (d *Dataplane) CgroupSettings() (map[uint64]CgroupSettings, error) {
 	// none (enabled by an older binary).
 	for _, id := range ids {
 		if _, ok := out[id]; !ok {
-			out[id] = CgroupSettings{ID: id, Enabled: true}
+			out[id] = SlotSettings{ID: id, Enabled: true}
 		}
 	}
 	return out, nil

@@ -99,6 +99,9 @@ type CgroupStatus struct {
 	Mode string `json:"mode"`
 	// Mesh is the sidecar mode: "", "redirect" or "intercept".
 	Mesh string `json:"mesh,omitempty"`
+	// Settings are every setting it was enabled with (nil for a
+	// disabled cgroup).
+	Settings *CgroupSettings `json:"settings,omitempty"`
 	// Counters are its counters, summed over CPUs.
 	Counters CgroupCounters `json:"counters"`
 	// Programs are the programs attached to it, one per row of the
@@ -237,9 +240,15 @@ func (d *Dataplane) Status() (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
+	tcByCgroup, err := d.tcDevicesByCgroup()
+	if err != nil {
+		return nil, err
+	}
 	for _, id := range ids {
 		cs := CgroupStatus{ID: id, Slot: slots[id], Counters: counters[id], LiveSockets: live[id], Mode: "accelerate"}
 		if cfg, ok := d.configOf(id); ok {
+			settings := settingsOf(cfg, tcByCgroup[id])
+			cs.Settings = &settings
 			if cfg.Flags&cgroupAccountOnly != 0 {
 				cs.Mode = "account-only"
 			}

@@ -72,13 +72,17 @@ func checkLayout(pinDir string) error {
 type UpgradeReport struct {
 	Cgroups   int `json:"cgroups"`
 	TCDevices int `json:"tc_devices"`
+	// LegacyTracerRemoved: the install had the read-progress tracer of
+	// layouts 4 and before, which this upgrade unpinned (nothing replaces
+	// it: senders read their peer's progress themselves).
+	LegacyTracerRemoved bool `json:"legacy_tracer_removed"`
 }
 
 // Upgrade replaces every program of the pinned state with this binary's,
 // keeping the maps, so counters continue and live connections keep
 // flowing: cgroup, tcx and sockmap links are updated in place
-// (BPF_LINK_UPDATE), clsact filters replaced, and the tracing link is
-// replaced by a new one pinned over it. Sockets already in the sockhash
+// (BPF_LINK_UPDATE), clsact filters replaced, and the read-progress
+// tracer of older installs, when pinned, is removed. Sockets already in the sockhash
 // keep the sk_msg program they were inserted with until they close (the
 // kernel gives each its own reference).
 func (d *Dataplane) Upgrade() (UpgradeReport, error) {
@@ -153,6 +157,7 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 		if err != nil {
 			return rep, fmt.Errorf("upgrade: unpin %s: %w", legacyPinRecvLink, err)
 		}
+		rep.LegacyTracerRemoved = true
 	}
 
 	devices, err := d.tcDevices()

@@ -29,6 +29,9 @@ const (
 	// Limitation: the kernel offers no hook to catch the case in time;
 	// sockbypass cannot keep it, and doctor reports it.
 	Limitation Expectation = "known limitation"
+	// NotAccelerated: what every case expects with blocking sockets,
+	// which are never accelerated (WhyBlocking).
+	NotAccelerated Expectation = "not accelerated"
 )
 
 // Env is what a case gets from the harness.

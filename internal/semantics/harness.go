@@ -48,6 +48,9 @@ func notMeasured(format string, args ...any) error {
 
 // Result is one case run plain and accelerated in one mode.
 type Result struct {
+	// Case names the case; Mode says how its sockets block; Expect is
+	// what sockbypass promises for it in that mode (NotAccelerated for
+	// every blocking run).
 	Case        string      `json:"case"`
 	Mode        Mode        `json:"mode"`
 	Expect      Expectation `json:"expected"`
@@ -143,6 +146,11 @@ func CounterValue(c dataplane.CgroupCounters, name string) uint64 {
 // RunCase runs c in mode plain, then accelerated, and classifies it.
 func RunCase(c Case, mode Mode, s Setup) Result {
 	r := Result{Case: c.Name, Mode: mode, Expect: c.Expect, How: c.How, Counter: c.Counter}
+	if mode == Blocking {
+		// The case's expectation is for non-blocking sockets; blocking
+		// ones are never accelerated.
+		r.Expect = NotAccelerated
+	}
 	plain, err := c.Run(s.Env(false, mode))
 	r.Plain = plain
 	if err != nil {

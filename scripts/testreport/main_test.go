@@ -1,0 +1,50 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestReportShowsProgressSkipsAndTheKubeAPIServerBanner feeds events as
+// go test -json writes them.
+func TestReportShowsProgressSkipsAndTheKubeAPIServerBanner(t *testing.T) {
+	var out bytes.Buffer
+	r := &report{w: &out, started: time.Now(), output: map[string][]string{}, running: map[string]time.Time{}, pkgSeen: map[string]bool{}}
+	pkg := "github.com/sockbypass/sockbypass/internal/k8s"
+	for _, e := range []event{
+		{Action: "run", Package: pkg, Test: "TestRules"},
+		{Action: "pass", Package: pkg, Test: "TestRules", Elapsed: 0.5},
+		{Action: "run", Package: pkg, Test: "TestInformer"},
+		{Action: "output", Package: pkg, Test: "TestInformer", Output: "=== RUN   TestInformer\n"},
+		{Action: "output", Package: pkg, Test: "TestInformer", Output: "    apiserver.go:90: SKIPPED: no kube-apiserver at /var/cache/sockbypass-k8s/kube-apiserver-v1.37.2: run `make kube-apiserver` once\n"},
+		{Action: "output", Package: pkg, Test: "TestInformer", Output: "--- SKIP: TestInformer (0.00s)\n"},
+		{Action: "skip", Package: pkg, Test: "TestInformer"},
+		{Action: "run", Package: pkg, Test: "TestBroken"},
+		{Action: "output", Package: pkg, Test: "TestBroken", Output: "    x_test.go:3: it broke\n"},
+		{Action: "fail", Package: pkg, Test: "TestBroken", Elapsed: 1},
+		{Action: "fail", Package: pkg, Elapsed: 2},
+	} {
+		r.handle(e)
+	}
+	code := r.finish()
+	text := out.String()
+	for _, want := range []string{
+		"=== internal/k8s\n", "  PASS  TestRules (0.50s)\n", "  FAIL  TestBroken", "it broke",
+		"skipped tests (1): they did not run\n  internal/k8s TestInformer: SKIPPED: no kube-apiserver at",
+		"# THE KUBE-APISERVER TESTS DID NOT RUN (1: TestInformer)",
+		"FAIL: 1 passed, 1 failed, 1 skipped",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("report lacks %q:\n%s", want, text)
+		}
+	}
+	if code != 1 {
+		t.Errorf("exit code %d with a failure, want 1", code)
+	}
+	if _, err := json.Marshal(r.skips); err != nil {
+		t.Fatal(err)
+	}
+}
