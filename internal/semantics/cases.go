@@ -78,7 +78,7 @@ func howLeaving(how string) string {
 
 // howSplice says why the splice readers of what cannot be kept.
 func howSplice(what string) string {
-	return "doctor measures a listener's first connection with --no-probation: its bytes are redirected before the first splice, which reads only the stack queue and sees the FIN and no data (" + what + "); by default a new listener's connections stay plain until one is read with recvmsg, and a splice keeps the listener's and the process's later connections plain; list the proxy's own port in --stack-ports to keep them plain from the start"
+	return "doctor measures a listener's first connection with --no-probation, the proxy starting to copy once the client's first bytes are queued: they are redirected before the first splice, which reads only the stack queue and sees the FIN and no data (" + what + "); by default a new listener's connections stay plain until one is read with recvmsg, and a splice keeps the listener's and the process's later connections plain; list the proxy's own port in --stack-ports to keep them plain from the start"
 }
 
 // Cases returns every case, in a stable order.
@@ -1025,6 +1025,7 @@ func caseGoProxyStackPort(env *Env) (string, error) {
 // goProxy: a client sends 1 MiB through a Go proxy (io.Copy between the
 // socket it accepted and its socket to the server): the client's
 // connection is made with o, then dial returns the proxy's to the server.
+// The proxy starts copying once the client's first bytes are queued.
 func goProxy(env *Env, o ConnOpts, dial func() (Pair, error)) (string, error) {
 	in, err := env.Connect(o) // client -> proxy
 	if err != nil {
@@ -1059,6 +1060,13 @@ func goProxy(env *Env, o ConnOpts, dial func() (Pair, error)) (string, error) {
 			return unix.Shutdown(in.C, unix.SHUT_WR)
 		},
 		func() (err error) {
+			// The client's first bytes are queued before the proxy's
+			// first splice, every run: the order a busy proxy sees, and
+			// one verdict instead of a race.
+			fds := []unix.PollFd{{Fd: int32(in.S), Events: unix.POLLIN}}
+			if _, err := unix.Poll(fds, int(opTimeout/time.Millisecond)); err != nil {
+				return fmt.Errorf("wait for the client's first bytes: %w", err)
+			}
 			proxyIn.SetDeadline(time.Now().Add(opTimeout))
 			copied, err = io.Copy(proxyOut, proxyIn) // splice on Linux
 			proxyOut.CloseWrite()

@@ -43,7 +43,7 @@ var pinned = map[string][2]string{
 	"TCP_INQ set on the listener":                                                         {VerdictNotAccelerated, VerdictFallback},
 	"MSG_OOB with SO_OOBINLINE set on the listener":                                       {VerdictNotAccelerated, VerdictFallback},
 	"splice(2) from the socket (never read with recvmsg)":                                 {VerdictNotAccelerated, VerdictFallback + "|" + VerdictPreserved},
-	"Go io.Copy TCP->TCP proxy (splice)":                                                  {VerdictNotAccelerated, VerdictKnown + "|" + VerdictPreserved},
+	"Go io.Copy TCP->TCP proxy (splice)":                                                  {VerdictNotAccelerated, VerdictKnown},
 	"Go io.Copy TCP->TCP proxy (splice) with its port in --stack-ports":                   {VerdictNotAccelerated, VerdictFallback},
 	"a stalled reader makes its writer block (flow control)":                              {VerdictNotAccelerated, VerdictPreserved},
 	"slow reader holding 4+ MiB across disable and uninstall":                             {VerdictNotAccelerated, VerdictPreserved},
