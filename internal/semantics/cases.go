@@ -946,13 +946,35 @@ func spliceAll(fd int) ([]byte, string) {
 	return out, end
 }
 
+// spliceFirst makes one splice from fd before the writer starts (it then
+// closes started): a non-blocking socket with nothing queued returns
+// EAGAIN at once. The splice rows measure a reader that splices an idle
+// socket, every run; a socket with redirected bytes waiting at its first
+// splice is the Go proxy row.
+func spliceFirst(fd int, started chan<- struct{}) {
+	defer close(started)
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil || flags&unix.O_NONBLOCK == 0 {
+		return // a blocking splice would wait for the writer
+	}
+	var pipe [2]int
+	if err := unix.Pipe2(pipe[:], unix.O_CLOEXEC); err != nil {
+		return
+	}
+	unix.Splice(fd, nil, pipe[1], nil, 1, unix.SPLICE_F_NONBLOCK)
+	unix.Close(pipe[0])
+	unix.Close(pipe[1])
+}
+
 func caseSpliceOnly(env *Env) (string, error) {
 	return run(env, ConnOpts{}, func(p *Pair) (string, error) {
 		data := pattern(12, 1<<20)
 		var got []byte
 		var end string
+		started := make(chan struct{})
 		err := parallel(
 			func() error {
+				<-started
 				for i := 0; i < 4; i++ {
 					if err := writeAll(p.C, data[i<<18:(i+1)<<18]); err != nil {
 						return err
@@ -961,7 +983,7 @@ func caseSpliceOnly(env *Env) (string, error) {
 				}
 				return unix.Shutdown(p.C, unix.SHUT_WR)
 			},
-			func() error { got, end = spliceAll(p.S); return nil },
+			func() error { spliceFirst(p.S, started); got, end = spliceAll(p.S); return nil },
 		)
 		return fmt.Sprintf("spliced %s, equal=%v, end%q", digest(got), bytes.Equal(got, data), end), err
 	})
@@ -975,14 +997,16 @@ func caseRecvThenSplice(env *Env) (string, error) {
 		data := pattern(13, 256<<10)
 		var got []byte
 		var end string
+		started := make(chan struct{})
 		err := parallel(
 			func() error {
+				<-started
 				if err := writeAll(p.C, data); err != nil {
 					return err
 				}
 				return unix.Shutdown(p.C, unix.SHUT_WR)
 			},
-			func() error { got, end = spliceAll(p.S); return nil },
+			func() error { spliceFirst(p.S, started); got, end = spliceAll(p.S); return nil },
 		)
 		return fmt.Sprintf("spliced %s, equal=%v, end%q", digest(got), bytes.Equal(got, data), end), err
 	})
