@@ -1017,6 +1017,9 @@ enum fallback_event_reason {
 	EVENT_SPLICE_STALLED = 5,
 	/* A listener learnt that its accepted sockets are spliced. */
 	EVENT_LISTENER_SPLICED = 6,
+	/* A listener learnt that its accepted sockets use kernel TLS
+	 * (TCP_ULP): detail is the option. */
+	EVENT_LISTENER_ULP = 7,
 };
 
 struct fallback_event {
@@ -1339,6 +1342,26 @@ static __noinline __attribute__((unused)) __u64 *listener_flags(const __u32 *ip,
 		flags = bpf_map_lookup_elem(&listeners, &ek);
 	}
 	return flags;
+}
+
+/* learn_stack_process records the current process as one whose sockets
+ * are read through the stack (it splices, or uses kernel TLS: see
+ * stack_procs and "Probation"): its later connections stay plain. */
+static __always_inline __attribute__((unused)) void learn_stack_process(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 v = STACK_PROC_SPLICER, *n;
+
+	n = bpf_map_lookup_elem(&stack_procs, &tgid);
+	if (!n) {
+		if (!bpf_map_update_elem(&stack_procs, &tgid, &v, BPF_NOEXIST))
+			return;
+		n = bpf_map_lookup_elem(&stack_procs, &tgid);
+		if (!n)
+			return;
+	}
+	if (!(*n & STACK_PROC_SPLICER))
+		__sync_fetch_and_or(n, STACK_PROC_SPLICER);
 }
 
 #endif /* __SOCKBYPASS_H */

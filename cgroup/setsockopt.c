@@ -8,6 +8,15 @@
  * pair (stack_reader.h). So does a member that asks for a ULP (TCP_ULP
  * "tls": kernel TLS runs the sk_msg verdict on plaintext, which must never
  * be redirected, and its receive side reads only the stack queue).
+ *
+ * Kernel TLS cannot be set up on a member (TLS_TX fails with EINVAL until
+ * it has left, and no program allowed here can remove it at once), so a
+ * ULP also teaches: the socket's listener (an accepted socket) keeps its
+ * later connections plain TCP (LISTENER_STACK_READER), or its process (the
+ * client of a pair) keeps its later connections plain (stack_procs). With probation
+ * a TLS listener's first connection is plain and sets TCP_ULP, and only
+ * connections accepted between its first read and its TCP_ULP pair (they
+ * then lose kernel TLS: OpenSSL goes on in user space).
  */
 #include "sockbypass.h"
 #include "stack_reader.h"
@@ -24,6 +33,28 @@
 volatile const __u64 enabled_cgroup_id = 0;
 /* And its slot (see "Slots" in sockbypass.h). */
 volatile const __u32 cgroup_slot = 0;
+
+/* learn_ulp: the socket asks for a ULP (kernel TLS). An accepted socket
+ * (on probation, or paired) teaches its listener, the client end of a pair
+ * its process; see the top of this file. (A plain socket tells nothing:
+ * a server's accepted socket from a remote client must not keep its
+ * process's own connections, to a local upstream, plain.) */
+static __always_inline void learn_ulp(struct sock_state *state)
+{
+	__u64 *lf;
+
+	if (!(state->flags & (SOCK_FLAG_PROBATION | SOCK_FLAG_ACCEPTED))) {
+		/* The client end, joining or joined. */
+		if (state->flags & (SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_PAIRED))
+			learn_stack_process();
+		return;
+	}
+	lf = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);
+	if (lf && !(*lf & LISTENER_STACK_READER)) {
+		__sync_fetch_and_or(lf, LISTENER_STACK_READER);
+		emit_event(state, EVENT_LISTENER_ULP, TCP_ULP);
+	}
+}
 
 SEC("cgroup/setsockopt")
 int sockbypass_setsockopt(struct bpf_sockopt *ctx)
@@ -55,6 +86,8 @@ int sockbypass_setsockopt(struct bpf_sockopt *ctx)
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)
 		return 1;
+	if (reason == REASON_ULP)
+		learn_ulp(state);
 	mark_stack_reader(state, state->cgroup_id ? state->slot : cgroup_slot, reason, ctx->optname);
 	/* A listener already recorded: its accepted sockets inherit the
 	 * option (they do not clone its storage; see LISTENER_STACK_READER). */

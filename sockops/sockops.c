@@ -75,16 +75,16 @@ static __always_inline __u64 unique_owner(const __u32 *ip)
  * destination of an intercepted connect for SO_ORIGINAL_DST.
  */
 /* stack_process_connect marks a socket that a stack process connects (see
- * stack_procs): connect() runs in the process's context. Cgroups without
- * stack ports pay one load. */
+ * stack_procs: one listening on a stack port, or learnt to splice or to use
+ * kernel TLS, in any cgroup): connect() runs in the process's context. One
+ * hash lookup per connect. */
 static __noinline void stack_process_connect(struct bpf_sock_ops *skops)
 {
-	struct cgroup_config *cfg = config_for(cgroup_slot);
 	struct bpf_sock *sk = skops->sk;
 	struct sock_state *state;
 	__u32 tgid;
 
-	if (!cfg || !cfg->stack_ports[0] || !sk)
+	if (!sk)
 		return;
 	tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!bpf_map_lookup_elem(&stack_procs, &tgid))

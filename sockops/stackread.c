@@ -75,25 +75,6 @@ static __noinline void end_probation(struct sock_state *state, struct sock *sk)
 		__sync_fetch_and_or(lf, LISTENER_PROVEN);
 }
 
-/* learn_splicer records the current process as one that splices (see
- * stack_procs): its later connections stay plain. */
-static __always_inline void learn_splicer(void)
-{
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	__u64 v = STACK_PROC_SPLICER, *n;
-
-	n = bpf_map_lookup_elem(&stack_procs, &tgid);
-	if (!n) {
-		if (!bpf_map_update_elem(&stack_procs, &tgid, &v, BPF_NOEXIST))
-			return;
-		n = bpf_map_lookup_elem(&stack_procs, &tgid);
-		if (!n)
-			return;
-	}
-	if (!(*n & STACK_PROC_SPLICER))
-		__sync_fetch_and_or(n, STACK_PROC_SPLICER);
-}
-
 /* spliced: a socket of an enabled cgroup was read by something other than
  * recvmsg (once per socket). */
 static __noinline void spliced(struct sock_state *state, struct sock *sk)
@@ -105,7 +86,7 @@ static __noinline void spliced(struct sock_state *state, struct sock *sk)
 
 	if (old & SOCK_FLAG_SPLICED)
 		return;
-	learn_splicer();
+	learn_stack_process();
 	/* An accepted socket: its listener's later connections stay plain. */
 	if (old & (SOCK_FLAG_PROBATION | SOCK_FLAG_ACCEPTED)) {
 		__u64 *lf = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);

@@ -34,10 +34,14 @@ const (
 	// EventListenerSpliced: an accepted socket was read with splice, so
 	// its listener's later connections stay plain TCP.
 	EventListenerSpliced = "listener_spliced"
+	// EventListenerKernelTLS: an accepted socket asked for a ULP (TCP_ULP
+	// "tls", kernel TLS), so its listener's later connections stay plain
+	// TCP, where kernel TLS works.
+	EventListenerKernelTLS = "listener_kernel_tls"
 )
 
 var eventReasons = map[uint32]string{1: EventLateBlocking, 2: EventLateStackOption, 3: EventListenerBlockingChildren,
-	4: EventSpliceReader, 5: EventSpliceStalled, 6: EventListenerSpliced}
+	4: EventSpliceReader, 5: EventSpliceStalled, 6: EventListenerSpliced, 7: EventListenerKernelTLS}
 
 // optionNames names the options of EventLateStackOption (their optname;
 // SOL_SOCKET's and SOL_TCP's numbers do not collide for these three).
@@ -75,6 +79,8 @@ func (e FallbackEvent) String() string {
 		return fmt.Sprintf("connection %s -> %s is read with splice while %d redirected bytes wait, which only recvmsg can read: it stalls until its program reads with recvmsg (its process's new connections stay plain TCP; list the server port in --stack-ports to keep such connections plain from the start)", e.Local, e.Remote, e.Unread)
 	case EventListenerSpliced:
 		return fmt.Sprintf("listener %s splices its accepted sockets: its new connections stay plain TCP", e.Local)
+	case EventListenerKernelTLS:
+		return fmt.Sprintf("listener %s sets up kernel TLS (TCP_ULP) on its accepted sockets: its new connections stay plain TCP, where kernel TLS works", e.Local)
 	}
 	return fmt.Sprintf("connection %s -> %s: %s", e.Local, e.Remote, e.Reason)
 }
@@ -127,7 +133,7 @@ func fallbackEventFromC(raw sockops.FallbackEvent) FallbackEvent {
 	if e.Reason == "" {
 		e.Reason = fmt.Sprintf("reason %d", raw.Reason)
 	}
-	if e.Reason != EventListenerBlockingChildren && e.Reason != EventListenerSpliced {
+	if e.Reason != EventListenerBlockingChildren && e.Reason != EventListenerSpliced && e.Reason != EventListenerKernelTLS {
 		e.Remote = raw.Key.Remote()
 	}
 	if e.Reason == EventSpliceStalled {

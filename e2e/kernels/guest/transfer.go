@@ -109,6 +109,15 @@ func runTransfer(cg, bin string, size int) error {
 			v += fmt.Sprintf(" redirected_bytes=%d", a.RedirectedBytes-b.RedirectedBytes)
 		}
 		report("fionread_sockbypass_member", v)
+		// The server side first: the client probe teaches sockbypass that
+		// this process uses kernel TLS, which keeps its later connections
+		// plain.
+		b, _ = readStats(bin, cg)
+		v = ktlsSockbypassServer()
+		if a, err := readStats(bin, cg); err == nil && b != nil {
+			v += fmt.Sprintf(" redirected_bytes=%d late_stack_options=%d", a.RedirectedBytes-b.RedirectedBytes, a.LateStackOptions-b.LateStackOptions)
+		}
+		report("ktls_sockbypass_server", v)
 		b, _ = readStats(bin, cg)
 		v = ktlsSockbypass()
 		if a, err := readStats(bin, cg); err == nil && b != nil {
@@ -118,6 +127,7 @@ func runTransfer(cg, bin string, size int) error {
 		report("ktls_sockbypass", v)
 	} else {
 		report("fionread_sockbypass_member", "n/a: sockbypass not installed")
+		report("ktls_sockbypass_server", "n/a: sockbypass not installed")
 		report("ktls_sockbypass", "n/a: sockbypass not installed")
 	}
 	if err != nil || verdict != "ok" {
@@ -135,6 +145,11 @@ func accepted() (client, server *net.TCPConn, err error) {
 		return nil, nil, err
 	}
 	defer ln.Close()
+	return acceptedOn(ln)
+}
+
+// acceptedOn dials ln and returns both ends once ln has accepted.
+func acceptedOn(ln net.Listener) (client, server *net.TCPConn, err error) {
 	type res struct {
 		c   net.Conn
 		err error
@@ -205,32 +220,74 @@ func fionreadSockbypass() string {
 // non-blocking sockets, so sockbypass pairs them) first exchanges a request
 // and a reply in the clear (as a TLS handshake in user space would), then
 // the client sets TCP_ULP "tls" and TLS_TX and writes ktlsPlaintext; the
-// server reads what arrives.
+// server reads what arrives. When TLS_TX fails (a member), it retries once
+// the pair dissolved. Then a next connection of the same process does the
+// same: the client's TCP_ULP taught sockbypass that its process uses
+// kernel TLS, so it stays plain TCP and TLS_TX works at once.
 func ktlsSockbypass() string {
 	client, server, err := accepted()
 	if err != nil {
 		return "error: " + err.Error()
 	}
+	out := ktlsOnConn(client, server, true)
+	client.Close()
+	server.Close()
+	client, server, err = accepted()
+	if err != nil {
+		return out + " | next: error: " + err.Error()
+	}
 	defer client.Close()
 	defer server.Close()
-	server.SetDeadline(time.Now().Add(10 * time.Second))
-	client.SetDeadline(time.Now().Add(10 * time.Second))
+	return out + " | next: " + ktlsOnConn(client, server, false)
+}
+
+// ktlsSockbypassServer: the server side sets up kernel TLS, on two
+// connections accepted by one listener of the enabled cgroup. The first
+// pairs (TLS_TX fails on a member); its TCP_ULP taught sockbypass that the
+// listener's accepted sockets use kernel TLS, so the second stays plain
+// and TLS_TX works.
+func ktlsSockbypassServer() string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer ln.Close()
+	var out []string
+	for i := 0; i < 2; i++ {
+		client, server, err := acceptedOn(ln)
+		if err != nil {
+			return strings.Join(append(out, "error: "+err.Error()), " | ")
+		}
+		out = append(out, ktlsOnConn(server, client, false))
+		client.Close()
+		server.Close()
+	}
+	return "first: " + out[0] + " | next: " + out[1]
+}
+
+// ktlsOnConn exchanges ping and pong in the clear, then sender sets up
+// kernel TLS and writes ktlsPlaintext, and what receiver reads is
+// described. With retry, a failed TLS_TX is tried again once the
+// plaintext went through.
+func ktlsOnConn(sender, receiver *net.TCPConn, retry bool) string {
+	receiver.SetDeadline(time.Now().Add(10 * time.Second))
+	sender.SetDeadline(time.Now().Add(10 * time.Second))
 	buf := make([]byte, 4)
-	if _, err := client.Write([]byte("ping")); err != nil {
+	if _, err := sender.Write([]byte("ping")); err != nil {
 		return "error: write ping: " + err.Error()
 	}
-	if _, err := io.ReadFull(server, buf); err != nil {
+	if _, err := io.ReadFull(receiver, buf); err != nil {
 		return "error: read ping: " + err.Error()
 	}
-	if _, err := server.Write([]byte("pong")); err != nil {
+	if _, err := receiver.Write([]byte("pong")); err != nil {
 		return "error: write pong: " + err.Error()
 	}
-	if _, err := io.ReadFull(client, buf); err != nil {
+	if _, err := io.ReadFull(sender, buf); err != nil {
 		return "error: read pong: " + err.Error()
 	}
 	read := func(b []byte) (int, error) {
-		server.SetReadDeadline(time.Now().Add(3 * time.Second))
-		n, err := server.Read(b)
+		receiver.SetReadDeadline(time.Now().Add(3 * time.Second))
+		n, err := receiver.Read(b)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			err = errors.New("timeout")
@@ -239,14 +296,14 @@ func ktlsSockbypass() string {
 		}
 		return n, err
 	}
-	raw, err := client.SyscallConn()
+	raw, err := sender.SyscallConn()
 	if err != nil {
 		return "error: " + err.Error()
 	}
 	var out string
 	raw.Control(func(fd uintptr) {
 		out = ktlsExchange(int(fd), read, ktlsProbeSteps{})
-		if !strings.Contains(out, "tls_tx=") || strings.Contains(out, "tls_tx=ok") {
+		if !retry || !strings.Contains(out, "tls_tx=") || strings.Contains(out, "tls_tx=ok") {
 			return
 		}
 		// TLS_TX failed: once the plaintext went through the stack (the
