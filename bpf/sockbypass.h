@@ -371,6 +371,9 @@ struct cgroup_counters {
 	 * bytes reach the application only through recvmsg, so the
 	 * connection stalls (see "Probation"). */
 	__u64 splice_stalled;
+	/* SYNs to the cgroup's listeners offered no pair because `pairs` was
+	 * full: those connections stay plain TCP (see "Pairs"). */
+	__u64 pairs_full;
 };
 
 struct {
@@ -706,10 +709,16 @@ struct {
  * An entry lives from the SYN until the server decides (declined pairs are
  * removed then), and for a joined pair until the client's first message
  * (it marks itself paired and removes the entry) or its close: at most one
- * per handshake in flight plus one per silent joined client. User space
- * sizes the LRU at twice the sockhash capacity (at least 65536), so live
- * pairs never evict one another; the LRU bounds what a detached program
- * leaves behind.
+ * per handshake in flight plus one per silent joined client. A handshake
+ * that never completes (a SYN whose SYN-ACK is reset, a port scan, a SYN
+ * flood) has no socket to remove its offer: user space reaps offers older
+ * than any handshake can last (Dataplane.ReapPairs, run by the daemon at
+ * every rescan and by enable and disable). A plain hash, never an LRU:
+ * evicting the entry of a joined pair whose client has not yet seen it
+ * would leave the server a member and the client out, its bytes reaching a
+ * member through the stack. User space sizes it at twice the sockhash
+ * capacity (at least 65536); when it is full, a SYN is offered no pair and
+ * its connection stays plain TCP (pairs_full).
  */
 #define PAIR_OFFERED 1
 #define PAIR_CLIENT_JOINED 2
@@ -747,10 +756,14 @@ struct pair {
 	/* And each end's sock_state (peer_state). */
 	__u64 client_state;
 	__u64 server_state;
+	/* When the SYN was offered (bpf_ktime_get_ns): what user space reaps
+	 * by. */
+	__u64 offered_ns;
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 131072);
 	__type(key, struct sock_key);
 	__type(value, struct pair);

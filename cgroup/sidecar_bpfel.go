@@ -75,6 +75,7 @@ type sidecarCgroupCounters struct {
 	SocketsProbation       uint64
 	SpliceReaders          uint64
 	SpliceStalled          uint64
+	PairsFull              uint64
 }
 
 type sidecarEndpointKey struct {
@@ -140,6 +141,7 @@ type sidecarPair struct {
 	ServerCookie uint64
 	ClientState  uint64
 	ServerState  uint64
+	OfferedNs    uint64
 }
 
 type sidecarSockKey struct {

@@ -588,7 +588,12 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 		COUNT(c, connections_short_lived);
 		return;
 	}
-	bpf_map_update_elem(&pairs, &p.peer, &offer, BPF_ANY);
+	offer.offered_ns = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&pairs, &p.peer, &offer, BPF_ANY)) {
+		struct cgroup_counters *c = counters_for(cgroup_slot);
+
+		COUNT(c, pairs_full);
+	}
 }
 
 /*

@@ -71,6 +71,7 @@ type sockopsCgroupCounters struct {
 	SocketsProbation       uint64
 	SpliceReaders          uint64
 	SpliceStalled          uint64
+	PairsFull              uint64
 }
 
 type sockopsCidr struct {
@@ -150,6 +151,7 @@ type sockopsPair struct {
 	ServerCookie uint64
 	ClientState  uint64
 	ServerState  uint64
+	OfferedNs    uint64
 }
 
 type sockopsSockKey struct {

@@ -126,6 +126,10 @@ type Figures struct {
 	SocketsProbation uint64 `json:"sockets_probation"`
 	SpliceReaders    uint64 `json:"splice_readers"`
 	SpliceStalled    uint64 `json:"splice_stalled"`
+	// PairsFull counts SYNs to the cgroup's listeners offered no pair
+	// because the node's pairs map was full: those connections stay
+	// plain TCP.
+	PairsFull uint64 `json:"pairs_full"`
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
@@ -182,6 +186,7 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SocketsProbation:          c.SocketsProbation,
 		SpliceReaders:             c.SpliceReaders,
 		SpliceStalled:             c.SpliceStalled,
+		PairsFull:                 c.PairsFull,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
