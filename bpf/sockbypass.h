@@ -374,6 +374,9 @@ struct cgroup_counters {
 	/* SYNs to the cgroup's listeners offered no pair because `pairs` was
 	 * full: those connections stay plain TCP (see "Pairs"). */
 	__u64 pairs_full;
+	/* Listening sockets not recorded because `listeners` was full: their
+	 * connections stay plain TCP. */
+	__u64 listeners_full;
 };
 
 struct {
@@ -771,10 +774,16 @@ struct {
 
 /*
  * Listeners of enabled cgroups: (netns cookie, local address, port) ->
- * LISTENER_* flags (a u64: bits 0-7 flags, the rest below). Written by sock_ops when a socket listens, and by user
- * space for listeners that existed before `enable` and whose flags changed
- * after listen() (a server that makes its listener non-blocking after
- * listen(), as redis does). An accepted socket joins a pair only when its
+ * LISTENER_* flags (a u64: bits 0-7 flags, the rest below). Written by
+ * sock_ops when a socket listens (counting the sockets of a SO_REUSEPORT
+ * group, LISTENER_REF_ONE; the last to close removes the entry), and by
+ * user space for listeners that existed before `enable` and whose
+ * O_NONBLOCK changed after listen() (a server that makes its listener
+ * non-blocking after listen(), as redis does): user space writes an entry
+ * only when that bit changes, so it seldom races the atomic updates here,
+ * and removes entries of listeners that are gone (LISTENER_UNSEEN). A
+ * plain hash: when it is full, a new listener is not recorded and its
+ * connections stay plain TCP (listeners_full). An accepted socket joins a pair only when its
  * listener is known non-blocking: a blocking recv on a sockhash member may
  * return EAGAIN. The wildcard addresses are ::ffff:0.0.0.0 and ::.
  */
@@ -791,6 +800,24 @@ struct {
 /* The listener's first accepted socket was read with recvmsg, without
  * blocking (see "Probation"): its connections may pair. */
 #define LISTENER_PROVEN (1U << 3)
+/* Recorded by user space from /proc (a listener that predates `enable`),
+ * not by sock_ops. */
+#define LISTENER_SCANNED (1U << 4)
+/* User space did not find the listener at its last rescan: it removes an
+ * entry that a second rescan does not find either (a listener that closed
+ * unseen: its cgroup was disabled, or it predates `enable`). sock_ops
+ * clears it when a socket listens there again. */
+#define LISTENER_UNSEEN (1U << 5)
+/* Bits 16-31: how many listening sockets sock_ops recorded on the
+ * endpoint (SO_REUSEPORT siblings share it); the last to close removes
+ * the entry. */
+#define LISTENER_REF_ONE (1ULL << 16)
+#define LISTENER_REF_MASK (0xffffULL << 16)
+/* Bits 32-47: the slot (plus one) of the cgroup whose sock_ops recorded
+ * the listener: `disable` removes that cgroup's entries, whose close no
+ * program sees any more. */
+#define LISTENER_SLOT_SHIFT 32
+#define LISTENER_SLOT_MASK (0xffffULL << LISTENER_SLOT_SHIFT)
 
 /*
  * Probation. A member's redirected queue is read by recvmsg alone: splice

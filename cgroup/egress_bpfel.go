@@ -76,6 +76,7 @@ type egressCgroupCounters struct {
 	SpliceReaders          uint64
 	SpliceStalled          uint64
 	PairsFull              uint64
+	ListenersFull          uint64
 }
 
 type egressEndpointKey struct {

@@ -76,6 +76,7 @@ type setsockoptCgroupCounters struct {
 	SpliceReaders          uint64
 	SpliceStalled          uint64
 	PairsFull              uint64
+	ListenersFull          uint64
 }
 
 type setsockoptEndpointKey struct {

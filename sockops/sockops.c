@@ -940,6 +940,29 @@ static __noinline void mesh_accept(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&orig_dsts, &ek);
 }
 
+/* add_listener counts a listening socket on ek (see listeners): a new
+ * entry, or one more SO_REUSEPORT sibling, whose flags join the entry's: a
+ * stack-reader sibling makes the group one, a blocking sibling makes it
+ * blocking. Returns -1 when the map is full. */
+static __always_inline int add_listener(const struct endpoint_key *ek, __u64 flags)
+{
+	__u64 v = flags | LISTENER_REF_ONE | ((__u64)(cgroup_slot + 1) << LISTENER_SLOT_SHIFT), *lf;
+
+	lf = bpf_map_lookup_elem(&listeners, ek);
+	if (!lf) {
+		if (!bpf_map_update_elem(&listeners, ek, &v, BPF_NOEXIST))
+			return 0;
+		lf = bpf_map_lookup_elem(&listeners, ek); /* a sibling was first */
+		if (!lf)
+			return -1;
+	}
+	__sync_fetch_and_add(lf, LISTENER_REF_ONE);
+	__sync_fetch_and_and(lf, ~(__u64)(LISTENER_UNSEEN | (flags & LISTENER_NONBLOCK ? 0 : LISTENER_NONBLOCK)));
+	if (flags & LISTENER_STACK_READER)
+		__sync_fetch_and_or(lf, LISTENER_STACK_READER);
+	return 0;
+}
+
 /* record_listener: a socket of an enabled cgroup listens. Its accepted
  * sockets may join pairs only while it is known to be non-blocking. */
 static __noinline void record_listener(struct bpf_sock_ops *skops)
@@ -980,7 +1003,12 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 			flags |= LISTENER_STACK_READER;
 		}
 	}
-	bpf_map_update_elem(&listeners, &ek, &flags, BPF_ANY);
+	if (!(state->flags & SOCK_FLAG_LISTENER) && add_listener(&ek, flags) < 0) {
+		struct cgroup_counters *c = counters_for(cgroup_slot);
+
+		COUNT(c, listeners_full);
+		return;
+	}
 	state->key = key;
 	state->cgroup_id = cgroup_id;
 	state->slot = cgroup_slot;
@@ -1145,9 +1173,17 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 	if (state->flags & SOCK_FLAG_LISTENER) {
 		struct endpoint_key ek = {};
 
+		__u64 *lf, old;
+
 		listener_endpoint(&ek, state->key.netns_cookie, state->key.local_ip, state->key.local_port);
-		bpf_map_delete_elem(&listeners, &ek);
 		state->flags &= ~SOCK_FLAG_LISTENER;
+		lf = bpf_map_lookup_elem(&listeners, &ek);
+		if (lf) {
+			old = __sync_fetch_and_add(lf, -LISTENER_REF_ONE);
+			/* The last sibling (or an entry user space made). */
+			if ((old & LISTENER_REF_MASK) <= LISTENER_REF_ONE)
+				bpf_map_delete_elem(&listeners, &ek);
+		}
 	}
 	if (state->flags & SOCK_FLAG_MESH_APP) {
 		struct endpoint_key ek = state->app_endpoint;

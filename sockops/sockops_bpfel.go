@@ -72,6 +72,7 @@ type sockopsCgroupCounters struct {
 	SpliceReaders          uint64
 	SpliceStalled          uint64
 	PairsFull              uint64
+	ListenersFull          uint64
 }
 
 type sockopsCidr struct {

@@ -76,6 +76,7 @@ type tcCgroupCounters struct {
 	SpliceReaders          uint64
 	SpliceStalled          uint64
 	PairsFull              uint64
+	ListenersFull          uint64
 }
 
 type tcEndpointKey struct {

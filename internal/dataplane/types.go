@@ -74,6 +74,9 @@ type CgroupCounters struct {
 	// PairsFull counts SYNs to the cgroup's listeners offered no pair
 	// because the pairs map was full (they stay plain TCP).
 	PairsFull uint64 `json:"pairs_full"`
+	// ListenersFull counts listening sockets not recorded because the
+	// listeners map was full (their connections stay plain TCP).
+	ListenersFull uint64 `json:"listeners_full"`
 }
 
 // Add adds o to c field by field.
@@ -121,6 +124,7 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.SpliceReaders += o.SpliceReaders
 	c.SpliceStalled += o.SpliceStalled
 	c.PairsFull += o.PairsFull
+	c.ListenersFull += o.ListenersFull
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -170,6 +174,7 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		SpliceReaders:         c.SpliceReaders - o.SpliceReaders,
 		SpliceStalled:         c.SpliceStalled - o.SpliceStalled,
 		PairsFull:             c.PairsFull - o.PairsFull,
+		ListenersFull:         c.ListenersFull - o.ListenersFull,
 	}
 }
 

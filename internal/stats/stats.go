@@ -130,6 +130,10 @@ type Figures struct {
 	// because the node's pairs map was full: those connections stay
 	// plain TCP.
 	PairsFull uint64 `json:"pairs_full"`
+	// ListenersFull counts the cgroup's listening sockets not recorded
+	// because the node's listeners map was full: their connections stay
+	// plain TCP.
+	ListenersFull uint64 `json:"listeners_full"`
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
@@ -187,6 +191,7 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SpliceReaders:             c.SpliceReaders,
 		SpliceStalled:             c.SpliceStalled,
 		PairsFull:                 c.PairsFull,
+		ListenersFull:             c.ListenersFull,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
