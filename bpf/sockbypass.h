@@ -628,6 +628,13 @@ struct {
 	__type(value, __u64);
 } mesh_endpoints SEC(".maps");
 
+/* A mesh_endpoints value: bits 0-31 the count of app sockets, bits 32-47
+ * the slot (plus one) of the cgroup that counted the first: once that
+ * cgroup is removed no program sees its sockets close, and user space
+ * removes its entries (Dataplane.ForgetRemovedCgroups). */
+#define ENDPOINT_COUNT_MASK 0xffffffffULL
+#define ENDPOINT_SLOT_SHIFT 32
+
 /* Sidecar mode, redirect: the tuple of an app's SYN after NAT (as the
  * sidecar's accepted socket will see it) -> the app socket's key. */
 struct nat_tuple {

@@ -101,7 +101,7 @@ static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 	struct sock_state *state;
 	struct endpoint_key ek = {};
 	struct sock_key key = {};
-	__u64 one = 1, *users;
+	__u64 one = 1 | ((__u64)(cgroup_slot + 1) << ENDPOINT_SLOT_SHIFT), *users;
 
 	cfg = config_for(cgroup_slot);
 	if (!cfg || cfg->mesh_mode == MESH_NONE || !skops->sk)
@@ -163,7 +163,7 @@ static __always_inline int endpoint_shared(struct endpoint_key *ek)
 {
 	__u64 *users = bpf_map_lookup_elem(&mesh_endpoints, ek);
 
-	return !users || *users != 1;
+	return !users || (*users & ENDPOINT_COUNT_MASK) != 1;
 }
 
 /* The callbacks a member asks for to settle a dissolving pair: one for
@@ -1192,7 +1192,7 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 		state->flags &= ~SOCK_FLAG_MESH_APP;
 		users = (state->flags & SOCK_FLAG_ENDPOINT_COUNTED) ? bpf_map_lookup_elem(&mesh_endpoints, &ek) : 0;
 		state->flags &= ~SOCK_FLAG_ENDPOINT_COUNTED;
-		if (users && __sync_fetch_and_add(users, -1) <= 1)
+		if (users && (__sync_fetch_and_add(users, -1) & ENDPOINT_COUNT_MASK) <= 1)
 			bpf_map_delete_elem(&mesh_endpoints, &ek);
 		bpf_map_delete_elem(&orig_dsts, &ek);
 		if (ek.netns_cookie == 0)

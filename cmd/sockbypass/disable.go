@@ -72,6 +72,9 @@ func runDisable(e *env, args []string) error {
 	if _, err := dp.ReapPairs(dataplane.PairReapAge); err != nil {
 		fmt.Fprintf(e.stderr, "warning: %v\n", err)
 	}
+	if _, err := dp.ForgetRemovedCgroups(); err != nil {
+		fmt.Fprintf(e.stderr, "warning: %v\n", err)
+	}
 	return nil
 }
 

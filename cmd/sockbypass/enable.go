@@ -181,6 +181,9 @@ func runEnable(e *env, args []string) error {
 	if _, err := dp.ReapPairs(dataplane.PairReapAge); err != nil {
 		fmt.Fprintf(e.stderr, "warning: %v\n", err)
 	}
+	if _, err := dp.ForgetRemovedCgroups(); err != nil {
+		fmt.Fprintf(e.stderr, "warning: %v\n", err)
+	}
 	addrs, err := dp.RefreshNodeAddrs()
 	if errors.Is(err, nodeaddrs.ErrPermission) {
 		fmt.Fprintf(e.stderr, "warning: %v; pod-to-pod connections take the normal TCP path\n", err)

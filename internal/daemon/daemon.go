@@ -168,6 +168,9 @@ func (d *Daemon) Reconcile() (Result, error) {
 	} else if n > 0 {
 		d.log.Info("reaped stale pair handshakes", zap.Int("count", n))
 	}
+	if _, err := d.dp.ForgetRemovedCgroups(); err != nil {
+		d.log.Warn("forget removed cgroups", zap.Error(err))
+	}
 	if _, err := d.dp.RefreshNodeAddrs(cfg.ExtraNetnsPaths()...); err != nil {
 		d.log.Warn("refresh node addresses", zap.Error(err))
 		if firstErr == nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -147,5 +148,51 @@ func TestRescanRemovesListenersThatAreGone(t *testing.T) {
 	}
 	if listenerRecorded(t, dp, l) {
 		t.Error("two rescans without the listener left its entry")
+	}
+}
+
+// TestRemovedCgroupsAreForgotten: a sidecar-mode pod's app endpoint is
+// counted in mesh_endpoints until its socket closes; a socket that closes
+// after its cgroup was disabled is seen by no program, so the count would
+// stay and make the address look shared for good. Once the cgroup is
+// removed, ForgetRemovedCgroups removes it; a live cgroup's entries stay.
+func TestRemovedCgroupsAreForgotten(t *testing.T) {
+	dp := install(t)
+	// A pod without its sleeping process, so that its cgroup can be
+	// removed while the test runs.
+	pod := &testutil.Pod{Netns: testutil.NewNetNS(t), Cgroup: testutil.NewCgroup(t)}
+	mesh := MeshPresets["istio"]
+	mesh.Intercept = true
+	if _, err := dp.Enable(pod.Cgroup, EnableOptions{Mesh: &mesh, NoProbation: true}); err != nil {
+		t.Fatal(err)
+	}
+	sidecars := pod.Listen(t, "127.0.0.1:15001")
+	other, otherSidecars := interceptPod(t, dp)
+	app, sidecar := intercepted(t, pod, sidecars, "10.78.0.1:8080")
+	otherApp, otherSidecar := intercepted(t, other, otherSidecars, "10.78.0.2:8080")
+	defer otherApp.Close()
+	defer otherSidecar.Close()
+	base := entries(t, dp, PinMeshEndpoints)
+	if base < 2 {
+		t.Fatalf("mesh_endpoints holds %d entries, want both apps' endpoints", base)
+	}
+	if _, err := dp.Disable(pod.Cgroup.ID); err != nil {
+		t.Fatal(err)
+	}
+	app.Close()
+	sidecar.Close()
+	sidecars.Close()
+	if n, err := dp.ForgetRemovedCgroups(); err != nil || n != 0 {
+		t.Fatalf("with the disabled cgroup still there: %d entries forgotten, %v; want none", n, err)
+	}
+	if err := os.Remove(pod.Cgroup.Path); err != nil {
+		t.Fatalf("remove the pod's cgroup: %v", err)
+	}
+	n, err := dp.ForgetRemovedCgroups()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 || entries(t, dp, PinMeshEndpoints) != base-1 {
+		t.Errorf("after the cgroup was removed: %d forgotten, mesh_endpoints %d entries (%d before); want its one endpoint gone", n, entries(t, dp, PinMeshEndpoints), base)
 	}
 }

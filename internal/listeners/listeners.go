@@ -50,7 +50,7 @@ func Collect(pids []int) ([]Listener, error) {
 	var permErr error
 	cookies := map[uint64]uint64{}   // netns inode -> cookie
 	tables := map[uint64]listenMap{} // netns inode -> listening sockets
-	seen := map[string]int{} // key -> index in out
+	seen := map[string]int{}         // key -> index in out
 	for _, pid := range pids {
 		found, err := collectPID(pid, cookies, tables)
 		if err != nil {
