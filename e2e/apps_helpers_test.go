@@ -49,14 +49,20 @@ func appsDataplane(t *testing.T) *dataplane.Dataplane {
 	return dptest.Install(t)
 }
 
-// enable enables cgs in dp, unless in plain mode.
+// enable enables cgs in dp (no probation), unless in plain mode.
 func enable(t testing.TB, dp *dataplane.Dataplane, cgs ...cgroup.Cgroup) {
+	t.Helper()
+	enableWith(t, dp, dataplane.EnableOptions{NoProbation: true}, cgs...)
+}
+
+// enableWith enables cgs in dp with opts, unless in plain mode.
+func enableWith(t testing.TB, dp *dataplane.Dataplane, opts dataplane.EnableOptions, cgs ...cgroup.Cgroup) {
 	t.Helper()
 	if plainMode() {
 		return
 	}
 	for _, cg := range cgs {
-		if _, err := dp.Enable(cg, dataplane.EnableOptions{NoProbation: true}); err != nil {
+		if _, err := dp.Enable(cg, opts); err != nil {
 			t.Fatalf("enable %s: %v", cg.Path, err)
 		}
 	}

@@ -25,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
@@ -630,21 +631,31 @@ func TestBlockingEchoesOverVeth(t *testing.T) {
 // readability with poll; FIONREAD (SIOCINQ) must then report 1000, as on
 // plain TCP, and the 1000 bytes must read back intact. The reader is the
 // accepting or the connecting side; its peer is in an enabled cgroup
-// (member) or in one that is not enabled. 20 connections each.
+// (member) or in one that is not enabled. 20 connections each, paired
+// however short (AllConnections). With a member peer, every connection
+// whose pair was not given up (pairs_abandoned: the client sent before
+// its server joined) must have had its 1000 bytes redirected, and at
+// least one must have; with a peer that is not enabled, nothing may be
+// redirected and the reader's cgroup must count each of its sockets
+// unpaired (the datapath saw them and left them plain).
 func TestFIONREADAfterFirstBytes(t *testing.T) {
 	dp := appsDataplane(t)
 	const conns, size = 20, 1000
 	payload := transfer.Pattern(4, size)
+	// Short connections pair too: the listener would otherwise be taken
+	// for short-lived after 8 of them, and the rest would be plain TCP.
+	opts := dataplane.EnableOptions{NoProbation: true, AllConnections: true}
 	for _, peerEnabled := range []bool{true, false} {
 		for _, readerAccepts := range []bool{true, false} {
 			name := map[bool]string{true: "peer-member", false: "peer-not-enabled"}[peerEnabled] + "/" +
 				map[bool]string{true: "reader-accepts", false: "reader-connects"}[readerAccepts]
 			t.Run(name, func(t *testing.T) {
 				readerCg, peerCg := testutil.NewCgroup(t), testutil.NewCgroup(t)
-				enable(t, dp, readerCg)
+				enableWith(t, dp, opts, readerCg)
 				if peerEnabled {
-					enable(t, dp, peerCg)
+					enableWith(t, dp, opts, peerCg)
 				}
+				beforeReader, beforePeer := counters(t, dp, readerCg), counters(t, dp, peerCg)
 				listenCg, dialCg := readerCg, peerCg
 				if !readerAccepts {
 					listenCg, dialCg = peerCg, readerCg
@@ -708,10 +719,26 @@ func TestFIONREADAfterFirstBytes(t *testing.T) {
 						break
 					}
 				}
-				t.Logf("reader's cgroup: %s", counterSummary(counters(t, dp, readerCg)))
-				t.Logf("peer's cgroup: %s", counterSummary(counters(t, dp, peerCg)))
+				dReader, dPeer := counters(t, dp, readerCg).Sub(beforeReader), counters(t, dp, peerCg).Sub(beforePeer)
+				t.Logf("reader's cgroup: %s", counterSummary(dReader))
+				t.Logf("peer's cgroup: %s", counterSummary(dPeer))
 				if len(bad) > 0 {
 					t.Errorf("%s: FIONREAD differs from plain TCP (%d connections, reader nonblocking):\n%s", name, conns, strings.Join(bad, "\n"))
+				}
+				if plainMode() {
+					return
+				}
+				// The peer writes, so its cgroup counts what was redirected.
+				redirected := dReader.RedirectedBytes + dPeer.RedirectedBytes
+				if peerEnabled {
+					paired := conns - int(min(dReader.PairsAbandoned+dPeer.PairsAbandoned, conns))
+					if paired == 0 || redirected != uint64(paired*size) {
+						t.Errorf("%s: %d bytes redirected, %d pairs given up: want the %d bytes of each of the %d other connections redirected (the fast path, not plain TCP)",
+							name, redirected, conns-paired, size, paired)
+					}
+				} else if redirected != 0 || dReader.SocketsUnpaired < conns {
+					t.Errorf("%s: %d bytes redirected, %d reader sockets counted unpaired: want 0 and %d (each seen and left plain)",
+						name, redirected, dReader.SocketsUnpaired, conns)
 				}
 			})
 		}
