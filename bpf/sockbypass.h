@@ -207,6 +207,10 @@ struct sock_state {
 /* A splice (or another reader that is not recvmsg) read the socket's stack
  * queue: acted on once (see "Probation"). */
 #define SOCK_FLAG_SPLICED (1U << 25)
+/* Accepted while its listener was on probation, and still so after its
+ * probation ended: key and netns_cookie name the listener, which a later
+ * splice or TCP_ULP teaches. */
+#define SOCK_FLAG_PROBATION_CHILD (1U << 26)
 
 /*
  * Back-pressure: the redirected queue is charged to the kernel's global TCP

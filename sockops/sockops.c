@@ -533,7 +533,7 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
 			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED |
 			  SOCK_FLAG_WOULD_PAIR | SOCK_FLAG_ACCEPTED | SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED |
-			  SOCK_FLAG_PROBATION | SOCK_FLAG_SPLICED);
+			  SOCK_FLAG_PROBATION | SOCK_FLAG_PROBATION_CHILD | SOCK_FLAG_SPLICED);
 	state->msgs_sent = 0;
 	if (passive)
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED |
@@ -790,7 +790,7 @@ static __always_inline void probation(struct sock_state *state, const struct soc
 {
 	state->key = *key;
 	state->netns_cookie = netns;
-	state->flags |= SOCK_FLAG_PROBATION;
+	state->flags |= SOCK_FLAG_PROBATION | SOCK_FLAG_PROBATION_CHILD;
 }
 
 /* join_passive: the server's half of the pair handshake, at
