@@ -125,6 +125,10 @@ struct sock_state {
 	 * right after (redis, Python's asyncio) is blocking for a moment;
 	 * see ACCEPT_GRACE_NS. */
 	__u64 peer_file_at;
+	/* When settle first found this server end's own file blocking: it
+	 * turned blocking only if it still is ACCEPT_GRACE_NS later (the same
+	 * moment between accept() and O_NONBLOCK as peer_file_at). */
+	__u64 own_blocking_at;
 	/* A listener on a stack port: its process (a key of stack_procs). */
 	__u32 stack_tgid;
 	__u32 pad;

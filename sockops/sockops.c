@@ -441,6 +441,7 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 	state->peer_state = 0;
 	state->peer_file = 0;
 	state->peer_file_at = 0;
+	state->own_blocking_at = 0;
 	state->flags |= SOCK_FLAG_INSERTED;
 	COUNT(c, sockets_inserted);
 
@@ -1016,6 +1017,27 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/* own_turned_blocking: the member's file is blocking, and for a server end
+ * (accepted) it still is ACCEPT_GRACE_NS after settle first saw it so: a
+ * server that accept()s a blocking socket and sets O_NONBLOCK right after
+ * (Python's asyncio, redis) may get a packet in between, and is not
+ * blocking. */
+static __always_inline int own_turned_blocking(struct bpf_sock *sk, struct sock_state *state)
+{
+	__u64 now;
+
+	if (!own_blocking(sk))
+		return 0;
+	if (!(state->flags & SOCK_FLAG_ACCEPTED))
+		return 1;
+	now = bpf_ktime_get_ns();
+	if (!state->own_blocking_at) {
+		state->own_blocking_at = now;
+		return 0;
+	}
+	return now - state->own_blocking_at >= ACCEPT_GRACE_NS;
+}
+
 /* count_left counts a member that left the sockhash, in its cgroup's slot. */
 static __always_inline void count_left(__u32 slot)
 {
@@ -1060,7 +1082,7 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 	if (!state->peer_sk || !state->peer_state)
 		return; /* the peer is not known (yet) */
 
-	if (own_blocking(sk)) {
+	if (own_turned_blocking(sk, state)) {
 		if (!(state->flags & SOCK_FLAG_LEAVING)) {
 			struct cgroup_counters *c = counters_for(state->slot);
 

@@ -190,6 +190,7 @@ type sockopsSockState struct {
 	PeerState       uint64
 	PeerFile        uint64
 	PeerFileAt      uint64
+	OwnBlockingAt   uint64
 	StackTgid       uint32
 	Pad             uint32
 	Flags           uint64

@@ -180,6 +180,7 @@ type stackreadSockState struct {
 	PeerState       uint64
 	PeerFile        uint64
 	PeerFileAt      uint64
+	OwnBlockingAt   uint64
 	StackTgid       uint32
 	Pad             uint32
 	Flags           uint64
