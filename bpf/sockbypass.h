@@ -823,6 +823,12 @@ struct {
  * unseen: its cgroup was disabled, or it predates `enable`). sock_ops
  * clears it when a socket listens there again. */
 #define LISTENER_UNSEEN (1U << 5)
+/* The stack-read tracer saw the listener's first accepted socket read
+ * without blocking (set with LISTENER_PROVEN at the end of probation, not
+ * by --no-probation): evidence that its server makes accepted sockets
+ * non-blocking, so a member found blocking right after accept() gets
+ * ACCEPT_GRACE_NS (see own_turned_blocking in sockops.c). */
+#define LISTENER_READ_NONBLOCK (1U << 6)
 /* Bits 16-31: how many listening sockets sock_ops recorded on the
  * endpoint (SO_REUSEPORT siblings share it); the last to close removes
  * the entry. */

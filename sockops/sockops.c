@@ -1017,18 +1017,24 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/* own_turned_blocking: the member's file is blocking, and for a server end
- * (accepted) it still is ACCEPT_GRACE_NS after settle first saw it so: a
- * server that accept()s a blocking socket and sets O_NONBLOCK right after
- * (Python's asyncio, redis) may get a packet in between, and is not
- * blocking. */
+/* own_turned_blocking: the member's file is blocking. A server end whose
+ * listener is known to make its accepted sockets non-blocking
+ * (LISTENER_READ_NONBLOCK) is taken for blocking only when it still is
+ * ACCEPT_GRACE_NS after settle first saw it so: a server that accept()s a
+ * blocking socket and sets O_NONBLOCK right after (Python's asyncio,
+ * redis) may get a packet in between. Without that evidence (a gunicorn
+ * sync worker makes them blocking; --no-probation never learns) it is
+ * taken at once: a blocking reader must leave as soon as possible. */
 static __always_inline int own_turned_blocking(struct bpf_sock *sk, struct sock_state *state)
 {
-	__u64 now;
+	__u64 now, *lf;
 
 	if (!own_blocking(sk))
 		return 0;
 	if (!(state->flags & SOCK_FLAG_ACCEPTED))
+		return 1;
+	lf = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);
+	if (!lf || !(*lf & LISTENER_READ_NONBLOCK))
 		return 1;
 	now = bpf_ktime_get_ns();
 	if (!state->own_blocking_at) {

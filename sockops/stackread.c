@@ -71,8 +71,8 @@ static __noinline void end_probation(struct sock_state *state, struct sock *sk)
 		}
 		return;
 	}
-	if (!(*lf & LISTENER_PROVEN))
-		__sync_fetch_and_or(lf, LISTENER_PROVEN);
+	if ((*lf & (LISTENER_PROVEN | LISTENER_READ_NONBLOCK)) != (LISTENER_PROVEN | LISTENER_READ_NONBLOCK))
+		__sync_fetch_and_or(lf, LISTENER_PROVEN | LISTENER_READ_NONBLOCK);
 }
 
 /* spliced: a socket of an enabled cgroup was read by something other than
