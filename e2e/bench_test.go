@@ -49,7 +49,9 @@ func plainAndAccelerated(tb testing.TB) (dp *dataplane.Dataplane, plain, accel c
 	tb.Helper()
 	dp = dptest.Install(tb)
 	plain, accel = testutil.NewCgroup(tb), testutil.NewCgroup(tb)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{NoProbation: true}); err != nil {
+	// The defaults, as the demo enables: the workloads' servers serve a
+	// warm-up connection first (workload.Connect), which ends probation.
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
 		tb.Fatal(err)
 	}
 	return dp, plain, accel
