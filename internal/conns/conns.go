@@ -85,6 +85,7 @@ var Reasons = []Reason{
 	{"blocking", "its file is blocking (a blocking recv on a member may return EAGAIN)"},
 	{"peer-blocking", "its peer's file is blocking"},
 	{"blocking-listener", "its server's listener blocks, or the listener's accepted sockets turned blocking"},
+	{"probation", "its server's listener was on probation when it was accepted: a new listener's connections stay plain until one is read (--no-probation pairs them)"},
 	{"short-lived-listener", "its server's listener has short-lived connections (--all-connections pairs them)"},
 	{"predates-enable", "made before its cgroup (or its peer's) was enabled"},
 	{"declined", "the pair did not form: the client sent before its server joined, their sequence numbers did not match, or the sockhash was full"},
@@ -753,6 +754,9 @@ func (c *collector) plainReason(r *sockRec) (code, detail string, err error) {
 	srv := r
 	if !server {
 		srv = r.peer
+	}
+	if srv.st != nil && srv.st.Flags&(dataplane.SockFlagProbation|dataplane.SockFlagProbationChild) != 0 {
+		return "probation", fmt.Sprintf("listener on port %d", srv.s.Local.Port()), nil
 	}
 	lflags, ok, err := c.dp.ListenerFlags(c.cookieOf(srv.ns), srv.s.Local.Addr(), srv.s.Local.Port())
 	if err != nil {

@@ -413,3 +413,48 @@ func BenchmarkCollect10000Connections(b *testing.B) {
 	}
 	b.ReportMetric(float64(len(list)), "sockets")
 }
+
+// TestCollectShowsAListenersFirstConnectionOnProbation: with the default
+// settings a new listener's first connection stays plain (probation),
+// both ends show why, and once the server has read it the next pairs.
+func TestCollectShowsAListenersFirstConnectionOnProbation(t *testing.T) {
+	dp := dptest.Install(t)
+	cg := testutil.NewCgroup(t)
+	if _, err := dp.Enable(cg, dataplane.EnableOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	mounts, err := cgroup.ReadMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := l.Accept()
+		accepted <- c
+	}()
+	client := testutil.DialIn(t, cg, "tcp4", l.Addr().String())
+	server := <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	defer server.Close()
+	if _, err := client.Write([]byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(server, buf); err != nil {
+		t.Fatal(err)
+	}
+	got := collect(t, dp, mounts)
+	for name, c := range map[string]Conn{"client": got[addrPort(client.LocalAddr())], "server": got[addrPort(server.LocalAddr())]} {
+		if c.State != StatePlain || c.Reason != "probation" {
+			t.Errorf("%s end of a listener's first connection: %+v, want plain, reason probation", name, c)
+		}
+	}
+	client2, _ := pairedConn(t, dp, mounts, cg, l, 10)
+	if c := collect(t, dp, mounts)[addrPort(client2.LocalAddr())]; c.State != StatePaired {
+		t.Errorf("the listener's next connection: %+v, want paired", c)
+	}
+}

@@ -47,6 +47,11 @@ const (
 	SockFlagLeaving         = 1 << 21
 	SockFlagPeerRemoved     = 1 << 22
 	SockFlagStackProcess    = 1 << 23
+	SockFlagProbation       = 1 << 24
+	SockFlagSpliced         = 1 << 25
+	// SockFlagProbationChild: accepted while its listener was on
+	// probation (it stays plain for its whole life).
+	SockFlagProbationChild = 1 << 26
 )
 
 // States of a pair handshake (struct pair.state, PAIR_* of
