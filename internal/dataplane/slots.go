@@ -75,13 +75,9 @@ func (d *Dataplane) assignSlot(id uint64) (slot uint32, fresh bool, err error) {
 // reclaimSlot takes the slot of a disabled cgroup with no live socket left
 // (its counters go), when every slot is in use.
 func (d *Dataplane) reclaimSlot(taken map[uint64]uint32) (uint32, error) {
-	enabled, err := d.EnabledCgroupIDs()
+	isEnabled, err := d.enabledSet()
 	if err != nil {
 		return 0, err
-	}
-	isEnabled := map[uint64]bool{}
-	for _, id := range enabled {
-		isEnabled[id] = true
 	}
 	socks, err := d.Sockets()
 	if err != nil {
@@ -102,6 +98,19 @@ func (d *Dataplane) reclaimSlot(taken map[uint64]uint32) (uint32, error) {
 		return slot, nil
 	}
 	return 0, fmt.Errorf("all %d slots are in use by enabled cgroups or by disabled ones whose accelerated connections are still open: disable a cgroup, or wait for those connections to close", len(taken))
+}
+
+// enabledSet returns the ids of the enabled cgroups as a set.
+func (d *Dataplane) enabledSet() (map[uint64]bool, error) {
+	ids, err := d.EnabledCgroupIDs()
+	if err != nil {
+		return nil, err
+	}
+	set := make(map[uint64]bool, len(ids))
+	for _, id := range ids {
+		set[id] = true
+	}
+	return set, nil
 }
 
 // resetSlot zeroes the counters and settings of slot.

@@ -31,13 +31,9 @@ func (d *Dataplane) ForgetRemovedCgroups() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	enabled, err := d.EnabledCgroupIDs()
+	isEnabled, err := d.enabledSet()
 	if err != nil {
 		return 0, err
-	}
-	isEnabled := map[uint64]bool{}
-	for _, id := range enabled {
-		isEnabled[id] = true
 	}
 	var disabled []uint64
 	for id := range slots {
