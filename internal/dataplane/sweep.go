@@ -15,9 +15,11 @@ import (
 // value hold the slot (plus one) of the cgroup that counted it.
 const endpointSlotShift = 32
 
-// ForgetRemovedCgroups removes what the datapath keeps for cgroups that
-// were disabled and no longer exist, whose sockets' close no program sees:
-// their listeners entries and their sidecar-mode endpoint counts
+// ForgetRemovedCgroups removes what the datapath keeps for sockets and
+// cgroups that no program sees close: the socket_cgroups entries of
+// sockets no longer in the sockhash (members that closed after their
+// cgroup was disabled), and, for cgroups that were disabled and no longer
+// exist, their listeners entries and their sidecar-mode endpoint counts
 // (mesh_endpoints; a count left behind would make a reused pod address
 // look shared for good). It returns how many entries it removed. The
 // daemon runs it at every rescan; enable and disable run it too.
@@ -27,6 +29,48 @@ func (d *Dataplane) ForgetRemovedCgroups() (int, error) {
 		return 0, err
 	}
 	defer l.Unlock()
+	n, err := d.sweepSocketCgroups()
+	if err != nil {
+		return n, err
+	}
+	k, err := d.forgetRemovedCgroups()
+	return n + k, err
+}
+
+// sweepSocketCgroups deletes the socket_cgroups entries whose socket is no
+// longer in the sockhash. socket_cgroups is read first: sock_ops inserts a
+// member into the sockhash before it records its cookie there, so a
+// member read there is in the sockhash read after, unless it has left.
+func (d *Dataplane) sweepSocketCgroups() (int, error) {
+	recorded, err := readMap[uint64, uint64](d.maps[PinSocketCgs], PinSocketCgs)
+	if err != nil || len(recorded) == 0 {
+		return 0, err
+	}
+	members, err := d.Sockets()
+	if err != nil {
+		return 0, err
+	}
+	live := make(map[uint64]bool, len(members))
+	for _, cookie := range members {
+		live[cookie] = true
+	}
+	n := 0
+	for cookie := range recorded {
+		if live[cookie] {
+			continue
+		}
+		if err := d.maps[PinSocketCgs].Delete(cookie); err == nil {
+			n++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("delete from %s: %w", PinSocketCgs, err)
+		}
+	}
+	return n, nil
+}
+
+// forgetRemovedCgroups removes the listeners and mesh_endpoints entries of
+// the cgroups that were disabled and no longer exist.
+func (d *Dataplane) forgetRemovedCgroups() (int, error) {
 	slots, err := d.slots()
 	if err != nil {
 		return 0, err
