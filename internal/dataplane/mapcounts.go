@@ -2,7 +2,9 @@ package dataplane
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"reflect"
 
 	"github.com/cilium/ebpf"
 )
@@ -11,10 +13,13 @@ import (
 // pin name, for the churn soak (e2e/soak) and whoever watches the maps
 // grow. It only reads:
 //
-//   - hash, LRU hash and sockhash maps: their keys, walked with
-//     get_next_key. Entries come and go during the walk; a key seen twice
-//     (the walk restarts when the key it stands on is deleted) counts once,
-//     and the walk stops after twice the map's capacity of steps;
+//   - hash and LRU hash maps: their keys, read in batches (one bucket at
+//     a time: entries that come and go meanwhile are counted or not, none
+//     twice);
+//   - the sockhash (no batch reads): its keys, walked with get_next_key.
+//     A key seen twice (the walk restarts when the key it stands on is
+//     deleted) counts once, and the walk stops after twice the map's
+//     capacity of steps;
 //   - array maps (cgroup_config, cgroup_counters, per CPU): the slots whose
 //     value is not all zeros, since an array always holds every key.
 //
@@ -43,8 +48,11 @@ func (d *Dataplane) MapEntryCounts() (map[string]int, error) {
 	return out, nil
 }
 
-// countKeys walks m's keys; see MapEntryCounts.
+// countKeys counts m's keys; see MapEntryCounts.
 func countKeys(m *ebpf.Map) (int, error) {
+	if m.Type() == ebpf.Hash || m.Type() == ebpf.LRUHash {
+		return batchCountKeys(m)
+	}
 	seen := map[string]struct{}{}
 	var key []byte
 	for steps := 0; steps < 2*int(m.MaxEntries())+2; steps++ {
@@ -81,4 +89,25 @@ func nonZeroSlots(m *ebpf.Map) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// batchCountKeys counts the keys of a hash map with BPF_MAP_LOOKUP_BATCH.
+func batchCountKeys(m *ebpf.Map) (int, error) {
+	const batch = 4096
+	byteT := reflect.TypeOf(byte(0))
+	keys := reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(m.KeySize()), byteT)), batch, batch).Interface()
+	values := reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(m.ValueSize()), byteT)), batch, batch).Interface()
+	var cursor ebpf.MapBatchCursor
+	total := 0
+	for i := 0; i <= int(m.MaxEntries())/batch+1; i++ {
+		n, err := m.BatchLookup(&cursor, keys, values, nil)
+		total += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return total, nil
+		}
+		if err != nil {
+			return 0, err
+		}
+	}
+	return total, nil
 }

@@ -48,6 +48,18 @@ func TestMapEntryCountsFollowAPair(t *testing.T) {
 	if c[PinSockhash] != 2 || c[PinSocketCgs] != 2 || c[PinListeners] != 1 {
 		t.Errorf("a joined pair and its listener: sockhash %d, socket_cgroups %d, listeners %d; want 2, 2, 1", c[PinSockhash], c[PinSocketCgs], c[PinListeners])
 	}
+	// More than one batch of 4096: the batches add up.
+	for i := uint64(0); i < 5000; i++ {
+		if err := dp.maps[PinSocketCgs].Put(i+1<<40, uint64(1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := counts()[PinSocketCgs]; got != 5002 {
+		t.Errorf("socket_cgroups: %d entries counted, want 5002 (the pair's 2 and 5000 put)", got)
+	}
+	for i := uint64(0); i < 5000; i++ {
+		dp.maps[PinSocketCgs].Delete(i + 1<<40)
+	}
 	client.Close()
 	server.Close()
 	l.Close()
