@@ -95,7 +95,7 @@ func (k *kind) podPairCycle(ctx context.Context, slot, n int) (err error) {
 		err = joinErr(err, e.refreshNodeAddrs())
 		k.forget(a.cg.ID)
 		k.forget(b.cg.ID)
-		k.events.Add(1)
+		k.churnEvents.Add(1)
 	}()
 	if err := linkPods(a, addrA, vethA, b, addrB, vethB); err != nil {
 		return err
@@ -257,7 +257,7 @@ func (k *kind) cgroupCycle(ctx context.Context, rng *rand.Rand, n int, mode stri
 	e.reg.setCgroupNote(cg.ID, note)
 	defer func() {
 		k.forget(cg.ID)
-		k.events.Add(1)
+		k.churnEvents.Add(1)
 	}()
 	if err := e.enable(cg, opts); err != nil {
 		e.removeCgroup(cg)
@@ -407,7 +407,7 @@ func runToggle(ctx context.Context, k *kind) {
 		if err := a.do(); err != nil {
 			k.fail(fmt.Errorf("%s: %w", a.name, err))
 		}
-		k.events.Add(1)
+		k.churnEvents.Add(1)
 		k.logger().Debug("toggle", zap.String("action", a.name), zap.Duration("took", time.Since(start)))
 	}
 	wg.Wait()
@@ -473,7 +473,7 @@ func (k *kind) meshCycle(ctx context.Context, n int) (err error) {
 			err = joinErr(err, derr)
 		}
 		k.forget(p.cg.ID)
-		k.events.Add(1)
+		k.churnEvents.Add(1)
 	}()
 	mesh := dataplane.MeshPresets["istio"]
 	mesh.Intercept = true

@@ -76,9 +76,9 @@ type kind struct {
 	// churned holds the counters of the kind's cgroups that were
 	// removed, read when they went (their slots may be reused later).
 	churned map[uint64]dataplane.CgroupCounters
-	// active counts the cgroups, pods and listeners alive, for the
-	// progress lines.
-	events atomic.Int64
+	// churnEvents counts what the kind's churn did: pod pairs and
+	// cgroups created and removed, toggles of its cgroups.
+	churnEvents atomic.Int64
 }
 
 func (k *kind) logger() *zap.Logger { return k.e.log.With(zap.String("kind", k.name)) }

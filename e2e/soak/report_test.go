@@ -328,14 +328,15 @@ type kindRow struct {
 	passed   []string // its cgroups whose members sent bytes through the stack
 	passedOK []string // the same where it is by design (cgInfo.passOK)
 	cgroups  int
+	churn    int64
 }
 
 func writeKindTable(w io.Writer, rows []kindRow) {
-	fmt.Fprintln(w, "| workload | connections | ok | provoked errors | unexpected errors | bytes not intact | MiB checked | cgroups | sockets inserted | MiB redirected | passed_bytes |")
-	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(w, "| workload | connections | ok | provoked errors | unexpected errors | bytes not intact | MiB checked | cgroups | churn events | sockets inserted | MiB redirected | passed_bytes |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, r := range rows {
-		fmt.Fprintf(w, "| %s | %d | %d | %d | %d | %d | %.1f | %d | %d | %.1f | %d |\n", r.name, r.st.conns.Load(), r.st.ok.Load(),
-			r.st.expected.Load(), r.st.failed.Load(), r.st.integrity.Load(), float64(r.st.bytes.Load())/(1<<20), r.cgroups,
+		fmt.Fprintf(w, "| %s | %d | %d | %d | %d | %d | %.1f | %d | %d | %d | %.1f | %d |\n", r.name, r.st.conns.Load(), r.st.ok.Load(),
+			r.st.expected.Load(), r.st.failed.Load(), r.st.integrity.Load(), float64(r.st.bytes.Load())/(1<<20), r.cgroups, r.churn,
 			r.counters.SocketsInserted, float64(r.counters.RedirectedBytes)/(1<<20), r.counters.PassedBytes)
 	}
 }

@@ -405,7 +405,7 @@ func (e *env) kindRows(kinds []*kind) ([]kindRow, error) {
 	}
 	var rows []kindRow
 	for _, k := range kinds {
-		r := kindRow{name: k.name, st: &k.st}
+		r := kindRow{name: k.name, st: &k.st, churn: k.churnEvents.Load()}
 		for _, id := range e.reg.cgroupIDs() {
 			info, _ := e.reg.cgroup(id)
 			if info.kind != k.name {

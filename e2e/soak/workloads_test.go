@@ -66,6 +66,7 @@ func runProbation(ctx context.Context, k *kind) {
 		workers(lctx, 1, 20*time.Millisecond, 2, func(rng *rand.Rand) { k.echoOnce(rng, k.lo("cli"), addr, nil) })
 		cancel()
 		k.closeServer(s)
+		k.churnEvents.Add(1)
 	}
 }
 
@@ -516,6 +517,7 @@ func runBacklog(ctx context.Context, k *kind) {
 		})
 		cancel()
 		unix.Close(fd)
+		k.churnEvents.Add(1)
 	}
 }
 
@@ -534,6 +536,7 @@ func runReuseport(ctx context.Context, k *kind) {
 				return
 			}
 			members = append(members, s)
+			k.churnEvents.Add(1)
 		}
 		add()
 		gctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -552,6 +555,7 @@ func runReuseport(ctx context.Context, k *kind) {
 				i := rng.IntN(len(members))
 				members[i].close(100 * time.Millisecond)
 				members = append(members[:i], members[i+1:]...)
+				k.churnEvents.Add(1)
 			}
 		}
 		wg.Wait()
@@ -635,6 +639,7 @@ func runRcvlowat(ctx context.Context, k *kind) {
 		workers(lctx, 1, 20*time.Millisecond, 9, func(rng *rand.Rand) { k.echoOnce(rng, k.lo(cli), addr, v.beforeConnect) })
 		cancel()
 		k.closeServer(s)
+		k.churnEvents.Add(1)
 	}
 }
 
