@@ -342,10 +342,15 @@ func runToggle(ctx context.Context, k *kind) {
 		current, currentAddr = s, addr
 		cur.Store(&addr)
 		if old != nil {
+			// Closed half a second later, so that a client that read the
+			// old address just before does not find it closed.
 			e.reg.noteAddr(oldAddr, e.reg.noteOf(oldAddr)+", closed while it was "+srvState)
-			old.l.Close()
 			servers.Add(1)
-			go func() { defer servers.Done(); k.closeServer(old) }()
+			go func() {
+				defer servers.Done()
+				time.Sleep(500 * time.Millisecond)
+				k.closeServer(old)
+			}()
 		}
 	}
 	replace()

@@ -43,6 +43,9 @@ type sample struct {
 	ok     int64 // connections completed so far, all kinds
 	failed int64
 	took   time.Duration
+	// tookMaps and tookSocks: of took, the map counts and the socket
+	// diagnostics.
+	tookMaps, tookSocks time.Duration
 }
 
 type memSample struct {
@@ -74,10 +77,12 @@ func (s *sampler) read() (sample, error) {
 	if err != nil {
 		return sample{}, err
 	}
+	tookMaps := time.Since(start)
 	socks, err := s.e.storageSockets()
 	if err != nil {
 		return sample{}, err
 	}
+	tookSocks := time.Since(start) - tookMaps
 	counts[sockStateMap] = len(socks)
 	mem, err := readMem()
 	if err != nil {
@@ -85,7 +90,7 @@ func (s *sampler) read() (sample, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	smp := sample{at: start.Sub(s.zero), phase: s.phase, counts: counts, mem: mem, took: time.Since(start)}
+	smp := sample{at: start.Sub(s.zero), phase: s.phase, counts: counts, mem: mem, took: time.Since(start), tookMaps: tookMaps, tookSocks: tookSocks}
 	for _, k := range s.kinds {
 		smp.ok += k.st.ok.Load()
 		smp.failed += k.st.failed.Load() + k.st.integrity.Load()

@@ -86,7 +86,9 @@ func readConfig(t *testing.T) config {
 type knownLeak struct {
 	mapName, kind string
 	match         []string
-	why           string
+	// what the entries are, in a few words (the skip reason must stay
+	// short: make test shows its last line); why, at length.
+	what, why string
 }
 
 // Why each known leak happens.
@@ -103,16 +105,16 @@ const (
 // an entry once the datapath frees those entries (the soak then fails if
 // they come back).
 var knownLeaks = []knownLeak{
-	{dataplane.PinPairs, "aborted", []string{"OFFERED", "raw SYNs"}, whyHandshake},
-	{dataplane.PinPairs, "cgroups", []string{"DRY_JOINED", "close while it is disabled"}, whyClosedDisabled},
-	{dataplane.PinListeners, "cgroups", []string{"close while it is disabled"}, whyClosedDisabled},
-	{dataplane.PinListeners, "pods", []string{"close while it is disabled"}, whyClosedDisabled},
-	{dataplane.PinListeners, "toggle", []string{"closed while it was disabled"}, whyClosedDisabled},
-	{dataplane.PinListeners, "mesh", []string{"closes while it is disabled"}, whyClosedDisabled},
-	{dataplane.PinMeshEndpoints, "mesh", []string{"closes while it is disabled"}, whyClosedDisabled},
-	{dataplane.PinSocketCgs, "cgroups", []string{"close while it is disabled"}, whyClosedDisabled},
-	{dataplane.PinSocketCgs, "pods", []string{"close while it is disabled"}, whyClosedDisabled},
-	{dataplane.PinSocketCgs, "toggle", []string{"disabled, enabled and upgraded"}, whyClosedDisabled},
+	{dataplane.PinPairs, "aborted", []string{"OFFERED", "raw SYNs"}, "OFFERED pairs of handshakes that never completed", whyHandshake},
+	{dataplane.PinPairs, "cgroups", []string{"DRY_JOINED", "close while it is disabled"}, "account-only pairs closed while their cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinListeners, "cgroups", []string{"close while it is disabled"}, "listeners closed while their cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinListeners, "pods", []string{"close while it is disabled"}, "listeners closed while their pod's cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinListeners, "toggle", []string{"closed while it was disabled"}, "listeners closed while their cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinListeners, "mesh", []string{"closes while it is disabled"}, "sidecar listeners closed while their pod's cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinMeshEndpoints, "mesh", []string{"closes while it is disabled"}, "app endpoints of sockets closed while their pod's cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinSocketCgs, "cgroups", []string{"close while it is disabled"}, "sockets closed while their cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinSocketCgs, "pods", []string{"close while it is disabled"}, "sockets closed while their pod's cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinSocketCgs, "toggle", []string{"disabled, enabled and upgraded"}, "sockets closed while their cgroup was disabled", whyClosedDisabled},
 }
 
 // knownLeakOf returns the index of the known leak that covers an entry,
@@ -205,10 +207,10 @@ func TestSoak(t *testing.T) {
 	s.startLoad()
 	loadStart := time.Now()
 	s.run(time.Second, func(smp sample) {
-		log.Info(fmt.Sprintf("t=%.0fs ok=%d failed=%d sockhash=%d pairs=%d listeners=%d socket_cgroups=%d sock_state=%d node_addrs=%d mesh_endpoints=%d slab=%.0fMiB tcp_alloc=%d sample=%v",
+		log.Info(fmt.Sprintf("t=%.0fs ok=%d failed=%d sockhash=%d pairs=%d listeners=%d socket_cgroups=%d sock_state=%d node_addrs=%d mesh_endpoints=%d slab=%.0fMiB tcp_alloc=%d sample=%v (maps %v, sock_diag %v)",
 			smp.at.Seconds(), smp.ok, smp.failed, smp.counts[dataplane.PinSockhash], smp.counts[dataplane.PinPairs], smp.counts[dataplane.PinListeners],
 			smp.counts[dataplane.PinSocketCgs], smp.counts[sockStateMap], smp.counts[dataplane.PinNodeAddrs], smp.counts[dataplane.PinMeshEndpoints],
-			float64(smp.mem.slabKiB)/1024, smp.mem.tcpAlloc, smp.took.Round(time.Millisecond)))
+			float64(smp.mem.slabKiB)/1024, smp.mem.tcpAlloc, smp.took.Round(time.Millisecond), smp.tookMaps.Round(time.Millisecond), smp.tookSocks.Round(time.Millisecond)))
 	})
 	// Whatever happens, the workloads stop and the sampler too before the
 	// environment goes.
@@ -481,8 +483,10 @@ func checkLeftovers(t *testing.T, cfg config, r mapRow) {
 			t.Error(msg)
 			continue
 		}
-		t.Run(fmt.Sprintf("known leak %s from %s %s", r.name, l.kind, strings.Join(l.match, " ")), func(t *testing.T) {
-			t.Skipf("KNOWN LEAK, reported, not failed (SOAK_STRICT=1 fails it): %s", msg)
+		t.Run(fmt.Sprintf("known leak %s from %s", r.name, l.kind), func(t *testing.T) {
+			t.Log(msg)
+			t.Skipf("KNOWN LEAK (issue 27), not failed here (SOAK_STRICT=1 fails it): %s keeps %d entries from workload %s: %s",
+				r.name, g.n, l.kind, l.what)
 		})
 	}
 }
