@@ -468,7 +468,7 @@ func writeSVG(path string, samples []sample, rows []mapRow, loadEnd time.Duratio
 		}
 		fmt.Fprintf(&b, `<rect x="%d" y="%d" width="%d" height="%d" fill="none" stroke="%s"/>`+"\n", x0, y0, pw, ph, frame)
 		fmt.Fprintf(&b, `<text x="%d" y="%d" font-weight="bold">%s</text>`+"\n", x0+6, y0+14, xmlEscape(p.name))
-		fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#444">%s</text>`+"\n", x0+6, y0+ph-6, xmlEscape(p.caption))
+		fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#444">%s</text>`+"\n", x0+6, y0+ph-4, xmlEscape(p.caption))
 		lo, hi := math.Min(minOf(p.values), p.baseline), math.Max(maxOf(p.values), p.baseline)
 		if hi <= lo {
 			hi = lo + 1
@@ -481,6 +481,7 @@ func writeSVG(path string, samples []sample, rows []mapRow, loadEnd time.Duratio
 		for _, t := range []float64{0, loadEnd.Seconds()} {
 			if t >= t0 && t <= t1 {
 				fmt.Fprintf(&b, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#88a" stroke-dasharray="2,2"/>`+"\n", xOf(t), py, xOf(t), py+phi)
+				fmt.Fprintf(&b, `<text x="%.1f" y="%d" text-anchor="middle" fill="#88a" font-size="9">%.0fs</text>`+"\n", xOf(t), py+phi+10, t)
 			}
 		}
 		fmt.Fprintf(&b, `<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#2a2" stroke-dasharray="5,3"/>`+"\n", px, yOf(p.baseline), px+pwi, yOf(p.baseline))
