@@ -3,6 +3,7 @@ package soak
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -158,21 +159,7 @@ func (k *kind) acrossDisable(from where, addr netip.AddrPort, ids ...uint64) {
 	k.result(joinErr(err1, err2), 2*len(msg))
 }
 
-func joinErr(errs ...error) error {
-	var out []error
-	for _, e := range errs {
-		if e != nil {
-			out = append(out, e)
-		}
-	}
-	switch len(out) {
-	case 0:
-		return nil
-	case 1:
-		return out[0]
-	}
-	return fmt.Errorf("%v", out)
-}
+func joinErr(errs ...error) error { return errors.Join(errs...) }
 
 // linkPods joins two pods with a veth pair and gives each its address
 // (/24).
@@ -241,7 +228,7 @@ func runCgroups(ctx context.Context, k *kind) {
 
 var cgroupRemovals = []string{
 	"disabled, then removed",
-	"removed while enabled, then disabled by id",
+	"removed while enabled, the install upgraded, then disabled by id",
 	"removed with a connection open, disabled after it closed",
 	"disabled with its listener and a connection open, which close while it is disabled",
 }
@@ -285,6 +272,11 @@ func (k *kind) cgroupCycle(ctx context.Context, rng *rand.Rand, n int, mode stri
 	case 1:
 		k.closeServer(s)
 		err1 := e.removeCgroup(cg)
+		// An upgrade while the removed cgroup is still enabled (the
+		// daemon notices a removed cgroup at its next rescan).
+		if _, err := e.dp.Upgrade(); err != nil {
+			k.fail(fmt.Errorf("upgrade after %s was removed while enabled: %w", name, e.describe(err)))
+		}
 		_, err2 := e.dp.Disable(cg.ID)
 		return joinErr(err1, err2)
 	case 2:
@@ -410,7 +402,7 @@ func runToggle(ctx context.Context, k *kind) {
 		a := actions[i%len(actions)]
 		start := time.Now()
 		if err := a.do(); err != nil {
-			k.fail(fmt.Errorf("%s: %w", a.name, err))
+			k.fail(fmt.Errorf("%s: %w", a.name, e.describe(err)))
 		}
 		k.churnEvents.Add(1)
 		k.logger().Debug("toggle", zap.String("action", a.name), zap.Duration("took", time.Since(start)))

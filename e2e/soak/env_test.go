@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -396,6 +397,30 @@ func removeCgroupDir(dir string) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+var cgroupIDInError = regexp.MustCompile(`cgroup id (\d+)`)
+
+// describe adds to an error that names a cgroup id which of the soak's
+// cgroups it is, and whether its directory still exists.
+func (e *env) describe(err error) error {
+	if err == nil {
+		return nil
+	}
+	m := cgroupIDInError.FindStringSubmatch(err.Error())
+	if m == nil {
+		return err
+	}
+	id, _ := strconv.ParseUint(m[1], 10, 64)
+	info, ok := e.reg.cgroup(id)
+	if !ok {
+		return err
+	}
+	dir := "exists"
+	if _, serr := os.Stat(info.path); serr != nil {
+		dir = "is gone"
+	}
+	return fmt.Errorf("%w [cgroup id %d is %s %s (%s); its directory %s]", err, id, info.kind, info.name, info.note, dir)
 }
 
 // enable enables cg under the gate (Enable scans the cgroup's processes).

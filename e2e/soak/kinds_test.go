@@ -59,6 +59,9 @@ type kindStats struct {
 	mu       sync.Mutex
 	failures []string // the first few of each
 	badBytes []string
+	// known are the errors that match a known error (knownErrors), by
+	// its index.
+	known map[int][]string
 }
 
 const keepErrors = 20
@@ -108,6 +111,16 @@ func (k *kind) result(err error, n int) {
 // fail records an error that is not a connection's result (setup, a
 // server's handler, the churn itself).
 func (k *kind) fail(err error) {
+	if i := knownErrorOf(k.name, err); i >= 0 {
+		k.st.mu.Lock()
+		if k.st.known == nil {
+			k.st.known = map[int][]string{}
+		}
+		k.st.known[i] = append(k.st.known[i], err.Error())
+		k.st.mu.Unlock()
+		k.logger().Warn("known error", zap.Error(err))
+		return
+	}
 	k.st.failed.Add(1)
 	k.st.mu.Lock()
 	if len(k.st.failures) < keepErrors {
