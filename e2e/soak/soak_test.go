@@ -122,6 +122,7 @@ var knownLeaks = []knownLeak{
 	{dataplane.PinSocketCgs, "cgroups", []string{"close while it is disabled"}, "sockets closed while their cgroup was disabled", whyClosedDisabled},
 	{dataplane.PinSocketCgs, "pods", []string{"close while it is disabled"}, "sockets closed while their pod's cgroup was disabled", whyClosedDisabled},
 	{dataplane.PinSocketCgs, "toggle", []string{"disabled, enabled and upgraded"}, "sockets closed while their cgroup was disabled", whyClosedDisabled},
+	{dataplane.PinSocketCgs, "mesh", []string{"closes while it is disabled"}, "sockets closed while their pod's cgroup was disabled", whyClosedDisabled},
 }
 
 // knownError is an error the soak runs into that is not fixed yet: an
