@@ -125,6 +125,10 @@ struct sock_state {
 	 * right after (redis, Python's asyncio) is blocking for a moment;
 	 * see ACCEPT_GRACE_NS. */
 	__u64 peer_file_at;
+	/* When settle first found this server end's own file blocking: it
+	 * turned blocking only if it still is ACCEPT_GRACE_NS later (the same
+	 * moment between accept() and O_NONBLOCK as peer_file_at). */
+	__u64 own_blocking_at;
 	/* A listener on a stack port: its process (a key of stack_procs). */
 	__u32 stack_tgid;
 	__u32 pad;
@@ -207,6 +211,10 @@ struct sock_state {
 /* A splice (or another reader that is not recvmsg) read the socket's stack
  * queue: acted on once (see "Probation"). */
 #define SOCK_FLAG_SPLICED (1U << 25)
+/* Accepted while its listener was on probation, and still so after its
+ * probation ended: key and netns_cookie name the listener, which a later
+ * splice or TCP_ULP teaches. */
+#define SOCK_FLAG_PROBATION_CHILD (1U << 26)
 
 /*
  * Back-pressure: the redirected queue is charged to the kernel's global TCP
@@ -371,6 +379,12 @@ struct cgroup_counters {
 	 * bytes reach the application only through recvmsg, so the
 	 * connection stalls (see "Probation"). */
 	__u64 splice_stalled;
+	/* SYNs to the cgroup's listeners offered no pair because `pairs` was
+	 * full: those connections stay plain TCP (see "Pairs"). */
+	__u64 pairs_full;
+	/* Listening sockets not recorded because `listeners` was full: their
+	 * connections stay plain TCP. */
+	__u64 listeners_full;
 };
 
 struct {
@@ -622,6 +636,13 @@ struct {
 	__type(value, __u64);
 } mesh_endpoints SEC(".maps");
 
+/* A mesh_endpoints value: bits 0-31 the count of app sockets, bits 32-47
+ * the slot (plus one) of the cgroup that counted the first: once that
+ * cgroup is removed no program sees its sockets close, and user space
+ * removes its entries (Dataplane.ForgetRemovedCgroups). */
+#define ENDPOINT_COUNT_MASK 0xffffffffULL
+#define ENDPOINT_SLOT_SHIFT 32
+
 /* Sidecar mode, redirect: the tuple of an app's SYN after NAT (as the
  * sidecar's accepted socket will see it) -> the app socket's key. */
 struct nat_tuple {
@@ -706,10 +727,16 @@ struct {
  * An entry lives from the SYN until the server decides (declined pairs are
  * removed then), and for a joined pair until the client's first message
  * (it marks itself paired and removes the entry) or its close: at most one
- * per handshake in flight plus one per silent joined client. User space
- * sizes the LRU at twice the sockhash capacity (at least 65536), so live
- * pairs never evict one another; the LRU bounds what a detached program
- * leaves behind.
+ * per handshake in flight plus one per silent joined client. A handshake
+ * that never completes (a SYN whose SYN-ACK is reset, a port scan, a SYN
+ * flood) has no socket to remove its offer: user space reaps offers older
+ * than any handshake can last (Dataplane.ReapPairs, run by the daemon at
+ * every rescan and by enable and disable). A plain hash, never an LRU:
+ * evicting the entry of a joined pair whose client has not yet seen it
+ * would leave the server a member and the client out, its bytes reaching a
+ * member through the stack. User space sizes it at twice the sockhash
+ * capacity (at least 65536); when it is full, a SYN is offered no pair and
+ * its connection stays plain TCP (pairs_full).
  */
 #define PAIR_OFFERED 1
 #define PAIR_CLIENT_JOINED 2
@@ -747,10 +774,14 @@ struct pair {
 	/* And each end's sock_state (peer_state). */
 	__u64 client_state;
 	__u64 server_state;
+	/* When the SYN was offered (bpf_ktime_get_ns): what user space reaps
+	 * by. */
+	__u64 offered_ns;
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 131072);
 	__type(key, struct sock_key);
 	__type(value, struct pair);
@@ -758,10 +789,16 @@ struct {
 
 /*
  * Listeners of enabled cgroups: (netns cookie, local address, port) ->
- * LISTENER_* flags (a u64: bits 0-7 flags, the rest below). Written by sock_ops when a socket listens, and by user
- * space for listeners that existed before `enable` and whose flags changed
- * after listen() (a server that makes its listener non-blocking after
- * listen(), as redis does). An accepted socket joins a pair only when its
+ * LISTENER_* flags (a u64: bits 0-7 flags, the rest below). Written by
+ * sock_ops when a socket listens (counting the sockets of a SO_REUSEPORT
+ * group, LISTENER_REF_ONE; the last to close removes the entry), and by
+ * user space for listeners that existed before `enable` and whose
+ * O_NONBLOCK changed after listen() (a server that makes its listener
+ * non-blocking after listen(), as redis does): user space writes an entry
+ * only when that bit changes, so it seldom races the atomic updates here,
+ * and removes entries of listeners that are gone (LISTENER_UNSEEN). A
+ * plain hash: when it is full, a new listener is not recorded and its
+ * connections stay plain TCP (listeners_full). An accepted socket joins a pair only when its
  * listener is known non-blocking: a blocking recv on a sockhash member may
  * return EAGAIN. The wildcard addresses are ::ffff:0.0.0.0 and ::.
  */
@@ -778,6 +815,30 @@ struct {
 /* The listener's first accepted socket was read with recvmsg, without
  * blocking (see "Probation"): its connections may pair. */
 #define LISTENER_PROVEN (1U << 3)
+/* Recorded by user space from /proc (a listener that predates `enable`),
+ * not by sock_ops. */
+#define LISTENER_SCANNED (1U << 4)
+/* User space did not find the listener at its last rescan: it removes an
+ * entry that a second rescan does not find either (a listener that closed
+ * unseen: its cgroup was disabled, or it predates `enable`). sock_ops
+ * clears it when a socket listens there again. */
+#define LISTENER_UNSEEN (1U << 5)
+/* The stack-read tracer saw the listener's first accepted socket read
+ * without blocking (set with LISTENER_PROVEN at the end of probation, not
+ * by --no-probation): evidence that its server makes accepted sockets
+ * non-blocking, so a member found blocking right after accept() gets
+ * ACCEPT_GRACE_NS (see own_turned_blocking in sockops.c). */
+#define LISTENER_READ_NONBLOCK (1U << 6)
+/* Bits 16-31: how many listening sockets sock_ops recorded on the
+ * endpoint (SO_REUSEPORT siblings share it); the last to close removes
+ * the entry. */
+#define LISTENER_REF_ONE (1ULL << 16)
+#define LISTENER_REF_MASK (0xffffULL << 16)
+/* Bits 32-47: the slot (plus one) of the cgroup whose sock_ops recorded
+ * the listener: `disable` removes that cgroup's entries, whose close no
+ * program sees any more. */
+#define LISTENER_SLOT_SHIFT 32
+#define LISTENER_SLOT_MASK (0xffffULL << LISTENER_SLOT_SHIFT)
 
 /*
  * Probation. A member's redirected queue is read by recvmsg alone: splice

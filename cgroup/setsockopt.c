@@ -43,7 +43,7 @@ static __always_inline void learn_ulp(struct sock_state *state)
 {
 	__u64 *lf;
 
-	if (!(state->flags & (SOCK_FLAG_PROBATION | SOCK_FLAG_ACCEPTED))) {
+	if (!(state->flags & (SOCK_FLAG_PROBATION | SOCK_FLAG_PROBATION_CHILD | SOCK_FLAG_ACCEPTED))) {
 		/* The client end, joining or joined. */
 		if (state->flags & (SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_PAIRED))
 			learn_stack_process();

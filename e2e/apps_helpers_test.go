@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -49,14 +50,29 @@ func appsDataplane(t *testing.T) *dataplane.Dataplane {
 	return dptest.Install(t)
 }
 
-// enable enables cgs in dp, unless in plain mode.
+// enable enables cgs in dp without probation (their listeners' first
+// connections pair too), unless in plain mode.
 func enable(t testing.TB, dp *dataplane.Dataplane, cgs ...cgroup.Cgroup) {
+	t.Helper()
+	enableWith(t, dp, dataplane.EnableOptions{NoProbation: true}, cgs...)
+}
+
+// enableDefaults enables cgs in dp with the default settings (a new
+// listener is on probation: see "Probation" in bpf/sockbypass.h), unless
+// in plain mode.
+func enableDefaults(t testing.TB, dp *dataplane.Dataplane, cgs ...cgroup.Cgroup) {
+	t.Helper()
+	enableWith(t, dp, dataplane.EnableOptions{}, cgs...)
+}
+
+// enableWith enables cgs in dp with opts, unless in plain mode.
+func enableWith(t testing.TB, dp *dataplane.Dataplane, opts dataplane.EnableOptions, cgs ...cgroup.Cgroup) {
 	t.Helper()
 	if plainMode() {
 		return
 	}
 	for _, cg := range cgs {
-		if _, err := dp.Enable(cg, dataplane.EnableOptions{NoProbation: true}); err != nil {
+		if _, err := dp.Enable(cg, opts); err != nil {
 			t.Fatalf("enable %s: %v", cg.Path, err)
 		}
 	}
@@ -86,6 +102,88 @@ func counterSummary(c dataplane.CgroupCounters) string {
 		return "(all counters zero)"
 	}
 	return strings.Join(parts, " ")
+}
+
+// eventLog collects the datapath's fallback events (late_blocking,
+// listener_blocking_children, ...) while a test runs, in the order the
+// datapath emitted them.
+type eventLog struct {
+	r      *dataplane.EventReader
+	mu     sync.Mutex
+	events []dataplane.FallbackEvent
+	done   chan struct{}
+	once   sync.Once
+}
+
+// collectEvents starts collecting dp's fallback events until stop (or the
+// end of t).
+func collectEvents(t testing.TB, dp *dataplane.Dataplane) *eventLog {
+	t.Helper()
+	r, err := dp.ReadEvents()
+	if err != nil {
+		t.Fatalf("read events: %v", err)
+	}
+	l := &eventLog{r: r, done: make(chan struct{})}
+	go func() {
+		defer close(l.done)
+		for {
+			e, err := r.Read()
+			if err != nil {
+				return
+			}
+			l.mu.Lock()
+			l.events = append(l.events, e)
+			l.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { l.stop() })
+	return l
+}
+
+// stop stops collecting (after a moment for the events already emitted to
+// be read) and returns the events.
+func (l *eventLog) stop() []dataplane.FallbackEvent {
+	l.once.Do(func() {
+		time.Sleep(100 * time.Millisecond)
+		l.r.Close()
+		<-l.done
+	})
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.events
+}
+
+// eventSummary lists events of cgroup id: how many of each reason, and,
+// with all, each one in order.
+func eventSummary(events []dataplane.FallbackEvent, id uint64, all bool) string {
+	counts := map[string]int{}
+	var reasons, lines []string
+	for _, e := range events {
+		if e.CgroupID != id {
+			continue
+		}
+		if counts[e.Reason] == 0 {
+			reasons = append(reasons, e.Reason)
+		}
+		counts[e.Reason]++
+		if e.Remote.IsValid() {
+			lines = append(lines, fmt.Sprintf("  %s %s -> %s", e.Reason, e.Local, e.Remote))
+		} else {
+			lines = append(lines, fmt.Sprintf("  %s %s", e.Reason, e.Local))
+		}
+	}
+	if len(reasons) == 0 {
+		return "(no events)"
+	}
+	var parts []string
+	for _, r := range reasons {
+		parts = append(parts, fmt.Sprintf("%s=%d", r, counts[r]))
+	}
+	out := strings.Join(parts, " ")
+	if all {
+		out += "\n" + strings.Join(lines, "\n")
+	}
+	return out
 }
 
 // child is a program the test started in a cgroup (and optionally a

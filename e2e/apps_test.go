@@ -25,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
@@ -118,6 +119,74 @@ func startNginxProxy(t *testing.T, cg cgroup.Cgroup, dir, name string, port, ups
 	return c, errLog
 }
 
+// nginxChain is curl -> nginx A -> nginx B -> the Python digest server,
+// the three servers in one cgroup (see startNginxChain).
+type nginxChain struct {
+	dp                  *dataplane.Dataplane
+	servers, client     cgroup.Cgroup
+	dir                 string
+	py                  *child
+	logA, logB          string
+	portA, portB, portC int
+}
+
+// startNginxChain starts the digest server (script), nginx B in front of it
+// and nginx A in front of nginx B, all in servers, with their files under
+// dir; curl will run in client.
+func startNginxChain(t *testing.T, dp *dataplane.Dataplane, servers, client cgroup.Cgroup, dir, script string) *nginxChain {
+	t.Helper()
+	// Distinct ports: with two equal ones, nginx A cannot bind and curl
+	// talks to nginx B (a round with one hop less).
+	ports := testutil.FreePorts(t, 3)
+	c := &nginxChain{dp: dp, servers: servers, client: client, dir: dir, portC: ports[0], portB: ports[1], portA: ports[2]}
+	c.py = startChild(t, "digest server", servers, nil, dir, pythonBin, script, strconv.Itoa(c.portC))
+	c.py.waitListening(t, c.portC, 10*time.Second)
+	_, c.logB = startNginxProxy(t, servers, dir, "nginx-b", c.portB, c.portC)
+	_, c.logA = startNginxProxy(t, servers, dir, "nginx-a", c.portA, c.portB)
+	return c
+}
+
+// post POSTs the n-byte body in file bodyPath, whose "sha256 length" is
+// digest, with a curl of its own, and returns how long the answer took. It
+// fails t (with the chain's sockets, logs and counters since before and
+// beforeClient) unless the answer is HTTP 200 with digest, within 10 s.
+// what names the POST in messages.
+func (c *nginxChain) post(t *testing.T, what, bodyPath, digest string, n int, before, beforeClient dataplane.CgroupCounters) time.Duration {
+	t.Helper()
+	url := fmt.Sprintf("http://127.0.0.1:%d/upload", c.portA)
+	start := time.Now()
+	curl := startChild(t, "curl", c.client, nil, c.dir, "curl", "-sS", "--max-time", "10",
+		"-H", "Content-Type: application/octet-stream", "--data-binary", "@"+bodyPath,
+		"-o", "-", "-w", "\nHTTP %{http_code}\n", url)
+	// The sockets of the chain, taken just before curl gives up
+	// (--max-time 10) when it is late: which hop holds the bytes.
+	var stuck string
+	snapped := make(chan struct{})
+	snap := time.AfterFunc(9500*time.Millisecond, func() {
+		stuck = sockets("", c.portA, c.portB, c.portC)
+		close(snapped)
+	})
+	err := curl.wait(15 * time.Second)
+	if !snap.Stop() {
+		<-snapped
+	}
+	took := time.Since(start)
+	out := curl.out.String()
+	first, _, _ := strings.Cut(out, "\n")
+	if err != nil || strings.TrimSpace(first) != digest || !strings.Contains(out, "HTTP 200") || took > 10*time.Second {
+		errA, _ := os.ReadFile(c.logA)
+		errB, _ := os.ReadFile(c.logB)
+		t.Fatalf("%s (%d-byte body): curl exit %v after %v, output %q; want %q and HTTP 200 within 10s\n"+
+			"chain: curl -> nginx A :%d -> nginx B :%d -> digest server :%d\nsockets after 9.5s:\n%s\n"+
+			"nginx A error.log:\n%s\nnginx B error.log:\n%s\ndigest server:\n%s\nservers' cgroup: %s\nclient's cgroup: %s",
+			what, n, err, took.Round(time.Millisecond), tail(out, 500), digest,
+			c.portA, c.portB, c.portC, stuck,
+			tail(string(errA), 2000), tail(string(errB), 2000), tail(c.py.out.String(), 2000),
+			counterSummary(counters(t, c.dp, c.servers).Sub(before)), counterSummary(counters(t, c.dp, c.client).Sub(beforeClient)))
+	}
+	return took
+}
+
 // TestNginxReverseProxyPosts posts bodies of 100 KiB, 1 MiB and 16 MiB with
 // curl through nginx A -> nginx B -> a Python digest server (all three in
 // the servers' cgroup, a fresh set each round) and checks that every POST
@@ -171,52 +240,13 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 					if !after {
 						enable(t, dp, enabled...)
 					}
-					rdir := t.TempDir()
-					// Distinct ports: with two equal ones, nginx A cannot bind
-					// and curl talks to nginx B (a round with one hop less).
-					ports := testutil.FreePorts(t, 3)
-					portC, portB, portA := ports[0], ports[1], ports[2]
-					py := startChild(t, "digest server", servers, nil, rdir, pythonBin, server, strconv.Itoa(portC))
-					py.waitListening(t, portC, 10*time.Second)
-					_, logB := startNginxProxy(t, servers, rdir, "nginx-b", portB, portC)
-					_, logA := startNginxProxy(t, servers, rdir, "nginx-a", portA, portB)
+					chain := startNginxChain(t, dp, servers, client, t.TempDir(), server)
 					if after {
 						enable(t, dp, enabled...)
 					}
 					before, beforeClient := counters(t, dp, servers), counters(t, dp, client)
-					url := fmt.Sprintf("http://127.0.0.1:%d/upload", portA)
 					for post := 1; post <= posts; post++ {
-						start := time.Now()
-						curl := startChild(t, "curl", client, nil, rdir, "curl", "-sS", "--max-time", "10",
-							"-H", "Content-Type: application/octet-stream", "--data-binary", "@"+bodies[s.n],
-							"-o", "-", "-w", "\nHTTP %{http_code}\n", url)
-						// The sockets of the chain, taken just before curl gives
-						// up (--max-time 10) when it is late: which hop holds
-						// the bytes.
-						var stuck string
-						snapped := make(chan struct{})
-						snap := time.AfterFunc(9500*time.Millisecond, func() {
-							stuck = sockets("", portA, portB, portC)
-							close(snapped)
-						})
-						err := curl.wait(15 * time.Second)
-						if !snap.Stop() {
-							<-snapped
-						}
-						took := time.Since(start)
-						out := curl.out.String()
-						first, _, _ := strings.Cut(out, "\n")
-						if err != nil || strings.TrimSpace(first) != digests[s.n] || !strings.Contains(out, "HTTP 200") || took > 10*time.Second {
-							errA, _ := os.ReadFile(logA)
-							errB, _ := os.ReadFile(logB)
-							t.Fatalf("round %s, POST %d of %d (%d-byte body): curl exit %v after %v, output %q; want %q and HTTP 200 within 10s\n"+
-								"chain: curl -> nginx A :%d -> nginx B :%d -> digest server :%d\nsockets after 9.5s:\n%s\n"+
-								"nginx A error.log:\n%s\nnginx B error.log:\n%s\ndigest server:\n%s\nservers' cgroup: %s\nclient's cgroup: %s",
-								round, post, posts, s.n, err, took.Round(time.Millisecond), tail(out, 500), digests[s.n],
-								portA, portB, portC, stuck,
-								tail(string(errA), 2000), tail(string(errB), 2000), tail(py.out.String(), 2000),
-								counterSummary(counters(t, dp, servers).Sub(before)), counterSummary(counters(t, dp, client).Sub(beforeClient)))
-						}
+						took := chain.post(t, fmt.Sprintf("round %s, POST %d of %d", round, post, posts), bodies[s.n], digests[s.n], s.n, before, beforeClient)
 						t.Logf("POST %d: %d bytes answered in %v", post, s.n, took.Round(time.Millisecond))
 					}
 					d := counters(t, dp, servers).Sub(before)
@@ -244,6 +274,114 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 	}
 }
 
+// TestNginxReverseProxyPostsDefaultSettings runs the chain of
+// TestNginxReverseProxyPosts (curl -> nginx A -> nginx B -> Python digest
+// server) with the default settings: the servers' cgroup (and, in half of
+// the rounds, curl's) enabled with probation on, before the servers start
+// or after they listen. Each round posts five distinct 1 MiB bodies and
+// then one of 16 MiB, each by a curl of its own, one after the other.
+// Every POST must answer 200 with the body's sha256 and length within
+// 10 s. nginx B's listener is new: its first connection from nginx A
+// stays plain (sockets_probation), so the first body crosses the nginx A
+// -> nginx B hop through the stack; nginx B reads it with recv on a
+// non-blocking socket, which proves the listener, and later bodies cross
+// that hop redirected.
+func TestNginxReverseProxyPostsDefaultSettings(t *testing.T) {
+	dp := appsDataplane(t)
+	requireTool(t, "nginx")
+	requireTool(t, "curl")
+	dir := t.TempDir()
+	server := writeScript(t, dir, "digest_server.py", digestServerPy)
+	type body struct {
+		path, digest string
+		n            int
+	}
+	var bodies []body
+	for i, n := range []int{1 << 20, 1 << 20, 1 << 20, 1 << 20, 1 << 20, 16 << 20} {
+		b := transfer.Pattern(uint64(2000+i), n)
+		path := filepath.Join(dir, fmt.Sprintf("body-%d", i+1))
+		if err := os.WriteFile(path, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		bodies = append(bodies, body{path, fmt.Sprintf("%x %d", sha256.Sum256(b), n), n})
+	}
+	var report []string
+	for _, clientEnabled := range []bool{false, true} {
+		for _, after := range []bool{false, true} {
+			round := map[bool]string{false: "client-not-enabled", true: "client-enabled"}[clientEnabled] + "/" +
+				map[bool]string{false: "enabled-before-start", true: "enabled-after-listen"}[after]
+			t.Run(round, func(t *testing.T) {
+				servers, client := testutil.NewCgroup(t), testutil.NewCgroup(t)
+				enabled := []cgroup.Cgroup{servers}
+				if clientEnabled {
+					enabled = append(enabled, client)
+				}
+				if !after {
+					enableDefaults(t, dp, enabled...)
+				}
+				chain := startNginxChain(t, dp, servers, client, t.TempDir(), server)
+				if after {
+					enableDefaults(t, dp, enabled...)
+				}
+				start := time.Now()
+				before, beforeClient := counters(t, dp, servers), counters(t, dp, client)
+				// A POST's body crossed the nginx A -> nginx B hop
+				// redirected when the servers' cgroup redirected at
+				// least its length meanwhile (nginx B -> digest server
+				// stays plain: that listener is blocking).
+				var redirectedPosts, plainLater []string
+				firstRedirected := false
+				for k, b := range bodies {
+					pre := counters(t, dp, servers)
+					took := chain.post(t, fmt.Sprintf("round %s, POST %d of %d", round, k+1, len(bodies)), b.path, b.digest, b.n, before, beforeClient)
+					d := counters(t, dp, servers).Sub(pre)
+					hop := d.RedirectedBytes >= uint64(b.n)
+					switch {
+					case hop:
+						redirectedPosts = append(redirectedPosts, strconv.Itoa(k+1))
+						firstRedirected = firstRedirected || k == 0
+					case k > 0 && d.PairsAbandoned == 0:
+						// Not a pair given up because nginx A sent
+						// before nginx B joined (plain by design).
+						plainLater = append(plainLater, fmt.Sprintf("POST %d (%s)", k+1, counterSummary(d)))
+					}
+					t.Logf("POST %d: %d bytes answered in %v; servers' cgroup redirected %d bytes (body redirected on the A -> B hop: %v): %s",
+						k+1, b.n, took.Round(time.Millisecond), d.RedirectedBytes, hop, counterSummary(d))
+				}
+				d, dc := counters(t, dp, servers).Sub(before), counters(t, dp, client).Sub(beforeClient)
+				line := fmt.Sprintf("%s: %d of %d POSTs redirected on the nginx A -> nginx B hop (POST %s), %d bytes redirected, all answered in %v; servers' cgroup: %s; client's cgroup: %s",
+					round, len(redirectedPosts), len(bodies), strings.Join(redirectedPosts, ", "), d.RedirectedBytes, time.Since(start).Round(time.Millisecond), counterSummary(d), counterSummary(dc))
+				t.Log(line)
+				report = append(report, line)
+				if plainMode() {
+					return
+				}
+				// nginx B's first connection (from nginx A) stays plain on
+				// probation, and so does nginx A's first one from curl
+				// when curl's cgroup is enabled (otherwise that one
+				// could not pair anyway: sockets_unpaired).
+				wantProbation := uint64(1)
+				if clientEnabled {
+					wantProbation = 2
+				}
+				if d.SocketsProbation != wantProbation || firstRedirected {
+					t.Errorf("round %s: sockets_probation %d, first body redirected on the nginx A -> nginx B hop: %v; want %d and false (the listeners' first connections plain: probation)",
+						round, d.SocketsProbation, firstRedirected, wantProbation)
+				}
+				if len(redirectedPosts) == 0 || d.RedirectedBytes < uint64(bodies[0].n) {
+					t.Errorf("round %s: no body crossed the nginx A -> nginx B hop redirected (%d bytes redirected): probation never ended, or no pair followed; servers' cgroup: %s",
+						round, d.RedirectedBytes, counterSummary(d))
+				}
+				if len(plainLater) > 0 {
+					t.Errorf("round %s: after nginx B read its first connection, these bodies still crossed the nginx A -> nginx B hop through the stack, with no pair given up: %s",
+						round, strings.Join(plainLater, "; "))
+				}
+			})
+		}
+	}
+	t.Logf("summary:\n%s", strings.Join(report, "\n"))
+}
+
 // signalsPy is a request/response peer, optionally with a 10 ms
 // ITIMER_REAL and a no-op SIGALRM handler, so that its blocking calls are
 // interrupted all the time, and optionally delaying its own messages by
@@ -255,16 +393,23 @@ func TestNginxReverseProxyPosts(t *testing.T) {
 // is non-blocking and it makes each accepted socket blocking, as
 // gunicorn's sync worker does).
 // With warmup, a connection of one request and its reply comes first;
-// the server reads it only once it is readable.
-// Usage: signals.py server|client PORT ROUNDS delay|nodelay signals|nosignals blocking|nonblocking|late [warmup].
+// the server reads it only once it is readable. CONNS (default 1)
+// connections of ROUNDS rounds each follow, one after the other, on the
+// same listener. A server waits ACCEPT_GAP_MS (default 0) between
+// accept() and making the socket (non-)blocking, as a loaded server may
+// (Python's accept() returns a blocking socket; asyncio then sets
+// O_NONBLOCK).
+// Usage: signals.py server|client PORT ROUNDS delay|nodelay signals|nosignals blocking|nonblocking|late [warmup|nowarmup [CONNS [ACCEPT_GAP_MS]]].
 // A server listens on PORT (0: any) and prints "LISTENING port". It prints
-// "OK ..." at the end, or "FAIL ..." with the round, the step and the
-// exception, and exits 1.
+// "OK ..." at the end, or "FAIL ..." with the connection, the round, the
+// step and the exception, and exits 1.
 const signalsPy = `import hashlib, random, select, signal, socket, sys, time
 
 role, port, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 delayed, signalled, mode = sys.argv[4] == "delay", sys.argv[5] == "signals", sys.argv[6]
 warmup = len(sys.argv) > 7 and sys.argv[7] == "warmup"
+conns = int(sys.argv[8]) if len(sys.argv) > 8 else 1
+accept_gap = float(sys.argv[9]) / 1000 if len(sys.argv) > 9 else 0
 REQ, REPLY = 64, 4096
 signals = 0
 
@@ -300,7 +445,7 @@ def first_diff(a, b):
     return next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
 
 rng = random.Random(port)
-step, i = "setup", -1
+step, conn, i = "setup", 0, -1
 try:
     if signalled:
         signal.signal(signal.SIGALRM, on_alarm)
@@ -324,28 +469,34 @@ try:
             got = recv_exact(w, REQ)
             send_all(w, reply(0))
             w.close()
-        step = "accept"
-        if mode != "blocking":
-            select.select([l], [], [])
-        s, _ = l.accept()
-        s.setblocking(mode != "nonblocking")
-        for i in range(rounds):
-            step = "recv request"
-            got = recv_exact(s, REQ)
-            if got != request(i):
-                raise ValueError("request differs at byte %d: %r" % (first_diff(got, request(i)), got))
-            if delayed:
-                step = "delay"
-                time.sleep(rng.uniform(0.020, 0.030))
-            step = "send reply"
-            send_all(s, reply(i))
-        step = "recv EOF"
-        i = rounds
-        if mode == "nonblocking":
-            select.select([s], [], [])
-        extra = s.recv(1)
-        if extra:
-            raise ValueError("unexpected bytes after the last round: %r" % extra)
+        for conn in range(1, conns + 1):
+            step, i = "accept", -1
+            if mode != "blocking":
+                select.select([l], [], [])
+            s, _ = l.accept()
+            if accept_gap:
+                step = "accept gap"
+                time.sleep(accept_gap)
+            s.setblocking(mode != "nonblocking")
+            for i in range(rounds):
+                step = "recv request"
+                got = recv_exact(s, REQ)
+                if got != request(i):
+                    raise ValueError("request differs at byte %d: %r" % (first_diff(got, request(i)), got))
+                if delayed:
+                    step = "delay"
+                    time.sleep(rng.uniform(0.020, 0.030))
+                step = "send reply"
+                send_all(s, reply(i))
+            step = "recv EOF"
+            i = rounds
+            if mode == "nonblocking":
+                select.select([s], [], [])
+            extra = s.recv(1)
+            if extra:
+                raise ValueError("unexpected bytes after the last round: %r" % extra)
+            if conn < conns:
+                s.close()
     else:
         if warmup:
             step = "warm-up"
@@ -354,35 +505,124 @@ try:
             send_all(w, request(0))
             recv_exact(w, REPLY)
             w.close()
-        step = "connect"
-        if mode == "blocking":
-            s = socket.create_connection(("127.0.0.1", port))
-        else:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            s.settimeout(None if mode == "late" else 0)
-        for i in range(rounds):
-            if delayed and i > 0:
-                step = "delay"
-                time.sleep(rng.uniform(0.020, 0.030))
-            step = "send request"
-            send_all(s, request(i))
-            step = "recv reply"
-            got = recv_exact(s, REPLY)
-            if got != reply(i):
-                raise ValueError("reply differs at byte %d" % first_diff(got, reply(i)))
-        step = "shutdown"
-        i = rounds
-        s.shutdown(socket.SHUT_WR)
+        for conn in range(1, conns + 1):
+            step, i = "connect", -1
+            if mode == "blocking":
+                s = socket.create_connection(("127.0.0.1", port))
+            else:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.settimeout(None if mode == "late" else 0)
+            for i in range(rounds):
+                if delayed and i > 0:
+                    step = "delay"
+                    time.sleep(rng.uniform(0.020, 0.030))
+                step = "send request"
+                send_all(s, request(i))
+                step = "recv reply"
+                got = recv_exact(s, REPLY)
+                if got != reply(i):
+                    raise ValueError("reply differs at byte %d" % first_diff(got, reply(i)))
+            step = "shutdown"
+            i = rounds
+            s.shutdown(socket.SHUT_WR)
+            if conn < conns:
+                s.close()
     if signalled:
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
     s.close()
 except BaseException as e:
-    print("FAIL role=%s round=%d step=%s error=%s: %s signals=%d" % (role, i, step, type(e).__name__, e, signals), flush=True)
+    print("FAIL role=%s conn=%d round=%d step=%s error=%s: %s signals=%d" % (role, conn, i, step, type(e).__name__, e, signals), flush=True)
     sys.exit(1)
-print("OK role=%s rounds=%d signals=%d" % (role, rounds, signals), flush=True)
+print("OK role=%s rounds=%d signals=%d" % (role, rounds * conns, signals), flush=True)
 `
 
 var okSignalsRE = regexp.MustCompile(`(?m)^OK role=\w+ rounds=(\d+) signals=(\d+)$`)
+
+// signalsVariant is one way to run signalsPy: which side delays its
+// messages (the other one waits in recv) and which takes the SIGALRMs,
+// each side's socket mode, whether a warm-up connection comes first, how
+// many measured connections follow (0: 1), and how long the server waits
+// between accept() and setting its socket's mode.
+type signalsVariant struct {
+	name                         string
+	serverDelays, clientSignaled bool
+	serverMode, clientMode       string
+	warmup                       bool
+	conns                        int
+	acceptGapMs                  int
+}
+
+// runSignals runs v: runs servers in a fresh cgroup and a client for each
+// in another, both enabled with opts, all at once, rounds rounds per
+// connection. It fails t when a side fails (prints FAIL, exits non-zero,
+// hangs) or the signalled side took fewer than 50 SIGALRMs, and returns
+// the counters of both cgroups and the fallback events of the servers'
+// cgroup, in order (each one with all).
+func runSignals(t *testing.T, dp *dataplane.Dataplane, script string, v signalsVariant, runs, rounds int, opts dataplane.EnableOptions) (cc, sc dataplane.CgroupCounters, serverEvents string) {
+	t.Helper()
+	conns := max(v.conns, 1)
+	servers, clients := testutil.NewCgroup(t), testutil.NewCgroup(t)
+	enableWith(t, dp, opts, servers, clients)
+	events := collectEvents(t, dp)
+	flag := func(b bool, yes, no string) string {
+		if b {
+			return yes
+		}
+		return no
+	}
+	type run struct {
+		server, client *child
+		port           int
+	}
+	start := time.Now()
+	rs := make([]run, runs)
+	for i := range rs {
+		rs[i].server = startChild(t, fmt.Sprintf("server %d", i), servers, nil, "", pythonBin, script, "server", "0",
+			strconv.Itoa(rounds), flag(v.serverDelays, "delay", "nodelay"), flag(!v.clientSignaled, "signals", "nosignals"), v.serverMode, flag(v.warmup, "warmup", "nowarmup"), strconv.Itoa(conns), strconv.Itoa(v.acceptGapMs))
+	}
+	for i := range rs {
+		port, err := rs[i].server.waitLine("LISTENING ", 10*time.Second)
+		if err != nil {
+			t.Fatalf("run %d: %v", i, err)
+		}
+		rs[i].port, _ = strconv.Atoi(port)
+		rs[i].client = startChild(t, fmt.Sprintf("client %d", i), clients, nil, "", pythonBin, script, "client", port,
+			strconv.Itoa(rounds), flag(!v.serverDelays, "delay", "nodelay"), flag(v.clientSignaled, "signals", "nosignals"), v.clientMode, flag(v.warmup, "warmup", "nowarmup"), strconv.Itoa(conns))
+	}
+	failures := 0
+	var sigs []int
+	// All runs go at once (about 6 s): one deadline for all.
+	deadline := time.Now().Add(20 * time.Second)
+	for i, r := range rs {
+		var stuck string
+		cerr := r.client.waitOr(time.Until(deadline), func() { stuck = "\nsockets:\n" + sockets("", r.port) })
+		serr := r.server.wait(time.Until(deadline.Add(3 * time.Second)))
+		tested := r.client
+		if !v.clientSignaled {
+			tested = r.server
+		}
+		m := okSignalsRE.FindStringSubmatch(tested.out.String())
+		var n int
+		if m != nil {
+			n, _ = strconv.Atoi(m[2])
+		}
+		sigs = append(sigs, n)
+		if cerr != nil || serr != nil || m == nil {
+			failures++
+			t.Errorf("run %d of %d (%d connection(s) of %d rounds): client exit %v: %s | server exit %v: %s%s",
+				i+1, runs, conns, rounds, cerr, strings.TrimSpace(tail(r.client.out.String(), 600)), serr, strings.TrimSpace(tail(r.server.out.String(), 600)), stuck)
+		} else if n < 50 {
+			failures++
+			t.Errorf("run %d: the %s took only %d SIGALRMs in %d rounds: its recv was not interrupted, the run proves nothing", i+1, tested.name, n, conns*rounds)
+		}
+	}
+	t.Logf("%d of %d runs failed (%v); SIGALRMs taken by the signalled side per run: %v", failures, runs, time.Since(start).Round(time.Millisecond), sigs)
+	cc, sc = counters(t, dp, clients), counters(t, dp, servers)
+	evs := events.stop()
+	t.Logf("clients' cgroup: %s; events: %s", counterSummary(cc), eventSummary(evs, clients.ID, false))
+	t.Logf("servers' cgroup: %s; events: %s", counterSummary(sc), eventSummary(evs, servers.ID, false))
+	return cc, sc, eventSummary(evs, servers.ID, true)
+}
 
 // TestBlockingClientUnderSignals runs blocking Python peers over
 // 127.0.0.1, server and client each in an enabled cgroup of its own, with
@@ -391,89 +631,31 @@ var okSignalsRE = regexp.MustCompile(`(?m)^OK role=\w+ rounds=(\d+) signals=(\d+
 // blocking recv waits and is interrupted: 200 request/response rounds per
 // connection, 10 connections (at once) per variant. No side may see an
 // exception (a blocking recv failing with EAGAIN, BlockingIOError, is the
-// known failure); the interrupted side must have taken signals.
+// known failure); the interrupted side must have taken signals. Without
+// probation (NoProbation); TestBlockingUnderSignalsDefaultSettings runs
+// the same peers with the default settings.
 func TestBlockingClientUnderSignals(t *testing.T) {
 	dp := appsDataplane(t)
 	script := writeScript(t, t.TempDir(), "signals.py", signalsPy)
 	const runs, rounds = 10, 200
-	for _, v := range []struct {
-		name                         string
-		serverDelays, clientSignaled bool
-		serverMode, clientMode       string
-		warmup                       bool
-	}{
-		{"client-under-signals", true, true, "blocking", "blocking", false},
-		{"server-under-signals", false, false, "blocking", "blocking", false},
+	for _, v := range []signalsVariant{
+		{name: "client-under-signals", serverDelays: true, clientSignaled: true, serverMode: "blocking", clientMode: "blocking"},
+		{name: "server-under-signals", serverMode: "blocking", clientMode: "blocking"},
 		// Non-blocking when the pair joins, blocking after: the pair
 		// joins, then dissolves (see "Leaving" in bpf/sockbypass.h).
-		{"client-made-blocking-under-signals", true, true, "nonblocking", "late", false},
+		{name: "client-made-blocking-under-signals", serverDelays: true, clientSignaled: true, serverMode: "nonblocking", clientMode: "late"},
 		// A server's accepted socket made blocking is found when either
 		// end next sends, so the first connection of a listener stays
 		// exposed while its server waits for the client's first byte (a
-		// known limitation, see README "Transparency"): the warm-up
-		// connection pairs, dissolves and marks the listener, which the
-		// server reads only once readable; the measured connection,
-		// whose server waits for each request, stays plain.
-		{"server-made-blocking-under-signals", false, false, "late", "nonblocking", true},
+		// known limitation without probation, see README
+		// "Transparency"): the warm-up connection pairs, dissolves and
+		// marks the listener, which the server reads only once readable;
+		// the measured connection, whose server waits for each request,
+		// stays plain.
+		{name: "server-made-blocking-under-signals", serverMode: "late", clientMode: "nonblocking", warmup: true},
 	} {
 		t.Run(v.name, func(t *testing.T) {
-			servers, clients := testutil.NewCgroup(t), testutil.NewCgroup(t)
-			enable(t, dp, servers, clients)
-			flag := func(b bool, yes, no string) string {
-				if b {
-					return yes
-				}
-				return no
-			}
-			type run struct {
-				server, client *child
-				port           int
-			}
-			rs := make([]run, runs)
-			for i := range rs {
-				rs[i].server = startChild(t, fmt.Sprintf("server %d", i), servers, nil, "", pythonBin, script, "server", "0",
-					strconv.Itoa(rounds), flag(v.serverDelays, "delay", "nodelay"), flag(!v.clientSignaled, "signals", "nosignals"), v.serverMode, flag(v.warmup, "warmup", "nowarmup"))
-			}
-			for i := range rs {
-				port, err := rs[i].server.waitLine("LISTENING ", 10*time.Second)
-				if err != nil {
-					t.Fatalf("run %d: %v", i, err)
-				}
-				rs[i].port, _ = strconv.Atoi(port)
-				rs[i].client = startChild(t, fmt.Sprintf("client %d", i), clients, nil, "", pythonBin, script, "client", port,
-					strconv.Itoa(rounds), flag(!v.serverDelays, "delay", "nodelay"), flag(v.clientSignaled, "signals", "nosignals"), v.clientMode, flag(v.warmup, "warmup", "nowarmup"))
-			}
-			failures := 0
-			var sigs []int
-			// All runs go at once (about 6 s): one deadline for all.
-			deadline := time.Now().Add(20 * time.Second)
-			for i, r := range rs {
-				var stuck string
-				cerr := r.client.waitOr(time.Until(deadline), func() { stuck = "\nsockets:\n" + sockets("", r.port) })
-				serr := r.server.wait(time.Until(deadline.Add(3 * time.Second)))
-				tested := r.client
-				if !v.clientSignaled {
-					tested = r.server
-				}
-				m := okSignalsRE.FindStringSubmatch(tested.out.String())
-				var n int
-				if m != nil {
-					n, _ = strconv.Atoi(m[2])
-				}
-				sigs = append(sigs, n)
-				if cerr != nil || serr != nil || m == nil {
-					failures++
-					t.Errorf("run %d of %d (%d rounds): client exit %v: %s | server exit %v: %s%s",
-						i+1, runs, rounds, cerr, strings.TrimSpace(tail(r.client.out.String(), 600)), serr, strings.TrimSpace(tail(r.server.out.String(), 600)), stuck)
-				} else if n < 50 {
-					failures++
-					t.Errorf("run %d: the %s took only %d SIGALRMs in %d rounds: its recv was not interrupted, the run proves nothing", i+1, tested.name, n, rounds)
-				}
-			}
-			t.Logf("%d of %d runs failed; SIGALRMs taken by the signalled side per run: %v", failures, runs, sigs)
-			cc, sc := counters(t, dp, clients), counters(t, dp, servers)
-			t.Logf("clients' cgroup: %s", counterSummary(cc))
-			t.Logf("servers' cgroup: %s", counterSummary(sc))
+			cc, sc, _ := runSignals(t, dp, script, v, runs, rounds, dataplane.EnableOptions{NoProbation: true})
 			if plainMode() {
 				return
 			}
@@ -508,6 +690,88 @@ func TestBlockingClientUnderSignals(t *testing.T) {
 					t.Errorf("%d connections: clients inserted %d, %d ends counted turning blocking, clients left %d, servers left %d; want %d each (each pair joins, then dissolves)",
 						runs, cc.SocketsInserted, late, cc.MembersLeft, sc.MembersLeft, runs)
 				}
+			}
+		})
+	}
+}
+
+// TestBlockingUnderSignalsDefaultSettings runs the peers of
+// TestBlockingClientUnderSignals with the default settings: every server's
+// listener is new, so it is on probation (see "Probation" in
+// bpf/sockbypass.h) and its first connection stays plain until the server
+// reads it. Each run makes 3 connections, one after the other, to one
+// listener, 24 rounds each, 10 runs at once per variant. No call may fail
+// (no EAGAIN may surface) in any variant, and the counters must tell what
+// happened to each connection: which stayed plain (probation, blocking)
+// and which paired and dissolved.
+func TestBlockingUnderSignalsDefaultSettings(t *testing.T) {
+	dp := appsDataplane(t)
+	script := writeScript(t, t.TempDir(), "signals.py", signalsPy)
+	const runs, rounds, conns = 10, 24, 3
+	for _, v := range []signalsVariant{
+		{name: "client-under-signals", serverDelays: true, clientSignaled: true, serverMode: "blocking", clientMode: "blocking", conns: conns},
+		{name: "server-under-signals", serverMode: "blocking", clientMode: "blocking", conns: conns},
+		{name: "client-made-blocking-under-signals", serverDelays: true, clientSignaled: true, serverMode: "nonblocking", clientMode: "late", conns: conns},
+		// The same, with a server that sets O_NONBLOCK 3 ms after
+		// accept(): within ACCEPT_GRACE_NS (10 ms), so it must not be
+		// taken for blocking (README "Transparency": "a server socket
+		// found blocking within 10 ms of its accept() is not taken for
+		// blocking yet").
+		{name: "client-made-blocking-server-sets-nonblocking-3ms-after-accept-under-signals", serverDelays: true, clientSignaled: true, serverMode: "nonblocking", clientMode: "late", conns: conns, acceptGapMs: 3},
+		{name: "server-made-blocking-under-signals", serverMode: "late", clientMode: "nonblocking", warmup: true, conns: conns},
+		{name: "server-made-blocking-from-the-first-connection-under-signals", serverMode: "late", clientMode: "nonblocking", conns: conns},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			cc, sc, serverEvents := runSignals(t, dp, script, v, runs, rounds, dataplane.EnableOptions{})
+			if plainMode() || t.Failed() {
+				return
+			}
+			var bad []string
+			want := func(what string, got, want uint64) {
+				if got != want {
+					bad = append(bad, fmt.Sprintf("%s %d, want %d", what, got, want))
+				}
+			}
+			switch {
+			case v.clientMode == "blocking":
+				// Blocking clients never join: nothing to learn.
+				want("redirected bytes", cc.RedirectedBytes+sc.RedirectedBytes, 0)
+				want("clients' sockets_blocking", cc.SocketsBlocking, runs*conns)
+			case v.clientMode == "late":
+				// The first connection of each listener stays plain
+				// (probation) and its non-blocking read proves the
+				// listener; each later one pairs, its client turns
+				// blocking, and the pair dissolves.
+				// The server is non-blocking (from at most a few
+				// ms after accept()): it is never counted turning
+				// blocking, and its listener never learns that its
+				// children block, so no later connection is left plain
+				// for that.
+				want("servers' sockets_probation", sc.SocketsProbation, runs)
+				want("clients' late_blocking", cc.LateBlocking, runs*(conns-1))
+				want("clients' members_left", cc.MembersLeft, runs*(conns-1))
+				want("servers' members_left", sc.MembersLeft, runs*(conns-1))
+				want("servers' late_blocking", sc.LateBlocking, 0)
+				want("servers' sockets_blocking", sc.SocketsBlocking, 0)
+			default:
+				// The gunicorn-like server: the listener's first
+				// connection (the warm-up, or the first measured one)
+				// stays plain on probation, its blocking read marks the
+				// listener, and every later connection stays plain: no
+				// pair ever forms, so none turns blocking as a member.
+				later := uint64(runs * conns)
+				if !v.warmup {
+					later = runs * (conns - 1)
+				}
+				want("servers' sockets_probation", sc.SocketsProbation, runs)
+				want("servers' sockets_blocking", sc.SocketsBlocking, later)
+				want("late_blocking", cc.LateBlocking+sc.LateBlocking, 0)
+				want("members_left", cc.MembersLeft+sc.MembersLeft, 0)
+				want("redirected bytes", cc.RedirectedBytes+sc.RedirectedBytes, 0)
+			}
+			if len(bad) > 0 {
+				t.Errorf("%s, default settings (%d runs of %d connections): %s\nclients' cgroup: %s\nservers' cgroup: %s\nservers' events, in order: %s",
+					v.name, runs, conns, strings.Join(bad, "; "), counterSummary(cc), counterSummary(sc), serverEvents)
 			}
 		})
 	}
@@ -630,21 +894,31 @@ func TestBlockingEchoesOverVeth(t *testing.T) {
 // readability with poll; FIONREAD (SIOCINQ) must then report 1000, as on
 // plain TCP, and the 1000 bytes must read back intact. The reader is the
 // accepting or the connecting side; its peer is in an enabled cgroup
-// (member) or in one that is not enabled. 20 connections each.
+// (member) or in one that is not enabled. 20 connections each, paired
+// however short (AllConnections). With a member peer, every connection
+// whose pair was not given up (pairs_abandoned: the client sent before
+// its server joined) must have had its 1000 bytes redirected, and at
+// least one must have; with a peer that is not enabled, nothing may be
+// redirected and the reader's cgroup must count each of its sockets
+// unpaired (the datapath saw them and left them plain).
 func TestFIONREADAfterFirstBytes(t *testing.T) {
 	dp := appsDataplane(t)
 	const conns, size = 20, 1000
 	payload := transfer.Pattern(4, size)
+	// Short connections pair too: the listener would otherwise be taken
+	// for short-lived after 8 of them, and the rest would be plain TCP.
+	opts := dataplane.EnableOptions{NoProbation: true, AllConnections: true}
 	for _, peerEnabled := range []bool{true, false} {
 		for _, readerAccepts := range []bool{true, false} {
 			name := map[bool]string{true: "peer-member", false: "peer-not-enabled"}[peerEnabled] + "/" +
 				map[bool]string{true: "reader-accepts", false: "reader-connects"}[readerAccepts]
 			t.Run(name, func(t *testing.T) {
 				readerCg, peerCg := testutil.NewCgroup(t), testutil.NewCgroup(t)
-				enable(t, dp, readerCg)
+				enableWith(t, dp, opts, readerCg)
 				if peerEnabled {
-					enable(t, dp, peerCg)
+					enableWith(t, dp, opts, peerCg)
 				}
+				beforeReader, beforePeer := counters(t, dp, readerCg), counters(t, dp, peerCg)
 				listenCg, dialCg := readerCg, peerCg
 				if !readerAccepts {
 					listenCg, dialCg = peerCg, readerCg
@@ -708,10 +982,26 @@ func TestFIONREADAfterFirstBytes(t *testing.T) {
 						break
 					}
 				}
-				t.Logf("reader's cgroup: %s", counterSummary(counters(t, dp, readerCg)))
-				t.Logf("peer's cgroup: %s", counterSummary(counters(t, dp, peerCg)))
+				dReader, dPeer := counters(t, dp, readerCg).Sub(beforeReader), counters(t, dp, peerCg).Sub(beforePeer)
+				t.Logf("reader's cgroup: %s", counterSummary(dReader))
+				t.Logf("peer's cgroup: %s", counterSummary(dPeer))
 				if len(bad) > 0 {
 					t.Errorf("%s: FIONREAD differs from plain TCP (%d connections, reader nonblocking):\n%s", name, conns, strings.Join(bad, "\n"))
+				}
+				if plainMode() {
+					return
+				}
+				// The peer writes, so its cgroup counts what was redirected.
+				redirected := dReader.RedirectedBytes + dPeer.RedirectedBytes
+				if peerEnabled {
+					paired := conns - int(min(dReader.PairsAbandoned+dPeer.PairsAbandoned, conns))
+					if paired == 0 || redirected != uint64(paired*size) {
+						t.Errorf("%s: %d bytes redirected, %d pairs given up: want the %d bytes of each of the %d other connections redirected (the fast path, not plain TCP)",
+							name, redirected, conns-paired, size, paired)
+					}
+				} else if redirected != 0 || dReader.SocketsUnpaired < conns {
+					t.Errorf("%s: %d bytes redirected, %d reader sockets counted unpaired: want 0 and %d (each seen and left plain)",
+						name, redirected, dReader.SocketsUnpaired, conns)
 				}
 			})
 		}

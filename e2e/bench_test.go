@@ -49,7 +49,9 @@ func plainAndAccelerated(tb testing.TB) (dp *dataplane.Dataplane, plain, accel c
 	tb.Helper()
 	dp = dptest.Install(tb)
 	plain, accel = testutil.NewCgroup(tb), testutil.NewCgroup(tb)
-	if _, err := dp.Enable(accel, dataplane.EnableOptions{NoProbation: true}); err != nil {
+	// The defaults, as the demo enables: the workloads' servers serve a
+	// warm-up connection first (workload.Connect), which ends probation.
+	if _, err := dp.Enable(accel, dataplane.EnableOptions{}); err != nil {
 		tb.Fatal(err)
 	}
 	return dp, plain, accel
@@ -82,19 +84,32 @@ var tcCostCases = []workload.Case{
 
 // compareTCCost measures plain loopback streams (no sockhash, no sk_msg)
 // with TC accounting attached to lo ("accelerated" column) and with no
-// program at all ("plain" column), alternating attach and detach.
+// program at all ("plain" column), alternating attach and detach. It
+// fails when a run's column is not what it says: lo's TC program attached
+// for the one, detached for the other.
 func compareTCCost(tb testing.TB, dp *dataplane.Dataplane, runs int, dur time.Duration) []workload.Result {
 	tb.Helper()
 	plain := testutil.NewCgroup(tb)
 	owner := testutil.NewCgroup(tb) // enabled only to own the TC attachment
 	tb.Cleanup(func() { dp.Disable(owner.ID) })
 	results, err := workload.CompareModes(tcCostCases, runs, dur, nil, func(withTC bool) (cgroup.Cgroup, error) {
+		var err error
 		if withTC {
-			_, err := dp.Enable(owner, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}, NoProbation: true})
+			_, err = dp.Enable(owner, dataplane.EnableOptions{TCDevices: []dataplane.TCDevice{dataplane.DefaultTCDevice}, NoProbation: true})
+		} else {
+			_, err = dp.Disable(owner.ID)
+		}
+		if err != nil {
 			return plain, err
 		}
-		_, err := dp.Disable(owner.ID)
-		return plain, err
+		st, err := dp.Status()
+		if err != nil {
+			return plain, err
+		}
+		if attached := len(st.TCDevices) == 1 && st.TCDevices[0].ProgramID != 0; attached != withTC || len(st.TCDevices) > 1 {
+			return plain, fmt.Errorf("TC accounting wanted on lo: %v; TC devices attached: %+v", withTC, st.TCDevices)
+		}
+		return plain, nil
 	})
 	if err != nil {
 		tb.Fatal(err)

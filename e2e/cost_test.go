@@ -270,7 +270,11 @@ func compareBystander(tb testing.TB, cases []workload.Case, runs int, dur time.D
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if err := collect(); err != nil {
+	// End idle, whatever order the modes ran in (with one run, idle ran
+	// first, before any TC device was attached): disabling the last
+	// cgroup must detach everything node-wide. setMode collects the last
+	// mode's program costs first.
+	if err := setMode(modeIdle); err != nil {
 		tb.Fatal(err)
 	}
 	counters, err := dp.Counters()

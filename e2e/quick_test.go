@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/sockbypass/sockbypass/e2e/workload"
-	"github.com/sockbypass/sockbypass/internal/testutil/dptest"
 )
 
 // TestWorkloadsQuick is the CI subset of the benchmark: every workload runs
@@ -51,15 +50,6 @@ func TestWorkloadsQuick(t *testing.T) {
 	}
 }
 
-// TestTCCostQuick runs the TC cost comparison once, briefly: it must attach
-// and detach cleanly and verify its bytes. Timings are printed only.
-func TestTCCostQuick(t *testing.T) {
-	dp := dptest.Install(t)
-	for _, r := range compareTCCost(t, dp, 1, 150*time.Millisecond) {
-		t.Logf("%s: no programs %.2f %s, TC on lo %.2f %s (%.2fx)", r.Case, r.PlainMedian, r.Unit, r.AccelMedian, r.Unit, r.Ratio)
-	}
-}
-
 // TestPerMessageCostQuick runs the per-message comparison once, briefly:
 // the minimal redirector must hold both ends of its connections, sockbypass
 // must redirect every byte, the plain cgroup nothing, and the per-program
@@ -71,15 +61,5 @@ func TestPerMessageCostQuick(t *testing.T) {
 	}
 	var sb strings.Builder
 	printCost(&sb, "per-message cost", r, 1, [][2]int{{modeSockbypass, modeMinimal}})
-	t.Log("\n" + sb.String())
-}
-
-// TestBystanderCostQuick runs the bystander comparison once, briefly: the
-// bystander's sockets must stay untouched and disabling the last cgroup
-// must detach everything node-wide. Timings are printed only.
-func TestBystanderCostQuick(t *testing.T) {
-	r := compareBystander(t, costCases[:1], 1, 150*time.Millisecond)
-	var sb strings.Builder
-	printCost(&sb, "bystander cost", r, 1, [][2]int{{modeOtherEnabled, modeIdle}, {modeOtherEnabledTC, modeIdle}})
 	t.Log("\n" + sb.String())
 }

@@ -69,7 +69,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		 * only while the app's endpoint is unique. */
 		__u64 *users = bpf_map_lookup_elem(&mesh_endpoints, &state->app_endpoint);
 
-		if (!users || *users != 1) {
+		if (!users || (*users & ENDPOINT_COUNT_MASK) != 1) {
 			if (c)
 				__sync_fetch_and_add(&c->mesh_ambiguous, 1);
 			goto pass;

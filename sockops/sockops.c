@@ -101,7 +101,7 @@ static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 	struct sock_state *state;
 	struct endpoint_key ek = {};
 	struct sock_key key = {};
-	__u64 one = 1, *users;
+	__u64 one = 1 | ((__u64)(cgroup_slot + 1) << ENDPOINT_SLOT_SHIFT), *users;
 
 	cfg = config_for(cgroup_slot);
 	if (!cfg || cfg->mesh_mode == MESH_NONE || !skops->sk)
@@ -163,7 +163,7 @@ static __always_inline int endpoint_shared(struct endpoint_key *ek)
 {
 	__u64 *users = bpf_map_lookup_elem(&mesh_endpoints, ek);
 
-	return !users || *users != 1;
+	return !users || (*users & ENDPOINT_COUNT_MASK) != 1;
 }
 
 /* The callbacks a member asks for to settle a dissolving pair: one for
@@ -441,6 +441,7 @@ static __noinline int join(struct bpf_sock_ops *skops, struct sock_state *state,
 	state->peer_state = 0;
 	state->peer_file = 0;
 	state->peer_file_at = 0;
+	state->own_blocking_at = 0;
 	state->flags |= SOCK_FLAG_INSERTED;
 	COUNT(c, sockets_inserted);
 
@@ -533,7 +534,7 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 			  SOCK_FLAG_PAIRED | SOCK_FLAG_PAIR_CLIENT | SOCK_FLAG_LISTENER | SOCK_FLAG_LATE_OPTION |
 			  SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER | SOCK_FLAG_PASSED |
 			  SOCK_FLAG_WOULD_PAIR | SOCK_FLAG_ACCEPTED | SOCK_FLAG_LEAVING | SOCK_FLAG_PEER_REMOVED |
-			  SOCK_FLAG_PROBATION | SOCK_FLAG_SPLICED);
+			  SOCK_FLAG_PROBATION | SOCK_FLAG_PROBATION_CHILD | SOCK_FLAG_SPLICED);
 	state->msgs_sent = 0;
 	if (passive)
 		state->flags &= ~(SOCK_FLAG_MESH_APP | SOCK_FLAG_SYN_REDIRECTED | SOCK_FLAG_INTERCEPTED |
@@ -588,7 +589,12 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 		COUNT(c, connections_short_lived);
 		return;
 	}
-	bpf_map_update_elem(&pairs, &p.peer, &offer, BPF_ANY);
+	offer.offered_ns = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&pairs, &p.peer, &offer, BPF_ANY)) {
+		struct cgroup_counters *c = counters_for(cgroup_slot);
+
+		COUNT(c, pairs_full);
+	}
 }
 
 /*
@@ -785,7 +791,7 @@ static __always_inline void probation(struct sock_state *state, const struct soc
 {
 	state->key = *key;
 	state->netns_cookie = netns;
-	state->flags |= SOCK_FLAG_PROBATION;
+	state->flags |= SOCK_FLAG_PROBATION | SOCK_FLAG_PROBATION_CHILD;
 }
 
 /* join_passive: the server's half of the pair handshake, at
@@ -935,6 +941,29 @@ static __noinline void mesh_accept(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&orig_dsts, &ek);
 }
 
+/* add_listener counts a listening socket on ek (see listeners): a new
+ * entry, or one more SO_REUSEPORT sibling, whose flags join the entry's: a
+ * stack-reader sibling makes the group one, a blocking sibling makes it
+ * blocking. Returns -1 when the map is full. */
+static __always_inline int add_listener(const struct endpoint_key *ek, __u64 flags)
+{
+	__u64 v = flags | LISTENER_REF_ONE | ((__u64)(cgroup_slot + 1) << LISTENER_SLOT_SHIFT), *lf;
+
+	lf = bpf_map_lookup_elem(&listeners, ek);
+	if (!lf) {
+		if (!bpf_map_update_elem(&listeners, ek, &v, BPF_NOEXIST))
+			return 0;
+		lf = bpf_map_lookup_elem(&listeners, ek); /* a sibling was first */
+		if (!lf)
+			return -1;
+	}
+	__sync_fetch_and_add(lf, LISTENER_REF_ONE);
+	__sync_fetch_and_and(lf, ~(__u64)(LISTENER_UNSEEN | (flags & LISTENER_NONBLOCK ? 0 : LISTENER_NONBLOCK)));
+	if (flags & LISTENER_STACK_READER)
+		__sync_fetch_and_or(lf, LISTENER_STACK_READER);
+	return 0;
+}
+
 /* record_listener: a socket of an enabled cgroup listens. Its accepted
  * sockets may join pairs only while it is known to be non-blocking. */
 static __noinline void record_listener(struct bpf_sock_ops *skops)
@@ -975,12 +1004,44 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 			flags |= LISTENER_STACK_READER;
 		}
 	}
-	bpf_map_update_elem(&listeners, &ek, &flags, BPF_ANY);
+	if (!(state->flags & SOCK_FLAG_LISTENER) && add_listener(&ek, flags) < 0) {
+		struct cgroup_counters *c = counters_for(cgroup_slot);
+
+		COUNT(c, listeners_full);
+		return;
+	}
 	state->key = key;
 	state->cgroup_id = cgroup_id;
 	state->slot = cgroup_slot;
 	state->flags |= SOCK_FLAG_LISTENER;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* own_turned_blocking: the member's file is blocking. A server end whose
+ * listener is known to make its accepted sockets non-blocking
+ * (LISTENER_READ_NONBLOCK) is taken for blocking only when it still is
+ * ACCEPT_GRACE_NS after settle first saw it so: a server that accept()s a
+ * blocking socket and sets O_NONBLOCK right after (Python's asyncio,
+ * redis) may get a packet in between. Without that evidence (a gunicorn
+ * sync worker makes them blocking; --no-probation never learns) it is
+ * taken at once: a blocking reader must leave as soon as possible. */
+static __always_inline int own_turned_blocking(struct bpf_sock *sk, struct sock_state *state)
+{
+	__u64 now, *lf;
+
+	if (!own_blocking(sk))
+		return 0;
+	if (!(state->flags & SOCK_FLAG_ACCEPTED))
+		return 1;
+	lf = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);
+	if (!lf || !(*lf & LISTENER_READ_NONBLOCK))
+		return 1;
+	now = bpf_ktime_get_ns();
+	if (!state->own_blocking_at) {
+		state->own_blocking_at = now;
+		return 0;
+	}
+	return now - state->own_blocking_at >= ACCEPT_GRACE_NS;
 }
 
 /* count_left counts a member that left the sockhash, in its cgroup's slot. */
@@ -1027,7 +1088,7 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 	if (!state->peer_sk || !state->peer_state)
 		return; /* the peer is not known (yet) */
 
-	if (own_blocking(sk)) {
+	if (own_turned_blocking(sk, state)) {
 		if (!(state->flags & SOCK_FLAG_LEAVING)) {
 			struct cgroup_counters *c = counters_for(state->slot);
 
@@ -1140,9 +1201,17 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 	if (state->flags & SOCK_FLAG_LISTENER) {
 		struct endpoint_key ek = {};
 
+		__u64 *lf, old;
+
 		listener_endpoint(&ek, state->key.netns_cookie, state->key.local_ip, state->key.local_port);
-		bpf_map_delete_elem(&listeners, &ek);
 		state->flags &= ~SOCK_FLAG_LISTENER;
+		lf = bpf_map_lookup_elem(&listeners, &ek);
+		if (lf) {
+			old = __sync_fetch_and_add(lf, -LISTENER_REF_ONE);
+			/* The last sibling (or an entry user space made). */
+			if ((old & LISTENER_REF_MASK) <= LISTENER_REF_ONE)
+				bpf_map_delete_elem(&listeners, &ek);
+		}
 	}
 	if (state->flags & SOCK_FLAG_MESH_APP) {
 		struct endpoint_key ek = state->app_endpoint;
@@ -1151,7 +1220,7 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 		state->flags &= ~SOCK_FLAG_MESH_APP;
 		users = (state->flags & SOCK_FLAG_ENDPOINT_COUNTED) ? bpf_map_lookup_elem(&mesh_endpoints, &ek) : 0;
 		state->flags &= ~SOCK_FLAG_ENDPOINT_COUNTED;
-		if (users && __sync_fetch_and_add(users, -1) <= 1)
+		if (users && (__sync_fetch_and_add(users, -1) & ENDPOINT_COUNT_MASK) <= 1)
 			bpf_map_delete_elem(&mesh_endpoints, &ek);
 		bpf_map_delete_elem(&orig_dsts, &ek);
 		if (ek.netns_cookie == 0)

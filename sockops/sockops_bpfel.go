@@ -71,6 +71,8 @@ type sockopsCgroupCounters struct {
 	SocketsProbation       uint64
 	SpliceReaders          uint64
 	SpliceStalled          uint64
+	PairsFull              uint64
+	ListenersFull          uint64
 }
 
 type sockopsCidr struct {
@@ -150,6 +152,7 @@ type sockopsPair struct {
 	ServerCookie uint64
 	ClientState  uint64
 	ServerState  uint64
+	OfferedNs    uint64
 }
 
 type sockopsSockKey struct {
@@ -187,6 +190,7 @@ type sockopsSockState struct {
 	PeerState       uint64
 	PeerFile        uint64
 	PeerFileAt      uint64
+	OwnBlockingAt   uint64
 	StackTgid       uint32
 	Pad             uint32
 	Flags           uint64

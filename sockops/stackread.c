@@ -71,8 +71,8 @@ static __noinline void end_probation(struct sock_state *state, struct sock *sk)
 		}
 		return;
 	}
-	if (!(*lf & LISTENER_PROVEN))
-		__sync_fetch_and_or(lf, LISTENER_PROVEN);
+	if ((*lf & (LISTENER_PROVEN | LISTENER_READ_NONBLOCK)) != (LISTENER_PROVEN | LISTENER_READ_NONBLOCK))
+		__sync_fetch_and_or(lf, LISTENER_PROVEN | LISTENER_READ_NONBLOCK);
 }
 
 /* spliced: a socket of an enabled cgroup was read by something other than
@@ -88,7 +88,7 @@ static __noinline void spliced(struct sock_state *state, struct sock *sk)
 		return;
 	learn_stack_process();
 	/* An accepted socket: its listener's later connections stay plain. */
-	if (old & (SOCK_FLAG_PROBATION | SOCK_FLAG_ACCEPTED)) {
+	if (old & (SOCK_FLAG_PROBATION | SOCK_FLAG_PROBATION_CHILD | SOCK_FLAG_ACCEPTED)) {
 		__u64 *lf = listener_flags(state->key.local_ip, state->key.local_port, state->netns_cookie);
 
 		if (old & SOCK_FLAG_PROBATION)

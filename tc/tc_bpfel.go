@@ -75,6 +75,8 @@ type tcCgroupCounters struct {
 	SocketsProbation       uint64
 	SpliceReaders          uint64
 	SpliceStalled          uint64
+	PairsFull              uint64
+	ListenersFull          uint64
 }
 
 type tcEndpointKey struct {
@@ -140,6 +142,7 @@ type tcPair struct {
 	ServerCookie uint64
 	ClientState  uint64
 	ServerState  uint64
+	OfferedNs    uint64
 }
 
 type tcSockKey struct {
@@ -177,6 +180,7 @@ type tcSockState struct {
 	PeerState       uint64
 	PeerFile        uint64
 	PeerFileAt      uint64
+	OwnBlockingAt   uint64
 	StackTgid       uint32
 	Pad             uint32
 	Flags           uint64

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/lock"
 )
 
@@ -67,6 +68,12 @@ func runDisable(e *env, args []string) error {
 		} else {
 			fmt.Fprintf(e.stdout, "%s was not enabled; nothing to do\n", cg.Path)
 		}
+	}
+	if _, err := dp.ReapPairs(dataplane.PairReapAge); err != nil {
+		fmt.Fprintf(e.stderr, "warning: %v\n", err)
+	}
+	if _, err := dp.ForgetRemovedCgroups(); err != nil {
+		fmt.Fprintf(e.stderr, "warning: %v\n", err)
 	}
 	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/conns"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
@@ -26,12 +27,17 @@ type liveConn struct {
 	read atomic.Int64
 }
 
-func openLiveConn(t *testing.T, cg cgroup.Cgroup) *liveConn {
+// openLiveConn connects to a listener of cg and returns once conns (in
+// the install at pinDir) shows both ends paired: from the first byte on,
+// everything is redirected.
+func openLiveConn(t *testing.T, pinDir string, cg cgroup.Cgroup) *liveConn {
 	t.Helper()
 	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
 	lc := &liveConn{}
+	accepted := make(chan bool, 1)
 	go func() {
 		s, err := l.Accept()
+		accepted <- err == nil
 		if err != nil {
 			return
 		}
@@ -46,8 +52,28 @@ func openLiveConn(t *testing.T, cg cgroup.Cgroup) *liveConn {
 		}
 	}()
 	lc.c = testutil.DialIn(t, cg, "tcp4", l.Addr().String())
-	time.Sleep(50 * time.Millisecond) // the server end joins the pair before the first byte
-	return lc
+	select {
+	case ok := <-accepted:
+		if !ok {
+			t.Fatal("accept failed")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server accepted nothing within 5 s")
+	}
+	// The server end joins the pair before the first byte.
+	client := endsOf(lc.c)
+	server := ends{client[1], client[0]}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got := connsOf(t, pinDir)
+		if got[client].State == conns.StatePaired && got[server].State == conns.StatePaired {
+			return lc
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the connection did not pair within 5 s: client %+v, server %+v", got[client], got[server])
+		}
+		time.Sleep(5 * time.Millisecond) // poll interval
+	}
 }
 
 func (lc *liveConn) send(t *testing.T, n int) {
@@ -61,7 +87,7 @@ func (lc *liveConn) send(t *testing.T, n int) {
 		if time.Now().After(deadline) {
 			t.Fatalf("server read %d bytes, want %d", lc.read.Load(), want)
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond) // poll interval
 	}
 }
 
@@ -73,7 +99,7 @@ func (lc *liveConn) send(t *testing.T, n int) {
 func TestDisabledCgroupWithLiveSocketsStaysVisible(t *testing.T) {
 	pinDir, cg := newInstallDir(t)
 	mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
-	lc := openLiveConn(t, cg)
+	lc := openLiveConn(t, pinDir, cg)
 	lc.send(t, 1<<20)
 	mustSockbypass(t, "disable", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	lc.send(t, 3<<20)
@@ -134,7 +160,7 @@ func TestDisabledCgroupWithLiveSocketsStaysVisible(t *testing.T) {
 	lc.c.Close()
 	deadline := time.Now().Add(10 * time.Second)
 	for len(statsJSON(t, pinDir).DisabledCgroups) != 0 && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond) // poll interval; the check below fails on the deadline
 	}
 	r = statsJSON(t, pinDir)
 	if len(r.DisabledCgroups) != 0 || r.Unattributed.RedirectedBytes < before+4<<20 {
@@ -172,7 +198,7 @@ func TestStatusJSONIsASupersetOfStatsJSON(t *testing.T) {
 		mustSockbypass(t, "enable", "--no-probation", "--cgroup", cg.Path, "--bpffs-dir", pinDir)
 	}
 	trafficIn(t, pinDir, a, 1<<20)
-	lc := openLiveConn(t, b)
+	lc := openLiveConn(t, pinDir, b)
 	lc.send(t, 1<<20)
 	mustSockbypass(t, "disable", "--cgroup", b.Path, "--bpffs-dir", pinDir)
 	decode := func(args ...string) map[string]any {

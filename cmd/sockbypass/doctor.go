@@ -225,8 +225,10 @@ func doctorHow(r semantics.Result) string {
 	return r.How
 }
 
-// blockingAsExpected reports whether r is the blocking run every case has:
-// not accelerated because blocking sockets never are (the footnote).
+// blockingAsExpected reports whether r is the blocking run most cases
+// have: not accelerated, its sockets counted blocking (the footnote). A
+// blocking run whose sockets were kept off for another reason first (a
+// stack reader, a stack port) says so below its row.
 func blockingAsExpected(r semantics.Result) bool {
 	return r.Mode == semantics.Blocking && r.Verdict == semantics.VerdictNotAccelerated && r.Why == semantics.WhyBlocking
 }

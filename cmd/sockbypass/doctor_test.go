@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -89,13 +91,19 @@ wait:
 		if r.Mode == semantics.Blocking && r.Expect != semantics.NotAccelerated {
 			t.Errorf("%s (blocking): expected %q, but blocking sockets are never accelerated", r.Case, r.Expect)
 		}
+		// What the counters say: a blocking run's sockets were counted
+		// blocking (its why is then WhyBlocking) or kept off by the
+		// case's own counter; a preserved run redirected, and its members
+		// passed nothing to the stack unless they leave by design.
 		switch {
 		case r.Verdict == semantics.VerdictBroken:
 			t.Errorf("%s (%s): %s: %s", r.Case, r.Mode, r.Verdict, r.Err)
-		case r.Mode == semantics.Blocking && (r.Verdict != semantics.VerdictNotAccelerated || r.RedirectedBytes != 0 || r.Why != semantics.WhyBlocking):
-			t.Errorf("%s (blocking): %s, redirected %d, why %q", r.Case, r.Verdict, r.RedirectedBytes, r.Why)
-		case r.Verdict == semantics.VerdictPreserved && r.RedirectedBytes == 0:
-			t.Errorf("%s (%s): preserved without redirecting", r.Case, r.Mode)
+		case r.Mode == semantics.Blocking && (r.Verdict != semantics.VerdictNotAccelerated || r.RedirectedBytes != 0 || r.PassedBytes != 0):
+			t.Errorf("%s (blocking): %s, redirected %d, passed %d", r.Case, r.Verdict, r.RedirectedBytes, r.PassedBytes)
+		case r.Mode == semantics.Blocking && ((r.SocketsBlocking == 0 && r.Counted == 0) || (r.SocketsBlocking > 0) != (r.Why == semantics.WhyBlocking)):
+			t.Errorf("%s (blocking): %d socket(s) counted blocking, counter %q moved by %d, why %q", r.Case, r.SocketsBlocking, r.Counter, r.Counted, r.Why)
+		case r.Verdict == semantics.VerdictPreserved && (r.RedirectedBytes == 0 || (r.PassedBytes != 0 && !c.PassesLater)):
+			t.Errorf("%s (%s): preserved with %d bytes redirected and %d bytes of members on the stack", r.Case, r.Mode, r.RedirectedBytes, r.PassedBytes)
 		}
 	}
 	// The summary counts what the rows say, and broken/known_limitations
@@ -162,7 +170,9 @@ func TestDoctorPrintsEachCaseAsItFinishes(t *testing.T) {
 	cases := semantics.Cases()
 	var out strings.Builder
 	var firstRow time.Time
-	rows, whyBlocking := 0, 0
+	rows, starred, whyBlocking := 0, 0, 0
+	footnote := regexp.MustCompile(`^\* (\d+) of (\d+) blocking runs: `)
+	var footStarred, footRuns string
 	sc := bufio.NewScanner(pr)
 	for sc.Scan() {
 		line := sc.Text()
@@ -173,12 +183,20 @@ func TestDoctorPrintsEachCaseAsItFinishes(t *testing.T) {
 		if strings.Contains(line, "blocking sockets are never accelerated") {
 			whyBlocking++
 		}
-		// One line per case, with both verdicts, in order.
-		if rows < len(cases) && strings.HasSuffix(line, "  "+cases[rows].Name) && strings.HasPrefix(line, semantics.VerdictNotAccelerated+" *") {
+		// One line per case, with both verdicts, in order; the blocking
+		// runs whose sockets were counted blocking carry the footnote's
+		// star.
+		if rows < len(cases) && strings.HasSuffix(line, "  "+cases[rows].Name) && strings.HasPrefix(line, semantics.VerdictNotAccelerated) {
 			if rows == 0 {
 				firstRow = time.Now()
 			}
 			rows++
+			if strings.HasPrefix(line, semantics.VerdictNotAccelerated+" *") {
+				starred++
+			}
+		}
+		if m := footnote.FindStringSubmatch(line); m != nil {
+			footStarred, footRuns = m[1], m[2]
 		}
 	}
 	end := <-ended
@@ -187,6 +205,11 @@ func TestDoctorPrintsEachCaseAsItFinishes(t *testing.T) {
 	}
 	if rows != len(cases) {
 		t.Fatalf("doctor printed %d case rows in order, want %d:\n%s", rows, len(cases), out.String())
+	}
+	// The footnote counts the starred rows: most blocking runs, each
+	// counted blocking.
+	if footStarred != strconv.Itoa(starred) || footRuns != strconv.Itoa(len(cases)) || starred < len(cases)/2 {
+		t.Errorf("%d of %d rows starred, the footnote says %s of %s blocking runs:\n%s", starred, rows, footStarred, footRuns, out.String())
 	}
 	// The blocking runs' one explanation, grouped: in the header and the
 	// footnote, not on every row.

@@ -178,6 +178,12 @@ func runEnable(e *env, args []string) error {
 	if _, err := dp.RefreshListeners(); err != nil {
 		fmt.Fprintf(e.stderr, "warning: %v; connections to listeners that could not be read take the normal TCP path\n", err)
 	}
+	if _, err := dp.ReapPairs(dataplane.PairReapAge); err != nil {
+		fmt.Fprintf(e.stderr, "warning: %v\n", err)
+	}
+	if _, err := dp.ForgetRemovedCgroups(); err != nil {
+		fmt.Fprintf(e.stderr, "warning: %v\n", err)
+	}
 	addrs, err := dp.RefreshNodeAddrs()
 	if errors.Is(err, nodeaddrs.ErrPermission) {
 		fmt.Fprintf(e.stderr, "warning: %v; pod-to-pod connections take the normal TCP path\n", err)

@@ -209,7 +209,7 @@ func costText(c *dataplane.ProgramCost) string {
 func formatCounters(c dataplane.CgroupCounters) string {
 	return fmt.Sprintf("sockets inserted %d (sockets refused: sockhash full %d, data before ESTABLISHED %d, remote peer %d); redirected %d msgs / %s (%d msgs / %s across namespaces); passed to stack %d msgs / %s (%d msgs while the peer had stack bytes unread); stack egress %d pkts / %s; redirect failures %d msgs\n"+
 		"    left plain TCP, in sockets (both ends of a connection count): peer not joining %d sockets, blocking %d sockets, stack port %d sockets, listener on probation %d sockets, reader option before joining %d sockets (rcvlowat %d, tcp_inq %d, oobinline %d)\n"+
-		"    left plain TCP, in connections: client sent first %d connections, short-lived listener %d connections\n"+
+		"    left plain TCP, in connections: client sent first %d connections, short-lived listener %d connections, pair handshakes full %d connections; listeners not recorded (table full) %d sockets\n"+
 		"    sockets that left the sockhash: %d sockets (after joining, turned blocking %d sockets, set a reader option %d sockets, read with splice %d sockets); read with splice while redirected bytes waited (stalled): %d sockets\n"+
 		"    account-only (dry run): %d pairs (connections) would have joined, %s of stack egress would have been redirected",
 		c.SocketsInserted, c.InsertFailures, c.SocketsSkipped, c.SocketsRemote,
@@ -217,7 +217,7 @@ func formatCounters(c dataplane.CgroupCounters) string {
 		c.StackEgressPackets, stats.HumanBytes(c.StackEgressBytes), c.RedirectFailures,
 		c.SocketsUnpaired, c.SocketsBlocking, c.SocketsStackPort, c.SocketsProbation, c.FallbackRcvlowat+c.FallbackTCPInq+c.FallbackOOBInline,
 		c.FallbackRcvlowat, c.FallbackTCPInq, c.FallbackOOBInline,
-		c.PairsAbandoned, c.ConnectionsShortLived,
+		c.PairsAbandoned, c.ConnectionsShortLived, c.PairsFull, c.ListenersFull,
 		c.MembersLeft, c.LateBlocking, c.LateStackOptions, c.SpliceReaders, c.SpliceStalled,
 		c.WouldPairs, stats.HumanBytes(c.WouldRedirectBytes))
 }

@@ -2,7 +2,9 @@ package main
 
 import (
 	"fmt"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -83,8 +85,9 @@ func TestDaemonLogsOnlyChangesAtInfo(t *testing.T) {
 	netns := testutil.NewNetNS(t)
 	podLo := netns.Path() + ":lo"
 	t.Cleanup(func() { sockbypass(t, "uninstall", "--bpffs-dir", pinDir) })
-	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: [%q]\nmetricsAddr: ''\nrescanInterval: 100ms\n", cg.Path, podLo), cg)
-	time.Sleep(time.Second) // about ten rescans
+	addr := testutil.FreeAddr(t)
+	d := startDaemonWith(t, pinDir, fmt.Sprintf("cgroups: [%s]\ntcDevices: [%q]\nmetricsAddr: %s\nrescanInterval: 100ms\n", cg.Path, podLo, addr), cg)
+	waitReconciles(t, d, addr, 10)
 	d.stop(t)
 	logs := d.logs.String()
 	if !strings.Contains(logs, "enabled cgroup") || strings.Contains(logs, "DEBUG") {
@@ -97,6 +100,30 @@ func TestDaemonLogsOnlyChangesAtInfo(t *testing.T) {
 	code, _, errOut := sockbypass(t, "disable", "--cgroup", cg.Path, "--bpffs-dir", pinDir, "--log-level", "info")
 	if code != 0 || !strings.Contains(errOut, "detached tc egress accounting") || !strings.Contains(errOut, `"`+podLo+`"`) {
 		t.Errorf("disable: exit %d; the detached device is not logged as %s:\n%s", code, podLo, errOut)
+	}
+}
+
+// waitReconciles waits until the daemon d, serving its metrics at addr,
+// has finished at least n reconciles (sockbypass_reconciles_total): its
+// first, then one per rescan.
+func waitReconciles(t *testing.T, d *daemonProc, addr string, n int) {
+	t.Helper()
+	re := regexp.MustCompile(`(?m)^sockbypass_reconciles_total (\d+)$`)
+	deadline := time.Now().Add(20 * time.Second)
+	got := "none"
+	for {
+		if _, body := httpGet("http://" + addr + "/metrics"); body != "" {
+			if m := re.FindStringSubmatch(body); m != nil {
+				got = m[1]
+				if v, _ := strconv.Atoi(m[1]); v >= n {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sockbypass_reconciles_total %s after 20 s, want %d; logs:\n%s", got, n, d.logs.String())
+		}
+		time.Sleep(20 * time.Millisecond) // poll interval
 	}
 }
 
@@ -133,7 +160,7 @@ func TestDaemonConvergesOnItsTCDevices(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the daemon (tcDevices: [lo]) left tc devices %q attached; logs:\n%s", got, d.logs.String())
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond) // poll interval
 	}
 	if !strings.Contains(d.logs.String(), "cgroup settings changed") {
 		t.Errorf("the daemon did not log the change at info:\n%s", d.logs.String())

@@ -50,8 +50,12 @@ func TestSuiteQuick(t *testing.T) {
 			// pod over the veth alike, redirected at least
 			// c.MinRedirected of their payload.
 			// (but a member that turned blocking leaves: its pair's
-			// later bytes take the stack).
-			if c.Blocking == "" && res.AccelTraffic.PassedBytes != 0 && res.AccelTraffic.LateBlocking == 0 {
+			// later bytes take the stack; and what a member sends after
+			// its peer closed takes the stack, as a write to a closed
+			// peer does: counted in RedirectFailures. wrk closes its
+			// connections at the end of a run while nginx may still be
+			// sending: 6 messages, 1548 bytes, once in 12 runs).
+			if c.Blocking == "" && res.AccelTraffic.PassedBytes != 0 && res.AccelTraffic.LateBlocking == 0 && res.AccelTraffic.RedirectFailures == 0 {
 				t.Errorf("a pair redirects from its first byte, yet %d bytes took the stack: %+v", res.AccelTraffic.PassedBytes, res.AccelTraffic)
 			}
 			if (c.Workload == "redis" || c.Workload == "nginx" || c.Workload == "connrate") && len(res.Checks) == 0 {

@@ -29,10 +29,13 @@ type Pair = semantics.Pair
 
 // Connect makes a TCP connection over 127.0.0.1 whose two sockets belong to
 // cg (the listener is created in cg, so the accepted socket is in cg too).
+// A warm-up connection comes first, as a long-running server has served
+// one before (see semantics.ConnOpts.WarmUp): with sockbypass's defaults
+// a listener's first connection stays plain.
 func Connect(cg cgroup.Cgroup) (Pair, error) {
 	var p Pair
 	var err error
-	if rerr := cg.RunIn(func() { p, err = semantics.Connect(semantics.NonBlocking, semantics.ConnOpts{}) }); rerr != nil {
+	if rerr := cg.RunIn(func() { p, err = semantics.Connect(semantics.NonBlocking, semantics.ConnOpts{WarmUp: true}) }); rerr != nil {
 		return Pair{}, rerr
 	}
 	return p, err
@@ -41,9 +44,10 @@ func Connect(cg cgroup.Cgroup) (Pair, error) {
 // ConnectTo makes a TCP connection whose listening side is created by
 // listenIn (which runs its function where the server lives: a cgroup, a
 // namespace) on addr, and whose connecting side is created by the calling
-// context, or by dialIn when it is not nil.
+// context, or by dialIn when it is not nil; after a warm-up connection,
+// as Connect.
 func ConnectTo(dialIn func(func()), addr [4]byte, listenIn func(func())) (Pair, error) {
-	return semantics.Connect(semantics.NonBlocking, semantics.ConnOpts{Addr: addr, ListenIn: listenIn, DialIn: dialIn})
+	return semantics.Connect(semantics.NonBlocking, semantics.ConnOpts{Addr: addr, ListenIn: listenIn, DialIn: dialIn, WarmUp: true})
 }
 
 // listenOn makes a non-blocking listening socket on addr (any port) for

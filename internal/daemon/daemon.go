@@ -162,6 +162,15 @@ func (d *Daemon) Reconcile() (Result, error) {
 	if _, err := d.dp.RefreshListeners(); err != nil {
 		d.log.Warn("refresh listeners", zap.Error(err))
 	}
+	// Pair handshakes that no socket will remove (aborted handshakes).
+	if n, err := d.dp.ReapPairs(dataplane.PairReapAge); err != nil {
+		d.log.Warn("reap pair handshakes", zap.Error(err))
+	} else if n > 0 {
+		d.log.Info("reaped stale pair handshakes", zap.Int("count", n))
+	}
+	if _, err := d.dp.ForgetRemovedCgroups(); err != nil {
+		d.log.Warn("forget removed cgroups", zap.Error(err))
+	}
 	if _, err := d.dp.RefreshNodeAddrs(cfg.ExtraNetnsPaths()...); err != nil {
 		d.log.Warn("refresh node addresses", zap.Error(err))
 		if firstErr == nil {

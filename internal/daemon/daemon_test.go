@@ -108,6 +108,10 @@ func TestEnableFailureIsCountedReportedAndNotReady(t *testing.T) {
 	if err := d.Ready(); err == nil || !strings.Contains(err.Error(), "default/nowhere") {
 		t.Errorf("Ready with a pending pod: %v", err)
 	}
+	// Every reconcile counts, the failed one too.
+	if n := testutil.ToFloat64(d.health.reconciles); n != 3 {
+		t.Errorf("sockbypass_reconciles_total = %v after 3 reconciles", n)
+	}
 }
 
 // Fallback implements FallbackReporter.

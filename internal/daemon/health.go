@@ -44,6 +44,7 @@ type health struct {
 
 	enableFailures prometheus.Counter
 	reloadFailures prometheus.Counter
+	reconciles     prometheus.Counter
 }
 
 func newHealth() health {
@@ -56,10 +57,16 @@ func newHealth() health {
 			Name: "sockbypass_config_reload_failures_total",
 			Help: "Configuration reloads refused (the previous configuration stays in force, and the daemon is not Ready until the file is fixed).",
 		}),
+		reconciles: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockbypass_reconciles_total",
+			Help: "Reconciles the daemon finished, failed ones included: at start, every rescan interval, after a reload and on a change of its Kubernetes selection.",
+		}),
 	}
 }
 
+// reconciled records what a finished reconcile left, and counts it.
 func (h *health) reconciled(err error, pending []string, matched int) {
+	h.reconciles.Inc()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.done, h.err, h.pending, h.matched = true, err, pending, matched
@@ -96,8 +103,8 @@ func (d *Daemon) Ready() error {
 	return nil
 }
 
-// Collectors returns the daemon's own metrics: the failure counters and
-// sockbypass_ready.
+// Collectors returns the daemon's own metrics: the failure counters, the
+// reconcile counter and sockbypass_ready.
 func (d *Daemon) Collectors() []prometheus.Collector {
 	ready := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "sockbypass_ready",
@@ -108,5 +115,5 @@ func (d *Daemon) Collectors() []prometheus.Collector {
 		}
 		return 0
 	})
-	return []prometheus.Collector{d.health.enableFailures, d.health.reloadFailures, ready}
+	return []prometheus.Collector{d.health.enableFailures, d.health.reloadFailures, d.health.reconciles, ready}
 }

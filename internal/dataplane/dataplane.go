@@ -565,7 +565,7 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 
 	// Servers that were listening before this call: their listeners
 	// must be known non-blocking for accepted sockets to pair.
-	if _, err := d.refreshListeners([]cgroup.Cgroup{cg}); err != nil {
+	if _, err := d.refreshListeners([]cgroup.Cgroup{cg}, false); err != nil {
 		d.log.Warn("cannot read the listeners of the cgroup's processes: their connections take the normal TCP path", zap.String("cgroup", cg.Path), zap.Error(err))
 	}
 
@@ -618,6 +618,9 @@ func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
 	} else if ok {
 		if err := d.maps[PinCgroupConfig].Put(slot, cgroupConfig{}); err != nil {
 			return false, fmt.Errorf("disable cgroup id %d: clear its settings: %w", cgroupID, err)
+		}
+		if err := d.forgetListeners(slot); err != nil {
+			return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 		}
 	}
 	d.log.Info("disabled cgroup", zap.Uint64("cgroup_id", cgroupID))

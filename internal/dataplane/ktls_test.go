@@ -56,9 +56,17 @@ func echoOnce(t *testing.T, dp *Dataplane, id uint64, conn net.Conn, payload []b
 // it works. The first connection pairs (NoProbation), and its server asks
 // for kernel TLS; the second stays plain; an event names the listener.
 func TestKernelTLSOnAnAcceptedSocketTeachesItsListener(t *testing.T) {
+	t.Run("no-probation", func(t *testing.T) { kernelTLSTeachesListener(t, true) })
+	// By default the first connection is plain (probation), its first
+	// read proves the listener, and its TCP_ULP, set after that read,
+	// must still teach the listener: without it the second would pair.
+	t.Run("probation", func(t *testing.T) { kernelTLSTeachesListener(t, false) })
+}
+
+func kernelTLSTeachesListener(t *testing.T, noProbation bool) {
 	dp := install(t)
 	cg := testutil.NewCgroup(t)
-	if _, err := dp.Enable(cg, EnableOptions{NoProbation: true}); err != nil {
+	if _, err := dp.Enable(cg, EnableOptions{NoProbation: noProbation}); err != nil {
 		t.Fatal(err)
 	}
 	events, err := dp.ReadEvents()
@@ -97,8 +105,8 @@ func TestKernelTLSOnAnAcceptedSocketTeachesItsListener(t *testing.T) {
 		}
 	}()
 	payload := transfer.Pattern(31, 64<<10)
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false); r == 0 {
-		t.Fatalf("first connection: no byte redirected, want it paired")
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false); (r == 0) == noProbation {
+		t.Fatalf("first connection: %d bytes redirected, want it paired without probation, plain with", r)
 	}
 	// The server asks for TCP_ULP after its echo: wait for the event.
 	got := make(chan FallbackEvent, 1)

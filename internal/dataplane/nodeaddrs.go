@@ -176,26 +176,42 @@ func (d *Dataplane) RefreshNodeAddrs(extraNetns ...string) (NodeAddrs, error) {
 	return addrs, err
 }
 
-// listenerNonblock mirrors LISTENER_NONBLOCK.
-const listenerNonblock = 1 << 0
+// Bits of a listeners value that user space reads or writes (LISTENER_*
+// of bpf/sockbypass.h).
+const (
+	listenerNonblock  = 1 << 0
+	listenerScanned   = 1 << 4
+	listenerUnseen    = 1 << 5
+	listenerRefMask   = 0xffff << 16
+	listenerSlotShift = 32
+	listenerSlotMask  = 0xffff << listenerSlotShift
+)
 
 // RefreshListeners records the listening sockets of the processes in the
 // enabled cgroups, and whether each blocks, in the listeners table: an
 // accepted socket joins the sockhash only when its listener is known to be
 // non-blocking. sock_ops records listeners when they call listen(); this
 // covers listeners that existed before enable and servers that make their
-// listener non-blocking after listen() (redis). It returns the number of
-// listeners found.
+// listener non-blocking after listen() (redis). It also removes the
+// entries it recorded itself whose listener two rescans in a row did not
+// find (their close runs no program). It returns the number of listeners
+// found.
 func (d *Dataplane) RefreshListeners() (int, error) {
 	cgs, err := d.enabledCgroups()
 	if err != nil {
 		return 0, err
 	}
-	return d.refreshListeners(cgs)
+	return d.refreshListeners(cgs, true)
 }
 
-// refreshListeners records the listeners of the processes in cgs.
-func (d *Dataplane) refreshListeners(cgs []cgroup.Cgroup) (int, error) {
+// refreshListeners records the listeners of the processes in cgs; with
+// all (cgs are every enabled cgroup), it also sweeps the entries it
+// recorded whose listener is gone.
+//
+// It writes an entry only when its O_NONBLOCK bit changes (or to mark it
+// unseen): a write replaces the whole value, and sock_ops updates values
+// with atomic operations meanwhile; the rare write keeps that race rare.
+func (d *Dataplane) refreshListeners(cgs []cgroup.Cgroup, all bool) (int, error) {
 	var pids []int
 	for _, cg := range cgs {
 		p, err := cg.Procs()
@@ -205,23 +221,93 @@ func (d *Dataplane) refreshListeners(cgs []cgroup.Cgroup) (int, error) {
 		pids = append(pids, p...)
 	}
 	found, collectErr := listeners.Collect(pids)
+	m := d.maps[PinListeners]
+	seen := make(map[endpointKey]bool, len(found))
 	for _, l := range found {
 		key := endpointKey{NetnsCookie: l.NetnsCookie, Ip: sockops.AddrToC(l.Addr), Port: l.Port}
-		var flags, old uint64
+		seen[key] = true
+		var old uint64
+		err := m.Lookup(key, &old)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			v := uint64(listenerScanned)
+			if l.NonBlocking {
+				v |= listenerNonblock
+			}
+			if err := m.Update(key, v, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+				return 0, fmt.Errorf("record listener %s: %w", netip.AddrPortFrom(l.Addr, l.Port), err)
+			}
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("look up listener %s: %w", netip.AddrPortFrom(l.Addr, l.Port), err)
+		}
+		v := old &^ (listenerNonblock | listenerUnseen)
 		if l.NonBlocking {
-			flags = listenerNonblock
+			v |= listenerNonblock
 		}
-		// Keep what the datapath recorded of the listener (stack-reader
-		// options, what it learnt of its connections: see "Short-lived
-		// listeners"); only whether it blocks is refreshed here.
-		if d.maps[PinListeners].Lookup(key, &old) == nil {
-			flags |= old &^ listenerNonblock
+		if v == old {
+			continue
 		}
-		if err := d.maps[PinListeners].Put(key, flags); err != nil {
+		if err := m.Put(key, v); err != nil {
 			return 0, fmt.Errorf("record listener %s: %w", netip.AddrPortFrom(l.Addr, l.Port), err)
 		}
 	}
+	if all && collectErr == nil {
+		if err := d.sweepListeners(seen); err != nil {
+			return len(found), err
+		}
+	}
 	return len(found), collectErr
+}
+
+// sweepListeners removes the entries that user space recorded (no socket
+// counted by sock_ops) and that neither this rescan nor the one before
+// found, and marks those this one did not find.
+func (d *Dataplane) sweepListeners(seen map[endpointKey]bool) error {
+	m := d.maps[PinListeners]
+	var (
+		key          endpointKey
+		v            uint64
+		gone, unseen []endpointKey
+	)
+	it := m.Iterate()
+	for it.Next(&key, &v) {
+		if seen[key] || v&listenerRefMask != 0 {
+			continue
+		}
+		if v&listenerUnseen != 0 {
+			gone = append(gone, key)
+		} else {
+			unseen = append(unseen, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("sweep listeners: %w", err)
+	}
+	for _, k := range gone {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("sweep listeners: %w", err)
+		}
+	}
+	for _, k := range unseen {
+		var cur uint64
+		if m.Lookup(k, &cur) != nil || cur&listenerRefMask != 0 {
+			continue // gone, or a socket listens there now
+		}
+		if err := m.Update(k, cur|listenerUnseen, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("sweep listeners: %w", err)
+		}
+	}
+	return nil
+}
+
+// forgetListeners removes the listeners that the sock_ops program of the
+// cgroup in slot recorded: once it is detached, no program sees them
+// close. A listener of the cgroup that is enabled again is found by the
+// rescan of enable.
+func (d *Dataplane) forgetListeners(slot uint32) error {
+	_, err := d.deleteTagged(PinListeners, listenerSlotShift, map[uint64]bool{uint64(slot) + 1: true})
+	return err
 }
 
 // endpointKey is struct endpoint_key (generated by bpf2go).

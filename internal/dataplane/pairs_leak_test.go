@@ -7,22 +7,6 @@ import (
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
-// entries counts the entries of the shared map name.
-func entries(t *testing.T, dp *Dataplane, name string) int {
-	t.Helper()
-	var key SockKey
-	n := 0
-	it := dp.maps[name].Iterate()
-	var value []byte
-	for it.Next(&key, &value) {
-		n++
-	}
-	if err := it.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return n
-}
-
 // TestAccountOnlyListenerLeavesNoPairs: connections from a cgroup that is
 // not enabled to a listener of an account-only cgroup, each closed at once,
 // leave no entry in pairs (each SYN offers one; the server end frees an

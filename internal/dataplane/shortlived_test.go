@@ -2,11 +2,14 @@ package dataplane
 
 import (
 	"bytes"
+	"fmt"
 	"io"
+	"net"
 	"testing"
 	"time"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/sockdiag"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
@@ -33,6 +36,34 @@ func exchanges(t *testing.T, cg cgroup.Cgroup, addr string, n int) {
 	}
 }
 
+// waitClosed waits until no connection to the listener on port (either
+// end) is open any more: every end of them has reached TCP_CLOSE, whose
+// sock_ops state callback (forget_socket) reports the end to its listener
+// before the kernel lets the socket go.
+func waitClosed(t *testing.T, port uint16) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		socks, err := sockdiag.Dump(sockdiag.Request{States: sockdiag.ConnectedStates})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var open []string
+		for _, s := range socks {
+			if s.Local.Port() == port || s.Remote.Port() == port {
+				open = append(open, fmt.Sprintf("%s->%s %s", s.Local, s.Remote, sockdiag.StateName(s.State)))
+			}
+		}
+		if len(open) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("connections to port %d still open after 5 s: %v", port, open)
+		}
+		time.Sleep(2 * time.Millisecond) // poll interval
+	}
+}
+
 // TestShortLivedListenerLeftPlain: once a listener's connections prove
 // short (one exchange each), its new connections stay plain TCP; a probe
 // notices when its connections grow long, and AllConnections pairs them
@@ -43,6 +74,7 @@ func TestShortLivedListenerLeftPlain(t *testing.T) {
 	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
 	transfer.ServeEcho(l)
 	addr := l.Addr().String()
+	port := uint16(l.Addr().(*net.TCPAddr).Port)
 
 	before := counterOf(t, dp, cg.ID)
 	for i := 0; i < 40; i++ {
@@ -72,7 +104,7 @@ func TestShortLivedListenerLeftPlain(t *testing.T) {
 	if d := counterOf(t, dp, cg.ID).Sub(before); d.SocketsInserted == 0 {
 		t.Fatalf("128 connections of 20 exchanges each, none paired: the probe did not happen (%+v)", d)
 	}
-	time.Sleep(100 * time.Millisecond) // the probe's server end closes
+	waitClosed(t, port) // the probe's server end closes and reports
 	before = counterOf(t, dp, cg.ID)
 	exchanges(t, cg, addr, 20)
 	if d := counterOf(t, dp, cg.ID).Sub(before); d.SocketsInserted != 2 || d.RedirectedBytes != 2*20*64 {
@@ -101,6 +133,7 @@ func TestUploadsKeepTheirListenerPaired(t *testing.T) {
 	cg := enabledCgroup(t, dp)
 	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
 	transfer.ServeDigest(l)
+	port := uint16(l.Addr().(*net.TCPAddr).Port)
 	before := counterOf(t, dp, cg.ID)
 	const uploads = 24
 	for i := 0; i < uploads; i++ {
@@ -109,7 +142,7 @@ func TestUploadsKeepTheirListenerPaired(t *testing.T) {
 			t.Fatalf("upload %d: %v", i, err)
 		}
 		c.Close()
-		time.Sleep(20 * time.Millisecond) // both ends' close reports land in order
+		waitClosed(t, port) // both ends' close reports land before the next connection
 	}
 	if d := counterOf(t, dp, cg.ID).Sub(before); d.ConnectionsShortLived != 0 || d.SocketsInserted != 2*uploads {
 		t.Errorf("%d uploads of 256 KiB answered by one digest each: %d sockets inserted, %d connections left plain as short-lived; want %d and 0",

@@ -71,6 +71,12 @@ type CgroupCounters struct {
 	SocketsProbation uint64 `json:"sockets_probation"`
 	SpliceReaders    uint64 `json:"splice_readers"`
 	SpliceStalled    uint64 `json:"splice_stalled"`
+	// PairsFull counts SYNs to the cgroup's listeners offered no pair
+	// because the pairs map was full (they stay plain TCP).
+	PairsFull uint64 `json:"pairs_full"`
+	// ListenersFull counts listening sockets not recorded because the
+	// listeners map was full (their connections stay plain TCP).
+	ListenersFull uint64 `json:"listeners_full"`
 }
 
 // Add adds o to c field by field.
@@ -117,6 +123,8 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.SocketsProbation += o.SocketsProbation
 	c.SpliceReaders += o.SpliceReaders
 	c.SpliceStalled += o.SpliceStalled
+	c.PairsFull += o.PairsFull
+	c.ListenersFull += o.ListenersFull
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -165,6 +173,8 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		SocketsProbation:      c.SocketsProbation - o.SocketsProbation,
 		SpliceReaders:         c.SpliceReaders - o.SpliceReaders,
 		SpliceStalled:         c.SpliceStalled - o.SpliceStalled,
+		PairsFull:             c.PairsFull - o.PairsFull,
+		ListenersFull:         c.ListenersFull - o.ListenersFull,
 	}
 }
 

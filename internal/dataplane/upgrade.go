@@ -20,7 +20,7 @@ import (
 // binary writes and reads: bump it whenever a shared struct or map changes
 // (TestLayoutVersionFollowsTheMaps checks it against the maps' BTF). Open refuses any other version with an error
 // that says what to do; it never rewrites or removes foreign state.
-const LayoutVersion = 8 // 8: listeners on probation and the stack-read tracer (sock_state flags PROBATION and SPLICED, LISTENER_PROVEN, cgroup_counters.sockets_probation, splice_readers and splice_stalled, stack_procs' splicer bit); 7: sock_state.peer_state, peer_file and 64-bit flags, pair.client_state and server_state, cgroup_counters.late_blocking and members_left (leaving members); 6: cgroup_counters and cgroup_config are arrays indexed by slot (cgroup_slots), sock_state.slot; 5: listeners values are u64 (short-lived listeners), cgroup_counters.connections_short_lived, sock_state.msgs_sent
+const LayoutVersion = 9 // 9: pairs is a plain hash (no eviction), pair.offered_ns, cgroup_counters.pairs_full and listeners_full, sock_state.own_blocking_at, listeners and mesh_endpoints values tagged with their slot; 8: listeners on probation and the stack-read tracer (sock_state flags PROBATION and SPLICED, LISTENER_PROVEN, cgroup_counters.sockets_probation, splice_readers and splice_stalled, stack_procs' splicer bit); 7: sock_state.peer_state, peer_file and 64-bit flags, pair.client_state and server_state, cgroup_counters.late_blocking and members_left (leaving members); 6: cgroup_counters and cgroup_config are arrays indexed by slot (cgroup_slots), sock_state.slot; 5: listeners values are u64 (short-lived listeners), cgroup_counters.connections_short_lived, sock_state.msgs_sent
 
 // PinLayout is the pin of the one-entry array map that holds the layout
 // version.

@@ -40,7 +40,8 @@ type Listener struct {
 	NonBlocking bool
 }
 
-// Collect returns the listening TCP sockets held by the processes pids.
+// Collect returns the listening TCP sockets held by the processes pids,
+// one per endpoint (SO_REUSEPORT siblings: NonBlocking when all are).
 // Processes that exit meanwhile are skipped; a process whose /proc entries
 // cannot be read for lack of privileges makes Collect return an error that
 // wraps os.ErrPermission, with what it found.
@@ -49,7 +50,7 @@ func Collect(pids []int) ([]Listener, error) {
 	var permErr error
 	cookies := map[uint64]uint64{}   // netns inode -> cookie
 	tables := map[uint64]listenMap{} // netns inode -> listening sockets
-	seen := map[string]bool{}
+	seen := map[string]int{}         // key -> index in out
 	for _, pid := range pids {
 		found, err := collectPID(pid, cookies, tables)
 		if err != nil {
@@ -60,10 +61,15 @@ func Collect(pids []int) ([]Listener, error) {
 		}
 		for _, l := range found {
 			k := fmt.Sprint(l.NetnsCookie, l.Addr, l.Port)
-			if !seen[k] {
-				seen[k] = true
+			i, dup := seen[k]
+			if !dup {
+				seen[k] = len(out)
 				out = append(out, l)
+				continue
 			}
+			// SO_REUSEPORT siblings share one entry: non-blocking
+			// only when every one is.
+			out[i].NonBlocking = out[i].NonBlocking && l.NonBlocking
 		}
 	}
 	return out, permErr

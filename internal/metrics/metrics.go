@@ -74,6 +74,8 @@ func NewCollector(source Source) *Collector {
 			counter("sockets_probation_total", "Connections left plain TCP while their listener was on probation (none of its accepted sockets read yet).", func(f stats.Figures) uint64 { return f.SocketsProbation }),
 			counter("splice_readers_total", "Members read with splice: they leave the sockhash, and their process's new connections stay plain.", func(f stats.Figures) uint64 { return f.SpliceReaders }),
 			counter("splice_stalled_total", "Members read with splice while redirected bytes waited: those connections stall until read with recvmsg.", func(f stats.Figures) uint64 { return f.SpliceStalled }),
+			counter("pairs_full_total", "SYNs to the cgroup's listeners offered no pair because the node's pairs map was full: those connections stay plain TCP.", func(f stats.Figures) uint64 { return f.PairsFull }),
+			counter("listeners_full_total", "Listening sockets of the cgroup not recorded because the node's listeners map was full: their connections stay plain TCP.", func(f stats.Figures) uint64 { return f.ListenersFull }),
 			counter("members_left_total", "Sockets that left the sockhash while open (they or their peer stopped being safe members).", func(f stats.Figures) uint64 { return f.MembersLeft }),
 			counter("redirect_failures_total", "Messages of redirecting sockets whose peer was gone, passed to the stack.", func(f stats.Figures) uint64 { return f.RedirectFailures }),
 			counter("sockets_inserted_total", "Sockets added to the sockhash.", func(f stats.Figures) uint64 { return f.SocketsInserted }),

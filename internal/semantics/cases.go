@@ -59,7 +59,13 @@ type Case struct {
 	// (see CounterValue; "" for none): a Fallback case falls back only
 	// when it moves.
 	Counter string
-	Run     func(env *Env) (string, error)
+	// PassesLater declares that the case's members stop redirecting
+	// mid-connection by design (they leave the sockhash, or pass under
+	// back-pressure), which Counter counts: their later bytes take the
+	// stack (PassedBytes). A run of any other case that redirected bytes
+	// is preserved only when no byte of a member took the stack.
+	PassesLater bool
+	Run         func(env *Env) (string, error)
 	// Limit is, for a Limitation, what the accelerated non-blocking run
 	// observes: any other difference from plain TCP is BROKEN.
 	Limit string
@@ -100,22 +106,22 @@ func Cases() []Case {
 		{Name: "SO_RCVLOWAT set on the listener after listen()", Expect: Fallback, How: howStackOptions, Counter: "rcvlowat", Run: caseRcvlowatAfterListen},
 		{Name: "TCP_INQ set on the listener", Expect: Fallback, How: howStackOptions, Counter: "tcp_inq", Run: caseTCPInq},
 		{Name: "MSG_OOB with SO_OOBINLINE set on the listener", Expect: Fallback, How: howStackOptions, Counter: "oobinline", Run: caseOOBInline},
-		{Name: "splice(2) from the socket (never read with recvmsg)", Expect: Fallback, How: "the stack-read tracer (tp_btf/tcp_rcv_space_adjust) sees the first splice, even of an empty queue: a member with nothing redirected unread leaves the sockhash with its pair, its bytes take the stack and splice reads them (bytes redirected before the first splice stall: see the Go proxy row)", Counter: "splice_readers", Run: caseSpliceOnly},
+		{Name: "splice(2) from the socket (never read with recvmsg)", Expect: Fallback, How: "the stack-read tracer (tp_btf/tcp_rcv_space_adjust) sees the first splice, even of an empty queue: a member with nothing redirected unread leaves the sockhash with its pair, its bytes take the stack and splice reads them (bytes redirected before the first splice stall: see the Go proxy row)", Counter: "splice_readers", PassesLater: true, Run: caseSpliceOnly},
 		{Name: "Go io.Copy TCP->TCP proxy (splice)", Expect: Limitation, How: howSplice("Go's io.Copy between two TCPConns splices"), Run: caseGoProxy,
 			Limit: `proxy copied 0; server got 0 bytes sha256:e3b0c44298fc, equal=false, end""`},
 		{Name: "Go io.Copy TCP->TCP proxy (splice) with its port in --stack-ports", Expect: Fallback, How: "sock_ops leaves out of the pair handshake a connection whose server port the cgroup of either end lists in --stack-ports, and every connection a process makes while it listens on a stack port of its cgroup (the proxy's to its server): they stay plain TCP, and splice reads them", Counter: "stack_port", Run: caseGoProxyStackPort},
-		{Name: "a stalled reader makes its writer block (flow control)", Expect: FastPath, How: "a sender stops redirecting when 64 MiB it redirected are unread; its next bytes take the stack, whose flow control blocks it", Run: caseStalledReader},
+		{Name: "a stalled reader makes its writer block (flow control)", Expect: FastPath, How: "a sender stops redirecting when 64 MiB it redirected are unread; its next bytes take the stack, whose flow control blocks it", Counter: "backpressure", PassesLater: true, Run: caseStalledReader},
 		{Name: "slow reader holding 4+ MiB across disable and uninstall", Expect: FastPath, How: "sockets are never removed from the sockhash; they leave it when they close", Run: caseSlowReaderDisrupt},
 		{Name: "MSG_WAITALL after plain reads", Expect: FastPath, How: howWaitall, Run: caseWaitallLater},
-		{Name: "SO_RCVLOWAT set after the connection is established", Expect: Fallback, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "late_stack_options", Run: caseRcvlowatLate},
-		{Name: "SO_RCVLOWAT set after bytes were redirected", Expect: FastPath, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "members_left", Run: caseRcvlowatAfterBytes},
-		{Name: "TCP_INQ set after the connection is established", Expect: Fallback, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "late_stack_options", Run: caseTCPInqLate},
+		{Name: "SO_RCVLOWAT set after the connection is established", Expect: Fallback, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "late_stack_options", PassesLater: true, Run: caseRcvlowatLate},
+		{Name: "SO_RCVLOWAT set after bytes were redirected", Expect: FastPath, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "members_left", PassesLater: true, Run: caseRcvlowatAfterBytes},
+		{Name: "TCP_INQ set after the connection is established", Expect: Fallback, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "late_stack_options", PassesLater: true, Run: caseTCPInqLate},
 		{Name: "write after shutdown(SHUT_WR)", Expect: FastPath, How: "sk_msg passes every message of a socket that is not ESTABLISHED or CLOSE_WAIT: the stack refuses it with EPIPE, as plain TCP does, and nothing reaches the peer after the FIN", Run: caseWriteAfterShutdown},
-		{Name: "server made blocking after bytes were redirected, FIONREAD on later bytes", Expect: FastPath, How: howLeaving("the client's sk_msg sees the server's file turn blocking"), Counter: "members_left", Run: caseServerBlockingLater},
-		{Name: "client made blocking after bytes were redirected, sends, then FIONREAD on the reply", Expect: FastPath, How: howLeaving("the client's own sk_msg sees its file turn blocking"), Counter: "late_blocking", Run: caseClientBlockingLater},
+		{Name: "server made blocking after bytes were redirected, FIONREAD on later bytes", Expect: FastPath, How: howLeaving("the client's sk_msg sees the server's file turn blocking"), Counter: "members_left", PassesLater: true, Run: caseServerBlockingLater},
+		{Name: "client made blocking after bytes were redirected, sends, then FIONREAD on the reply", Expect: FastPath, How: howLeaving("the client's own sk_msg sees its file turn blocking"), Counter: "late_blocking", PassesLater: true, Run: caseClientBlockingLater},
 		{Name: "MSG_OOB without SO_OOBINLINE", Expect: Limitation, How: "no hook sees send flags before sk_msg: the urgent byte is redirected inline", Run: caseOOB,
 			Limit: `stream="abcde" urgent=error EAGAIN`},
-		{Name: "recv, then splice(2) on the same socket", Expect: Fallback, How: "the stack-read tracer (tp_btf/tcp_rcv_space_adjust) sees the splice: a member with nothing redirected unread leaves the sockhash with its pair, its later bytes take the stack and splice reads them (with redirected bytes unread it would stall: splice_stalled)", Counter: "splice_readers", Run: caseRecvThenSplice},
+		{Name: "recv, then splice(2) on the same socket", Expect: Fallback, How: "the stack-read tracer (tp_btf/tcp_rcv_space_adjust) sees the splice: a member with nothing redirected unread leaves the sockhash with its pair, its later bytes take the stack and splice reads them (with redirected bytes unread it would stall: splice_stalled)", Counter: "splice_readers", PassesLater: true, Run: caseRecvThenSplice},
 	}
 }
 

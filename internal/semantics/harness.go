@@ -15,15 +15,19 @@ import (
 // Verdicts of a case in one mode on this kernel.
 const (
 	// VerdictPreserved: the accelerated run observed what the plain run
-	// did, and bytes were redirected.
+	// did, bytes were redirected, and no byte of a member took the stack
+	// (PassedBytes 0) unless the case's members leave mid-connection by
+	// design (Case.PassesLater, its counter moved).
 	VerdictPreserved = "preserved"
 	// VerdictFallback: a case that needs the stack observed what the plain
 	// run did because its connection stayed on the stack (nothing
 	// redirected, the case's fallback counted).
 	VerdictFallback = "falls back automatically"
 	// VerdictNotAccelerated: the accelerated run observed what the plain
-	// run did, but redirected nothing: the case says nothing about the
-	// fast path (Result.Why says why it was not taken).
+	// run did, but not on the fast path throughout: it redirected
+	// nothing, or bytes of its members took the stack where the case
+	// expects none. The case says nothing about the fast path (Result.Why
+	// says, from the counters, why it was not taken).
 	VerdictNotAccelerated = "not accelerated"
 	// VerdictKnown: the accelerated run differs from the plain run
 	// exactly as the case's pinned limitation says.
@@ -36,8 +40,15 @@ const (
 	VerdictBroken = "BROKEN"
 )
 
-// WhyBlocking is why no case is accelerated with blocking sockets.
+// WhyBlocking is why no case is accelerated with blocking sockets: the
+// Why of a run that redirected nothing and whose sockets the datapath
+// counted blocking (sockets_blocking).
 const WhyBlocking = "blocking sockets are never accelerated: a blocking recv on a sockhash member returns EAGAIN when a signal interrupts it"
+
+// WhyNothingCounted is the Why of a run that redirected nothing while no
+// counter says why: the datapath did not see the case's sockets (the
+// cgroup is not enabled, or its programs are not attached).
+const WhyNothingCounted = "nothing was redirected, and no counter says why: the datapath did not see the sockets"
 
 // ErrNotMeasured marks a run that could not reach its case's precondition.
 var ErrNotMeasured = errors.New("precondition not reached")
@@ -139,6 +150,8 @@ func CounterValue(c dataplane.CgroupCounters, name string) uint64 {
 		return c.SpliceReaders
 	case "members_left":
 		return c.MembersLeft
+	case "backpressure":
+		return c.PassedBackpressure
 	}
 	return 0
 }
@@ -186,6 +199,10 @@ func RunCase(c Case, mode Mode, s Setup) Result {
 	r.SocketsUnpaired, r.PairsAbandoned, r.SocketsStackPort = d.SocketsUnpaired, d.PairsAbandoned, d.SocketsStackPort
 	r.Counted = CounterValue(d, c.Counter)
 	r.Same = r.Err == "" && plain == accel
+	// Bytes of members that took the stack are the case's only when its
+	// members leave mid-connection by design and its counter says they
+	// did.
+	stackBytesExplained := r.PassedBytes == 0 || (c.PassesLater && r.Counted > 0)
 	switch {
 	case r.Err != "":
 		r.Verdict = VerdictBroken
@@ -193,21 +210,35 @@ func RunCase(c Case, mode Mode, s Setup) Result {
 		r.Verdict = VerdictKnown
 	case !r.Same:
 		r.Verdict = VerdictBroken
-	case r.RedirectedBytes > 0:
+	case r.RedirectedBytes > 0 && stackBytesExplained:
 		r.Verdict = VerdictPreserved
+	case r.RedirectedBytes > 0:
+		r.Verdict = VerdictNotAccelerated
+		r.Why = whyStackBytes(c, d)
 	case mode == NonBlocking && c.Expect == Fallback && d.SocketsBlocking == 0 && (c.Counter == "" || r.Counted > 0):
 		r.Verdict = VerdictFallback
 	default:
 		r.Verdict = VerdictNotAccelerated
-		r.Why = whyNotAccelerated(mode, d)
+		r.Why = whyNotAccelerated(d)
 	}
 	return r
 }
 
-// whyNotAccelerated explains, from the counters, why a run redirected
-// nothing.
-func whyNotAccelerated(mode Mode, d dataplane.CgroupCounters) string {
-	if mode == Blocking || d.SocketsBlocking > 0 {
+// whyStackBytes explains, from the counters, why a run that redirected
+// bytes is not preserved: bytes of its members took the stack.
+func whyStackBytes(c Case, d dataplane.CgroupCounters) string {
+	why := fmt.Sprintf("%d bytes were redirected, but %d bytes of members took the stack", d.RedirectedBytes, d.PassedBytes)
+	if c.PassesLater {
+		return why + fmt.Sprintf(" and %s, which counts the members leaving, did not move", c.Counter)
+	}
+	return why + ": the members of this case never leave the sockhash"
+}
+
+// whyNotAccelerated explains, from the counters only, why a run
+// redirected nothing: WhyBlocking when sockets were counted blocking,
+// WhyNothingCounted when no counter moved.
+func whyNotAccelerated(d dataplane.CgroupCounters) string {
+	if d.SocketsBlocking > 0 {
 		return WhyBlocking
 	}
 	var why []string
@@ -224,7 +255,7 @@ func whyNotAccelerated(mode Mode, d dataplane.CgroupCounters) string {
 		why = append(why, fmt.Sprintf("%d socket(s) left unpaired", d.SocketsUnpaired))
 	}
 	if len(why) == 0 {
-		return "nothing was redirected"
+		return WhyNothingCounted
 	}
 	return "nothing was redirected: " + strings.Join(why, ", ")
 }

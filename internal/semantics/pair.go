@@ -74,6 +74,13 @@ type ConnOpts struct {
 	// listening socket, or the connecting one, where that side lives (a
 	// cgroup, a network namespace); unset, it runs in the calling context.
 	ListenIn, DialIn func(func())
+	// WarmUp: before the connection, another one to the same listener
+	// carries a byte each way and closes, as a long-running server's
+	// first request does: the server's read ends the listener's probation
+	// (sockbypass's default, see "Probation" in bpf/sockbypass.h), so the
+	// connection returned may pair. Benchmarks set it; the transparency
+	// cases measure a listener's first connection.
+	WarmUp bool
 }
 
 // opTimeout bounds every blocking call or wait of a case.
@@ -115,6 +122,20 @@ func Connect(mode Mode, o ConnOpts) (Pair, error) {
 	sa, err := unix.Getsockname(lfd)
 	if err != nil {
 		return Pair{}, err
+	}
+	if o.WarmUp {
+		w := Pair{C: -1, S: -1, Mode: mode}
+		o.DialIn(func() { w.C, err = dialFD(flags, sa, o) })
+		if err == nil {
+			w.S, err = acceptFD(lfd, mode)
+		}
+		if err == nil {
+			err = WarmUp(w)
+		}
+		w.Close()
+		if err != nil {
+			return Pair{}, fmt.Errorf("warm-up connection: %w", err)
+		}
 	}
 	p := Pair{C: -1, S: -1, Mode: mode}
 	o.DialIn(func() { p.C, err = dialFD(flags, sa, o) })

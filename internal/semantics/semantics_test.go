@@ -2,6 +2,7 @@ package semantics
 
 import (
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -71,9 +72,12 @@ func pinnedVerdict(t *testing.T, name string, mode Mode) string {
 
 // TestTransparency runs every case plain and accelerated, blocking and
 // non-blocking, and checks the verdict pinned for this kernel and what it
-// rests on: a preserved case redirected bytes, a fallback stayed on the
-// stack with its fallback counted, a known limitation observed exactly its
-// pinned output, and nothing blocking was accelerated.
+// rests on, in the counters: a preserved case redirected bytes and no byte
+// of a member took the stack (unless its members leave mid-connection by
+// design, counted), a fallback stayed on the stack with its fallback
+// counted, a known limitation observed exactly its pinned output, and
+// nothing blocking was accelerated while the datapath saw its sockets
+// (counted blocking, or kept off by the case's own counter).
 func TestTransparency(t *testing.T) {
 	s := testSetup(t)
 	for _, c := range Cases() {
@@ -83,8 +87,8 @@ func TestTransparency(t *testing.T) {
 				r := RunCase(c, mode, s)
 				t.Logf("plain:       %s", r.Plain)
 				t.Logf("accelerated: %s", r.Accelerated)
-				t.Logf("verdict %q: redirected %d, passed %d, fallbacks %d, late options %d, blocking %d, unpaired %d, abandoned %d, stack port %d; %s",
-					r.Verdict, r.RedirectedBytes, r.PassedBytes, r.Fallbacks, r.LateStackOptions, r.SocketsBlocking, r.SocketsUnpaired, r.PairsAbandoned, r.SocketsStackPort, r.Why)
+				t.Logf("verdict %q: redirected %d, passed %d, fallbacks %d, late options %d, blocking %d, unpaired %d, abandoned %d, stack port %d, counter %q %d; %s",
+					r.Verdict, r.RedirectedBytes, r.PassedBytes, r.Fallbacks, r.LateStackOptions, r.SocketsBlocking, r.SocketsUnpaired, r.PairsAbandoned, r.SocketsStackPort, r.Counter, r.Counted, r.Why)
 				if r.Err != "" {
 					t.Fatal(r.Err)
 				}
@@ -95,8 +99,17 @@ func TestTransparency(t *testing.T) {
 					t.Errorf("verdict %q, want %q", r.Verdict, want)
 				}
 				if mode == Blocking {
-					if r.RedirectedBytes != 0 || r.Why != WhyBlocking {
-						t.Errorf("blocking run: redirected %d, why %q; want 0 and %q", r.RedirectedBytes, r.Why, WhyBlocking)
+					// Evidence, not the mode: the datapath counted the
+					// sockets blocking, or kept them off before their
+					// blocking mattered (a stack reader, a stack port:
+					// the case's own counter).
+					switch {
+					case r.RedirectedBytes != 0 || r.PassedBytes != 0:
+						t.Errorf("blocking run: redirected %d, passed %d bytes; want 0 and 0", r.RedirectedBytes, r.PassedBytes)
+					case r.SocketsBlocking == 0 && r.Counted == 0:
+						t.Errorf("blocking run: no socket counted blocking and counter %q did not move: the datapath never saw the sockets (why %q)", c.Counter, r.Why)
+					case r.SocketsBlocking > 0 && r.Why != WhyBlocking:
+						t.Errorf("blocking run: %d socket(s) counted blocking, why %q; want %q", r.SocketsBlocking, r.Why, WhyBlocking)
 					}
 					return
 				}
@@ -104,6 +117,9 @@ func TestTransparency(t *testing.T) {
 				case VerdictPreserved:
 					if r.RedirectedBytes == 0 || !r.Same {
 						t.Errorf("preserved with %d bytes redirected, same=%v", r.RedirectedBytes, r.Same)
+					}
+					if r.PassedBytes != 0 && !c.PassesLater {
+						t.Errorf("preserved, yet %d bytes of members took the stack in a case whose members never leave", r.PassedBytes)
 					}
 				case VerdictFallback:
 					if r.RedirectedBytes != 0 || !r.Same {
@@ -141,12 +157,28 @@ func TestSemanticsCasesArePinned(t *testing.T) {
 		if c.How == "" {
 			t.Errorf("case %q says nothing about how it is kept", c.Name)
 		}
+		if c.Counter != "" && !knownCounter(c.Counter) {
+			t.Errorf("case %q names counter %q, which CounterValue does not know", c.Name, c.Counter)
+		}
+		if c.PassesLater && c.Counter == "" {
+			t.Errorf("case %q: its members leave mid-connection, but it names no counter that counts it", c.Name)
+		}
 	}
 	for name := range pinned {
 		if !seen[name] {
 			t.Errorf("pinned verdict for %q, which is no case", name)
 		}
 	}
+}
+
+// knownCounter reports whether CounterValue knows the counter name.
+func knownCounter(name string) bool {
+	var all dataplane.CgroupCounters
+	v := reflect.ValueOf(&all).Elem()
+	for i := 0; i < v.NumField(); i++ {
+		v.Field(i).SetUint(uint64(i + 1))
+	}
+	return CounterValue(all, name) != 0
 }
 
 // TestSemanticsVerdicts checks the classification with made-up runs and
@@ -160,6 +192,7 @@ func TestSemanticsVerdicts(t *testing.T) {
 	fast := Case{Name: "fast", Expect: FastPath}
 	fallback := Case{Name: "fallback", Expect: Fallback, Counter: "rcvlowat"}
 	limit := Case{Name: "limit", Expect: Limitation, Limit: "short"}
+	leaving := Case{Name: "leaving", Expect: FastPath, Counter: "members_left", PassesLater: true}
 	for _, tc := range []struct {
 		name string
 		c    Case
@@ -170,12 +203,19 @@ func TestSemanticsVerdicts(t *testing.T) {
 	}{
 		{"fast path taken", fast, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{RedirectedBytes: 10}}, VerdictPreserved, ""},
 		{"fast path never taken", fast, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{SocketsUnpaired: 2}}, VerdictNotAccelerated, "2 socket(s) left unpaired"},
+		{"fast path with stack bytes", fast, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{RedirectedBytes: 10, PassedBytes: 5}}, VerdictNotAccelerated, "never leave the sockhash"},
+		{"leaving, counted", leaving, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{RedirectedBytes: 10, PassedBytes: 5, MembersLeft: 2}}, VerdictPreserved, ""},
+		{"leaving, not counted", leaving, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{RedirectedBytes: 10, PassedBytes: 5}}, VerdictNotAccelerated, "members_left, which counts the members leaving, did not move"},
+		{"leaving, no stack bytes", leaving, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{RedirectedBytes: 10}}, VerdictPreserved, ""},
 		{"blocking", fast, Blocking, run{"x", "x", nil, dataplane.CgroupCounters{SocketsBlocking: 1}}, VerdictNotAccelerated, WhyBlocking},
+		{"blocking, nothing counted", fast, Blocking, run{"x", "x", nil, dataplane.CgroupCounters{}}, VerdictNotAccelerated, WhyNothingCounted},
+		{"blocking, stack port", fast, Blocking, run{"x", "x", nil, dataplane.CgroupCounters{SocketsStackPort: 3, SocketsUnpaired: 1}}, VerdictNotAccelerated, "3 socket(s) on a stack port"},
 		{"fast path differs", fast, NonBlocking, run{"x", "y", nil, dataplane.CgroupCounters{RedirectedBytes: 10}}, VerdictBroken, ""},
 		{"fell back", fallback, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{FallbackRcvlowat: 1}}, VerdictFallback, ""},
 		{"fallback not counted", fallback, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{SocketsUnpaired: 1}}, VerdictNotAccelerated, "left unpaired"},
 		{"fallback redirected", fallback, NonBlocking, run{"x", "x", nil, dataplane.CgroupCounters{FallbackRcvlowat: 1, RedirectedBytes: 5}}, VerdictPreserved, ""},
-		{"fallback blocking", fallback, Blocking, run{"x", "x", nil, dataplane.CgroupCounters{FallbackRcvlowat: 1}}, VerdictNotAccelerated, WhyBlocking},
+		{"fallback blocking", fallback, Blocking, run{"x", "x", nil, dataplane.CgroupCounters{FallbackRcvlowat: 1, SocketsBlocking: 1}}, VerdictNotAccelerated, WhyBlocking},
+		{"fallback blocking, stack reader first", fallback, Blocking, run{"x", "x", nil, dataplane.CgroupCounters{FallbackRcvlowat: 1}}, VerdictNotAccelerated, "asked for stack-reader semantics"},
 		{"limitation as pinned", limit, NonBlocking, run{"long", "short", nil, dataplane.CgroupCounters{RedirectedBytes: 5}}, VerdictKnown, ""},
 		{"limitation otherwise", limit, NonBlocking, run{"long", "other", nil, dataplane.CgroupCounters{RedirectedBytes: 5}}, VerdictBroken, ""},
 		{"limitation blocking", limit, Blocking, run{"long", "short", nil, dataplane.CgroupCounters{}}, VerdictBroken, ""},

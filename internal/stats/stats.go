@@ -126,6 +126,14 @@ type Figures struct {
 	SocketsProbation uint64 `json:"sockets_probation"`
 	SpliceReaders    uint64 `json:"splice_readers"`
 	SpliceStalled    uint64 `json:"splice_stalled"`
+	// PairsFull counts SYNs to the cgroup's listeners offered no pair
+	// because the node's pairs map was full: those connections stay
+	// plain TCP.
+	PairsFull uint64 `json:"pairs_full"`
+	// ListenersFull counts the cgroup's listening sockets not recorded
+	// because the node's listeners map was full: their connections stay
+	// plain TCP.
+	ListenersFull uint64 `json:"listeners_full"`
 	// Fallbacks counts the sockets whose reader was kept on the stack, by
 	// reason: rcvlowat, tcp_inq, oobinline, waitall, oob_read.
 	Fallbacks map[string]uint64 `json:"fallbacks"`
@@ -182,6 +190,8 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SocketsProbation:          c.SocketsProbation,
 		SpliceReaders:             c.SpliceReaders,
 		SpliceStalled:             c.SpliceStalled,
+		PairsFull:                 c.PairsFull,
+		ListenersFull:             c.ListenersFull,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
