@@ -440,6 +440,45 @@ func (e *env) refreshNodeAddrs() error {
 	})
 }
 
+// rescan does what the daemon does at each rescan besides enabling and
+// disabling its cgroups (internal/daemon, reconcile): it records the
+// listeners of the enabled cgroups' processes, reaps the pair handshakes
+// older than reapAge that no socket will remove, forgets the listeners and
+// sidecar endpoints of cgroups that were disabled and removed, and syncs
+// the node addresses. Under the gate: it scans the enabled cgroups'
+// processes.
+func (e *env) rescan(reapAge time.Duration) error {
+	return e.gate.atHome(func() error {
+		_, err1 := e.dp.RefreshListeners()
+		_, err2 := e.dp.ReapPairs(reapAge)
+		_, err3 := e.dp.ForgetRemovedCgroups()
+		_, err4 := e.dp.RefreshNodeAddrs()
+		return errors.Join(err1, err2, err3, err4)
+	})
+}
+
+// rescanEvery runs rescan every interval until stop is closed, as the
+// daemon does (rescanInterval, 2 s by default).
+func (e *env) rescanEvery(interval, reapAge time.Duration, stop <-chan struct{}) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			if err := e.rescan(reapAge); err != nil {
+				e.log.Warn("rescan", zap.Error(err))
+			}
+		}
+	}()
+	return done
+}
+
 // netns is a network namespace of the soak's.
 type netns struct {
 	ns     ns.NetNS

@@ -25,10 +25,17 @@
 // knownErrors) are reported as skipped subtests with their counts, and
 // fail with SOAK_STRICT=1 (make soak); anything else fails.
 //
+// Meanwhile it does what the daemon does at every rescan (env.rescan:
+// listeners, reaping pair handshakes that never completed, forgetting
+// what removed cgroups left, node addresses), every 2 s. It reaps
+// handshakes older than SOAK_REAP_AGE: 30s by default, so that the
+// 2-minute run settles within a minute; SOAK_REAP_AGE=3m reaps as the
+// daemon does (dataplane.PairReapAge), and make soak does.
+//
 // SOAK_ONLY=kind[,kind] runs some workload kinds only, to put a leak down
 // to one; SOAK_RESULTS names the results directory (default
 // e2e/results/soak-<time>/); SOAK_SETTLE bounds the wait for the maps
-// after the load (default 30s).
+// after the load (default SOAK_REAP_AGE + 30s).
 package soak
 
 import (
@@ -56,12 +63,18 @@ type config struct {
 	strict   bool
 	results  string
 	settle   time.Duration
+	// reapAge is the age beyond which the rescan reaps pair handshakes
+	// (see env.rescan).
+	reapAge time.Duration
 }
+
+// rescanInterval is the daemon's default (config.DefaultRescanInterval).
+const rescanInterval = 2 * time.Second
 
 func readConfig(t *testing.T) config {
 	t.Helper()
-	cfg := config{duration: 2 * time.Minute, settle: 30 * time.Second, results: os.Getenv("SOAK_RESULTS")}
-	for name, d := range map[string]*time.Duration{"SOAK_DURATION": &cfg.duration, "SOAK_SETTLE": &cfg.settle} {
+	cfg := config{duration: 2 * time.Minute, reapAge: 30 * time.Second, results: os.Getenv("SOAK_RESULTS")}
+	for name, d := range map[string]*time.Duration{"SOAK_DURATION": &cfg.duration, "SOAK_SETTLE": &cfg.settle, "SOAK_REAP_AGE": &cfg.reapAge} {
 		if v := os.Getenv(name); v != "" {
 			parsed, err := time.ParseDuration(v)
 			if err != nil || parsed <= 0 {
@@ -82,6 +95,10 @@ func readConfig(t *testing.T) config {
 		cfg.only = allKinds
 	}
 	cfg.strict = os.Getenv("SOAK_STRICT") == "1"
+	if cfg.settle == 0 {
+		// Long enough for the last handshakes of the load to be reaped.
+		cfg.settle = cfg.reapAge + 30*time.Second
+	}
 	return cfg
 }
 
@@ -203,7 +220,8 @@ func TestSoak(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(closeLog)
-	log.Info("churn soak", zap.Duration("duration", cfg.duration), zap.Strings("kinds", cfg.only), zap.String("results", dir))
+	log.Info("churn soak", zap.Duration("duration", cfg.duration), zap.Strings("kinds", cfg.only), zap.String("results", dir),
+		zap.Duration("reap_age", cfg.reapAge), zap.Duration("settle", cfg.settle))
 
 	e := newEnv(t, cfg, log)
 	var kinds []*kind
@@ -246,6 +264,17 @@ func TestSoak(t *testing.T) {
 	var runMu sync.Mutex
 	s.startLoad()
 	loadStart := time.Now()
+	// The daemon's rescans, through the load and the settle.
+	stopRescans := make(chan struct{})
+	rescansDone := e.rescanEvery(rescanInterval, cfg.reapAge, stopRescans)
+	rescansStopped := false
+	endRescans := func() {
+		if !rescansStopped {
+			rescansStopped = true
+			close(stopRescans)
+			<-rescansDone
+		}
+	}
 	s.run(time.Second, func(smp sample) {
 		log.Info(fmt.Sprintf("t=%.0fs ok=%d failed=%d sockhash=%d pairs=%d listeners=%d socket_cgroups=%d sock_state=%d node_addrs=%d mesh_endpoints=%d slab=%.0fMiB tcp_alloc=%d sample=%v (maps %v, sock_diag %v)",
 			smp.at.Seconds(), smp.ok, smp.failed, smp.counts[dataplane.PinSockhash], smp.counts[dataplane.PinPairs], smp.counts[dataplane.PinListeners],
@@ -263,6 +292,7 @@ func TestSoak(t *testing.T) {
 			t.Errorf("workloads still running 3 minutes after the end: %v", runningKinds(&runMu, running))
 		}
 		s.close()
+		endRescans()
 	})
 	for _, k := range kinds {
 		wg.Add(1)
@@ -309,6 +339,7 @@ func TestSoak(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	settleTook := time.Since(settleStart)
+	endRescans()
 	finalEntries, err := e.readEntries()
 	if err != nil {
 		t.Fatal(err)
@@ -329,9 +360,10 @@ func TestSoak(t *testing.T) {
 	}
 	var sum strings.Builder
 	fmt.Fprintf(&sum, "# Churn soak, %s\n\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"))
-	fmt.Fprintf(&sum, "Load %v (%s), stop %v, settle %v (bound %v), whole test %v; %d samples, %d cgroups.\n\n",
+	fmt.Fprintf(&sum, "Load %v (%s), stop %v, settle %v (bound %v), whole test %v; %d samples, %d cgroups. "+
+		"A rescan as the daemon's every %v (listeners, pair handshakes older than %v reaped, removed cgroups forgotten, node addresses).\n\n",
 		loadEnd.Round(time.Second), strings.Join(cfg.only, ", "), stopTook.Round(time.Second), settleTook.Round(100*time.Millisecond),
-		cfg.settle, time.Since(began).Round(time.Second), len(samples), len(ids))
+		cfg.settle, time.Since(began).Round(time.Second), len(samples), len(ids), rescanInterval, cfg.reapAge)
 	writeMapTable(&sum, rows)
 	fmt.Fprintln(&sum)
 	writeLeftoverDetails(&sum, rows)
