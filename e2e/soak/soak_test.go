@@ -115,27 +115,19 @@ type knownLeak struct {
 	what, why string
 }
 
-// Why each known leak happens.
-const (
-	whyHandshake = "issue 27: a SYN to a listener of an enabled cgroup offers a pair (pairs[client key] = OFFERED at RWND_INIT, " +
-		"on the request socket); when the handshake never completes (the request socket times out, or the client answers " +
-		"the SYN-ACK with RST) nothing frees the entry: only the LRU bounds it"
-	whyClosedDisabled = "issue 27: a socket that closes after its cgroup was disabled runs no sock_ops at its close, so what sock_ops " +
-		"frees there stays: its socket_cgroups entry (LRU-bounded), a listener's listeners entry (a hash, never evicted), " +
-		"an account-only pair's entry (LRU), a sidecar-mode app socket's mesh_endpoints count (a hash, never evicted)"
-)
+// whyClosedDisabled is why the known leaks happen.
+const whyClosedDisabled = "issue 27: a socket that closes after its cgroup was disabled runs no sock_ops at its close, " +
+	"so its socket_cgroups entry stays; the map is an LRU, so the entries are bounded, but neither disable nor the " +
+	"rescan (ReapPairs, ForgetRemovedCgroups) removes them, as they now do for listeners, mesh_endpoints and pairs"
 
 // knownLeaks are the leaks of issue 27 that the soak finds today: remove
 // an entry once the datapath frees those entries (the soak then fails if
-// they come back).
+// they come back). Fixed since the soak first ran (and so failing if they
+// return): pairs offers of handshakes that never completed and account-only
+// pairs closed while disabled (ReapPairs), listeners closed while their
+// cgroup was disabled (disable, ForgetRemovedCgroups), sidecar endpoints of
+// sockets closed while disabled (ForgetRemovedCgroups).
 var knownLeaks = []knownLeak{
-	{dataplane.PinPairs, "aborted", []string{"OFFERED", "raw SYNs"}, "OFFERED pairs of handshakes that never completed", whyHandshake},
-	{dataplane.PinPairs, "cgroups", []string{"DRY_JOINED", "close while it is disabled"}, "account-only pairs closed while their cgroup was disabled", whyClosedDisabled},
-	{dataplane.PinListeners, "cgroups", []string{"close while it is disabled"}, "listeners closed while their cgroup was disabled", whyClosedDisabled},
-	{dataplane.PinListeners, "pods", []string{"close while it is disabled"}, "listeners closed while their pod's cgroup was disabled", whyClosedDisabled},
-	{dataplane.PinListeners, "toggle", []string{"closed while it was disabled"}, "listeners closed while their cgroup was disabled", whyClosedDisabled},
-	{dataplane.PinListeners, "mesh", []string{"closes while it is disabled"}, "sidecar listeners closed while their pod's cgroup was disabled", whyClosedDisabled},
-	{dataplane.PinMeshEndpoints, "mesh", []string{"closes while it is disabled"}, "app endpoints of sockets closed while their pod's cgroup was disabled", whyClosedDisabled},
 	{dataplane.PinSocketCgs, "cgroups", []string{"close while it is disabled"}, "sockets closed while their cgroup was disabled", whyClosedDisabled},
 	{dataplane.PinSocketCgs, "pods", []string{"close while it is disabled"}, "sockets closed while their pod's cgroup was disabled", whyClosedDisabled},
 	{dataplane.PinSocketCgs, "toggle", []string{"disabled, enabled and upgraded"}, "sockets closed while their cgroup was disabled", whyClosedDisabled},
@@ -156,7 +148,8 @@ var knownErrors = []knownError{
 		"upgrade fails while a cgroup removed while enabled is still pinned",
 		"Upgrade (sockbypass upgrade, and every daemon start, which adopts the pins) updates the links of every enabled " +
 			"cgroup, and the kernel refuses to update the cgroup link of a removed cgroup (ENOLINK, \"link has been severed\"): " +
-			"until that cgroup is disabled by id (the daemon does at its next rescan), upgrade stops at it. The cgroups workload " +
+			"until that cgroup is disabled by id (the daemon does at its next rescan), upgrade stops at it, and a daemon " +
+			"started over such pins exits (\"adopt pinned state\"). The cgroups workload " +
 			"upgrades between removing an enabled cgroup and disabling it; toggle's periodic upgrade runs into it when it " +
 			"falls in that window of the cgroups, pods or mesh workloads"},
 }
