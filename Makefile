@@ -5,7 +5,7 @@ BIN := bin/sockbypass
 BPF_PKGS := ./sockops ./skmsg ./tc ./cgroup ./e2e/minimal
 GENERATED := $(wildcard */*_bpfel.* internal/*/*_bpfel.*)
 
-.PHONY: all deps build generate check-generated vet test demo bench bench-quick bench-loopback clean
+.PHONY: all deps build generate check-generated vet test soak demo bench bench-quick bench-loopback clean
 
 all: build
 
@@ -44,6 +44,27 @@ vet:
 # changes nothing about what runs.
 test: deps check-generated vet build
 	@bash -c 'set -o pipefail; $(GO) test -json -count=1 -p 1 -timeout 20m ./... 2>&1 | $(GO) run ./scripts/testreport'
+
+# The churn soak of issue 27 (e2e/soak, README "Churn soak"): connections of
+# every kind on loopback and between pods at once, while pods, cgroups and
+# listeners come and go and cgroups are disabled, enabled and upgraded;
+# every map's entry count each second (summary.md, maps.csv, maps.svg and
+# soak.log in e2e/results/soak-<time>/). At the end every map is back to its
+# baseline, every byte arrived intact, no member passed a byte to the stack,
+# memory came back. Meanwhile it does what the daemon does at every rescan
+# (reaping pair handshakes older than SOAK_REAP_AGE: the daemon's 3m here).
+# 20 minutes by default: SOAK_DURATION=10m make soak; SOAK_ONLY=pods,mesh
+# runs some workload kinds only (to put a leak down to one). Here the known
+# leaks (knownLeaks in e2e/soak/soak_test.go) fail too (SOAK_STRICT=1); make
+# test runs it for 2 minutes (reaping after 30s) and lists them among its
+# skipped tests.
+SOAK_DURATION ?= 20m
+SOAK_REAP_AGE ?= 3m
+SOAK_STRICT ?= 1
+SOAK_TIMEOUT ?= 2h
+soak: deps
+	SOAK_DURATION=$(SOAK_DURATION) SOAK_REAP_AGE=$(SOAK_REAP_AGE) SOAK_STRICT=$(SOAK_STRICT) \
+		$(GO) test -count=1 -v -run '^TestSoak$$' -timeout $(SOAK_TIMEOUT) ./e2e/soak/
 
 # The demo of README.md: enables acceleration for a demo cgroup and shows
 # plain vs accelerated side by side, then cleans up.
