@@ -26,6 +26,9 @@ func runUpgrade(e *env, args []string) error {
 		return err
 	}
 	fmt.Fprintf(e.stdout, "upgraded: programs of %d cgroup(s), %d TC device(s) and sk_msg replaced; maps and live connections kept\n", rep.Cgroups, rep.TCDevices)
+	if rep.RemovedCgroups > 0 {
+		fmt.Fprintf(e.stdout, "disabled %d cgroup(s) removed while enabled (their links were severed)\n", rep.RemovedCgroups)
+	}
 	if rep.LegacyTracerRemoved {
 		fmt.Fprintln(e.stdout, "removed the read-progress tracer of the older install: senders now read their peer's progress themselves")
 	}

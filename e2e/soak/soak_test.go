@@ -115,24 +115,17 @@ type knownLeak struct {
 	what, why string
 }
 
-// whyClosedDisabled is why the known leaks happen.
-const whyClosedDisabled = "issue 27: a socket that closes after its cgroup was disabled runs no sock_ops at its close, " +
-	"so its socket_cgroups entry stays; the map is an LRU, so the entries are bounded, but neither disable nor the " +
-	"rescan (ReapPairs, ForgetRemovedCgroups) removes them, as they now do for listeners, mesh_endpoints and pairs"
-
 // knownLeaks are the leaks of issue 27 that the soak finds today: remove
 // an entry once the datapath frees those entries (the soak then fails if
 // they come back). Fixed since the soak first ran (and so failing if they
 // return): pairs offers of handshakes that never completed and account-only
 // pairs closed while disabled (ReapPairs), listeners closed while their
 // cgroup was disabled (disable, ForgetRemovedCgroups), sidecar endpoints of
-// sockets closed while disabled (ForgetRemovedCgroups).
-var knownLeaks = []knownLeak{
-	{dataplane.PinSocketCgs, "cgroups", []string{"close while it is disabled"}, "sockets closed while their cgroup was disabled", whyClosedDisabled},
-	{dataplane.PinSocketCgs, "pods", []string{"close while it is disabled"}, "sockets closed while their pod's cgroup was disabled", whyClosedDisabled},
-	{dataplane.PinSocketCgs, "toggle", []string{"disabled, enabled and upgraded"}, "sockets closed while their cgroup was disabled", whyClosedDisabled},
-	{dataplane.PinSocketCgs, "mesh", []string{"closes while it is disabled"}, "sockets closed while their pod's cgroup was disabled", whyClosedDisabled},
-}
+// sockets closed while disabled (ForgetRemovedCgroups), socket_cgroups of
+// sockets closed while their cgroup was disabled (ForgetRemovedCgroups);
+// and the error of an upgrade over a cgroup removed while enabled (upgrade
+// disables it).
+var knownLeaks = []knownLeak{}
 
 // knownError is an error the soak runs into that is not fixed yet: an
 // error of workload kind whose text holds match. Unless SOAK_STRICT=1 it
@@ -143,16 +136,7 @@ type knownError struct {
 	what, why string
 }
 
-var knownErrors = []knownError{
-	{[]string{"cgroups", "toggle"}, "update link: link has been severed",
-		"upgrade fails while a cgroup removed while enabled is still pinned",
-		"Upgrade (sockbypass upgrade, and every daemon start, which adopts the pins) updates the links of every enabled " +
-			"cgroup, and the kernel refuses to update the cgroup link of a removed cgroup (ENOLINK, \"link has been severed\"): " +
-			"until that cgroup is disabled by id (the daemon does at its next rescan), upgrade stops at it, and a daemon " +
-			"started over such pins exits (\"adopt pinned state\"). The cgroups workload " +
-			"upgrades between removing an enabled cgroup and disabling it; toggle's periodic upgrade runs into it when it " +
-			"falls in that window of the cgroups, pods or mesh workloads"},
-}
+var knownErrors = []knownError{}
 
 // knownErrorOf returns the index of the known error that err of kind
 // matches, or -1.

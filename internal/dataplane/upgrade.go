@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/tc"
@@ -70,8 +71,11 @@ func checkLayout(pinDir string) error {
 
 // UpgradeReport says what Upgrade replaced.
 type UpgradeReport struct {
-	Cgroups   int `json:"cgroups"`
-	TCDevices int `json:"tc_devices"`
+	Cgroups int `json:"cgroups"`
+	// RemovedCgroups were removed while enabled (their links severed):
+	// upgrade disabled them.
+	RemovedCgroups int `json:"removed_cgroups"`
+	TCDevices      int `json:"tc_devices"`
 	// LegacyTracerRemoved: the install had the read-progress tracer of
 	// layouts 4 and before, which this upgrade unpinned (nothing replaces
 	// it: senders read their peer's progress themselves).
@@ -105,11 +109,27 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 		if !ok {
 			return rep, fmt.Errorf("upgrade cgroup id %d: it has no slot in %s; disable and enable it again", id, d.pin(PinCgroupSlots))
 		}
+		removed := false
 		for _, p := range cgroupPrograms {
 			err := updateLink(d.cgroupPin(id, p), func() (*ebpf.Program, error) { return p.load(id, slot, d.maps) })
+			if errors.Is(err, unix.ENOLINK) {
+				// The cgroup was removed while enabled: the kernel
+				// severed its links. It is disabled, as the daemon's
+				// rescan would.
+				removed = true
+				break
+			}
 			if err != nil && (p.Suffix == "" || !errors.Is(err, os.ErrNotExist)) {
 				return rep, fmt.Errorf("upgrade cgroup id %d: %s: %w", id, p.What, err)
 			}
+		}
+		if removed {
+			if _, err := d.disableLocked(id); err != nil {
+				return rep, fmt.Errorf("upgrade: disable cgroup id %d, removed while enabled: %w", id, err)
+			}
+			d.log.Info("cgroup removed while enabled: disabled", zap.Uint64("cgroup_id", id))
+			rep.RemovedCgroups++
+			continue
 		}
 		rep.Cgroups++
 	}

@@ -133,3 +133,31 @@ func TestForeignLayoutIsRefusedNotWiped(t *testing.T) {
 		t.Errorf("sock_ops still attached after RemoveForeign: %v %v", res, err)
 	}
 }
+
+// TestUpgradeDisablesACgroupRemovedWhileEnabled: the kernel severs the
+// links of a cgroup removed while enabled and refuses to update them
+// (ENOLINK); upgrade disables such a cgroup, as the daemon's rescan would,
+// and upgrades the others, instead of stopping there (a daemon started
+// over such pins adopts them with an upgrade).
+func TestUpgradeDisablesACgroupRemovedWhileEnabled(t *testing.T) {
+	dp := install(t)
+	kept := enabledCgroup(t, dp)
+	gone := enabledCgroup(t, dp)
+	if err := os.Remove(gone.Path); err != nil {
+		t.Fatalf("remove the cgroup: %v", err)
+	}
+	rep, err := dp.Upgrade()
+	if err != nil {
+		t.Fatalf("upgrade with a cgroup removed while enabled: %v", err)
+	}
+	if rep.Cgroups != 1 || rep.RemovedCgroups != 1 {
+		t.Errorf("upgrade report %+v, want 1 cgroup upgraded and 1 removed", rep)
+	}
+	ids, err := dp.EnabledCgroupIDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ids) != 1 || ids[0] != kept.ID {
+		t.Errorf("enabled after the upgrade: %v, want only %d", ids, kept.ID)
+	}
+}
