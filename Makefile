@@ -117,3 +117,18 @@ kube-apiserver:
 .PHONY: kernels
 kernels:
 	./e2e/kernels/run.sh $(KERNELS)
+
+# The node e2e test of issue 29 (e2e/node): a one-node cluster of real
+# parts (etcd, kube-apiserver, controller manager, scheduler and kubelet
+# built from the k8s.io/kubernetes module, containerd 2.x built from its
+# module over Debian's runc, the CNI bridge plugins), sockbypass installed
+# with its Helm chart as the DaemonSet pod the kubelet starts, and what
+# must hold on that node; prints a report with timings (also in
+# e2e/results/node/report.md). The first run builds and caches the
+# binaries in /var/cache/sockbypass-k8s (tens of minutes, with nice);
+# make test runs TestNode only when they are cached, and says loudly when
+# it did not.
+.PHONY: node-e2e
+node-e2e:
+	./e2e/node/build.sh
+	SOCKBYPASS_NODE_REPORT_DIR=$(CURDIR)/e2e/results/node $(GO) test -count=1 -v -run '^TestNode$$' -timeout 20m ./e2e/node/

@@ -170,6 +170,10 @@ func (r *report) heartbeat(every time.Duration, done <-chan struct{}) {
 // kube-apiserver (internal/testutil requireBinaries).
 const kubeAPIServerSkip = "no kube-apiserver at"
 
+// nodeE2ESkip marks the skip of the node e2e test (e2e/node TestNode:
+// kubelet, containerd and the control plane not cached).
+const nodeE2ESkip = "NODE E2E DID NOT RUN"
+
 // finish prints the skipped tests, the banner and the totals, and returns
 // the exit code.
 func (r *report) finish() int {
@@ -197,6 +201,13 @@ func (r *report) finish() int {
 		bar := strings.Repeat("#", 78)
 		fmt.Fprintf(r.w, "\n%s\n# THE KUBE-APISERVER TESTS DID NOT RUN (%d: %s)\n# why: %s\n# they run once `make kube-apiserver` has built and cached kube-apiserver (tens of minutes, once)\n%s\n",
 			bar, len(k8s), strings.Join(k8s, ", "), reason, bar)
+	}
+	for _, s := range r.skips {
+		if strings.Contains(s.reason, nodeE2ESkip) {
+			bar := strings.Repeat("#", 78)
+			fmt.Fprintf(r.w, "\n%s\n# THE NODE E2E TEST DID NOT RUN (%s %s): no kubelet, containerd and pod created by them\n# why: %s\n# it runs once `make node-e2e` has built and cached kubelet, kube-apiserver, the controller manager,\n# the scheduler and containerd (e2e/node/build.sh: tens of minutes, once)\n%s\n",
+				bar, short(s.pkg), s.test, s.reason, bar)
+		}
 	}
 	code := 0
 	verdict := "PASS"

@@ -48,3 +48,31 @@ func TestReportShowsProgressSkipsAndTheKubeAPIServerBanner(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestReportShowsTheNodeE2EBanner: a TestNode skipped for want of the
+// cached kubelet and containerd builds gets a banner of its own; a run
+// without that skip gets none.
+func TestReportShowsTheNodeE2EBanner(t *testing.T) {
+	for _, skipped := range []bool{true, false} {
+		var out bytes.Buffer
+		r := &report{w: &out, started: time.Now(), output: map[string][]string{}, running: map[string]time.Time{}, pkgSeen: map[string]bool{}}
+		pkg := "github.com/sockbypass/sockbypass/e2e/node"
+		events := []event{{Action: "run", Package: pkg, Test: "TestNode"}}
+		if skipped {
+			events = append(events,
+				event{Action: "output", Package: pkg, Test: "TestNode", Output: "    node_test.go:90: SKIPPED: NODE E2E DID NOT RUN: no cached builds (/var/cache/sockbypass-k8s/kubelet-v1.37.2): run `make node-e2e` once\n"},
+				event{Action: "skip", Package: pkg, Test: "TestNode"})
+		} else {
+			events = append(events, event{Action: "pass", Package: pkg, Test: "TestNode", Elapsed: 100})
+		}
+		for _, e := range append(events, event{Action: "pass", Package: pkg}) {
+			r.handle(e)
+		}
+		r.finish()
+		text := out.String()
+		has := strings.Contains(text, "# THE NODE E2E TEST DID NOT RUN (e2e/node TestNode)") && strings.Contains(text, "kubelet-v1.37.2")
+		if has != skipped {
+			t.Errorf("skipped=%v: banner shown=%v:\n%s", skipped, has, text)
+		}
+	}
+}

@@ -155,6 +155,9 @@ type connResult struct {
 	Error     string  `json:"error,omitempty"`
 	Final     bool    `json:"final,omitempty"`
 	Connected bool    `json:"connected"`
+	// The final line's: connections made, and dials that failed.
+	Conns      int `json:"conns,omitempty"`
+	DialErrors int `json:"dial_errors,omitempty"`
 }
 
 func client(ctx context.Context, args []string) error {
@@ -163,7 +166,13 @@ func client(ctx context.Context, args []string) error {
 	connTime := fs.Duration("conn-time", 2*time.Second, "how long each connection streams (0: until SIGTERM)")
 	chunk := fs.Int("chunk", 16<<10, "write size")
 	rate := fs.Int("rate", 8<<20, "bytes per second at most (0: as fast as it goes)")
+	duration := fs.Duration("duration", 0, "stop after this long (0: at SIGTERM)")
 	fs.Parse(args)
+	if *duration > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *duration)
+		defer cancel()
+	}
 	var mu sync.Mutex
 	enc := json.NewEncoder(os.Stdout)
 	print := func(r connResult) { mu.Lock(); enc.Encode(r); mu.Unlock() }
@@ -174,19 +183,23 @@ func client(ctx context.Context, args []string) error {
 	for i := 0; ctx.Err() == nil; i++ {
 		r := oneConn(ctx, i, *target, *connTime, *chunk, *rate, hs, hr)
 		print(r)
+		if !r.Connected {
+			// Not a byte sent: the server or the sidecar is not up yet.
+			total.DialErrors++
+			time.Sleep(200 * time.Millisecond)
+			continue
+		}
+		total.Conns++
 		total.Sent += r.Sent
 		total.Received += r.Received
 		if !r.Intact || r.Error != "" {
 			total.Intact = false
 		}
-		if r.Error != "" && ctx.Err() == nil {
-			time.Sleep(200 * time.Millisecond)
-		}
 	}
 	total.Conn = -1
 	total.SentSHA = hex.EncodeToString(hs.Sum(nil))
 	total.RecvSHA = hex.EncodeToString(hr.Sum(nil))
-	total.Intact = total.Intact && total.SentSHA == total.RecvSHA && total.Sent == total.Received
+	total.Intact = total.Intact && total.Conns > 0 && total.SentSHA == total.RecvSHA && total.Sent == total.Received
 	print(total)
 	return nil
 }

@@ -1,0 +1,776 @@
+// Package cluster assembles a one-node Kubernetes cluster on this host from
+// real parts: etcd (Debian's etcd-server), kube-apiserver,
+// kube-controller-manager, kube-scheduler and a kubelet built from the
+// k8s.io/kubernetes module, containerd 2.x and its runc shim built from
+// the containerd module over Debian's runc, and the CNI bridge, host-local
+// and loopback plugins built from github.com/containernetworking/plugins.
+//
+// The node keeps to itself so that it can share the host: containerd,
+// the kubelet and everything they start run in a mount namespace of the
+// node's own (its own bpffs at /sys/fs/bpf, its own /run/netns and
+// /run/containerd, every container mount), under a cgroup root of its
+// own (/<Name> in every hierarchy, the kubelet's --cgroup-root), with
+// their state in a directory of the node's. Stop ends every process it
+// started by PID, then whatever is left in its cgroups, and removes its
+// cgroups, the CNI bridge, the iptables chains the kubelet added and its
+// own DNAT rule, and says what it could not remove.
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+)
+
+// KubeVersion is the k8s.io/kubernetes version of e2e/kubeapiserver/go.mod.
+const KubeVersion = "v1.37.2"
+
+// ContainerdVersion is the containerd version of e2e/node/containerd/go.mod.
+const ContainerdVersion = "v2.2.9"
+
+// ServiceIP is the "kubernetes" Service's cluster IP in
+// ServiceCIDR: there is no kube-proxy, so a DNAT rule in the host's
+// OUTPUT chain takes it to the API server, as kube-proxy's would.
+const (
+	ServiceCIDR = "10.96.0.0/24"
+	ServiceIP   = "10.96.0.1"
+	PodCIDR     = "10.244.29.0/24"
+	Bridge      = "sbnode0"
+)
+
+// Binaries are the programs of the node.
+type Binaries struct {
+	Etcd, APIServer, ControllerManager, Scheduler, Kubelet string
+	Containerd, Shim, Ctr, Runc                            string
+	// CNIDir holds the bridge, host-local and loopback plugins.
+	CNIDir string
+}
+
+// CachedBinaries returns the binaries e2e/node/build.sh caches in cache,
+// and the list of those that are missing.
+func CachedBinaries(cache string) (Binaries, []string) {
+	ctrd := filepath.Join(cache, "containerd-"+ContainerdVersion)
+	b := Binaries{
+		APIServer:         filepath.Join(cache, "kube-apiserver-"+KubeVersion),
+		ControllerManager: filepath.Join(cache, "kube-controller-manager-"+KubeVersion),
+		Scheduler:         filepath.Join(cache, "kube-scheduler-"+KubeVersion),
+		Kubelet:           filepath.Join(cache, "kubelet-"+KubeVersion),
+		Containerd:        filepath.Join(ctrd, "containerd"),
+		Shim:              filepath.Join(ctrd, "containerd-shim-runc-v2"),
+		Ctr:               filepath.Join(ctrd, "ctr"),
+	}
+	var missing []string
+	for _, p := range []string{b.APIServer, b.ControllerManager, b.Scheduler, b.Kubelet, b.Containerd, b.Shim, b.Ctr} {
+		if _, err := os.Stat(p); err != nil {
+			missing = append(missing, p)
+		}
+	}
+	return b, missing
+}
+
+// Options configure a node.
+type Options struct {
+	// Name of the node and of its cgroup root.
+	Name string
+	// Dir holds the node's state and logs.
+	Dir      string
+	Binaries Binaries
+	Log      *zap.Logger
+}
+
+// Node is a running one-node cluster.
+type Node struct {
+	opts Options
+	log  *zap.Logger
+
+	// Admin is a client with every permission; Config its configuration.
+	Admin  kubernetes.Interface
+	Config *rest.Config
+	// Kubeconfig is the path of a kubeconfig file for the admin.
+	Kubeconfig string
+	// ContainerdSock is containerd's socket (inside the node's mount
+	// namespace, where Dir is the same path).
+	ContainerdSock string
+
+	holder                                         *proc
+	etcd, apiserver, kcm, scheduler, ctrd, kubelet *proc
+	procs                                          []*proc
+
+	// CgroupRoot is the node's cgroup root, relative to each hierarchy.
+	CgroupRoot string
+	// Timings of Start's steps.
+	Timings []Timing
+
+	iptablesBefore map[string][]string
+	dnat           []string
+	ipForward      string
+	createdDirs    []string
+}
+
+// Timing is how long a step took.
+type Timing struct {
+	Step string
+	D    time.Duration
+}
+
+func (n *Node) timed(step string, since time.Time) {
+	n.Timings = append(n.Timings, Timing{step, time.Since(since)})
+	n.log.Info("node: "+step, zap.Duration("took", time.Since(since)))
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// hostIP returns the IPv4 address of the interface of the default route
+// (the node's InternalIP).
+func hostIP() (net.IP, error) {
+	c, err := net.Dial("udp4", "192.0.2.1:9")
+	if err == nil {
+		defer c.Close()
+		return c.LocalAddr().(*net.UDPAddr).IP, nil
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range addrs {
+		if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil && !ipn.IP.IsLoopback() && !strings.HasPrefix(ipn.IP.String(), "10.244.") {
+			return ipn.IP, nil
+		}
+	}
+	return nil, errors.New("no IPv4 address for the node")
+}
+
+// cgroupHierarchies returns the mount points of every cgroup hierarchy
+// (v1 controllers and the v2 mount).
+func cgroupHierarchies() ([]string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []string
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		fields := strings.Fields(s.Text())
+		sep := slices.Index(fields, "-")
+		if sep < 0 || sep+1 >= len(fields) {
+			continue
+		}
+		if fs := fields[sep+1]; fs == "cgroup" || fs == "cgroup2" {
+			if !slices.Contains(out, fields[4]) {
+				out = append(out, fields[4])
+			}
+		}
+	}
+	return out, s.Err()
+}
+
+// Cgroup2Mount returns the cgroup v2 mount point.
+func Cgroup2Mount() (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		fields := strings.Fields(s.Text())
+		sep := slices.Index(fields, "-")
+		if sep >= 0 && sep+1 < len(fields) && fields[sep+1] == "cgroup2" {
+			return fields[4], nil
+		}
+	}
+	return "", errors.New("no cgroup2 mount")
+}
+
+// Start brings the node up: etcd, the API server, the controller manager
+// and the scheduler, containerd, the kubelet, until the Node is Ready.
+// On failure what was started is stopped again.
+func Start(ctx context.Context, opts Options) (n *Node, err error) {
+	n = &Node{opts: opts, log: opts.Log, CgroupRoot: opts.Name}
+	defer func() {
+		if err != nil {
+			if serr := n.Stop(); serr != nil {
+				err = fmt.Errorf("%w (and cleaning up: %v)", err, serr)
+			}
+			n = nil
+		}
+	}()
+	dir := opts.Dir
+	for _, d := range []string{"certs", "etcd", "containerd/root", "containerd/state", "containerd/opt", "cni/conf", "cni/ipam", "kubelet/root", "kubelet/logs", "kubelet/certs"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			return nil, err
+		}
+	}
+	ip, err := hostIP()
+	if err != nil {
+		return nil, err
+	}
+	if n.iptablesBefore, err = iptablesChains(); err != nil {
+		return nil, err
+	}
+	if data, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); err == nil {
+		n.ipForward = strings.TrimSpace(string(data))
+	}
+
+	// The mount namespace: private to the node, shared inside it (the
+	// kubelet's HostToContainer propagation needs shared mounts), with a
+	// bpffs, /run/netns and /run/containerd of its own.
+	for _, d := range []string{"/run/netns", "/run/containerd"} {
+		if _, err := os.Stat(d); os.IsNotExist(err) {
+			if err := os.MkdirAll(d, 0o755); err != nil {
+				return nil, err
+			}
+			n.createdDirs = append(n.createdDirs, d)
+		}
+	}
+	ready := filepath.Join(dir, "mountns.ready")
+	script := "set -e; mount --make-rshared /; mount -t bpf bpf /sys/fs/bpf; " +
+		"mount -t tmpfs tmpfs /run/netns; mount -t tmpfs tmpfs /run/containerd; " +
+		"touch " + ready + "; exec sleep 2147483647"
+	if n.holder, err = start(dir, "mountns", 0, nil, "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script); err != nil {
+		return nil, err
+	}
+	n.procs = append(n.procs, n.holder)
+	if err := waitFor(ctx, 10*time.Second, func() error { _, err := os.Stat(ready); return err }); err != nil {
+		return nil, fmt.Errorf("mount namespace: %w\n%s", err, n.holder.tail(2000))
+	}
+
+	// Cgroups: <root> in every hierarchy (the kubelet requires its cgroup
+	// root to exist in each), and <root>/runtime in the v2 one for
+	// containerd and its shims.
+	hier, err := cgroupHierarchies()
+	if err != nil {
+		return nil, err
+	}
+	for _, h := range hier {
+		if err := os.MkdirAll(filepath.Join(h, opts.Name), 0o755); err != nil {
+			return nil, fmt.Errorf("create the node's cgroup root: %w", err)
+		}
+	}
+	v2, err := Cgroup2Mount()
+	if err != nil {
+		return nil, err
+	}
+	runtimeCg := filepath.Join(v2, opts.Name, "runtime")
+	if err := os.MkdirAll(runtimeCg, 0o755); err != nil {
+		return nil, err
+	}
+
+	// etcd and the control plane, on loopback.
+	t := time.Now()
+	if err := writeCerts(filepath.Join(dir, "certs"), []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP(ServiceIP), ip}); err != nil {
+		return nil, err
+	}
+	clientPort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	peerPort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", clientPort)
+	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
+	if n.etcd, err = start(dir, "etcd", 0, nil, opts.Binaries.Etcd,
+		"--data-dir", filepath.Join(dir, "etcd"),
+		"--listen-client-urls", etcdURL, "--advertise-client-urls", etcdURL,
+		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
+		"--initial-cluster", "default="+peerURL); err != nil {
+		return nil, err
+	}
+	n.procs = append(n.procs, n.etcd)
+	token := "admin-" + rand.Text()
+	if err := os.WriteFile(filepath.Join(dir, "certs", "tokens.csv"), []byte(token+",admin,admin,system:masters\n"), 0o600); err != nil {
+		return nil, err
+	}
+	apiPort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	certs := filepath.Join(dir, "certs")
+	if n.apiserver, err = start(dir, "kube-apiserver", 0, nil, opts.Binaries.APIServer,
+		"--etcd-servers", etcdURL,
+		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+		"--secure-port", strconv.Itoa(apiPort),
+		"--tls-cert-file", filepath.Join(certs, "apiserver.crt"), "--tls-private-key-file", filepath.Join(certs, "apiserver.key"),
+		"--token-auth-file", filepath.Join(certs, "tokens.csv"),
+		"--authorization-mode", "Node,RBAC",
+		"--service-account-issuer", "https://kubernetes.default.svc",
+		"--service-account-key-file", filepath.Join(certs, "sa.key"),
+		"--service-account-signing-key-file", filepath.Join(certs, "sa.key"),
+		"--service-cluster-ip-range", ServiceCIDR,
+		"--endpoint-reconciler-type", "none",
+		"--allow-privileged=true",
+	); err != nil {
+		return nil, err
+	}
+	n.procs = append(n.procs, n.apiserver)
+	host := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
+	n.Config = &rest.Config{Host: host, BearerToken: token, TLSClientConfig: rest.TLSClientConfig{CAFile: filepath.Join(certs, "ca.crt")}, QPS: 100, Burst: 200}
+	if n.Admin, err = kubernetes.NewForConfig(n.Config); err != nil {
+		return nil, err
+	}
+	if err := waitFor(ctx, 90*time.Second, func() error {
+		body, err := n.Admin.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		if err != nil {
+			return fmt.Errorf("%v %s", err, body)
+		}
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("kube-apiserver not ready: %w\n%s", err, n.apiserver.tail(3000))
+	}
+	n.Kubeconfig = filepath.Join(dir, "admin.kubeconfig")
+	kc := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: node
+  cluster: {server: %q, certificate-authority: %q}
+users:
+- name: admin
+  user: {token: %q}
+contexts:
+- name: node
+  context: {cluster: node, user: admin}
+current-context: node
+`, host, filepath.Join(certs, "ca.crt"), token)
+	if err := os.WriteFile(n.Kubeconfig, []byte(kc), 0o600); err != nil {
+		return nil, err
+	}
+	if n.kcm, err = start(dir, "kube-controller-manager", 0, nil, opts.Binaries.ControllerManager,
+		"--kubeconfig", n.Kubeconfig, "--leader-elect=false",
+		"--bind-address", "127.0.0.1", "--secure-port", "0",
+		"--root-ca-file", filepath.Join(certs, "ca.crt"),
+		"--service-account-private-key-file", filepath.Join(certs, "sa.key"),
+		"--use-service-account-credentials=false",
+		"--controllers", "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-persistentvolume-binder,-attachdetach",
+		"--service-cluster-ip-range", ServiceCIDR,
+	); err != nil {
+		return nil, err
+	}
+	n.procs = append(n.procs, n.kcm)
+	if n.scheduler, err = start(dir, "kube-scheduler", 0, nil, opts.Binaries.Scheduler,
+		"--kubeconfig", n.Kubeconfig, "--leader-elect=false",
+		"--bind-address", "127.0.0.1", "--secure-port", "0",
+	); err != nil {
+		return nil, err
+	}
+	n.procs = append(n.procs, n.scheduler)
+	n.timed("control plane up (etcd, kube-apiserver ready; controller manager, scheduler started)", t)
+
+	// The kubernetes Service's IP reaches the API server (no kube-proxy).
+	n.dnat = []string{"-t", "nat", "-A", "OUTPUT", "-d", ServiceIP + "/32", "-p", "tcp", "--dport", "443",
+		"-m", "comment", "--comment", "sockbypass-node-e2e " + opts.Name,
+		"-j", "DNAT", "--to-destination", fmt.Sprintf("127.0.0.1:%d", apiPort)}
+	if out, err := exec.Command("iptables", n.dnat...).CombinedOutput(); err != nil {
+		n.dnat = nil
+		return nil, fmt.Errorf("iptables DNAT for the kubernetes service: %v: %s", err, out)
+	}
+	// DNAT to 127.0.0.1 from another address needs route_localnet only in
+	// PREROUTING; locally generated packets (host-network pods) are fine.
+
+	// containerd.
+	t = time.Now()
+	if err := n.writeCNIConfig(); err != nil {
+		return nil, err
+	}
+	n.ContainerdSock = filepath.Join(dir, "containerd", "containerd.sock")
+	cfgPath := filepath.Join(dir, "containerd", "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(n.containerdConfig()), 0o644); err != nil {
+		return nil, err
+	}
+	env := []string{"PATH=" + filepath.Dir(opts.Binaries.Shim) + ":" + os.Getenv("PATH")}
+	// containerd and its shims live in <root>/runtime (v2): Stop finds them there.
+	if n.ctrd, err = start(dir, "containerd", n.holder.pid(), env, "/bin/sh", "-c",
+		"echo $$ > "+filepath.Join(runtimeCg, "cgroup.procs")+" && exec "+opts.Binaries.Containerd+" --config "+cfgPath); err != nil {
+		return nil, err
+	}
+	n.procs = append(n.procs, n.ctrd)
+	if err := waitFor(ctx, 30*time.Second, func() error {
+		return n.Ctr(ctx, nil, "version")
+	}); err != nil {
+		return nil, fmt.Errorf("containerd: %w\n%s", err, n.ctrd.tail(3000))
+	}
+	n.timed("containerd up", t)
+	return n, nil
+}
+
+// StartKubelet starts the kubelet (after the images are imported) and
+// waits for the Node to be Ready.
+func (n *Node) StartKubelet(ctx context.Context) error {
+	t := time.Now()
+	dir := n.opts.Dir
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	healthz, err := freePort()
+	if err != nil {
+		return err
+	}
+	cfg := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+port: %d
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: %d
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization: {mode: AlwaysAllow}
+cgroupDriver: cgroupfs
+cgroupRoot: /%s
+cgroupsPerQOS: true
+failCgroupV1: false
+failSwapOn: false
+containerRuntimeEndpoint: unix://%s
+podLogsDirectory: %s
+resolvConf: /etc/resolv.conf
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%%", imagefs.available: "1%%", nodefs.inodesFree: "1%%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+maxPods: 30
+serializeImagePulls: false
+syncFrequency: 10s
+fileCheckFrequency: 10s
+nodeStatusUpdateFrequency: 5s
+`, port, healthz, n.CgroupRoot, n.ContainerdSock, filepath.Join(dir, "kubelet", "logs"))
+	cfgPath := filepath.Join(dir, "kubelet", "config.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		return err
+	}
+	ip, err := hostIP()
+	if err != nil {
+		return err
+	}
+	v2, _ := Cgroup2Mount()
+	runtimeCg := filepath.Join(v2, n.CgroupRoot, "runtime")
+	if n.kubelet, err = start(dir, "kubelet", n.holder.pid(), nil, "/bin/sh", "-c",
+		"echo $$ > "+filepath.Join(runtimeCg, "cgroup.procs")+" && exec "+n.opts.Binaries.Kubelet+" "+strings.Join([]string{
+			"--config", cfgPath,
+			"--kubeconfig", n.Kubeconfig,
+			"--root-dir", filepath.Join(dir, "kubelet", "root"),
+			"--cert-dir", filepath.Join(dir, "kubelet", "certs"),
+			"--hostname-override", n.opts.Name,
+			"--node-ip", ip.String(),
+			"--v", "2",
+		}, " ")); err != nil {
+		return err
+	}
+	n.procs = append(n.procs, n.kubelet)
+	if err := waitFor(ctx, 120*time.Second, func() error {
+		if !n.kubelet.running() {
+			return errKubeletExited
+		}
+		node, err := n.Admin.CoreV1().Nodes().Get(ctx, n.opts.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		for _, c := range node.Status.Conditions {
+			if c.Type == corev1.NodeReady {
+				if c.Status == corev1.ConditionTrue {
+					return nil
+				}
+				return fmt.Errorf("node not ready: %s: %s", c.Reason, c.Message)
+			}
+		}
+		return errors.New("node has no Ready condition yet")
+	}); err != nil {
+		return fmt.Errorf("kubelet: %w\n%s", err, n.kubelet.tail(4000))
+	}
+	n.timed("kubelet up, node Ready", t)
+	return nil
+}
+
+var errKubeletExited = errors.New("the kubelet exited")
+
+// PodLogsDir is the kubelet's podLogsDirectory.
+func (n *Node) PodLogsDir() string { return filepath.Join(n.opts.Dir, "kubelet", "logs") }
+
+// KubeletLog returns the end of the kubelet's log.
+func (n *Node) KubeletLog(max int) string {
+	if n.kubelet == nil {
+		return ""
+	}
+	return n.kubelet.tail(max)
+}
+
+// Logs returns the end of every process's log.
+func (n *Node) Logs(max int) string {
+	var b strings.Builder
+	for _, p := range n.procs {
+		fmt.Fprintf(&b, "==== %s (%s)\n%s\n", p.name, p.log, p.tail(max))
+	}
+	return b.String()
+}
+
+func (n *Node) writeCNIConfig() error {
+	conf := fmt.Sprintf(`{
+  "cniVersion": "1.0.0",
+  "name": "sockbypass-node-e2e",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": %q,
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": %q}]],
+        "dataDir": %q
+      }
+    }
+  ]
+}
+`, Bridge, PodCIDR, filepath.Join(n.opts.Dir, "cni", "ipam"))
+	return os.WriteFile(filepath.Join(n.opts.Dir, "cni", "conf", "10-bridge.conflist"), []byte(conf), 0o644)
+}
+
+// PauseImage is the sandbox image the node's containerd uses; the test
+// imports it.
+const PauseImage = "localhost/sockbypass-e2e/pause:1"
+
+func (n *Node) containerdConfig() string {
+	dir := filepath.Join(n.opts.Dir, "containerd")
+	return fmt.Sprintf(`version = 3
+root = %q
+state = %q
+[grpc]
+  address = %q
+[ttrpc]
+  address = %q
+[plugins]
+  [plugins.'io.containerd.internal.v1.opt']
+    path = %q
+  [plugins.'io.containerd.nri.v1.nri']
+    disable = true
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = 'overlayfs'
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = %q
+  [plugins.'io.containerd.cri.v1.runtime']
+    enable_cdi = false
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = 'runc'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+        runtime_type = 'io.containerd.runc.v2'
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+          BinaryName = %q
+          SystemdCgroup = false
+    [plugins.'io.containerd.cri.v1.runtime'.cni]
+      bin_dirs = [%q]
+      conf_dir = %q
+      max_conf_num = 1
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), filepath.Join(dir, "containerd.sock"), filepath.Join(dir, "containerd.sock.ttrpc"),
+		filepath.Join(dir, "opt"), PauseImage, n.opts.Binaries.Runc, n.opts.Binaries.CNIDir, filepath.Join(n.opts.Dir, "cni", "conf"))
+}
+
+// Ctr runs ctr against the node's containerd, in the node's mount
+// namespace, in the k8s.io namespace.
+func (n *Node) Ctr(ctx context.Context, out *string, args ...string) error {
+	full := append([]string{"--mount=/proc/" + strconv.Itoa(n.holder.pid()) + "/ns/mnt", "--", n.opts.Binaries.Ctr, "--address", n.ContainerdSock, "-n", "k8s.io"}, args...)
+	b, err := exec.CommandContext(ctx, "nsenter", full...).CombinedOutput()
+	if out != nil {
+		*out = string(b)
+	}
+	if err != nil {
+		return fmt.Errorf("ctr %s: %v: %s", strings.Join(args, " "), err, b)
+	}
+	return nil
+}
+
+// InMountNS runs a command in the node's mount namespace (where the
+// node's bpffs is /sys/fs/bpf) and returns its output.
+func (n *Node) InMountNS(ctx context.Context, name string, args ...string) ([]byte, error) {
+	full := append([]string{"--mount=/proc/" + strconv.Itoa(n.holder.pid()) + "/ns/mnt", "--", name}, args...)
+	return exec.CommandContext(ctx, "nsenter", full...).Output()
+}
+
+// HolderPID is the PID of the process that holds the node's mount
+// namespace.
+func (n *Node) HolderPID() int { return n.holder.pid() }
+
+func waitFor(ctx context.Context, timeout time.Duration, f func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if errors.Is(err, errKubeletExited) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// WaitFor calls f every 250 ms until it returns nil or timeout passes.
+func WaitFor(ctx context.Context, timeout time.Duration, f func() error) error {
+	return waitFor(ctx, timeout, f)
+}
+
+// iptablesChains returns each table's chains.
+func iptablesChains() (map[string][]string, error) {
+	out := map[string][]string{}
+	for _, table := range []string{"filter", "nat", "mangle"} {
+		b, err := exec.Command("iptables", "-t", table, "-S").Output()
+		if err != nil {
+			return nil, fmt.Errorf("iptables -t %s -S: %w", table, err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && (f[0] == "-N" || f[0] == "-P") {
+				out[table] = append(out[table], f[1])
+			}
+		}
+	}
+	return out, nil
+}
+
+// Stop stops everything the node started and removes what it made. It
+// returns what it could not undo.
+func (n *Node) Stop() error {
+	var problems []string
+	// The kubelet first, so it restarts nothing; then every container and
+	// shim in the node's cgroups (SIGKILL by PID), then containerd and the
+	// control plane.
+	if n.kubelet != nil {
+		n.kubelet.stop(15 * time.Second)
+	}
+	v2, _ := Cgroup2Mount()
+	hier, _ := cgroupHierarchies()
+	for round := 0; round < 50; round++ {
+		var pids []int
+		for _, h := range hier {
+			pids = append(pids, pidsIn(filepath.Join(h, n.CgroupRoot, "kubepods"))...)
+		}
+		if len(pids) == 0 {
+			break
+		}
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n.ctrd != nil {
+		n.ctrd.stop(10 * time.Second)
+	}
+	if v2 != "" {
+		// The shims (containerd moved them into <root>/runtime with itself).
+		for round := 0; round < 50; round++ {
+			pids := pidsIn(filepath.Join(v2, n.CgroupRoot))
+			if len(pids) == 0 {
+				break
+			}
+			for _, pid := range pids {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if pids := pidsIn(filepath.Join(v2, n.CgroupRoot)); len(pids) > 0 {
+			problems = append(problems, fmt.Sprintf("processes left in the node's cgroups: %v", pids))
+		}
+	}
+	for i := len(n.procs) - 1; i >= 0; i-- {
+		n.procs[i].stop(10 * time.Second)
+	}
+	// The mount namespace is gone with its last process: its bpffs (the
+	// DaemonSet's pins), netns and container mounts with it.
+	for _, h := range hier {
+		if err := removeCgroupTree(filepath.Join(h, n.CgroupRoot)); err != nil {
+			problems = append(problems, err.Error())
+		}
+	}
+	if _, err := net.InterfaceByName(Bridge); err == nil {
+		if out, err := exec.Command("ip", "link", "del", Bridge).CombinedOutput(); err != nil {
+			problems = append(problems, fmt.Sprintf("ip link del %s: %v: %s", Bridge, err, out))
+		}
+	}
+	if n.dnat != nil {
+		del := slices.Clone(n.dnat)
+		del[2] = "-D"
+		if out, err := exec.Command("iptables", del...).CombinedOutput(); err != nil {
+			problems = append(problems, fmt.Sprintf("iptables %s: %v: %s", strings.Join(del, " "), err, out))
+		}
+	}
+	if n.iptablesBefore != nil {
+		now, err := iptablesChains()
+		if err != nil {
+			problems = append(problems, err.Error())
+		}
+		for table, chains := range now {
+			for _, c := range chains {
+				if slices.Contains(n.iptablesBefore[table], c) {
+					continue
+				}
+				// A chain the kubelet added (KUBE-KUBELET-CANARY, ...):
+				// flush it, remove the rules that jump to it, delete it.
+				exec.Command("iptables", "-t", table, "-F", c).Run()
+				rules, _ := exec.Command("iptables", "-t", table, "-S").Output()
+				for _, r := range strings.Split(string(rules), "\n") {
+					if strings.HasPrefix(r, "-A ") && strings.Contains(r, " -j "+c) {
+						args := append([]string{"-t", table, "-D"}, strings.Fields(r)[1:]...)
+						exec.Command("iptables", args...).Run()
+					}
+				}
+				if out, err := exec.Command("iptables", "-t", table, "-X", c).CombinedOutput(); err != nil {
+					problems = append(problems, fmt.Sprintf("iptables -t %s -X %s: %v: %s", table, c, err, out))
+				}
+			}
+		}
+	}
+	if n.ipForward != "" {
+		os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte(n.ipForward), 0o644)
+	}
+	for _, d := range n.createdDirs {
+		os.Remove(d)
+	}
+	if len(problems) > 0 {
+		return errors.New("node cleanup: " + strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// Healthz answers whether url returns 200 (for probes from the test).
+func Healthz(url string) error {
+	c := &http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	return nil
+}
