@@ -218,6 +218,14 @@ func (h *harness) run() {
 
 	// (3) selection and traffic.
 	h.traffic(serverA)
+	if t.Failed() {
+		return
+	}
+	// (4) churn, (5) restarts, (6) readiness and Events, (7) uninstall.
+	h.churn(serverA)
+	h.restart(serverA)
+	h.readiness()
+	h.uninstall(serverA)
 }
 
 func (h *harness) waitServiceAccount(ns string) {

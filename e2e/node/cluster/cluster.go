@@ -240,8 +240,9 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 
 	// The mount namespace: private to the node, shared inside it (the
 	// kubelet's HostToContainer propagation needs shared mounts), with a
-	// bpffs, /run/netns and /run/containerd of its own.
-	for _, d := range []string{"/run/netns", "/run/containerd"} {
+	// bpffs, /run/netns, /run/containerd and /run/sockbypass (the
+	// daemon's ownership markers) of its own.
+	for _, d := range []string{"/run/netns", "/run/containerd", "/run/sockbypass"} {
 		if _, err := os.Stat(d); os.IsNotExist(err) {
 			if err := os.MkdirAll(d, 0o755); err != nil {
 				return nil, err
@@ -251,7 +252,7 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 	}
 	ready := filepath.Join(dir, "mountns.ready")
 	script := "set -e; mount --make-rshared /; mount -t bpf bpf /sys/fs/bpf; " +
-		"mount -t tmpfs tmpfs /run/netns; mount -t tmpfs tmpfs /run/containerd; " +
+		"mount -t tmpfs tmpfs /run/netns; mount -t tmpfs tmpfs /run/containerd; mount -t tmpfs tmpfs /run/sockbypass; " +
 		"touch " + ready + "; exec sleep 2147483647"
 	if n.holder, err = start(dir, "mountns", 0, nil, "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script); err != nil {
 		return nil, err
