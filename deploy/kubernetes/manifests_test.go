@@ -244,6 +244,9 @@ func TestHostMounts(t *testing.T) {
 		// host's bpffs through the bind mount anyway.
 		{"/sys/fs/bpf", corev1.HostPathDirectoryOrCreate, corev1.MountPropagationHostToContainer},
 		{"/sys/fs/cgroup", corev1.HostPathDirectory, corev1.MountPropagationNone},
+		// The daemon's ownership marker, where the node's CLI looks (the
+		// root filesystem is read-only).
+		{"/run/sockbypass", corev1.HostPathDirectoryOrCreate, corev1.MountPropagationNone},
 	}
 	hostPaths := 0
 	for _, v := range volumes {

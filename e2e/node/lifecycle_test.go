@@ -190,6 +190,7 @@ func (h *harness) restart(serverA *corev1.Pod) {
 	}
 	up := action.NewUpgrade(h.helmConfig())
 	up.Namespace, up.Wait, up.Timeout = systemNS, true, 3*time.Minute
+	up.PostRenderer = h.postRenderer()
 	vals := h.values(false)
 	vals["image"].(map[string]any)["tag"] = sockbypassTag + "-2"
 	t1 := time.Now()

@@ -2,7 +2,7 @@
 // real parts: etcd (Debian's etcd-server), kube-apiserver,
 // kube-controller-manager, kube-scheduler and a kubelet built from the
 // k8s.io/kubernetes module, containerd 2.x and its runc shim built from
-// the containerd module over Debian's runc, and the CNI bridge, host-local
+// the containerd module with runc built from its module, and the CNI bridge, host-local
 // and loopback plugins built from github.com/containernetworking/plugins.
 //
 // The node keeps to itself so that it can share the host: containerd,
@@ -40,11 +40,18 @@ import (
 	"k8s.io/client-go/rest"
 )
 
+// privateDirs get a tmpfs of the node's own in its mount namespace.
+var privateDirs = []string{"/run/netns", "/run/containerd", "/run/runc", "/run/sockbypass",
+	"/var/lib/kubelet", "/var/lib/cni", "/var/log/pods", "/var/log/containers"}
+
 // KubeVersion is the k8s.io/kubernetes version of e2e/kubeapiserver/go.mod.
 const KubeVersion = "v1.37.2"
 
 // ContainerdVersion is the containerd version of e2e/node/containerd/go.mod.
 const ContainerdVersion = "v2.2.9"
+
+// RuncVersion is the runc version of e2e/node/runc/go.mod.
+const RuncVersion = "v1.5.3"
 
 // ServiceIP is the "kubernetes" Service's cluster IP in
 // ServiceCIDR: there is no kube-proxy, so a DNAT rule in the host's
@@ -76,9 +83,10 @@ func CachedBinaries(cache string) (Binaries, []string) {
 		Containerd:        filepath.Join(ctrd, "containerd"),
 		Shim:              filepath.Join(ctrd, "containerd-shim-runc-v2"),
 		Ctr:               filepath.Join(ctrd, "ctr"),
+		Runc:              filepath.Join(cache, "runc-"+RuncVersion, "runc"),
 	}
 	var missing []string
-	for _, p := range []string{b.APIServer, b.ControllerManager, b.Scheduler, b.Kubelet, b.Containerd, b.Shim, b.Ctr} {
+	for _, p := range []string{b.APIServer, b.ControllerManager, b.Scheduler, b.Kubelet, b.Containerd, b.Shim, b.Ctr, b.Runc} {
 		if _, err := os.Stat(p); err != nil {
 			missing = append(missing, p)
 		}
@@ -240,20 +248,25 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 
 	// The mount namespace: private to the node, shared inside it (the
 	// kubelet's HostToContainer propagation needs shared mounts), with a
-	// bpffs, /run/netns, /run/containerd and /run/sockbypass (the
-	// daemon's ownership markers) of its own.
-	for _, d := range []string{"/run/netns", "/run/containerd", "/run/sockbypass"} {
+	// bpffs of its own and a tmpfs over every host path the kubelet,
+	// containerd and the CNI plugins write to whatever their
+	// configuration says (/var/lib/kubelet/device-plugins,
+	// /var/log/containers, /var/lib/cni, ...) and over /run/sockbypass
+	// (the daemon's ownership markers): the host's stay untouched. A
+	// directory missing on the host is created for the mount point and
+	// removed by Stop.
+	script := "set -e; mount --make-rshared /; mount -t bpf bpf /sys/fs/bpf; "
+	for _, d := range privateDirs {
 		if _, err := os.Stat(d); os.IsNotExist(err) {
 			if err := os.MkdirAll(d, 0o755); err != nil {
 				return nil, err
 			}
 			n.createdDirs = append(n.createdDirs, d)
 		}
+		script += "mount -t tmpfs tmpfs " + d + "; "
 	}
 	ready := filepath.Join(dir, "mountns.ready")
-	script := "set -e; mount --make-rshared /; mount -t bpf bpf /sys/fs/bpf; " +
-		"mount -t tmpfs tmpfs /run/netns; mount -t tmpfs tmpfs /run/containerd; mount -t tmpfs tmpfs /run/sockbypass; " +
-		"touch " + ready + "; exec sleep 2147483647"
+	script += "touch " + ready + "; exec sleep 2147483647"
 	if n.holder, err = start(dir, "mountns", 0, nil, "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script); err != nil {
 		return nil, err
 	}
@@ -369,7 +382,7 @@ current-context: node
 		"--root-ca-file", filepath.Join(certs, "ca.crt"),
 		"--service-account-private-key-file", filepath.Join(certs, "sa.key"),
 		"--use-service-account-credentials=false",
-		"--controllers", "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-persistentvolume-binder,-attachdetach",
+		"--controllers", "*,-nodeipam,-nodelifecycle,-persistentvolume-binder,-attachdetach",
 		"--service-cluster-ip-range", ServiceCIDR,
 	); err != nil {
 		return nil, err
@@ -451,7 +464,7 @@ cgroupsPerQOS: true
 failCgroupV1: false
 failSwapOn: false
 containerRuntimeEndpoint: unix://%s
-podLogsDirectory: %s
+podLogsDir: %s
 resolvConf: /etc/resolv.conf
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%%", imagefs.available: "1%%", nodefs.inodesFree: "1%%"}
 imageGCHighThresholdPercent: 100
@@ -578,6 +591,9 @@ state = %q
       sandbox = %q
   [plugins.'io.containerd.cri.v1.runtime']
     enable_cdi = false
+    # This host's root has no CAP_SYS_RESOURCE: no process may lower its
+    # oom_score_adj (the sandbox's -998, a Guaranteed container's -997).
+    restrict_oom_score_adj = %v
     [plugins.'io.containerd.cri.v1.runtime'.containerd]
       default_runtime_name = 'runc'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
@@ -590,8 +606,30 @@ state = %q
       conf_dir = %q
       max_conf_num = 1
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), filepath.Join(dir, "containerd.sock"), filepath.Join(dir, "containerd.sock.ttrpc"),
-		filepath.Join(dir, "opt"), PauseImage, n.opts.Binaries.Runc, n.opts.Binaries.CNIDir, filepath.Join(n.opts.Dir, "cni", "conf"))
+		filepath.Join(dir, "opt"), PauseImage, !hasCap(capSysResource), n.opts.Binaries.Runc, n.opts.Binaries.CNIDir, filepath.Join(n.opts.Dir, "cni", "conf"))
 }
+
+const capSysResource = 24
+
+// hasCap reports whether this process has capability c in its bounding
+// set (a sandboxed host may lack some: then no container can have it).
+func hasCap(c uint) bool {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapBnd:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && mask&(1<<c) != 0
+		}
+	}
+	return false
+}
+
+// HasCapSysResource reports whether the node's processes may have
+// CAP_SYS_RESOURCE.
+func HasCapSysResource() bool { return hasCap(capSysResource) }
 
 // Ctr runs ctr against the node's containerd, in the node's mount
 // namespace, in the k8s.io namespace.
@@ -753,8 +791,11 @@ func (n *Node) Stop() error {
 	if n.ipForward != "" {
 		os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte(n.ipForward), 0o644)
 	}
-	for _, d := range n.createdDirs {
-		os.Remove(d)
+	// Deepest first: a created parent goes after its children.
+	for i := len(n.createdDirs) - 1; i >= 0; i-- {
+		if err := os.Remove(n.createdDirs[i]); err != nil && !os.IsNotExist(err) {
+			problems = append(problems, err.Error())
+		}
 	}
 	if len(problems) > 0 {
 		return errors.New("node cleanup: " + strings.Join(problems, "; "))
