@@ -1,6 +1,7 @@
 package node
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -255,11 +256,27 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 	check(pods[1], false, "unlabelled namespace, client")
 	check(serverK, false, "kube-system, annotated server")
 	check(pods[2], false, "kube-system, annotated client")
-	if _, _, m, _ := s.get(pods[4].UID); m.MeshIntercepted == 0 || m.MeshOrigDstAnswers == 0 {
-		t.Errorf("app-sidecar: the app's connects were not intercepted to the sidecar (intercepted %d, SO_ORIGINAL_DST answers %d)", m.MeshIntercepted, m.MeshOrigDstAnswers)
+	// The app connected to server-a's pod IP; only sockbypass's
+	// connect4 (intercept mode: no iptables in this pod) can have taken
+	// it to the sidecar, which relays after SO_ORIGINAL_DST.
+	log, err := h.containerLog(pods[4], "istio-proxy", 1<<20)
+	relays := strings.Count(log, `"relay":"`+target(serverA)+`","from":"127.0.0.1:`)
+	_, _, m, _ := s.get(pods[4].UID)
+	h.rep.add("(3)   accel/app-sidecar: the sidecar relayed %d intercepted connections to %s after SO_ORIGINAL_DST; app<->sidecar redirected %d B (the pod's redirected minus cross-netns); mesh counters: intercepted %d, SO_ORIGINAL_DST answers %d, paired %d",
+		relays, target(serverA), m.RedirectedBytes-m.RedirectedCrossNetns, m.MeshIntercepted, m.MeshOrigDstAnswers, m.MeshPaired)
+	if err != nil || relays == 0 || relays != results["app-sidecar"].Conns {
+		t.Errorf("app-sidecar: %d of the app's %d connections went through the sidecar (%v)", relays, results["app-sidecar"].Conns, err)
 	}
-	if log, err := h.containerLog(pods[4], "istio-proxy", 2000); err == nil && !strings.Contains(log, `"relay"`) {
-		t.Errorf("the sidecar relayed nothing:\n%s", log)
+	if m.RedirectedBytes-m.RedirectedCrossNetns == 0 {
+		t.Errorf("app-sidecar: nothing redirected between the app and its sidecar")
+	}
+	if out, err := h.node.InMountNS(h.ctx, h.sockbypassBin(), "stats", "--json"); err == nil {
+		var doc statusDoc
+		if json.Unmarshal(out, &doc) == nil {
+			if c, ok := doc.cgroupOf(pods[4].UID); ok {
+				h.rep.add("(3)   stats --json for accel/app-sidecar now: mesh intercepted %d, orig dst answers %d, paired %d", c.MeshIntercepted, c.MeshOrigDstAnswers, c.MeshPaired)
+			}
+		}
 	}
 	h.statsOutput()
 }
