@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"helm.sh/helm/v3/pkg/action"
@@ -109,11 +110,59 @@ func (h *harness) churn(serverA *corev1.Pod) {
 			}
 		}
 	}
+	h.containerRestart(s)
 	for _, p := range []*corev1.Pod{long, fresh} {
 		r := h.finalResult(p, "client", 60*time.Second)
 		_, _, m, _ := s.get(p.UID)
 		h.rep.add("(4)   %s/%s: %d connections, %d B each way, intact=%v, redirected %d B", p.Namespace, p.Name, r.Conns, r.Sent, r.Intact, m.RedirectedBytes)
 	}
+}
+
+// containerRestart kills a server container's process (SIGKILL by PID,
+// found in its container cgroup): the kubelet starts it again in the same
+// pod cgroup, whose new connections are accelerated again; no byte of the
+// client's connections is ever wrong.
+func (h *harness) containerRestart(s *sampler) {
+	t := h.t
+	serverR := h.createPod(server(accelNS, "server-r", false))
+	s.watch(serverR)
+	clientR := h.create(client(accelNS, "client-r", serverR.Status.PodIP+":8080", "-conn-time", "1s", "-duration", "15s"))
+	s.watch(clientR)
+	if _, err := s.waitRedirected(serverR.UID, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	pid := 0
+	entries, _ := os.ReadDir(h.podCgroup(serverR))
+	for _, e := range entries {
+		data, _ := os.ReadFile(filepath.Join(h.podCgroup(serverR), e.Name(), "cgroup.procs"))
+		for _, f := range strings.Fields(string(data)) {
+			cmdline, _ := os.ReadFile("/proc/" + f + "/cmdline")
+			if strings.Contains(string(cmdline), "server") {
+				fmt.Sscan(f, &pid)
+			}
+		}
+	}
+	if pid == 0 {
+		t.Fatalf("no server process in %s", h.podCgroup(serverR))
+	}
+	t0 := time.Now()
+	if err := syscallKill(pid); err != nil {
+		t.Fatal(err)
+	}
+	restarted := h.waitPod(accelNS, "server-r", func(p *corev1.Pod) bool {
+		return len(p.Status.ContainerStatuses) == 1 && p.Status.ContainerStatuses[0].RestartCount > 0 && p.Status.ContainerStatuses[0].State.Running != nil
+	}, 60*time.Second)
+	tRunning := time.Since(t0)
+	_, _, before, _ := s.get(serverR.UID)
+	time.Sleep(3 * time.Second)
+	_, _, after, _ := s.get(serverR.UID)
+	r := h.finalResultBroken(clientR, "client", 60*time.Second, true)
+	h.rep.add("(4) accel/server-r's container killed (pid %d): running again (restart %d) %v later in the same pod cgroup; redirected %d B in the next 3 s; client-r: %d connections, %d broken by the kill, corrupt=%v",
+		pid, restarted.Status.ContainerStatuses[0].RestartCount, tRunning.Round(time.Millisecond), after.RedirectedBytes-before.RedirectedBytes, r.Conns, r.Broken, r.Corrupt)
+	if after.RedirectedBytes <= before.RedirectedBytes {
+		t.Errorf("server-r not accelerated after its container restarted")
+	}
+	h.deletePod(accelNS, "server-r", 1)
 }
 
 func (h *harness) daemonPod() *corev1.Pod {
@@ -225,6 +274,33 @@ func (h *harness) restart(serverA *corev1.Pod) {
 	}
 }
 
+// noLeaks checks, once every client has finished, that the node is back
+// to its one selected running pod: only accel/server-a's cgroup enabled,
+// no cgroup left disabled with live sockets, no socket in the sockhash.
+func (h *harness) noLeaks(serverA *corev1.Pod) {
+	var last string
+	err := waitFor(h, 20*time.Second, func() error {
+		doc, err := h.status()
+		if err != nil {
+			return err
+		}
+		var enabled []string
+		for _, c := range doc.Cgroups {
+			enabled = append(enabled, c.Cgroup)
+		}
+		last = fmt.Sprintf("enabled %v, %d disabled with live sockets, %d live sockets", enabled, len(doc.Disabled), doc.LiveSockets)
+		if _, ok := doc.cgroupOf(serverA.UID); !ok || len(doc.Cgroups) != 1 || len(doc.Disabled) != 0 || doc.LiveSockets != 0 {
+			return fmt.Errorf("after every client finished: %s", last)
+		}
+		return nil
+	})
+	if err != nil {
+		h.t.Error(err)
+		return
+	}
+	h.rep.add("(4) every client finished: only accel/server-a's cgroup enabled, none left disabled, 0 sockets in the sockhash (%s)", last)
+}
+
 // readiness is (6): a selected pod that cannot be enabled makes the
 // DaemonSet pod not Ready and gets an Event; its deletion makes it Ready
 // again.
@@ -313,3 +389,5 @@ func (h *harness) uninstall(serverA *corev1.Pod) {
 		t.Errorf("helm uninstall with cleanupOnUninstall left sockbypass installed (%v)", err)
 	}
 }
+
+func syscallKill(pid int) error { return syscall.Kill(pid, syscall.SIGKILL) }

@@ -156,8 +156,14 @@ type connResult struct {
 	Final     bool    `json:"final,omitempty"`
 	Connected bool    `json:"connected"`
 	// The final line's: connections made, and dials that failed.
-	Conns      int `json:"conns,omitempty"`
-	DialErrors int `json:"dial_errors,omitempty"`
+	Conns int `json:"conns,omitempty"`
+	// Corrupt: a byte read differs from the byte sent at that offset
+	// (whatever happened to the connection). Broken (final line):
+	// connections that ended in an error (a peer that went away) rather
+	// than with every byte echoed.
+	Corrupt    bool `json:"corrupt,omitempty"`
+	Broken     int  `json:"broken,omitempty"`
+	DialErrors int  `json:"dial_errors,omitempty"`
 }
 
 func client(ctx context.Context, args []string) error {
@@ -194,6 +200,12 @@ func client(ctx context.Context, args []string) error {
 		total.Received += r.Received
 		if !r.Intact || r.Error != "" {
 			total.Intact = false
+		}
+		if r.Error != "" {
+			total.Broken++
+		}
+		if r.Corrupt {
+			total.Corrupt = true
 		}
 	}
 	total.Conn = -1
@@ -300,7 +312,8 @@ write:
 	r.Seconds = time.Since(start).Seconds()
 	r.SentSHA = hex.EncodeToString(cs.Sum(nil))
 	r.RecvSHA = hex.EncodeToString(cr.Sum(nil))
-	if mismatch.Load() || r.SentSHA != r.RecvSHA || r.Sent != r.Received {
+	r.Corrupt = mismatch.Load()
+	if r.Corrupt || r.SentSHA != r.RecvSHA || r.Sent != r.Received {
 		r.Intact = false
 	}
 	return r
