@@ -101,8 +101,12 @@ func (h *harness) churn(serverA *corev1.Pod) {
 		}
 		return nil
 	})
-	h.rep.add("(4) deleted pod accel/server-b: its cgroup no longer enabled %v after the delete; its cgroup2 directory removed %v after the delete (%v)",
-		disabledAfter.Round(time.Millisecond), time.Since(t1).Round(time.Millisecond), removed)
+	removedText := fmt.Sprintf("removed %v after the delete", time.Since(t1).Round(time.Millisecond))
+	if removed != nil {
+		removedText = removed.Error()
+	}
+	h.rep.add("(4) deleted pod accel/server-b: its cgroup no longer enabled %v after the delete; its cgroup2 directory %s",
+		disabledAfter.Round(time.Millisecond), removedText)
 	if doc, err := h.status(); err == nil {
 		for _, c := range doc.Disabled {
 			if strings.Contains(c.Path, string(serverB.UID)) {

@@ -218,6 +218,9 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 		s.watch(got)
 		pods = append(pods, got)
 	}
+	// While they stream: stats and conns as the operator sees them.
+	time.Sleep(time.Until(t0.Add(7 * time.Second)))
+	h.statsOutput()
 	results := map[string]connResult{}
 	for _, p := range pods {
 		c := "client"
@@ -278,21 +281,35 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 			}
 		}
 	}
-	h.statsOutput()
 }
 
-// statsOutput prints `sockbypass stats` as the operator sees it, with
-// each cgroup's pod named.
+// statsOutput prints `sockbypass stats` and `sockbypass conns --state
+// paired` as the operator sees them on the node, with each pod UID in a
+// cgroup path replaced by the pod's name.
 func (h *harness) statsOutput() {
+	pods, _ := h.node.Admin.CoreV1().Pods("").List(h.ctx, metav1.ListOptions{})
+	name := func(out []byte) string {
+		text := string(out)
+		for _, p := range pods.Items {
+			text = strings.ReplaceAll(text, "pod"+string(p.UID), "pod("+p.Namespace+"/"+p.Name+")")
+			text = strings.ReplaceAll(text, string(p.UID), p.Namespace+"/"+p.Name) // the POD column
+		}
+		return text
+	}
 	out, err := h.node.InMountNS(h.ctx, h.sockbypassBin(), "stats")
 	if err != nil {
 		h.t.Errorf("sockbypass stats: %v", err)
 		return
 	}
-	pods, _ := h.node.Admin.CoreV1().Pods("").List(h.ctx, metav1.ListOptions{})
-	text := string(out)
-	for _, p := range pods.Items {
-		text = strings.ReplaceAll(text, "pod"+string(p.UID), "pod("+p.Namespace+"/"+p.Name+")")
+	h.rep.add("(3) sockbypass stats while the clients stream (pod UIDs named):\n%s", name(out))
+	out, err = h.node.InMountNS(h.ctx, h.sockbypassBin(), "conns", "--state", "paired")
+	if err != nil {
+		h.t.Errorf("sockbypass conns: %v", err)
+		return
 	}
-	h.rep.add("(3) sockbypass stats (pod UIDs named):\n%s", text)
+	lines := strings.Split(name(out), "\n")
+	if len(lines) > 14 {
+		lines = append(lines[:14], fmt.Sprintf("... (%d lines)", len(lines)))
+	}
+	h.rep.add("(3) sockbypass conns --state paired (first lines):\n%s", strings.Join(lines, "\n"))
 }
