@@ -129,7 +129,9 @@ func (h *harness) helmInstall(cleanupOnUninstall bool) {
 	h.rep.add("(2) helm install %s (chart %s %s, cleanupOnUninstall=%v): release %s v%d (helm --wait returned after %v); DaemonSet pod Ready %v after the install began",
 		rel.Name, rel.Chart.Metadata.Name, rel.Chart.Metadata.Version, cleanupOnUninstall, rel.Info.Status, rel.Version,
 		helmDone.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
-	if err := h.readyz(); err != nil {
+	// The kubelet saw /readyz answer 200; so must the test (retried: the
+	// probe, too, tolerates a slow answer on a busy host).
+	if err := waitFor(h, 20*time.Second, h.readyz); err != nil {
 		h.t.Errorf("DaemonSet pod Ready but its /readyz: %v", err)
 	}
 }

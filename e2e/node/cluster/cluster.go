@@ -220,15 +220,19 @@ func Cgroup2Mount() (string, error) {
 // and the scheduler, containerd, the kubelet, until the Node is Ready.
 // On failure what was started is stopped again.
 func Start(ctx context.Context, opts Options) (n *Node, err error) {
-	n = &Node{opts: opts, log: opts.Log, CgroupRoot: opts.Name}
+	node := &Node{opts: opts, log: opts.Log, CgroupRoot: opts.Name}
+	n = node
 	defer func() {
 		if err != nil {
-			if serr := n.Stop(); serr != nil {
+			if serr := node.Stop(); serr != nil {
 				err = fmt.Errorf("%w (and cleaning up: %v)", err, serr)
 			}
 			n = nil
 		}
 	}()
+	if err := cleanStale(opts.Name); err != nil {
+		return nil, err
+	}
 	dir := opts.Dir
 	for _, d := range []string{"certs", "etcd", "containerd/root", "containerd/state", "containerd/opt", "cni/conf", "cni/ipam", "kubelet/root", "kubelet/logs", "kubelet/certs"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
@@ -696,6 +700,94 @@ func iptablesChains() (map[string][]string, error) {
 	return out, nil
 }
 
+// cleanStale removes what a node of this name left behind when its test
+// process was killed before Stop ran (the control plane, containerd and
+// the kubelet die with it; the containers, the shims, the cgroups, the
+// bridge and the DNAT rule do not): processes in the node's cgroups are
+// killed by PID, the cgroups, the bridge and the node's DNAT rules removed.
+func cleanStale(name string) error {
+	hier, err := cgroupHierarchies()
+	if err != nil {
+		return err
+	}
+	// The shims name the old node's state directory (-address
+	// <dir>/containerd/containerd.sock): it goes too, once they are dead.
+	var stateDirs []string
+	// Killed processes stay in cgroup.procs until init reaps them.
+	for round := 0; round < 300; round++ {
+		var pids []int
+		for _, h := range hier {
+			pids = append(pids, pidsIn(filepath.Join(h, name))...)
+		}
+		if len(pids) == 0 {
+			break
+		}
+		for _, pid := range pids {
+			cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			args := strings.Split(string(cmdline), "\x00")
+			if i := slices.Index(args, "-address"); i >= 0 && i+1 < len(args) && strings.HasSuffix(args[i+1], "/containerd/containerd.sock") {
+				if d := filepath.Dir(filepath.Dir(args[i+1])); !slices.Contains(stateDirs, d) {
+					stateDirs = append(stateDirs, d)
+				}
+			}
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, h := range hier {
+		if err := removeCgroupTree(filepath.Join(h, name)); err != nil {
+			return fmt.Errorf("a previous run's cgroups: %w", err)
+		}
+	}
+	for _, d := range stateDirs {
+		// Only a node state directory: it holds mountns.ready.
+		if _, err := os.Stat(filepath.Join(d, "mountns.ready")); err == nil {
+			os.RemoveAll(d)
+		}
+	}
+	if _, err := net.InterfaceByName(Bridge); err == nil {
+		exec.Command("ip", "link", "del", Bridge).Run()
+	}
+	rules, _ := exec.Command("iptables", "-t", "nat", "-S", "OUTPUT").Output()
+	for _, r := range strings.Split(string(rules), "\n") {
+		if strings.HasPrefix(r, "-A OUTPUT ") && strings.Contains(r, "sockbypass-node-e2e "+name) {
+			// -S quotes the comment: split it back into arguments.
+			args := []string{"-t", "nat", "-D"}
+			for _, f := range splitQuoted(r[len("-A "):]) {
+				args = append(args, f)
+			}
+			exec.Command("iptables", args...).Run()
+		}
+	}
+	return nil
+}
+
+// splitQuoted splits an iptables -S line into its arguments, "a b" as one.
+func splitQuoted(s string) []string {
+	var out []string
+	var cur strings.Builder
+	quoted, any := false, false
+	for _, r := range s {
+		switch {
+		case r == '"':
+			quoted, any = !quoted, true
+		case r == ' ' && !quoted:
+			if any {
+				out = append(out, cur.String())
+				cur.Reset()
+				any = false
+			}
+		default:
+			cur.WriteRune(r)
+			any = true
+		}
+	}
+	if any {
+		out = append(out, cur.String())
+	}
+	return out
+}
+
 // Stop stops everything the node started and removes what it made. It
 // returns what it could not undo.
 func (n *Node) Stop() error {
@@ -708,7 +800,7 @@ func (n *Node) Stop() error {
 	}
 	v2, _ := Cgroup2Mount()
 	hier, _ := cgroupHierarchies()
-	for round := 0; round < 50; round++ {
+	for round := 0; round < 300; round++ {
 		var pids []int
 		for _, h := range hier {
 			pids = append(pids, pidsIn(filepath.Join(h, n.CgroupRoot, "kubepods"))...)
@@ -726,7 +818,7 @@ func (n *Node) Stop() error {
 	}
 	if v2 != "" {
 		// The shims (containerd moved them into <root>/runtime with itself).
-		for round := 0; round < 50; round++ {
+		for round := 0; round < 300; round++ {
 			pids := pidsIn(filepath.Join(v2, n.CgroupRoot))
 			if len(pids) == 0 {
 				break
@@ -805,7 +897,7 @@ func (n *Node) Stop() error {
 
 // Healthz answers whether url returns 200 (for probes from the test).
 func Healthz(url string) error {
-	c := &http.Client{Timeout: 2 * time.Second}
+	c := &http.Client{Timeout: 5 * time.Second} // the chart's probe timeout
 	resp, err := c.Get(url)
 	if err != nil {
 		return err
