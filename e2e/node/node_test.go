@@ -153,6 +153,11 @@ func TestNode(t *testing.T) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("node logs:\n%s", node.Logs(6000))
+			if d, err := time.ParseDuration(os.Getenv("SOCKBYPASS_NODE_PAUSE_ON_FAIL")); err == nil {
+				// Time to look at the failed node before it goes.
+				t.Logf("node kept for %v (holder pid %d)", d, node.HolderPID())
+				time.Sleep(d)
+			}
 			if keep := os.Getenv("SOCKBYPASS_NODE_KEEP_LOGS"); keep != "" {
 				// The node's logs and the pods' (for a failure to look into).
 				exec.Command("cp", "-r", filepath.Join(dir, "node"), keep).Run()

@@ -148,6 +148,24 @@ func (s *sampler) waitRedirected(uid types.UID, timeout time.Duration) (time.Tim
 	return time.Time{}, fmt.Errorf("no redirected bytes for %s within %v (status errors %d, last %v)", s.pods[uid], timeout, s.errs, s.lastErr)
 }
 
+// waitGrowth waits until the pod's cgroup has redirected more than from
+// bytes.
+func (s *sampler) waitGrowth(uid types.UID, from int64, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		s.mu.Lock()
+		m := s.max[uid]
+		s.mu.Unlock()
+		if m.RedirectedBytes > from {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return fmt.Errorf("%s redirected nothing more than %d B within %v (status errors %d, last %v)", s.pods[uid], from, timeout, s.errs, s.lastErr)
+}
+
 func sidecarPod(ns, name, target string, duration string) *corev1.Pod {
 	always := corev1.ContainerRestartPolicyAlways
 	return &corev1.Pod{

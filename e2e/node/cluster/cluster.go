@@ -12,8 +12,10 @@
 // own (/<Name> in every hierarchy, the kubelet's --cgroup-root), with
 // their state in a directory of the node's. Stop ends every process it
 // started by PID, then whatever is left in its cgroups, and removes its
-// cgroups, the CNI bridge, the iptables chains the kubelet added and its
-// own DNAT rule, and says what it could not remove.
+// cgroups, the CNI bridge and its dummy interface (the API server's
+// address), and says what it could not remove. It adds no iptables rule:
+// a NAT rule would turn on connection tracking for the whole host
+// network namespace.
 package cluster
 
 import (
@@ -53,10 +55,14 @@ const ContainerdVersion = "v2.2.9"
 // RuncVersion is the runc version of e2e/node/runc/go.mod.
 const RuncVersion = "v1.5.3"
 
-// ServiceIP is the "kubernetes" Service's cluster IP in
-// ServiceCIDR: there is no kube-proxy, so a DNAT rule in the host's
-// OUTPUT chain takes it to the API server, as kube-proxy's would.
+// ServiceIP is the "kubernetes" Service's cluster IP in ServiceCIDR.
+// There is no kube-proxy; rather than a DNAT rule (which would turn on
+// connection tracking for every connection of the host's network
+// namespace, the benchmarks' too), the API server listens on
+// ServiceIP:443 itself, an address of a dummy interface (ServiceDev) of
+// the node's.
 const (
+	ServiceDev  = "sbnode-svc0"
 	ServiceCIDR = "10.96.0.0/24"
 	ServiceIP   = "10.96.0.1"
 	PodCIDR     = "10.244.29.0/24"
@@ -128,7 +134,8 @@ type Node struct {
 	Timings []Timing
 
 	iptablesBefore map[string][]string
-	dnat           []string
+	serviceDev     bool
+	tablesBefore   []string
 	ipForward      string
 	createdDirs    []string
 }
@@ -246,6 +253,7 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 	if n.iptablesBefore, err = iptablesChains(); err != nil {
 		return nil, err
 	}
+	n.tablesBefore = netfilterTables()
 	if data, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); err == nil {
 		n.ipForward = strings.TrimSpace(string(data))
 	}
@@ -327,15 +335,21 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 	if err := os.WriteFile(filepath.Join(dir, "certs", "tokens.csv"), []byte(token+",admin,admin,system:masters\n"), 0o600); err != nil {
 		return nil, err
 	}
-	apiPort, err := freePort()
-	if err != nil {
-		return nil, err
+	// The API server's address: ServiceIP on a dummy interface.
+	if out, err := exec.Command("ip", "link", "add", ServiceDev, "type", "dummy").CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("ip link add %s: %v: %s", ServiceDev, err, out)
+	}
+	n.serviceDev = true
+	for _, args := range [][]string{{"addr", "add", ServiceIP + "/32", "dev", ServiceDev}, {"link", "set", ServiceDev, "up"}} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
 	}
 	certs := filepath.Join(dir, "certs")
 	if n.apiserver, err = start(dir, "kube-apiserver", 0, nil, opts.Binaries.APIServer,
 		"--etcd-servers", etcdURL,
-		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-		"--secure-port", strconv.Itoa(apiPort),
+		"--bind-address", ServiceIP, "--advertise-address", ServiceIP,
+		"--secure-port", "443",
 		"--tls-cert-file", filepath.Join(certs, "apiserver.crt"), "--tls-private-key-file", filepath.Join(certs, "apiserver.key"),
 		"--token-auth-file", filepath.Join(certs, "tokens.csv"),
 		"--authorization-mode", "Node,RBAC",
@@ -349,7 +363,7 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 		return nil, err
 	}
 	n.procs = append(n.procs, n.apiserver)
-	host := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
+	host := "https://" + ServiceIP + ":443"
 	n.Config = &rest.Config{Host: host, BearerToken: token, TLSClientConfig: rest.TLSClientConfig{CAFile: filepath.Join(certs, "ca.crt")}, QPS: 100, Burst: 200}
 	if n.Admin, err = kubernetes.NewForConfig(n.Config); err != nil {
 		return nil, err
@@ -400,17 +414,6 @@ current-context: node
 	}
 	n.procs = append(n.procs, n.scheduler)
 	n.timed("control plane up (etcd, kube-apiserver ready; controller manager, scheduler started)", t)
-
-	// The kubernetes Service's IP reaches the API server (no kube-proxy).
-	n.dnat = []string{"-t", "nat", "-A", "OUTPUT", "-d", ServiceIP + "/32", "-p", "tcp", "--dport", "443",
-		"-m", "comment", "--comment", "sockbypass-node-e2e " + opts.Name,
-		"-j", "DNAT", "--to-destination", fmt.Sprintf("127.0.0.1:%d", apiPort)}
-	if out, err := exec.Command("iptables", n.dnat...).CombinedOutput(); err != nil {
-		n.dnat = nil
-		return nil, fmt.Errorf("iptables DNAT for the kubernetes service: %v: %s", err, out)
-	}
-	// DNAT to 127.0.0.1 from another address needs route_localnet only in
-	// PREROUTING; locally generated packets (host-network pods) are fine.
 
 	// containerd.
 	t = time.Now()
@@ -467,6 +470,8 @@ cgroupRoot: /%s
 cgroupsPerQOS: true
 failCgroupV1: false
 failSwapOn: false
+# No KUBE-* iptables chains on the shared host (no kube-proxy here uses them).
+makeIPTablesUtilChains: false
 containerRuntimeEndpoint: unix://%s
 podLogsDir: %s
 resolvConf: /etc/resolv.conf
@@ -703,8 +708,9 @@ func iptablesChains() (map[string][]string, error) {
 // cleanStale removes what a node of this name left behind when its test
 // process was killed before Stop ran (the control plane, containerd and
 // the kubelet die with it; the containers, the shims, the cgroups, the
-// bridge and the DNAT rule do not): processes in the node's cgroups are
-// killed by PID, the cgroups, the bridge and the node's DNAT rules removed.
+// bridge and the dummy interface do not): processes in the node's cgroups
+// are killed by PID, the cgroups, the links and (older runs) DNAT rules
+// removed.
 func cleanStale(name string) error {
 	hier, err := cgroupHierarchies()
 	if err != nil {
@@ -745,8 +751,21 @@ func cleanStale(name string) error {
 			os.RemoveAll(d)
 		}
 	}
-	if _, err := net.InterfaceByName(Bridge); err == nil {
-		exec.Command("ip", "link", "del", Bridge).Run()
+	for _, dev := range []string{Bridge, ServiceDev} {
+		if _, err := net.InterfaceByName(dev); err == nil {
+			exec.Command("ip", "link", "del", dev).Run()
+		}
+	}
+	// The chains a killed run's kubelet added, when no other kubelet runs
+	// here (they would be its own).
+	if out, _ := exec.Command("pgrep", "-x", "kubelet").Output(); len(strings.TrimSpace(string(out))) == 0 {
+		for _, table := range []string{"filter", "nat", "mangle"} {
+			for _, c := range kubeletChains {
+				if exec.Command("iptables", "-t", table, "-S", c).Run() == nil {
+					deleteChain(table, c)
+				}
+			}
+		}
 	}
 	rules, _ := exec.Command("iptables", "-t", "nat", "-S", "OUTPUT").Output()
 	for _, r := range strings.Split(string(rules), "\n") {
@@ -758,6 +777,45 @@ func cleanStale(name string) error {
 			}
 			exec.Command("iptables", args...).Run()
 		}
+	}
+	return nil
+}
+
+// netfilterTables returns the iptables tables of the host's namespace,
+// "ip nat", "ip6 filter", ... (as iptables-save and ip6tables-save list
+// them).
+func netfilterTables() []string {
+	var out []string
+	for _, fam := range []struct{ cmd, name string }{{"iptables-save", "ip"}, {"ip6tables-save", "ip6"}} {
+		b, err := exec.Command(fam.cmd).Output()
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if t, ok := strings.CutPrefix(line, "*"); ok {
+				out = append(out, fam.name+" "+strings.TrimSpace(t))
+			}
+		}
+	}
+	return out
+}
+
+// kubeletChains are the iptables chains a kubelet adds.
+var kubeletChains = []string{"KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT"}
+
+// deleteChain removes the rules that jump to chain c, flushes it and
+// deletes it.
+func deleteChain(table, c string) error {
+	rules, _ := exec.Command("iptables", "-t", table, "-S").Output()
+	for _, r := range strings.Split(string(rules), "\n") {
+		if strings.HasPrefix(r, "-A ") && strings.HasSuffix(r, " -j "+c) {
+			args := append([]string{"-t", table, "-D"}, splitQuoted(r[len("-A "):])...)
+			exec.Command("iptables", args...).Run()
+		}
+	}
+	exec.Command("iptables", "-t", table, "-F", c).Run()
+	if out, err := exec.Command("iptables", "-t", table, "-X", c).CombinedOutput(); err != nil {
+		return fmt.Errorf("iptables -t %s -X %s: %v: %s", table, c, err, out)
 	}
 	return nil
 }
@@ -847,11 +905,9 @@ func (n *Node) Stop() error {
 			problems = append(problems, fmt.Sprintf("ip link del %s: %v: %s", Bridge, err, out))
 		}
 	}
-	if n.dnat != nil {
-		del := slices.Clone(n.dnat)
-		del[2] = "-D"
-		if out, err := exec.Command("iptables", del...).CombinedOutput(); err != nil {
-			problems = append(problems, fmt.Sprintf("iptables %s: %v: %s", strings.Join(del, " "), err, out))
+	if n.serviceDev {
+		if out, err := exec.Command("ip", "link", "del", ServiceDev).CombinedOutput(); err != nil {
+			problems = append(problems, fmt.Sprintf("ip link del %s: %v: %s", ServiceDev, err, out))
 		}
 	}
 	if n.iptablesBefore != nil {
@@ -864,19 +920,23 @@ func (n *Node) Stop() error {
 				if slices.Contains(n.iptablesBefore[table], c) {
 					continue
 				}
-				// A chain the kubelet added (KUBE-KUBELET-CANARY, ...):
-				// flush it, remove the rules that jump to it, delete it.
-				exec.Command("iptables", "-t", table, "-F", c).Run()
-				rules, _ := exec.Command("iptables", "-t", table, "-S").Output()
-				for _, r := range strings.Split(string(rules), "\n") {
-					if strings.HasPrefix(r, "-A ") && strings.Contains(r, " -j "+c) {
-						args := append([]string{"-t", table, "-D"}, strings.Fields(r)[1:]...)
-						exec.Command("iptables", args...).Run()
-					}
+				// A chain the kubelet added (KUBE-KUBELET-CANARY, ...).
+				if err := deleteChain(table, c); err != nil {
+					problems = append(problems, err.Error())
 				}
-				if out, err := exec.Command("iptables", "-t", table, "-X", c).CombinedOutput(); err != nil {
-					problems = append(problems, fmt.Sprintf("iptables -t %s -X %s: %v: %s", table, c, err, out))
-				}
+			}
+		}
+	}
+	// A netfilter table that appeared (a nat table hooks connection
+	// tracking into every connection of the host's namespace): removed
+	// when empty and nft is there to remove it, else reported.
+	if n.tablesBefore != nil {
+		for _, tb := range netfilterTables() {
+			if slices.Contains(n.tablesBefore, tb) {
+				continue
+			}
+			if out, err := exec.Command("nft", "delete", "table", tb).CombinedOutput(); err != nil {
+				problems = append(problems, fmt.Sprintf("netfilter table %q appeared during the run and could not be removed: %v: %s", tb, err, out))
 			}
 		}
 	}
