@@ -12,7 +12,7 @@
 // own (/<Name> in every hierarchy, the kubelet's --cgroup-root), with
 // their state in a directory of the node's. Stop ends every process it
 // started by PID, then whatever is left in its cgroups, and removes its
-// cgroups, the CNI bridge and its dummy interface (the API server's
+// cgroups and the CNI bridge (which also carries the API server's
 // address), and says what it could not remove. It adds no iptables rule:
 // a NAT rule would turn on connection tracking for the whole host
 // network namespace.
@@ -59,13 +59,14 @@ const RuncVersion = "v1.5.3"
 // There is no kube-proxy; rather than a DNAT rule (which would turn on
 // connection tracking for every connection of the host's network
 // namespace, the benchmarks' too), the API server listens on
-// ServiceIP:443 itself, an address of a dummy interface (ServiceDev) of
-// the node's.
+// ServiceIP:443 itself, an address of the node's CNI bridge (created
+// before the CNI plugin finds and uses it; this VM's kernel has no dummy
+// links).
 const (
-	ServiceDev  = "sbnode-svc0"
 	ServiceCIDR = "10.96.0.0/24"
 	ServiceIP   = "10.96.0.1"
 	PodCIDR     = "10.244.29.0/24"
+	PodGateway  = "10.244.29.1/24"
 	Bridge      = "sbnode0"
 )
 
@@ -134,7 +135,6 @@ type Node struct {
 	Timings []Timing
 
 	iptablesBefore map[string][]string
-	serviceDev     bool
 	tablesBefore   []string
 	ipForward      string
 	createdDirs    []string
@@ -335,12 +335,13 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 	if err := os.WriteFile(filepath.Join(dir, "certs", "tokens.csv"), []byte(token+",admin,admin,system:masters\n"), 0o600); err != nil {
 		return nil, err
 	}
-	// The API server's address: ServiceIP on a dummy interface.
-	if out, err := exec.Command("ip", "link", "add", ServiceDev, "type", "dummy").CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("ip link add %s: %v: %s", ServiceDev, err, out)
+	// The API server's address: ServiceIP on the node's bridge.
+	if out, err := exec.Command("ip", "link", "add", Bridge, "type", "bridge").CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("ip link add %s: %v: %s", Bridge, err, out)
 	}
-	n.serviceDev = true
-	for _, args := range [][]string{{"addr", "add", ServiceIP + "/32", "dev", ServiceDev}, {"link", "set", ServiceDev, "up"}} {
+	// The pods' gateway first: the bridge plugin (v1.10) accepts a bridge
+	// whose first IPv4 address is its gateway, and refuses any other.
+	for _, args := range [][]string{{"addr", "add", PodGateway, "dev", Bridge}, {"addr", "add", ServiceIP + "/32", "dev", Bridge}, {"link", "set", Bridge, "up"}} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
 		}
@@ -708,9 +709,8 @@ func iptablesChains() (map[string][]string, error) {
 // cleanStale removes what a node of this name left behind when its test
 // process was killed before Stop ran (the control plane, containerd and
 // the kubelet die with it; the containers, the shims, the cgroups, the
-// bridge and the dummy interface do not): processes in the node's cgroups
-// are killed by PID, the cgroups, the links and (older runs) DNAT rules
-// removed.
+// bridge do not): processes in the node's cgroups are killed by PID, the
+// cgroups, the bridge and (older runs) DNAT rules removed.
 func cleanStale(name string) error {
 	hier, err := cgroupHierarchies()
 	if err != nil {
@@ -751,10 +751,8 @@ func cleanStale(name string) error {
 			os.RemoveAll(d)
 		}
 	}
-	for _, dev := range []string{Bridge, ServiceDev} {
-		if _, err := net.InterfaceByName(dev); err == nil {
-			exec.Command("ip", "link", "del", dev).Run()
-		}
+	if _, err := net.InterfaceByName(Bridge); err == nil {
+		exec.Command("ip", "link", "del", Bridge).Run()
 	}
 	// The chains a killed run's kubelet added, when no other kubelet runs
 	// here (they would be its own).
@@ -903,11 +901,6 @@ func (n *Node) Stop() error {
 	if _, err := net.InterfaceByName(Bridge); err == nil {
 		if out, err := exec.Command("ip", "link", "del", Bridge).CombinedOutput(); err != nil {
 			problems = append(problems, fmt.Sprintf("ip link del %s: %v: %s", Bridge, err, out))
-		}
-	}
-	if n.serviceDev {
-		if out, err := exec.Command("ip", "link", "del", ServiceDev).CombinedOutput(); err != nil {
-			problems = append(problems, fmt.Sprintf("ip link del %s: %v: %s", ServiceDev, err, out))
 		}
 	}
 	if n.iptablesBefore != nil {
