@@ -291,6 +291,23 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 	if m.RedirectedBytes-m.RedirectedCrossNetns == 0 {
 		t.Errorf("app-sidecar: nothing redirected between the app and its sidecar")
 	}
+	// What the daemon said about the pods it could not fully read (not a
+	// failure here: reported for whoever reads the report).
+	if dp := h.daemonPod(); dp != nil {
+		if log, err := h.containerLog(dp, "sockbypass", 1<<22); err == nil {
+			n, first := 0, ""
+			for _, line := range strings.Split(log, "\n") {
+				if strings.Contains(line, "cannot read the listeners") {
+					if n++; first == "" {
+						first = line
+					}
+				}
+			}
+			if n > 0 {
+				h.rep.add("(3)   the DaemonSet pod logged %d times that it cannot read a pod's listeners, first: %s", n, first)
+			}
+		}
+	}
 	if out, err := h.node.InMountNS(h.ctx, h.sockbypassBin(), "stats", "--json"); err == nil {
 		var doc statusDoc
 		if json.Unmarshal(out, &doc) == nil {
