@@ -304,17 +304,6 @@ kubernetes:
 
 func waitEvent(t *testing.T, c kubernetes.Interface, pod *corev1.Pod, reason, text string) {
 	t.Helper()
-	// A fallback is a Normal Event (the pod keeps working on plain TCP);
-	// every other reason is a Warning.
-	kind := corev1.EventTypeWarning
-	if reason == ReasonFallback {
-		kind = corev1.EventTypeNormal
-	}
-	waitEventOfType(t, c, pod, reason, kind, text)
-}
-
-func waitEventOfType(t *testing.T, c kubernetes.Interface, pod *corev1.Pod, reason, kind, text string) {
-	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		evs, err := c.CoreV1().Events(pod.Namespace).List(context.Background(), metav1.ListOptions{})
@@ -322,12 +311,12 @@ func waitEventOfType(t *testing.T, c kubernetes.Interface, pod *corev1.Pod, reas
 			t.Fatal(err)
 		}
 		for _, ev := range evs.Items {
-			if ev.InvolvedObject.UID == pod.UID && ev.Reason == reason && ev.Type == kind && strings.Contains(ev.Message, text) {
+			if ev.InvolvedObject.UID == pod.UID && ev.Reason == reason && ev.Type == corev1.EventTypeWarning && strings.Contains(ev.Message, text) {
 				return
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no %s %s Event on %s/%s mentioning %q; events: %+v", kind, reason, pod.Namespace, pod.Name, text, evs.Items)
+			t.Fatalf("no %s Event on %s/%s mentioning %q; events: %+v", reason, pod.Namespace, pod.Name, text, evs.Items)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
