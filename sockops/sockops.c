@@ -147,10 +147,26 @@ static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 	}
 	if (state->flags & SOCK_FLAG_INTERCEPTED) {
 		struct orig_dst od = {};
+		__u32 slot = cgroup_slot;
+		__u64 *n;
+
 		__builtin_memcpy(od.ip, state->orig_dst_ip, sizeof(od.ip));
 		od.port = state->orig_dst_port;
 		od.family = state->orig_dst_family;
-		bpf_map_update_elem(&orig_dsts, &ek, &od, BPF_ANY);
+		od.slot = cgroup_slot + 1;
+		/* A stale entry of the same endpoint (its socket's close was
+		 * not seen) gives its count back first. */
+		forget_orig_dst(&ek);
+		if (bpf_map_update_elem(&orig_dsts, &ek, &od, BPF_NOEXIST) == 0) {
+			n = bpf_map_lookup_elem(&intercepts, &slot);
+			if (n)
+				__sync_fetch_and_add(n, 1);
+		} else {
+			struct cgroup_counters *c = counters_for(cgroup_slot);
+
+			if (c)
+				__sync_fetch_and_add(&c->intercepts_unrecorded, 1);
+		}
 	}
 	/* To forget the endpoint when the socket closes. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -938,7 +954,7 @@ static __noinline void mesh_accept(struct bpf_sock_ops *skops)
 	state->orig_dst_port = od->port;
 	state->orig_dst_family = od->family;
 	state->flags |= SOCK_FLAG_ORIG_DST;
-	bpf_map_delete_elem(&orig_dsts, &ek);
+	forget_orig_dst(&ek);
 }
 
 /* add_listener counts a listening socket on ek (see listeners): a new
@@ -1222,7 +1238,7 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 		state->flags &= ~SOCK_FLAG_ENDPOINT_COUNTED;
 		if (users && (__sync_fetch_and_add(users, -1) & ENDPOINT_COUNT_MASK) <= 1)
 			bpf_map_delete_elem(&mesh_endpoints, &ek);
-		bpf_map_delete_elem(&orig_dsts, &ek);
+		forget_orig_dst(&ek);
 		if (ek.netns_cookie == 0)
 			bpf_map_delete_elem(&mesh_clients, &ek);
 	}
