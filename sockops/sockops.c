@@ -732,6 +732,8 @@ static __noinline int offered(struct bpf_sock_ops *skops, struct sock_key *key, 
 
 		if (passive && !listener_may_pair(lflags))
 			count_not_offered(c, lflags);
+		else if (!passive && sock_nonblocking(skops->sk) == 0)
+			COUNT(c, sockets_blocking); /* it would never have joined */
 		else
 			COUNT(c, sockets_unpaired);
 	}
