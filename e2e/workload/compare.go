@@ -30,6 +30,11 @@ type Case struct {
 	// Size is the message size (rr) or the write size (stream).
 	Size int
 	CPUs CPUs
+	// Blocking, for a connection-rate case, makes its sockets blocking
+	// (ConnRateOpts.Blocking): connections sockbypass leaves plain.
+	// Request/response and stream cases block or not as the Setup's
+	// Connect makes their pair.
+	Blocking bool
 }
 
 // DefaultCases are the cases of the loopback benchmark: request/response
@@ -161,8 +166,13 @@ type Setup struct {
 	// Connect makes a connection of the mode (rr and stream cases).
 	Connect func(mode int) (Pair, error)
 	// RunIn runs fn where the mode's sockets are created, such as in its
-	// cgroup (connection-rate cases; nil when there are none).
+	// cgroup (connection-rate cases; nil when there are none or when
+	// ConnRate is set).
 	RunIn func(mode int, fn func()) error
+	// ConnRate, when set, measures a connection-rate case in a mode
+	// (for topologies other than one cgroup on loopback: it calls
+	// ConnRateWith with its own ListenIn and DialIn).
+	ConnRate func(mode int, c Case, dur time.Duration) (float64, error)
 }
 
 // CompareN runs every case runs times in each of the named modes, rotating
@@ -187,7 +197,11 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 				if c.Kind == KindConnRate {
 					var rate float64
 					var err error
-					if rerr := setup.RunIn(mode, func() { rate, err = ConnRate(c.Size, dur, c.CPUs.Client) }); rerr != nil {
+					if setup.ConnRate != nil {
+						rate, err = setup.ConnRate(mode, c, dur)
+					} else if rerr := setup.RunIn(mode, func() {
+						rate, err = ConnRateWith(ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking}, dur)
+					}); rerr != nil {
 						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], rerr)
 					}
 					if err != nil {
