@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -353,19 +354,47 @@ func printPlainCost(w io.Writer, results []plainCostCaseResult, runs int, dur ti
 		if len(r.Hooks) == 0 {
 			continue
 		}
-		fmt.Fprintf(w, "BPF programs, %s, one enabled run with statistics on", r.Case)
-		if r.Connections > 0 {
-			var total time.Duration
-			for _, h := range r.Hooks {
-				total += h.Runtime
-			}
-			fmt.Fprintf(w, " (about %.0f connections: %.0f ns of BPF per connection)", r.Connections, float64(total.Nanoseconds())/r.Connections)
+		hooks := sumByProgram(r.Hooks)
+		fmt.Fprintf(w, "BPF programs, %s, one enabled run with statistics on (summed over the cgroups' instances)", r.Case)
+		if r.Connections <= 0 {
+			fmt.Fprintln(w, ":")
+			fmt.Fprintln(w)
+			bpfstats.Print(w, hooks)
+			fmt.Fprintln(w)
+			continue
 		}
-		fmt.Fprintln(w, ":")
-		fmt.Fprintln(w)
-		bpfstats.Print(w, r.Hooks)
+		var total time.Duration
+		for _, h := range hooks {
+			total += h.Runtime
+		}
+		fmt.Fprintf(w, ", about %.0f connections: %.0f ns of BPF per connection:\n\n", r.Connections, float64(total.Nanoseconds())/r.Connections)
+		fmt.Fprintln(w, "| program | runs | ns per run | runs per connection | ns per connection |")
+		fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
+		for _, h := range hooks {
+			fmt.Fprintf(w, "| %s | %d | %d | %.1f | %.0f |\n", h.Program, h.Runs, h.PerRun().Nanoseconds(),
+				float64(h.Runs)/r.Connections, float64(h.Runtime.Nanoseconds())/r.Connections)
+		}
 		fmt.Fprintln(w)
 	}
+}
+
+// sumByProgram sums the costs of the programs of the same name (one
+// instance per enabled cgroup), in name order.
+func sumByProgram(costs []bpfstats.Cost) []bpfstats.Cost {
+	var out []bpfstats.Cost
+	idx := map[string]int{}
+	for _, c := range costs {
+		i, ok := idx[c.Program]
+		if !ok {
+			idx[c.Program] = len(out)
+			out = append(out, bpfstats.Cost{Program: c.Program})
+			i = len(out) - 1
+		}
+		out[i].Runs += c.Runs
+		out[i].Runtime += c.Runtime
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Program < out[j].Program })
+	return out
 }
 
 // BenchmarkPlainConnectionCost prints what connections that stay plain
