@@ -24,7 +24,7 @@ var (
 func (r *Report) WriteCharts(dir string) ([]string, error) {
 	var files []string
 	for _, c := range r.Cases {
-		if c.Workload != "sockperf" || c.Error != "" || len(c.PlainPercentiles) == 0 {
+		if (c.Workload != "sockperf" && c.Workload != "epoll-pingpong") || c.Error != "" || len(c.PlainPercentiles) == 0 {
 			continue
 		}
 		name := filepath.Join(dir, "latency-"+fileName(c.Name)+".png")
