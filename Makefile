@@ -71,7 +71,8 @@ soak: deps
 demo: deps build
 	./e2e/demo.sh
 
-# Benchmarks with real clients (sockperf, iperf3, wrk+nginx, redis-benchmark), plain vs
+# Benchmarks with real clients (the epoll ping-pong, wrk+nginx, redis-benchmark,
+# accelerated; sockperf, iperf3, blocking: the controls), plain vs
 # accelerated, alternating, median of 3 runs (e2e/results/suite/), then the
 # cost benchmarks (plain / minimal redirector / sockbypass per message and per
 # short connection; what a cgroup that is not enabled pays; what
