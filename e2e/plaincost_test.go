@@ -215,16 +215,23 @@ func (e *plainCostEnv) enabledIDs() []uint64 {
 }
 
 // plainCostCaseResult is what one case measured, with what the enabled
-// cgroups' counters saw during its runs and, when taken, what each BPF
-// program cost in one more pass with statistics on.
+// cgroups' counters saw during its runs and, when taken, what the BPF
+// programs cost in one more run of each mode with statistics on.
 type plainCostCaseResult struct {
 	Case    string                   `json:"case"`
 	Results []workload.MultiResult   `json:"results"`
 	Enabled dataplane.CgroupCounters `json:"enabled_counters"`
-	// Connections is how many connections the statistics pass made in
-	// the enabled mode (connection-rate cases), about.
-	Connections float64         `json:"connections,omitempty"`
-	Hooks       []bpfstats.Cost `json:"hooks,omitempty"`
+	// Hooks[mode] is what each program cost in the statistics run of
+	// the mode (node-wide programs run in the mode not enabled too).
+	Hooks [2]hookRun `json:"hooks"`
+}
+
+// hookRun is what each BPF program cost in one run, and how many units of
+// work (connections, round trips, writes) the run did, about.
+type hookRun struct {
+	Costs []bpfstats.Cost `json:"costs,omitempty"`
+	Units float64         `json:"units,omitempty"`
+	Unit  string          `json:"unit,omitempty"`
 }
 
 // comparePlainCost measures cases in a cgroup that is not enabled and in
@@ -270,17 +277,20 @@ func comparePlainCost(tb testing.TB, cases []plainCostCase, runs int, dur time.D
 			tb.Fatalf("%s: blocking connections were accelerated: %+v", c.Name, r.Enabled)
 		}
 		if hookStats {
-			r.Hooks, r.Connections = e.hookCosts(tb, c, dur)
+			for mode := range r.Hooks {
+				r.Hooks[mode] = e.hookCosts(tb, c, mode, dur)
+			}
 		}
 		out = append(out, r)
 	}
 	return out
 }
 
-// hookCosts runs c once more in the enabled mode with BPF statistics on
-// and returns what each program of the install cost, and about how many
-// connections it made (connection-rate cases).
-func (e *plainCostEnv) hookCosts(tb testing.TB, c plainCostCase, dur time.Duration) ([]bpfstats.Cost, float64) {
+// hookCosts runs c once more in mode with BPF statistics on and returns
+// what each program of the install cost (by name, summed over the
+// cgroups' instances), and how many connections, round trips or writes
+// the run made.
+func (e *plainCostEnv) hookCosts(tb testing.TB, c plainCostCase, mode int, dur time.Duration) hookRun {
 	tb.Helper()
 	stats, err := bpfstats.Enable()
 	if err != nil {
@@ -292,23 +302,28 @@ func (e *plainCostEnv) hookCosts(tb testing.TB, c plainCostCase, dur time.Durati
 		tb.Fatal(err)
 	}
 	setup := e.setup(c)
-	var conns float64
-	if c.Kind == workload.KindConnRate {
+	var run hookRun
+	switch c.Kind {
+	case workload.KindConnRate:
 		began := time.Now()
-		rate, err := setup.ConnRate(modeEnabled, c.Case, dur)
+		rate, err := setup.ConnRate(mode, c.Case, dur)
 		if err != nil {
 			tb.Fatal(err)
 		}
-		conns = rate * time.Since(began).Seconds()
-	} else {
-		p, err := setup.Connect(modeEnabled)
+		run.Units, run.Unit = rate*time.Since(began).Seconds(), "connection"
+	default:
+		p, err := setup.Connect(mode)
 		if err != nil {
 			tb.Fatal(err)
 		}
 		if c.Kind == workload.KindRR {
-			_, err = workload.RR(p, c.Size, dur, c.CPUs)
+			var lat []time.Duration
+			lat, err = workload.RR(p, c.Size, dur, c.CPUs)
+			run.Units, run.Unit = float64(len(lat)), "round trip"
 		} else {
-			_, err = workload.Stream(p, c.Size, dur, c.CPUs)
+			var bps float64
+			bps, err = workload.Stream(p, c.Size, dur, c.CPUs)
+			run.Units, run.Unit = bps*dur.Seconds()/float64(c.Size), "write"
 		}
 		p.Close()
 		if err != nil {
@@ -319,7 +334,8 @@ func (e *plainCostEnv) hookCosts(tb testing.TB, c plainCostCase, dur time.Durati
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return after.Since(before), conns
+	run.Costs = sumByProgram(after.Since(before))
+	return run
 }
 
 // printPlainCost writes the comparison: one table of medians and ratios,
@@ -351,31 +367,53 @@ func printPlainCost(w io.Writer, results []plainCostCaseResult, runs int, dur ti
 	}
 	fmt.Fprintln(w)
 	for _, r := range results {
-		if len(r.Hooks) == 0 {
+		if len(r.Hooks[modeEnabled].Costs) == 0 {
 			continue
 		}
-		hooks := sumByProgram(r.Hooks)
-		fmt.Fprintf(w, "BPF programs, %s, one enabled run with statistics on (summed over the cgroups' instances)", r.Case)
-		if r.Connections <= 0 {
-			fmt.Fprintln(w, ":")
-			fmt.Fprintln(w)
-			bpfstats.Print(w, hooks)
-			fmt.Fprintln(w)
-			continue
+		en, ne := r.Hooks[modeEnabled], r.Hooks[modeNotEnabled]
+		fmt.Fprintf(w, "BPF programs, %s: one run per mode with statistics on (%.0f %ss enabled, %.0f not enabled); BPF ns per %s: %.0f enabled, %.0f not enabled\n\n",
+			r.Case, en.Units, en.Unit, ne.Units, en.Unit, en.perUnit(), ne.perUnit())
+		fmt.Fprintf(w, "| program | enabled: runs per %s | ns per run | ns per %s | not enabled: runs per %s | ns per run | ns per %s |\n", en.Unit, en.Unit, en.Unit, en.Unit)
+		fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|")
+		names := map[string]bool{}
+		for _, run := range r.Hooks {
+			for _, h := range run.Costs {
+				names[h.Program] = true
+			}
 		}
-		var total time.Duration
-		for _, h := range hooks {
-			total += h.Runtime
+		var sorted []string
+		for n := range names {
+			sorted = append(sorted, n)
 		}
-		fmt.Fprintf(w, ", about %.0f connections: %.0f ns of BPF per connection:\n\n", r.Connections, float64(total.Nanoseconds())/r.Connections)
-		fmt.Fprintln(w, "| program | runs | ns per run | runs per connection | ns per connection |")
-		fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
-		for _, h := range hooks {
-			fmt.Fprintf(w, "| %s | %d | %d | %.1f | %.0f |\n", h.Program, h.Runs, h.PerRun().Nanoseconds(),
-				float64(h.Runs)/r.Connections, float64(h.Runtime.Nanoseconds())/r.Connections)
+		sort.Strings(sorted)
+		for _, n := range sorted {
+			fmt.Fprintf(w, "| %s | %s | %s |\n", n, en.row(n), ne.row(n))
 		}
 		fmt.Fprintln(w)
 	}
+}
+
+// perUnit is the BPF run time of the run per unit of work, in ns.
+func (h hookRun) perUnit() float64 {
+	if h.Units <= 0 {
+		return 0
+	}
+	var total time.Duration
+	for _, c := range h.Costs {
+		total += c.Runtime
+	}
+	return float64(total.Nanoseconds()) / h.Units
+}
+
+// row is the cells of program in h: runs per unit, ns per run, ns per
+// unit ("-" when it did not run).
+func (h hookRun) row(program string) string {
+	for _, c := range h.Costs {
+		if c.Program == program && h.Units > 0 {
+			return fmt.Sprintf("%.2f | %d | %.0f", float64(c.Runs)/h.Units, c.PerRun().Nanoseconds(), float64(c.Runtime.Nanoseconds())/h.Units)
+		}
+	}
+	return "- | - | -"
 }
 
 // sumByProgram sums the costs of the programs of the same name (one
