@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -343,16 +344,16 @@ func (e *plainCostEnv) hookCosts(tb testing.TB, c plainCostCase, mode int, dur t
 // BPF program cost.
 func printPlainCost(w io.Writer, results []plainCostCaseResult, runs int, dur time.Duration) {
 	fmt.Fprintf(w, "Connections that stay plain, in a cgroup that is not enabled and in an enabled one (defaults), both ends on CPU 0; "+
-		"medians of %d rotating runs of %v, ± half the max-min spread. Target (issue 28): enabled / not enabled within 1%%.\n\n", runs, dur)
-	fmt.Fprintln(w, "| case | metric | not enabled | enabled | enabled / not enabled |")
-	fmt.Fprintln(w, "|---|---|---:|---:|---:|")
+		"medians of %d rotating runs of %v, ± half the max-min spread, and the ratios of the two runs of each round. Target (issue 28): enabled / not enabled within 1%%.\n\n", runs, dur)
+	fmt.Fprintln(w, "| case | metric | not enabled | enabled | enabled / not enabled | per-run ratios: median [min, max] |")
+	fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|")
 	for _, r := range results {
 		for _, m := range r.Results {
 			fmt.Fprintf(w, "| %s | %s |", m.Case, m.Metric)
 			for _, mv := range m.Modes {
 				fmt.Fprintf(w, " %.2f %s ±%.1f%% |", mv.Median, m.Unit, mv.Spread/2)
 			}
-			fmt.Fprintf(w, " %.3fx |\n", m.Ratio(modeEnabled, modeNotEnabled))
+			fmt.Fprintf(w, " %.3fx | %s |\n", m.Ratio(modeEnabled, modeNotEnabled), pairedRatios(m.Modes[modeEnabled].Values, m.Modes[modeNotEnabled].Values))
 		}
 	}
 	fmt.Fprintln(w)
@@ -414,6 +415,23 @@ func (h hookRun) row(program string) string {
 		}
 	}
 	return "- | - | -"
+}
+
+// pairedRatios is the median, minimum and maximum of a[i]/b[i]: the runs
+// of one round are measured back to back, so their ratio drifts less with
+// the host's load than the ratio of the medians does.
+func pairedRatios(a, b []float64) string {
+	var r []float64
+	for i := range min(len(a), len(b)) {
+		if b[i] > 0 {
+			r = append(r, a[i]/b[i])
+		}
+	}
+	if len(r) == 0 {
+		return "-"
+	}
+	med, _ := workload.MedianSpread(r)
+	return fmt.Sprintf("%.3fx [%.3f, %.3f]", med, slices.Min(r), slices.Max(r))
 }
 
 // sumByProgram sums the costs of the programs of the same name (one
