@@ -6,6 +6,7 @@ import (
 	"os"
 	"regexp"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -345,6 +346,13 @@ func printCost(w io.Writer, title string, r costReport, runs int, ratios [][2]in
 	fmt.Fprintln(w)
 	for _, res := range r.Results {
 		fmt.Fprintf(w, "| %s | %s |", res.Case, res.Metric)
+		if res.Metric == workload.MetricStalled {
+			for _, m := range res.Modes {
+				fmt.Fprintf(w, " %s |", stalledCell(m))
+			}
+			fmt.Fprintln(w, strings.Repeat(" |", len(ratios)))
+			continue
+		}
 		for _, m := range res.Modes {
 			fmt.Fprintf(w, " %.2f %s ±%.0f%% |", m.Median, res.Unit, m.Spread/2)
 		}

@@ -165,15 +165,15 @@ func (e *plainCostEnv) setup(c plainCostCase) workload.Setup {
 				}
 				return p, err
 			},
-			ConnRate: func(mode int, c workload.Case, dur time.Duration) (float64, error) {
-				var rate float64
+			ConnRate: func(mode int, c workload.Case, dur time.Duration) (workload.ConnRateResult, error) {
+				var res workload.ConnRateResult
 				var err error
 				if rerr := e.lo[mode].RunIn(func() {
-					rate, err = workload.ConnRateWith(workload.ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking}, dur)
+					res, err = workload.ConnRateWith(workload.ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking}, dur)
 				}); rerr != nil {
-					return 0, rerr
+					return res, rerr
 				}
-				return rate, err
+				return res, err
 			},
 		}
 	}
@@ -182,15 +182,15 @@ func (e *plainCostEnv) setup(c plainCostCase) workload.Setup {
 			return semantics.Connect(sem, semantics.ConnOpts{Addr: plainCostServerIP, WarmUp: true,
 				ListenIn: in(e.server[mode], e.serverNS), DialIn: in(e.client[mode], e.clientNS)})
 		},
-		ConnRate: func(mode int, c workload.Case, dur time.Duration) (float64, error) {
+		ConnRate: func(mode int, c workload.Case, dur time.Duration) (workload.ConnRateResult, error) {
 			// The process stays in the client's cgroup for the whole
 			// run (a socket belongs to the cgroup of the process that
 			// creates it); the listener is made in the server's, and
 			// the accepted sockets inherit it.
-			var rate float64
+			var res workload.ConnRateResult
 			var err error
 			if rerr := e.client[mode].RunIn(func() {
-				rate, err = workload.ConnRateWith(workload.ConnRateOpts{
+				res, err = workload.ConnRateWith(workload.ConnRateOpts{
 					Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, Addr: plainCostServerIP,
 					ListenIn: in(e.server[mode], e.serverNS),
 					DialIn: func(fn func()) {
@@ -198,9 +198,9 @@ func (e *plainCostEnv) setup(c plainCostCase) workload.Setup {
 					},
 				}, dur)
 			}); rerr != nil {
-				return 0, rerr
+				return res, rerr
 			}
-			return rate, err
+			return res, err
 		},
 	}
 }
@@ -306,12 +306,11 @@ func (e *plainCostEnv) hookCosts(tb testing.TB, c plainCostCase, mode int, dur t
 	var run hookRun
 	switch c.Kind {
 	case workload.KindConnRate:
-		began := time.Now()
-		rate, err := setup.ConnRate(mode, c.Case, dur)
+		res, err := setup.ConnRate(mode, c.Case, dur)
 		if err != nil {
 			tb.Fatal(err)
 		}
-		run.Units, run.Unit = rate*time.Since(began).Seconds(), "connection"
+		run.Units, run.Unit = float64(res.Connections), "connection"
 	default:
 		p, err := setup.Connect(mode)
 		if err != nil {
@@ -350,6 +349,10 @@ func printPlainCost(w io.Writer, results []plainCostCaseResult, runs int, dur ti
 	for _, r := range results {
 		for _, m := range r.Results {
 			fmt.Fprintf(w, "| %s | %s |", m.Case, m.Metric)
+			if m.Metric == workload.MetricStalled {
+				fmt.Fprintf(w, " %s | %s | | |\n", stalledCell(m.Modes[modeNotEnabled]), stalledCell(m.Modes[modeEnabled]))
+				continue
+			}
 			for _, mv := range m.Modes {
 				fmt.Fprintf(w, " %.2f %s ±%.1f%% |", mv.Median, m.Unit, mv.Spread/2)
 			}
@@ -415,6 +418,19 @@ func (h hookRun) row(program string) string {
 		}
 	}
 	return "- | - | -"
+}
+
+// stalledCell is how many connections of a mode's runs stalled, in all,
+// and in how many runs.
+func stalledCell(mv workload.ModeValues) string {
+	var total, runs int
+	for _, v := range mv.Values {
+		total += int(v)
+		if v > 0 {
+			runs++
+		}
+	}
+	return fmt.Sprintf("%d (in %d of %d runs)", total, runs, len(mv.Values))
 }
 
 // pairedRatios is the median, minimum and maximum of a[i]/b[i]: the runs

@@ -49,6 +49,10 @@ var DefaultCases = []Case{
 	{Name: "stream 128KiB", Kind: KindStream, Size: 128 << 10, CPUs: Unpinned},
 }
 
+// MetricStalled is the metric of a connection-rate case that counts the
+// connections of a run that took longer than StallAfter.
+const MetricStalled = "connections over 200 ms"
+
 // Comparison compares the runs of one metric, plain vs accelerated. The e2e
 // suite's cases and these workloads report it alike.
 type Comparison struct {
@@ -172,7 +176,7 @@ type Setup struct {
 	// ConnRate, when set, measures a connection-rate case in a mode
 	// (for topologies other than one cgroup on loopback: it calls
 	// ConnRateWith with its own ListenIn and DialIn).
-	ConnRate func(mode int, c Case, dur time.Duration) (float64, error)
+	ConnRate func(mode int, c Case, dur time.Duration) (ConnRateResult, error)
 }
 
 // CompareN runs every case runs times in each of the named modes, rotating
@@ -195,19 +199,22 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 			for i := range modes {
 				mode := (r + i) % len(modes) // rotate who goes first
 				if c.Kind == KindConnRate {
-					var rate float64
+					var res ConnRateResult
 					var err error
 					if setup.ConnRate != nil {
-						rate, err = setup.ConnRate(mode, c, dur)
+						res, err = setup.ConnRate(mode, c, dur)
 					} else if rerr := setup.RunIn(mode, func() {
-						rate, err = ConnRateWith(ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking}, dur)
+						res, err = ConnRateWith(ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking}, dur)
 					}); rerr != nil {
 						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], rerr)
 					}
 					if err != nil {
 						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], err)
 					}
-					add("connections/s", mode, rate)
+					add("connections/s", mode, res.Rate)
+					// A stalled connection (a retransmitted SYN waits 1 s)
+					// ruins its run's rate: say how many there were.
+					add(MetricStalled, mode, float64(res.Stalled))
 					if progress != nil {
 						progress("%s run %d/%d %s done", c.Name, r+1, runs, modes[mode])
 					}
@@ -241,10 +248,12 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 		}
 		for _, m := range metrics {
 			res := MultiResult{Case: c.Name, Metric: m}
-			switch c.Kind {
-			case KindRR:
+			switch {
+			case m == MetricStalled:
+				res.Unit, res.LowerIsBetter = "conns", true
+			case c.Kind == KindRR:
 				res.Unit, res.LowerIsBetter = "us", true
-			case KindConnRate:
+			case c.Kind == KindConnRate:
 				res.Unit = "conn/s"
 			default:
 				res.Unit = "Gbit/s"

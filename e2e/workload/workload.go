@@ -329,7 +329,26 @@ func Percentile(d []time.Duration, p float64) time.Duration {
 // checks every answer and returns connections per second. Its sockets
 // belong to the cgroup the process is in when it is called.
 func ConnRate(msgSize int, dur time.Duration, cpu int) (float64, error) {
-	return ConnRateWith(ConnRateOpts{Size: msgSize, CPU: cpu}, dur)
+	r, err := ConnRateWith(ConnRateOpts{Size: msgSize, CPU: cpu}, dur)
+	return r.Rate, err
+}
+
+// StallAfter is how long a connection of ConnRateWith may take before it
+// counts as stalled: a SYN or a segment retransmitted after a drop (the
+// first SYN retransmission comes after 1 s), not anything the datapath's
+// work per connection could explain.
+const StallAfter = 200 * time.Millisecond
+
+// ConnRateResult is what ConnRateWith measured.
+type ConnRateResult struct {
+	// Rate is connections per second.
+	Rate float64
+	// Connections is how many connections the run made.
+	Connections int
+	// Slowest is the longest connection (connect to close).
+	Slowest time.Duration
+	// Stalled counts the connections that took longer than StallAfter.
+	Stalled int
 }
 
 // ConnRateOpts says how ConnRateWith makes its connections.
@@ -356,8 +375,9 @@ type ConnRateOpts struct {
 	DialIn func(func())
 }
 
-// ConnRateWith is ConnRate with the sockets placed and made as o says.
-func ConnRateWith(o ConnRateOpts, dur time.Duration) (float64, error) {
+// ConnRateWith is ConnRate with the sockets placed and made as o says; it
+// also reports the slowest connection and how many stalled.
+func ConnRateWith(o ConnRateOpts, dur time.Duration) (ConnRateResult, error) {
 	if o.Addr == ([4]byte{}) {
 		o.Addr = [4]byte{127, 0, 0, 1}
 	}
@@ -372,16 +392,17 @@ func ConnRateWith(o ConnRateOpts, dur time.Duration) (float64, error) {
 	var err error
 	o.ListenIn(func() { lfd, err = listenOn(o.Addr, o.Blocking) })
 	if err != nil {
-		return 0, err
+		return ConnRateResult{}, err
 	}
 	defer unix.Close(lfd)
 	if err := unix.Listen(lfd, 128); err != nil {
-		return 0, err
+		return ConnRateResult{}, err
 	}
 	sa, err := unix.Getsockname(lfd)
 	if err != nil {
-		return 0, err
+		return ConnRateResult{}, err
 	}
+	var res ConnRateResult
 	var n int
 	var elapsed time.Duration
 	err = <-onThread(-1, func() error {
@@ -394,13 +415,21 @@ func ConnRateWith(o ConnRateOpts, dur time.Duration) (float64, error) {
 			buf := make([]byte, o.Size)
 			start := time.Now()
 			deadline := start.Add(dur)
+			t0 := start
 			for ; ; n++ {
 				req[0] = byte(n)
 				if err := oneConnection(lfd, sa, req, buf, o.Blocking); err != nil {
 					loopErr = fmt.Errorf("connection %d: %w", n, err)
 					return
 				}
-				if n%16 == 0 && time.Now().After(deadline) {
+				t1 := time.Now()
+				d := t1.Sub(t0)
+				res.Slowest = max(res.Slowest, d)
+				if d > StallAfter {
+					res.Stalled++
+				}
+				t0 = t1
+				if n%16 == 0 && t1.After(deadline) {
 					break
 				}
 			}
@@ -409,9 +438,11 @@ func ConnRateWith(o ConnRateOpts, dur time.Duration) (float64, error) {
 		return loopErr
 	})
 	if err != nil {
-		return 0, err
+		return ConnRateResult{}, err
 	}
-	return float64(n+1) / elapsed.Seconds(), nil
+	res.Connections = n + 1
+	res.Rate = float64(res.Connections) / elapsed.Seconds()
+	return res, nil
 }
 
 // pinThread pins the calling thread to cpu (cpu >= 0).
