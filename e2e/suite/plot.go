@@ -19,7 +19,7 @@ var (
 )
 
 // WriteCharts writes the PNG charts into dir: the latency distribution of
-// every sockperf case, plain vs accelerated, and the iperf3 throughput by
+// every ping-pong case (epoll-pingpong, sockperf), plain vs accelerated, and the iperf3 throughput by
 // write size of each topology. It returns the files written.
 func (r *Report) WriteCharts(dir string) ([]string, error) {
 	var files []string
