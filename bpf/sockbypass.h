@@ -385,6 +385,14 @@ struct cgroup_counters {
 	/* Listening sockets not recorded because `listeners` was full: their
 	 * connections stay plain TCP. */
 	__u64 listeners_full;
+	/* Intercept mode: connects left alone (not sent to the sidecar)
+	 * because the cgroup had intercept_quota handshakes in flight
+	 * already (see orig_dsts). */
+	__u64 intercepts_over_quota;
+	/* Intercept mode: connects sent to the sidecar whose destination
+	 * could not be recorded (orig_dsts full): the sidecar gets no
+	 * SO_ORIGINAL_DST for them. */
+	__u64 intercepts_unrecorded;
 };
 
 struct {
@@ -601,24 +609,60 @@ struct {
  * handshake is in flight: when it completes, sock_ops moves the entry into
  * the storage of the sidecar's accepted socket (SOCK_FLAG_ORIG_DST), where
  * cgroup/getsockopt reads it, and it lives as long as that socket. So live
- * connections, however many one pod has, hold no entry; an LRU bounds what
- * a detached program leaves behind. User space sizes it from the sockhash
+ * connections, however many one pod has, hold no entry.
+ *
+ * A plain hash, never an LRU: an evicted entry would leave a sidecar
+ * without its app's destination. Each entry names its cgroup's slot (plus
+ * one); `intercepts` counts them per slot, and cgroup/connect4 leaves a
+ * connect alone (intercepts_over_quota) once its slot holds
+ * intercept_quota of them, so one pod's handshakes in flight (SYNs to a
+ * sidecar with a full backlog, sockets left connecting) cannot fill the
+ * map for the others. Removed by whoever ends the handshake: the sidecar's
+ * accept (mesh_accept), the app socket's close (forget_socket), or user
+ * space for a disabled cgroup. User space sizes it from the sockhash
  * capacity (at least 65536).
  */
-
 struct orig_dst {
 	__u32 ip[4];
 	__u16 port;
 	__u16 family;
-	__u32 pad;
+	__u32 slot; /* the slot of the cgroup that recorded it, plus one */
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct endpoint_key);
 	__type(value, struct orig_dst);
 } orig_dsts SEC(".maps");
+
+/* Slot -> how many orig_dsts entries the cgroup in it holds (see
+ * orig_dsts). User space resets a slot's count when it disables the cgroup,
+ * after removing its entries. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} intercepts SEC(".maps");
+
+/* forget_orig_dst removes the orig_dsts entry of ek, if any, and uncounts
+ * it from its slot. */
+static __always_inline __attribute__((unused)) void forget_orig_dst(struct endpoint_key *ek)
+{
+	struct orig_dst *od = bpf_map_lookup_elem(&orig_dsts, ek);
+	__u32 slot;
+	__u64 *n;
+
+	if (!od)
+		return;
+	slot = od->slot - 1;
+	if (bpf_map_delete_elem(&orig_dsts, ek) != 0)
+		return; /* someone else removed (and uncounted) it */
+	n = bpf_map_lookup_elem(&intercepts, &slot);
+	if (n)
+		__sync_fetch_and_add(n, -1);
+}
 
 /*
  * Sidecar mode: app endpoints in use (netns, local ip, port) -> how many app

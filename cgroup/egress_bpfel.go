@@ -77,6 +77,8 @@ type egressCgroupCounters struct {
 	SpliceStalled          uint64
 	PairsFull              uint64
 	ListenersFull          uint64
+	InterceptsOverQuota    uint64
+	InterceptsUnrecorded   uint64
 }
 
 type egressEndpointKey struct {
@@ -128,7 +130,7 @@ type egressOrigDst struct {
 	Ip     [4]uint32
 	Port   uint16
 	Family uint16
-	Pad    uint32
+	Slot   uint32
 }
 
 type egressPair struct {
@@ -216,6 +218,7 @@ const (
 	egressMapCgroupSlots              = "cgroup_slots"
 	egressMapEvents                   = "events"
 	egressMapInboundPods              = "inbound_pods"
+	egressMapIntercepts               = "intercepts"
 	egressMapListeners                = "listeners"
 	egressMapMeshClients              = "mesh_clients"
 	egressMapMeshEndpoints            = "mesh_endpoints"
@@ -288,6 +291,7 @@ type egressMapSpecs struct {
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.MapSpec `ebpf:"intercepts"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
@@ -336,6 +340,7 @@ type egressMaps struct {
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.Map `ebpf:"intercepts"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
@@ -358,6 +363,7 @@ func (m *egressMaps) Close() error {
 		m.CgroupSlots,
 		m.Events,
 		m.InboundPods,
+		m.Intercepts,
 		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,

@@ -33,6 +33,9 @@
 volatile const __u64 enabled_cgroup_id = 0;
 /* And its slot (see "Slots" in sockbypass.h). */
 volatile const __u32 cgroup_slot = 0;
+/* Set by the loader: how many handshakes in flight (orig_dsts entries) the
+ * cgroup may hold before its connects are left alone. */
+volatile const __u64 intercept_quota = 0;
 
 static __always_inline int excluded(const struct cgroup_config *cfg, const __u32 *ip, __u16 port)
 {
@@ -116,6 +119,8 @@ static __always_inline __u16 intercept(struct bpf_sock_addr *ctx, const __u32 *i
 	struct cgroup_config *cfg;
 	struct sock_state *state;
 	struct cgroup_counters *c;
+	__u32 slot = cgroup_slot;
+	__u64 *in_flight;
 	int mapped = is_v4mapped(ip);
 
 	if (ctx->type != SOCK_STREAM || !ctx->sk)
@@ -134,6 +139,16 @@ static __always_inline __u16 intercept(struct bpf_sock_addr *ctx, const __u32 *i
 		return 0;
 	if (excluded(cfg, ip, port))
 		return 0;
+	/* Fail open: a cgroup with intercept_quota handshakes in flight has
+	 * its next connects go where they asked, so it cannot fill orig_dsts
+	 * for the other pods. */
+	in_flight = bpf_map_lookup_elem(&intercepts, &slot);
+	if (!in_flight || *in_flight >= intercept_quota) {
+		c = counters_for(cgroup_slot);
+		if (c)
+			__sync_fetch_and_add(&c->intercepts_over_quota, 1);
+		return 0;
+	}
 
 	state = bpf_sk_storage_get(&sock_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)

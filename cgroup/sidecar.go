@@ -19,6 +19,11 @@ const (
 	SidecarEgressProgram = "sockbypass_mesh_egress"
 )
 
+// InterceptQuotaConstant names the constant of the connect programs that
+// bounds the cgroup's intercepted handshakes in flight (see orig_dsts in
+// bpf/sockbypass.h): the loader sets it.
+const InterceptQuotaConstant = "intercept_quota"
+
 // LoadSidecarSpec returns the collection spec of the sidecar-mode programs.
 // It fails only when the embedded object cannot be parsed.
 func LoadSidecarSpec() (*ebpf.CollectionSpec, error) {

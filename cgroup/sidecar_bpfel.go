@@ -77,6 +77,8 @@ type sidecarCgroupCounters struct {
 	SpliceStalled          uint64
 	PairsFull              uint64
 	ListenersFull          uint64
+	InterceptsOverQuota    uint64
+	InterceptsUnrecorded   uint64
 }
 
 type sidecarEndpointKey struct {
@@ -128,7 +130,7 @@ type sidecarOrigDst struct {
 	Ip     [4]uint32
 	Port   uint16
 	Family uint16
-	Pad    uint32
+	Slot   uint32
 }
 
 type sidecarPair struct {
@@ -216,6 +218,7 @@ const (
 	sidecarMapCgroupSlots           = "cgroup_slots"
 	sidecarMapEvents                = "events"
 	sidecarMapInboundPods           = "inbound_pods"
+	sidecarMapIntercepts            = "intercepts"
 	sidecarMapListeners             = "listeners"
 	sidecarMapMeshClients           = "mesh_clients"
 	sidecarMapMeshEndpoints         = "mesh_endpoints"
@@ -235,6 +238,7 @@ const (
 	sidecarProgSockbypassMeshEgress = "sockbypass_mesh_egress"
 	sidecarVarCgroupSlot            = "cgroup_slot"
 	sidecarVarEnabledCgroupId       = "enabled_cgroup_id"
+	sidecarVarInterceptQuota        = "intercept_quota"
 )
 
 // loadSidecar returns the embedded CollectionSpec for sidecar.
@@ -294,6 +298,7 @@ type sidecarMapSpecs struct {
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.MapSpec `ebpf:"intercepts"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
@@ -315,6 +320,7 @@ type sidecarMapSpecs struct {
 type sidecarVariableSpecs struct {
 	CgroupSlot      *ebpf.VariableSpec `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.VariableSpec `ebpf:"enabled_cgroup_id"`
+	InterceptQuota  *ebpf.VariableSpec `ebpf:"intercept_quota"`
 }
 
 // sidecarObjects contains all objects after they have been loaded into the kernel.
@@ -342,6 +348,7 @@ type sidecarMaps struct {
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.Map `ebpf:"intercepts"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
@@ -364,6 +371,7 @@ func (m *sidecarMaps) Close() error {
 		m.CgroupSlots,
 		m.Events,
 		m.InboundPods,
+		m.Intercepts,
 		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,
@@ -386,6 +394,7 @@ func (m *sidecarMaps) Close() error {
 type sidecarVariables struct {
 	CgroupSlot      *ebpf.Variable `ebpf:"cgroup_slot"`
 	EnabledCgroupId *ebpf.Variable `ebpf:"enabled_cgroup_id"`
+	InterceptQuota  *ebpf.Variable `ebpf:"intercept_quota"`
 }
 
 // sidecarPrograms contains all programs after they have been loaded into the kernel.

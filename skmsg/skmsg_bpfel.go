@@ -77,6 +77,8 @@ type skmsgCgroupCounters struct {
 	SpliceStalled          uint64
 	PairsFull              uint64
 	ListenersFull          uint64
+	InterceptsOverQuota    uint64
+	InterceptsUnrecorded   uint64
 }
 
 type skmsgEndpointKey struct {
@@ -128,7 +130,7 @@ type skmsgOrigDst struct {
 	Ip     [4]uint32
 	Port   uint16
 	Family uint16
-	Pad    uint32
+	Slot   uint32
 }
 
 type skmsgPair struct {
@@ -216,6 +218,7 @@ const (
 	skmsgMapCgroupSlots      = "cgroup_slots"
 	skmsgMapEvents           = "events"
 	skmsgMapInboundPods      = "inbound_pods"
+	skmsgMapIntercepts       = "intercepts"
 	skmsgMapListeners        = "listeners"
 	skmsgMapMeshClients      = "mesh_clients"
 	skmsgMapMeshEndpoints    = "mesh_endpoints"
@@ -286,6 +289,7 @@ type skmsgMapSpecs struct {
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.MapSpec `ebpf:"intercepts"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
@@ -332,6 +336,7 @@ type skmsgMaps struct {
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.Map `ebpf:"intercepts"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
@@ -354,6 +359,7 @@ func (m *skmsgMaps) Close() error {
 		m.CgroupSlots,
 		m.Events,
 		m.InboundPods,
+		m.Intercepts,
 		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,

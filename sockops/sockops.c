@@ -147,10 +147,26 @@ static __noinline void mesh_connect(struct bpf_sock_ops *skops)
 	}
 	if (state->flags & SOCK_FLAG_INTERCEPTED) {
 		struct orig_dst od = {};
+		__u32 slot = cgroup_slot;
+		__u64 *n;
+
 		__builtin_memcpy(od.ip, state->orig_dst_ip, sizeof(od.ip));
 		od.port = state->orig_dst_port;
 		od.family = state->orig_dst_family;
-		bpf_map_update_elem(&orig_dsts, &ek, &od, BPF_ANY);
+		od.slot = cgroup_slot + 1;
+		/* A stale entry of the same endpoint (its socket's close was
+		 * not seen) gives its count back first. */
+		forget_orig_dst(&ek);
+		if (bpf_map_update_elem(&orig_dsts, &ek, &od, BPF_NOEXIST) == 0) {
+			n = bpf_map_lookup_elem(&intercepts, &slot);
+			if (n)
+				__sync_fetch_and_add(n, 1);
+		} else {
+			struct cgroup_counters *c = counters_for(cgroup_slot);
+
+			if (c)
+				__sync_fetch_and_add(&c->intercepts_unrecorded, 1);
+		}
 	}
 	/* To forget the endpoint when the socket closes. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -368,14 +384,36 @@ static __always_inline int listener_eligible(const struct sock_key *key, __u64 n
 }
 
 /*
- * short_lived reports whether a connection reaching the listener of key
- * should stay plain because the listener's connections are short-lived
+ * listener_may_pair reports whether the listener of key can pair at all:
+ * known, non-blocking, its accepted sockets not turned blocking, no stack
+ * reader (a listener on probation may: its first connection is marked at
+ * PASSIVE_ESTABLISHED). A SYN to any other listener gets no offer, so its
+ * connection costs no pair entry and its client no sockhash round trip.
+ */
+static __always_inline int listener_may_pair(__u64 *lflags)
+{
+	return lflags && (*lflags & (LISTENER_NONBLOCK | LISTENER_STACK_READER | LISTENER_BLOCKING_CHILDREN)) == LISTENER_NONBLOCK;
+}
+
+/* count_not_offered counts a server socket left plain because its
+ * listener cannot pair (see listener_may_pair), as join_passive counts a
+ * decline for the same reason. */
+static __always_inline void count_not_offered(struct cgroup_counters *c, __u64 *lflags)
+{
+	if (lflags && (*lflags & LISTENER_STACK_READER))
+		COUNT(c, sockets_unpaired);
+	else
+		COUNT(c, sockets_blocking);
+}
+
+/*
+ * short_lived reports whether a connection reaching the listener with
+ * these flags should stay plain because the listener's connections are short-lived
  * (see "Short-lived listeners" in sockbypass.h); every SHORT_PROBE_EVERY-th
  * such connection is still offered a pair, as a probe.
  */
-static __always_inline int short_lived(const struct sock_key *key, __u64 netns)
+static __always_inline int short_lived(__u64 *flags)
 {
-	__u64 *flags = listener_flags(key->local_ip, key->local_port, netns);
 	__u64 skipped;
 
 	if (!flags || (*flags & LISTENER_SHORT_MASK) < SHORT_STREAK * LISTENER_SHORT_ONE)
@@ -568,7 +606,7 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 	struct pairing p = {};
 	struct sock_key key = {};
 	struct pair offer = {.state = PAIR_OFFERED};
-	__u64 own_netns;
+	__u64 own_netns, *lflags;
 
 	cfg = config_for(cgroup_slot);
 	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY))
@@ -583,7 +621,10 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 		set_mirror(&p, &key, own_netns);
 	if (p.scope == SCOPE_REMOTE)
 		return;
-	if (!(cfg && (cfg->flags & CGROUP_ALL_CONNECTIONS)) && short_lived(&key, own_netns)) {
+	lflags = listener_flags(key.local_ip, key.local_port, own_netns);
+	if (!listener_may_pair(lflags))
+		return;
+	if (!(cfg && (cfg->flags & CGROUP_ALL_CONNECTIONS)) && short_lived(lflags)) {
 		struct cgroup_counters *c = counters_for(cgroup_slot);
 
 		COUNT(c, connections_short_lived);
@@ -684,10 +725,18 @@ static __noinline int offered(struct bpf_sock_ops *skops, struct sock_key *key, 
 	}
 	if (p->scope == SCOPE_AMBIGUOUS)
 		COUNT(c, sockets_ambiguous);
-	if (stack_port(cfg, server_port))
+	if (stack_port(cfg, server_port)) {
 		COUNT(c, sockets_stack_port);
-	else if (!dry_run(cfg))
-		COUNT(c, sockets_unpaired);
+	} else if (!dry_run(cfg)) {
+		__u64 *lflags = passive ? listener_flags(key->local_ip, key->local_port, p->own_netns) : 0;
+
+		if (passive && !listener_may_pair(lflags))
+			count_not_offered(c, lflags);
+		else if (!passive && sock_nonblocking(skops->sk) == 0)
+			COUNT(c, sockets_blocking); /* it would never have joined */
+		else
+			COUNT(c, sockets_unpaired);
+	}
 	return 0;
 }
 
@@ -839,7 +888,10 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	}
 	pair = bpf_map_lookup_elem(&pairs, &p.peer);
 	if (!pair) {
-		COUNT(c, sockets_unpaired);
+		if (!listener_may_pair(lflags))
+			count_not_offered(c, lflags); /* offer_pair made none */
+		else
+			COUNT(c, sockets_unpaired);
 		return 0;
 	}
 	if (pair->state != PAIR_CLIENT_JOINED) {
@@ -938,7 +990,7 @@ static __noinline void mesh_accept(struct bpf_sock_ops *skops)
 	state->orig_dst_port = od->port;
 	state->orig_dst_family = od->family;
 	state->flags |= SOCK_FLAG_ORIG_DST;
-	bpf_map_delete_elem(&orig_dsts, &ek);
+	forget_orig_dst(&ek);
 }
 
 /* add_listener counts a listening socket on ek (see listeners): a new
@@ -1222,7 +1274,7 @@ static __noinline void forget_socket(struct bpf_sock_ops *skops)
 		state->flags &= ~SOCK_FLAG_ENDPOINT_COUNTED;
 		if (users && (__sync_fetch_and_add(users, -1) & ENDPOINT_COUNT_MASK) <= 1)
 			bpf_map_delete_elem(&mesh_endpoints, &ek);
-		bpf_map_delete_elem(&orig_dsts, &ek);
+		forget_orig_dst(&ek);
 		if (ek.netns_cookie == 0)
 			bpf_map_delete_elem(&mesh_clients, &ek);
 	}

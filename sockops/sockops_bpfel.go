@@ -73,6 +73,8 @@ type sockopsCgroupCounters struct {
 	SpliceStalled          uint64
 	PairsFull              uint64
 	ListenersFull          uint64
+	InterceptsOverQuota    uint64
+	InterceptsUnrecorded   uint64
 }
 
 type sockopsCidr struct {
@@ -138,7 +140,7 @@ type sockopsOrigDst struct {
 	Ip     [4]uint32
 	Port   uint16
 	Family uint16
-	Pad    uint32
+	Slot   uint32
 }
 
 type sockopsPair struct {
@@ -226,6 +228,7 @@ const (
 	sockopsMapCgroupSlots         = "cgroup_slots"
 	sockopsMapEvents              = "events"
 	sockopsMapInboundPods         = "inbound_pods"
+	sockopsMapIntercepts          = "intercepts"
 	sockopsMapListeners           = "listeners"
 	sockopsMapMeshClients         = "mesh_clients"
 	sockopsMapMeshEndpoints       = "mesh_endpoints"
@@ -299,6 +302,7 @@ type sockopsMapSpecs struct {
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.MapSpec `ebpf:"intercepts"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
@@ -348,6 +352,7 @@ type sockopsMaps struct {
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.Map `ebpf:"intercepts"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
@@ -370,6 +375,7 @@ func (m *sockopsMaps) Close() error {
 		m.CgroupSlots,
 		m.Events,
 		m.InboundPods,
+		m.Intercepts,
 		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,

@@ -77,6 +77,8 @@ type tcCgroupCounters struct {
 	SpliceStalled          uint64
 	PairsFull              uint64
 	ListenersFull          uint64
+	InterceptsOverQuota    uint64
+	InterceptsUnrecorded   uint64
 }
 
 type tcEndpointKey struct {
@@ -128,7 +130,7 @@ type tcOrigDst struct {
 	Ip     [4]uint32
 	Port   uint16
 	Family uint16
-	Pad    uint32
+	Slot   uint32
 }
 
 type tcPair struct {
@@ -216,6 +218,7 @@ const (
 	tcMapCgroupSlots         = "cgroup_slots"
 	tcMapEvents              = "events"
 	tcMapInboundPods         = "inbound_pods"
+	tcMapIntercepts          = "intercepts"
 	tcMapListeners           = "listeners"
 	tcMapMeshClients         = "mesh_clients"
 	tcMapMeshEndpoints       = "mesh_endpoints"
@@ -287,6 +290,7 @@ type tcMapSpecs struct {
 	CgroupSlots    *ebpf.MapSpec `ebpf:"cgroup_slots"`
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	InboundPods    *ebpf.MapSpec `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.MapSpec `ebpf:"intercepts"`
 	Listeners      *ebpf.MapSpec `ebpf:"listeners"`
 	MeshClients    *ebpf.MapSpec `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
@@ -334,6 +338,7 @@ type tcMaps struct {
 	CgroupSlots    *ebpf.Map `ebpf:"cgroup_slots"`
 	Events         *ebpf.Map `ebpf:"events"`
 	InboundPods    *ebpf.Map `ebpf:"inbound_pods"`
+	Intercepts     *ebpf.Map `ebpf:"intercepts"`
 	Listeners      *ebpf.Map `ebpf:"listeners"`
 	MeshClients    *ebpf.Map `ebpf:"mesh_clients"`
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
@@ -356,6 +361,7 @@ func (m *tcMaps) Close() error {
 		m.CgroupSlots,
 		m.Events,
 		m.InboundPods,
+		m.Intercepts,
 		m.Listeners,
 		m.MeshClients,
 		m.MeshEndpoints,

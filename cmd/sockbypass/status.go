@@ -161,8 +161,8 @@ func printStatus(w io.Writer, st *dataplane.Status) {
 			fmt.Fprintf(w, "    settings: %s\n", cg.Settings)
 		}
 		if c := cg.Counters; cg.Mesh != "" {
-			fmt.Fprintf(w, "    sidecar: paired %d, unpaired %d, ambiguous %d, connects intercepted %d, SO_ORIGINAL_DST answered %d\n",
-				c.MeshPaired, c.MeshUnpaired, c.MeshAmbiguous, c.MeshIntercepted, c.MeshOrigDstAnswers)
+			fmt.Fprintf(w, "    sidecar: paired %d, unpaired %d, ambiguous %d, connects intercepted %d, SO_ORIGINAL_DST answered %d, connects left alone over the intercept quota %d, intercepts without a recorded destination %d\n",
+				c.MeshPaired, c.MeshUnpaired, c.MeshAmbiguous, c.MeshIntercepted, c.MeshOrigDstAnswers, c.InterceptsOverQuota, c.InterceptsUnrecorded)
 		}
 		fmt.Fprintf(w, "    %s\n", formatCounters(cg.Counters))
 	}

@@ -17,7 +17,8 @@
 //	<pin dir>/tc_devices        BPF_MAP_TYPE_HASH registry of TC attachments
 //	<pin dir>/tc_users          BPF_MAP_TYPE_HASH which cgroup uses which TC device
 //	<pin dir>/node_addrs        BPF_MAP_TYPE_HASH unique node addresses -> owning netns (pod-to-pod pairing)
-//	<pin dir>/orig_dsts         BPF_MAP_TYPE_LRU_HASH sidecar mode: app endpoint -> original destination (handshakes in flight)
+//	<pin dir>/orig_dsts         BPF_MAP_TYPE_HASH sidecar mode: app endpoint -> original destination (handshakes in flight)
+//	<pin dir>/intercepts        BPF_MAP_TYPE_ARRAY sidecar mode: slot -> its orig_dsts entries (the intercept quota)
 //	<pin dir>/mesh_endpoints    BPF_MAP_TYPE_HASH sidecar mode: app endpoint -> sockets using it
 //	<pin dir>/mesh_syns         BPF_MAP_TYPE_LRU_HASH sidecar mode: SYN tuple after NAT -> app socket key
 //	<pin dir>/mesh_clients      BPF_MAP_TYPE_LRU_HASH sidecar mode: connecting endpoint -> socket key (pod to pod)
@@ -66,6 +67,7 @@ const (
 	PinSocketCgs     = "socket_cgroups"
 	PinNodeAddrs     = "node_addrs"
 	PinOrigDsts      = "orig_dsts"
+	PinIntercepts    = "intercepts"
 	PinMeshEndpoints = "mesh_endpoints"
 	PinMeshSyns      = "mesh_syns"
 	PinMeshClients   = "mesh_clients"
@@ -85,7 +87,7 @@ const (
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinCgroupSlots, PinNodeAddrs, PinOrigDsts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners, PinStackProcs, PinEvents}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinCgroupSlots, PinNodeAddrs, PinOrigDsts, PinIntercepts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners, PinStackProcs, PinEvents}
 
 // SizesFor returns the capacity of the shared maps whose entries follow
 // sockets, for a sockhash of capacity n, so that no pod's live sockets can
@@ -620,6 +622,9 @@ func (d *Dataplane) disableLocked(cgroupID uint64) (bool, error) {
 			return false, fmt.Errorf("disable cgroup id %d: clear its settings: %w", cgroupID, err)
 		}
 		if err := d.forgetListeners(slot); err != nil {
+			return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
+		}
+		if err := d.forgetIntercepts(slot); err != nil {
 			return false, fmt.Errorf("disable cgroup id %d: %w", cgroupID, err)
 		}
 	}

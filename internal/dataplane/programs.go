@@ -30,7 +30,17 @@ type cgroupProgram struct {
 	Attach ebpf.AttachType
 	// SidecarOnly: attached only to cgroups in sidecar mode.
 	SidecarOnly bool
+	// Quota: the program sets the cgroup's intercept quota (see
+	// InterceptQuota) as its constant cgroup.InterceptQuotaConstant.
+	Quota bool
 }
+
+// InterceptQuota is how many intercepted handshakes in flight (orig_dsts
+// entries) one cgroup in intercept mode may hold, for an orig_dsts map of
+// capacity n: an eighth of it, so one pod cannot fill it for the others.
+// Past it, the cgroup's connects go where they asked, unintercepted
+// (counter intercepts_over_quota).
+func InterceptQuota(n uint32) uint64 { return uint64(n / 8) }
 
 // cgroupPrograms are the per-cgroup programs. The sock_ops program comes
 // first: its link pin (no suffix) is what marks a cgroup enabled.
@@ -38,8 +48,8 @@ var cgroupPrograms = []cgroupProgram{
 	{What: "sock_ops", Program: sockops.ProgramName, Spec: sockops.LoadSpec, Suffix: "", Attach: ebpf.AttachCGroupSockOps},
 	{What: "cgroup/setsockopt", Program: cgroup.SetsockoptProgram, Spec: cgroup.LoadSetsockoptSpec, Suffix: "-setsockopt", Attach: ebpf.AttachCGroupSetsockopt},
 	{What: "cgroup_skb/egress accounting", Program: cgroup.EgressProgram, Spec: cgroup.LoadEgressSpec, Suffix: "-account", Attach: ebpf.AttachCGroupInetEgress},
-	{What: "cgroup/connect4", Program: cgroup.Connect4Program, Spec: cgroup.LoadSidecarSpec, Suffix: "-connect4", Attach: ebpf.AttachCGroupInet4Connect, SidecarOnly: true},
-	{What: "cgroup/connect6", Program: cgroup.Connect6Program, Spec: cgroup.LoadSidecarSpec, Suffix: "-connect6", Attach: ebpf.AttachCGroupInet6Connect, SidecarOnly: true},
+	{What: "cgroup/connect4", Program: cgroup.Connect4Program, Spec: cgroup.LoadSidecarSpec, Suffix: "-connect4", Attach: ebpf.AttachCGroupInet4Connect, SidecarOnly: true, Quota: true},
+	{What: "cgroup/connect6", Program: cgroup.Connect6Program, Spec: cgroup.LoadSidecarSpec, Suffix: "-connect6", Attach: ebpf.AttachCGroupInet6Connect, SidecarOnly: true, Quota: true},
 	{What: "cgroup/getsockopt", Program: cgroup.GetsockoptProgram, Spec: cgroup.LoadSidecarSpec, Suffix: "-getsockopt", Attach: ebpf.AttachCGroupGetsockopt, SidecarOnly: true},
 	{What: "cgroup_skb/egress (sidecar SYNs)", Program: cgroup.SidecarEgressProgram, Spec: cgroup.LoadSidecarSpec, Suffix: "-egress", Attach: ebpf.AttachCGroupInetEgress, SidecarOnly: true},
 }
@@ -47,7 +57,11 @@ var cgroupPrograms = []cgroupProgram{
 // load loads p's instance for the cgroup id, whose slot is slot, over the
 // pinned maps. The caller owns the program.
 func (p cgroupProgram) load(id uint64, slot uint32, maps map[string]*ebpf.Map) (*ebpf.Program, error) {
-	return loadProgram(p.What, p.Spec, p.Program, map[string]any{sockops.CgroupIDConstant: id, sockops.CgroupSlotConstant: slot}, maps)
+	consts := map[string]any{sockops.CgroupIDConstant: id, sockops.CgroupSlotConstant: slot}
+	if p.Quota {
+		consts[cgroup.InterceptQuotaConstant] = InterceptQuota(maps[PinOrigDsts].MaxEntries())
+	}
+	return loadProgram(p.What, p.Spec, p.Program, consts, maps)
 }
 
 // The node-wide programs, loaded by create and Upgrade, and the TC

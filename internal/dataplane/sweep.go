@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 
@@ -146,4 +147,36 @@ func (d *Dataplane) deleteTagged(name string, shift uint, tags map[uint64]bool) 
 		}
 	}
 	return n, nil
+}
+
+// forgetIntercepts removes the orig_dsts entries of the cgroup in slot
+// (handshakes it intercepted that no program of it will now see end) and
+// zeroes its count in intercepts, for a cgroup whose programs are
+// detached.
+func (d *Dataplane) forgetIntercepts(slot uint32) error {
+	m := d.maps[PinOrigDsts]
+	var (
+		key  endpointKey
+		val  = make([]byte, m.ValueSize())
+		gone []endpointKey
+	)
+	it := m.Iterate()
+	for it.Next(&key, &val) {
+		// struct orig_dst: ip[16], port, family, then the slot plus one.
+		if binary.LittleEndian.Uint32(val[20:24]) == slot+1 {
+			gone = append(gone, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read %s: %w", PinOrigDsts, err)
+	}
+	for _, k := range gone {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete from %s: %w", PinOrigDsts, err)
+		}
+	}
+	if err := d.maps[PinIntercepts].Put(slot, uint64(0)); err != nil {
+		return fmt.Errorf("reset the intercepts of slot %d: %w", slot, err)
+	}
+	return nil
 }

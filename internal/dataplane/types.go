@@ -77,6 +77,13 @@ type CgroupCounters struct {
 	// ListenersFull counts listening sockets not recorded because the
 	// listeners map was full (their connections stay plain TCP).
 	ListenersFull uint64 `json:"listeners_full"`
+	// InterceptsOverQuota counts connects of an intercept-mode cgroup
+	// left alone (not sent to its sidecar) because the cgroup had its
+	// quota of handshakes in flight.
+	InterceptsOverQuota uint64 `json:"intercepts_over_quota"`
+	// InterceptsUnrecorded counts connects sent to the sidecar whose
+	// destination could not be recorded (orig_dsts full).
+	InterceptsUnrecorded uint64 `json:"intercepts_unrecorded"`
 }
 
 // Add adds o to c field by field.
@@ -125,6 +132,8 @@ func (c *CgroupCounters) Add(o CgroupCounters) {
 	c.SpliceStalled += o.SpliceStalled
 	c.PairsFull += o.PairsFull
 	c.ListenersFull += o.ListenersFull
+	c.InterceptsOverQuota += o.InterceptsOverQuota
+	c.InterceptsUnrecorded += o.InterceptsUnrecorded
 }
 
 // Sub returns c minus o field by field (for deltas between two reads).
@@ -175,6 +184,8 @@ func (c CgroupCounters) Sub(o CgroupCounters) CgroupCounters {
 		SpliceStalled:         c.SpliceStalled - o.SpliceStalled,
 		PairsFull:             c.PairsFull - o.PairsFull,
 		ListenersFull:         c.ListenersFull - o.ListenersFull,
+		InterceptsOverQuota:   c.InterceptsOverQuota - o.InterceptsOverQuota,
+		InterceptsUnrecorded:  c.InterceptsUnrecorded - o.InterceptsUnrecorded,
 	}
 }
 

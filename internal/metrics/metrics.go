@@ -54,6 +54,8 @@ func NewCollector(source Source) *Collector {
 			counter("mesh_unpaired_total", "Sidecar mode: connections reaching a sidecar port left unpaired.", func(f stats.Figures) uint64 { return f.MeshUnpaired }),
 			counter("mesh_ambiguous_total", "Sidecar mode: connections left unpaired because their app endpoint was shared.", func(f stats.Figures) uint64 { return f.MeshAmbiguous }),
 			counter("mesh_intercepted_total", "Sidecar mode: app connects sent to the sidecar (intercept mode).", func(f stats.Figures) uint64 { return f.MeshIntercepted }),
+			counter("intercepts_over_quota_total", "Intercept mode: connects left alone (sent where they asked, not to the sidecar) because the cgroup had its quota of handshakes in flight.", func(f stats.Figures) uint64 { return f.InterceptsOverQuota }),
+			counter("intercepts_unrecorded_total", "Intercept mode: connects sent to the sidecar whose original destination could not be recorded (the node's orig_dsts map full): the sidecar gets no SO_ORIGINAL_DST.", func(f stats.Figures) uint64 { return f.InterceptsUnrecorded }),
 			counter("mesh_orig_dst_answers_total", "Sidecar mode: SO_ORIGINAL_DST answered for the sidecar (intercept mode).", func(f stats.Figures) uint64 { return f.MeshOrigDstAnswers }),
 			counter("stack_egress_bytes_total", "TCP payload bytes the cgroup's sockets sent through the stack to local peers, on any device.", func(f stats.Figures) uint64 { return f.StackEgressBytes }),
 			counter("stack_egress_packets_total", "TCP packets with payload the cgroup's sockets sent through the stack to local peers, on any device.", func(f stats.Figures) uint64 { return f.StackEgressPackets }),

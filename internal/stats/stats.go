@@ -145,6 +145,12 @@ type Figures struct {
 	MeshAmbiguous      uint64 `json:"mesh_ambiguous"`
 	MeshIntercepted    uint64 `json:"mesh_intercepted"`
 	MeshOrigDstAnswers uint64 `json:"mesh_orig_dst_answers"`
+	// Intercept mode: connects left alone because the cgroup had its
+	// quota of handshakes in flight (they go where they asked, without
+	// the sidecar), and connects sent to the sidecar whose destination
+	// could not be recorded (the node's orig_dsts full).
+	InterceptsOverQuota  uint64 `json:"intercepts_over_quota"`
+	InterceptsUnrecorded uint64 `json:"intercepts_unrecorded"`
 	// BypassRatio is redirected bytes / (redirected + stack egress
 	// bytes), between 0 and 1; null while there has been no traffic.
 	BypassRatio *float64 `json:"bypass_ratio"`
@@ -192,6 +198,8 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		SpliceStalled:             c.SpliceStalled,
 		PairsFull:                 c.PairsFull,
 		ListenersFull:             c.ListenersFull,
+		InterceptsOverQuota:       c.InterceptsOverQuota,
+		InterceptsUnrecorded:      c.InterceptsUnrecorded,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,
