@@ -20,6 +20,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/config"
+	"github.com/sockbypass/sockbypass/internal/conns"
 	"github.com/sockbypass/sockbypass/internal/daemon"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/lock"
@@ -258,10 +259,16 @@ func flagsConfig(cgroups, tcDevs []string, metricsAddr string, noProbation bool)
 // can be read) and /readyz (200 only while the daemon's current selection
 // is applied; see daemon.Ready).
 func newMetricsServer(dp *dataplane.Dataplane, cgroup2Mount string, dmn *daemon.Daemon) *http.Server {
+	// Stack bytes count when their socket closes: each scrape samples
+	// the live sockets', and the counters never go backwards.
+	var live conns.StackSampler
 	source := func() (*stats.Report, error) {
 		st, err := dp.Status()
 		if err != nil {
 			return nil, err
+		}
+		if err := live.AddLive(dp, cgroup.Mounts{V2: cgroup2Mount}, st); err != nil {
+			return nil, fmt.Errorf("sample the live sockets' stack bytes: %w", err)
 		}
 		return stats.FromStatus(st, cgroup2Mount, time.Now()), nil
 	}
