@@ -384,14 +384,36 @@ static __always_inline int listener_eligible(const struct sock_key *key, __u64 n
 }
 
 /*
- * short_lived reports whether a connection reaching the listener of key
- * should stay plain because the listener's connections are short-lived
+ * listener_may_pair reports whether the listener of key can pair at all:
+ * known, non-blocking, its accepted sockets not turned blocking, no stack
+ * reader (a listener on probation may: its first connection is marked at
+ * PASSIVE_ESTABLISHED). A SYN to any other listener gets no offer, so its
+ * connection costs no pair entry and its client no sockhash round trip.
+ */
+static __always_inline int listener_may_pair(__u64 *lflags)
+{
+	return lflags && (*lflags & (LISTENER_NONBLOCK | LISTENER_STACK_READER | LISTENER_BLOCKING_CHILDREN)) == LISTENER_NONBLOCK;
+}
+
+/* count_not_offered counts a server socket left plain because its
+ * listener cannot pair (see listener_may_pair), as join_passive counts a
+ * decline for the same reason. */
+static __always_inline void count_not_offered(struct cgroup_counters *c, __u64 *lflags)
+{
+	if (lflags && (*lflags & LISTENER_STACK_READER))
+		COUNT(c, sockets_unpaired);
+	else
+		COUNT(c, sockets_blocking);
+}
+
+/*
+ * short_lived reports whether a connection reaching the listener with
+ * these flags should stay plain because the listener's connections are short-lived
  * (see "Short-lived listeners" in sockbypass.h); every SHORT_PROBE_EVERY-th
  * such connection is still offered a pair, as a probe.
  */
-static __always_inline int short_lived(const struct sock_key *key, __u64 netns)
+static __always_inline int short_lived(__u64 *flags)
 {
-	__u64 *flags = listener_flags(key->local_ip, key->local_port, netns);
 	__u64 skipped;
 
 	if (!flags || (*flags & LISTENER_SHORT_MASK) < SHORT_STREAK * LISTENER_SHORT_ONE)
@@ -584,7 +606,7 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 	struct pairing p = {};
 	struct sock_key key = {};
 	struct pair offer = {.state = PAIR_OFFERED};
-	__u64 own_netns;
+	__u64 own_netns, *lflags;
 
 	cfg = config_for(cgroup_slot);
 	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY))
@@ -599,7 +621,10 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 		set_mirror(&p, &key, own_netns);
 	if (p.scope == SCOPE_REMOTE)
 		return;
-	if (!(cfg && (cfg->flags & CGROUP_ALL_CONNECTIONS)) && short_lived(&key, own_netns)) {
+	lflags = listener_flags(key.local_ip, key.local_port, own_netns);
+	if (!listener_may_pair(lflags))
+		return;
+	if (!(cfg && (cfg->flags & CGROUP_ALL_CONNECTIONS)) && short_lived(lflags)) {
 		struct cgroup_counters *c = counters_for(cgroup_slot);
 
 		COUNT(c, connections_short_lived);
@@ -700,10 +725,18 @@ static __noinline int offered(struct bpf_sock_ops *skops, struct sock_key *key, 
 	}
 	if (p->scope == SCOPE_AMBIGUOUS)
 		COUNT(c, sockets_ambiguous);
-	if (stack_port(cfg, server_port))
+	if (stack_port(cfg, server_port)) {
 		COUNT(c, sockets_stack_port);
-	else if (!dry_run(cfg))
-		COUNT(c, sockets_unpaired);
+	} else if (!dry_run(cfg)) {
+		__u64 *lflags = passive ? listener_flags(key->local_ip, key->local_port, p->own_netns) : 0;
+
+		if (passive && !listener_may_pair(lflags))
+			count_not_offered(c, lflags);
+		else if (!passive && sock_nonblocking(skops->sk) == 0)
+			COUNT(c, sockets_blocking); /* it would never have joined */
+		else
+			COUNT(c, sockets_unpaired);
+	}
 	return 0;
 }
 
@@ -855,7 +888,10 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	}
 	pair = bpf_map_lookup_elem(&pairs, &p.peer);
 	if (!pair) {
-		COUNT(c, sockets_unpaired);
+		if (!listener_may_pair(lflags))
+			count_not_offered(c, lflags); /* offer_pair made none */
+		else
+			COUNT(c, sockets_unpaired);
 		return 0;
 	}
 	if (pair->state != PAIR_CLIENT_JOINED) {

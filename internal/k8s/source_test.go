@@ -288,7 +288,7 @@ kubernetes:
 	// A connection of the pod that left the fast path: a Normal Event.
 	src.Fallback(daemon.Target{Owner: "apps/meshed"}, dataplane.FallbackEvent{Reason: dataplane.EventLateBlocking,
 		Local: netip.MustParseAddrPort("127.0.0.1:6379"), Remote: netip.MustParseAddrPort("127.0.0.1:40000")})
-	waitEvent(t, admin, meshed.pod, ReasonFallback, "127.0.0.1:6379 -> 127.0.0.1:40000 turned blocking")
+	waitEventOfType(t, admin, meshed.pod, corev1.EventTypeNormal, ReasonFallback, "127.0.0.1:6379 -> 127.0.0.1:40000 turned blocking")
 
 	if err := admin.CoreV1().Pods("apps").Delete(ctx, "lost", metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
 		t.Fatal(err)
@@ -304,6 +304,13 @@ kubernetes:
 
 func waitEvent(t *testing.T, c kubernetes.Interface, pod *corev1.Pod, reason, text string) {
 	t.Helper()
+	waitEventOfType(t, c, pod, corev1.EventTypeWarning, reason, text)
+}
+
+// waitEventOfType waits for an Event of type typ (Normal, Warning) on pod
+// with reason and a message containing text.
+func waitEventOfType(t *testing.T, c kubernetes.Interface, pod *corev1.Pod, typ, reason, text string) {
+	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		evs, err := c.CoreV1().Events(pod.Namespace).List(context.Background(), metav1.ListOptions{})
@@ -311,12 +318,12 @@ func waitEvent(t *testing.T, c kubernetes.Interface, pod *corev1.Pod, reason, te
 			t.Fatal(err)
 		}
 		for _, ev := range evs.Items {
-			if ev.InvolvedObject.UID == pod.UID && ev.Reason == reason && ev.Type == corev1.EventTypeWarning && strings.Contains(ev.Message, text) {
+			if ev.InvolvedObject.UID == pod.UID && ev.Reason == reason && ev.Type == typ && strings.Contains(ev.Message, text) {
 				return
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no %s Event on %s/%s mentioning %q; events: %+v", reason, pod.Namespace, pod.Name, text, evs.Items)
+			t.Fatalf("no %s %s Event on %s/%s mentioning %q; events: %+v", typ, reason, pod.Namespace, pod.Name, text, evs.Items)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
