@@ -233,11 +233,16 @@ type StackSampler struct {
 // AddLive samples the live sockets (SampleStack) and sets the stack
 // counters of st's enabled cgroups, and its totals, to what closed sockets
 // counted plus what the live ones sent, never below what this sampler
-// returned before for the same cgroup.
+// returned before for the same cgroup. When the sample fails it returns
+// the error, and st's figures are still kept from going backwards.
 func (s *StackSampler) AddLive(dp *dataplane.Dataplane, mounts cgroup.Mounts, st *dataplane.Status) error {
 	sample, closed, err := SampleStack(dp, mounts)
 	if err != nil {
-		return err
+		// What status read: the closed sockets only.
+		sample, closed = nil, map[uint64]dataplane.CgroupCounters{}
+		for _, c := range st.Cgroups {
+			closed[c.ID] = c.Counters
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -256,5 +261,5 @@ func (s *StackSampler) AddLive(dp *dataplane.Dataplane, mounts cgroup.Mounts, st
 		st.Totals.StackEgressPackets += packets - c.Counters.StackEgressPackets
 		c.Counters.StackEgressBytes, c.Counters.StackEgressPackets = bytes, packets
 	}
-	return nil
+	return err
 }
