@@ -2,11 +2,14 @@ package dataplane
 
 import (
 	"bytes"
+	"net"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/testutil"
+	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
 // dialBlocking connects a blocking socket created in cg to 127.0.0.1:port
@@ -157,4 +160,52 @@ func TestStackBytesCountedAtClose(t *testing.T) {
 		t.Errorf("closed with bytes and a FIN queued: stack egress %d bytes, want the %d written (and read)", d.StackEgressBytes, written)
 	}
 	t.Logf("closed with bytes queued: %d bytes counted, %d written", d.StackEgressBytes, written)
+}
+
+// TestStackBytesOfSocketsThatPredateEnable: sockets established before
+// their cgroup was enabled (sock_ops never classified them) are counted
+// when they close if their peer is local by the rule sock_ops classifies
+// with (loopback; a node address, here over a veth), and not when it
+// cannot be local. A socket's whole history counts, bytes sent before the
+// enable too.
+func TestStackBytesOfSocketsThatPredateEnable(t *testing.T) {
+	dp := install(t)
+	a, b := testutil.NewPod(t), testutil.NewPod(t)
+	testutil.Link(t, a, "10.9.8.1/24", b, "10.9.8.2/24", "sbxpa", "sbxpb")
+	lb := b.Listen(t, "10.9.8.2:0")
+	transfer.ServeDiscard(lb)
+	lo := a.Listen(t, "127.0.0.1:0")
+	transfer.ServeDiscard(lo)
+	loop := a.Dial(t, nil, lo.Addr().String())
+	remote := a.Dial(t, nil, lb.Addr().String())
+	node := a.Dial(t, nil, lb.Addr().String())
+	const first, then = 1000, 2345
+	write := func(n int) {
+		t.Helper()
+		for _, c := range []net.Conn{loop, remote, node} {
+			if _, err := c.Write(bytes.Repeat([]byte("p"), n)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	write(first)
+	if _, err := dp.Enable(a.Cgroup, EnableOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	before := counterOf(t, dp, a.Cgroup.ID)
+	write(then)
+	closed := func(c net.Conn, what string, want uint64) {
+		t.Helper()
+		c.Close()
+		if d := counterOf(t, dp, a.Cgroup.ID).Sub(before); d.StackEgressBytes != want {
+			t.Errorf("%s closed: stack egress %d bytes, want %d", what, d.StackEgressBytes, want)
+		}
+	}
+	closed(remote, "to a peer that cannot be local", 0)
+	closed(loop, "on loopback", first+then)
+	// b's namespace is a pod of the node: its address is local now.
+	if _, err := dp.RefreshNodeAddrs(b.Netns.Path()); err != nil {
+		t.Fatal(err)
+	}
+	closed(node, "to a node address over a veth", 2*(first+then))
 }
