@@ -121,8 +121,10 @@ func SampleStack(dp *dataplane.Dataplane, mounts cgroup.Mounts) (map[uint64]Stac
 			} else {
 				socks, err = sockdiag.DumpNetns(path, req)
 			}
-			if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) {
-				continue // the namespace went away
+			if i > 0 && (errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH)) {
+				if _, serr := os.Stat(path); serr != nil {
+					continue // the namespace went away
+				}
 			}
 			if err != nil {
 				return nil, nil, fmt.Errorf("list the TCP sockets of network namespace %s: %w", path, err)

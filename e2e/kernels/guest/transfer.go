@@ -396,6 +396,10 @@ func stackBytesSockbypass(bin, cg string) string {
 		return "error: " + err.Error()
 	}
 	open, err := readStats(bin, cg)
+	var warn bytes.Buffer
+	cmd := exec.Command(bin, "stats", "--json")
+	cmd.Stderr = &warn
+	cmd.Run()
 	unix.Close(cfd)
 	unix.Close(sfd)
 	if err != nil {
@@ -405,5 +409,10 @@ func stackBytesSockbypass(bin, cg string) string {
 	if err != nil {
 		return "error: " + err.Error()
 	}
-	return fmt.Sprintf("written=%d open=%d closed=%d", up+down, open.StackEgressBytes-before.StackEgressBytes, closed.StackEgressBytes-before.StackEgressBytes)
+	v := fmt.Sprintf("written=%d open=%d closed=%d", up+down, open.StackEgressBytes-before.StackEgressBytes, closed.StackEgressBytes-before.StackEgressBytes)
+	if w := strings.TrimSpace(warn.String()); w != "" {
+		line, _, _ := strings.Cut(w, "\n")
+		v += " stats_warning=" + line
+	}
+	return v
 }
