@@ -64,6 +64,41 @@ type Case struct {
 	start func(ctx context.Context, rc *runContext) (instance, error)
 }
 
+// Kinds of cases (Case.Kind), the order the report lists them in.
+const (
+	// KindAccelerated: a workload sockbypass pairs (non-blocking
+	// sockets); it must redirect MinRedirected of its payload.
+	KindAccelerated = "accelerated"
+	// KindShortLived: short connections, which sockbypass leaves mostly
+	// plain once their listener is known to serve short-lived ones.
+	KindShortLived = "short-lived, mostly plain"
+	// KindControl: a workload with blocking sockets, which sockbypass
+	// never pairs: what an enabled cgroup costs plain sockets.
+	KindControl = "control: blocking, plain"
+)
+
+// Kind says which of KindAccelerated, KindShortLived, KindControl c is.
+func (c Case) Kind() string {
+	switch {
+	case c.Blocking != "":
+		return KindControl
+	case c.ShortLived:
+		return KindShortLived
+	}
+	return KindAccelerated
+}
+
+// kindRank orders kinds in reports: accelerated workloads lead.
+func kindRank(kind string) int {
+	switch kind {
+	case KindAccelerated:
+		return 0
+	case KindShortLived:
+		return 1
+	}
+	return 2
+}
+
 // runContext is what a case needs to start one mode.
 type runContext struct {
 	env  *Env

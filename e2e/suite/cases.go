@@ -5,14 +5,21 @@ import (
 	"regexp"
 )
 
-// FullCases is the whole suite, on both topologies: sockperf ping-pong at
-// 64 B, 1 KiB and 16 KiB on one CPU and on two; iperf3 with 1 KiB, 16 KiB
-// and 128 KiB writes; short connections per second; redis-benchmark with
-// and without pipelining; wrk against nginx with 1 KiB and 100 KiB bodies,
-// sendfile on and off.
+// FullCases is the whole suite, on both topologies: the accelerated
+// workloads first (epoll ping-pong at 64 B and 16 KiB on one CPU and on
+// two), then the controls: sockperf ping-pong at 64 B, 1 KiB and 16 KiB
+// on one CPU and on two; iperf3 with 1 KiB, 16 KiB and 128 KiB writes
+// (both block: sockbypass leaves them plain); then short connections per
+// second; redis-benchmark with and without pipelining; wrk against nginx
+// with 1 KiB and 100 KiB bodies, sendfile on and off.
 func FullCases() []Case {
 	var cases []Case
 	for _, topo := range []string{TopoLoopback, TopoVeth} {
+		for _, cpus := range []cpuPlacement{OneCPU, TwoCPU} {
+			for _, size := range []int{64, 16 << 10} {
+				cases = append(cases, epollCase(topo, size, cpus))
+			}
+		}
 		for _, cpus := range []cpuPlacement{OneCPU, TwoCPU} {
 			for _, size := range []int{64, 1 << 10, 16 << 10} {
 				cases = append(cases, sockperfCase(topo, size, cpus))
@@ -38,6 +45,7 @@ func FullCases() []Case {
 // over loopback, a few sizes, and two cases of the veth topology.
 func QuickCases() []Case {
 	return []Case{
+		epollCase(TopoLoopback, 64, OneCPU),
 		sockperfCase(TopoLoopback, 64, OneCPU),
 		sockperfCase(TopoLoopback, 64, TwoCPU),
 		sockperfCase(TopoLoopback, 16<<10, TwoCPU),
@@ -48,6 +56,7 @@ func QuickCases() []Case {
 		redisCase(TopoLoopback, 16),
 		nginxCase(TopoLoopback, 1<<10, true),
 		nginxCase(TopoLoopback, 100<<10, false),
+		epollCase(TopoVeth, 64, OneCPU),
 		sockperfCase(TopoVeth, 64, TwoCPU),
 		iperfCase(TopoVeth, 128<<10),
 	}
@@ -58,11 +67,13 @@ func QuickCases() []Case {
 // ones. Non-blocking workloads must redirect on both topologies.
 func SmokeCases() []Case {
 	return []Case{
+		epollCase(TopoLoopback, 64, TwoCPU),
 		sockperfCase(TopoLoopback, 1<<10, TwoCPU),
 		iperfCase(TopoLoopback, 16<<10),
 		connRateCase(TopoLoopback),
 		redisCase(TopoLoopback, 16),
 		nginxCase(TopoLoopback, 100<<10, true),
+		epollCase(TopoVeth, 64, OneCPU),
 		iperfCase(TopoVeth, 16<<10),
 		redisCase(TopoVeth, 16),
 		connRateCase(TopoVeth),

@@ -1,9 +1,13 @@
 // Package suite is the end-to-end benchmark and acceptance suite of
 // sockbypass: it builds its own topologies (one network namespace over
 // loopback, and two namespaces joined by a veth pair), drives real programs
-// (sockperf, iperf3, wrk against nginx, redis-benchmark against
-// redis-server) plain and accelerated side by side, verifies the content of
-// every application run, and writes results.json, results.md and PNG charts.
+// plain and accelerated side by side: the accelerated workloads
+// (e2e/cmd/epollpingpong, an epoll ping-pong with non-blocking sockets; wrk
+// against nginx; redis-benchmark against redis-server), short connections
+// (mostly left plain) and the controls, whose blocking sockets are left
+// plain (sockperf, iperf3); it verifies the content of every application
+// run, and writes results.json, results.md (accelerated rows first, each
+// with its kind) and PNG charts.
 //
 // Plain runs put both ends in a cgroup that is not enabled; accelerated runs
 // put both ends in an enabled cgroup. Runs alternate between the two modes

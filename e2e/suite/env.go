@@ -27,6 +27,9 @@ type Env struct {
 	// TempDir holds config files, bodies and logs of the programs.
 	TempDir string
 
+	// epoll is e2e/cmd/epollpingpong, built on first use.
+	epoll epollBuild
+
 	undo cleanups
 }
 

@@ -119,18 +119,24 @@ func TestReportFiles(t *testing.T) {
 		Runs: 3, RunSeconds: 2, CPUs: 2, Kernel: "test", Label: "test",
 		Topologies: []TopologyInfo{{Name: TopoLoopback, Description: "lo"}, {Name: TopoVeth, Description: "veth", CrossNetns: true}},
 		Cases: []CaseResult{
-			{Name: "loopback/sockperf-64B-1cpu", Topology: TopoLoopback, Workload: "sockperf", Size: 64,
+			{Name: "loopback/sockperf-64B-1cpu", Topology: TopoLoopback, Workload: "sockperf", Size: 64, Kind: KindControl,
 				Metrics:          []MetricResult{newMetricResult(sockperfMetrics[0], []float64{10, 11, 12}, []float64{6, 7, 8})},
 				PlainPercentiles: lat.Percentiles, AccelPercentiles: lat.Percentiles,
 				AccelTraffic: Traffic{RedirectedBytes: 1 << 20}, Paired: true},
-			{Name: "loopback/iperf3-16KiB", Topology: TopoLoopback, Workload: "iperf3", Size: 16 << 10,
+			{Name: "loopback/iperf3-16KiB", Topology: TopoLoopback, Workload: "iperf3", Size: 16 << 10, Kind: KindControl,
 				Metrics: []MetricResult{newMetricResult(iperfMetrics[0], []float64{10}, []float64{15})}},
-			{Name: "loopback/iperf3-1KiB", Topology: TopoLoopback, Workload: "iperf3", Size: 1 << 10,
+			{Name: "loopback/connrate-wrk-nginx", Topology: TopoLoopback, Workload: "connrate", Kind: KindShortLived,
+				Metrics: []MetricResult{newMetricResult(connRateMetrics[0], []float64{100}, []float64{99})}},
+			{Name: "loopback/epoll-pingpong-64B-1cpu", Topology: TopoLoopback, Workload: "epoll-pingpong", Size: 64, Kind: KindAccelerated,
+				Metrics:          []MetricResult{newMetricResult(sockperfMetrics[0], []float64{10}, []float64{7})},
+				PlainPercentiles: lat.Percentiles, AccelPercentiles: lat.Percentiles,
+				AccelTraffic: Traffic{RedirectedBytes: 1 << 20}, Paired: true},
+			{Name: "loopback/iperf3-1KiB", Topology: TopoLoopback, Workload: "iperf3", Size: 1 << 10, Kind: KindControl,
 				Metrics: []MetricResult{newMetricResult(iperfMetrics[0], []float64{2}, []float64{3})}},
-			{Name: "veth/iperf3-16KiB", Topology: TopoVeth, Workload: "iperf3", Size: 16 << 10,
+			{Name: "veth/iperf3-16KiB", Topology: TopoVeth, Workload: "iperf3", Size: 16 << 10, Kind: KindControl,
 				Metrics: []MetricResult{newMetricResult(iperfMetrics[0], []float64{5}, []float64{5})},
 				Note:    "not accelerated: iperf3 connects with blocking sockets"},
-			{Name: "veth/redis-P1", Topology: TopoVeth, Workload: "redis", Error: "veth/redis-P1: boom"},
+			{Name: "veth/redis-P1", Topology: TopoVeth, Workload: "redis", Kind: KindAccelerated, Error: "veth/redis-P1: boom"},
 		},
 		Failures: []string{"veth/redis-P1: boom"},
 	}
@@ -139,26 +145,39 @@ func TestReportFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range []string{"results.json", "results.md", "latency-loopback-sockperf-64B-1cpu.png", "throughput-loopback.png", "throughput-veth.png"} {
+	for _, f := range []string{"results.json", "results.md", "latency-loopback-sockperf-64B-1cpu.png", "latency-loopback-epoll-pingpong-64B-1cpu.png", "throughput-loopback.png", "throughput-veth.png"} {
 		if st, err := os.Stat(filepath.Join(dir, f)); err != nil || st.Size() == 0 {
 			t.Errorf("%s: %v", f, err)
 		}
 	}
-	if len(files) != 5 {
+	if len(files) != 6 {
 		t.Errorf("files %v", files)
 	}
 	md, _ := os.ReadFile(filepath.Join(dir, "results.md"))
 	for _, want := range []string{
-		"| sockperf-64B-1cpu | p50 RTT | 11.00 us | 7.00 us | 0.64x (better) | 18% / 29% | 1.0 MiB (100%) |",
-		"| iperf3-16KiB | throughput | 10.00 Gbit/s | 15.00 Gbit/s | 1.50x (better) |",
+		"| sockperf-64B-1cpu | control: blocking, plain | p50 RTT | 11.00 us | 7.00 us | 0.64x (better) | 18% / 29% | 1.0 MiB (100%) |",
+		"| iperf3-16KiB | control: blocking, plain | throughput | 10.00 Gbit/s | 15.00 Gbit/s | 1.50x (better) |",
+		"| epoll-pingpong-64B-1cpu | accelerated | p50 RTT | 10.00 us | 7.00 us | 0.70x (better) |",
+		"| connrate-wrk-nginx | short-lived, mostly plain | connections/s |",
 		"| 5.00 Gbit/s | 1.00x (same) |",
 		"not accelerated: iperf3 connects with blocking sockets",
-		"| redis-P1 | FAILED |",
+		"| redis-P1 | accelerated | FAILED |",
 		"## Failures",
 	} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("results.md lacks %q:\n%s", want, md)
 		}
+	}
+	// Each topology's table leads with the accelerated workloads, then
+	// the short-lived, then the controls, each in the order they ran.
+	order := []string{"| epoll-pingpong-64B-1cpu |", "| connrate-wrk-nginx |", "| sockperf-64B-1cpu |", "| iperf3-16KiB |", "| iperf3-1KiB |"}
+	last := -1
+	for _, row := range order {
+		i := strings.Index(string(md), row)
+		if i < last {
+			t.Errorf("row %s is out of order (want %q):\n%s", row, order, md)
+		}
+		last = i
 	}
 }
 
@@ -194,5 +213,43 @@ func TestVerdict(t *testing.T) {
 				t.Errorf("verdict: %v, want an error with %q", err, tc.wantErr)
 			}
 		})
+	}
+}
+
+// TestParseEpollPingPong reads the epollpingpong client's output, and
+// fails on output without its percentiles.
+func TestParseEpollPingPong(t *testing.T) {
+	out := `epollpingpong: 153395 round trips of 64 bytes in 1s, every echo checked
+epollpingpong: percentile 0.000 = 5.214
+epollpingpong: percentile 50.000 = 5.827
+epollpingpong: percentile 99.000 = 28.989
+epollpingpong: percentile 99.900 = 44.316
+epollpingpong: percentile 100.000 = 4430.460
+`
+	s, err := parseEpollPingPong(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Values["p50 RTT"] != 5.827 || s.Values["p99 RTT"] != 28.989 || s.Values["p99.9 RTT"] != 44.316 || len(s.Percentiles) != 5 || len(s.Checks) != 1 {
+		t.Errorf("parsed %+v", s)
+	}
+	if _, err := parseEpollPingPong("epollpingpong: echo 3 differs from the message sent\n"); err == nil {
+		t.Error("output without percentiles parsed")
+	}
+}
+
+// TestCaseKinds: the blocking programs are the controls, the short
+// connections short-lived, the event-loop programs accelerated; the full
+// suite starts with an accelerated ping-pong.
+func TestCaseKinds(t *testing.T) {
+	want := map[string]string{"sockperf": KindControl, "iperf3": KindControl, "connrate": KindShortLived,
+		"epoll-pingpong": KindAccelerated, "redis": KindAccelerated, "nginx": KindAccelerated}
+	for _, c := range AllCases() {
+		if k, ok := want[c.Workload]; ok && c.Kind() != k {
+			t.Errorf("%s: kind %q, want %q", c.Name, c.Kind(), k)
+		}
+	}
+	if c := FullCases()[0]; c.Workload != "epoll-pingpong" {
+		t.Errorf("the full suite starts with %s, want the epoll ping-pong", c.Name)
 	}
 }

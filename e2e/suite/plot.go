@@ -19,12 +19,12 @@ var (
 )
 
 // WriteCharts writes the PNG charts into dir: the latency distribution of
-// every sockperf case, plain vs accelerated, and the iperf3 throughput by
+// every ping-pong case (epoll-pingpong, sockperf), plain vs accelerated, and the iperf3 throughput by
 // write size of each topology. It returns the files written.
 func (r *Report) WriteCharts(dir string) ([]string, error) {
 	var files []string
 	for _, c := range r.Cases {
-		if c.Workload != "sockperf" || c.Error != "" || len(c.PlainPercentiles) == 0 {
+		if (c.Workload != "sockperf" && c.Workload != "epoll-pingpong") || c.Error != "" || len(c.PlainPercentiles) == 0 {
 			continue
 		}
 		name := filepath.Join(dir, "latency-"+fileName(c.Name)+".png")

@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -81,13 +82,16 @@ func (r *Report) WriteMarkdown(w io.Writer) {
 		if len(rows) == 0 {
 			continue
 		}
+		// Accelerated workloads lead; the controls (blocking sockets,
+		// left plain) follow.
+		sort.SliceStable(rows, func(i, j int) bool { return kindRank(rows[i].Kind) < kindRank(rows[j].Kind) })
 		fmt.Fprintf(w, "## %s: %s\n\n", t.Name, t.Description)
-		fmt.Fprintln(w, "| case | metric | plain | accelerated | accelerated/plain | spread plain / accel | redirected (accel runs) |")
-		fmt.Fprintln(w, "|---|---|---:|---:|---:|---|---|")
+		fmt.Fprintln(w, "| case | kind | metric | plain | accelerated | accelerated/plain | spread plain / accel | redirected (accel runs) |")
+		fmt.Fprintln(w, "|---|---|---|---:|---:|---:|---|---|")
 		for _, c := range rows {
 			short := strings.TrimPrefix(c.Name, c.Topology+"/")
 			if c.Error != "" {
-				fmt.Fprintf(w, "| %s | FAILED | | | | | %s |\n", short, mdEscape(firstLine(c.Error)))
+				fmt.Fprintf(w, "| %s | %s | FAILED | | | | | %s |\n", short, c.Kind, mdEscape(firstLine(c.Error)))
 				continue
 			}
 			for i, m := range c.Metrics {
@@ -95,8 +99,8 @@ func (r *Report) WriteMarkdown(w io.Writer) {
 				if i == 0 {
 					redirected = redirectedCell(c)
 				}
-				fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %.0f%% / %.0f%% | %s |\n",
-					short, m.Metric, formatValue(m.PlainMedian, m.Unit), formatValue(m.AccelMedian, m.Unit),
+				fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %.0f%% / %.0f%% | %s |\n",
+					short, c.Kind, m.Metric, formatValue(m.PlainMedian, m.Unit), formatValue(m.AccelMedian, m.Unit),
 					ratioCell(m), m.PlainSpread, m.AccelSpread, redirected)
 			}
 		}

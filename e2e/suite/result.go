@@ -81,7 +81,10 @@ type CaseResult struct {
 	Topology string `json:"topology"`
 	Workload string `json:"workload"`
 	// Size is the message, write or body size in bytes (0 when none).
-	Size    int            `json:"size_bytes,omitempty"`
+	Size int `json:"size_bytes,omitempty"`
+	// Kind is the case's kind (Case.Kind): accelerated, short-lived or
+	// control.
+	Kind    string         `json:"kind"`
 	Metrics []MetricResult `json:"metrics"`
 	// Plain and Accelerated are the counter deltas over all runs of each
 	// mode (Plain sums every cgroup: it must stay zero).

@@ -17,7 +17,7 @@ import (
 // result.
 func (env *Env) RunCase(ctx context.Context, c Case, cfg Config) (res CaseResult, err error) {
 	began := time.Now()
-	res = CaseResult{Name: c.Name, Topology: c.Topology, Workload: c.Workload, Size: c.Size}
+	res = CaseResult{Name: c.Name, Topology: c.Topology, Workload: c.Workload, Size: c.Size, Kind: c.Kind()}
 	defer func() {
 		res.Elapsed = time.Since(began)
 		if err != nil {

@@ -30,6 +30,11 @@ type Case struct {
 	// Size is the message size (rr) or the write size (stream).
 	Size int
 	CPUs CPUs
+	// Blocking, for a connection-rate case, makes its sockets blocking
+	// (ConnRateOpts.Blocking): connections sockbypass leaves plain.
+	// Request/response and stream cases block or not as the Setup's
+	// Connect makes their pair.
+	Blocking bool
 }
 
 // DefaultCases are the cases of the loopback benchmark: request/response
@@ -43,6 +48,10 @@ var DefaultCases = []Case{
 	{Name: "stream 16KiB", Kind: KindStream, Size: 16 << 10, CPUs: Unpinned},
 	{Name: "stream 128KiB", Kind: KindStream, Size: 128 << 10, CPUs: Unpinned},
 }
+
+// MetricStalled is the metric of a connection-rate case that counts the
+// connections of a run that took longer than StallAfter.
+const MetricStalled = "connections over 200 ms"
 
 // Comparison compares the runs of one metric, plain vs accelerated. The e2e
 // suite's cases and these workloads report it alike.
@@ -161,8 +170,13 @@ type Setup struct {
 	// Connect makes a connection of the mode (rr and stream cases).
 	Connect func(mode int) (Pair, error)
 	// RunIn runs fn where the mode's sockets are created, such as in its
-	// cgroup (connection-rate cases; nil when there are none).
+	// cgroup (connection-rate cases; nil when there are none or when
+	// ConnRate is set).
 	RunIn func(mode int, fn func()) error
+	// ConnRate, when set, measures a connection-rate case in a mode
+	// (for topologies other than one cgroup on loopback: it calls
+	// ConnRateWith with its own ListenIn and DialIn).
+	ConnRate func(mode int, c Case, dur time.Duration) (ConnRateResult, error)
 }
 
 // CompareN runs every case runs times in each of the named modes, rotating
@@ -185,15 +199,22 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 			for i := range modes {
 				mode := (r + i) % len(modes) // rotate who goes first
 				if c.Kind == KindConnRate {
-					var rate float64
+					var res ConnRateResult
 					var err error
-					if rerr := setup.RunIn(mode, func() { rate, err = ConnRate(c.Size, dur, c.CPUs.Client) }); rerr != nil {
+					if setup.ConnRate != nil {
+						res, err = setup.ConnRate(mode, c, dur)
+					} else if rerr := setup.RunIn(mode, func() {
+						res, err = ConnRateWith(ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking}, dur)
+					}); rerr != nil {
 						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], rerr)
 					}
 					if err != nil {
 						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], err)
 					}
-					add("connections/s", mode, rate)
+					add("connections/s", mode, res.Rate)
+					// A stalled connection (a retransmitted SYN waits 1 s)
+					// ruins its run's rate: say how many there were.
+					add(MetricStalled, mode, float64(res.Stalled))
 					if progress != nil {
 						progress("%s run %d/%d %s done", c.Name, r+1, runs, modes[mode])
 					}
@@ -227,10 +248,12 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 		}
 		for _, m := range metrics {
 			res := MultiResult{Case: c.Name, Metric: m}
-			switch c.Kind {
-			case KindRR:
+			switch {
+			case m == MetricStalled:
+				res.Unit, res.LowerIsBetter = "conns", true
+			case c.Kind == KindRR:
 				res.Unit, res.LowerIsBetter = "us", true
-			case KindConnRate:
+			case c.Kind == KindConnRate:
 				res.Unit = "conn/s"
 			default:
 				res.Unit = "Gbit/s"

@@ -50,10 +50,15 @@ func ConnectTo(dialIn func(func()), addr [4]byte, listenIn func(func())) (Pair, 
 	return semantics.Connect(semantics.NonBlocking, semantics.ConnOpts{Addr: addr, ListenIn: listenIn, DialIn: dialIn, WarmUp: true})
 }
 
-// listenOn makes a non-blocking listening socket on addr (any port) for
-// ConnRate, which connects to it again and again in the measured path.
-func listenOn(addr [4]byte) (int, error) {
-	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+// listenOn makes a listening socket on addr (any port) for ConnRate, which
+// connects to it again and again in the measured path: non-blocking unless
+// blocking.
+func listenOn(addr [4]byte, blocking bool) (int, error) {
+	flags := unix.SOCK_STREAM | unix.SOCK_CLOEXEC | unix.SOCK_NONBLOCK
+	if blocking {
+		flags = unix.SOCK_STREAM | unix.SOCK_CLOEXEC
+	}
+	lfd, err := unix.Socket(unix.AF_INET, flags, 0)
 	if err != nil {
 		return -1, err
 	}
@@ -324,47 +329,145 @@ func Percentile(d []time.Duration, p float64) time.Duration {
 // checks every answer and returns connections per second. Its sockets
 // belong to the cgroup the process is in when it is called.
 func ConnRate(msgSize int, dur time.Duration, cpu int) (float64, error) {
+	r, err := ConnRateWith(ConnRateOpts{Size: msgSize, CPU: cpu}, dur)
+	return r.Rate, err
+}
+
+// StallAfter is how long a connection of ConnRateWith may take before it
+// counts as stalled: a SYN or a segment retransmitted after a drop (the
+// first SYN retransmission comes after 1 s), not anything the datapath's
+// work per connection could explain.
+const StallAfter = 200 * time.Millisecond
+
+// ConnRateResult is what ConnRateWith measured.
+type ConnRateResult struct {
+	// Rate is connections per second.
+	Rate float64
+	// Connections is how many connections the run made.
+	Connections int
+	// Slowest is the longest connection (connect to close).
+	Slowest time.Duration
+	// Stalled counts the connections that took longer than StallAfter.
+	Stalled int
+}
+
+// ConnRateOpts says how ConnRateWith makes its connections.
+type ConnRateOpts struct {
+	// Size is the request and response size in bytes.
+	Size int
+	// CPU pins the measuring thread (client and server alike), or -1.
+	CPU int
+	// Blocking makes the client and the accepted sockets blocking file
+	// descriptors (the listener too), as a thread-per-connection program
+	// has them: sockbypass leaves such connections plain. Otherwise they
+	// are non-blocking, as an event loop's, and may pair.
+	Blocking bool
+	// Addr is the IPv4 address to listen on; zero means 127.0.0.1.
+	Addr [4]byte
+	// ListenIn, when set, runs the function that creates the listening
+	// socket where the server lives (a cgroup, a network namespace): the
+	// accepted sockets belong to the listener's cgroup and namespace.
+	ListenIn func(func())
+	// DialIn, when set, runs the measuring loop (which creates the
+	// client sockets) where the client lives, such as a network
+	// namespace's ns.NetNS.Do; it must run its function on one locked
+	// thread.
+	DialIn func(func())
+}
+
+// ConnRateWith is ConnRate with the sockets placed and made as o says; it
+// also reports the slowest connection and how many stalled.
+func ConnRateWith(o ConnRateOpts, dur time.Duration) (ConnRateResult, error) {
+	if o.Addr == ([4]byte{}) {
+		o.Addr = [4]byte{127, 0, 0, 1}
+	}
+	here := func(fn func()) { fn() }
+	if o.ListenIn == nil {
+		o.ListenIn = here
+	}
+	if o.DialIn == nil {
+		o.DialIn = here
+	}
+	lfd := -1
+	var err error
+	o.ListenIn(func() { lfd, err = listenOn(o.Addr, o.Blocking) })
+	if err != nil {
+		return ConnRateResult{}, err
+	}
+	defer unix.Close(lfd)
+	if err := unix.Listen(lfd, 128); err != nil {
+		return ConnRateResult{}, err
+	}
+	sa, err := unix.Getsockname(lfd)
+	if err != nil {
+		return ConnRateResult{}, err
+	}
+	var res ConnRateResult
 	var n int
 	var elapsed time.Duration
-	err := <-onThread(cpu, func() error {
-		lfd, err := listenOn([4]byte{127, 0, 0, 1})
-		if err != nil {
-			return err
-		}
-		defer unix.Close(lfd)
-		if err := unix.Listen(lfd, 128); err != nil {
-			return err
-		}
-		sa, err := unix.Getsockname(lfd)
-		if err != nil {
-			return err
-		}
-		req := bytes.Repeat([]byte("c"), msgSize)
-		buf := make([]byte, msgSize)
-		start := time.Now()
-		deadline := start.Add(dur)
-		for ; ; n++ {
-			req[0] = byte(n)
-			if err := oneConnection(lfd, sa, req, buf); err != nil {
-				return fmt.Errorf("connection %d: %w", n, err)
+	err = <-onThread(-1, func() error {
+		var loopErr error
+		o.DialIn(func() {
+			if loopErr = pinThread(o.CPU); loopErr != nil {
+				return
 			}
-			if n%16 == 0 && time.Now().After(deadline) {
-				break
+			req := bytes.Repeat([]byte("c"), o.Size)
+			buf := make([]byte, o.Size)
+			start := time.Now()
+			deadline := start.Add(dur)
+			t0 := start
+			for ; ; n++ {
+				req[0] = byte(n)
+				if err := oneConnection(lfd, sa, req, buf, o.Blocking); err != nil {
+					loopErr = fmt.Errorf("connection %d: %w", n, err)
+					return
+				}
+				t1 := time.Now()
+				d := t1.Sub(t0)
+				res.Slowest = max(res.Slowest, d)
+				if d > StallAfter {
+					res.Stalled++
+				}
+				t0 = t1
+				if n%16 == 0 && t1.After(deadline) {
+					break
+				}
 			}
-		}
-		elapsed = time.Since(start)
-		return nil
+			elapsed = time.Since(start)
+		})
+		return loopErr
 	})
 	if err != nil {
-		return 0, err
+		return ConnRateResult{}, err
 	}
-	return float64(n+1) / elapsed.Seconds(), nil
+	res.Connections = n + 1
+	res.Rate = float64(res.Connections) / elapsed.Seconds()
+	return res, nil
+}
+
+// pinThread pins the calling thread to cpu (cpu >= 0).
+func pinThread(cpu int) error {
+	if cpu < 0 {
+		return nil
+	}
+	var set unix.CPUSet
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		return fmt.Errorf("pin to CPU %d: %w", cpu, err)
+	}
+	return nil
 }
 
 // oneConnection connects to the listener lfd (at sa), sends req, has the
-// server echo it, checks it, and closes both ends.
-func oneConnection(lfd int, sa unix.Sockaddr, req, buf []byte) error {
-	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+// server echo it, checks it, and closes both ends. With blocking, the
+// client and the accepted socket are blocking (the connect returns once
+// the handshake is done, so the accept finds the connection queued).
+func oneConnection(lfd int, sa unix.Sockaddr, req, buf []byte, blocking bool) error {
+	flags := unix.SOCK_CLOEXEC | unix.SOCK_NONBLOCK
+	if blocking {
+		flags = unix.SOCK_CLOEXEC
+	}
+	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|flags, 0)
 	if err != nil {
 		return err
 	}
@@ -372,10 +475,12 @@ func oneConnection(lfd int, sa unix.Sockaddr, req, buf []byte) error {
 	if err := unix.Connect(cfd, sa); err != nil && err != unix.EINPROGRESS {
 		return err
 	}
-	if err := waitFD(lfd, unix.POLLIN); err != nil {
-		return err
+	if !blocking {
+		if err := waitFD(lfd, unix.POLLIN); err != nil {
+			return err
+		}
 	}
-	sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+	sfd, _, err := unix.Accept4(lfd, flags)
 	if err != nil {
 		return err
 	}

@@ -29,6 +29,7 @@ const (
 var sections = []struct{ file, heading string }{
 	{"suite/results.md", "Real programs (the e2e suite)"},
 	{"cost-per-message.md", "Per-message cost: plain TCP, the minimal redirector, sockbypass, the empty hooks"},
+	{"cost-plain.md", "What connections left plain pay: an enabled cgroup vs one that is not enabled"},
 	{"bystander-sockperf.md", "Bystander cost with sockperf: a cgroup that is not enabled, while another one is"},
 	{"cost-bystander.md", "Bystander cost, Go-native non-blocking workload"},
 	{"loopback.md", "Go-native loopback"},
