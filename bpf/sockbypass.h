@@ -291,10 +291,13 @@ struct cgroup_counters {
 	__u64 redirect_failures;
 	/* TCP packets with payload, and their payload bytes, that the
 	 * cgroup's sockets sent through the stack to a local peer, on
-	 * whatever device they left by (counted at the socket, by the
-	 * cgroup_skb/egress program of the cgroup). Packets without payload
-	 * (handshakes, ACKs, FINs) are not counted: they cost the egress
-	 * program two loads and nothing else. */
+	 * whatever device they left by: in an accelerated cgroup, counted
+	 * once per socket when it is closed, from its own counters, by the
+	 * cgroup's cgroup/sock_release program (user space adds the live
+	 * sockets' when it shows figures); in an account-only cgroup, per
+	 * packet by its cgroup_skb/egress program. Packets without payload
+	 * (handshakes, ACKs, FINs) are not counted, nor retransmissions at
+	 * close (the egress program sees those as packets like any other). */
 	__u64 stack_egress_packets;
 	__u64 stack_egress_bytes;
 	/* Of passed_msgs: the peer had earlier stack bytes of ours unread. */

@@ -668,11 +668,11 @@ func TestSidecarModes(t *testing.T) {
 				boundGate = &joinGate{dp: dp, inserts: map[uint64]uint64{s.app.Cgroup.ID: 1, s.server.Cgroup.ID: 1}}
 				boundStack = uint64(len(boundBody) + sha256.Size)
 			}
-			before, _ := dp.Counters()
+			before := countersLive(t, dp)
 			s.integrity(t, gate)
 			s.boundRoundTrip(t, boundGate)
 			accel50, accel99 := s.rr(t, 300*time.Millisecond)
-			after, _ := dp.Counters()
+			after := countersLive(t, dp)
 			app := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])
 			srv := after[s.server.Cgroup.ID].Sub(before[s.server.Cgroup.ID])
 			t.Logf("RR 64B app -> sidecar -> server p50: plain %v, accelerated %v (%.2fx faster); p99 %v vs %v",
@@ -726,7 +726,7 @@ func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
 		defer c.Close()
 		conns = append(conns, c)
 	}
-	before, _ := dp.Counters()
+	before := countersLive(t, dp)
 	// Both work: the echo port echoes, the digest port digests.
 	for i := 0; i < 20; i++ {
 		conns[1].Write([]byte("ping"))
@@ -744,7 +744,7 @@ func TestSidecarSharedAppPortIsLeftUnpaired(t *testing.T) {
 	if err != nil || !bytes.Equal(digest, want[:]) {
 		t.Fatalf("first app socket: digest %x, %v", digest, err)
 	}
-	after, _ := dp.Counters()
+	after := countersLive(t, dp)
 	d := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])
 	t.Logf("shared app endpoint: %+v", d)
 	if d.MeshAmbiguous == 0 {
@@ -862,10 +862,10 @@ func TestSidecarToSidecarAcrossPods(t *testing.T) {
 	// accepted one, its socket to the server and the server's accepted
 	// one.
 	gate := &joinGate{dp: dp, inserts: map[uint64]uint64{s.app.Cgroup.ID: 3, s.server.Cgroup.ID: 3}}
-	before, _ := dp.Counters()
+	before := countersLive(t, dp)
 	s.integrity(t, gate)
 	accel50, _ := s.rr(t, 300*time.Millisecond)
-	after, _ := dp.Counters()
+	after := countersLive(t, dp)
 	app := after[s.app.Cgroup.ID].Sub(before[s.app.Cgroup.ID])
 	srv := after[s.server.Cgroup.ID].Sub(before[s.server.Cgroup.ID])
 	t.Logf("RR 64B app -> sidecar -> sidecar -> server p50: plain %v, accelerated %v (%.2fx faster)", plain50, accel50, float64(plain50)/float64(accel50))

@@ -20,6 +20,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/config"
+	"github.com/sockbypass/sockbypass/internal/conns"
 	"github.com/sockbypass/sockbypass/internal/daemon"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/lock"
@@ -200,7 +201,7 @@ func runDaemon(e *env, args []string) error {
 
 	var srv *http.Server
 	if ln := metricsLn; ln != nil {
-		srv = newMetricsServer(dp, mounts.V2, dmn)
+		srv = newMetricsServer(dp, mounts.V2, dmn, e.log)
 		go func() {
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				e.log.Error("metrics server", zap.Error(err))
@@ -257,11 +258,17 @@ func flagsConfig(cgroups, tcDevs []string, metricsAddr string, noProbation bool)
 // daemon's own counters), /healthz (liveness: 200 while the pinned state
 // can be read) and /readyz (200 only while the daemon's current selection
 // is applied; see daemon.Ready).
-func newMetricsServer(dp *dataplane.Dataplane, cgroup2Mount string, dmn *daemon.Daemon) *http.Server {
+func newMetricsServer(dp *dataplane.Dataplane, cgroup2Mount string, dmn *daemon.Daemon, log *zap.Logger) *http.Server {
+	// Stack bytes count when their socket closes: each scrape samples
+	// the live sockets', and the counters never go backwards.
+	var live conns.StackSampler
 	source := func() (*stats.Report, error) {
 		st, err := dp.Status()
 		if err != nil {
 			return nil, err
+		}
+		if err := live.AddLive(dp, cgroup.Mounts{V2: cgroup2Mount}, st); err != nil {
+			log.Warn("cannot sample the live sockets: stack bytes show closed sockets only (and never go back)", zap.Error(err))
 		}
 		return stats.FromStatus(st, cgroup2Mount, time.Now()), nil
 	}

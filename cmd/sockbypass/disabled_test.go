@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"go.uber.org/zap"
 
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/conns"
@@ -129,7 +130,7 @@ func TestDisabledCgroupWithLiveSocketsStaysVisible(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := newMetricsServer(dp, mounts.V2, nil)
+	srv := newMetricsServer(dp, mounts.V2, nil, zap.NewNop())
 	go srv.Serve(ln)
 	defer srv.Close()
 	resp, err := http.Get("http://" + ln.Addr().String() + "/metrics")

@@ -11,7 +11,10 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/conns"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/stats"
 )
@@ -56,10 +59,17 @@ func runStats(e *env, args []string) error {
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(stop)
+	// Stack bytes count when their socket closes: the live sockets'
+	// are sampled, and the figures never go back from one report to
+	// the next.
+	var live conns.StackSampler
 	for n := 1; ; n++ {
 		st, err := dp.Status()
 		if err != nil {
 			return err
+		}
+		if err := live.AddLive(dp, mounts, st); err != nil {
+			e.log.Warn("cannot sample the live sockets: stack bytes show closed sockets only", zap.Error(err))
 		}
 		r := stats.FromStatus(st, mounts.V2, time.Now())
 		if asJSON {

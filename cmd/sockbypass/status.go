@@ -8,7 +8,10 @@ import (
 	"strings"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/sockbypass/sockbypass/cgroup"
+	"github.com/sockbypass/sockbypass/internal/conns"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/stats"
 )
@@ -107,11 +110,17 @@ func runStatus(e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	mounts, err := cgroup.ReadMounts()
+	if err != nil {
+		return err
+	}
+	// Stack bytes count when their socket closes: the live sockets'
+	// are sampled.
+	var live conns.StackSampler
+	if err := live.AddLive(dp, mounts, st); err != nil {
+		e.log.Warn("cannot sample the live sockets: stack bytes show closed sockets only", zap.Error(err))
+	}
 	if asJSON {
-		mounts, err := cgroup.ReadMounts()
-		if err != nil {
-			return err
-		}
 		return writeJSON(e.stdout, newStatusJSON(st, mounts.V2, time.Now()))
 	}
 	printStatus(e.stdout, st)

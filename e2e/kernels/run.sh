@@ -340,6 +340,10 @@ build_binaries() {
 }
 
 MODULES=(sch_ingress cls_bpf veth)
+# Socket diagnostics for TCP (tcp_diag over inet_diag): `sockbypass stats`
+# lists the live sockets with them to add their stack bytes (the guest has
+# no modprobe, so a dump would find no handler and fail with ENOENT).
+MODULES+=(tcp_diag)
 # Kernel TLS with AES-GCM for the ktls_* probes: tls (TCP_ULP "tls") and
 # the crypto templates its TLS_TX asks for, "gcm(aes)" = gcm over ctr(aes)
 # and ghash (the guest has no modprobe, so request_module finds nothing:

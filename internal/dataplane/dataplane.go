@@ -504,22 +504,15 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 
 	_, statErr := os.Stat(d.cgroupLinkPin(cg.ID))
 	already := statErr == nil
-	// Every program of the table; sidecar-mode ones follow the mode. This
-	// also completes a cgroup enabled before a program was added.
-	for _, p := range cgroupPrograms {
-		if p.SidecarOnly && opts.Mesh == nil {
-			if err := d.detachCgroupProgram(cg.ID, p); err != nil {
-				return false, fmt.Errorf("enable %s: %w", cg.Path, err)
-			}
-			continue
-		}
-		undoAttach, err := d.attachCgroupProgram(cg, slot, p)
-		if err != nil {
-			return false, fmt.Errorf("enable %s: %w", cg.Path, err)
-		}
-		if undoAttach != nil {
-			undo = append(undo, undoAttach)
-		}
+	// Every program of the table that applies to the settings (sidecar
+	// rows follow the mode, the accounting rows account-only), attached
+	// before those that no longer apply are detached: a change of mode
+	// leaves no moment without accounting. This also completes a cgroup
+	// enabled before a program was added.
+	undoPrograms, err := d.convergePrograms(cg, slot, cfg)
+	undo = append(undo, undoPrograms...)
+	if err != nil {
+		return false, fmt.Errorf("enable %s: %w", cg.Path, err)
 	}
 
 	var tcAdded []string

@@ -140,6 +140,23 @@ func (d *Dataplane) nodeAddrs() (NodeAddrs, error) {
 	return out, it.Err()
 }
 
+// NodeAddrSet returns every address in the node address table, unique or
+// ambiguous: a peer at one of them is local (peer_local in
+// bpf/sockbypass.h).
+func (d *Dataplane) NodeAddrSet() (map[netip.Addr]bool, error) {
+	out := map[netip.Addr]bool{}
+	var k nodeAddrKey
+	var v nodeAddrValue
+	it := d.maps[PinNodeAddrs].Iterate()
+	for it.Next(&k, &v) {
+		out[sockops.AddrFromC(k.Ip)] = true
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read node addresses: %w", err)
+	}
+	return out, nil
+}
+
 // RefreshNodeAddrs collects the addresses of the network namespaces of the
 // processes in the enabled cgroups, and of the namespaces at extraNetns,
 // and syncs the node address table with them.

@@ -30,6 +30,10 @@ type cgroupProgram struct {
 	Attach ebpf.AttachType
 	// SidecarOnly: attached only to cgroups in sidecar mode.
 	SidecarOnly bool
+	// AccountOnly: attached only to account-only cgroups; Accelerated:
+	// only to the others (see appliesTo).
+	AccountOnly bool
+	Accelerated bool
 	// Quota: the program sets the cgroup's intercept quota (see
 	// InterceptQuota) as its constant cgroup.InterceptQuotaConstant.
 	Quota bool
@@ -47,11 +51,29 @@ func InterceptQuota(n uint32) uint64 { return uint64(n / 8) }
 var cgroupPrograms = []cgroupProgram{
 	{What: "sock_ops", Program: sockops.ProgramName, Spec: sockops.LoadSpec, Suffix: "", Attach: ebpf.AttachCGroupSockOps},
 	{What: "cgroup/setsockopt", Program: cgroup.SetsockoptProgram, Spec: cgroup.LoadSetsockoptSpec, Suffix: "-setsockopt", Attach: ebpf.AttachCGroupSetsockopt},
-	{What: "cgroup_skb/egress accounting", Program: cgroup.EgressProgram, Spec: cgroup.LoadEgressSpec, Suffix: "-account", Attach: ebpf.AttachCGroupInetEgress},
+	// Stack bytes to local peers: counted per socket at close in
+	// accelerated cgroups, per packet in account-only ones (whose egress
+	// program also counts would_redirect_bytes).
+	{What: "cgroup/sock_release accounting", Program: cgroup.ReleaseProgram, Spec: cgroup.LoadReleaseSpec, Suffix: "-release", Attach: ebpf.AttachCgroupInetSockRelease, Accelerated: true},
+	{What: "cgroup_skb/egress accounting", Program: cgroup.EgressProgram, Spec: cgroup.LoadEgressSpec, Suffix: "-account", Attach: ebpf.AttachCGroupInetEgress, AccountOnly: true},
 	{What: "cgroup/connect4", Program: cgroup.Connect4Program, Spec: cgroup.LoadSidecarSpec, Suffix: "-connect4", Attach: ebpf.AttachCGroupInet4Connect, SidecarOnly: true, Quota: true},
 	{What: "cgroup/connect6", Program: cgroup.Connect6Program, Spec: cgroup.LoadSidecarSpec, Suffix: "-connect6", Attach: ebpf.AttachCGroupInet6Connect, SidecarOnly: true, Quota: true},
 	{What: "cgroup/getsockopt", Program: cgroup.GetsockoptProgram, Spec: cgroup.LoadSidecarSpec, Suffix: "-getsockopt", Attach: ebpf.AttachCGroupGetsockopt, SidecarOnly: true},
 	{What: "cgroup_skb/egress (sidecar SYNs)", Program: cgroup.SidecarEgressProgram, Spec: cgroup.LoadSidecarSpec, Suffix: "-egress", Attach: ebpf.AttachCGroupInetEgress, SidecarOnly: true},
+}
+
+// appliesTo reports whether p is attached to a cgroup with the settings
+// cfg: sidecar rows in sidecar mode only, and the accounting rows by
+// whether the cgroup is account-only.
+func (p cgroupProgram) appliesTo(cfg cgroupConfig) bool {
+	accountOnly := cfg.Flags&cgroupAccountOnly != 0
+	switch {
+	case p.SidecarOnly && cfg.MeshMode != MeshRedirect && cfg.MeshMode != MeshIntercept:
+		return false
+	case p.AccountOnly && !accountOnly, p.Accelerated && accountOnly:
+		return false
+	}
+	return true
 }
 
 // load loads p's instance for the cgroup id, whose slot is slot, over the
@@ -191,6 +213,34 @@ func (d *Dataplane) attachCgroupProgram(cg cgroup.Cgroup, slot uint32, p cgroupP
 		return nil, fmt.Errorf("pin %s link (this kernel needs bpf_link support for cgroups, Linux 5.7+): %w", p.What, err)
 	}
 	return func() { unpinLink(pin) }, nil
+}
+
+// convergePrograms makes the programs attached to cg exactly the rows of
+// the table that apply to cfg: it attaches the missing ones first, then
+// detaches the others. It returns how to undo the attachments it made.
+func (d *Dataplane) convergePrograms(cg cgroup.Cgroup, slot uint32, cfg cgroupConfig) ([]func(), error) {
+	var undo []func()
+	for _, p := range cgroupPrograms {
+		if !p.appliesTo(cfg) {
+			continue
+		}
+		undoAttach, err := d.attachCgroupProgram(cg, slot, p)
+		if err != nil {
+			return undo, err
+		}
+		if undoAttach != nil {
+			undo = append(undo, undoAttach)
+		}
+	}
+	for _, p := range cgroupPrograms {
+		if p.appliesTo(cfg) {
+			continue
+		}
+		if err := d.detachCgroupProgram(cg.ID, p); err != nil {
+			return undo, err
+		}
+	}
+	return undo, nil
 }
 
 // detachCgroupProgram unpins (so detaches) p's link of the cgroup id, if

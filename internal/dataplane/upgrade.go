@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/lock"
 	"github.com/sockbypass/sockbypass/tc"
 )
@@ -101,6 +102,12 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 	if err != nil {
 		return rep, err
 	}
+	paths, err := cgroupPaths(ids)
+	if err != nil {
+		// The programs are still updated in place; the daemon's next
+		// enable completes the table.
+		d.log.Warn("cannot find the enabled cgroups' directories: programs new in this version are attached at their next enable", zap.Error(err))
+	}
 	for _, id := range ids {
 		slot, ok, err := d.slotOf(id)
 		if err != nil {
@@ -130,6 +137,12 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 			d.log.Info("cgroup removed while enabled: disabled", zap.Uint64("cgroup_id", id))
 			rep.RemovedCgroups++
 			continue
+		}
+		// Rows this binary attaches that the old one did not (or the
+		// other way round: accelerated cgroups count at close where
+		// they counted per packet), as enable would.
+		if err := d.convergeUpgraded(id, slot, paths); err != nil {
+			return rep, fmt.Errorf("upgrade cgroup id %d: %w", id, err)
 		}
 		rep.Cgroups++
 	}
@@ -226,6 +239,32 @@ func (d *Dataplane) Upgrade() (UpgradeReport, error) {
 	}
 	d.log.Info("upgraded programs", zap.Int("cgroups", rep.Cgroups), zap.Int("tc_devices", rep.TCDevices))
 	return rep, nil
+}
+
+// cgroupPaths finds the directories of the cgroup ids.
+func cgroupPaths(ids []uint64) (map[uint64]string, error) {
+	m, err := cgroup.ReadMounts()
+	if err != nil {
+		return nil, err
+	}
+	return m.PathsByID(ids)
+}
+
+// convergeUpgraded attaches to the cgroup id the rows of the program table
+// that apply to its settings and are not attached, and detaches those that
+// no longer apply, once its pinned links were updated. A cgroup whose
+// directory is not in paths is left as it is.
+func (d *Dataplane) convergeUpgraded(id uint64, slot uint32, paths map[uint64]string) error {
+	path := paths[id]
+	if path == "" {
+		return nil
+	}
+	cfg, ok := d.configOf(id)
+	if !ok {
+		return nil
+	}
+	_, err := d.convergePrograms(cgroup.Cgroup{Path: path, ID: id}, slot, cfg)
+	return err
 }
 
 // updateLink swaps the program of the link pinned at pin for the one load

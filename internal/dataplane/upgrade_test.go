@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
@@ -31,7 +32,7 @@ func TestUpgradeDuringTransfers(t *testing.T) {
 	// Every per-cgroup program of the table (not in sidecar mode).
 	pins := []string{filepath.Join(dp.pinDir, PinSkMsgLink)}
 	for _, p := range cgroupPrograms {
-		if !p.SidecarOnly {
+		if p.appliesTo(cgroupConfig{}) {
 			pins = append(pins, dp.cgroupPin(cg.ID, p))
 		}
 	}
@@ -159,5 +160,53 @@ func TestUpgradeDisablesACgroupRemovedWhileEnabled(t *testing.T) {
 	}
 	if len(ids) != 1 || ids[0] != kept.ID {
 		t.Errorf("enabled after the upgrade: %v, want only %d", ids, kept.ID)
+	}
+}
+
+// TestUpgradeSwapsTheAccountingPrograms: an accelerated cgroup enabled by a
+// binary that counted stack bytes per packet (the egress row attached, no
+// release row) counts them at close after the upgrade, as enable would
+// attach them; an account-only cgroup keeps its egress program.
+func TestUpgradeSwapsTheAccountingPrograms(t *testing.T) {
+	dp := install(t)
+	accel := enabledCgroup(t, dp)
+	dry := testutil.NewCgroup(t)
+	if _, err := dp.Enable(dry, EnableOptions{AccountOnly: true}); err != nil {
+		t.Fatal(err)
+	}
+	var release, egress cgroupProgram
+	for _, p := range cgroupPrograms {
+		switch p.Program {
+		case cgroup.ReleaseProgram:
+			release = p
+		case cgroup.EgressProgram:
+			egress = p
+		}
+	}
+	// What an older binary left: egress attached to the accelerated one.
+	slot, _, err := dp.slotOf(accel.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dp.attachCgroupProgram(accel, slot, egress); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.detachCgroupProgram(accel.ID, release); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dp.Upgrade(); err != nil {
+		t.Fatal(err)
+	}
+	pinned := func(id uint64, p cgroupProgram) bool {
+		_, err := os.Stat(dp.cgroupPin(id, p))
+		return err == nil
+	}
+	if !pinned(accel.ID, release) || pinned(accel.ID, egress) {
+		t.Errorf("accelerated cgroup after the upgrade: release attached %v, egress attached %v; want true, false",
+			pinned(accel.ID, release), pinned(accel.ID, egress))
+	}
+	if pinned(dry.ID, release) || !pinned(dry.ID, egress) {
+		t.Errorf("account-only cgroup after the upgrade: release attached %v, egress attached %v; want false, true",
+			pinned(dry.ID, release), pinned(dry.ID, egress))
 	}
 }

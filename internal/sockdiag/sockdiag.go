@@ -30,6 +30,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -95,6 +96,10 @@ type Socket struct {
 	// Storages are the socket's values in the BPF socket-storage maps
 	// of the request that hold one for it.
 	Storages []Storage
+	// TCPInfo is the socket's struct tcp_info (INET_DIAG_INFO), when the
+	// request asked for it (Request.TCPInfo) and the kernel sent it (the
+	// fields the kernel's version lacks read 0).
+	TCPInfo *unix.TCPInfo
 }
 
 // Storage is a socket's value in one BPF socket-storage map.
@@ -113,6 +118,9 @@ type Request struct {
 	// StorageMapFDs are file descriptors of BPF_MAP_TYPE_SK_STORAGE maps
 	// whose values to return with each socket (needs CAP_BPF).
 	StorageMapFDs []int
+	// TCPInfo asks for each socket's struct tcp_info (INET_DIAG_INFO):
+	// its byte and segment counters, as getsockopt(TCP_INFO) reads them.
+	TCPInfo bool
 }
 
 // Dump lists the TCP sockets (IPv4 and IPv6) of the calling thread's
@@ -190,6 +198,7 @@ func socketIn(path string) (int, error) {
 // Wire constants of include/uapi/linux/inet_diag.h and sock_diag.h.
 const (
 	inetDiagReqSkBPFStorages = 2  // INET_DIAG_REQ_SK_BPF_STORAGES
+	inetDiagInfo             = 2  // INET_DIAG_INFO
 	inetDiagSkBPFStorages    = 20 // INET_DIAG_SK_BPF_STORAGES
 	inetDiagCgroupID         = 21 // INET_DIAG_CGROUP_ID
 
@@ -242,7 +251,10 @@ func encodeRequest(family uint8, seq uint32, req Request) []byte {
 	r := b[unix.NLMSG_HDRLEN:]
 	r[0] = family
 	r[1] = unix.IPPROTO_TCP
-	// r[2] ext: no INET_DIAG_INFO & co: the cgroup id comes unasked.
+	// r[2] ext: INET_DIAG_INFO on request; the cgroup id comes unasked.
+	if req.TCPInfo {
+		r[2] = 1 << (inetDiagInfo - 1)
+	}
 	ne.PutUint32(r[4:], states)
 	// inet_diag_sockid (r[8:56]) zero: every socket; cookie "none".
 	ne.PutUint32(r[48:], ^uint32(0))
@@ -330,6 +342,12 @@ func parseMessage(msg []byte) (Socket, error) {
 	s.Inode = uint64(ne.Uint32(msg[68:]))
 	err := walkAttrs(msg[sizeofDiagMsg:], func(typ uint16, data []byte) error {
 		switch typ {
+		case inetDiagInfo:
+			// The kernel's struct tcp_info, of its version's size:
+			// what it lacks stays 0, what it adds is left out.
+			info := new(unix.TCPInfo)
+			copy(unsafe.Slice((*byte)(unsafe.Pointer(info)), unix.SizeofTCPInfo), data)
+			s.TCPInfo = info
 		case inetDiagCgroupID:
 			if len(data) >= 8 {
 				s.CgroupID = ne.Uint64(data)

@@ -231,3 +231,58 @@ func TestDumpNetnsListsThatNamespaceOnly(t *testing.T) {
 		t.Errorf("a namespace that does not exist: %v, want a not-exist error", err)
 	}
 }
+
+// TestDumpReportsTCPInfo: with Request.TCPInfo each socket comes with its
+// struct tcp_info, whose byte counters are what the socket sent (and
+// getsockopt(TCP_INFO) says); without it, none.
+func TestDumpReportsTCPInfo(t *testing.T) {
+	client, server := loopbackPair(t, "tcp4", "127.0.0.1:0")
+	const n = 100003
+	go func() {
+		buf := make([]byte, n)
+		for got := 0; got < n; {
+			r, err := server.Read(buf)
+			if err != nil {
+				return
+			}
+			got += r
+		}
+		server.Write([]byte("ok"))
+	}()
+	if _, err := client.Write(make([]byte, n)); err != nil {
+		t.Fatal(err)
+	}
+	ack := make([]byte, 2)
+	if _, err := client.Read(ack); err != nil {
+		t.Fatal(err)
+	}
+	socks, err := Dump(Request{States: ConnectedStates, TCPInfo: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, ok := find(socks, client.LocalAddr())
+	if !ok || s.TCPInfo == nil {
+		t.Fatalf("client %s: in the dump %v, tcp_info %v; want both", client.LocalAddr(), ok, s.TCPInfo)
+	}
+	raw, err := client.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var own *unix.TCPInfo
+	raw.Control(func(fd uintptr) { own, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.TCPInfo.Bytes_sent-s.TCPInfo.Bytes_retrans != n || s.TCPInfo.Bytes_sent != own.Bytes_sent ||
+		s.TCPInfo.Data_segs_out != own.Data_segs_out || s.TCPInfo.Notsent_bytes != 0 {
+		t.Errorf("dumped tcp_info: bytes_sent %d, bytes_retrans %d, data_segs_out %d, notsent %d; want %d sent, as TCP_INFO says (%d bytes in %d segments), none queued",
+			s.TCPInfo.Bytes_sent, s.TCPInfo.Bytes_retrans, s.TCPInfo.Data_segs_out, s.TCPInfo.Notsent_bytes, n, own.Bytes_sent, own.Data_segs_out)
+	}
+	socks, err = Dump(Request{States: ConnectedStates})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, _ := find(socks, client.LocalAddr()); s.TCPInfo != nil {
+		t.Errorf("tcp_info without asking for it: %+v", s.TCPInfo)
+	}
+}

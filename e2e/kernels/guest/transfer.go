@@ -125,7 +125,9 @@ func runTransfer(cg, bin string, size int) error {
 				a.RedirectedBytes-b.RedirectedBytes, a.LateStackOptions-b.LateStackOptions, a.MembersLeft-b.MembersLeft)
 		}
 		report("ktls_sockbypass", v)
+		report("stack_bytes_sockbypass", stackBytesSockbypass(bin, cg))
 	} else {
+		report("stack_bytes_sockbypass", "n/a: sockbypass not installed")
 		report("fionread_sockbypass_member", "n/a: sockbypass not installed")
 		report("ktls_sockbypass_server", "n/a: sockbypass not installed")
 		report("ktls_sockbypass", "n/a: sockbypass not installed")
@@ -320,4 +322,97 @@ func ktlsOnConn(sender, receiver *net.TCPConn, retry bool) string {
 		}
 	})
 	return out
+}
+
+// stackBytesSockbypass sends up bytes one way and down the other over a
+// connection of the enabled cgroup made with blocking sockets (which stay
+// plain TCP), and reports the cgroup's stack bytes from `stats --json`
+// while it is open (sampled from the sockets' tcp_info) and after both
+// ends closed (counted by the cgroup/sock_release program): both must be
+// what was written.
+func stackBytesSockbypass(bin, cg string) string {
+	const up, down = 300007, 70001
+	lfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer unix.Close(lfd)
+	if err := unix.Bind(lfd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		return "error: " + err.Error()
+	}
+	if err := unix.Listen(lfd, 4); err != nil {
+		return "error: " + err.Error()
+	}
+	sa, err := unix.Getsockname(lfd)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	if err := unix.Connect(cfd, sa); err != nil {
+		unix.Close(cfd)
+		return "error: " + err.Error()
+	}
+	sfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+	if err != nil {
+		unix.Close(cfd)
+		return "error: " + err.Error()
+	}
+	before, err := readStats(bin, cg)
+	if err != nil {
+		unix.Close(cfd)
+		unix.Close(sfd)
+		return "error: " + err.Error()
+	}
+	xfer := func(w, r, n int) error {
+		errc := make(chan error, 1)
+		go func() {
+			buf := make([]byte, 64<<10)
+			for got := 0; got < n; {
+				k, err := unix.Read(r, buf)
+				if err != nil || k == 0 {
+					errc <- fmt.Errorf("read after %d bytes: %v", got, err)
+					return
+				}
+				got += k
+			}
+			errc <- nil
+		}()
+		buf := make([]byte, 64<<10)
+		for left := n; left > 0; {
+			k, err := unix.Write(w, buf[:min(left, len(buf))])
+			if err != nil {
+				return err
+			}
+			left -= k
+		}
+		return <-errc
+	}
+	if err := errors.Join(xfer(cfd, sfd, up), xfer(sfd, cfd, down)); err != nil {
+		unix.Close(cfd)
+		unix.Close(sfd)
+		return "error: " + err.Error()
+	}
+	open, err := readStats(bin, cg)
+	var warn bytes.Buffer
+	cmd := exec.Command(bin, "stats", "--json")
+	cmd.Stderr = &warn
+	cmd.Run()
+	unix.Close(cfd)
+	unix.Close(sfd)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	closed, err := readStats(bin, cg)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	v := fmt.Sprintf("written=%d open=%d closed=%d", up+down, open.StackEgressBytes-before.StackEgressBytes, closed.StackEgressBytes-before.StackEgressBytes)
+	if w := strings.TrimSpace(warn.String()); w != "" {
+		line, _, _ := strings.Cut(w, "\n")
+		v += " stats_warning=" + line
+	}
+	return v
 }
