@@ -572,6 +572,15 @@ for k in "${KERNELS[@]}"; do
 	fetch_kernel "$k"
 	build_initramfs
 	boot "$k"
+	# A kernel that panics before our init starts (seen once with sid's
+	# 7.2 under TCG: an int3 in sched_clock_cpu while static keys were
+	# patched) never ran anything of ours: boot it once more, and say so.
+	# A panic after init started is a result and is never retried.
+	if ! grep -q 'KMATRIX boot' "$RUNDIR/console.log" && grep -q 'Kernel panic' "$RUNDIR/console.log"; then
+		cp "$RUNDIR/console.log" "$CACHE/runs/$k.boot-panic.log"
+		log "RETRY: kernel $k panicked before init started (log kept in $CACHE/runs/$k.boot-panic.log); booting once more"
+		boot "$k"
+	fi
 	parse "$RUNDIR/console.log" >"$RUNDIR/results.txt"
 	# The kernel release stands in error texts: a newer Debian package of
 	# the same kernel must not count as a change.
