@@ -64,9 +64,9 @@ int minimal_skmsg(struct sk_msg_md *msg)
 
 /*
  * The empty hooks: the floor under any design that attaches, as sockbypass
- * does, a sock_ops, a cgroup_skb/egress and a cgroup/setsockopt program to a
- * cgroup. They return at once; what a connection of their cgroup still pays
- * is the kernel calling them.
+ * does to an accelerated cgroup, a sock_ops, a cgroup/sock_release and a
+ * cgroup/setsockopt program. They return at once; what a connection of
+ * their cgroup still pays is the kernel calling them.
  */
 SEC("sockops")
 int empty_sockops(struct bpf_sock_ops *skops)
@@ -74,8 +74,8 @@ int empty_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-SEC("cgroup_skb/egress")
-int empty_egress(struct __sk_buff *skb)
+SEC("cgroup/sock_release")
+int empty_release(struct bpf_sock *sk)
 {
 	return 1;
 }

@@ -87,7 +87,8 @@ func (r *Redirector) Programs() map[string]*ebpf.Program {
 }
 
 // EmptyHooks are the empty hooks attached to one cgroup: sock_ops,
-// cgroup_skb/egress and cgroup/setsockopt programs that return at once.
+// cgroup/sock_release and cgroup/setsockopt programs that return at once
+// (the hooks sockbypass attaches to an accelerated cgroup).
 type EmptyHooks struct {
 	objs  minimalObjects
 	links []link.Link
@@ -110,7 +111,7 @@ func AttachEmptyHooks(cgroupPath string) (h *EmptyHooks, err error) {
 		attach ebpf.AttachType
 	}{
 		{h.objs.EmptySockops, ebpf.AttachCGroupSockOps},
-		{h.objs.EmptyEgress, ebpf.AttachCGroupInetEgress},
+		{h.objs.EmptyRelease, ebpf.AttachCgroupInetSockRelease},
 		{h.objs.EmptySetsockopt, ebpf.AttachCGroupSetsockopt},
 	} {
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: a.attach, Program: a.prog})
@@ -134,5 +135,5 @@ func (h *EmptyHooks) Close() error {
 
 // Programs are the empty hooks' programs by hook, for cost statistics.
 func (h *EmptyHooks) Programs() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{"empty sock_ops": h.objs.EmptySockops, "empty cgroup_skb/egress": h.objs.EmptyEgress}
+	return map[string]*ebpf.Program{"empty sock_ops": h.objs.EmptySockops, "empty cgroup/sock_release": h.objs.EmptyRelease}
 }

@@ -26,7 +26,7 @@ type minimalTuple struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	minimalMapMinimalSockhash  = "minimal_sockhash"
-	minimalProgEmptyEgress     = "empty_egress"
+	minimalProgEmptyRelease    = "empty_release"
 	minimalProgEmptySetsockopt = "empty_setsockopt"
 	minimalProgEmptySockops    = "empty_sockops"
 	minimalProgMinimalSkmsg    = "minimal_skmsg"
@@ -75,7 +75,7 @@ type minimalSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type minimalProgramSpecs struct {
-	EmptyEgress     *ebpf.ProgramSpec `ebpf:"empty_egress"`
+	EmptyRelease    *ebpf.ProgramSpec `ebpf:"empty_release"`
 	EmptySetsockopt *ebpf.ProgramSpec `ebpf:"empty_setsockopt"`
 	EmptySockops    *ebpf.ProgramSpec `ebpf:"empty_sockops"`
 	MinimalSkmsg    *ebpf.ProgramSpec `ebpf:"minimal_skmsg"`
@@ -134,7 +134,7 @@ type minimalVariables struct {
 //
 // It can be passed to loadMinimalObjects or ebpf.CollectionSpec.LoadAndAssign.
 type minimalPrograms struct {
-	EmptyEgress     *ebpf.Program `ebpf:"empty_egress"`
+	EmptyRelease    *ebpf.Program `ebpf:"empty_release"`
 	EmptySetsockopt *ebpf.Program `ebpf:"empty_setsockopt"`
 	EmptySockops    *ebpf.Program `ebpf:"empty_sockops"`
 	MinimalSkmsg    *ebpf.Program `ebpf:"minimal_skmsg"`
@@ -143,7 +143,7 @@ type minimalPrograms struct {
 
 func (p *minimalPrograms) Close() error {
 	return _MinimalClose(
-		p.EmptyEgress,
+		p.EmptyRelease,
 		p.EmptySetsockopt,
 		p.EmptySockops,
 		p.MinimalSkmsg,
