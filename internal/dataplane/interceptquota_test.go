@@ -8,8 +8,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-
-	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
 // inFlight counts the orig_dsts entries of slot and reads its count in
@@ -43,7 +41,7 @@ func inFlight(t *testing.T, dp *Dataplane, slot uint32) (entries int, count uint
 // back; disabling the cgroup removes what is left and zeroes its count.
 func TestInterceptQuota(t *testing.T) {
 	dp := installSized(t, 64)
-	noisy, _ := interceptPodNoSidecar(t, dp)
+	noisy := interceptPodNoSidecar(t, dp)
 	victim, victimSidecars := interceptPod(t, dp)
 	slot, ok, err := dp.slotOf(noisy.Cgroup.ID)
 	if err != nil || !ok {
@@ -182,17 +180,4 @@ func TestInterceptQuota(t *testing.T) {
 	if e, c := inFlight(t, dp, slot); e != 0 || c != 0 {
 		t.Errorf("after disable: %d entries, count %d; want none", e, c)
 	}
-}
-
-// interceptPodNoSidecar is a pod enabled in intercept mode (istio's
-// outbound port 15001) whose sidecar the test sets up itself.
-func interceptPodNoSidecar(t *testing.T, dp *Dataplane) (*testutil.Pod, struct{}) {
-	t.Helper()
-	pod := testutil.NewPod(t)
-	mesh := MeshPresets["istio"]
-	mesh.Intercept = true
-	if _, err := dp.Enable(pod.Cgroup, EnableOptions{Mesh: &mesh, NoProbation: true}); err != nil {
-		t.Fatal(err)
-	}
-	return pod, struct{}{}
 }

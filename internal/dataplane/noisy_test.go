@@ -229,13 +229,21 @@ func installSized(t *testing.T, capacity uint32) *Dataplane {
 // sidecar's listener on 127.0.0.1:15001, in the pod's cgroup.
 func interceptPod(t *testing.T, dp *Dataplane) (*testutil.Pod, net.Listener) {
 	t.Helper()
+	pod := interceptPodNoSidecar(t, dp)
+	return pod, pod.Listen(t, "127.0.0.1:15001")
+}
+
+// interceptPodNoSidecar is a pod enabled in intercept mode (istio's
+// outbound port 15001) whose sidecar the test sets up itself.
+func interceptPodNoSidecar(t *testing.T, dp *Dataplane) *testutil.Pod {
+	t.Helper()
 	pod := testutil.NewPod(t)
 	mesh := MeshPresets["istio"]
 	mesh.Intercept = true
 	if _, err := dp.Enable(pod.Cgroup, EnableOptions{Mesh: &mesh, NoProbation: true}); err != nil {
 		t.Fatal(err)
 	}
-	return pod, pod.Listen(t, "127.0.0.1:15001")
+	return pod
 }
 
 // intercepted connects the pod's app to dst, which lands on the sidecar,
