@@ -200,6 +200,11 @@ func FiguresOf(c dataplane.CgroupCounters) Figures {
 		ListenersFull:             c.ListenersFull,
 		InterceptsOverQuota:       c.InterceptsOverQuota,
 		InterceptsUnrecorded:      c.InterceptsUnrecorded,
+		MeshPaired:                c.MeshPaired,
+		MeshUnpaired:              c.MeshUnpaired,
+		MeshAmbiguous:             c.MeshAmbiguous,
+		MeshIntercepted:           c.MeshIntercepted,
+		MeshOrigDstAnswers:        c.MeshOrigDstAnswers,
 		Fallbacks: map[string]uint64{
 			"rcvlowat":  c.FallbackRcvlowat,
 			"tcp_inq":   c.FallbackTCPInq,

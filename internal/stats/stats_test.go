@@ -2,6 +2,7 @@ package stats
 
 import (
 	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -39,6 +40,40 @@ func TestReportJSONFieldsAndRelativePaths(t *testing.T) {
 	for _, field := range []string{`"cgroup":"/pods/a"`, `"live_sockets":2`, `"redirected_bytes":10`, `"bypass_ratio":1`, `"stack_egress_bytes":0`, `"unattributed":`, `"tc_devices":`} {
 		if !strings.Contains(string(data), field) {
 			t.Errorf("JSON lacks %s: %s", field, data)
+		}
+	}
+}
+
+// TestFiguresCarryEveryCounter: each counter of the datapath reaches the
+// figures (stats --json, status --json, the metrics) under its own JSON
+// name with its value, the fallbacks in their map. Found missing once: the
+// sidecar-mode counters read 0 everywhere but status's text.
+func TestFiguresCarryEveryCounter(t *testing.T) {
+	var c dataplane.CgroupCounters
+	v := reflect.ValueOf(&c).Elem()
+	for i := 0; i < v.NumField(); i++ {
+		v.Field(i).SetUint(uint64(1000 + i))
+	}
+	raw, err := json.Marshal(FiguresOf(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err := json.Unmarshal(raw, &got); err != nil {
+		t.Fatal(err)
+	}
+	fallbacks, _ := got["fallbacks"].(map[string]any)
+	for i := 0; i < v.NumField(); i++ {
+		name := strings.Split(v.Type().Field(i).Tag.Get("json"), ",")[0]
+		want := float64(1000 + i)
+		if reason, ok := strings.CutPrefix(name, "fallback_"); ok {
+			if fallbacks[reason] != want {
+				t.Errorf("counter %s: fallbacks[%q] = %v, want %v", name, reason, fallbacks[reason], want)
+			}
+			continue
+		}
+		if got[name] != want {
+			t.Errorf("counter %s: figures have %v, want %v", name, got[name], want)
 		}
 	}
 }
