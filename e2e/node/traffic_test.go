@@ -288,6 +288,12 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 	if err != nil || relays == 0 || relays != results["app-sidecar"].Conns {
 		t.Errorf("app-sidecar: %d of the app's %d connections went through the sidecar (%v)", relays, results["app-sidecar"].Conns, err)
 	}
+	// What the operator sees of it (status --json, the figures the
+	// metrics serve too): every relayed connection was intercepted and
+	// answered.
+	if m.MeshIntercepted < int64(relays) || m.MeshOrigDstAnswers < int64(relays) {
+		t.Errorf("app-sidecar: status --json shows %d connects intercepted and %d SO_ORIGINAL_DST answers; the sidecar relayed %d", m.MeshIntercepted, m.MeshOrigDstAnswers, relays)
+	}
 	if m.RedirectedBytes-m.RedirectedCrossNetns == 0 {
 		t.Errorf("app-sidecar: nothing redirected between the app and its sidecar")
 	}
