@@ -1361,6 +1361,21 @@ static __always_inline int peer_local(const struct sock_key *key)
 	return bpf_map_lookup_elem(&node_addrs, &rk) != 0;
 }
 
+/*
+ * classified_peer is the accounting programs' rule (egress.c, release.c)
+ * for a socket sock_ops classified: 1 when the cgroup cgroup_id counts its
+ * stack bytes (a local peer, and the cgroup whose program classified it:
+ * with nested enabled cgroups, the innermost one), 0 when it does not, -1
+ * when the socket is not classified (established before its cgroup was
+ * enabled: the caller applies peer_local to its addresses).
+ */
+static __always_inline __attribute__((unused)) int classified_peer(const struct sock_state *state, __u64 cgroup_id)
+{
+	if (!state || !(state->flags & (SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER)))
+		return -1;
+	return (state->flags & SOCK_FLAG_LOCAL_PEER) && state->cgroup_id == cgroup_id;
+}
+
 /* Scopes a socket key can have. */
 enum key_scope {
 	/* The peer cannot be local: leave the socket out. */

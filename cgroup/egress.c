@@ -75,12 +75,12 @@ int sockbypass_account_egress(struct __sk_buff *skb)
 	if (!sk || sk->protocol != IPPROTO_TCP)
 		return 1;
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (state && (state->flags & (SOCK_FLAG_LOCAL_PEER | SOCK_FLAG_REMOTE_PEER))) {
-		/* Nested enabled cgroups: the innermost one's socket. */
-		if (!(state->flags & SOCK_FLAG_LOCAL_PEER) || state->cgroup_id != enabled_cgroup_id)
-			return 1;
-	} else if (!dst_local(sk)) {
+	switch (classified_peer(state, enabled_cgroup_id)) {
+	case 0:
 		return 1;
+	case -1:
+		if (!dst_local(sk))
+			return 1;
 	}
 
 	c = counters_for(cgroup_slot);

@@ -372,19 +372,9 @@ static __always_inline int local_scope(struct sock_key *key, const struct pairin
 	return 0;
 }
 
-/* listener_eligible reports whether the sockets accepted by the listener
- * of key may join pairs: it is known non-blocking, no stack reader, and
- * past its probation. */
-static __always_inline int listener_eligible(const struct sock_key *key, __u64 netns)
-{
-	__u64 *flags = listener_flags(key->local_ip, key->local_port, netns);
-
-	return flags && (*flags & (LISTENER_NONBLOCK | LISTENER_STACK_READER | LISTENER_BLOCKING_CHILDREN |
-				   LISTENER_PROVEN)) == (LISTENER_NONBLOCK | LISTENER_PROVEN);
-}
-
 /*
- * listener_may_pair reports whether the listener of key can pair at all:
+ * listener_may_pair reports whether a listener with flags lflags (NULL:
+ * not known) can pair at all:
  * known, non-blocking, its accepted sockets not turned blocking, no stack
  * reader (a listener on probation may: its first connection is marked at
  * PASSIVE_ESTABLISHED). A SYN to any other listener gets no offer, so its
@@ -396,14 +386,35 @@ static __always_inline int listener_may_pair(__u64 *lflags)
 }
 
 /* count_not_offered counts a server socket left plain because its
- * listener cannot pair (see listener_may_pair), as join_passive counts a
- * decline for the same reason. */
+ * listener cannot pair (see listener_may_pair): offer_pair made it no
+ * offer, or join_passive declines its client. */
 static __always_inline void count_not_offered(struct cgroup_counters *c, __u64 *lflags)
 {
 	if (lflags && (*lflags & LISTENER_STACK_READER))
 		COUNT(c, sockets_unpaired);
 	else
 		COUNT(c, sockets_blocking);
+}
+
+/* count_server_unpaired counts a server socket that found no pair: for
+ * its listener's reason when the listener cannot pair, else unpaired (the
+ * client is in no enabled cgroup, or never offered). */
+static __always_inline void count_server_unpaired(struct cgroup_counters *c, __u64 *lflags)
+{
+	if (!listener_may_pair(lflags))
+		count_not_offered(c, lflags);
+	else
+		COUNT(c, sockets_unpaired);
+}
+
+/* listener_eligible reports whether the sockets accepted by the listener
+ * of key may join pairs: it is known non-blocking, no stack reader, and
+ * past its probation. */
+static __always_inline int listener_eligible(const struct sock_key *key, __u64 netns)
+{
+	__u64 *flags = listener_flags(key->local_ip, key->local_port, netns);
+
+	return listener_may_pair(flags) && (*flags & LISTENER_PROVEN);
 }
 
 /*
@@ -727,15 +738,14 @@ static __noinline int offered(struct bpf_sock_ops *skops, struct sock_key *key, 
 		COUNT(c, sockets_ambiguous);
 	if (stack_port(cfg, server_port)) {
 		COUNT(c, sockets_stack_port);
-	} else if (!dry_run(cfg)) {
-		__u64 *lflags = passive ? listener_flags(key->local_ip, key->local_port, p->own_netns) : 0;
-
-		if (passive && !listener_may_pair(lflags))
-			count_not_offered(c, lflags);
-		else if (!passive && sock_nonblocking(skops->sk) == 0)
-			COUNT(c, sockets_blocking); /* it would never have joined */
-		else
-			COUNT(c, sockets_unpaired);
+	} else if (dry_run(cfg)) {
+		/* account-only: nothing left plain to count */
+	} else if (passive) {
+		count_server_unpaired(c, listener_flags(key->local_ip, key->local_port, p->own_netns));
+	} else if (sock_nonblocking(skops->sk) == 0) {
+		COUNT(c, sockets_blocking); /* it would never have joined */
+	} else {
+		COUNT(c, sockets_unpaired);
 	}
 	return 0;
 }
@@ -888,10 +898,7 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	}
 	pair = bpf_map_lookup_elem(&pairs, &p.peer);
 	if (!pair) {
-		if (!listener_may_pair(lflags))
-			count_not_offered(c, lflags); /* offer_pair made none */
-		else
-			COUNT(c, sockets_unpaired);
+		count_server_unpaired(c, lflags);
 		return 0;
 	}
 	if (pair->state != PAIR_CLIENT_JOINED) {
@@ -906,14 +913,9 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		COUNT(c, pairs_mismatched);
 		return 0;
 	}
-	if (lflags && (*lflags & LISTENER_STACK_READER)) {
+	if (!listener_may_pair(lflags)) {
 		decline_client(pair, &p.peer);
-		COUNT(c, sockets_unpaired);
-		return 0;
-	}
-	if (!lflags || (*lflags & (LISTENER_NONBLOCK | LISTENER_BLOCKING_CHILDREN)) != LISTENER_NONBLOCK) {
-		decline_client(pair, &p.peer);
-		COUNT(c, sockets_blocking);
+		count_not_offered(c, lflags);
 		return 0;
 	}
 	if (state->flags & SOCK_FLAG_PROBATION) {
