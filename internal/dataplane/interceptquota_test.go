@@ -19,7 +19,7 @@ func inFlight(t *testing.T, dp *Dataplane, slot uint32) (entries int, count uint
 	val := make([]byte, m.ValueSize())
 	it := m.Iterate()
 	for it.Next(&key, &val) {
-		if uint32(val[20])|uint32(val[21])<<8|uint32(val[22])<<16|uint32(val[23])<<24 == slot+1 {
+		if origDstSlot(val) == slot+1 {
 			entries++
 		}
 	}

@@ -162,8 +162,7 @@ func (d *Dataplane) forgetIntercepts(slot uint32) error {
 	)
 	it := m.Iterate()
 	for it.Next(&key, &val) {
-		// struct orig_dst: ip[16], port, family, then the slot plus one.
-		if binary.LittleEndian.Uint32(val[20:24]) == slot+1 {
+		if origDstSlot(val) == slot+1 {
 			gone = append(gone, key)
 		}
 	}
@@ -180,3 +179,7 @@ func (d *Dataplane) forgetIntercepts(slot uint32) error {
 	}
 	return nil
 }
+
+// origDstSlot reads the slot tag (the slot plus one) of a struct orig_dst
+// value: ip[16], port, family, then the tag.
+func origDstSlot(val []byte) uint32 { return binary.LittleEndian.Uint32(val[20:24]) }
