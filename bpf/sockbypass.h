@@ -824,6 +824,9 @@ struct pair {
 	/* When the SYN was offered (bpf_ktime_get_ns): what user space reaps
 	 * by. */
 	__u64 offered_ns;
+	/* The offer_hints count this offer added to, plus 1; 0 once the
+	 * server consumed it (see "Offer hints"). */
+	__u64 hint_index;
 };
 
 struct {
@@ -833,6 +836,81 @@ struct {
 	__type(key, struct sock_key);
 	__type(value, struct pair);
 } pairs SEC(".maps");
+
+/*
+ * Offer hints: both ends of a connection learn cheaply that it was offered
+ * no pair. Most connections of an enabled cgroup are never offered one
+ * (their listener is short-lived, blocking, unknown, or in no enabled
+ * cgroup), and for them looking the client's key up in `pairs` was the
+ * costliest step of the connection's sock_ops work: a miss in a table of
+ * 2 MiB or more, whose first touch misses the caches and the TLB.
+ *
+ * offer_hints counts, per slot (a hash of the client's key, see
+ * offer_hint_tag) and epoch, the offers not yet consumed: offer_pair adds
+ * one when it offers (before the SYN-ACK leaves, so before either end can
+ * look), and the server's PASSIVE_ESTABLISHED takes it back when it finds
+ * the offer (consume_offer_hint, once per offer: pair.hint_index names
+ * the count). Both ends look `pairs` up only when their slot counts an
+ * offer in either epoch. A connection that was offered a pair is always
+ * counted until its server consumes the offer, so neither end can miss it;
+ * a count that is never taken back (a handshake that never completes, an
+ * offer overwritten by another for the same key) only costs lookups.
+ *
+ * Epochs bound that drift: offers count in the current epoch
+ * (offer_epoch); user space (Dataplane.ReapPairs) zeroes the other epoch
+ * and makes it current once the current one is older than any handshake
+ * lasts (PairReapAge), so the epoch it zeroes saw no offer for that long.
+ * A late take-back on a zeroed count never goes below 0.
+ */
+#define OFFER_HINT_SLOTS 8192
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * OFFER_HINT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} offer_hints SEC(".maps");
+
+/* The current epoch of offer_hints (0 or 1), and since when (monotonic
+ * seconds); written by user space only. */
+struct offer_epoch {
+	__u32 current;
+	__u32 since;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct offer_epoch);
+} offer_epoch SEC(".maps");
+
+/* offer_hint_slot is the slot of a pairs key in each epoch: a mix of all
+ * its words. */
+static __always_inline __u32 offer_hint_slot(const struct sock_key *k)
+{
+	__u32 h = (__u32)k->netns_cookie ^ (__u32)(k->netns_cookie >> 32);
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		h = (h ^ k->local_ip[i]) * 0x9e3779b1;
+		h = (h ^ k->remote_ip[i]) * 0x85ebca6b;
+	}
+	h = (h ^ ((__u32)k->local_port << 16 | k->remote_port)) * 0xc2b2ae35;
+	return (h ^ (h >> 16)) & (OFFER_HINT_SLOTS - 1);
+}
+
+/* may_be_offered reports whether the connection whose client has key may
+ * have been offered a pair: 0 only when its slot counts no offer in
+ * either epoch. */
+static __always_inline int may_be_offered(const struct sock_key *key)
+{
+	__u32 slot = offer_hint_slot(key), other = slot + OFFER_HINT_SLOTS;
+	__u64 *a = bpf_map_lookup_elem(&offer_hints, &slot), *b = bpf_map_lookup_elem(&offer_hints, &other);
+
+	return !a || !b || *(volatile __u64 *)a || *(volatile __u64 *)b;
+}
 
 /*
  * Listeners of enabled cgroups: (netns cookie, local address, port) ->

@@ -125,6 +125,12 @@ type egressNodeAddrKey struct {
 	Ip [4]uint32
 }
 
+type egressOfferEpoch struct {
+	_       structs.HostLayout
+	Current uint32
+	Since   uint32
+}
+
 type egressOrigDst struct {
 	_      structs.HostLayout
 	Ip     [4]uint32
@@ -145,6 +151,7 @@ type egressPair struct {
 	ClientState  uint64
 	ServerState  uint64
 	OfferedNs    uint64
+	HintIndex    uint64
 }
 
 type egressSockKey struct {
@@ -224,6 +231,8 @@ const (
 	egressMapMeshEndpoints            = "mesh_endpoints"
 	egressMapMeshSyns                 = "mesh_syns"
 	egressMapNodeAddrs                = "node_addrs"
+	egressMapOfferEpoch               = "offer_epoch"
+	egressMapOfferHints               = "offer_hints"
 	egressMapOrigDsts                 = "orig_dsts"
 	egressMapPairs                    = "pairs"
 	egressMapSockState                = "sock_state"
@@ -297,6 +306,8 @@ type egressMapSpecs struct {
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.MapSpec `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.MapSpec `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
@@ -346,6 +357,8 @@ type egressMaps struct {
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.Map `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.Map `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
@@ -369,6 +382,8 @@ func (m *egressMaps) Close() error {
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
+		m.OfferEpoch,
+		m.OfferHints,
 		m.OrigDsts,
 		m.Pairs,
 		m.SockState,

@@ -125,6 +125,12 @@ type setsockoptNodeAddrKey struct {
 	Ip [4]uint32
 }
 
+type setsockoptOfferEpoch struct {
+	_       structs.HostLayout
+	Current uint32
+	Since   uint32
+}
+
 type setsockoptOrigDst struct {
 	_      structs.HostLayout
 	Ip     [4]uint32
@@ -145,6 +151,7 @@ type setsockoptPair struct {
 	ClientState  uint64
 	ServerState  uint64
 	OfferedNs    uint64
+	HintIndex    uint64
 }
 
 type setsockoptSockKey struct {
@@ -224,6 +231,8 @@ const (
 	setsockoptMapMeshEndpoints         = "mesh_endpoints"
 	setsockoptMapMeshSyns              = "mesh_syns"
 	setsockoptMapNodeAddrs             = "node_addrs"
+	setsockoptMapOfferEpoch            = "offer_epoch"
+	setsockoptMapOfferHints            = "offer_hints"
 	setsockoptMapOrigDsts              = "orig_dsts"
 	setsockoptMapPairs                 = "pairs"
 	setsockoptMapSockState             = "sock_state"
@@ -297,6 +306,8 @@ type setsockoptMapSpecs struct {
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.MapSpec `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.MapSpec `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
@@ -346,6 +357,8 @@ type setsockoptMaps struct {
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.Map `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.Map `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
@@ -369,6 +382,8 @@ func (m *setsockoptMaps) Close() error {
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
+		m.OfferEpoch,
+		m.OfferHints,
 		m.OrigDsts,
 		m.Pairs,
 		m.SockState,

@@ -125,6 +125,12 @@ type sidecarNodeAddrKey struct {
 	Ip [4]uint32
 }
 
+type sidecarOfferEpoch struct {
+	_       structs.HostLayout
+	Current uint32
+	Since   uint32
+}
+
 type sidecarOrigDst struct {
 	_      structs.HostLayout
 	Ip     [4]uint32
@@ -145,6 +151,7 @@ type sidecarPair struct {
 	ClientState  uint64
 	ServerState  uint64
 	OfferedNs    uint64
+	HintIndex    uint64
 }
 
 type sidecarSockKey struct {
@@ -224,6 +231,8 @@ const (
 	sidecarMapMeshEndpoints         = "mesh_endpoints"
 	sidecarMapMeshSyns              = "mesh_syns"
 	sidecarMapNodeAddrs             = "node_addrs"
+	sidecarMapOfferEpoch            = "offer_epoch"
+	sidecarMapOfferHints            = "offer_hints"
 	sidecarMapOrigDsts              = "orig_dsts"
 	sidecarMapPairs                 = "pairs"
 	sidecarMapSockState             = "sock_state"
@@ -304,6 +313,8 @@ type sidecarMapSpecs struct {
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.MapSpec `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.MapSpec `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
@@ -354,6 +365,8 @@ type sidecarMaps struct {
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.Map `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.Map `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
@@ -377,6 +390,8 @@ func (m *sidecarMaps) Close() error {
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
+		m.OfferEpoch,
+		m.OfferHints,
 		m.OrigDsts,
 		m.Pairs,
 		m.SockState,

@@ -125,6 +125,12 @@ type skmsgNodeAddrKey struct {
 	Ip [4]uint32
 }
 
+type skmsgOfferEpoch struct {
+	_       structs.HostLayout
+	Current uint32
+	Since   uint32
+}
+
 type skmsgOrigDst struct {
 	_      structs.HostLayout
 	Ip     [4]uint32
@@ -145,6 +151,7 @@ type skmsgPair struct {
 	ClientState  uint64
 	ServerState  uint64
 	OfferedNs    uint64
+	HintIndex    uint64
 }
 
 type skmsgSockKey struct {
@@ -224,6 +231,8 @@ const (
 	skmsgMapMeshEndpoints    = "mesh_endpoints"
 	skmsgMapMeshSyns         = "mesh_syns"
 	skmsgMapNodeAddrs        = "node_addrs"
+	skmsgMapOfferEpoch       = "offer_epoch"
+	skmsgMapOfferHints       = "offer_hints"
 	skmsgMapOrigDsts         = "orig_dsts"
 	skmsgMapPairs            = "pairs"
 	skmsgMapSockState        = "sock_state"
@@ -295,6 +304,8 @@ type skmsgMapSpecs struct {
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.MapSpec `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.MapSpec `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
@@ -342,6 +353,8 @@ type skmsgMaps struct {
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.Map `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.Map `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
@@ -365,6 +378,8 @@ func (m *skmsgMaps) Close() error {
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
+		m.OfferEpoch,
+		m.OfferHints,
 		m.OrigDsts,
 		m.Pairs,
 		m.SockState,

@@ -617,7 +617,9 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 	struct pairing p = {};
 	struct sock_key key = {};
 	struct pair offer = {.state = PAIR_OFFERED};
-	__u64 own_netns, *lflags;
+	struct offer_epoch *epoch;
+	__u32 zero, index;
+	__u64 own_netns, *lflags, *hint;
 
 	cfg = config_for(cgroup_slot);
 	if (cfg && (cfg->flags & CGROUP_ACCOUNT_ONLY))
@@ -642,11 +644,39 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 		return;
 	}
 	offer.offered_ns = bpf_ktime_get_ns();
+	zero = 0;
+	epoch = bpf_map_lookup_elem(&offer_epoch, &zero);
+	index = offer_hint_slot(&p.peer) + (epoch && (epoch->current & 1) ? OFFER_HINT_SLOTS : 0);
+	hint = bpf_map_lookup_elem(&offer_hints, &index);
+	if (hint)
+		offer.hint_index = index + 1;
 	if (bpf_map_update_elem(&pairs, &p.peer, &offer, BPF_ANY)) {
 		struct cgroup_counters *c = counters_for(cgroup_slot);
 
 		COUNT(c, pairs_full);
+		return;
 	}
+	/* Before the SYN-ACK leaves, so before either end can look (see
+	 * "Offer hints" in sockbypass.h). */
+	if (hint)
+		__sync_fetch_and_add(hint, 1);
+}
+
+/* consume_offer_hint: the server found its offer at PASSIVE_ESTABLISHED;
+ * the offer's count goes back, once (see "Offer hints" in sockbypass.h). */
+static __always_inline void consume_offer_hint(struct pair *pair)
+{
+	__u64 v = pair->hint_index, *hint;
+	__u32 index;
+
+	if (!v || __sync_val_compare_and_swap(&pair->hint_index, v, 0) != v)
+		return;
+	index = (__u32)(v - 1);
+	hint = bpf_map_lookup_elem(&offer_hints, &index);
+	/* Zeroed by an epoch change since (a handshake older than any
+	 * lasts): never below 0. */
+	if (hint && __sync_fetch_and_add(hint, -1) == 0)
+		__sync_fetch_and_add(hint, 1);
 }
 
 /*
@@ -683,6 +713,7 @@ static __noinline void dry_passive(struct bpf_sock_ops *skops, struct sock_state
 
 	if (!pair)
 		return;
+	consume_offer_hint(pair);
 	if (pair->state == PAIR_DRY_OFFERED) {
 		/* The client did not take the offer (it is in no enabled
 		 * cgroup, blocks, or lists the port): it has passed its
@@ -726,9 +757,15 @@ static __noinline int offered(struct bpf_sock_ops *skops, struct sock_key *key, 
 	set_mirror(p, key, p->own_netns);
 	key->netns_cookie = p->scope == SCOPE_NODE ? 0 : p->own_netns;
 	server_port = passive ? key->local_port : key->remote_port;
-	if (p->scope != SCOPE_REMOTE && !stack_port(cfg, server_port) &&
-	    bpf_map_lookup_elem(&pairs, passive ? &p->peer : key))
-		return 1;
+	if (p->scope != SCOPE_REMOTE && !stack_port(cfg, server_port) && may_be_offered(passive ? &p->peer : key)) {
+		struct pair *pair = bpf_map_lookup_elem(&pairs, passive ? &p->peer : key);
+
+		if (pair) {
+			if (passive)
+				consume_offer_hint(pair);
+			return 1;
+		}
+	}
 	c = counters_for(cgroup_slot);
 	if (p->scope == SCOPE_REMOTE) {
 		COUNT(c, sockets_remote);
@@ -901,6 +938,7 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		count_server_unpaired(c, lflags);
 		return 0;
 	}
+	consume_offer_hint(pair);
 	if (pair->state != PAIR_CLIENT_JOINED) {
 		/* The client is in no enabled cgroup, declined, or sent
 		 * first (then it is still in the sockhash). */

@@ -135,6 +135,12 @@ type sockopsNodeAddrKey struct {
 	Ip [4]uint32
 }
 
+type sockopsOfferEpoch struct {
+	_       structs.HostLayout
+	Current uint32
+	Since   uint32
+}
+
 type sockopsOrigDst struct {
 	_      structs.HostLayout
 	Ip     [4]uint32
@@ -155,6 +161,7 @@ type sockopsPair struct {
 	ClientState  uint64
 	ServerState  uint64
 	OfferedNs    uint64
+	HintIndex    uint64
 }
 
 type sockopsSockKey struct {
@@ -234,6 +241,8 @@ const (
 	sockopsMapMeshEndpoints       = "mesh_endpoints"
 	sockopsMapMeshSyns            = "mesh_syns"
 	sockopsMapNodeAddrs           = "node_addrs"
+	sockopsMapOfferEpoch          = "offer_epoch"
+	sockopsMapOfferHints          = "offer_hints"
 	sockopsMapOrigDsts            = "orig_dsts"
 	sockopsMapPairs               = "pairs"
 	sockopsMapSockState           = "sock_state"
@@ -308,6 +317,8 @@ type sockopsMapSpecs struct {
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.MapSpec `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.MapSpec `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
@@ -358,6 +369,8 @@ type sockopsMaps struct {
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.Map `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.Map `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
@@ -381,6 +394,8 @@ func (m *sockopsMaps) Close() error {
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
+		m.OfferEpoch,
+		m.OfferHints,
 		m.OrigDsts,
 		m.Pairs,
 		m.SockState,

@@ -125,6 +125,12 @@ type stackreadNodeAddrKey struct {
 	Ip [4]uint32
 }
 
+type stackreadOfferEpoch struct {
+	_       structs.HostLayout
+	Current uint32
+	Since   uint32
+}
+
 type stackreadOrigDst struct {
 	_      structs.HostLayout
 	Ip     [4]uint32
@@ -145,6 +151,7 @@ type stackreadPair struct {
 	ClientState  uint64
 	ServerState  uint64
 	OfferedNs    uint64
+	HintIndex    uint64
 }
 
 type stackreadSockKey struct {
@@ -224,6 +231,8 @@ const (
 	stackreadMapMeshEndpoints        = "mesh_endpoints"
 	stackreadMapMeshSyns             = "mesh_syns"
 	stackreadMapNodeAddrs            = "node_addrs"
+	stackreadMapOfferEpoch           = "offer_epoch"
+	stackreadMapOfferHints           = "offer_hints"
 	stackreadMapOrigDsts             = "orig_dsts"
 	stackreadMapPairs                = "pairs"
 	stackreadMapSockState            = "sock_state"
@@ -295,6 +304,8 @@ type stackreadMapSpecs struct {
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.MapSpec `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.MapSpec `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
@@ -342,6 +353,8 @@ type stackreadMaps struct {
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.Map `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.Map `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
@@ -365,6 +378,8 @@ func (m *stackreadMaps) Close() error {
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
+		m.OfferEpoch,
+		m.OfferHints,
 		m.OrigDsts,
 		m.Pairs,
 		m.SockState,

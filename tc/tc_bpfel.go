@@ -125,6 +125,12 @@ type tcNodeAddrKey struct {
 	Ip [4]uint32
 }
 
+type tcOfferEpoch struct {
+	_       structs.HostLayout
+	Current uint32
+	Since   uint32
+}
+
 type tcOrigDst struct {
 	_      structs.HostLayout
 	Ip     [4]uint32
@@ -145,6 +151,7 @@ type tcPair struct {
 	ClientState  uint64
 	ServerState  uint64
 	OfferedNs    uint64
+	HintIndex    uint64
 }
 
 type tcSockKey struct {
@@ -224,6 +231,8 @@ const (
 	tcMapMeshEndpoints       = "mesh_endpoints"
 	tcMapMeshSyns            = "mesh_syns"
 	tcMapNodeAddrs           = "node_addrs"
+	tcMapOfferEpoch          = "offer_epoch"
+	tcMapOfferHints          = "offer_hints"
 	tcMapOrigDsts            = "orig_dsts"
 	tcMapPairs               = "pairs"
 	tcMapSockState           = "sock_state"
@@ -296,6 +305,8 @@ type tcMapSpecs struct {
 	MeshEndpoints  *ebpf.MapSpec `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.MapSpec `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.MapSpec `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.MapSpec `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	Pairs          *ebpf.MapSpec `ebpf:"pairs"`
 	SockState      *ebpf.MapSpec `ebpf:"sock_state"`
@@ -344,6 +355,8 @@ type tcMaps struct {
 	MeshEndpoints  *ebpf.Map `ebpf:"mesh_endpoints"`
 	MeshSyns       *ebpf.Map `ebpf:"mesh_syns"`
 	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	OfferEpoch     *ebpf.Map `ebpf:"offer_epoch"`
+	OfferHints     *ebpf.Map `ebpf:"offer_hints"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	Pairs          *ebpf.Map `ebpf:"pairs"`
 	SockState      *ebpf.Map `ebpf:"sock_state"`
@@ -367,6 +380,8 @@ func (m *tcMaps) Close() error {
 		m.MeshEndpoints,
 		m.MeshSyns,
 		m.NodeAddrs,
+		m.OfferEpoch,
+		m.OfferHints,
 		m.OrigDsts,
 		m.Pairs,
 		m.SockState,

@@ -75,6 +75,8 @@ const (
 	PinCgroupConfig  = "cgroup_config"
 	PinCgroupSlots   = "cgroup_slots"
 	PinPairs         = "pairs"
+	PinOfferHints    = "offer_hints"
+	PinOfferEpoch    = "offer_epoch"
 	PinListeners     = "listeners"
 	PinStackProcs    = "stack_procs"
 	PinEvents        = "events"
@@ -87,7 +89,7 @@ const (
 )
 
 // mapNames are the maps every program shares, by their name in the C code.
-var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinCgroupSlots, PinNodeAddrs, PinOrigDsts, PinIntercepts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinListeners, PinStackProcs, PinEvents}
+var mapNames = []string{PinSockhash, PinCounters, PinSockState, PinSocketCgs, PinCgroupConfig, PinCgroupSlots, PinNodeAddrs, PinOrigDsts, PinIntercepts, PinMeshEndpoints, PinMeshSyns, PinMeshClients, PinInboundPods, PinTCDevices, PinTCUsers, PinPairs, PinOfferHints, PinOfferEpoch, PinListeners, PinStackProcs, PinEvents}
 
 // SizesFor returns the capacity of the shared maps whose entries follow
 // sockets, for a sockhash of capacity n, so that no pod's live sockets can

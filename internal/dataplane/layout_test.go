@@ -40,6 +40,8 @@ var goMirrors = []struct {
 	{PinSocketCgs, uint64(0), uint64(0)},
 	{PinMeshEndpoints, endpointKey{}, uint64(0)},
 	{PinPairs, SockKey{}, sockops.Pair{}},
+	{PinOfferHints, uint32(0), uint64(0)},
+	{PinOfferEpoch, uint32(0), offerEpoch{}},
 	{PinSockState, int32(0), sockops.SockState{}},
 }
 

@@ -63,6 +63,9 @@ func (d *Dataplane) ReapPairs(maxAge time.Duration) (int, error) {
 	if err := it.Err(); err != nil {
 		return 0, fmt.Errorf("reap pairs: %w", err)
 	}
+	if err := d.rotateOfferEpoch(now, maxAge); err != nil {
+		return 0, err
+	}
 	n := 0
 	for _, k := range stale {
 		err := m.Delete(k)
@@ -73,4 +76,54 @@ func (d *Dataplane) ReapPairs(maxAge time.Duration) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// OfferHintSlots is the number of offer hint counts per epoch
+// (OFFER_HINT_SLOTS in bpf/sockbypass.h).
+const OfferHintSlots = 8192
+
+// offerEpoch mirrors struct offer_epoch: the epoch of offer_hints that
+// offers count in, and since when (monotonic seconds).
+type offerEpoch struct {
+	Current uint32
+	Since   uint32
+}
+
+// rotateOfferEpoch bounds how long an offer hint count that nobody takes
+// back (see "Offer hints" in bpf/sockbypass.h) makes connections look
+// their offer up: once the current epoch is maxAge old, it zeroes the
+// other epoch (no offer has counted there for at least maxAge, longer
+// than any handshake lasts) and makes it current. now is CLOCK_MONOTONIC
+// in nanoseconds; the caller holds the pin directory's lock.
+func (d *Dataplane) rotateOfferEpoch(now uint64, maxAge time.Duration) error {
+	m := d.maps[PinOfferEpoch]
+	var e offerEpoch
+	if err := m.Lookup(uint32(0), &e); err != nil {
+		return fmt.Errorf("read %s: %w", PinOfferEpoch, err)
+	}
+	secs := uint32(now / uint64(time.Second))
+	if e.Since == 0 {
+		// A new install: start the clock.
+		e.Since = max(secs, 1)
+		return m.Put(uint32(0), e)
+	}
+	if secs < e.Since || time.Duration(secs-e.Since)*time.Second < maxAge {
+		return nil
+	}
+	next := 1 - e.Current&1
+	hints := d.maps[PinOfferHints]
+	keys := make([]uint32, OfferHintSlots)
+	zeros := make([]uint64, OfferHintSlots)
+	for i := range keys {
+		keys[i] = next*OfferHintSlots + uint32(i)
+	}
+	if _, err := hints.BatchUpdate(keys, zeros, nil); err != nil {
+		// Kernels without batch operations on arrays: one by one.
+		for _, k := range keys {
+			if err := hints.Put(k, uint64(0)); err != nil {
+				return fmt.Errorf("zero %s[%d]: %w", PinOfferHints, k, err)
+			}
+		}
+	}
+	return m.Put(uint32(0), offerEpoch{Current: next, Since: max(secs, 1)})
 }
