@@ -64,6 +64,10 @@ func (h *harness) nonRoot() {
 		t.Errorf("non-root pods not accelerated: server redirected %d B, client %d B (the daemon logged %d warnings that it cannot read the server's listeners)",
 			ms.RedirectedBytes, mc.RedirectedBytes, warnings)
 	}
+	// The later steps expect accel/server-a as the only running
+	// selected pod.
+	h.deletePod(accelNS, srv.Name, 1)
+	h.deletePod(accelNS, cl.Name, 1)
 }
 
 // podUIDs returns the uid of each process in p's cgroup, as the node's
