@@ -120,8 +120,9 @@ func TestHelmChart(t *testing.T) {
 			t.Errorf("%s probe differs from the manifests'", name)
 		}
 	}
-	if len(m.container.VolumeMounts) != len(pc.VolumeMounts) || spec.HostNetwork != plain.ds.Spec.Template.Spec.HostNetwork {
-		t.Errorf("chart mounts %v / hostNetwork %v differ from the manifests'", m.container.VolumeMounts, spec.HostNetwork)
+	if len(m.container.VolumeMounts) != len(pc.VolumeMounts) || spec.HostNetwork != plain.ds.Spec.Template.Spec.HostNetwork ||
+		spec.HostPID != plain.ds.Spec.Template.Spec.HostPID {
+		t.Errorf("chart mounts %v / hostNetwork %v / hostPID %v differ from the manifests'", m.container.VolumeMounts, spec.HostNetwork, spec.HostPID)
 	}
 
 	// Values: mesh (intercept only when asked), cleanup on uninstall, a tag.
@@ -143,5 +144,38 @@ func TestHelmChart(t *testing.T) {
 	}
 	if cfg.MeshOptions() == nil || !cfg.MeshOptions().Intercept {
 		t.Errorf("mesh values not in the ConfigMap: %s", m.cm.Data[configKey])
+	}
+}
+
+// TestHelmChartPrivilegeValues: readPodListeners (default true) adds
+// hostPID, DAC_READ_SEARCH and SYS_PTRACE, and false drops them; podToPod
+// adds hostPID, SYS_ADMIN and SYS_PTRACE; each capability once.
+func TestHelmChartPrivilegeValues(t *testing.T) {
+	base := []string{"BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"}
+	for _, c := range []struct {
+		readPodListeners, podToPod bool
+		hostPID                    bool
+		extra                      []string
+	}{
+		{true, false, true, []string{"DAC_READ_SEARCH", "SYS_PTRACE"}},
+		{false, false, false, nil},
+		{true, true, true, []string{"DAC_READ_SEARCH", "SYS_ADMIN", "SYS_PTRACE"}},
+		{false, true, true, []string{"SYS_ADMIN", "SYS_PTRACE"}},
+	} {
+		m := renderChart(t, map[string]any{"readPodListeners": c.readPodListeners, "podToPod": c.podToPod})
+		var got []string
+		for _, cp := range m.container.SecurityContext.Capabilities.Add {
+			got = append(got, string(cp))
+		}
+		want := append(append([]string{}, base...), c.extra...)
+		if !slices.Equal(got, want) {
+			t.Errorf("readPodListeners=%v podToPod=%v: capabilities.add = %v, want %v", c.readPodListeners, c.podToPod, got, want)
+		}
+		if hp := m.ds.Spec.Template.Spec.HostPID; hp != c.hostPID {
+			t.Errorf("readPodListeners=%v podToPod=%v: hostPID = %v, want %v", c.readPodListeners, c.podToPod, hp, c.hostPID)
+		}
+		if d := m.container.SecurityContext.Capabilities.Drop; len(d) != 1 || d[0] != "ALL" {
+			t.Errorf("readPodListeners=%v podToPod=%v: capabilities.drop = %v", c.readPodListeners, c.podToPod, d)
+		}
 	}
 }

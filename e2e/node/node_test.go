@@ -230,6 +230,7 @@ func (h *harness) run() {
 	if t.Failed() {
 		return
 	}
+	h.nonRoot()
 	// (4) churn, (5) restarts, (6) readiness and Events, (7) uninstall.
 	h.churn(serverA)
 	h.restart(serverA)

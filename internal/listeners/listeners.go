@@ -9,6 +9,16 @@
 // it calls listen(); this package covers listeners that existed before
 // `enable`, and servers that make their listener non-blocking after
 // listen() (redis, Java NIO).
+//
+// What reading a process needs: the process in the caller's PID namespace
+// (a DaemonSet needs hostPID: cgroup.procs shows other namespaces'
+// processes as 0), and, for a process of another uid (a pod with
+// runAsUser), CAP_DAC_READ_SEARCH to list /proc/PID/fd and CAP_SYS_PTRACE
+// for what the kernel checks with ptrace_may_access: readlink of its fd
+// entries, its fdinfo, its ns/net, and pidfd_getfd, by which the network
+// namespace cookie is read from the listener itself (SO_NETNS_COOKIE), so
+// no setns and no CAP_SYS_ADMIN is needed (measured by
+// TestCollectCapabilities).
 package listeners
 
 import (
@@ -91,12 +101,17 @@ func collectPID(pid int, cookies map[uint64]uint64, tables map[uint64]listenMap)
 	if err != nil {
 		return nil, err
 	}
-	owner := map[uint64]uint64{} // socket inode -> netns inode
+	owner := map[uint64]uint64{}  // socket inode -> netns inode
+	nsPath := map[uint64]string{} // netns inode -> its /proc path
 	addrs := map[uint64]netip.AddrPort{}
 	for _, task := range tasks {
 		tdir := proc + "/task/" + task.Name()
 		var st unix.Stat_t
 		if err := unix.Stat(tdir+"/ns/net", &st); err != nil {
+			if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+				// Another uid's namespace: CAP_SYS_PTRACE.
+				return nil, &os.PathError{Op: "stat", Path: tdir + "/ns/net", Err: err}
+			}
 			continue // exited meanwhile
 		}
 		table, ok := tables[st.Ino]
@@ -108,13 +123,9 @@ func collectPID(pid int, cookies map[uint64]uint64, tables map[uint64]listenMap)
 				}
 			}
 			tables[st.Ino] = table
-			if _, ok := cookies[st.Ino]; !ok {
-				cookie, err := netnsCookie(tdir + "/ns/net")
-				if err != nil {
-					return nil, err
-				}
-				cookies[st.Ino] = cookie
-			}
+		}
+		if _, ok := nsPath[st.Ino]; !ok {
+			nsPath[st.Ino] = tdir + "/ns/net"
 		}
 		for ino, ap := range table {
 			owner[ino], addrs[ino] = st.Ino, ap
@@ -128,9 +139,23 @@ func collectPID(pid int, cookies map[uint64]uint64, tables map[uint64]listenMap)
 		}
 		flags, err := fileFlags(proc + "/fdinfo/" + fd)
 		if err != nil {
+			if errors.Is(err, os.ErrPermission) {
+				return nil, err
+			}
 			continue // closed meanwhile
 		}
-		out = append(out, Listener{NetnsCookie: cookies[owner[ino]], Addr: ap.Addr(), Port: ap.Port(), NonBlocking: flags&unix.O_NONBLOCK != 0})
+		netns := owner[ino]
+		cookie, ok := cookies[netns]
+		if !ok {
+			if cookie, err = listenerNetnsCookie(pid, fd, nsPath[netns]); err != nil {
+				if errors.Is(err, os.ErrPermission) {
+					return nil, err
+				}
+				continue // closed meanwhile
+			}
+			cookies[netns] = cookie
+		}
+		out = append(out, Listener{NetnsCookie: cookie, Addr: ap.Addr(), Port: ap.Port(), NonBlocking: flags&unix.O_NONBLOCK != 0})
 	}
 	return out, nil
 }
@@ -144,6 +169,12 @@ func socketFDs(proc string) (map[string]uint64, error) {
 	out := map[string]uint64{}
 	for _, e := range entries {
 		target, err := os.Readlink(proc + "/fd/" + e.Name())
+		if errors.Is(err, os.ErrPermission) {
+			// Listing needs CAP_DAC_READ_SEARCH, readlink
+			// CAP_SYS_PTRACE (another uid's process): without the
+			// second, every entry is refused.
+			return nil, err
+		}
 		if err != nil || !strings.HasPrefix(target, "socket:[") {
 			continue
 		}
@@ -222,6 +253,48 @@ func ParseProcAddr(s string) (netip.AddrPort, error) {
 	}
 	addr, _ := netip.AddrFromSlice(raw)
 	return netip.AddrPortFrom(addr.Unmap(), uint16(p)), nil
+}
+
+// listenerNetnsCookie returns the cookie of the network namespace of the
+// socket that process pid holds as fd: read from the socket itself
+// (SO_NETNS_COOKIE on a copy taken with pidfd_getfd, which needs only
+// CAP_SYS_PTRACE for another uid's process), else by entering the
+// namespace at nsPath (setns, CAP_SYS_ADMIN). An error wraps
+// os.ErrPermission when both were refused.
+func listenerNetnsCookie(pid int, fd, nsPath string) (uint64, error) {
+	cookie, err := socketNetnsCookie(pid, fd)
+	if err == nil {
+		return cookie, nil
+	}
+	cookie, nsErr := netnsCookie(nsPath)
+	if nsErr == nil {
+		return cookie, nil
+	}
+	if errors.Is(err, os.ErrPermission) && (errors.Is(nsErr, os.ErrPermission) || errors.Is(nsErr, unix.EPERM)) {
+		return 0, fmt.Errorf("netns cookie of pid %d fd %s: %w (and %v)", pid, fd, err, nsErr)
+	}
+	return 0, errors.Join(err, nsErr)
+}
+
+// socketNetnsCookie reads SO_NETNS_COOKIE of the socket that process pid
+// holds as fd, through a copy of it (pidfd_getfd), closed at once.
+func socketNetnsCookie(pid int, fd string) (uint64, error) {
+	target, err := strconv.Atoi(fd)
+	if err != nil {
+		return 0, err
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return 0, os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pidfd)
+	sock, err := unix.PidfdGetfd(pidfd, target, 0)
+	if err != nil {
+		return 0, os.NewSyscallError("pidfd_getfd", err)
+	}
+	defer unix.Close(sock)
+	cookie, err := unix.GetsockoptUint64(sock, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	return cookie, os.NewSyscallError("getsockopt SO_NETNS_COOKIE", err)
 }
 
 // netnsCookie returns the cookie of the network namespace at path.

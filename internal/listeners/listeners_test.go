@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"os"
 	"testing"
+
+	"github.com/sockbypass/sockbypass/internal/nodeaddrs"
 )
 
 func TestParseProcAddr(t *testing.T) {
@@ -45,8 +47,8 @@ func TestCollectFindsOwnListener(t *testing.T) {
 			if !f.NonBlocking {
 				t.Errorf("%v reported blocking; Go listeners are non-blocking", want)
 			}
-			if f.NetnsCookie == 0 {
-				t.Errorf("%v has no netns cookie", want)
+			if own, err := nodeaddrs.NetnsCookie(); err != nil || f.NetnsCookie != own {
+				t.Errorf("%v has netns cookie %d, want this namespace's %d (%v)", want, f.NetnsCookie, own, err)
 			}
 			return
 		}

@@ -2,7 +2,10 @@
 // one binary for every role of its images:
 //
 //	nodeapp pause                      the pod sandbox's process: waits for a signal
-//	nodeapp server -port 8080          an echo server (every byte back, no splice)
+//	nodeapp server -port 8080          an echo server (every byte back, no splice);
+//	                                   -nonblock-after-listen: its listener is blocking
+//	                                   at listen() and made non-blocking after it (redis,
+//	                                   Java NIO)
 //	nodeapp client -target IP:PORT     streams a deterministic byte stream over
 //	                                   connections of -conn-time each, checks every
 //	                                   echoed byte and prints one JSON line per
@@ -89,11 +92,47 @@ func listen(ctx context.Context, port int) (net.Listener, error) {
 	return l, nil
 }
 
+// listenNonblockLate listens on port with a socket that is blocking at
+// listen() and made non-blocking after it, as redis and Java NIO do:
+// sock_ops records such a listener as blocking, and only a read of its
+// file's flags (the daemon's /proc read) can find it non-blocking.
+func listenNonblockLate(ctx context.Context, port int) (net.Listener, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "listener")
+	defer f.Close() // net.FileListener holds a dup of it
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return nil, err
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port}); err != nil {
+		return nil, err
+	}
+	if err := unix.Listen(fd, 128); err != nil {
+		return nil, err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, err
+	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		return nil, err
+	}
+	go func() { <-ctx.Done(); l.Close() }()
+	return l, nil
+}
+
 func server(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("server", flag.ExitOnError)
 	port := fs.Int("port", 8080, "port")
+	late := fs.Bool("nonblock-after-listen", false, "listen blocking, then set O_NONBLOCK")
 	fs.Parse(args)
-	l, err := listen(ctx, *port)
+	open := listen
+	if *late {
+		open = listenNonblockLate
+	}
+	l, err := open(ctx, *port)
 	if err != nil {
 		return err
 	}
