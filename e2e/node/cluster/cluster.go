@@ -979,6 +979,12 @@ func (n *Node) Stop() error {
 		if out, err := exec.Command("systemctl", "stop", "kubepods.slice").CombinedOutput(); err != nil {
 			problems = append(problems, fmt.Sprintf("systemctl stop kubepods.slice: %v: %s", err, out))
 		}
+		// No mount namespace goes away with the node here: the mounts of
+		// killed containers (rootfs overlays, shm) and of the kubelet's
+		// pod volumes stay until unmounted.
+		if err := unmountUnder(n.opts.Dir); err != nil {
+			problems = append(problems, err.Error())
+		}
 	} else if v2 != "" {
 		// The shims (containerd moved them into <root>/runtime with itself).
 		for round := 0; round < 300; round++ {
@@ -1054,6 +1060,32 @@ func (n *Node) Stop() error {
 	}
 	if len(problems) > 0 {
 		return errors.New("node cleanup: " + strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// unmountUnder unmounts (lazily, deepest first) every mount below dir.
+func unmountUnder(dir string) error {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	var points []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+			points = append(points, f[4])
+		}
+	}
+	slices.SortFunc(points, func(a, b string) int { return len(b) - len(a) })
+	var failed []string
+	for _, p := range points {
+		if err := syscall.Unmount(p, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+			failed = append(failed, fmt.Sprintf("%s: %v", p, err))
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("unmount under %s: %s", dir, strings.Join(failed, "; "))
 	}
 	return nil
 }
