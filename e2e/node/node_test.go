@@ -132,10 +132,11 @@ func TestNode(t *testing.T) {
 	tb := time.Now()
 	bin := filepath.Join(dir, "bin")
 	bins.CNIDir = filepath.Join(dir, "cni-bin")
-	built := "built"
+	what := "built static sockbypass, nodeapp, CNI bridge/host-local/loopback and 3 OCI images"
 	if pre := os.Getenv(envPrebuilt); pre != "" {
 		// Built on the host by e2e/node/guest/run.sh.
-		bin, bins.CNIDir, built = pre, filepath.Join(pre, "cni-bin"), "took prebuilt"
+		bin, bins.CNIDir = pre, filepath.Join(pre, "cni-bin")
+		what = "took static sockbypass, nodeapp, CNI bridge/host-local/loopback from " + pre + ", built 3 OCI images"
 	} else {
 		goBuild(t, filepath.Join(bin, "sockbypass"), "./cmd/sockbypass")
 		goBuild(t, filepath.Join(bin, "nodeapp"), "./e2e/node/cmd/nodeapp")
@@ -158,7 +159,7 @@ func TestNode(t *testing.T) {
 		}
 		tarballs = append(tarballs, p)
 	}
-	rep.add("%s static sockbypass, nodeapp, CNI bridge/host-local/loopback and built 3 OCI images in %v", built, time.Since(tb).Round(time.Millisecond))
+	rep.add("%s in %v", what, time.Since(tb).Round(time.Millisecond))
 
 	// The node.
 	tn := time.Now()
@@ -197,8 +198,9 @@ func TestNode(t *testing.T) {
 	}
 	rep.add("(1) node up in %v: etcd, kube-apiserver, controller manager, scheduler, containerd %s + runc %s, kubelet %s; Node Ready",
 		time.Since(tn).Round(time.Millisecond), cluster.ContainerdVersion, cluster.RuncVersion, cluster.KubeVersion)
+	v2, _ := cluster.Cgroup2Mount()
 	rep.add("(1) cgroup driver %s (kubelet cgroupDriver, containerd runc SystemdCgroup=%v), pod cgroups under %s; timeouts x%d",
-		cgroupDriver(), cgroupDriver() == "systemd", filepath.Join("/sys/fs/cgroup", node.KubepodsDir), timeScale)
+		cgroupDriver(), cgroupDriver() == "systemd", filepath.Join(v2, node.KubepodsDir), timeScale)
 
 	h := &harness{t: t, ctx: ctx, node: node, rep: rep, bin: bin, dir: dir}
 	h.run()
