@@ -44,6 +44,7 @@
 # guest touches the host's network namespace.
 set -euo pipefail
 
+START=$(date +%s)
 GUEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$GUEST_DIR/../../.." && pwd)
 K8S_CACHE=${SOCKBYPASS_K8S_CACHE:-/var/cache/sockbypass-k8s}
@@ -238,7 +239,7 @@ rm -rf "$RUN"
 	echo "# node e2e on the systemd cgroup driver (make node-e2e-systemd, $(date -u +%FT%TZ))"
 	echo
 	echo "guest: $KPKG $KPKGVER ($KVER), Debian 12 root (rootfs-$key.ext4), qemu TCG -smp $SMP -m $MEM; TestNode timeouts and client durations x$SCALE"
-	echo "host: go build + go test -c ${BUILD_S}s; qemu wall ${WALL}s (exit $QEMU_RC$([ "$QEMU_RC" = 124 ] && echo ', TIMED OUT')); TestNode exit: $RC"
+	echo "host: go build + go test -c ${BUILD_S}s; qemu wall ${WALL}s (exit $QEMU_RC$([ "$QEMU_RC" = 124 ] && echo ', TIMED OUT')); whole run $(($(date +%s) - START))s; TestNode exit: $RC"
 	echo
 	grep -h '^NODE-E2E ' "$RESULTS/console.log" | sed 's/^NODE-E2E //'
 	grep -hE '^(--- (PASS|FAIL|SKIP)|PASS$|FAIL$|ok |panic:)' "$RESULTS/test.log" 2>/dev/null || true
@@ -250,7 +251,7 @@ if [ "$RC" != 0 ]; then
 	if [ -f "$RESULTS/test.log" ]; then
 		echo
 		echo "---- failures (from $RESULTS/test.log):"
-		grep -nE -- '--- FAIL|_test.go:[0-9]+: ' "$RESULTS/test.log" | grep -v 'node_test.go:62' | head -n 60 || true
+		grep -nE -- '--- FAIL|^ +[a-z_]+\.go:[0-9]+: ' "$RESULTS/test.log" | grep -vE 'node_test.go:62:|helm_test.go:84:' | head -n 60 || true
 	fi
 	echo "node-systemd: TestNode did not pass in the guest (rc $RC, qemu exit $QEMU_RC); logs in $RESULTS" >&2
 	exit 1
