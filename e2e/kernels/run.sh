@@ -565,6 +565,12 @@ update_expected() {
 
 # --- main -------------------------------------------------------------------------
 
+# Sourced (e2e/node/guest/run.sh reuses fetch_kernel, add_module and
+# ensure_packages): the functions only, no run.
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+	return 0
+fi
+
 ensure_packages
 build_binaries
 declare -A WALLS

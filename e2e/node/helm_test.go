@@ -118,7 +118,7 @@ func (h *harness) helmInstall(cleanupOnUninstall bool) {
 	}
 	inst := action.NewInstall(h.helmConfig())
 	inst.ReleaseName, inst.Namespace, inst.CreateNamespace = "sockbypass", systemNS, true
-	inst.Wait, inst.Timeout = true, 3*time.Minute
+	inst.Wait, inst.Timeout = true, scaled(3*time.Minute)
 	inst.PostRenderer = h.postRenderer()
 	rel, err := inst.RunWithContext(h.ctx, ch, h.values(cleanupOnUninstall))
 	if err != nil {
@@ -142,7 +142,7 @@ func (h *harness) helmUninstall() {
 	h.t.Helper()
 	t0 := time.Now()
 	un := action.NewUninstall(h.helmConfig())
-	un.Wait, un.Timeout = true, 2*time.Minute
+	un.Wait, un.Timeout = true, scaled(2*time.Minute)
 	if _, err := un.Run("sockbypass"); err != nil {
 		h.t.Fatalf("helm uninstall: %v", err)
 	}

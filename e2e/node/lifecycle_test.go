@@ -41,7 +41,7 @@ func (h *harness) churn(serverA *corev1.Pod) {
 	s := h.newSampler()
 	defer s.close()
 	target := serverA.Status.PodIP + ":8080"
-	long := h.create(client(accelNS, "client-long", target, "-conn-time", "1s", "-duration", "25s"))
+	long := h.create(client(accelNS, "client-long", target, "-conn-time", "1s", "-duration", secs(25)))
 	s.watch(long)
 	if _, err := s.waitRedirected(long.UID, 20*time.Second); err != nil {
 		t.Fatal(err)
@@ -49,7 +49,7 @@ func (h *harness) churn(serverA *corev1.Pod) {
 
 	// A new pod, while client-long's traffic flows.
 	t0 := time.Now()
-	fresh := h.create(client(accelNS, "client-new", target, "-conn-time", "1s", "-duration", "10s"))
+	fresh := h.create(client(accelNS, "client-new", target, "-conn-time", "1s", "-duration", secs(10)))
 	s.watch(fresh)
 	fresh = h.waitPod(accelNS, fresh.Name, running, 60*time.Second)
 	tRunning := time.Now()
@@ -60,7 +60,7 @@ func (h *harness) churn(serverA *corev1.Pod) {
 		first, _, _, _ := s.get(fresh.UID)
 		h.rep.add("(4) new pod accel/client-new (while accel/client-long streams): Running %v after creation; its cgroup seen enabled %v and its first redirected bytes seen %v after creation (status polled every 500 ms)",
 			tRunning.Sub(t0).Round(time.Millisecond), first.Sub(t0).Round(time.Millisecond), tRed.Sub(t0).Round(time.Millisecond))
-		if tRed.Sub(tRunning) > 10*time.Second {
+		if tRed.Sub(tRunning) > scaled(10*time.Second) {
 			t.Errorf("client-new accelerated only %v after it ran", tRed.Sub(tRunning))
 		}
 	}
@@ -109,7 +109,7 @@ func (h *harness) churn(serverA *corev1.Pod) {
 		disabledAfter.Round(time.Millisecond), removedText)
 	if doc, err := h.status(); err == nil {
 		for _, c := range doc.Disabled {
-			if strings.Contains(c.Path, string(serverB.UID)) {
+			if uidInPath(c.Path, serverB.UID) {
 				h.rep.add("(4)   accel/server-b listed as disabled with %d live sockets (connections still open)", c.LiveSockets)
 			}
 		}
@@ -130,7 +130,7 @@ func (h *harness) containerRestart(s *sampler) {
 	t := h.t
 	serverR := h.createPod(server(accelNS, "server-r", false))
 	s.watch(serverR)
-	clientR := h.create(client(accelNS, "client-r", serverR.Status.PodIP+":8080", "-conn-time", "1s", "-duration", "15s"))
+	clientR := h.create(client(accelNS, "client-r", serverR.Status.PodIP+":8080", "-conn-time", "1s", "-duration", secs(15)))
 	s.watch(clientR)
 	if _, err := s.waitRedirected(serverR.UID, 20*time.Second); err != nil {
 		t.Fatal(err)
@@ -220,7 +220,7 @@ func (h *harness) restart(serverA *corev1.Pod) {
 	defer s.close()
 	target := serverA.Status.PodIP + ":8080"
 	// One connection for the whole run (-conn-time 0).
-	live := h.create(client(accelNS, "client-live", target, "-conn-time", "0", "-duration", "45s"))
+	live := h.create(client(accelNS, "client-live", target, "-conn-time", "0", "-duration", secs(45)))
 	s.watch(live)
 	if _, err := s.waitRedirected(live.UID, 20*time.Second); err != nil {
 		t.Fatal(err)
@@ -258,7 +258,7 @@ func (h *harness) restart(serverA *corev1.Pod) {
 		t.Fatal(err)
 	}
 	up := action.NewUpgrade(h.helmConfig())
-	up.Namespace, up.Wait, up.Timeout = systemNS, true, 3*time.Minute
+	up.Namespace, up.Wait, up.Timeout = systemNS, true, scaled(3*time.Minute)
 	up.PostRenderer = h.postRenderer()
 	vals := h.values(false)
 	vals["image"].(map[string]any)["tag"] = sockbypassTag + "-2"

@@ -23,6 +23,7 @@ import (
 
 	"github.com/sockbypass/sockbypass/e2e/node/cluster"
 	"github.com/sockbypass/sockbypass/e2e/node/ociimage"
+	"github.com/sockbypass/sockbypass/internal/k8s"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
@@ -102,7 +103,16 @@ func TestNode(t *testing.T) {
 			SkipMessage, strings.Join(missing, ", "), cluster.KubeVersion, cluster.ContainerdVersion, cluster.RuncVersion, cacheDir())
 	}
 	testutil.RequirePrivileged(t)
-	for _, tool := range []string{"etcd", "iptables", "unshare", "nsenter", "ip"} {
+	if err := readTimeScale(); err != nil {
+		t.Fatal(err)
+	}
+	tools := []string{"etcd", "iptables", "ip"}
+	if cgroupDriver() == "cgroupfs" {
+		tools = append(tools, "unshare", "nsenter")
+	} else if _, err := os.Stat("/run/systemd/system"); err != nil {
+		t.Fatalf("%s=systemd, but systemd is not PID 1 here (no /run/systemd/system): use make node-e2e-systemd", envCgroupDriver)
+	}
+	for _, tool := range tools {
 		p, err := exec.LookPath(tool)
 		if err != nil {
 			t.Fatalf("%s not found (e2e/node/build.sh installs etcd-server and iptables): %v", tool, err)
@@ -111,7 +121,7 @@ func TestNode(t *testing.T) {
 			bins.Etcd = p
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), scaled(12*time.Minute))
 	defer cancel()
 	rep := &report{t: t, start: time.Now()}
 	defer rep.print()
@@ -122,10 +132,17 @@ func TestNode(t *testing.T) {
 	tb := time.Now()
 	bin := filepath.Join(dir, "bin")
 	bins.CNIDir = filepath.Join(dir, "cni-bin")
-	goBuild(t, filepath.Join(bin, "sockbypass"), "./cmd/sockbypass")
-	goBuild(t, filepath.Join(bin, "nodeapp"), "./e2e/node/cmd/nodeapp")
-	for _, p := range []string{"main/bridge", "ipam/host-local", "main/loopback"} {
-		goBuild(t, filepath.Join(bins.CNIDir, filepath.Base(p)), "github.com/containernetworking/plugins/plugins/"+p)
+	what := "built static sockbypass, nodeapp, CNI bridge/host-local/loopback and 3 OCI images"
+	if pre := os.Getenv(envPrebuilt); pre != "" {
+		// Built on the host by e2e/node/guest/run.sh.
+		bin, bins.CNIDir = pre, filepath.Join(pre, "cni-bin")
+		what = "took static sockbypass, nodeapp, CNI bridge/host-local/loopback from " + pre + ", built 3 OCI images"
+	} else {
+		goBuild(t, filepath.Join(bin, "sockbypass"), "./cmd/sockbypass")
+		goBuild(t, filepath.Join(bin, "nodeapp"), "./e2e/node/cmd/nodeapp")
+		for _, p := range []string{"main/bridge", "ipam/host-local", "main/loopback"} {
+			goBuild(t, filepath.Join(bins.CNIDir, filepath.Base(p)), "github.com/containernetworking/plugins/plugins/"+p)
+		}
 	}
 	images := []ociimage.Image{
 		{Name: cluster.PauseImage, Files: []ociimage.File{{Path: "/nodeapp", Source: filepath.Join(bin, "nodeapp"), Mode: 0o755}}, Entrypoint: []string{"/nodeapp", "pause"}},
@@ -142,11 +159,12 @@ func TestNode(t *testing.T) {
 		}
 		tarballs = append(tarballs, p)
 	}
-	rep.add("built static sockbypass, nodeapp, CNI bridge/host-local/loopback and 3 OCI images in %v", time.Since(tb).Round(time.Millisecond))
+	rep.add("%s in %v", what, time.Since(tb).Round(time.Millisecond))
 
 	// The node.
 	tn := time.Now()
-	node, err := cluster.Start(ctx, cluster.Options{Name: nodeName, Dir: filepath.Join(dir, "node"), Binaries: bins, Log: log})
+	node, err := cluster.Start(ctx, cluster.Options{Name: nodeName, Dir: filepath.Join(dir, "node"), Binaries: bins, Log: log,
+		CgroupDriver: cgroupDriver(), TimeScale: timeScale})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -180,6 +198,9 @@ func TestNode(t *testing.T) {
 	}
 	rep.add("(1) node up in %v: etcd, kube-apiserver, controller manager, scheduler, containerd %s + runc %s, kubelet %s; Node Ready",
 		time.Since(tn).Round(time.Millisecond), cluster.ContainerdVersion, cluster.RuncVersion, cluster.KubeVersion)
+	v2, _ := cluster.Cgroup2Mount()
+	rep.add("(1) cgroup driver %s (kubelet cgroupDriver, containerd runc SystemdCgroup=%v), pod cgroups under %s; timeouts x%d",
+		cgroupDriver(), cgroupDriver() == "systemd", filepath.Join(v2, node.KubepodsDir), timeScale)
 
 	h := &harness{t: t, ctx: ctx, node: node, rep: rep, bin: bin, dir: dir}
 	h.run()
@@ -240,7 +261,7 @@ func (h *harness) run() {
 }
 
 func (h *harness) waitServiceAccount(ns string) {
-	err := cluster.WaitFor(h.ctx, 60*time.Second, func() error {
+	err := cluster.WaitFor(h.ctx, scaled(60*time.Second), func() error {
 		_, err := h.node.Admin.CoreV1().ServiceAccounts(ns).Get(h.ctx, "default", metav1.GetOptions{})
 		return err
 	})
@@ -300,7 +321,7 @@ func (h *harness) createPod(p *corev1.Pod) *corev1.Pod {
 func (h *harness) waitPod(ns, name string, ok func(*corev1.Pod) bool, timeout time.Duration) *corev1.Pod {
 	h.t.Helper()
 	var last *corev1.Pod
-	err := cluster.WaitFor(h.ctx, timeout, func() error {
+	err := cluster.WaitFor(h.ctx, scaled(timeout), func() error {
 		p, err := h.node.Admin.CoreV1().Pods(ns).Get(h.ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return err
@@ -341,20 +362,16 @@ func podStatus(p *corev1.Pod) string {
 }
 
 // podCgroup returns the pod's cgroup directory under the cgroup2 mount, as
-// the kubelet (cgroupfs driver, --cgroup-root /<node>) lays it out.
+// the kubelet lays it out: <root>/kubepods/<qos>/pod<uid> (cgroupfs
+// driver, --cgroup-root /<node>) or
+// kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice
+// (systemd driver).
 func (h *harness) podCgroup(p *corev1.Pod) string {
 	v2, err := cluster.Cgroup2Mount()
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	rel := filepath.Join(h.node.CgroupRoot, "kubepods")
-	switch p.Status.QOSClass {
-	case corev1.PodQOSGuaranteed:
-		rel = filepath.Join(rel, "pod"+string(p.UID))
-	default:
-		rel = filepath.Join(rel, strings.ToLower(string(p.Status.QOSClass)), "pod"+string(p.UID))
-	}
-	return filepath.Join(v2, rel)
+	return filepath.Join(v2, k8s.PodCgroup(h.node.KubepodsDir, p.UID, p.Status.QOSClass))
 }
 
 // checkPodCgroup reports where the kubelet's pod cgroup landed: the
@@ -369,7 +386,9 @@ func (h *harness) checkPodCgroup(p *corev1.Pod) {
 	procs := 0
 	for _, e := range entries {
 		if e.IsDir() {
-			containers = append(containers, e.Name()[:min(12, len(e.Name()))])
+			// cgroupfs: <id>; systemd: cri-containerd-<id>.scope.
+			id := strings.TrimPrefix(e.Name(), "cri-containerd-")
+			containers = append(containers, e.Name()[:len(e.Name())-len(id)]+id[:min(12, len(id))])
 			data, _ := os.ReadFile(filepath.Join(dir, e.Name(), "cgroup.procs"))
 			procs += len(strings.Fields(string(data)))
 		}
@@ -525,7 +544,7 @@ func (h *harness) sockbypassBin() string {
 // cgroupOf returns the status entry of the pod's cgroup, if enabled.
 func (doc *statusDoc) cgroupOf(uid types.UID) (cgroupStats, bool) {
 	for _, c := range doc.Cgroups {
-		if strings.Contains(c.Path, string(uid)) {
+		if uidInPath(c.Path, uid) {
 			return c, true
 		}
 	}

@@ -17,8 +17,9 @@ import (
 	"github.com/sockbypass/sockbypass/e2e/node/cluster"
 )
 
+// waitFor is cluster.WaitFor with the timeout scaled (timeScale).
 func waitFor(h *harness, timeout time.Duration, f func() error) error {
-	return cluster.WaitFor(h.ctx, timeout, f)
+	return cluster.WaitFor(h.ctx, scaled(timeout), f)
 }
 
 // containerLog returns the end of a container's log (CRI format).
@@ -100,11 +101,11 @@ func (s *sampler) loop() {
 					if c.MeshPaired > m.MeshPaired {
 						m.MeshPaired = c.MeshPaired
 					}
-					m.Cgroup = c.Cgroup
+					m.Cgroup, m.Path, m.Mode, m.ID = c.Cgroup, c.Path, c.Mode, c.ID
 					s.max[uid] = m
 				}
 				for _, c := range doc.Disabled {
-					if strings.Contains(c.Path, string(uid)) {
+					if uidInPath(c.Path, uid) {
 						s.touched[uid] = true
 					}
 				}
@@ -133,6 +134,7 @@ func (s *sampler) get(uid types.UID) (first time.Time, lastSeen time.Time, max c
 // redirected waits until the pod's cgroup has redirected bytes, and
 // returns when it was seen so.
 func (s *sampler) waitRedirected(uid types.UID, timeout time.Duration) (time.Time, error) {
+	timeout = scaled(timeout)
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		s.mu.Lock()
@@ -151,6 +153,7 @@ func (s *sampler) waitRedirected(uid types.UID, timeout time.Duration) (time.Tim
 // waitGrowth waits until the pod's cgroup has redirected more than from
 // bytes.
 func (s *sampler) waitGrowth(uid types.UID, from int64, timeout time.Duration) error {
+	timeout = scaled(timeout)
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		s.mu.Lock()
@@ -216,7 +219,7 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 	s.watch(serverK)
 	target := func(p *corev1.Pod) string { return p.Status.PodIP + ":8080" }
 
-	const dur = "12s"
+	dur := secs(12)
 	clientA := client(accelNS, "client-a", target(serverA), "-conn-time", "2s", "-duration", dur)
 	clientP := client(plainNS, "client-p", target(serverP), "-conn-time", "2s", "-duration", dur)
 	clientK := client("kube-system", "client-k", target(serverK), "-conn-time", "2s", "-duration", dur)
@@ -237,7 +240,7 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 		pods = append(pods, got)
 	}
 	// While they stream: stats and conns as the operator sees them.
-	time.Sleep(time.Until(t0.Add(7 * time.Second)))
+	time.Sleep(time.Until(t0.Add(scaled(7 * time.Second))))
 	h.statsOutput()
 	results := map[string]connResult{}
 	for _, p := range pods {
@@ -277,6 +280,17 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 	check(pods[1], false, "unlabelled namespace, client")
 	check(serverK, false, "kube-system, annotated server")
 	check(pods[2], false, "kube-system, annotated client")
+	// The cgroups sockbypass found and enabled for the selected pods:
+	// each must be the kubelet's pod cgroup, as its driver names it.
+	h.rep.add("(3) pod cgroups sockbypass enabled (status --json), each the kubelet's %s-driver pod cgroup:", cgroupDriver())
+	for _, p := range []*corev1.Pod{serverA, pods[0], pods[3], pods[4]} {
+		_, _, m, _ := s.get(p.UID)
+		want := h.podCgroup(p)
+		h.rep.add("(3)   %-28s %-10s %s (cgroup id %d)", p.Namespace+"/"+p.Name, m.Mode, m.Path, m.ID)
+		if m.Path != want {
+			t.Errorf("%s/%s: sockbypass enabled %q, the kubelet's pod cgroup is %q", p.Namespace, p.Name, m.Path, want)
+		}
+	}
 	// The app connected to server-a's pod IP; only sockbypass's
 	// connect4 (intercept mode: no iptables in this pod) can have taken
 	// it to the sidecar, which relays after SO_ORIGINAL_DST.
@@ -333,6 +347,8 @@ func (h *harness) statsOutput() {
 		text := string(out)
 		for _, p := range pods.Items {
 			text = strings.ReplaceAll(text, "pod"+string(p.UID), "pod("+p.Namespace+"/"+p.Name+")")
+			// The systemd driver's slice names the UID with underscores.
+			text = strings.ReplaceAll(text, "pod"+strings.ReplaceAll(string(p.UID), "-", "_"), "pod("+p.Namespace+"/"+p.Name+")")
 			text = strings.ReplaceAll(text, string(p.UID), p.Namespace+"/"+p.Name) // the POD column
 		}
 		return text

@@ -16,6 +16,15 @@
 // address), and says what it could not remove. It adds no iptables rule:
 // a NAT rule would turn on connection tracking for the whole host
 // network namespace.
+//
+// With Options.CgroupDriver "systemd" the node is what real nodes run
+// instead, for a machine of its own (the qemu guest of make
+// node-e2e-systemd, e2e/node/guest): systemd as PID 1 over a unified
+// cgroup v2, the kubelet's cgroupDriver systemd (pods in
+// kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid>.slice) and
+// containerd's runc with SystemdCgroup = true (containers in
+// cri-containerd-<id>.scope), both in the machine's own mount namespace
+// and cgroup root, with failCgroupV1 left at its default (true).
 package cluster
 
 import (
@@ -109,6 +118,24 @@ type Options struct {
 	Dir      string
 	Binaries Binaries
 	Log      *zap.Logger
+	// CgroupDriver is the kubelet's and runc's cgroup driver: "" or
+	// "cgroupfs" (this host: a mount namespace and cgroup root of the
+	// node's own), or "systemd" (a machine of the node's own whose PID 1
+	// is systemd, over a unified cgroup v2).
+	CgroupDriver string
+	// TimeScale multiplies the node's start-up timeouts (0: 1), for a
+	// slow machine (a qemu guest without KVM).
+	TimeScale int
+}
+
+// Systemd reports whether the node uses the systemd cgroup driver.
+func (o Options) Systemd() bool { return o.CgroupDriver == "systemd" }
+
+func (o Options) scaled(d time.Duration) time.Duration {
+	if o.TimeScale > 1 {
+		return d * time.Duration(o.TimeScale)
+	}
+	return d
 }
 
 // Node is a running one-node cluster.
@@ -129,8 +156,12 @@ type Node struct {
 	etcd, apiserver, kcm, scheduler, ctrd, kubelet *proc
 	procs                                          []*proc
 
-	// CgroupRoot is the node's cgroup root, relative to each hierarchy.
+	// CgroupRoot is the node's cgroup root, relative to each hierarchy
+	// ("" with the systemd driver: the kubelet's default root, /).
 	CgroupRoot string
+	// KubepodsDir is the kubelet's pod cgroup root under the cgroup2
+	// mount: <CgroupRoot>/kubepods (cgroupfs) or kubepods.slice (systemd).
+	KubepodsDir string
 	// Timings of Start's steps.
 	Timings []Timing
 
@@ -227,7 +258,10 @@ func Cgroup2Mount() (string, error) {
 // and the scheduler, containerd, the kubelet, until the Node is Ready.
 // On failure what was started is stopped again.
 func Start(ctx context.Context, opts Options) (n *Node, err error) {
-	node := &Node{opts: opts, log: opts.Log, CgroupRoot: opts.Name}
+	node := &Node{opts: opts, log: opts.Log, CgroupRoot: opts.Name, KubepodsDir: filepath.Join(opts.Name, "kubepods")}
+	if opts.Systemd() {
+		node.CgroupRoot, node.KubepodsDir = "", "kubepods.slice"
+	}
 	n = node
 	defer func() {
 		if err != nil {
@@ -267,6 +301,11 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 	// (the daemon's ownership markers): the host's stay untouched. A
 	// directory missing on the host is created for the mount point and
 	// removed by Stop.
+	if opts.Systemd() {
+		// The machine is the node's own: its mount namespace, its bpffs
+		// (systemd mounts /sys/fs/bpf), systemd's cgroup tree.
+		return n, n.startServices(ctx, ip)
+	}
 	script := "set -e; mount --make-rshared /; mount -t bpf bpf /sys/fs/bpf; "
 	for _, d := range privateDirs {
 		if _, err := os.Stat(d); os.IsNotExist(err) {
@@ -308,18 +347,33 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 		return nil, err
 	}
 
+	return n, n.startServices(ctx, ip)
+}
+
+// runtimeCgroup is the v2 cgroup of containerd, its shims and the
+// kubelet (cgroupfs driver): <v2>/<root>/runtime.
+func (n *Node) runtimeCgroup() string {
+	v2, _ := Cgroup2Mount()
+	return filepath.Join(v2, n.CgroupRoot, "runtime")
+}
+
+// startServices starts etcd, the control plane and containerd; ip is
+// the node's address.
+func (n *Node) startServices(ctx context.Context, ip net.IP) error {
+	var err error
 	// etcd and the control plane, on loopback.
+	dir, opts := n.opts.Dir, n.opts
 	t := time.Now()
 	if err := writeCerts(filepath.Join(dir, "certs"), []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP(ServiceIP), ip}); err != nil {
-		return nil, err
+		return err
 	}
 	clientPort, err := freePort()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	peerPort, err := freePort()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", clientPort)
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
@@ -328,22 +382,22 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 		"--listen-client-urls", etcdURL, "--advertise-client-urls", etcdURL,
 		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
 		"--initial-cluster", "default="+peerURL); err != nil {
-		return nil, err
+		return err
 	}
 	n.procs = append(n.procs, n.etcd)
 	token := "admin-" + rand.Text()
 	if err := os.WriteFile(filepath.Join(dir, "certs", "tokens.csv"), []byte(token+",admin,admin,system:masters\n"), 0o600); err != nil {
-		return nil, err
+		return err
 	}
 	// The API server's address: ServiceIP on the node's bridge.
 	if out, err := exec.Command("ip", "link", "add", Bridge, "type", "bridge").CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("ip link add %s: %v: %s", Bridge, err, out)
+		return fmt.Errorf("ip link add %s: %v: %s", Bridge, err, out)
 	}
 	// The pods' gateway first: the bridge plugin (v1.10) accepts a bridge
 	// whose first IPv4 address is its gateway, and refuses any other.
 	for _, args := range [][]string{{"addr", "add", PodGateway, "dev", Bridge}, {"addr", "add", ServiceIP + "/32", "dev", Bridge}, {"link", "set", Bridge, "up"}} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+			return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
 		}
 	}
 	certs := filepath.Join(dir, "certs")
@@ -361,22 +415,22 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 		"--endpoint-reconciler-type", "none",
 		"--allow-privileged=true",
 	); err != nil {
-		return nil, err
+		return err
 	}
 	n.procs = append(n.procs, n.apiserver)
 	host := "https://" + ServiceIP + ":443"
 	n.Config = &rest.Config{Host: host, BearerToken: token, TLSClientConfig: rest.TLSClientConfig{CAFile: filepath.Join(certs, "ca.crt")}, QPS: 100, Burst: 200}
 	if n.Admin, err = kubernetes.NewForConfig(n.Config); err != nil {
-		return nil, err
+		return err
 	}
-	if err := waitFor(ctx, 90*time.Second, func() error {
+	if err := waitFor(ctx, opts.scaled(90*time.Second), func() error {
 		body, err := n.Admin.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
 		if err != nil {
 			return fmt.Errorf("%v %s", err, body)
 		}
 		return nil
 	}); err != nil {
-		return nil, fmt.Errorf("kube-apiserver not ready: %w\n%s", err, n.apiserver.tail(3000))
+		return fmt.Errorf("kube-apiserver not ready: %w\n%s", err, n.apiserver.tail(3000))
 	}
 	n.Kubeconfig = filepath.Join(dir, "admin.kubeconfig")
 	kc := fmt.Sprintf(`apiVersion: v1
@@ -393,7 +447,7 @@ contexts:
 current-context: node
 `, host, filepath.Join(certs, "ca.crt"), token)
 	if err := os.WriteFile(n.Kubeconfig, []byte(kc), 0o600); err != nil {
-		return nil, err
+		return err
 	}
 	if n.kcm, err = start(dir, "kube-controller-manager", 0, nil, opts.Binaries.ControllerManager,
 		"--kubeconfig", n.Kubeconfig, "--leader-elect=false",
@@ -404,14 +458,14 @@ current-context: node
 		"--controllers", "*,-nodeipam,-nodelifecycle,-persistentvolume-binder,-attachdetach",
 		"--service-cluster-ip-range", ServiceCIDR,
 	); err != nil {
-		return nil, err
+		return err
 	}
 	n.procs = append(n.procs, n.kcm)
 	if n.scheduler, err = start(dir, "kube-scheduler", 0, nil, opts.Binaries.Scheduler,
 		"--kubeconfig", n.Kubeconfig, "--leader-elect=false",
 		"--bind-address", "127.0.0.1", "--secure-port", "0",
 	); err != nil {
-		return nil, err
+		return err
 	}
 	n.procs = append(n.procs, n.scheduler)
 	n.timed("control plane up (etcd, kube-apiserver ready; controller manager, scheduler started)", t)
@@ -419,27 +473,34 @@ current-context: node
 	// containerd.
 	t = time.Now()
 	if err := n.writeCNIConfig(); err != nil {
-		return nil, err
+		return err
 	}
 	n.ContainerdSock = filepath.Join(dir, "containerd", "containerd.sock")
 	cfgPath := filepath.Join(dir, "containerd", "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(n.containerdConfig()), 0o644); err != nil {
-		return nil, err
+		return err
 	}
 	env := []string{"PATH=" + filepath.Dir(opts.Binaries.Shim) + ":" + os.Getenv("PATH")}
-	// containerd and its shims live in <root>/runtime (v2): Stop finds them there.
-	if n.ctrd, err = start(dir, "containerd", n.holder.pid(), env, "/bin/sh", "-c",
-		"echo $$ > "+filepath.Join(runtimeCg, "cgroup.procs")+" && exec "+opts.Binaries.Containerd+" --config "+cfgPath); err != nil {
-		return nil, err
+	if opts.Systemd() {
+		// containerd and its shims stay in the cgroup of the unit that
+		// runs the test; runc asks systemd for each container's scope.
+		n.ctrd, err = start(dir, "containerd", 0, env, opts.Binaries.Containerd, "--config", cfgPath)
+	} else {
+		// containerd and its shims live in <root>/runtime (v2): Stop finds them there.
+		n.ctrd, err = start(dir, "containerd", n.holder.pid(), env, "/bin/sh", "-c",
+			"echo $$ > "+filepath.Join(n.runtimeCgroup(), "cgroup.procs")+" && exec "+opts.Binaries.Containerd+" --config "+cfgPath)
+	}
+	if err != nil {
+		return err
 	}
 	n.procs = append(n.procs, n.ctrd)
-	if err := waitFor(ctx, 30*time.Second, func() error {
+	if err := waitFor(ctx, opts.scaled(30*time.Second), func() error {
 		return n.Ctr(ctx, nil, "version")
 	}); err != nil {
-		return nil, fmt.Errorf("containerd: %w\n%s", err, n.ctrd.tail(3000))
+		return fmt.Errorf("containerd: %w\n%s", err, n.ctrd.tail(3000))
 	}
 	n.timed("containerd up", t)
-	return n, nil
+	return nil
 }
 
 // StartKubelet starts the kubelet (after the images are imported) and
@@ -466,10 +527,7 @@ authentication:
   anonymous: {enabled: true}
   webhook: {enabled: false}
 authorization: {mode: AlwaysAllow}
-cgroupDriver: cgroupfs
-cgroupRoot: /%s
-cgroupsPerQOS: true
-failCgroupV1: false
+%scgroupsPerQOS: true
 failSwapOn: false
 # No KUBE-* iptables chains on the shared host (no kube-proxy here uses them).
 makeIPTablesUtilChains: false
@@ -484,7 +542,7 @@ serializeImagePulls: false
 syncFrequency: 10s
 fileCheckFrequency: 10s
 nodeStatusUpdateFrequency: 5s
-`, port, healthz, n.CgroupRoot, n.ContainerdSock, filepath.Join(dir, "kubelet", "logs"))
+`, port, healthz, n.kubeletCgroupConfig(), n.ContainerdSock, filepath.Join(dir, "kubelet", "logs"))
 	cfgPath := filepath.Join(dir, "kubelet", "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		return err
@@ -493,22 +551,26 @@ nodeStatusUpdateFrequency: 5s
 	if err != nil {
 		return err
 	}
-	v2, _ := Cgroup2Mount()
-	runtimeCg := filepath.Join(v2, n.CgroupRoot, "runtime")
-	if n.kubelet, err = start(dir, "kubelet", n.holder.pid(), nil, "/bin/sh", "-c",
-		"echo $$ > "+filepath.Join(runtimeCg, "cgroup.procs")+" && exec "+n.opts.Binaries.Kubelet+" "+strings.Join([]string{
-			"--config", cfgPath,
-			"--kubeconfig", n.Kubeconfig,
-			"--root-dir", filepath.Join(dir, "kubelet", "root"),
-			"--cert-dir", filepath.Join(dir, "kubelet", "certs"),
-			"--hostname-override", n.opts.Name,
-			"--node-ip", ip.String(),
-			"--v", "2",
-		}, " ")); err != nil {
+	args := []string{
+		"--config", cfgPath,
+		"--kubeconfig", n.Kubeconfig,
+		"--root-dir", filepath.Join(dir, "kubelet", "root"),
+		"--cert-dir", filepath.Join(dir, "kubelet", "certs"),
+		"--hostname-override", n.opts.Name,
+		"--node-ip", ip.String(),
+		"--v", "2",
+	}
+	if n.opts.Systemd() {
+		n.kubelet, err = start(dir, "kubelet", 0, nil, n.opts.Binaries.Kubelet, args...)
+	} else {
+		n.kubelet, err = start(dir, "kubelet", n.holder.pid(), nil, "/bin/sh", "-c",
+			"echo $$ > "+filepath.Join(n.runtimeCgroup(), "cgroup.procs")+" && exec "+n.opts.Binaries.Kubelet+" "+strings.Join(args, " "))
+	}
+	if err != nil {
 		return err
 	}
 	n.procs = append(n.procs, n.kubelet)
-	if err := waitFor(ctx, 120*time.Second, func() error {
+	if err := waitFor(ctx, n.opts.scaled(120*time.Second), func() error {
 		if !n.kubelet.running() {
 			return errKubeletExited
 		}
@@ -533,6 +595,18 @@ nodeStatusUpdateFrequency: 5s
 }
 
 var errKubeletExited = errors.New("the kubelet exited")
+
+// kubeletCgroupConfig is the cgroup part of the kubelet's configuration.
+func (n *Node) kubeletCgroupConfig() string {
+	if n.opts.Systemd() {
+		// What real nodes run: the default cgroup root (/, pods in
+		// kubepods.slice) and failCgroupV1 at its default, true.
+		return "cgroupDriver: systemd\n"
+	}
+	// This host mounts cgroup v2 in hybrid mode (controllers on v1):
+	// the kubelet of 1.35 and later refuses v1 unless told not to.
+	return fmt.Sprintf("cgroupDriver: cgroupfs\ncgroupRoot: /%s\nfailCgroupV1: false\n", n.CgroupRoot)
+}
 
 // PodLogsDir is the kubelet's podLogsDirectory.
 func (n *Node) PodLogsDir() string { return filepath.Join(n.opts.Dir, "kubelet", "logs") }
@@ -610,13 +684,13 @@ state = %q
         runtime_type = 'io.containerd.runc.v2'
         [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
           BinaryName = %q
-          SystemdCgroup = false
+          SystemdCgroup = %v
     [plugins.'io.containerd.cri.v1.runtime'.cni]
       bin_dirs = [%q]
       conf_dir = %q
       max_conf_num = 1
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), filepath.Join(dir, "containerd.sock"), filepath.Join(dir, "containerd.sock.ttrpc"),
-		filepath.Join(dir, "opt"), PauseImage, !hasCap(capSysResource), n.opts.Binaries.Runc, n.opts.Binaries.CNIDir, filepath.Join(n.opts.Dir, "cni", "conf"))
+		filepath.Join(dir, "opt"), PauseImage, !hasCap(capSysResource), n.opts.Binaries.Runc, n.opts.Systemd(), n.opts.Binaries.CNIDir, filepath.Join(n.opts.Dir, "cni", "conf"))
 }
 
 const capSysResource = 24
@@ -644,8 +718,8 @@ func HasCapSysResource() bool { return hasCap(capSysResource) }
 // Ctr runs ctr against the node's containerd, in the node's mount
 // namespace, in the k8s.io namespace.
 func (n *Node) Ctr(ctx context.Context, out *string, args ...string) error {
-	full := append([]string{"--mount=/proc/" + strconv.Itoa(n.holder.pid()) + "/ns/mnt", "--", n.opts.Binaries.Ctr, "--address", n.ContainerdSock, "-n", "k8s.io"}, args...)
-	b, err := exec.CommandContext(ctx, "nsenter", full...).CombinedOutput()
+	full := append([]string{"--address", n.ContainerdSock, "-n", "k8s.io"}, args...)
+	b, err := n.inMountNS(ctx, n.opts.Binaries.Ctr, full...).CombinedOutput()
 	if out != nil {
 		*out = string(b)
 	}
@@ -658,13 +732,27 @@ func (n *Node) Ctr(ctx context.Context, out *string, args ...string) error {
 // InMountNS runs a command in the node's mount namespace (where the
 // node's bpffs is /sys/fs/bpf) and returns its output.
 func (n *Node) InMountNS(ctx context.Context, name string, args ...string) ([]byte, error) {
+	return n.inMountNS(ctx, name, args...).Output()
+}
+
+// inMountNS is the command that runs name in the node's mount namespace
+// (the machine's own with the systemd driver).
+func (n *Node) inMountNS(ctx context.Context, name string, args ...string) *exec.Cmd {
+	if n.holder == nil {
+		return exec.CommandContext(ctx, name, args...)
+	}
 	full := append([]string{"--mount=/proc/" + strconv.Itoa(n.holder.pid()) + "/ns/mnt", "--", name}, args...)
-	return exec.CommandContext(ctx, "nsenter", full...).Output()
+	return exec.CommandContext(ctx, "nsenter", full...)
 }
 
 // HolderPID is the PID of the process that holds the node's mount
-// namespace.
-func (n *Node) HolderPID() int { return n.holder.pid() }
+// namespace (0 with the systemd driver: the machine's own).
+func (n *Node) HolderPID() int {
+	if n.holder == nil {
+		return 0
+	}
+	return n.holder.pid()
+}
 
 func waitFor(ctx context.Context, timeout time.Duration, f func() error) error {
 	deadline := time.Now().Add(timeout)
@@ -859,7 +947,7 @@ func (n *Node) Stop() error {
 	for round := 0; round < 300; round++ {
 		var pids []int
 		for _, h := range hier {
-			pids = append(pids, pidsIn(filepath.Join(h, n.CgroupRoot, "kubepods"))...)
+			pids = append(pids, pidsIn(filepath.Join(h, n.KubepodsDir))...)
 		}
 		if len(pids) == 0 {
 			break
@@ -872,7 +960,32 @@ func (n *Node) Stop() error {
 	if n.ctrd != nil {
 		n.ctrd.stop(10 * time.Second)
 	}
-	if v2 != "" {
+	if n.opts.Systemd() {
+		// The shims, in the test's own cgroup with containerd: found by
+		// the socket they name. kubepods.slice is systemd's to remove.
+		for round := 0; round < 300; round++ {
+			pids := n.shimPIDs()
+			if len(pids) == 0 {
+				break
+			}
+			for _, pid := range pids {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if pids := n.shimPIDs(); len(pids) > 0 {
+			problems = append(problems, fmt.Sprintf("containerd shims left: %v", pids))
+		}
+		if out, err := exec.Command("systemctl", "stop", "kubepods.slice").CombinedOutput(); err != nil {
+			problems = append(problems, fmt.Sprintf("systemctl stop kubepods.slice: %v: %s", err, out))
+		}
+		// No mount namespace goes away with the node here: the mounts of
+		// killed containers (rootfs overlays, shm) and of the kubelet's
+		// pod volumes stay until unmounted.
+		if err := unmountUnder(n.opts.Dir); err != nil {
+			problems = append(problems, err.Error())
+		}
+	} else if v2 != "" {
 		// The shims (containerd moved them into <root>/runtime with itself).
 		for round := 0; round < 300; round++ {
 			pids := pidsIn(filepath.Join(v2, n.CgroupRoot))
@@ -894,6 +1007,9 @@ func (n *Node) Stop() error {
 	// The mount namespace is gone with its last process: its bpffs (the
 	// DaemonSet's pins), netns and container mounts with it.
 	for _, h := range hier {
+		if n.opts.Systemd() {
+			break // no cgroup root of the node's own
+		}
 		if err := removeCgroupTree(filepath.Join(h, n.CgroupRoot)); err != nil {
 			problems = append(problems, err.Error())
 		}
@@ -946,6 +1062,54 @@ func (n *Node) Stop() error {
 		return errors.New("node cleanup: " + strings.Join(problems, "; "))
 	}
 	return nil
+}
+
+// unmountUnder unmounts (lazily, deepest first) every mount below dir.
+func unmountUnder(dir string) error {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	var points []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+			points = append(points, f[4])
+		}
+	}
+	slices.SortFunc(points, func(a, b string) int { return len(b) - len(a) })
+	var failed []string
+	for _, p := range points {
+		if err := syscall.Unmount(p, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+			failed = append(failed, fmt.Sprintf("%s: %v", p, err))
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("unmount under %s: %s", dir, strings.Join(failed, "; "))
+	}
+	return nil
+}
+
+// shimPIDs returns the PIDs of the containerd shims of the node's
+// containerd (their -address names its socket).
+func (n *Node) shimPIDs() []int {
+	if n.ContainerdSock == "" {
+		return nil
+	}
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		args := strings.Split(string(cmdline), "\x00")
+		if i := slices.Index(args, "-address"); i >= 0 && i+1 < len(args) && args[i+1] == n.ContainerdSock && strings.HasSuffix(args[0], "containerd-shim-runc-v2") {
+			out = append(out, pid)
+		}
+	}
+	return out
 }
 
 // Healthz answers whether url returns 200 (for probes from the test).
