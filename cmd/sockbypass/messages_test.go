@@ -34,13 +34,7 @@ func TestMessagesNameTheInput(t *testing.T) {
 // bounding set: the error names CAP_PERFMON and does not say "run as root".
 func TestRootWithoutPerfmonNamesTheCapability(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	setpriv, err := exec.LookPath("setpriv")
-	if err != nil {
-		if testutil.InCI() {
-			t.Fatalf("setpriv (util-linux) is needed under CI=true: %v", err)
-		}
-		t.Skipf("setpriv not found: %v", err)
-	}
+	setpriv := testutil.RequireProgram(t, "setpriv", "(util-linux) to drop capabilities")
 	cmd := exec.Command(setpriv, "--bounding-set", "-perfmon,-sys_admin", "--inh-caps", "-perfmon,-sys_admin",
 		os.Args[0], "status", "--bpffs-dir", "/sys/fs/bpf/sockbypass-test-absent")
 	cmd.Env = append(os.Environ(), "SOCKBYPASS_TEST_MAIN=1")

@@ -92,13 +92,7 @@ func serveHelper() {
 // find them without DAC_READ_SEARCH and SYS_PTRACE.
 func TestCollectCapabilities(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	setpriv, err := exec.LookPath("setpriv")
-	if err != nil {
-		if testutil.InCI() {
-			t.Fatal("setpriv (util-linux) is needed to drop capabilities")
-		}
-		t.Skip("no setpriv")
-	}
+	setpriv := testutil.RequireProgram(t, "setpriv", "(util-linux) to drop capabilities")
 	// The test binary, where uid 1000 may run it (go test's build
 	// directory is private to root).
 	dir, err := os.MkdirTemp("", "listeners-caps-")

@@ -39,13 +39,7 @@ func TestCollectHelperProcess(t *testing.T) {
 // errors.Is).
 func TestCollectReportsNamespacesItCannotEnter(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	setpriv, err := exec.LookPath("setpriv")
-	if err != nil {
-		if testutil.InCI() {
-			t.Fatal("setpriv (util-linux) is needed to drop CAP_SYS_ADMIN")
-		}
-		t.Skip("no setpriv")
-	}
+	setpriv := testutil.RequireProgram(t, "setpriv", "(util-linux) to drop CAP_SYS_ADMIN")
 	pod := testutil.NewPod(t)
 	cmd := exec.Command(setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
 		os.Args[0], "-test.run", "^TestCollectHelperProcess$", "-test.count", "1")

@@ -5,6 +5,7 @@ package testutil
 
 import (
 	"os"
+	"os/exec"
 	"testing"
 
 	"github.com/sockbypass/sockbypass/internal/privilege"
@@ -29,4 +30,20 @@ func RequirePrivileged(tb testing.TB) {
 		tb.Fatalf("privileged test cannot run under CI=true: %v", err)
 	}
 	tb.Skipf("privileged test skipped: %v", err)
+}
+
+// RequireProgram returns the path of the program name (what it is needed
+// for: why), and skips tb without it (fails it under CI=true, whose machine
+// must have it).
+func RequireProgram(tb testing.TB, name, why string) string {
+	tb.Helper()
+	path, err := exec.LookPath(name)
+	if err == nil {
+		return path
+	}
+	if InCI() {
+		tb.Fatalf("%s is needed %s under CI=true: %v", name, why, err)
+	}
+	tb.Skipf("%s not found (needed %s): %v", name, why, err)
+	return ""
 }
