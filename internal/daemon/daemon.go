@@ -28,6 +28,7 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/config"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
+	"github.com/sockbypass/sockbypass/internal/logrepeat"
 )
 
 // Daemon reconciles the pinned state with a configuration.
@@ -40,6 +41,9 @@ type Daemon struct {
 	// owners are the targets of the last reconcile by cgroup id, for
 	// the fallback events (watchEvents).
 	owners map[uint64]Target
+
+	// warnings keeps a failing rescan step from warning at every rescan.
+	warnings logrepeat.Warner
 
 	// lastInsertFailures is the total of insert failures at the last
 	// check, to report a full sockhash once per increase.
@@ -160,7 +164,9 @@ func (d *Daemon) Reconcile() (Result, error) {
 	// Listeners that became non-blocking after listen() (redis), and
 	// those of processes that existed before their cgroup was enabled.
 	if _, err := d.dp.RefreshListeners(); err != nil {
-		d.log.Warn("refresh listeners", zap.Error(err))
+		d.warnings.Warn(d.log, "refresh listeners", "refresh listeners", err)
+	} else {
+		d.warnings.Clear("refresh listeners")
 	}
 	// Pair handshakes that no socket will remove (aborted handshakes).
 	if n, err := d.dp.ReapPairs(dataplane.PairReapAge); err != nil {

@@ -51,6 +51,7 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/bpffs"
 	"github.com/sockbypass/sockbypass/internal/lock"
+	"github.com/sockbypass/sockbypass/internal/logrepeat"
 	"github.com/sockbypass/sockbypass/skmsg"
 	"github.com/sockbypass/sockbypass/sockops"
 )
@@ -144,6 +145,9 @@ type Dataplane struct {
 	legacyTC bool
 	// maps shared by every program, by name.
 	maps map[string]*ebpf.Map
+	// listenerWarnings: a cgroup whose listeners cannot be read warns
+	// once per error, not at every rescan.
+	listenerWarnings logrepeat.Warner
 }
 
 func (o Options) normalize() Options {
@@ -563,7 +567,9 @@ func (d *Dataplane) Enable(cg cgroup.Cgroup, opts EnableOptions) (changed bool, 
 	// Servers that were listening before this call: their listeners
 	// must be known non-blocking for accepted sockets to pair.
 	if _, err := d.refreshListeners([]cgroup.Cgroup{cg}, false); err != nil {
-		d.log.Warn("cannot read the listeners of the cgroup's processes: their connections take the normal TCP path", zap.String("cgroup", cg.Path), zap.Error(err))
+		d.listenerWarnings.Warn(d.log, cg.Path, "cannot read the listeners of the cgroup's processes: their connections take the normal TCP path", err, zap.String("cgroup", cg.Path))
+	} else {
+		d.listenerWarnings.Clear(cg.Path)
 	}
 
 	if already {
