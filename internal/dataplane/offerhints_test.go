@@ -15,11 +15,12 @@ func offerHints(t *testing.T, dp *Dataplane) [2]uint64 {
 	t.Helper()
 	var sums [2]uint64
 	var v uint64
-	for i := uint32(0); i < 2*OfferHintSlots; i++ {
+	slots := offerHintSlots(dp.maps[PinOfferHints])
+	for i := uint32(0); i < 2*slots; i++ {
 		if err := dp.maps[PinOfferHints].Lookup(i, &v); err != nil {
 			t.Fatalf("read %s[%d]: %v", PinOfferHints, i, err)
 		}
-		sums[i/OfferHintSlots] += v
+		sums[i/slots] += v
 	}
 	return sums
 }

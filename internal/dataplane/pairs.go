@@ -78,10 +78,6 @@ func (d *Dataplane) ReapPairs(maxAge time.Duration) (int, error) {
 	return n, nil
 }
 
-// OfferHintSlots is the number of offer hint counts per epoch
-// (OFFER_HINT_SLOTS in bpf/sockbypass.h).
-const OfferHintSlots = 8192
-
 // offerEpoch mirrors struct offer_epoch: the epoch of offer_hints that
 // offers count in, and since when (monotonic seconds).
 type offerEpoch struct {
@@ -112,10 +108,11 @@ func (d *Dataplane) rotateOfferEpoch(now uint64, maxAge time.Duration) error {
 	}
 	next := 1 - e.Current&1
 	hints := d.maps[PinOfferHints]
-	keys := make([]uint32, OfferHintSlots)
-	zeros := make([]uint64, OfferHintSlots)
+	slots := offerHintSlots(hints) // per epoch
+	keys := make([]uint32, slots)
+	zeros := make([]uint64, slots)
 	for i := range keys {
-		keys[i] = next*OfferHintSlots + uint32(i)
+		keys[i] = next*slots + uint32(i)
 	}
 	if _, err := hints.BatchUpdate(keys, zeros, nil); err != nil {
 		// Kernels without batch operations on arrays: one by one.
@@ -127,3 +124,7 @@ func (d *Dataplane) rotateOfferEpoch(now uint64, maxAge time.Duration) error {
 	}
 	return m.Put(uint32(0), offerEpoch{Current: next, Since: max(secs, 1)})
 }
+
+// offerHintSlots is the number of offer hint counts per epoch
+// (OFFER_HINT_SLOTS in bpf/sockbypass.h): the map holds two epochs.
+func offerHintSlots(hints *ebpf.Map) uint32 { return hints.MaxEntries() / 2 }
