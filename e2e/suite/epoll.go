@@ -81,19 +81,7 @@ var (
 // round trip); the client checked every echo (it exits 1 otherwise).
 func parseEpollPingPong(out string) (Sample, error) {
 	s := Sample{Values: map[string]float64{}}
-	for _, m := range epollPct.FindAllStringSubmatch(out, -1) {
-		p, _ := strconv.ParseFloat(m[1], 64)
-		v, _ := strconv.ParseFloat(m[2], 64)
-		s.Percentiles = append(s.Percentiles, Percentile{P: p, Us: v})
-		switch m[1] {
-		case "50.000":
-			s.Values["p50 RTT"] = v
-		case "99.000":
-			s.Values["p99 RTT"] = v
-		case "99.900":
-			s.Values["p99.9 RTT"] = v
-		}
-	}
+	s.addPercentiles(epollPct.FindAllStringSubmatch(out, -1))
 	sortPercentiles(s.Percentiles)
 	m := epollRounds.FindStringSubmatch(out)
 	if len(s.Values) != 3 || m == nil {

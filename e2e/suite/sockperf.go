@@ -97,19 +97,7 @@ func parseSockperf(out string) (Sample, error) {
 		v, _ := strconv.ParseFloat(m[1], 64)
 		s.Percentiles = append(s.Percentiles, Percentile{P: 0, Us: v})
 	}
-	for _, m := range sockperfPct.FindAllStringSubmatch(out, -1) {
-		p, _ := strconv.ParseFloat(m[1], 64)
-		v, _ := strconv.ParseFloat(m[2], 64)
-		s.Percentiles = append(s.Percentiles, Percentile{P: p, Us: v})
-		switch m[1] {
-		case "50.000":
-			s.Values["p50 RTT"] = v
-		case "99.000":
-			s.Values["p99 RTT"] = v
-		case "99.900":
-			s.Values["p99.9 RTT"] = v
-		}
-	}
+	s.addPercentiles(sockperfPct.FindAllStringSubmatch(out, -1))
 	if m := sockperfMax.FindStringSubmatch(out); m != nil {
 		v, _ := strconv.ParseFloat(m[1], 64)
 		s.Percentiles = append(s.Percentiles, Percentile{P: 100, Us: v})
@@ -136,4 +124,23 @@ func (s *sockperfInstance) stop() error { return s.server.stop() }
 // serverAddr is host:port of a server of the topology.
 func serverAddr(rc *runContext, port int) string {
 	return net.JoinHostPort(rc.topo.ServerIP, strconv.Itoa(port))
+}
+
+// addPercentiles adds the latency percentiles matched (each: the percentile
+// and its round trip in microseconds, as sockperf and epollpingpong print
+// them, "50.000" and so on) to s, with the p50, p99 and p99.9 as values.
+func (s *Sample) addPercentiles(matches [][]string) {
+	for _, m := range matches {
+		p, _ := strconv.ParseFloat(m[1], 64)
+		v, _ := strconv.ParseFloat(m[2], 64)
+		s.Percentiles = append(s.Percentiles, Percentile{P: p, Us: v})
+		switch m[1] {
+		case "50.000":
+			s.Values["p50 RTT"] = v
+		case "99.000":
+			s.Values["p99 RTT"] = v
+		case "99.900":
+			s.Values["p99.9 RTT"] = v
+		}
+	}
 }
