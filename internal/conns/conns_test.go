@@ -182,18 +182,7 @@ func TestCollectShowsPairedConnectionWithItsProcessAndBytes(t *testing.T) {
 
 func TestCollectShowsBlockingConnectionAsPlain(t *testing.T) {
 	dp, cg, mounts := setup(t)
-	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := l.Accept()
-		accepted <- c
-	}()
-	f := testutil.BlockingDialIn(t, cg, l.Addr().String())
-	server := <-accepted
-	if server == nil {
-		t.Fatal("accept failed")
-	}
-	defer server.Close()
+	f, server := blockingConn(t, cg)
 	sa, err := unix.Getsockname(int(f.Fd()))
 	if err != nil {
 		t.Fatal(err)
@@ -457,4 +446,24 @@ func TestCollectShowsAListenersFirstConnectionOnProbation(t *testing.T) {
 	if c := collect(t, dp, mounts)[addrPort(client2.LocalAddr())]; c.State != StatePaired {
 		t.Errorf("the listener's next connection: %+v, want paired", c)
 	}
+}
+
+// blockingConn connects a blocking client socket made in cg to a listener
+// of cg on 127.0.0.1, and returns it with its accepted end (closed at the
+// end of the test).
+func blockingConn(t *testing.T, cg cgroup.Cgroup) (*os.File, net.Conn) {
+	t.Helper()
+	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := l.Accept()
+		accepted <- c
+	}()
+	client := testutil.BlockingDialIn(t, cg, l.Addr().String())
+	server := <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { server.Close() })
+	return client, server
 }

@@ -3,7 +3,6 @@ package conns
 import (
 	"bytes"
 	"io"
-	"net"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -11,7 +10,6 @@ import (
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/dataplane"
 	"github.com/sockbypass/sockbypass/internal/sockdiag"
-	"github.com/sockbypass/sockbypass/internal/testutil"
 )
 
 // stackOf returns the cgroup's stack bytes and packets as stats shows
@@ -40,18 +38,7 @@ func stackOf(t *testing.T, dp *dataplane.Dataplane, mounts cgroup.Mounts, s *Sta
 // release program has counted them, and they are not counted twice.
 func TestStackBytesSampledWhileOpen(t *testing.T) {
 	dp, cg, mounts := setup(t)
-	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := l.Accept()
-		accepted <- c
-	}()
-	client := testutil.BlockingDialIn(t, cg, l.Addr().String())
-	server := <-accepted
-	if server == nil {
-		t.Fatal("accept failed")
-	}
-	defer server.Close()
+	client, server := blockingConn(t, cg)
 
 	const up, down = 777777, 123457
 	go func() {
