@@ -131,29 +131,27 @@ func (s *sampler) get(uid types.UID) (first time.Time, lastSeen time.Time, max c
 	return s.first[uid], s.lastSeen[uid], s.max[uid], s.touched[uid]
 }
 
-// redirected waits until the pod's cgroup has redirected bytes, and
+// waitRedirected waits until the pod's cgroup has redirected bytes, and
 // returns when it was seen so.
 func (s *sampler) waitRedirected(uid types.UID, timeout time.Duration) (time.Time, error) {
-	timeout = scaled(timeout)
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		s.mu.Lock()
-		m := s.max[uid]
-		s.mu.Unlock()
-		if m.RedirectedBytes > 0 {
-			return time.Now(), nil
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err := s.waitAbove(uid, 0, scaled(timeout)); err != nil {
+		return time.Time{}, fmt.Errorf("no redirected bytes for %w", err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return time.Time{}, fmt.Errorf("no redirected bytes for %s within %v (status errors %d, last %v)", s.pods[uid], timeout, s.errs, s.lastErr)
+	return time.Now(), nil
 }
 
 // waitGrowth waits until the pod's cgroup has redirected more than from
 // bytes.
 func (s *sampler) waitGrowth(uid types.UID, from int64, timeout time.Duration) error {
-	timeout = scaled(timeout)
+	if err := s.waitAbove(uid, from, scaled(timeout)); err != nil {
+		return fmt.Errorf("nothing more than %d B redirected by %w", from, err)
+	}
+	return nil
+}
+
+// waitAbove polls until the pod's cgroup has redirected more than from
+// bytes; its error names the pod, the timeout and the sampler's errors.
+func (s *sampler) waitAbove(uid types.UID, from int64, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		s.mu.Lock()
@@ -166,7 +164,7 @@ func (s *sampler) waitGrowth(uid types.UID, from int64, timeout time.Duration) e
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return fmt.Errorf("%s redirected nothing more than %d B within %v (status errors %d, last %v)", s.pods[uid], from, timeout, s.errs, s.lastErr)
+	return fmt.Errorf("%s within %v (status errors %d, last %v)", s.pods[uid], timeout, s.errs, s.lastErr)
 }
 
 func sidecarPod(ns, name, target string, duration string) *corev1.Pod {
