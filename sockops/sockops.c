@@ -646,7 +646,7 @@ static __noinline void offer_pair(struct bpf_sock_ops *skops)
 	offer.offered_ns = bpf_ktime_get_ns();
 	zero = 0;
 	epoch = bpf_map_lookup_elem(&offer_epoch, &zero);
-	index = offer_hint_slot(&p.peer) + (epoch && (epoch->current & 1) ? OFFER_HINT_SLOTS : 0);
+	index = offer_hint_index(offer_hint_slot(&p.peer), epoch ? epoch->current : 0);
 	hint = bpf_map_lookup_elem(&offer_hints, &index);
 	if (hint)
 		offer.hint_index = index + 1;

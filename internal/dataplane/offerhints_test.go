@@ -16,11 +16,14 @@ func offerHints(t *testing.T, dp *Dataplane) [2]uint64 {
 	var sums [2]uint64
 	var v uint64
 	slots := offerHintSlots(dp.maps[PinOfferHints])
-	for i := uint32(0); i < 2*slots; i++ {
-		if err := dp.maps[PinOfferHints].Lookup(i, &v); err != nil {
-			t.Fatalf("read %s[%d]: %v", PinOfferHints, i, err)
+	for slot := uint32(0); slot < slots; slot++ {
+		for epoch := uint32(0); epoch < 2; epoch++ {
+			i := offerHintIndex(slot, epoch)
+			if err := dp.maps[PinOfferHints].Lookup(i, &v); err != nil {
+				t.Fatalf("read %s[%d]: %v", PinOfferHints, i, err)
+			}
+			sums[epoch] += v
 		}
-		sums[i/slots] += v
 	}
 	return sums
 }

@@ -112,7 +112,7 @@ func (d *Dataplane) rotateOfferEpoch(now uint64, maxAge time.Duration) error {
 	keys := make([]uint32, slots)
 	zeros := make([]uint64, slots)
 	for i := range keys {
-		keys[i] = next*slots + uint32(i)
+		keys[i] = offerHintIndex(uint32(i), next)
 	}
 	if _, err := hints.BatchUpdate(keys, zeros, nil); err != nil {
 		// Kernels without batch operations on arrays: one by one.
@@ -128,3 +128,8 @@ func (d *Dataplane) rotateOfferEpoch(now uint64, maxAge time.Duration) error {
 // offerHintSlots is the number of offer hint counts per epoch
 // (OFFER_HINT_SLOTS in bpf/sockbypass.h): the map holds two epochs.
 func offerHintSlots(hints *ebpf.Map) uint32 { return hints.MaxEntries() / 2 }
+
+// offerHintIndex is the index of a slot's count in an epoch
+// (offer_hint_index in bpf/sockbypass.h): a slot's two epochs are
+// neighbours, so a client's look costs one cache line.
+func offerHintIndex(slot, epoch uint32) uint32 { return 2*slot + epoch&1 }
