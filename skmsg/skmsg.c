@@ -9,9 +9,11 @@
  * connection was established), from the first byte on. A message takes the
  * stack only when the peer is gone, or under back-pressure (the peer has
  * REDIRECT_UNREAD_LIMIT redirected bytes unread), or when either end is
- * leaving (see "Leaving" in sockbypass.h). It never drops.
+ * leaving (see "Leaving" in sockbypass.h), turned blocking or set a reader
+ * option (see stack_reader.h). It never drops.
  */
 #include "sockbypass.h"
+#include "stack_reader.h"
 
 SEC("sk_msg")
 int sockbypass_skmsg(struct sk_msg_md *msg)
@@ -23,6 +25,7 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 	__u32 slot = 0;
 	__u64 unread = 0;
 	__u32 copied_seq = 0;
+	int reason;
 
 	if (!msg->sk)
 		return SK_PASS;
@@ -88,7 +91,19 @@ int sockbypass_skmsg(struct sk_msg_md *msg)
 		emit_event(state, EVENT_LATE_BLOCKING, 0);
 		goto pass;
 	}
-	if (peer_leaving(state))
+	/* This end's reader set an option only plain TCP serves, or it
+	 * attached a ULP (kernel TLS), since it joined (see stack_reader.h):
+	 * it leaves, and a ULP teaches its listener or process. */
+	reason = reader_option(msg->sk);
+	if (reason >= 0) {
+		if (reason == REASON_ULP && !(state->flags & SOCK_FLAG_LATE_OPTION))
+			learn_ulp(state, 1);
+		mark_stack_reader(state, slot, reason);
+		goto pass;
+	}
+	/* The peer is leaving, or its reader set such an option: what it
+	 * reads from now on must come through the stack. */
+	if (peer_leaving(state) || peer_reader_option(state))
 		goto pass;
 
 	/* The fast path. A pair is one connection, proven at the handshake

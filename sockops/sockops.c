@@ -9,6 +9,7 @@
  * storage which enabled cgroup it belongs to, its key and how it pairs.
  */
 #include "sockbypass.h"
+#include "stack_reader.h"
 
 /* Set by the loader: the id of the cgroup this instance is attached to,
  * and its slot (see "Slots" in sockbypass.h). */
@@ -689,8 +690,7 @@ static __noinline void dry_active(struct bpf_sock_ops *skops, struct sock_state 
 {
 	struct pair *pair;
 
-	if (stack_port(cfg, key->remote_port) || (state->flags & SOCK_FLAG_STACK_READER) ||
-	    sock_nonblocking(skops->sk) != 1)
+	if (stack_port(cfg, key->remote_port) || reader_option(skops->sk) >= 0 || sock_nonblocking(skops->sk) != 1)
 		return;
 	pair = bpf_map_lookup_elem(&pairs, key);
 	if (!pair || __sync_val_compare_and_swap(&pair->state, PAIR_DRY_OFFERED, PAIR_DRY_CLIENT) != PAIR_DRY_OFFERED)
@@ -797,6 +797,7 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 	struct sock_key key = {};
 	struct pair *pair;
 	__u64 own_netns;
+	int reason;
 
 	if (!skops->sk)
 		return;
@@ -840,7 +841,11 @@ static __noinline void join_active(struct bpf_sock_ops *skops)
 		COUNT(c, sockets_unpaired);
 		return;
 	}
-	if (state->flags & SOCK_FLAG_STACK_READER) {
+	/* Its reader set an option only plain TCP serves (before connect:
+	 * a ULP needs an established socket). */
+	reason = reader_option(skops->sk);
+	if (reason >= 0) {
+		mark_stack_reader(state, cgroup_slot, reason);
 		pair->state = PAIR_DECLINED;
 		COUNT(c, sockets_unpaired);
 		return;
@@ -901,6 +906,7 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	struct sock_key key = {};
 	struct pair *pair;
 	__u64 own_netns, *lflags;
+	int reason;
 
 	if (!skops->sk)
 		return 0;
@@ -922,6 +928,15 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 		return 0;
 	}
 	lflags = listener_flags(key.local_ip, key.local_port, own_netns);
+	/* An accepted socket has its listener's options: one only plain TCP
+	 * serves keeps this connection plain, and its listener's later ones
+	 * (they are then offered no pair). */
+	reason = reader_option(skops->sk);
+	if (reason >= 0) {
+		mark_stack_reader(state, cgroup_slot, reason);
+		if (lflags && !(*lflags & LISTENER_STACK_READER))
+			__sync_fetch_and_or(lflags, LISTENER_STACK_READER);
+	}
 	if (lflags && !(*lflags & (LISTENER_PROVEN | LISTENER_STACK_READER | LISTENER_BLOCKING_CHILDREN))) {
 		if (cfg && (cfg->flags & CGROUP_NO_PROBATION))
 			__sync_fetch_and_or(lflags, LISTENER_PROVEN);
@@ -930,7 +945,7 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	}
 	if (dry_run(cfg)) {
 		if (!p.explicit_peer) /* sidecar pairs: no dry run */
-			dry_passive(skops, state, &p.peer, listener_eligible(&key, own_netns), c);
+			dry_passive(skops, state, &p.peer, reason < 0 && listener_eligible(&key, own_netns), c);
 		return 0;
 	}
 	pair = bpf_map_lookup_elem(&pairs, &p.peer);
@@ -949,6 +964,11 @@ static __noinline int join_passive(struct bpf_sock_ops *skops)
 	if (pair->client_snd_nxt != skops->rcv_nxt || pair->client_rcv_nxt != skops->snd_nxt) {
 		decline_client(pair, &p.peer);
 		COUNT(c, pairs_mismatched);
+		return 0;
+	}
+	if (reason >= 0) {
+		decline_client(pair, &p.peer);
+		COUNT(c, sockets_unpaired);
 		return 0;
 	}
 	if (!listener_may_pair(lflags)) {
@@ -1065,6 +1085,7 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	struct endpoint_key ek = {};
 	struct sock_key key = {};
 	__u64 flags = 0;
+	int reason;
 
 	/* Account-only cgroups too: their dry pair handshake needs it. */
 	if (!skops->sk)
@@ -1076,8 +1097,13 @@ static __noinline void record_listener(struct bpf_sock_ops *skops)
 	listener_endpoint(&ek, key.netns_cookie, key.local_ip, key.local_port);
 	if (sock_nonblocking(skops->sk) == 1)
 		flags = LISTENER_NONBLOCK;
-	if (state->flags & SOCK_FLAG_STACK_READER)
+	/* Options set before listen() (after it: its first accepted socket
+	 * has them, and teaches it at PASSIVE_ESTABLISHED). */
+	reason = reader_option(skops->sk);
+	if (reason >= 0) {
+		mark_stack_reader(state, cgroup_slot, reason);
 		flags |= LISTENER_STACK_READER;
+	}
 	/* listen() runs in its process's context: a listener on a stack port
 	 * makes its process a stack process, and the other listeners of a
 	 * stack process keep their connections plain. */
@@ -1201,6 +1227,18 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 		}
 	}
 
+	/* A member that set a reader option (or attached a ULP) since it
+	 * joined, seen on its stack packets before its own sk_msg saw it. */
+	if (!(state->flags & SOCK_FLAG_LATE_OPTION)) {
+		int reason = reader_option(sk);
+
+		if (reason >= 0) {
+			if (reason == REASON_ULP)
+				learn_ulp(state, 0);
+			mark_stack_reader(state, state->slot, reason);
+		}
+	}
+
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
 		return;
@@ -1214,7 +1252,7 @@ static __noinline void settle(struct bpf_sock_ops *skops)
 	peer_flags = peer_state_flags(state);
 	bpf_probe_read_kernel(&peer_slot, sizeof(peer_slot), &((struct sock_state *)state->peer_state)->slot);
 	peer_psock = read_psock(&((struct sock *)state->peer_sk)->sk_user_data, &peer_queued, &peer_refs) == 0;
-	peer_unsafe = (peer_flags & SOCK_FLAG_LEAVING) || peer_blocking(state);
+	peer_unsafe = (peer_flags & SOCK_FLAG_LEAVING) || peer_blocking(state) || peer_reader_option(state);
 	asm volatile("" ::: "memory");
 	peer_gone = bpf_probe_read_kernel(&cookie, sizeof(cookie), &((struct sock *)state->peer_sk)->__sk_common.skc_cookie.counter) ||
 		    (__u64)cookie != state->peer_cookie || !peer_psock;

@@ -11,6 +11,7 @@
  * learns the processes that splice. Other sockets cost one storage lookup.
  */
 #include "sockbypass.h"
+#include "stack_reader.h"
 
 /* The syscall the current task is in, from its saved registers; the two
  * layouts are told apart by CO-RE (the suffix after ___ is ignored when
@@ -131,6 +132,14 @@ int sockbypass_stack_read(__u64 *ctx)
 	flags = state->flags;
 	if (!(flags & (SOCK_FLAG_HANDLED | SOCK_FLAG_PROBATION)) || (flags & SOCK_FLAG_SPLICED))
 		return 0;
+	/* An accepted socket left plain by its listener's probation that
+	 * attached kernel TLS: no sk_msg runs for it, so its reads teach the
+	 * listener (see stack_reader.h; once). */
+	if ((flags & SOCK_FLAG_PROBATION_CHILD) && !(flags & SOCK_FLAG_STACK_READER) &&
+	    reader_option(sk) == REASON_ULP) {
+		__sync_fetch_and_or(&state->flags, SOCK_FLAG_STACK_READER);
+		learn_ulp(state, 0);
+	}
 	if (recv_syscall()) {
 		if (flags & SOCK_FLAG_PROBATION)
 			end_probation(state, sk);

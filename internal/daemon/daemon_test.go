@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -138,8 +139,28 @@ func TestFallbackEventsAreLoggedAndReported(t *testing.T) {
 	waitUntil(t, 5*time.Second, func() bool { return d.Ready() == nil })
 
 	l := tu.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
-	accepted := make(chan net.Conn, 1)
-	go func() { c, _ := l.Accept(); accepted <- c }()
+	accepted := make(chan net.Conn, 2)
+	go func() {
+		for i := 0; i < 2; i++ {
+			c, _ := l.Accept()
+			accepted <- c
+		}
+	}()
+	// A new listener's first connection stays plain (probation) until
+	// its server reads it.
+	first := tu.DialIn(t, cg, "tcp4", l.Addr().String())
+	defer first.Close()
+	fs := <-accepted
+	if fs == nil {
+		t.Fatal("accept failed")
+	}
+	defer fs.Close()
+	if _, err := first.Write([]byte{1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fs.Read(make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
 	c := tu.DialIn(t, cg, "tcp4", l.Addr().String())
 	defer c.Close()
 	s := <-accepted
@@ -156,6 +177,13 @@ func TestFallbackEventsAreLoggedAndReported(t *testing.T) {
 	}
 	rc, _ := c.(*net.TCPConn).SyscallConn()
 	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, 10) })
+	// Seen at the next message (the server's: it takes the stack).
+	if _, err := s.Write([]byte("0123456789")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 10)); err != nil {
+		t.Fatal(err)
+	}
 
 	local := c.LocalAddr().String()
 	var line observer.LoggedEntry

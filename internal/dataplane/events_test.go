@@ -117,6 +117,14 @@ func TestFallbackEventsNameTheSocket(t *testing.T) {
 	c3, srv3 := acceptDialed(t, l3, "the server", func() net.Conn { return testutil.DialIn(t, cg, "tcp4", l3.Addr().String()) })
 	waitJoined(t, dp, c3, srv3)
 	control(t, c3, func(fd int) error { return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 10) })
+	// Seen on the socket at the next message either end sends (the
+	// server's here: it takes the stack, where the option is served).
+	if _, err := srv3.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c3, make([]byte, len(msg))); err != nil {
+		t.Fatal(err)
+	}
 	evs = nextEvents(t, events, 1, 5*time.Second)
 	w := FallbackEvent{CgroupID: cg.ID, Local: addrPort(c3.LocalAddr()), Remote: addrPort(c3.RemoteAddr()), Reason: EventLateStackOption, Option: "SO_RCVLOWAT"}
 	if evs[0] != w {
@@ -126,14 +134,35 @@ func TestFallbackEventsNameTheSocket(t *testing.T) {
 		t.Error("event has no description")
 	}
 
-	// A member that asks for kernel TLS (whether or not this kernel has
-	// the tls ULP): it leaves, never redirecting what kTLS would see.
+	// A member that attaches kernel TLS's ULP leaves at its next send,
+	// never redirecting what kTLS would see. A kernel without the tls
+	// module refuses the ULP (ENOENT): nothing attached, the member
+	// stays, and there is no event.
 	c4, srv4 := acceptDialed(t, l3, "the server", func() net.Conn { return testutil.DialIn(t, cg, "tcp4", l3.Addr().String()) })
 	waitJoined(t, dp, c4, srv4)
+	var ulpErr error
 	control(t, c4, func(fd int) error {
-		unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_ULP, "tls") // ENOENT without the tls module
+		ulpErr = unix.SetsockoptString(fd, unix.SOL_TCP, unix.TCP_ULP, "tls")
 		return nil
 	})
+	before = counterOf(t, dp, cg.ID)
+	if _, err := c4.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(srv4, make([]byte, len(msg))); err != nil {
+		t.Fatal(err)
+	}
+	if ulpRefused(t, ulpErr) {
+		if d := counterOf(t, dp, cg.ID).Sub(before); d.RedirectedBytes != uint64(len(msg)) {
+			t.Errorf("after a refused TCP_ULP: %d bytes redirected, want all %d", d.RedirectedBytes, len(msg))
+		}
+		select {
+		case e := <-events:
+			t.Errorf("event %+v after a refused TCP_ULP", e)
+		case <-time.After(200 * time.Millisecond):
+		}
+		return
+	}
 	evs = nextEvents(t, events, 1, 5*time.Second)
 	if evs[0].Reason != EventLateStackOption || evs[0].Option != "TCP_ULP" || evs[0].Local != addrPort(c4.LocalAddr()) {
 		t.Errorf("event %+v, want a late TCP_ULP of %s", evs[0], c4.LocalAddr())

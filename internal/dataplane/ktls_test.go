@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -14,22 +15,39 @@ import (
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
 )
 
-// askKernelTLS sets TCP_ULP "tls" on c, as OpenSSL does before TLS_TX. The
-// result does not matter here: cgroup/setsockopt sees the request before
-// the kernel looks for the tls module (this VM has none: ENOENT).
-func askKernelTLS(t *testing.T, c net.Conn) {
+// askKernelTLS sets TCP_ULP "tls" on c, as OpenSSL does before TLS_TX, and
+// returns what the kernel said. sockbypass sees an attached ULP on the
+// socket itself (stack_reader.h); a kernel without the tls module (this
+// VM: ENOENT) attaches none, and there is nothing to learn. The kernel
+// matrix (make kernels) runs real kernel TLS on Debian's kernels, module
+// loaded: probe.ktls_sockbypass and ktls_sockbypass_server.
+func askKernelTLS(t *testing.T, c net.Conn) error {
 	t.Helper()
 	raw, err := c.(*net.TCPConn).SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw.Control(func(fd uintptr) { unix.SetsockoptString(int(fd), unix.SOL_TCP, unix.TCP_ULP, "tls") })
+	var ulpErr error
+	if err := raw.Control(func(fd uintptr) { ulpErr = unix.SetsockoptString(int(fd), unix.SOL_TCP, unix.TCP_ULP, "tls") }); err != nil {
+		t.Fatal(err)
+	}
+	return ulpErr
+}
+
+// ulpRefused reports whether err is the kernel refusing TCP_ULP "tls" for
+// want of the module; any other error fails the test.
+func ulpRefused(t *testing.T, err error) bool {
+	t.Helper()
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		t.Fatalf("TCP_ULP tls: %v, want success or ENOENT (no tls module)", err)
+	}
+	return err != nil
 }
 
 // echoOnce sends hello and reads it back on conn (asking for kernel TLS
-// then, with ktls), round-trips payload, and returns the bytes the cgroup
-// redirected meanwhile.
-func echoOnce(t *testing.T, dp *Dataplane, id uint64, conn net.Conn, payload []byte, ktls bool) uint64 {
+// then, with ktls: ulpErr gets what the kernel said), round-trips payload,
+// and returns the bytes the cgroup redirected meanwhile.
+func echoOnce(t *testing.T, dp *Dataplane, id uint64, conn net.Conn, payload []byte, ktls bool, ulpErr *error) uint64 {
 	t.Helper()
 	before := counterOf(t, dp, id)
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
@@ -41,7 +59,7 @@ func echoOnce(t *testing.T, dp *Dataplane, id uint64, conn net.Conn, payload []b
 		t.Fatalf("hello: %q, %v", hello, err)
 	}
 	if ktls {
-		askKernelTLS(t, conn)
+		*ulpErr = askKernelTLS(t, conn)
 	}
 	got, err := roundTripWithin(conn, payload, 10*time.Second)
 	if err != nil || !bytes.Equal(got, payload) {
@@ -52,9 +70,11 @@ func echoOnce(t *testing.T, dp *Dataplane, id uint64, conn net.Conn, payload []b
 
 // TestKernelTLSOnAnAcceptedSocketTeachesItsListener: kernel TLS cannot be
 // set up on a member (TLS_TX fails with EINVAL), so an accepted socket that
-// asks for TCP_ULP keeps its listener's later connections plain TCP, where
-// it works. The first connection pairs (NoProbation), and its server asks
-// for kernel TLS; the second stays plain; an event names the listener.
+// attaches the tls ULP keeps its listener's later connections plain TCP,
+// where it works. The first connection pairs (NoProbation), and its server
+// asks for kernel TLS; the second stays plain; an event names the
+// listener. Where the kernel refuses the ULP (no tls module), nothing was
+// attached: no event, and the second connection is as the first.
 func TestKernelTLSOnAnAcceptedSocketTeachesItsListener(t *testing.T) {
 	t.Run("no-probation", func(t *testing.T) { kernelTLSTeachesListener(t, true) })
 	// By default the first connection is plain (probation), its first
@@ -75,6 +95,7 @@ func kernelTLSTeachesListener(t *testing.T, noProbation bool) {
 	}
 	defer events.Close()
 	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
+	ulpErrs := make(chan error, 2)
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -90,7 +111,7 @@ func kernelTLSTeachesListener(t *testing.T, noProbation bool) {
 					return
 				}
 				c.Write(buf[:5])
-				askKernelTLS(t, c)
+				ulpErrs <- askKernelTLS(t, c)
 				for {
 					n, err := c.Read(buf)
 					if n > 0 {
@@ -105,8 +126,24 @@ func kernelTLSTeachesListener(t *testing.T, noProbation bool) {
 		}
 	}()
 	payload := transfer.Pattern(31, 64<<10)
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false); (r == 0) == noProbation {
+	var none error
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); (r == 0) == noProbation {
 		t.Fatalf("first connection: %d bytes redirected, want it paired without probation, plain with", r)
+	}
+	if ulpRefused(t, <-ulpErrs) {
+		// Nothing attached: the listener learnt nothing. Its next
+		// connection pairs (its first read proved it, with probation).
+		if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); r == 0 {
+			t.Fatalf("second connection after a refused TCP_ULP: no byte redirected, want it paired")
+		}
+		select {
+		case e := <-eventStream(events):
+			if e.Reason == EventListenerKernelTLS {
+				t.Fatalf("event %+v after a refused TCP_ULP", e)
+			}
+		case <-time.After(200 * time.Millisecond):
+		}
+		return
 	}
 	// The server asks for TCP_ULP after its echo: wait for the event.
 	got := make(chan FallbackEvent, 1)
@@ -130,13 +167,15 @@ func kernelTLSTeachesListener(t *testing.T, noProbation bool) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no listener_kernel_tls event after the accepted socket asked for TCP_ULP")
 	}
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false); r != 0 {
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); r != 0 {
 		t.Fatalf("second connection: %d bytes redirected, want plain TCP (its listener uses kernel TLS)", r)
 	}
 }
 
 // TestKernelTLSOnAClientTeachesItsProcess: the client end of a pair that
-// asks for TCP_ULP keeps its process's later connections plain TCP.
+// attaches the tls ULP keeps its process's later connections plain TCP.
+// Where the kernel refuses the ULP (no tls module), its process learns
+// nothing: its next connection pairs.
 func TestKernelTLSOnAClientTeachesItsProcess(t *testing.T) {
 	dp := install(t)
 	cg := testutil.NewCgroup(t)
@@ -147,10 +186,17 @@ func TestKernelTLSOnAClientTeachesItsProcess(t *testing.T) {
 	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
 	transfer.ServeEcho(l)
 	payload := transfer.Pattern(32, 64<<10)
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, true); r == 0 {
+	var ulpErr, none error
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, true, &ulpErr); r == 0 {
 		t.Fatalf("first connection: no byte redirected, want it paired")
 	}
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false); r != 0 {
+	if ulpRefused(t, ulpErr) {
+		if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); r == 0 {
+			t.Fatalf("second connection after a refused TCP_ULP: no byte redirected, want it paired")
+		}
+		return
+	}
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); r != 0 {
 		t.Fatalf("second connection: %d bytes redirected, want plain TCP (its process uses kernel TLS)", r)
 	}
 }

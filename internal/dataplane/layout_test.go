@@ -50,7 +50,7 @@ var goMirrors = []struct {
 // types.
 var objectSpecs = map[string]func() (*ebpf.CollectionSpec, error){
 	"sockops": sockops.LoadSpec, "skmsg": skmsg.LoadSpec, "tc": tc.LoadSpec,
-	"cgroup egress": cgroup.LoadEgressSpec, "cgroup setsockopt": cgroup.LoadSetsockoptSpec, "cgroup sidecar": cgroup.LoadSidecarSpec,
+	"cgroup egress": cgroup.LoadEgressSpec, "cgroup sidecar": cgroup.LoadSidecarSpec,
 }
 
 // TestGoMirrorsMatchTheCStructs compares every Go type the loader reads or

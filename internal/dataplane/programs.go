@@ -50,7 +50,6 @@ func InterceptQuota(n uint32) uint64 { return uint64(n / 8) }
 // first: its link pin (no suffix) is what marks a cgroup enabled.
 var cgroupPrograms = []cgroupProgram{
 	{What: "sock_ops", Program: sockops.ProgramName, Spec: sockops.LoadSpec, Suffix: "", Attach: ebpf.AttachCGroupSockOps},
-	{What: "cgroup/setsockopt", Program: cgroup.SetsockoptProgram, Spec: cgroup.LoadSetsockoptSpec, Suffix: "-setsockopt", Attach: ebpf.AttachCGroupSetsockopt},
 	// Stack bytes to local peers: counted per socket at close in
 	// accelerated cgroups, per packet in account-only ones (whose egress
 	// program also counts would_redirect_bytes).
