@@ -22,12 +22,16 @@ import (
 // costCases are the cases of the cost benchmarks: request/response at 64 B
 // with both ends on CPU 0 (the figure the targets are set on) and unpinned,
 // and short connections (open, one 64 B exchange, close) on CPU 0, with
-// non-blocking sockets and with blocking ones (which sockbypass leaves
-// plain, the minimal redirector does not).
+// non-blocking sockets, with non-blocking sockets that get the options Go's
+// net package sets on every connection (go-sockopts: five setsockopt calls
+// per end, each of which runs the cgroup/setsockopt programs), and with
+// blocking ones (which sockbypass leaves plain, the minimal redirector
+// does not).
 var costCases = []workload.Case{
 	{Name: "rr 64B 1cpu", Kind: workload.KindRR, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}},
 	{Name: "rr 64B", Kind: workload.KindRR, Size: 64, CPUs: workload.Unpinned},
 	{Name: "short connections 64B 1cpu", Kind: workload.KindConnRate, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}},
+	{Name: "short connections 64B go-sockopts 1cpu", Kind: workload.KindConnRate, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}, GoSockopts: true},
 	{Name: "short connections 64B blocking 1cpu", Kind: workload.KindConnRate, Size: 64, CPUs: workload.CPUs{Client: 0, Server: 0}, Blocking: true},
 }
 
@@ -47,7 +51,7 @@ func selectedCostCases(tb testing.TB) []workload.Case {
 		}
 	}
 	if len(cases) == 0 {
-		tb.Fatalf("-cases %q matches none of the cost cases; pick from rr 64B 1cpu, rr 64B, short connections 64B 1cpu, short connections 64B blocking 1cpu", *benchCases)
+		tb.Fatalf("-cases %q matches none of the cost cases; pick from rr 64B 1cpu, rr 64B, short connections 64B 1cpu, short connections 64B go-sockopts 1cpu, short connections 64B blocking 1cpu", *benchCases)
 	}
 	return cases
 }

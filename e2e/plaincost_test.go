@@ -38,10 +38,12 @@ var cpu0 = workload.CPUs{Client: 0, Server: 0}
 // plainCostCases are what connections that stay plain (or mostly plain)
 // pay for living in an enabled cgroup: short connections (open, one 64 B
 // exchange, close) with non-blocking sockets, which sockbypass would pair
-// (its listener learns they are short-lived and leaves most plain), and
-// with blocking sockets, which it never pairs; long blocking connections'
-// request/response and stream. Each over loopback and over a veth
-// between two pods, both ends on CPU 0.
+// (its listener learns they are short-lived and leaves most plain), the
+// same with the options Go's net package sets on both ends of every
+// connection (go-sockopts: five setsockopt calls per end, each of which
+// runs the cgroup/setsockopt program), and with blocking sockets, which it
+// never pairs; long blocking connections' request/response and stream.
+// Each over loopback and over a veth between two pods, both ends on CPU 0.
 var plainCostCases = func() []plainCostCase {
 	var cases []plainCostCase
 	for _, veth := range []bool{false, true} {
@@ -51,6 +53,7 @@ var plainCostCases = func() []plainCostCase {
 		}
 		for _, c := range []workload.Case{
 			{Name: "short conns 64B non-blocking " + topo + " 1cpu", Kind: workload.KindConnRate, Size: 64, CPUs: cpu0},
+			{Name: "short conns 64B non-blocking go-sockopts " + topo + " 1cpu", Kind: workload.KindConnRate, Size: 64, CPUs: cpu0, GoSockopts: true},
 			{Name: "short conns 64B blocking " + topo + " 1cpu", Kind: workload.KindConnRate, Size: 64, CPUs: cpu0, Blocking: true},
 			{Name: "rr 64B blocking " + topo + " 1cpu", Kind: workload.KindRR, Size: 64, CPUs: cpu0, Blocking: true},
 			{Name: "stream 128KiB blocking " + topo + " 1cpu", Kind: workload.KindStream, Size: 128 << 10, CPUs: cpu0, Blocking: true},
@@ -169,7 +172,7 @@ func (e *plainCostEnv) setup(c plainCostCase) workload.Setup {
 				var res workload.ConnRateResult
 				var err error
 				if rerr := e.lo[mode].RunIn(func() {
-					res, err = workload.ConnRateWith(workload.ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking}, dur)
+					res, err = workload.ConnRateWith(workload.ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, GoSockopts: c.GoSockopts}, dur)
 				}); rerr != nil {
 					return res, rerr
 				}
@@ -191,7 +194,7 @@ func (e *plainCostEnv) setup(c plainCostCase) workload.Setup {
 			var err error
 			if rerr := e.client[mode].RunIn(func() {
 				res, err = workload.ConnRateWith(workload.ConnRateOpts{
-					Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, Addr: plainCostServerIP,
+					Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, GoSockopts: c.GoSockopts, Addr: plainCostServerIP,
 					ListenIn: in(e.server[mode], e.serverNS),
 					DialIn: func(fn func()) {
 						e.clientNS.Do(func(ns.NetNS) error { fn(); return nil })
@@ -472,8 +475,9 @@ func sumByProgram(costs []bpfstats.Cost) []bpfstats.Cost {
 // BenchmarkPlainConnectionCost prints what connections that stay plain
 // pay in an enabled cgroup against the same in a cgroup that is not
 // enabled, side by side in one run: short connections per second (with
-// non-blocking sockets, which sockbypass would pair, and blocking ones,
-// which it never does) and blocking sockets' request/response p50/p99 and
+// non-blocking sockets, which sockbypass would pair, the same with Go's
+// per-connection options, and blocking ones, which it never pairs) and
+// blocking sockets' request/response p50/p99 and
 // stream throughput, over loopback and over a veth between two pods, both
 // ends on CPU 0; then what each BPF program cost per run. Target (issue
 // 28): within 1%. Select cases with -cases (e.g. -cases 'short.*loopback'),

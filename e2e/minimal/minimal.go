@@ -135,5 +135,9 @@ func (h *EmptyHooks) Close() error {
 
 // Programs are the empty hooks' programs by hook, for cost statistics.
 func (h *EmptyHooks) Programs() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{"empty sock_ops": h.objs.EmptySockops, "empty cgroup/sock_release": h.objs.EmptyRelease}
+	return map[string]*ebpf.Program{
+		"empty sock_ops":            h.objs.EmptySockops,
+		"empty cgroup/sock_release": h.objs.EmptyRelease,
+		"empty cgroup/setsockopt":   h.objs.EmptySetsockopt,
+	}
 }

@@ -35,6 +35,10 @@ type Case struct {
 	// Request/response and stream cases block or not as the Setup's
 	// Connect makes their pair.
 	Blocking bool
+	// GoSockopts, for a connection-rate case, sets Go's options on both
+	// ends of every connection (ConnRateOpts.GoSockopts), as Go's net
+	// package does on every dialed and accepted connection.
+	GoSockopts bool
 }
 
 // DefaultCases are the cases of the loopback benchmark: request/response
@@ -204,7 +208,7 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 					if setup.ConnRate != nil {
 						res, err = setup.ConnRate(mode, c, dur)
 					} else if rerr := setup.RunIn(mode, func() {
-						res, err = ConnRateWith(ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking}, dur)
+						res, err = ConnRateWith(ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, GoSockopts: c.GoSockopts}, dur)
 					}); rerr != nil {
 						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], rerr)
 					}

@@ -362,6 +362,14 @@ type ConnRateOpts struct {
 	// has them: sockbypass leaves such connections plain. Otherwise they
 	// are non-blocking, as an event loop's, and may pair.
 	Blocking bool
+	// GoSockopts sets, on the client socket once connected and on the
+	// accepted socket, the five options Go's net package sets on every
+	// dialed and accepted connection (TCP_NODELAY 1, SO_KEEPALIVE 1,
+	// TCP_KEEPIDLE 15, TCP_KEEPINTVL 15, TCP_KEEPCNT 9: see goSockopts).
+	// Real programs set options on each connection, and every setsockopt
+	// in a cgroup with a cgroup/setsockopt program attached runs that
+	// program: without them the loop hides that cost.
+	GoSockopts bool
 	// Addr is the IPv4 address to listen on; zero means 127.0.0.1.
 	Addr [4]byte
 	// ListenIn, when set, runs the function that creates the listening
@@ -373,6 +381,37 @@ type ConnRateOpts struct {
 	// namespace's ns.NetNS.Do; it must run its function on one locked
 	// thread.
 	DialIn func(func())
+
+	// checkConn, when set (by tests), is called for every connection
+	// with the client and the accepted socket, once both are set up and
+	// before any byte is exchanged; an error ends the run.
+	checkConn func(cfd, sfd int) error
+}
+
+// goSockopts are the options Go's net package sets on every TCP
+// connection it dials or accepts, in its order (newTCPConn: setNoDelay,
+// then SetKeepAliveConfig with the defaults of net.Dialer and
+// net.ListenConfig: 15 s idle, 15 s interval, 9 probes).
+var goSockopts = []struct {
+	name       string
+	level, opt int
+	value      int
+}{
+	{"TCP_NODELAY", unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+	{"SO_KEEPALIVE", unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+	{"TCP_KEEPIDLE", unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+	{"TCP_KEEPINTVL", unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
+	{"TCP_KEEPCNT", unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
+}
+
+// setGoSockopts sets goSockopts on fd; an error names the option.
+func setGoSockopts(fd int) error {
+	for _, o := range goSockopts {
+		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.value); err != nil {
+			return fmt.Errorf("setsockopt %s=%d: %w", o.name, o.value, err)
+		}
+	}
+	return nil
 }
 
 // ConnRateWith is ConnRate with the sockets placed and made as o says; it
@@ -418,7 +457,7 @@ func ConnRateWith(o ConnRateOpts, dur time.Duration) (ConnRateResult, error) {
 			t0 := start
 			for ; ; n++ {
 				req[0] = byte(n)
-				if err := oneConnection(lfd, sa, req, buf, o.Blocking); err != nil {
+				if err := oneConnection(lfd, sa, req, buf, &o); err != nil {
 					loopErr = fmt.Errorf("connection %d: %w", n, err)
 					return
 				}
@@ -459,12 +498,15 @@ func pinThread(cpu int) error {
 }
 
 // oneConnection connects to the listener lfd (at sa), sends req, has the
-// server echo it, checks it, and closes both ends. With blocking, the
+// server echo it, checks it, and closes both ends. With o.Blocking, the
 // client and the accepted socket are blocking (the connect returns once
-// the handshake is done, so the accept finds the connection queued).
-func oneConnection(lfd int, sa unix.Sockaddr, req, buf []byte, blocking bool) error {
+// the handshake is done, so the accept finds the connection queued); with
+// o.GoSockopts, each gets Go's options, the client once connected (a
+// non-blocking connect has completed once the listener has the connection
+// queued).
+func oneConnection(lfd int, sa unix.Sockaddr, req, buf []byte, o *ConnRateOpts) error {
 	flags := unix.SOCK_CLOEXEC | unix.SOCK_NONBLOCK
-	if blocking {
+	if o.Blocking {
 		flags = unix.SOCK_CLOEXEC
 	}
 	cfd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|flags, 0)
@@ -475,9 +517,14 @@ func oneConnection(lfd int, sa unix.Sockaddr, req, buf []byte, blocking bool) er
 	if err := unix.Connect(cfd, sa); err != nil && err != unix.EINPROGRESS {
 		return err
 	}
-	if !blocking {
+	if !o.Blocking {
 		if err := waitFD(lfd, unix.POLLIN); err != nil {
 			return err
+		}
+	}
+	if o.GoSockopts {
+		if err := setGoSockopts(cfd); err != nil {
+			return fmt.Errorf("client: %w", err)
 		}
 	}
 	sfd, _, err := unix.Accept4(lfd, flags)
@@ -485,6 +532,16 @@ func oneConnection(lfd int, sa unix.Sockaddr, req, buf []byte, blocking bool) er
 		return err
 	}
 	defer unix.Close(sfd)
+	if o.GoSockopts {
+		if err := setGoSockopts(sfd); err != nil {
+			return fmt.Errorf("server: %w", err)
+		}
+	}
+	if o.checkConn != nil {
+		if err := o.checkConn(cfd, sfd); err != nil {
+			return err
+		}
+	}
 	if err := writeFull(cfd, req); err != nil {
 		return fmt.Errorf("client write: %w", err)
 	}
