@@ -48,8 +48,8 @@ struct sock_key {
  * - Both ends of a connection join the sockhash at ESTABLISHED, before any
  *   byte moved, or neither does; an end whose reader needs plain-TCP
  *   semantics the redirected queue does not keep (a blocking socket, or
- *   SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE set: cgroup/setsockopt) keeps its
- *   connection out.
+ *   SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE set, read from the socket: see
+ *   stack_reader.h) keeps its connection out.
  * - A joined pair redirects every message from the first byte. A sender
  *   that had to pass a message to the stack (back-pressure, or its peer is
  *   gone) redirects again only once the peer has read every byte it sent
@@ -945,9 +945,10 @@ static __always_inline int may_be_offered(const struct sock_key *key)
  */
 #define LISTENER_NONBLOCK (1U << 0)
 /* The listener asked for SO_RCVLOWAT, TCP_INQ or SO_OOBINLINE (its
- * accepted sockets inherit them): its connections stay plain TCP. Set by
- * sock_ops at listen() and by cgroup/setsockopt after it; accepted sockets
- * do not clone the listener's storage. */
+ * accepted sockets inherit them), or an accepted socket attached kernel
+ * TLS: its connections stay plain TCP. Set by sock_ops at listen() and by
+ * its first accepted socket that has such an option (stack_reader.h);
+ * accepted sockets do not clone the listener's storage. */
 #define LISTENER_STACK_READER (1U << 1)
 /* An accepted socket of the listener turned blocking after it joined
  * (see "Leaving"): the listener's later connections stay plain TCP
@@ -1046,7 +1047,7 @@ struct {
 
 /* listener_endpoint fills ek (zeroed by the caller) with the `listeners'
  * key of a listener on ip and port in the network namespace netns: the one
- * shape sock_ops, cgroup/setsockopt and user space all write and read. */
+ * shape the programs and user space all write and read. */
 static __always_inline void listener_endpoint(struct endpoint_key *ek, __u64 netns, const __u32 *ip, __u16 port)
 {
 	ek->netns_cookie = netns;

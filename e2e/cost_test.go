@@ -24,7 +24,8 @@ import (
 // and short connections (open, one 64 B exchange, close) on CPU 0, with
 // non-blocking sockets, with non-blocking sockets that get the options Go's
 // net package sets on every connection (go-sockopts: five setsockopt calls
-// per end, each of which runs the cgroup/setsockopt programs), and with
+// per end, which a cgroup/setsockopt program would cost the kernel's hook
+// each: sockbypass attaches none, the empty hooks neither), and with
 // blocking ones (which sockbypass leaves plain, the minimal redirector
 // does not).
 var costCases = []workload.Case{
@@ -75,8 +76,8 @@ const (
 // workload over loopback in four cgroups, rotating: plain (no programs),
 // the minimal redirector (e2e/minimal: insert and redirect, nothing else),
 // sockbypass with every transparency rule in force, and the empty hooks
-// (sock_ops, cgroup_skb/egress and cgroup/setsockopt programs that return
-// at once: the floor under any design on those hooks). It fails when a
+// (sock_ops and cgroup/sock_release programs that return at once: the
+// floor under any design on those hooks). It fails when a
 // mode did not do what it stands for: the minimal redirector must have
 // inserted both ends of each connection, sockbypass must have redirected
 // every byte, and the plain cgroup nothing.

@@ -40,8 +40,9 @@ var cpu0 = workload.CPUs{Client: 0, Server: 0}
 // exchange, close) with non-blocking sockets, which sockbypass would pair
 // (its listener learns they are short-lived and leaves most plain), the
 // same with the options Go's net package sets on both ends of every
-// connection (go-sockopts: five setsockopt calls per end, each of which
-// runs the cgroup/setsockopt program), and with blocking sockets, which it
+// connection (go-sockopts: five setsockopt calls per end, which a
+// cgroup/setsockopt program would cost the kernel's hook each; sockbypass
+// attaches none), and with blocking sockets, which it
 // never pairs; long blocking connections' request/response and stream.
 // Each over loopback and over a veth between two pods, both ends on CPU 0.
 var plainCostCases = func() []plainCostCase {

@@ -576,7 +576,7 @@ static __noinline struct sock_state *prepare(struct bpf_sock_ops *skops, int pas
 	if (state->flags & SOCK_FLAG_HANDLED)
 		return 0;
 	state->flags |= SOCK_FLAG_HANDLED;
-	/* Storage created before ESTABLISHED (by connect or setsockopt)
+	/* Storage created before ESTABLISHED (by connect)
 	 * holds only what those recorded; accepted sockets do not clone
 	 * their listener's (its options are in `listeners`). Clear any
 	 * identity all the same. */

@@ -86,9 +86,9 @@ func (r *Redirector) Programs() map[string]*ebpf.Program {
 	return map[string]*ebpf.Program{"minimal sock_ops": r.objs.MinimalSockops, "minimal sk_msg": r.objs.MinimalSkmsg}
 }
 
-// EmptyHooks are the empty hooks attached to one cgroup: sock_ops,
-// cgroup/sock_release and cgroup/setsockopt programs that return at once
-// (the hooks sockbypass attaches to an accelerated cgroup).
+// EmptyHooks are the empty hooks attached to one cgroup: sock_ops and
+// cgroup/sock_release programs that return at once (the hooks sockbypass
+// attaches to an accelerated cgroup).
 type EmptyHooks struct {
 	objs  minimalObjects
 	links []link.Link
@@ -112,7 +112,6 @@ func AttachEmptyHooks(cgroupPath string) (h *EmptyHooks, err error) {
 	}{
 		{h.objs.EmptySockops, ebpf.AttachCGroupSockOps},
 		{h.objs.EmptyRelease, ebpf.AttachCgroupInetSockRelease},
-		{h.objs.EmptySetsockopt, ebpf.AttachCGroupSetsockopt},
 	} {
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: a.attach, Program: a.prog})
 		if err != nil {
@@ -138,6 +137,5 @@ func (h *EmptyHooks) Programs() map[string]*ebpf.Program {
 	return map[string]*ebpf.Program{
 		"empty sock_ops":            h.objs.EmptySockops,
 		"empty cgroup/sock_release": h.objs.EmptyRelease,
-		"empty cgroup/setsockopt":   h.objs.EmptySetsockopt,
 	}
 }

@@ -25,12 +25,11 @@ type minimalTuple struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	minimalMapMinimalSockhash  = "minimal_sockhash"
-	minimalProgEmptyRelease    = "empty_release"
-	minimalProgEmptySetsockopt = "empty_setsockopt"
-	minimalProgEmptySockops    = "empty_sockops"
-	minimalProgMinimalSkmsg    = "minimal_skmsg"
-	minimalProgMinimalSockops  = "minimal_sockops"
+	minimalMapMinimalSockhash = "minimal_sockhash"
+	minimalProgEmptyRelease   = "empty_release"
+	minimalProgEmptySockops   = "empty_sockops"
+	minimalProgMinimalSkmsg   = "minimal_skmsg"
+	minimalProgMinimalSockops = "minimal_sockops"
 )
 
 // loadMinimal returns the embedded CollectionSpec for minimal.
@@ -75,11 +74,10 @@ type minimalSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type minimalProgramSpecs struct {
-	EmptyRelease    *ebpf.ProgramSpec `ebpf:"empty_release"`
-	EmptySetsockopt *ebpf.ProgramSpec `ebpf:"empty_setsockopt"`
-	EmptySockops    *ebpf.ProgramSpec `ebpf:"empty_sockops"`
-	MinimalSkmsg    *ebpf.ProgramSpec `ebpf:"minimal_skmsg"`
-	MinimalSockops  *ebpf.ProgramSpec `ebpf:"minimal_sockops"`
+	EmptyRelease   *ebpf.ProgramSpec `ebpf:"empty_release"`
+	EmptySockops   *ebpf.ProgramSpec `ebpf:"empty_sockops"`
+	MinimalSkmsg   *ebpf.ProgramSpec `ebpf:"minimal_skmsg"`
+	MinimalSockops *ebpf.ProgramSpec `ebpf:"minimal_sockops"`
 }
 
 // minimalMapSpecs contains maps before they are loaded into the kernel.
@@ -134,17 +132,15 @@ type minimalVariables struct {
 //
 // It can be passed to loadMinimalObjects or ebpf.CollectionSpec.LoadAndAssign.
 type minimalPrograms struct {
-	EmptyRelease    *ebpf.Program `ebpf:"empty_release"`
-	EmptySetsockopt *ebpf.Program `ebpf:"empty_setsockopt"`
-	EmptySockops    *ebpf.Program `ebpf:"empty_sockops"`
-	MinimalSkmsg    *ebpf.Program `ebpf:"minimal_skmsg"`
-	MinimalSockops  *ebpf.Program `ebpf:"minimal_sockops"`
+	EmptyRelease   *ebpf.Program `ebpf:"empty_release"`
+	EmptySockops   *ebpf.Program `ebpf:"empty_sockops"`
+	MinimalSkmsg   *ebpf.Program `ebpf:"minimal_skmsg"`
+	MinimalSockops *ebpf.Program `ebpf:"minimal_sockops"`
 }
 
 func (p *minimalPrograms) Close() error {
 	return _MinimalClose(
 		p.EmptyRelease,
-		p.EmptySetsockopt,
 		p.EmptySockops,
 		p.MinimalSkmsg,
 		p.MinimalSockops,

@@ -367,8 +367,8 @@ type ConnRateOpts struct {
 	// dialed and accepted connection (TCP_NODELAY 1, SO_KEEPALIVE 1,
 	// TCP_KEEPIDLE 15, TCP_KEEPINTVL 15, TCP_KEEPCNT 9: see goSockopts).
 	// Real programs set options on each connection, and every setsockopt
-	// in a cgroup with a cgroup/setsockopt program attached runs that
-	// program: without them the loop hides that cost.
+	// in a cgroup with a cgroup/setsockopt program attached pays the
+	// kernel's hook: without them the loop would hide such a cost.
 	GoSockopts bool
 	// Addr is the IPv4 address to listen on; zero means 127.0.0.1.
 	Addr [4]byte

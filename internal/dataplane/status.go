@@ -112,7 +112,7 @@ type CgroupStatus struct {
 // CgroupProgramStatus is one program attached to an enabled cgroup.
 type CgroupProgramStatus struct {
 	// Program names it as the program table does ("sock_ops",
-	// "cgroup/setsockopt", ...).
+	// "cgroup/sock_release accounting", ...).
 	Program string `json:"program"`
 	// Attach is its attach type, as bpftool cgroup show prints it.
 	Attach string `json:"attach"`

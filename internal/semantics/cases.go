@@ -73,7 +73,7 @@ type Case struct {
 
 const (
 	howJoined       = "both ends join the sockhash at ESTABLISHED or neither does (pair handshake); a member redirects every byte from the first one, so it never holds stack bytes"
-	howStackOptions = "cgroup/setsockopt marks the listener a stack reader, before or after listen(), in its listeners entry; its accepted sockets inherit the option and decline the pair handshake: the connection stays plain TCP"
+	howStackOptions = "its accepted sockets inherit the option, which sock_ops reads from the socket at PASSIVE_ESTABLISHED: they decline the pair handshake and the connection stays plain TCP; the listener (marked a stack reader at listen(), or by its first such socket) offers no pair to later ones"
 	howWaitall      = "members are non-blocking (blocking sockets never join): recv(MSG_WAITALL) on a non-blocking socket returns what is queued, as on plain TCP; the pair stays redirected"
 )
 
@@ -94,7 +94,7 @@ func Cases() []Case {
 		{Name: "MSG_PEEK", Expect: FastPath, How: "the kernel peeks the redirected queue, which holds every byte of a member", Run: casePeek},
 		{Name: "FIONREAD", Expect: FastPath, How: "FIONREAD counts the redirected queue, which holds every byte of a member", Run: caseFionread},
 		{Name: "FIONREAD on the first bytes of a connection, before any read", Expect: FastPath, How: "the pair joins before the first byte (client at ACTIVE_ESTABLISHED, server at PASSIVE_ESTABLISHED), and a client that sends before its server joined gives the pair up: first bytes never sit on the stack of a member", Run: caseFionreadFirst},
-		{Name: "FIONREAD on a reader that set SO_RCVLOWAT before connect", Expect: Fallback, How: "cgroup/setsockopt marks the client a stack reader before connect; it declines the pair handshake: the connection stays plain TCP", Counter: "rcvlowat", Run: caseFionreadRcvlowat},
+		{Name: "FIONREAD on a reader that set SO_RCVLOWAT before connect", Expect: Fallback, How: "sock_ops reads the option from the client socket at ACTIVE_ESTABLISHED: it declines the pair handshake and the connection stays plain TCP", Counter: "rcvlowat", Run: caseFionreadRcvlowat},
 		{Name: "poll and epoll readiness", Expect: FastPath, How: "readiness follows the redirected queue, which holds every byte of a member", Run: casePoll},
 		{Name: "half-close (shutdown SHUT_WR), reply after EOF", Expect: FastPath, How: "the FIN takes the stack after every redirected byte; the reader empties the redirected queue first", Run: caseHalfClose},
 		{Name: "RST after data", Expect: FastPath, How: "the RST takes the stack after the redirected bytes", Run: caseRST},
@@ -113,9 +113,9 @@ func Cases() []Case {
 		{Name: "a stalled reader makes its writer block (flow control)", Expect: FastPath, How: "a sender stops redirecting when 64 MiB it redirected are unread; its next bytes take the stack, whose flow control blocks it", Counter: "backpressure", PassesLater: true, Run: caseStalledReader},
 		{Name: "slow reader holding 4+ MiB across disable and uninstall", Expect: FastPath, How: "sockets are never removed from the sockhash; they leave it when they close", Run: caseSlowReaderDisrupt},
 		{Name: "MSG_WAITALL after plain reads", Expect: FastPath, How: howWaitall, Run: caseWaitallLater},
-		{Name: "SO_RCVLOWAT set after the connection is established", Expect: Fallback, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "late_stack_options", PassesLater: true, Run: caseRcvlowatLate},
-		{Name: "SO_RCVLOWAT set after bytes were redirected", Expect: FastPath, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "members_left", PassesLater: true, Run: caseRcvlowatAfterBytes},
-		{Name: "TCP_INQ set after the connection is established", Expect: Fallback, How: howLeaving("cgroup/setsockopt marks the member leaving"), Counter: "late_stack_options", PassesLater: true, Run: caseTCPInqLate},
+		{Name: "SO_RCVLOWAT set after the connection is established", Expect: Fallback, How: howLeaving("the option is read from the member's socket at the next message either end sends (its sk_msg, its peer's, or sock_ops on its stack packets), which marks it leaving"), Counter: "late_stack_options", PassesLater: true, Run: caseRcvlowatLate},
+		{Name: "SO_RCVLOWAT set after bytes were redirected", Expect: FastPath, How: howLeaving("the option is read from the member's socket at the next message either end sends (its sk_msg, its peer's, or sock_ops on its stack packets), which marks it leaving"), Counter: "members_left", PassesLater: true, Run: caseRcvlowatAfterBytes},
+		{Name: "TCP_INQ set after the connection is established", Expect: Fallback, How: howLeaving("the option is read from the member's socket at the next message either end sends (its sk_msg, its peer's, or sock_ops on its stack packets), which marks it leaving"), Counter: "late_stack_options", PassesLater: true, Run: caseTCPInqLate},
 		{Name: "write after shutdown(SHUT_WR)", Expect: FastPath, How: "sk_msg passes every message of a socket that is not ESTABLISHED or CLOSE_WAIT: the stack refuses it with EPIPE, as plain TCP does, and nothing reaches the peer after the FIN", Run: caseWriteAfterShutdown},
 		{Name: "server made blocking after bytes were redirected, FIONREAD on later bytes", Expect: FastPath, How: howLeaving("the client's sk_msg sees the server's file turn blocking"), Counter: "members_left", PassesLater: true, Run: caseServerBlockingLater},
 		{Name: "client made blocking after bytes were redirected, sends, then FIONREAD on the reply", Expect: FastPath, How: howLeaving("the client's own sk_msg sees its file turn blocking"), Counter: "late_blocking", PassesLater: true, Run: caseClientBlockingLater},
