@@ -146,35 +146,27 @@ func TestFallbackEventsAreLoggedAndReported(t *testing.T) {
 			accepted <- c
 		}
 	}()
+	// dialOneByte connects and sends one byte, which the server reads.
+	dialOneByte := func() (net.Conn, net.Conn) {
+		c := tu.DialIn(t, cg, "tcp4", l.Addr().String())
+		t.Cleanup(func() { c.Close() })
+		s := <-accepted
+		if s == nil {
+			t.Fatal("accept failed")
+		}
+		t.Cleanup(func() { s.Close() })
+		if _, err := c.Write([]byte{1}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Read(make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		return c, s
+	}
 	// A new listener's first connection stays plain (probation) until
-	// its server reads it.
-	first := tu.DialIn(t, cg, "tcp4", l.Addr().String())
-	defer first.Close()
-	fs := <-accepted
-	if fs == nil {
-		t.Fatal("accept failed")
-	}
-	defer fs.Close()
-	if _, err := first.Write([]byte{1}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := fs.Read(make([]byte, 1)); err != nil {
-		t.Fatal(err)
-	}
-	c := tu.DialIn(t, cg, "tcp4", l.Addr().String())
-	defer c.Close()
-	s := <-accepted
-	if s == nil {
-		t.Fatal("accept failed")
-	}
-	defer s.Close()
-	// Both ends join at ESTABLISHED; one byte each way proves it.
-	if _, err := c.Write([]byte{1}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.Read(make([]byte, 1)); err != nil {
-		t.Fatal(err)
-	}
+	// its server reads it; the second joins at ESTABLISHED (both ends).
+	dialOneByte()
+	c, s := dialOneByte()
 	rc, _ := c.(*net.TCPConn).SyscallConn()
 	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, 10) })
 	// Seen at the next message (the server's: it takes the stack).
