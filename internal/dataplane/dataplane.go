@@ -675,6 +675,16 @@ func (d *Dataplane) Uninstall() error {
 	if _, err := d.releaseTCUsers(func(tcUserKey) bool { return true }); err != nil {
 		return fmt.Errorf("uninstall: %w", err)
 	}
+	// Link pins no program of this binary names (one it no longer
+	// attaches) are detached all the same: uninstall leaves nothing.
+	if entries, err := os.ReadDir(d.pin(DirCgroups)); err == nil {
+		for _, e := range entries {
+			path := filepath.Join(d.pin(DirCgroups), e.Name())
+			if err := unpinLink(path); err != nil {
+				return fmt.Errorf("uninstall: unpin %s: %w", path, err)
+			}
+		}
+	}
 
 	// Installs of layout 4 and before pinned a read-progress tracer.
 	if l, err := link.LoadPinnedLink(d.pin(legacyPinRecvLink), nil); err == nil {

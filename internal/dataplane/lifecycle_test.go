@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
 	"github.com/sockbypass/sockbypass/cgroup"
 	"github.com/sockbypass/sockbypass/internal/testutil"
 	"github.com/sockbypass/sockbypass/internal/testutil/transfer"
@@ -196,4 +199,57 @@ func streamUntil(c net.Conn, stop <-chan struct{}, chunk []byte, writeSize int) 
 		return fmt.Errorf("sent %d bytes, echo returned %d bytes with a different sha256", sentN, n)
 	}
 	return nil
+}
+
+// TestUninstallDetachesLinksItDoesNotName: a cgroup link pinned under
+// cgroups/ by a program this binary no longer attaches (as the
+// cgroup/setsockopt program was, before layout 12) is detached and removed
+// by uninstall with the rest: nothing stays attached, nothing stays pinned.
+func TestUninstallDetachesLinksItDoesNotName(t *testing.T) {
+	dp := install(t)
+	cg := enabledCgroup(t, dp)
+	var release cgroupProgram
+	for _, p := range cgroupPrograms {
+		if p.Attach == ebpf.AttachCgroupInetSockRelease {
+			release = p
+		}
+	}
+	prog, err := release.load(cg.ID, 1, dp.maps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cg.Path, Attach: ebpf.AttachCgroupInetSockRelease, Program: prog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	retired := pinPath(dp.pinDir, DirCgroups, fmt.Sprintf("%d-setsockopt", cg.ID))
+	if err := l.Pin(retired); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	attached := func() int {
+		f, err := os.Open(cg.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: ebpf.AttachCgroupInetSockRelease})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(res.Programs)
+	}
+	if n := attached(); n != 2 {
+		t.Fatalf("%d sock_release programs attached before uninstall, want sockbypass's and the retired one", n)
+	}
+	if err := dp.Uninstall(); err != nil {
+		t.Fatalf("uninstall with a link pin it does not name: %v", err)
+	}
+	if _, err := os.Stat(dp.pinDir); !os.IsNotExist(err) {
+		t.Errorf("pin directory still there after uninstall (%v)", err)
+	}
+	if n := attached(); n != 0 {
+		t.Errorf("%d sock_release programs still attached after uninstall", n)
+	}
 }
