@@ -42,9 +42,9 @@ var cpu0 = workload.CPUs{Client: 0, Server: 0}
 // same with the options Go's net package sets on both ends of every
 // connection (go-sockopts: five setsockopt calls per end, which a
 // cgroup/setsockopt program would cost the kernel's hook each; sockbypass
-// attaches none), and with blocking sockets, which it
-// never pairs; long blocking connections' request/response and stream.
-// Each over loopback and over a veth between two pods, both ends on CPU 0.
+// attaches none), and with blocking sockets, which it never pairs; long
+// blocking connections' request/response and stream. Each over loopback
+// and over a veth between two pods, both ends on CPU 0.
 var plainCostCases = func() []plainCostCase {
 	var cases []plainCostCase
 	for _, veth := range []bool{false, true} {
@@ -173,7 +173,7 @@ func (e *plainCostEnv) setup(c plainCostCase) workload.Setup {
 				var res workload.ConnRateResult
 				var err error
 				if rerr := e.lo[mode].RunIn(func() {
-					res, err = workload.ConnRateWith(workload.ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, GoSockopts: c.GoSockopts}, dur)
+					res, err = workload.ConnRateWith(c.ConnRateOpts(), dur)
 				}); rerr != nil {
 					return res, rerr
 				}
@@ -193,14 +193,14 @@ func (e *plainCostEnv) setup(c plainCostCase) workload.Setup {
 			// the accepted sockets inherit it.
 			var res workload.ConnRateResult
 			var err error
+			o := c.ConnRateOpts()
+			o.Addr = plainCostServerIP
+			o.ListenIn = in(e.server[mode], e.serverNS)
+			o.DialIn = func(fn func()) {
+				e.clientNS.Do(func(ns.NetNS) error { fn(); return nil })
+			}
 			if rerr := e.client[mode].RunIn(func() {
-				res, err = workload.ConnRateWith(workload.ConnRateOpts{
-					Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, GoSockopts: c.GoSockopts, Addr: plainCostServerIP,
-					ListenIn: in(e.server[mode], e.serverNS),
-					DialIn: func(fn func()) {
-						e.clientNS.Do(func(ns.NetNS) error { fn(); return nil })
-					},
-				}, dur)
+				res, err = workload.ConnRateWith(o, dur)
 			}); rerr != nil {
 				return res, rerr
 			}

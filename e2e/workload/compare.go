@@ -41,6 +41,13 @@ type Case struct {
 	GoSockopts bool
 }
 
+// ConnRateOpts are the options of a connection-rate case's loop: its size,
+// the client's CPU, blocking sockets, Go's options. The caller places the
+// sockets (Addr, ListenIn, DialIn).
+func (c Case) ConnRateOpts() ConnRateOpts {
+	return ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, GoSockopts: c.GoSockopts}
+}
+
 // DefaultCases are the cases of the loopback benchmark: request/response
 // at 64 B and 4 KiB (unpinned, and both ends on CPU 0), stream at 16 KiB
 // and 128 KiB writes.
@@ -208,7 +215,7 @@ func CompareN(cases []Case, modes []string, runs int, dur time.Duration, progres
 					if setup.ConnRate != nil {
 						res, err = setup.ConnRate(mode, c, dur)
 					} else if rerr := setup.RunIn(mode, func() {
-						res, err = ConnRateWith(ConnRateOpts{Size: c.Size, CPU: c.CPUs.Client, Blocking: c.Blocking, GoSockopts: c.GoSockopts}, dur)
+						res, err = ConnRateWith(c.ConnRateOpts(), dur)
 					}); rerr != nil {
 						return nil, fmt.Errorf("%s: %s: %w", c.Name, modes[mode], rerr)
 					}
