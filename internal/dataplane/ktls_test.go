@@ -44,10 +44,10 @@ func ulpRefused(t *testing.T, err error) bool {
 	return err != nil
 }
 
-// echoOnce sends hello and reads it back on conn (asking for kernel TLS
-// then, with ktls: ulpErr gets what the kernel said), round-trips payload,
-// and returns the bytes the cgroup redirected meanwhile.
-func echoOnce(t *testing.T, dp *Dataplane, id uint64, conn net.Conn, payload []byte, ktls bool, ulpErr *error) uint64 {
+// echoOnce sends hello and reads it back on conn (then asks for kernel
+// TLS when ulpErr is set, which gets what the kernel said), round-trips
+// payload, and returns the bytes the cgroup redirected meanwhile.
+func echoOnce(t *testing.T, dp *Dataplane, id uint64, conn net.Conn, payload []byte, ulpErr *error) uint64 {
 	t.Helper()
 	before := counterOf(t, dp, id)
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
@@ -58,7 +58,7 @@ func echoOnce(t *testing.T, dp *Dataplane, id uint64, conn net.Conn, payload []b
 	if _, err := io.ReadFull(conn, hello); err != nil || string(hello) != "hello" {
 		t.Fatalf("hello: %q, %v", hello, err)
 	}
-	if ktls {
+	if ulpErr != nil {
 		*ulpErr = askKernelTLS(t, conn)
 	}
 	got, err := roundTripWithin(conn, payload, 10*time.Second)
@@ -126,14 +126,13 @@ func kernelTLSTeachesListener(t *testing.T, noProbation bool) {
 		}
 	}()
 	payload := transfer.Pattern(31, 64<<10)
-	var none error
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); (r == 0) == noProbation {
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, nil); (r == 0) == noProbation {
 		t.Fatalf("first connection: %d bytes redirected, want it paired without probation, plain with", r)
 	}
 	if ulpRefused(t, <-ulpErrs) {
 		// Nothing attached: the listener learnt nothing. Its next
 		// connection pairs (its first read proved it, with probation).
-		if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); r == 0 {
+		if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, nil); r == 0 {
 			t.Fatalf("second connection after a refused TCP_ULP: no byte redirected, want it paired")
 		}
 		select {
@@ -167,7 +166,7 @@ func kernelTLSTeachesListener(t *testing.T, noProbation bool) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no listener_kernel_tls event after the accepted socket asked for TCP_ULP")
 	}
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); r != 0 {
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, nil); r != 0 {
 		t.Fatalf("second connection: %d bytes redirected, want plain TCP (its listener uses kernel TLS)", r)
 	}
 }
@@ -186,17 +185,17 @@ func TestKernelTLSOnAClientTeachesItsProcess(t *testing.T) {
 	l := testutil.ListenIn(t, cg, "tcp4", "127.0.0.1:0")
 	transfer.ServeEcho(l)
 	payload := transfer.Pattern(32, 64<<10)
-	var ulpErr, none error
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, true, &ulpErr); r == 0 {
+	var ulpErr error
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, &ulpErr); r == 0 {
 		t.Fatalf("first connection: no byte redirected, want it paired")
 	}
 	if ulpRefused(t, ulpErr) {
-		if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); r == 0 {
+		if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, nil); r == 0 {
 			t.Fatalf("second connection after a refused TCP_ULP: no byte redirected, want it paired")
 		}
 		return
 	}
-	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, false, &none); r != 0 {
+	if r := echoOnce(t, dp, cg.ID, testutil.DialIn(t, cg, "tcp4", l.Addr().String()), payload, nil); r != 0 {
 		t.Fatalf("second connection: %d bytes redirected, want plain TCP (its process uses kernel TLS)", r)
 	}
 }
