@@ -1270,6 +1270,13 @@ static __always_inline int read_psock(const void *user_data, __u32 *queued, __s3
 	return 0;
 }
 
+/* The kinds of __builtin_preserve_field_info (CO-RE: relocated against
+ * the running kernel's BTF), as libbpf's enum bpf_field_info_kind. */
+#define BPF_FIELD_BYTE_OFFSET 0
+#define BPF_FIELD_EXISTS 2
+#define BPF_FIELD_LSHIFT_U64 4
+#define BPF_FIELD_RSHIFT_U64 5
+
 /* bpf_rdonly_cast (a kfunc, 6.2+) makes an address an untrusted pointer
  * to a kernel type: its loads are single instructions that read 0 where
  * the address does not map, far cheaper per message than a helper call. */

@@ -104,9 +104,9 @@ static __always_inline int tcp_inq_set(const void *sk)
 	struct tcp_sock___opts *tp = bpf_rdonly_cast(sk, __builtin_btf_type_id(*(struct tcp_sock___opts *)0, 1));
 	__u64 v;
 
-	v = *(__u8 *)((void *)tp + __builtin_preserve_field_info(tp->recvmsg_inq, 0 /* BPF_FIELD_BYTE_OFFSET */));
-	v <<= __builtin_preserve_field_info(tp->recvmsg_inq, 4 /* BPF_FIELD_LSHIFT_U64 */);
-	v >>= __builtin_preserve_field_info(tp->recvmsg_inq, 5 /* BPF_FIELD_RSHIFT_U64 */);
+	v = *(__u8 *)((void *)tp + __builtin_preserve_field_info(tp->recvmsg_inq, BPF_FIELD_BYTE_OFFSET));
+	v <<= __builtin_preserve_field_info(tp->recvmsg_inq, BPF_FIELD_LSHIFT_U64);
+	v >>= __builtin_preserve_field_info(tp->recvmsg_inq, BPF_FIELD_RSHIFT_U64);
 	return v != 0;
 }
 

@@ -24,8 +24,6 @@ struct pt_regs___arm64 {
 	int syscallno;
 } __attribute__((preserve_access_index));
 
-#define BPF_FIELD_EXISTS 2
-
 /* recv_syscall reports whether the current task reads with the recvmsg
  * family (read, readv, recvfrom, recvmsg, recvmmsg), the one reader that
  * sees a member's redirected queue. Anything else (splice, sendfile,
