@@ -34,18 +34,22 @@ type skipped struct {
 
 // report holds what the run printed so far.
 type report struct {
-	mu       sync.Mutex
-	w        io.Writer
-	started  time.Time
-	last     time.Time
-	output   map[string][]string // package + test -> its output lines
-	running  map[string]time.Time
-	pkgSeen  map[string]bool
-	skips    []skipped
-	passed   int
-	failed   []string
-	pkgFails []string
-	packages int
+	mu      sync.Mutex
+	w       io.Writer
+	started time.Time
+	last    time.Time
+	output  map[string][]string // package + test -> its output lines
+	running map[string]time.Time
+	pkgSeen map[string]bool
+	skips   []skipped
+	passed  int
+	failed  []string
+	// failTails holds each failed test's output, whose last lines are
+	// repeated at the end: a log that keeps only its head and tail
+	// (CI's record does) still says why a long test failed.
+	failTails map[string][]string
+	pkgFails  []string
+	packages  int
 }
 
 func key(pkg, test string) string { return pkg + " " + test }
@@ -113,13 +117,41 @@ func (r *report) handle(e event) {
 		r.skips = append(r.skips, skipped{short(e.Package), e.Test, reason})
 		r.printf("  SKIP  %s: %s\n", e.Test, reason)
 	case "fail":
-		r.failed = append(r.failed, short(e.Package)+" "+e.Test)
+		name := short(e.Package) + " " + e.Test
+		r.failed = append(r.failed, name)
+		if r.failTails == nil {
+			r.failTails = map[string][]string{}
+		}
+		r.failTails[name] = r.output[k]
 		r.printf("  FAIL  %s (%.2fs)\n", e.Test, e.Elapsed)
 		for _, l := range r.output[k] {
 			r.printf("        %s", l)
 		}
 	}
 	delete(r.output, k)
+}
+
+// failTailLines is how many of a failed test's last output lines the
+// summary repeats, each cut to failTailWidth characters.
+const (
+	failTailLines = 30
+	failTailWidth = 400
+)
+
+// tail returns the last n lines, each cut to failTailWidth.
+func tail(lines []string, n int) []string {
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	out := make([]string, 0, len(lines))
+	for _, l := range lines {
+		l = strings.TrimRight(l, "\n")
+		if len(l) > failTailWidth {
+			l = l[:failTailWidth] + " […]"
+		}
+		out = append(out, l)
+	}
+	return out
 }
 
 // skipReason is the message a skipped test gave (its last output line
@@ -207,6 +239,16 @@ func (r *report) finish() int {
 			bar := strings.Repeat("#", 78)
 			fmt.Fprintf(r.w, "\n%s\n# THE NODE E2E TEST DID NOT RUN (%s %s): no kubelet, containerd and pod created by them\n# why: %s\n# it runs once `make node-e2e` has built and cached kubelet, kube-apiserver, the controller manager,\n# the scheduler and containerd (e2e/node/build.sh: tens of minutes, once)\n%s\n",
 				bar, short(s.pkg), s.test, s.reason, bar)
+		}
+	}
+	// The failures' last lines once more, last: a record that keeps only
+	// a log's tail still says why. They share failTailLines.
+	per := max(failTailLines/max(len(r.failed), 1), 5)
+	for _, f := range r.failed {
+		lines := tail(r.failTails[f], per)
+		fmt.Fprintf(r.w, "\nFAILED: %s: its last %d output lines (the whole output is above)\n", f, len(lines))
+		for _, l := range lines {
+			fmt.Fprintf(r.w, "  | %s\n", l)
 		}
 	}
 	code := 0

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -74,5 +75,36 @@ func TestReportShowsTheNodeE2EBanner(t *testing.T) {
 		if has != skipped {
 			t.Errorf("skipped=%v: banner shown=%v:\n%s", skipped, has, text)
 		}
+	}
+}
+
+// TestReportRepeatsTheFailuresLastLinesAtTheEnd: a record that keeps
+// only the head and tail of the log (CI's does) must still say why a long
+// test failed, so the failure's last lines come again just before the
+// verdict, and only its last ones.
+func TestReportRepeatsTheFailuresLastLinesAtTheEnd(t *testing.T) {
+	var out bytes.Buffer
+	r := &report{w: &out, started: time.Now(), output: map[string][]string{}, running: map[string]time.Time{}, pkgSeen: map[string]bool{}}
+	pkg := "github.com/sockbypass/sockbypass/e2e/node"
+	r.handle(event{Action: "run", Package: pkg, Test: "TestNode"})
+	for i := 0; i < 100; i++ {
+		r.handle(event{Action: "output", Package: pkg, Test: "TestNode", Output: fmt.Sprintf("    node_test.go:62: step %d\n", i)})
+	}
+	r.handle(event{Action: "output", Package: pkg, Test: "TestNode", Output: "    traffic_test.go:260: accel/client-a: not accelerated\n"})
+	r.handle(event{Action: "fail", Package: pkg, Test: "TestNode", Elapsed: 31})
+	r.handle(event{Action: "fail", Package: pkg, Elapsed: 32})
+	r.finish()
+	text := out.String()
+	verdict := strings.LastIndex(text, "FAIL: 0 passed, 1 failed")
+	repeat := strings.LastIndex(text, "FAILED: e2e/node TestNode: its last")
+	if verdict < 0 || repeat < 0 || repeat > verdict {
+		t.Fatalf("no repeat of the failure's last lines before the verdict:\n%s", text)
+	}
+	end := text[repeat:verdict]
+	if !strings.Contains(end, "| "+"    traffic_test.go:260: accel/client-a: not accelerated") {
+		t.Errorf("the repeat lacks the failure's last line:\n%s", end)
+	}
+	if strings.Contains(end, "step 70\n") || !strings.Contains(end, "step 71\n") {
+		t.Errorf("the repeat is not the last %d lines:\n%s", failTailLines, end)
 	}
 }
