@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -49,9 +50,73 @@ func cacheDir() string {
 	return "/var/cache/sockbypass-k8s"
 }
 
+// recordingT is TestNode's *testing.T that also keeps the messages that
+// failed the test, so that its last lines (after the node's logs) say
+// them again: a record that keeps only a log's head and tail (CI's does)
+// still says why the node test failed.
+type recordingT struct {
+	*testing.T
+	mu     sync.Mutex
+	failed []string
+}
+
+func (r *recordingT) keep(msg string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.failed = append(r.failed, strings.TrimSpace(msg))
+}
+
+// Errorf records the message and fails the test.
+func (r *recordingT) Errorf(format string, args ...any) {
+	r.Helper()
+	r.keep(fmt.Sprintf(format, args...))
+	r.T.Errorf(format, args...)
+}
+
+// Error records the message and fails the test.
+func (r *recordingT) Error(args ...any) {
+	r.Helper()
+	r.keep(fmt.Sprintln(args...))
+	r.T.Error(args...)
+}
+
+// Fatalf records the message and ends the test.
+func (r *recordingT) Fatalf(format string, args ...any) {
+	r.Helper()
+	r.keep(fmt.Sprintf(format, args...))
+	r.T.Fatalf(format, args...)
+}
+
+// Fatal records the message and ends the test.
+func (r *recordingT) Fatal(args ...any) {
+	r.Helper()
+	r.keep(fmt.Sprintln(args...))
+	r.T.Fatal(args...)
+}
+
+// sayFailures logs the recorded messages once more, each cut to its first
+// lines (a kubelet log attached to one stays above).
+func (r *recordingT) sayFailures() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.failed) == 0 {
+		return
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "TestNode failed (%d message(s), repeated from above):", len(r.failed))
+	for _, m := range r.failed {
+		lines := strings.Split(m, "\n")
+		if len(lines) > 3 {
+			lines = append(lines[:3], "[…]")
+		}
+		b.WriteString("\n  - " + strings.Join(lines, "\n    "))
+	}
+	r.T.Log(b.String())
+}
+
 // report collects the run's steps, results and timings.
 type report struct {
-	t     *testing.T
+	t     testing.TB
 	start time.Time
 	lines []string
 }
@@ -71,7 +136,7 @@ func (r *report) print() {
 	}
 }
 
-func repoRoot(t *testing.T) string {
+func repoRoot(t testing.TB) string {
 	wd, err := os.Getwd()
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +145,7 @@ func repoRoot(t *testing.T) string {
 }
 
 // goBuild builds a static binary of pkg into out.
-func goBuild(t *testing.T, out, pkg string) {
+func goBuild(t testing.TB, out, pkg string) {
 	t.Helper()
 	cmd := exec.Command("go", "build", "-trimpath", "-o", out, pkg)
 	cmd.Dir = repoRoot(t)
@@ -93,7 +158,8 @@ func goBuild(t *testing.T, out, pkg string) {
 // TestNode is make node-e2e: a one-node cluster of real parts (package
 // cluster), sockbypass installed on it with its Helm chart, and what
 // must hold on such a node.
-func TestNode(t *testing.T) {
+func TestNode(tt *testing.T) {
+	t := &recordingT{T: tt}
 	bins, missing := cluster.CachedBinaries(cacheDir())
 	if len(missing) > 0 {
 		// Building them takes too long for every CI run: the test runs
@@ -184,6 +250,7 @@ func TestNode(t *testing.T) {
 		if err := node.Stop(); err != nil {
 			t.Error(err)
 		}
+		t.sayFailures()
 	})
 	for _, p := range tarballs {
 		if err := node.Ctr(ctx, nil, "images", "import", "--no-unpack=false", p); err != nil {
@@ -208,7 +275,7 @@ func TestNode(t *testing.T) {
 
 // harness holds what the steps of TestNode share.
 type harness struct {
-	t    *testing.T
+	t    *recordingT
 	ctx  context.Context
 	node *cluster.Node
 	rep  *report
