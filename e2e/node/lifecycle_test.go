@@ -11,19 +11,37 @@ import (
 	"helm.sh/helm/v3/pkg/action"
 	"helm.sh/helm/v3/pkg/chart/loader"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 
 	"github.com/sockbypass/sockbypass/e2e/node/ociimage"
 )
 
+// create submits the pod and returns it as the API server stored it. An
+// error the API server may answer under load (a timeout, a refused
+// connection, an internal error) is retried for up to 30 s and said in
+// the report; a pod a timed-out request did store is taken as created.
 func (h *harness) create(p *corev1.Pod) *corev1.Pod {
 	h.t.Helper()
-	got, err := h.node.Admin.CoreV1().Pods(p.Namespace).Create(h.ctx, p, metav1.CreateOptions{})
-	if err != nil {
-		h.t.Fatalf("create pod %s/%s: %v", p.Namespace, p.Name, err)
+	pods := h.node.Admin.CoreV1().Pods(p.Namespace)
+	deadline := time.Now().Add(scaled(30 * time.Second))
+	for try := 1; ; try++ {
+		got, err := pods.Create(h.ctx, p, metav1.CreateOptions{})
+		if err == nil {
+			return got
+		}
+		if try > 1 && apierrors.IsAlreadyExists(err) {
+			if got, gerr := pods.Get(h.ctx, p.Name, metav1.GetOptions{}); gerr == nil {
+				return got
+			}
+		}
+		if apierrors.IsInvalid(err) || apierrors.IsAlreadyExists(err) || time.Now().After(deadline) || h.ctx.Err() != nil {
+			h.t.Fatalf("create pod %s/%s (try %d): %v", p.Namespace, p.Name, try, err)
+		}
+		h.rep.add("create pod %s/%s: try %d failed (%v), trying again in 1s", p.Namespace, p.Name, try, err)
+		time.Sleep(time.Second)
 	}
-	return got
 }
 
 func (h *harness) deletePod(ns, name string, grace int64) {

@@ -377,9 +377,7 @@ func client(ns, name, target string, args ...string) *corev1.Pod {
 // ends, until it started), returning it as it is then.
 func (h *harness) createPod(p *corev1.Pod) *corev1.Pod {
 	h.t.Helper()
-	if _, err := h.node.Admin.CoreV1().Pods(p.Namespace).Create(h.ctx, p, metav1.CreateOptions{}); err != nil {
-		h.t.Fatalf("create pod %s/%s: %v", p.Namespace, p.Name, err)
-	}
+	h.create(p)
 	return h.waitPod(p.Namespace, p.Name, func(p *corev1.Pod) bool {
 		return p.Status.Phase == corev1.PodRunning || p.Status.Phase == corev1.PodSucceeded
 	}, 90*time.Second)

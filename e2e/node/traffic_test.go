@@ -228,9 +228,7 @@ func (h *harness) traffic(serverA *corev1.Pod) {
 	t0 := time.Now()
 	var pods []*corev1.Pod
 	for _, p := range []*corev1.Pod{clientA, clientP, clientK, clientAnn, mesh} {
-		if _, err := h.node.Admin.CoreV1().Pods(p.Namespace).Create(h.ctx, p, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
+		h.create(p)
 	}
 	for _, p := range []*corev1.Pod{clientA, clientP, clientK, clientAnn, mesh} {
 		got := h.waitPod(p.Namespace, p.Name, func(p *corev1.Pod) bool { return p.UID != "" }, 10*time.Second)
