@@ -169,6 +169,22 @@ type Node struct {
 	tablesBefore   []string
 	ipForward      string
 	createdDirs    []string
+	// etcdDir is etcd's data directory, in memory (etcdDataDir).
+	etcdDir string
+}
+
+// etcdDataDir is where a node of this name keeps etcd's data: on the
+// tmpfs at /dev/shm when there is one, as Kubernetes' own integration
+// tests run etcd. On a disk an fsync that stalls for seconds (a busy or
+// shared disk: CI's) stalls every write of the API server, and a pod
+// create fails with "etcdserver: request timed out"; nothing here needs
+// the data to outlive the node.
+func etcdDataDir(name, dir string) string {
+	var st syscall.Statfs_t
+	if syscall.Statfs("/dev/shm", &st) == nil && st.Type == 0x01021994 { // TMPFS_MAGIC
+		return filepath.Join("/dev/shm", "sockbypass-node-e2e-etcd-"+name)
+	}
+	return filepath.Join(dir, "etcd")
 }
 
 // Timing is how long a step took.
@@ -275,7 +291,14 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 		return nil, err
 	}
 	dir := opts.Dir
-	for _, d := range []string{"certs", "etcd", "containerd/root", "containerd/state", "containerd/opt", "cni/conf", "cni/ipam", "kubelet/root", "kubelet/logs", "kubelet/certs"} {
+	n.etcdDir = etcdDataDir(opts.Name, dir)
+	if err := os.RemoveAll(n.etcdDir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(n.etcdDir, 0o700); err != nil {
+		return nil, err
+	}
+	for _, d := range []string{"certs", "containerd/root", "containerd/state", "containerd/opt", "cni/conf", "cni/ipam", "kubelet/root", "kubelet/logs", "kubelet/certs"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			return nil, err
 		}
@@ -378,7 +401,7 @@ func (n *Node) startServices(ctx context.Context, ip net.IP) error {
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", clientPort)
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
 	if n.etcd, err = start(dir, "etcd", 0, nil, opts.Binaries.Etcd,
-		"--data-dir", filepath.Join(dir, "etcd"),
+		"--data-dir", n.etcdDir,
 		"--listen-client-urls", etcdURL, "--advertise-client-urls", etcdURL,
 		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
 		"--initial-cluster", "default="+peerURL); err != nil {
@@ -1003,6 +1026,11 @@ func (n *Node) Stop() error {
 	}
 	for i := len(n.procs) - 1; i >= 0; i-- {
 		n.procs[i].stop(10 * time.Second)
+	}
+	if n.etcdDir != "" && (n.etcd == nil || !n.etcd.running()) {
+		if err := os.RemoveAll(n.etcdDir); err != nil {
+			problems = append(problems, fmt.Sprintf("etcd's data: %v", err))
+		}
 	}
 	// The mount namespace is gone with its last process: its bpffs (the
 	// DaemonSet's pins), netns and container mounts with it.
