@@ -171,6 +171,46 @@ type Node struct {
 	createdDirs    []string
 	// etcdDir is etcd's data directory, in memory (etcdDataDir).
 	etcdDir string
+	// claim is the node name's lock file, held from Start to Stop.
+	claim *os.File
+}
+
+// claimName holds an exclusive flock on the lock file of the node name
+// until Stop: a second node of the same name on this machine (a second
+// make node-e2e) would otherwise take the first one's processes for a
+// killed run's and clean them away (cleanStale). It waits while another
+// run holds the name, saying once which process that is.
+func claimName(ctx context.Context, name string, log *zap.Logger) (*os.File, error) {
+	path := filepath.Join(os.TempDir(), "sockbypass-node-e2e-"+name+".lock")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	said := false
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		if !said {
+			holder, _ := os.ReadFile(path)
+			log.Info("node: waiting for another node e2e run of this name", zap.String("lock", path), zap.String("holder", strings.TrimSpace(string(holder))))
+			said = true
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("another node e2e run holds %s: %w", path, ctx.Err())
+		case <-time.After(time.Second):
+		}
+	}
+	f.Truncate(0)
+	f.WriteAt([]byte(fmt.Sprintf("pid %d\n", os.Getpid())), 0)
+	return f, nil
 }
 
 // etcdDataDir is where a node of this name keeps etcd's data: on the
@@ -287,6 +327,9 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 			n = nil
 		}
 	}()
+	if n.claim, err = claimName(ctx, opts.Name, opts.Log); err != nil {
+		return nil, err
+	}
 	if err := cleanStale(opts.Name); err != nil {
 		return nil, err
 	}
@@ -1085,6 +1128,10 @@ func (n *Node) Stop() error {
 		if err := os.Remove(n.createdDirs[i]); err != nil && !os.IsNotExist(err) {
 			problems = append(problems, err.Error())
 		}
+	}
+	if n.claim != nil {
+		n.claim.Close() // releases the flock
+		n.claim = nil
 	}
 	if len(problems) > 0 {
 		return errors.New("node cleanup: " + strings.Join(problems, "; "))
