@@ -176,24 +176,37 @@ type Node struct {
 }
 
 // claimName holds an exclusive flock on the lock file of the node name
-// until Stop: a second node of the same name on this machine (a second
-// make node-e2e) would otherwise take the first one's processes for a
-// killed run's and clean them away (cleanStale). It waits while another
-// run holds the name, saying once which process that is.
+// until releaseClaim: a second node of the same name on this machine (a
+// second make node-e2e) would otherwise take the first one's processes
+// for a killed run's and clean them away (cleanStale). It waits while
+// another run holds the name, saying once which process that is. The
+// holder removes the file when it lets go, so a lock is taken only on a
+// file that is still at its path (the one a later run would open).
 func claimName(ctx context.Context, name string, log *zap.Logger) (*os.File, error) {
 	path := filepath.Join(os.TempDir(), "sockbypass-node-e2e-"+name+".lock")
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, err
-	}
 	said := false
 	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			break
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			return nil, err
 		}
+		if beforeFlock != nil {
+			beforeFlock()
+		}
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			held, herr := f.Stat()
+			now, nerr := os.Stat(path)
+			if herr == nil && nerr == nil && os.SameFile(held, now) {
+				f.Truncate(0)
+				f.WriteAt([]byte(fmt.Sprintf("pid %d\n", os.Getpid())), 0)
+				return f, nil
+			}
+			f.Close() // removed by the run that held it: open the path again
+			continue
+		}
+		f.Close()
 		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			f.Close()
 			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 		if !said {
@@ -203,14 +216,20 @@ func claimName(ctx context.Context, name string, log *zap.Logger) (*os.File, err
 		}
 		select {
 		case <-ctx.Done():
-			f.Close()
 			return nil, fmt.Errorf("another node e2e run holds %s: %w", path, ctx.Err())
 		case <-time.After(time.Second):
 		}
 	}
-	f.Truncate(0)
-	f.WriteAt([]byte(fmt.Sprintf("pid %d\n", os.Getpid())), 0)
-	return f, nil
+}
+
+// beforeFlock, when set (by a test), runs between opening the lock file
+// and locking it: where the holder may let go.
+var beforeFlock func()
+
+// releaseClaim removes the lock file and lets go of the name.
+func releaseClaim(f *os.File) {
+	os.Remove(f.Name())
+	f.Close()
 }
 
 // etcdDataDir is where a node of this name keeps etcd's data: on the
@@ -1130,7 +1149,7 @@ func (n *Node) Stop() error {
 		}
 	}
 	if n.claim != nil {
-		n.claim.Close() // releases the flock
+		releaseClaim(n.claim)
 		n.claim = nil
 	}
 	if len(problems) > 0 {
