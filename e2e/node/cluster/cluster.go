@@ -45,6 +45,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -239,8 +240,8 @@ func releaseClaim(f *os.File) {
 // create fails with "etcdserver: request timed out"; nothing here needs
 // the data to outlive the node.
 func etcdDataDir(name, dir string) string {
-	var st syscall.Statfs_t
-	if syscall.Statfs("/dev/shm", &st) == nil && st.Type == 0x01021994 { // TMPFS_MAGIC
+	var st unix.Statfs_t
+	if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
 		return filepath.Join("/dev/shm", "sockbypass-node-e2e-etcd-"+name)
 	}
 	return filepath.Join(dir, "etcd")
